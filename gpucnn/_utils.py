@@ -1,0 +1,76 @@
+"""Argument checking and shape arithmetic shared by every layer.
+
+Every check raises with the offending value named, e.g.
+``ValueError("stride must be >= 1, got stride=(0, 1)")``.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .backend import check_same_device, device_of
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """Normalise an int or an (h, w) pair to a tuple of two ints >= ``minimum``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        out = (int(value), int(value))
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+    ):
+        out = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {name}={value!r}")
+    if min(out) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {name}={value!r}")
+    return out
+
+
+def positive_int(value, name: str) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    return int(value)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, axis: str = "H") -> int:
+    """Output length of a convolution or pooling window along one axis.
+
+    ``out = floor((size + 2 * padding - kernel) / stride) + 1``; raises when the
+    (padded) input is smaller than the kernel, naming all the numbers.
+    """
+    span = size + 2 * padding - kernel
+    if span < 0:
+        raise ValueError(
+            f"output {axis} would be <= 0: input {axis}={size} with padding={padding} "
+            f"is smaller than kernel={kernel} (need {axis} + 2*padding >= kernel)"
+        )
+    return span // stride + 1
+
+
+def check_array(x, name: str, ndim: int | None = None, layer: str = "") -> None:
+    """Check that ``x`` is a float32/float64 NumPy or CuPy array of rank ``ndim``."""
+    where = f"{layer}: " if layer else ""
+    device_of(x)  # raises TypeError for non-arrays
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(
+            f"{where}{name} must have rank {ndim}, got shape {tuple(x.shape)} (rank {x.ndim})"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{where}{name} has dtype {x.dtype}; supported dtypes are float32 and float64"
+        )
+
+
+def check_param_match(x, param, xname: str, layer: str) -> None:
+    """``x`` and a layer parameter must share device and dtype (nothing is cast silently)."""
+    check_same_device(**{xname: x, f"{layer} parameters": param})
+    if x.dtype != param.dtype:
+        raise TypeError(
+            f"{layer}: {xname} has dtype {x.dtype} but the layer's parameters are "
+            f"{param.dtype}; convert explicitly with x.astype(...) or layer.astype(...)"
+        )

@@ -1,0 +1,280 @@
+"""Element-wise activations of seed 002 (and seed 001's ReLU and softmax).
+
+Each keeps only what its derivative needs: Sigmoid/Tanh/ScaledTanh/Softmax
+keep their output, ReLU keeps its derivative factor, the leaky family keeps
+the slope applied to each element.
+
+==================  ===========================  ==================================
+layer               f(z)                         f'(z)
+==================  ===========================  ==================================
+Sigmoid             1 / (1 + e^-z)               f (1 - f)
+Tanh                tanh z                       1 - f^2
+ScaledTanh          A tanh(B z) (1.7159, 0.6666) A B (1 - tanh^2(B z))
+ReLU                max(0, z)                    1 (z > 0), 1/2 (z = 0, seed 001), 0
+LeakyReLU           z (z >= 0), s z (z < 0)      1 or s
+PReLU               z (z > 0), a z               1 or a;  dL/da = sum dy z [z <= 0]
+RReLU               z (z >= 0), r z, r~U(l, u)   1 or r; eval: r = (l + u) / 2
+Softmax (axis 1)    e^z_i / sum_k e^z_k          J = diag(f) - f f^T
+==================  ===========================  ==================================
+
+Seed 002 writes the leaky ReLUs as ``z / a`` for z < 0 with a in (1, inf); our
+``negative_slope`` (``s``) is ``1 / a``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from .._utils import check_array, check_param_match, positive_int
+from ..random import get_rng
+from .base import Layer
+
+
+class _Elementwise(Layer):
+    def __init__(self):
+        super().__init__()
+        self._saved = None
+        self._shape = None
+
+    def _check_x(self, x):
+        check_array(x, "x", None, type(self).__name__)
+        self._shape = x.shape
+
+    def _check_dy(self, dy):
+        self._check_forward_called(self._saved)
+        name = type(self).__name__
+        check_array(dy, "dy", None, f"{name}.backward")
+        backend.check_same_device(dy=dy, saved=self._saved)
+        if tuple(dy.shape) != tuple(self._shape):
+            raise ValueError(f"{name}.backward: dy has shape {tuple(dy.shape)}, expected {tuple(self._shape)}")
+
+
+def sigmoid(x):
+    """Numerically stable logistic function (no overflow for large |x|)."""
+    xp = backend.get_array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+class Sigmoid(_Elementwise):
+    """Logistic sigmoid; keeps its output y, dL/dx = dy * y * (1 - y)."""
+
+    def forward(self, x):
+        self._check_x(x)
+        self._saved = y = sigmoid(x)
+        return y
+
+    def backward(self, dy):
+        self._check_dy(dy)
+        y = self._saved
+        return dy * y * (1 - y)
+
+
+class Tanh(_Elementwise):
+    """Hyperbolic tangent; keeps y, dL/dx = dy * (1 - y^2)."""
+
+    def forward(self, x):
+        self._check_x(x)
+        xp = backend.get_array_module(x)
+        self._saved = y = xp.tanh(x)
+        return y
+
+    def backward(self, dy):
+        self._check_dy(dy)
+        y = self._saved
+        return dy * (1 - y * y)
+
+
+class ScaledTanh(_Elementwise):
+    """LeCun's scaled tanh ``A * tanh(B * x)``, A=1.7159, B=0.6666 (seed 002).
+
+    Keeps t = tanh(B x); dL/dx = dy * A * B * (1 - t^2).
+    """
+
+    def __init__(self, A=1.7159, B=0.6666):
+        super().__init__()
+        self.A, self.B = float(A), float(B)
+
+    def extra_repr(self):
+        return f"A={self.A}, B={self.B}"
+
+    def forward(self, x):
+        self._check_x(x)
+        xp = backend.get_array_module(x)
+        t = xp.tanh(x * x.dtype.type(self.B))
+        self._saved = t
+        return t * x.dtype.type(self.A)
+
+    def backward(self, dy):
+        self._check_dy(dy)
+        t = self._saved
+        return dy * dy.dtype.type(self.A * self.B) * (1 - t * t)
+
+
+class ReLU(_Elementwise):
+    """max(0, x); subgradient 1/2 at exactly 0, as seed 001 (eq. 10) takes it.
+
+    Keeps the derivative factor ``(sign(x) + 1) / 2`` (0, 1/2 or 1).
+    """
+
+    def forward(self, x):
+        self._check_x(x)
+        xp = backend.get_array_module(x)
+        self._saved = (xp.sign(x) + 1) * x.dtype.type(0.5)
+        return xp.maximum(x, 0)
+
+    def backward(self, dy):
+        self._check_dy(dy)
+        return dy * self._saved
+
+
+class LeakyReLU(_Elementwise):
+    """x for x >= 0, ``negative_slope * x`` below (seed 002's z/a with a = 1/negative_slope).
+
+    Keeps the per-element slope (1 or negative_slope).
+    """
+
+    def __init__(self, negative_slope=0.01):
+        super().__init__()
+        if not 0 <= negative_slope < 1:
+            raise ValueError(f"negative_slope must be in [0, 1), got negative_slope={negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"
+
+    def forward(self, x):
+        self._check_x(x)
+        xp = backend.get_array_module(x)
+        self._saved = slope = xp.where(x >= 0, x.dtype.type(1), x.dtype.type(self.negative_slope))
+        return x * slope
+
+    def backward(self, dy):
+        self._check_dy(dy)
+        return dy * self._saved
+
+
+class PReLU(_Elementwise):
+    """Parametric ReLU: x for x > 0, ``a * x`` otherwise, with ``a`` learned.
+
+    Args:
+        num_parameters: 1 (one shared a) or the channel count C (one a per
+            channel, axis 1).
+        init: initial value of a (default 0.25).
+        dtype: parameter dtype.
+
+    ``params["a"]`` has shape (num_parameters,); ``backward`` overwrites
+    ``grads["a"] = sum over all but the channel axis of dy * x * [x <= 0]``.
+    Keeps x.
+    """
+
+    def __init__(self, num_parameters=1, init=0.25, dtype=np.float32):
+        super().__init__()
+        self.num_parameters = positive_int(num_parameters, "num_parameters")
+        self._add_param("a", np.full(self.num_parameters, init, dtype=dtype))
+
+    def extra_repr(self):
+        return f"num_parameters={self.num_parameters}"
+
+    def _a(self, x):
+        a = self.params["a"]
+        if self.num_parameters == 1:
+            return a.reshape((1,) * x.ndim)
+        return a.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+    def forward(self, x):
+        self._check_x(x)
+        check_param_match(x, self.params["a"], "x", "PReLU")
+        if self.num_parameters > 1 and (x.ndim < 2 or x.shape[1] != self.num_parameters):
+            raise ValueError(
+                f"PReLU: num_parameters={self.num_parameters} needs x with that many channels "
+                f"on axis 1, got shape {tuple(x.shape)}"
+            )
+        xp = backend.get_array_module(x)
+        self._saved = x
+        return xp.where(x > 0, x, x * self._a(x))
+
+    def backward(self, dy):
+        self._check_dy(dy)
+        xp = backend.get_array_module(dy)
+        x = self._saved
+        neg = x <= 0
+        g = xp.where(neg, dy * x, 0)
+        if self.num_parameters == 1:
+            self._set_grad("a", g.sum().reshape(1))
+        else:
+            axes = (0,) + tuple(range(2, x.ndim))
+            self._set_grad("a", g.sum(axis=axes))
+        return xp.where(neg, dy * self._a(x), dy)
+
+
+class RReLU(_Elementwise):
+    """Randomized leaky ReLU (seed 002): x >= 0 -> x, else r * x.
+
+    While training, ``r ~ U(lower, upper)`` is drawn per element (from gpucnn's
+    generator on NumPy, CuPy's on the GPU; ``gpucnn.seed`` fixes both); at
+    evaluation ``r = (lower + upper) / 2``.  Keeps the slopes used.
+
+    Args:
+        lower, upper: 0 <= lower <= upper < 1 (defaults 1/8 and 1/3, as PyTorch).
+    """
+
+    def __init__(self, lower=1.0 / 8, upper=1.0 / 3):
+        super().__init__()
+        if not 0 <= lower <= upper < 1:
+            raise ValueError(f"need 0 <= lower <= upper < 1, got lower={lower!r}, upper={upper!r}")
+        self.lower, self.upper = float(lower), float(upper)
+
+    def extra_repr(self):
+        return f"lower={self.lower}, upper={self.upper}"
+
+    def forward(self, x, slopes=None):
+        """Apply RReLU; ``slopes`` (same shape as x) overrides the random draw (for tests)."""
+        self._check_x(x)
+        xp = backend.get_array_module(x)
+        if slopes is not None:
+            backend.check_same_device(x=x, slopes=slopes)
+            if slopes.shape != x.shape:
+                raise ValueError(f"RReLU: slopes shape {slopes.shape} != x shape {x.shape}")
+            r = slopes.astype(x.dtype, copy=False)
+        elif self.training:
+            if backend.is_cupy(x):
+                r = backend.cupy.random.uniform(self.lower, self.upper, x.shape).astype(x.dtype)
+            else:
+                r = get_rng().uniform(self.lower, self.upper, x.shape).astype(x.dtype)
+        else:
+            r = x.dtype.type((self.lower + self.upper) / 2)
+        self._saved = slope = xp.where(x >= 0, x.dtype.type(1), r)
+        return x * slope
+
+    def backward(self, dy):
+        self._check_dy(dy)
+        return dy * self._saved
+
+
+class Softmax(_Elementwise):
+    """Softmax over ``axis`` (default 1, the class axis); keeps y.
+
+    dL/dx = y * (dy - sum(dy * y, axis)).  For training use
+    :class:`gpucnn.losses.SoftmaxCrossEntropy`, which fuses the gradient p - y.
+    """
+
+    def __init__(self, axis=1):
+        super().__init__()
+        self.axis = int(axis)
+
+    def forward(self, x):
+        self._check_x(x)
+        xp = backend.get_array_module(x)
+        z = x - x.max(axis=self.axis, keepdims=True)
+        e = xp.exp(z)
+        self._saved = y = e / e.sum(axis=self.axis, keepdims=True)
+        return y
+
+    def backward(self, dy):
+        self._check_dy(dy)
+        y = self._saved
+        return y * (dy - (dy * y).sum(axis=self.axis, keepdims=True))
+
+
+__all__ = ["Sigmoid", "Tanh", "ScaledTanh", "ReLU", "LeakyReLU", "PReLU", "RReLU", "Softmax", "sigmoid"]

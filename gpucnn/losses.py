@@ -1,0 +1,114 @@
+"""Losses with fused, hand-derived gradients.
+
+* :class:`SoftmaxCrossEntropy` — seed 001 eq. 13/14 and seed 003:
+  ``L = -(1/N) sum_n log softmax(z_n)[y_n]``, ``dL/dz = (p - onehot(y)) / N``.
+* :class:`MSE` — the seeds' Euclidean loss ``1/2 ||y - a||^2`` summed over
+  outputs, averaged over the batch: ``dL/da = (a - y) / N``.
+
+``forward`` returns the loss as a 0-d array on the inputs' device (call
+``float(L)`` to read it; on the GPU that synchronises).  ``backward(scale=1)``
+returns the gradient with respect to the first forward argument.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+from ._utils import check_array
+from .nvtx import ranged
+
+
+def one_hot(labels, num_classes: int, dtype=np.float32):
+    """(N,) integer labels -> (N, num_classes) one-hot array on the labels' device."""
+    xp = backend.get_array_module(labels)
+    out = xp.zeros((labels.shape[0], num_classes), dtype=dtype)
+    out[xp.arange(labels.shape[0]), labels] = 1
+    return out
+
+
+class SoftmaxCrossEntropy:
+    """Numerically stable softmax + cross-entropy over integer labels, batch mean.
+
+    Args:
+        check_labels: verify labels are within ``[0, K)`` (a device sync on
+            the GPU; default True).
+
+    Shape:
+        logits (N, K) float; labels (N,) any integer dtype -> scalar.
+    """
+
+    def __init__(self, check_labels: bool = True):
+        self.check_labels = check_labels
+        self.probs = None  # forward keeps softmax probabilities and the labels
+        self._labels = None
+
+    @ranged("SoftmaxCrossEntropy.forward")
+    def forward(self, logits, labels):
+        check_array(logits, "logits", 2, "SoftmaxCrossEntropy")
+        xp = backend.get_array_module(logits=logits, labels=labels)
+        if labels.ndim != 1:
+            raise ValueError(f"SoftmaxCrossEntropy: labels must have shape (N,), got shape {tuple(labels.shape)}")
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"SoftmaxCrossEntropy: labels must be integers, got dtype {labels.dtype}")
+        N, K = logits.shape
+        if labels.shape[0] != N:
+            raise ValueError(
+                f"SoftmaxCrossEntropy: batch mismatch: logits have N={N} rows, labels have {labels.shape[0]}"
+            )
+        if self.check_labels and N:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= K:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"SoftmaxCrossEntropy: label {bad} out of range [0, {K}) for {K} classes")
+        z = logits - logits.max(axis=1, keepdims=True)
+        log_sum = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+        log_p = z - log_sum
+        self.probs = xp.exp(log_p)
+        self._labels = labels
+        rows = xp.arange(N)
+        return -log_p[rows, labels].mean()
+
+    @ranged("SoftmaxCrossEntropy.backward")
+    def backward(self, scale=1.0):
+        if self.probs is None:
+            raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
+        xp = backend.get_array_module(self.probs)
+        N = self.probs.shape[0]
+        g = self.probs.copy()
+        g[xp.arange(N), self._labels] -= 1
+        g *= g.dtype.type(scale / N)
+        return g
+
+
+class MSE:
+    """Euclidean loss ``(1/N) sum_n 1/2 ||pred_n - target_n||^2``.
+
+    Shape:
+        pred and target of identical shape (N, ...) and dtype -> scalar.
+    """
+
+    def __init__(self):
+        self._diff = None  # forward keeps pred - target
+
+    @ranged("MSE.forward")
+    def forward(self, pred, target):
+        check_array(pred, "pred", None, "MSE")
+        check_array(target, "target", None, "MSE")
+        backend.check_same_device(pred=pred, target=target)
+        if tuple(pred.shape) != tuple(target.shape):
+            raise ValueError(f"MSE: pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}")
+        if pred.dtype != target.dtype:
+            raise TypeError(f"MSE: pred is {pred.dtype} but target is {target.dtype}; convert explicitly")
+        self._diff = pred - target
+        N = pred.shape[0]
+        return (self._diff * self._diff).sum() * pred.dtype.type(0.5 / N)
+
+    @ranged("MSE.backward")
+    def backward(self, scale=1.0):
+        if self._diff is None:
+            raise RuntimeError("MSE.backward called before forward")
+        N = self._diff.shape[0]
+        return self._diff * self._diff.dtype.type(scale / N)
+
+
+LOSSES = {"softmax_cross_entropy": SoftmaxCrossEntropy, "mse": MSE}

@@ -1,0 +1,156 @@
+"""Optimizers: SGD (momentum, Nesterov, weight decay) and Adam.
+
+An optimizer holds references ``(name, layer, key)`` from
+``model.named_parameters()`` and updates ``layer.params[key]`` in place from
+``layer.grads[key]``, so it works for any device.  Conventions follow PyTorch
+(weight decay is L2 added to the gradient; momentum buffer ``v = mu v + g``;
+Nesterov uses ``g + mu v``), so runs are comparable.
+
+``lr`` is a plain attribute: schedules assign it between steps.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+from .nvtx import ranged
+
+
+class Optimizer:
+    def __init__(self, model_or_params, lr):
+        params = model_or_params.named_parameters() if hasattr(model_or_params, "named_parameters") else list(model_or_params)
+        if not params:
+            raise ValueError("optimizer got no parameters")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got lr={lr!r}")
+        self.params = params
+        self.lr = float(lr)
+        self.step_count = 0
+        self.state: dict = {}  # name -> dict of arrays
+
+    def _slot(self, name, key, like):
+        slots = self.state.setdefault(name, {})
+        if key not in slots:
+            xp = backend.get_array_module(like)
+            slots[key] = xp.zeros_like(like)
+        return slots[key]
+
+    def step(self):
+        self.step_count += 1
+        for name, layer, key in self.params:
+            self._update(name, layer.params[key], layer.grads[key])
+
+    def _update(self, name, p, g):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Hyper-parameters, step count and NumPy copies of every slot."""
+        return {
+            "type": type(self).__name__,
+            "hyper": self.hyper(),
+            "step_count": self.step_count,
+            "slots": {f"{n}/{k}": backend.asnumpy(v).copy() for n, s in self.state.items() for k, v in s.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("type") != type(self).__name__:
+            raise ValueError(f"optimizer state is for {state.get('type')!r}, this is {type(self).__name__}")
+        names = {n: layer.params[k] for n, layer, k in self.params}
+        new = {}
+        for full, value in state["slots"].items():
+            n, k = full.rsplit("/", 1)
+            if n not in names:
+                raise ValueError(f"optimizer state names unknown parameter {n!r}")
+            if tuple(value.shape) != tuple(names[n].shape):
+                raise ValueError(f"optimizer slot {full}: shape {tuple(value.shape)} != parameter {tuple(names[n].shape)}")
+            new.setdefault(n, {})[k] = backend.to_device(np.asarray(value, dtype=names[n].dtype), backend.device_of(names[n]))
+        self.state = new
+        self.step_count = int(state["step_count"])
+        for k, v in state["hyper"].items():
+            setattr(self, k, v)
+
+    def hyper(self) -> dict:
+        return {"lr": self.lr}
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, seed 001's ``w <- w - eta dL/dw``, plus momentum.
+
+    Args:
+        params: a model (anything with ``named_parameters()``) or that list.
+        lr: learning rate eta > 0.  momentum: mu in [0, 1).  nesterov: needs mu > 0.
+        weight_decay: L2 coefficient >= 0 (added to the gradient).
+    """
+
+    def __init__(self, params, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params, lr)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
+        self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
+
+    def hyper(self):
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+
+    @ranged("SGD.step")
+    def step(self):
+        super().step()
+
+    def _update(self, name, p, g):
+        t = p.dtype.type
+        if self.weight_decay:
+            g = g + t(self.weight_decay) * p
+        if self.momentum:
+            v = self._slot(name, "momentum", p)
+            v *= t(self.momentum)
+            v += g
+            g = g + t(self.momentum) * v if self.nesterov else v
+        p -= t(self.lr) * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with bias correction; weight_decay is L2 on the gradient.
+
+    Args:
+        lr > 0; betas in [0, 1); eps > 0; weight_decay >= 0.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr)
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got betas={betas!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got eps={eps!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
+        self.betas, self.eps, self.weight_decay = (float(b1), float(b2)), float(eps), float(weight_decay)
+
+    def hyper(self):
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
+
+    @ranged("Adam.step")
+    def step(self):
+        super().step()
+
+    def _update(self, name, p, g):
+        t = p.dtype.type
+        b1, b2 = self.betas
+        if self.weight_decay:
+            g = g + t(self.weight_decay) * p
+        m = self._slot(name, "m", p)
+        v = self._slot(name, "v", p)
+        m *= t(b1)
+        m += t(1 - b1) * g
+        v *= t(b2)
+        v += t(1 - b2) * (g * g)
+        k = self.step_count
+        step = self.lr / (1 - b1**k)
+        denom = (v * t(1 / (1 - b2**k))) ** 0.5 + t(self.eps)
+        p -= t(step) * m / denom
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam}

@@ -1,0 +1,165 @@
+"""Public float64 gradient checkers that raise — never return a bool to forget.
+
+:func:`check_backward` compares a layer's hand-derived ``backward`` with
+central differences of the scalar ``L = sum(forward(x) * dy)``:
+
+* with respect to the input, and to every parameter in ``layer.params``;
+* element by element (``(L(x + eps e_i) - L(x - eps e_i)) / (2 eps)``) when the
+  array has at most ``max_elements`` entries, otherwise along
+  ``n_directions`` random unit directions ``d``, comparing
+  ``(L(x + eps d) - L(x - eps d)) / (2 eps)`` with ``<grad, d>`` (Chainer's
+  variant — one forward pair per direction, so large inputs stay cheap).
+
+:func:`check_loss` does the same for a loss's ``backward()`` with respect to
+its first argument.  Both demand float64 everywhere and raise
+``AssertionError`` with the worst entries, numeric vs analytic.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+
+__all__ = ["check_backward", "check_loss", "assert_allclose_grad"]
+
+
+def _require_f64(**arrays):
+    for name, a in arrays.items():
+        if a is not None and a.dtype != np.float64:
+            raise TypeError(
+                f"gradient checks need float64; {name} has dtype {a.dtype} "
+                f"(use layer.astype(np.float64) and x.astype(np.float64))"
+            )
+
+
+def assert_allclose_grad(numeric, analytic, what: str, atol: float, rtol: float) -> None:
+    """Raise AssertionError listing the worst mismatches between two gradients."""
+    numeric, analytic = backend.asnumpy(numeric), backend.asnumpy(analytic)
+    if numeric.shape != analytic.shape:
+        raise AssertionError(f"{what}: numeric shape {numeric.shape} != analytic shape {analytic.shape}")
+    err = np.abs(numeric - analytic)
+    tol = atol + rtol * np.abs(numeric)
+    bad = err > tol
+    if bad.any() or not np.isfinite(analytic).all():
+        order = np.argsort(-(err - tol), axis=None)[:5]
+        lines = [
+            f"  at {np.unravel_index(i, numeric.shape)}: numeric={numeric.flat[i]:.10g} "
+            f"analytic={analytic.flat[i]:.10g} |diff|={err.flat[i]:.3g}"
+            for i in order
+        ]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} entries differ beyond "
+            f"atol={atol:g} + rtol={rtol:g}*|numeric| (max |diff| {err.max():.3g}); worst:\n"
+            + "\n".join(lines)
+        )
+
+
+def _numeric_grad(objective, arr, eps, max_elements, n_directions, rng):
+    """Central differences of ``objective()`` w.r.t. ``arr`` (perturbed in place).
+
+    Returns ``(numeric, directions)``: the full gradient when ``directions`` is
+    None, else the directional derivatives along each row of ``directions``.
+    """
+    xp = backend.get_array_module(arr)
+    flat = arr.reshape(-1)  # a view: arr must be contiguous
+    if arr.size <= max_elements:
+        g = np.empty(arr.size)
+        for i in range(arr.size):
+            old = flat[i].copy()
+            flat[i] = old + eps
+            up = objective()
+            flat[i] = old - eps
+            down = objective()
+            flat[i] = old
+            g[i] = (up - down) / (2 * eps)
+        return g.reshape(arr.shape), None
+    dirs = rng.standard_normal((n_directions, arr.size))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    out = np.empty(n_directions)
+    base = arr.copy()
+    for k in range(n_directions):
+        d = xp.asarray(dirs[k].reshape(arr.shape))
+        arr[...] = base + eps * d
+        up = objective()
+        arr[...] = base - eps * d
+        down = objective()
+        out[k] = (up - down) / (2 * eps)
+    arr[...] = base
+    return out, dirs
+
+
+def _compare(numeric, dirs, analytic, what, atol, rtol):
+    analytic = backend.asnumpy(analytic)
+    if dirs is not None:
+        analytic = dirs @ analytic.reshape(-1)
+    assert_allclose_grad(numeric, analytic, what, atol, rtol)
+
+
+def check_backward(layer, x, dy=None, *, forward=None, eps=1e-6, atol=1e-7, rtol=1e-5,
+                   check_params=True, max_elements=2000, n_directions=24, seed=0):
+    """Check ``layer.backward`` (input and parameter gradients) numerically.
+
+    Args:
+        layer: a gpucnn layer (or Sequential) whose parameters are float64.
+        x: float64 input (a contiguous NumPy or CuPy array).
+        dy: output gradient defining ``L = sum(y * dy)``; random if None.
+        forward: callable ``x -> y`` to use instead of ``layer.forward`` (e.g.
+            RReLU with fixed slopes); must be deterministic.
+        eps, atol, rtol: step and tolerances (float64 defaults).
+        check_params: also check every ``layer.params`` entry.
+        max_elements / n_directions: above this size, use random directions.
+        seed: seeds dy and the directions.
+
+    Raises:
+        AssertionError: a gradient disagrees (message shows numeric vs analytic).
+        TypeError: anything is not float64.
+    """
+    fwd = forward or layer.forward
+    _require_f64(x=x, dy=dy, **{f"param {k}": v for k, v in layer_params(layer).items()})
+    xp = backend.get_array_module(x)
+    rng = np.random.default_rng(seed)
+    x = xp.ascontiguousarray(x).copy()
+    y = fwd(x)
+    if dy is None:
+        dy = xp.asarray(rng.standard_normal(y.shape))
+    if tuple(dy.shape) != tuple(y.shape):
+        raise ValueError(f"dy shape {tuple(dy.shape)} != output shape {tuple(y.shape)}")
+    dx = layer.backward(dy)
+    analytic = {name: layer_grads(layer)[name].copy() for name in layer_params(layer)}
+
+    def objective():
+        return float((fwd(x) * dy).sum())
+
+    name = type(layer).__name__
+    if dx is not None:
+        num, dirs = _numeric_grad(objective, x, eps, max_elements, n_directions, rng)
+        _compare(num, dirs, dx, f"{name}: dL/dx", atol, rtol)
+    if check_params:
+        for key, p in layer_params(layer).items():
+            num, dirs = _numeric_grad(objective, p, eps, max_elements, n_directions, rng)
+            _compare(num, dirs, analytic[key], f"{name}: dL/d{key}", atol, rtol)
+
+
+def check_loss(loss, pred, target, *, eps=1e-6, atol=1e-7, rtol=1e-5, max_elements=2000,
+               n_directions=24, seed=0):
+    """Check ``loss.backward()`` against central differences of ``loss.forward(pred, target)``."""
+    _require_f64(pred=pred)
+    xp = backend.get_array_module(pred)
+    pred = xp.ascontiguousarray(pred).copy()
+    loss.forward(pred, target)
+    analytic = loss.backward()
+
+    def objective():
+        return float(loss.forward(pred, target))
+
+    num, dirs = _numeric_grad(objective, pred, eps, max_elements, n_directions, np.random.default_rng(seed))
+    _compare(num, dirs, analytic, f"{type(loss).__name__}: dL/dpred", atol, rtol)
+
+
+def layer_params(layer) -> dict:
+    """``{qualified name: array}`` for a layer or a Sequential."""
+    return {name: lay.params[k] for name, lay, k in layer.named_parameters()}
+
+
+def layer_grads(layer) -> dict:
+    return {name: lay.grads[k] for name, lay, k in layer.named_parameters()}
