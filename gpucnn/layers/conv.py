@@ -16,8 +16,10 @@ weights exchange with PyTorch without a flip.  Backward follows the seeds:
   the padded input that no window reaches (when ``(H + 2p - k)`` is not a
   multiple of the stride) get zero gradient, then the padding is cropped.
 
-On NumPy both passes are one GEMM over an im2col matrix (``as_strided`` view,
-one copy).  On CuPy they dispatch to the hand-written kernels in
+On NumPy every pass is a batched GEMM over per-sample im2col matrices
+(``as_strided`` view, one copy); dL/dx uses the scatter (col2im) form of the
+same linear map, which is faster on a CPU than materialising the padded,
+dilated gradient.  On CuPy they dispatch to the hand-written kernels in
 ``kernels/conv2d_*.cu`` through :mod:`gpucnn.cuda.ops`.
 """
 from __future__ import annotations
@@ -34,40 +36,59 @@ def _as_strided(xp, a, shape, strides):
 
 
 def im2col(x, kernel, stride, out_hw):
-    """Column matrix of a (padded) NCHW array.
+    """Column matrices of a (padded) NCHW array, one per sample.
 
     Args:
         x: (N, C, H, W) array, already padded.
         kernel: (kh, kw); stride: (sh, sw); out_hw: (Ho, Wo).
 
     Returns:
-        (N*Ho*Wo, C*kh*kw) C-contiguous array; row ``(n, i, j)`` holds the
-        window under output pixel ``(i, j)`` in ``(c, u, v)`` order, matching
-        ``W.reshape(O, -1)``.
+        (N, C*kh*kw, Ho*Wo) C-contiguous array: ``cols[n, (c, u, v), (i, j)] =
+        x[n, c, i*sh + u, j*sw + v]``, so ``W.reshape(O, -1) @ cols[n]`` is the
+        correlation of sample n, already in (O, Ho*Wo) = NCHW order.
     """
     xp = backend.get_array_module(x)
     x = xp.ascontiguousarray(x)
     N, C = x.shape[:2]
     (kh, kw), (sh, sw), (Ho, Wo) = kernel, stride, out_hw
     s0, s1, s2, s3 = x.strides
-    win = _as_strided(xp, x, (N, Ho, Wo, C, kh, kw), (s0, s2 * sh, s3 * sw, s1, s2, s3))
-    return win.reshape(N * Ho * Wo, C * kh * kw)
+    win = _as_strided(xp, x, (N, C, kh, kw, Ho, Wo), (s0, s1, s2, s3, s2 * sh, s3 * sw))
+    return win.reshape(N, C * kh * kw, Ho * Wo)
+
+
+def col2im(cols, x_shape, kernel, stride, out_hw):
+    """Adjoint of :func:`im2col`: scatter-add columns back into a padded NCHW array.
+
+    Loops over the kh*kw kernel offsets only; each step adds one strided view.
+    """
+    xp = backend.get_array_module(cols)
+    N, C, Hp, Wp = x_shape
+    (kh, kw), (sh, sw), (Ho, Wo) = kernel, stride, out_hw
+    cols = cols.reshape(N, C, kh, kw, Ho, Wo)
+    x = xp.zeros(x_shape, dtype=cols.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            x[:, :, u : u + (Ho - 1) * sh + 1 : sh, v : v + (Wo - 1) * sw + 1 : sw] += cols[:, :, u, v]
+    return x
 
 
 def _pad(xp, x, ph, pw):
     if ph == 0 and pw == 0:
         return x
-    return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    N, C, H, W = x.shape
+    out = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
+    out[:, :, ph : ph + H, pw : pw + W] = x
+    return out
 
 
 def correlate_valid(x, w):
-    """Stride-1 valid cross-correlation of NCHW ``x`` with OIHW ``w`` (one GEMM)."""
+    """Stride-1 valid cross-correlation of NCHW ``x`` with OIHW ``w`` (batched GEMM)."""
+    xp = backend.get_array_module(x, w)
     N, _, H, W = x.shape
     O, _, kh, kw = w.shape
     Ho, Wo = H - kh + 1, W - kw + 1
     cols = im2col(x, (kh, kw), (1, 1), (Ho, Wo))
-    y = cols @ w.reshape(O, -1).T
-    return y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)
+    return xp.matmul(w.reshape(O, -1), cols).reshape(N, O, Ho, Wo)
 
 
 def conv2d_backward_input_seed(dy, w, x_hw, stride, padding):
@@ -168,13 +189,12 @@ class Conv2D(Layer):
 
             self._x = x
             return ops.conv2d_forward(x, W, b, self.stride, self.padding)
-        xp = np
         ph, pw = self.padding
-        self._cols = im2col(_pad(xp, x, ph, pw), self.kernel_size, self.stride, (Ho, Wo))
-        y = self._cols @ W.reshape(O, -1).T
+        self._cols = im2col(_pad(np, x, ph, pw), self.kernel_size, self.stride, (Ho, Wo))
+        y = np.matmul(W.reshape(O, -1), self._cols).reshape(N, O, Ho, Wo)
         if b is not None:
-            y += b
-        return np.ascontiguousarray(y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
+            y += b.reshape(1, O, 1, 1)
+        return y
 
     def backward(self, dy):
         self._check_forward_called(self._x_shape)
@@ -195,11 +215,20 @@ class Conv2D(Layer):
             if not self.needs_input_grad:
                 return None
             return ops.conv2d_backward_input(dy, W, self._x_shape, self.stride, self.padding)
-        O = self.out_channels
-        dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, O)
-        self._set_grad("W", (dy2.T @ self._cols).reshape(W.shape))
+        N, O, Ho, Wo = dy.shape
+        dy3 = np.ascontiguousarray(dy).reshape(N, O, Ho * Wo)
+        # dL/dW = sum_n dy_n cols_n^T  (seed 003: conv(X, dL/dZ))
+        self._set_grad("W", np.matmul(dy3, self._cols.transpose(0, 2, 1)).sum(axis=0).reshape(W.shape))
         if "b" in self.params:
-            self._set_grad("b", dy.sum(axis=(0, 2, 3)))
+            self._set_grad("b", dy3.sum(axis=(0, 2)))
         if not self.needs_input_grad:
             return None
-        return conv2d_backward_input_seed(dy, W, (H, Wd), self.stride, self.padding)
+        # dL/dx: the adjoint of im2col applied to W^T dy.  It is the same linear
+        # map as the seeds' full-padded rot180 convolution
+        # (conv2d_backward_input_seed, which the GPU kernel and the tests use);
+        # on the CPU the scatter form is the faster of the two.
+        ph, pw = self.padding
+        dcols = np.matmul(W.reshape(O, -1).T, dy3)
+        Np, C = self._x_shape[0], self.in_channels
+        dxp = col2im(dcols, (Np, C, H + 2 * ph, Wd + 2 * pw), self.kernel_size, self.stride, (Ho, Wo))
+        return dxp[:, :, ph : ph + H, pw : pw + Wd] if (ph or pw) else dxp

@@ -78,18 +78,25 @@ class MaxPool2D(_Pool2D):
             y, self.argmax = ops.maxpool2d_forward(x, self.kernel_size, self.stride)
             return y
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        N, C, H, W = x.shape
-        x = np.ascontiguousarray(x)
-        s0, s1, s2, s3 = x.strides
-        win = np.lib.stride_tricks.as_strided(
-            x, (N, C, Ho, Wo, kh, kw), (s0, s1, s2 * sh, s3 * sw, s2, s3)
-        ).reshape(N, C, Ho, Wo, kh * kw)
-        k = win.argmax(axis=-1)  # first maximum in row-major window order (NaN wins)
-        y = np.take_along_axis(win, k[..., None], axis=-1)[..., 0]
-        rows = np.arange(Ho, dtype=np.int32)[:, None] * (sh * W)
-        cols = np.arange(Wo, dtype=np.int32)[None, :] * sw
-        offsets = ((np.arange(kh * kw) // kw) * W + np.arange(kh * kw) % kw).astype(np.int32)
-        self.argmax = (rows + cols + offsets[k]).astype(np.int32)
+        W = x.shape[3]
+        # Scan the window offsets in row-major order over strided views; an
+        # offset replaces the running maximum only if strictly greater (or NaN
+        # over a number), so the first maximum wins and NaN propagates.
+        y = k = None
+        for u in range(kh):
+            for v in range(kw):
+                view = x[:, :, u : u + (Ho - 1) * sh + 1 : sh, v : v + (Wo - 1) * sw + 1 : sw]
+                if y is None:
+                    y = view.copy()
+                    k = np.zeros(y.shape, dtype=np.int32)
+                    continue
+                take = view > y
+                take |= np.isnan(view) & ~np.isnan(y)
+                np.copyto(y, view, where=take)
+                np.copyto(k, np.int32(u * W + v), where=take)
+        rows = np.arange(Ho, dtype=np.int32)[:, None] * np.int32(sh * W)
+        cols = np.arange(Wo, dtype=np.int32)[None, :] * np.int32(sw)
+        self.argmax = k + (rows + cols)
         return y
 
     def backward(self, dy):
