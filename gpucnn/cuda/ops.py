@@ -1,0 +1,365 @@
+"""Host-side wrappers of the CUDA kernels: what the layers call on CuPy arrays.
+
+Each function validates its arguments (dtype, shapes, stride/padding), makes
+the inputs C-contiguous, allocates the outputs with the arrays' own module
+(``xp = get_array_module(...)``: CuPy on a GPU, NumPy under the test emulator)
+and launches the kernels through :func:`gpucnn.cuda.loader.launch`.
+
+Conventions (the same as the NumPy layer path):
+
+* activations are NCHW, convolution weights OIHW; float32 or float64 (all
+  arrays of one call share the dtype; float64 runs the ``*_f64`` kernels);
+* convolution is a cross-correlation with zero padding,
+  ``y[n,o,i,j] = b[o] + sum_{c,u,v} x[n,c,i*sh+u-ph, j*sw+v-pw] * W[o,c,u,v]``,
+  output size ``(H + 2*ph - kh) // sh + 1``;
+* max pooling has no padding, output size ``(H - kh) // sh + 1``, and its
+  argmax is int32, the index ``h*W + w`` within the (n, c) input plane of the
+  FIRST maximum in row-major window order (a NaN wins: first NaN).
+
+Any other dtype, or mixed dtypes, raise :class:`TypeError` naming them (no
+silent casts).  Every result is deterministic (no atomics).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+from . import loader
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "conv2d_output_size",
+    "pool2d_output_size",
+    "conv2d_forward",
+    "conv2d_backward_input",
+    "conv2d_backward_weight",
+    "maxpool2d_forward",
+    "maxpool2d_backward",
+]
+
+#: Dtypes the kernels implement, and the suffix of their entry points.
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_KERNEL_SUFFIX = {np.dtype(np.float32): "", np.dtype(np.float64): "_f64"}
+
+#: Largest block of the shared-memory reductions (kernels/conv2d_backward_weight.cu).
+REDUCE_MAX_BLOCK = 256
+
+
+# ---------------------------------------------------------------------------
+# Argument checking helpers
+# ---------------------------------------------------------------------------
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """``(h, w)`` from an int or a pair of ints, each >= ``minimum``."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        pair = (int(value), int(value))
+    else:
+        try:
+            pair = tuple(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or an (h, w) pair of ints, "
+                            f"got {value!r}") from None
+        if len(pair) != 2 or not all(isinstance(p, (int, np.integer))
+                                     and not isinstance(p, bool) for p in pair):
+            raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
+        pair = (int(pair[0]), int(pair[1]))
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} in both axes, got {pair}")
+    return pair
+
+
+def _check_dtype(func: str, **arrays) -> np.dtype:
+    """The common dtype of ``arrays`` (``None`` values ignored), if supported."""
+    supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+    dtypes = {}
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        if a.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{func}: {name} has dtype {a.dtype}, but the CUDA kernels implement "
+                f"only {supported}; convert explicitly (e.g. {name}.astype('float32'))"
+            )
+        dtypes[name] = np.dtype(a.dtype)
+    if len(set(dtypes.values())) > 1:
+        desc = ", ".join(f"{name} is {dt}" for name, dt in dtypes.items())
+        raise TypeError(f"{func}: arrays must share one dtype ({supported}), but {desc}")
+    return next(iter(dtypes.values()))
+
+
+def _kernel(base: str, dtype: np.dtype) -> str:
+    return base + _KERNEL_SUFFIX[dtype]
+
+
+def _check_ndim(func: str, name: str, a, ndim: int, layout: str) -> None:
+    if a.ndim != ndim:
+        raise ValueError(f"{func}: {name} must be {ndim}-D {layout}, got shape {tuple(a.shape)}")
+
+
+def _shape4(func: str, name: str, shape) -> tuple[int, int, int, int]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{func}: {name} must be a 4-tuple of ints, got {shape!r}") from None
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"{func}: {name} must be 4 positive sizes, got {shape}")
+    return shape
+
+
+def conv2d_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """``(size + 2*padding - kernel) // stride + 1``."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def pool2d_output_size(size: int, kernel: int, stride: int) -> int:
+    """``(size - kernel) // stride + 1`` (no padding)."""
+    return (size - kernel) // stride + 1
+
+
+def _conv_out(func, x_shape, w_shape, stride, padding) -> tuple[int, int]:
+    (_, C, H, W), (_, Cw, KH, KW) = x_shape, w_shape
+    if C != Cw:
+        raise ValueError(f"{func}: input has {C} channels (x shape {tuple(x_shape)}) but the "
+                         f"weights expect {Cw} (W shape {tuple(w_shape)}, OIHW)")
+    OH = conv2d_output_size(H, KH, stride[0], padding[0])
+    OW = conv2d_output_size(W, KW, stride[1], padding[1])
+    if OH < 1 or OW < 1:
+        raise ValueError(f"{func}: kernel {KH}x{KW} does not fit the input {H}x{W} with "
+                         f"padding {tuple(padding)} (output would be {OH}x{OW})")
+    return OH, OW
+
+
+def _pool_out(func, x_shape, kernel, stride) -> tuple[int, int]:
+    _, _, H, W = x_shape
+    if kernel[0] > H or kernel[1] > W:
+        raise ValueError(f"{func}: pooling kernel {tuple(kernel)} is larger than the "
+                         f"input plane {H}x{W} (x shape {tuple(x_shape)})")
+    return pool2d_output_size(H, kernel[0], stride[0]), pool2d_output_size(W, kernel[1], stride[1])
+
+
+def _reduce_block(length: int) -> int:
+    """Power-of-two block for a reduction of ``length`` terms, in [32, 256]."""
+    block = 32
+    while block < length and block < REDUCE_MAX_BLOCK:
+        block *= 2
+    return block
+
+
+# ---------------------------------------------------------------------------
+# Convolution
+# ---------------------------------------------------------------------------
+
+def conv2d_forward(x, W, b, stride, padding):
+    """``y = conv2d(x, W) + b`` (cross-correlation, zero padding).
+
+    Args:
+        x: (N, C, H, W) float32 or float64 (one dtype per call).
+        W: (O, C, KH, KW) float32 or float64 (one dtype per call).
+        b: (O,) float32 or float64 (one dtype per call), or None for no bias.
+        stride, padding: (h, w) pairs (or ints).
+    Returns:
+        y: (N, O, OH, OW) float32 or float64 (one dtype per call).
+    """
+    func = "conv2d_forward"
+    xp = get_array_module(x=x, W=W, b=b)
+    dtype = _check_dtype(func, x=x, W=W, b=b)
+    _check_ndim(func, "x", x, 4, "NCHW")
+    _check_ndim(func, "W", W, 4, "OIHW")
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    N, C, H, Wd = x.shape
+    O, _, KH, KW = W.shape
+    OH, OW = _conv_out(func, x.shape, W.shape, stride, padding)
+    if b is not None and tuple(b.shape) != (O,):
+        raise ValueError(f"{func}: bias b must have shape ({O},) for W of shape "
+                         f"{tuple(W.shape)}, got {tuple(b.shape)}")
+
+    x = xp.ascontiguousarray(x)
+    W = xp.ascontiguousarray(W)
+    # With no bias the kernel never reads b; pass a 1-element placeholder.
+    bias = xp.ascontiguousarray(b) if b is not None else xp.zeros(1, dtype=dtype)
+    y = xp.empty((N, O, OH, OW), dtype=dtype)
+    loader.launch(_kernel("conv2d_forward", dtype),
+                  (x, W, bias, y, N, C, H, Wd, O, KH, KW, OH, OW,
+                   stride[0], stride[1], padding[0], padding[1], int(b is not None)),
+                  n_threads=y.size)
+    return y
+
+
+def conv2d_backward_input(dy, W, x_shape, stride, padding):
+    """``dx = dL/dx`` of :func:`conv2d_forward` (a deterministic gather).
+
+    Args:
+        dy: (N, O, OH, OW) float32 or float64 (one dtype per call), gradient of the output.
+        W: (O, C, KH, KW) float32 or float64 (one dtype per call).
+        x_shape: (N, C, H, W) of the forward input.
+        stride, padding: as in the forward pass.
+    Returns:
+        dx: (N, C, H, W) float32 or float64 (one dtype per call).
+    """
+    func = "conv2d_backward_input"
+    xp = get_array_module(dy=dy, W=W)
+    dtype = _check_dtype(func, dy=dy, W=W)
+    _check_ndim(func, "dy", dy, 4, "NCHW")
+    _check_ndim(func, "W", W, 4, "OIHW")
+    x_shape = _shape4(func, "x_shape", x_shape)
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    N, C, H, Wd = x_shape
+    O, _, KH, KW = W.shape
+    OH, OW = _conv_out(func, x_shape, W.shape, stride, padding)
+    if tuple(dy.shape) != (N, O, OH, OW):
+        raise ValueError(f"{func}: dy has shape {tuple(dy.shape)}, expected {(N, O, OH, OW)} "
+                         f"for x_shape {x_shape}, W shape {tuple(W.shape)}, stride {stride}, "
+                         f"padding {padding}")
+
+    dy = xp.ascontiguousarray(dy)
+    W = xp.ascontiguousarray(W)
+    dx = xp.empty(x_shape, dtype=dtype)
+    loader.launch(_kernel("conv2d_backward_input", dtype),
+                  (dy, W, dx, N, C, H, Wd, O, KH, KW, OH, OW,
+                   stride[0], stride[1], padding[0], padding[1]),
+                  n_threads=dx.size)
+    return dx
+
+
+def _im2col(xp, x, kh, kw, stride, padding, oh, ow):
+    """cols[n, c, u, v, i, j] = x[n, c, i*sh+u-ph, j*sw+v-pw] (zero outside)."""
+    sh, sw = stride
+    ph, pw = padding
+    xpad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    N, C = x.shape[:2]
+    cols = xp.empty((N, C, kh, kw, oh, ow), dtype=x.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            cols[:, :, u, v] = xpad[:, :, u:u + sh * (oh - 1) + 1:sh, v:v + sw * (ow - 1) + 1:sw]
+    return cols
+
+
+def conv2d_backward_weight(x, dy, w_shape, stride, padding, method="kernel"):
+    """``(dW, db)``: gradients of the weights and the bias.
+
+    Args:
+        x: (N, C, H, W) float32 or float64 (one dtype per call), the forward input.
+        dy: (N, O, OH, OW) float32 or float64 (one dtype per call), gradient of the output.
+        w_shape: (O, C, KH, KW).
+        stride, padding: as in the forward pass.
+        method: ``"kernel"`` (default): the hand-written kernel, one block per
+            weight element with a fixed shared-memory reduction, and a
+            one-block-per-channel kernel for db.  ``"gemm"``: im2col with
+            array ops plus one ``tensordot`` (cuBLAS through CuPy); uses
+            N*C*KH*KW*OH*OW extra floats.  The default is not chosen by
+            measurement yet (no GPU was available when it was written).
+    Returns:
+        dW: (O, C, KH, KW) float32 or float64 (one dtype per call);  db: (O,) same dtype (always computed).
+    """
+    func = "conv2d_backward_weight"
+    if method not in ("kernel", "gemm"):
+        raise ValueError(f"{func}: method must be 'kernel' or 'gemm', got {method!r}")
+    xp = get_array_module(x=x, dy=dy)
+    dtype = _check_dtype(func, x=x, dy=dy)
+    _check_ndim(func, "x", x, 4, "NCHW")
+    _check_ndim(func, "dy", dy, 4, "NCHW")
+    w_shape = _shape4(func, "w_shape", w_shape)
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    N, C, H, Wd = x.shape
+    O, _, KH, KW = w_shape
+    OH, OW = _conv_out(func, x.shape, w_shape, stride, padding)
+    if tuple(dy.shape) != (N, O, OH, OW):
+        raise ValueError(f"{func}: dy has shape {tuple(dy.shape)}, expected {(N, O, OH, OW)} "
+                         f"for x shape {tuple(x.shape)}, w_shape {w_shape}, stride {stride}, "
+                         f"padding {padding}")
+
+    x = xp.ascontiguousarray(x)
+    dy = xp.ascontiguousarray(dy)
+    if method == "gemm":
+        cols = _im2col(xp, x, KH, KW, stride, padding, OH, OW)
+        dW = xp.ascontiguousarray(xp.tensordot(dy, cols, axes=([0, 2, 3], [0, 4, 5])),
+                                  dtype=dtype)
+        db = dy.sum(axis=(0, 2, 3), dtype=dtype)
+        return dW, db
+
+    dW = xp.empty(w_shape, dtype=dtype)
+    db = xp.empty((O,), dtype=dtype)
+    loader.launch(_kernel("conv2d_backward_weight", dtype),
+                  (x, dy, dW, N, C, H, Wd, O, KH, KW, OH, OW,
+                   stride[0], stride[1], padding[0], padding[1]),
+                  n_blocks=dW.size, block=_reduce_block(N * OH * OW))
+    loader.launch(_kernel("conv2d_backward_bias", dtype), (dy, db, N, O, OH, OW),
+                  n_blocks=O, block=_reduce_block(N * OH * OW))
+    return dW, db
+
+
+# ---------------------------------------------------------------------------
+# Max pooling
+# ---------------------------------------------------------------------------
+
+def maxpool2d_forward(x, kernel, stride):
+    """Max pooling without padding.
+
+    Args:
+        x: (N, C, H, W) float32 or float64 (one dtype per call).
+        kernel, stride: (h, w) pairs (or ints).
+    Returns:
+        (y, argmax): y (N, C, OH, OW) float32 or float64 (one dtype per call); argmax int32 of the same shape,
+        the index h*W + w within the (n, c) input plane of the first maximum in
+        row-major window order (first NaN if the window holds one).
+    """
+    func = "maxpool2d_forward"
+    xp = get_array_module(x=x)
+    dtype = _check_dtype(func, x=x)
+    _check_ndim(func, "x", x, 4, "NCHW")
+    kernel = _pair(kernel, "kernel", 1)
+    stride = _pair(stride, "stride", 1)
+    N, C, H, Wd = x.shape
+    OH, OW = _pool_out(func, x.shape, kernel, stride)
+
+    x = xp.ascontiguousarray(x)
+    y = xp.empty((N, C, OH, OW), dtype=dtype)
+    argmax = xp.empty((N, C, OH, OW), dtype=np.int32)
+    loader.launch(_kernel("maxpool2d_forward", dtype),
+                  (x, y, argmax, N, C, H, Wd, kernel[0], kernel[1],
+                   stride[0], stride[1], OH, OW),
+                  n_threads=y.size)
+    return y, argmax
+
+
+def maxpool2d_backward(dy, argmax, x_shape, kernel, stride):
+    """Route dy to each window's argmax (a deterministic gather).
+
+    Args:
+        dy: (N, C, OH, OW) float32 or float64 (one dtype per call).
+        argmax: int32, same shape, from :func:`maxpool2d_forward`.
+        x_shape: (N, C, H, W) of the forward input.
+        kernel, stride: as in the forward pass.
+    Returns:
+        dx: (N, C, H, W) float32 or float64 (one dtype per call).
+    """
+    func = "maxpool2d_backward"
+    xp = get_array_module(dy=dy, argmax=argmax)
+    dtype = _check_dtype(func, dy=dy)
+    if argmax.dtype != np.int32:
+        raise TypeError(f"{func}: argmax has dtype {argmax.dtype}, expected int32 "
+                        "(as returned by maxpool2d_forward)")
+    _check_ndim(func, "dy", dy, 4, "NCHW")
+    x_shape = _shape4(func, "x_shape", x_shape)
+    kernel = _pair(kernel, "kernel", 1)
+    stride = _pair(stride, "stride", 1)
+    N, C, H, Wd = x_shape
+    OH, OW = _pool_out(func, x_shape, kernel, stride)
+    if tuple(dy.shape) != (N, C, OH, OW):
+        raise ValueError(f"{func}: dy has shape {tuple(dy.shape)}, expected {(N, C, OH, OW)} "
+                         f"for x_shape {x_shape}, kernel {kernel}, stride {stride}")
+    if tuple(argmax.shape) != tuple(dy.shape):
+        raise ValueError(f"{func}: argmax has shape {tuple(argmax.shape)}, expected the "
+                         f"shape of dy {tuple(dy.shape)}")
+
+    dy = xp.ascontiguousarray(dy)
+    argmax = xp.ascontiguousarray(argmax)
+    dx = xp.empty(x_shape, dtype=dtype)
+    loader.launch(_kernel("maxpool2d_backward", dtype),
+                  (dy, argmax, dx, N, C, H, Wd, kernel[0], kernel[1],
+                   stride[0], stride[1], OH, OW),
+                  n_threads=dx.size)
+    return dx
