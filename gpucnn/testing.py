@@ -39,18 +39,24 @@ def assert_allclose_grad(numeric, analytic, what: str, atol: float, rtol: float)
         raise AssertionError(f"{what}: numeric shape {numeric.shape} != analytic shape {analytic.shape}")
     err = np.abs(numeric - analytic)
     tol = atol + rtol * np.abs(numeric)
-    bad = err > tol
-    if bad.any() or not np.isfinite(analytic).all():
-        order = np.argsort(-(err - tol), axis=None)[:5]
+    # A NaN/Inf on either side is a failure: NaN compares False with anything
+    # and an infinite numeric value would make the tolerance infinite.
+    nonfinite = ~(np.isfinite(numeric) & np.isfinite(analytic))
+    bad = nonfinite | (err > tol)
+    if bad.any():
+        score = np.where(nonfinite, np.inf, np.where(bad, err - np.where(np.isfinite(tol), tol, 0), -np.inf))
+        order = np.argsort(-score, axis=None, kind="stable")[:5]
         lines = [
-            f"  at {np.unravel_index(i, numeric.shape)}: numeric={numeric.flat[i]:.10g} "
-            f"analytic={analytic.flat[i]:.10g} |diff|={err.flat[i]:.3g}"
-            for i in order
+            f"  at {tuple(int(i) for i in np.unravel_index(j, numeric.shape))}: "
+            f"numeric={numeric.flat[j]:.10g} analytic={analytic.flat[j]:.10g} |diff|={err.flat[j]:.3g}"
+            for j in order
         ]
+        finite_err = err[~nonfinite]
+        worst = f"{finite_err.max():.3g}" if finite_err.size else "n/a"
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.size} entries differ beyond "
-            f"atol={atol:g} + rtol={rtol:g}*|numeric| (max |diff| {err.max():.3g}); worst:\n"
-            + "\n".join(lines)
+            f"atol={atol:g} + rtol={rtol:g}*|numeric| ({int(nonfinite.sum())} non-finite; "
+            f"max finite |diff| {worst}); worst:\n" + "\n".join(lines)
         )
 
 

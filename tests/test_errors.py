@@ -1,0 +1,525 @@
+"""Bad input fails loudly, with the offending value named in the message.
+
+Covers: rank, channels, output size, kernel/stride/padding, labels, batch and
+shape mismatches, NumPy/CuPy mixing (through a stub CuPy), unsupported and
+mismatched dtypes, backward before forward, strict ``load_state_dict``,
+unknown model / initializer names, optimizer hyper-parameters, and the opt-in
+anomaly detection of :mod:`gpucnn.debug`.
+"""
+from __future__ import annotations
+
+import re
+import types
+
+import numpy as np
+import pytest
+
+import gpucnn
+from gpucnn import backend, debug, losses, models, optim
+from gpucnn import layers as L
+from gpucnn.backend import DeviceMismatchError
+
+F64 = np.float64
+
+
+def esc(s):
+    return re.escape(s)
+
+
+# --------------------------------------------------------------------------- #
+# shapes
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("layer,x,pattern", [
+    pytest.param(L.Conv2D(1, 2, 3), np.zeros((1, 5, 5), np.float32),
+                 esc("Conv2D: x must have rank 4, got shape (1, 5, 5) (rank 3)"), id="conv-rank3"),
+    pytest.param(L.MaxPool2D(2), np.zeros((4, 4), np.float32),
+                 esc("MaxPool2D: x must have rank 4, got shape (4, 4) (rank 2)"), id="maxpool-rank2"),
+    pytest.param(L.AvgPool2D(2), np.zeros((1, 1, 1, 4, 4), np.float32),
+                 esc("AvgPool2D: x must have rank 4, got shape (1, 1, 1, 4, 4) (rank 5)"), id="avgpool-rank5"),
+    pytest.param(L.Dense(4, 2), np.zeros((1, 1, 2, 2), np.float32),
+                 esc("Dense: x must have rank 2, got shape (1, 1, 2, 2) (rank 4)"), id="dense-rank4"),
+    pytest.param(L.Flatten(), np.zeros(3, np.float32),
+                 esc("Flatten: x must have rank >= 2 (batch first), got shape (3,)"), id="flatten-rank1"),
+])
+def test_wrong_rank(layer, x, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        layer.forward(x)
+
+
+def test_channel_mismatch():
+    msg = "x has 2 channels (shape (1, 2, 5, 5)) but the layer expects in_channels=3"
+    with pytest.raises(ValueError, match=esc(msg)):
+        L.Conv2D(3, 4, 3).forward(np.zeros((1, 2, 5, 5), np.float32))
+    with pytest.raises(ValueError, match=esc("x has 5 features (shape (2, 5)) but the layer expects in_features=4")):
+        L.Dense(4, 2).forward(np.zeros((2, 5), np.float32))
+    msg = "num_parameters=3 needs x with that many channels on axis 1, got shape (2, 4)"
+    with pytest.raises(ValueError, match=esc(msg)):
+        L.PReLU(3).forward(np.zeros((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("layer,shape,pattern", [
+    pytest.param(L.Conv2D(1, 1, 5), (1, 1, 3, 8),
+                 esc("output H would be <= 0: input H=3 with padding=0 is smaller than kernel=5"), id="conv-H"),
+    pytest.param(L.Conv2D(1, 1, (3, 7), padding=1), (1, 1, 8, 4),
+                 esc("output W would be <= 0: input W=4 with padding=1 is smaller than kernel=7"), id="conv-W-padded"),
+    pytest.param(L.MaxPool2D(3), (1, 1, 2, 9),
+                 esc("output H would be <= 0: input H=2 with padding=0 is smaller than kernel=3"), id="maxpool"),
+    pytest.param(L.AvgPool2D((2, 4)), (1, 1, 4, 3),
+                 esc("output W would be <= 0: input W=3 with padding=0 is smaller than kernel=4"), id="avgpool"),
+])
+def test_output_size_not_positive(layer, shape, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        layer.forward(np.zeros(shape, np.float32))
+
+
+@pytest.mark.parametrize("make,pattern", [
+    pytest.param(lambda: L.Conv2D(1, 1, 0), esc("kernel_size must be >= 1, got kernel_size=0"), id="conv-kernel0"),
+    pytest.param(lambda: L.Conv2D(1, 1, (3, -1)), esc("kernel_size must be >= 1, got kernel_size=(3, -1)"),
+                 id="conv-kernel-neg"),
+    pytest.param(lambda: L.Conv2D(1, 1, 3, stride=0), esc("stride must be >= 1, got stride=0"), id="conv-stride0"),
+    pytest.param(lambda: L.Conv2D(1, 1, 3, stride=(1, 0)), esc("stride must be >= 1, got stride=(1, 0)"),
+                 id="conv-stride-pair"),
+    pytest.param(lambda: L.Conv2D(1, 1, 3, padding=-1), esc("padding must be >= 0, got padding=-1"), id="conv-pad-neg"),
+    pytest.param(lambda: L.Conv2D(1, 1, 3, padding=(0, -2)), esc("padding must be >= 0, got padding=(0, -2)"),
+                 id="conv-pad-pair"),
+    pytest.param(lambda: L.Conv2D(0, 1, 3), esc("in_channels must be a positive int, got in_channels=0"),
+                 id="conv-in0"),
+    pytest.param(lambda: L.Conv2D(1, -4, 3), esc("out_channels must be a positive int, got out_channels=-4"),
+                 id="conv-out-neg"),
+    pytest.param(lambda: L.MaxPool2D(0), esc("kernel_size must be >= 1, got kernel_size=0"), id="maxpool-kernel0"),
+    pytest.param(lambda: L.MaxPool2D(2, stride=0), esc("stride must be >= 1, got stride=0"), id="maxpool-stride0"),
+    pytest.param(lambda: L.AvgPool2D(-2), esc("kernel_size must be >= 1, got kernel_size=-2"), id="avgpool-kernel-neg"),
+    pytest.param(lambda: L.AvgPool2D(2, stride=(0, 1)), esc("stride must be >= 1, got stride=(0, 1)"),
+                 id="avgpool-stride0"),
+    pytest.param(lambda: L.Dense(0, 3), esc("in_features must be a positive int, got in_features=0"), id="dense-in0"),
+    pytest.param(lambda: L.LeakyReLU(1.5), esc("negative_slope must be in [0, 1), got negative_slope=1.5"),
+                 id="leaky-slope"),
+    pytest.param(lambda: L.RReLU(0.5, 0.2), esc("need 0 <= lower <= upper < 1, got lower=0.5, upper=0.2"),
+                 id="rrelu-bounds"),
+    pytest.param(lambda: L.PReLU(0), esc("num_parameters must be a positive int, got num_parameters=0"),
+                 id="prelu-num0"),
+])
+def test_bad_layer_arguments(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+@pytest.mark.parametrize("make,pattern", [
+    pytest.param(lambda: L.Conv2D(1, 1, 2.5),
+                 esc("kernel_size must be an int or a pair of ints (h, w), got kernel_size=2.5"),
+                 id="conv-kernel-float"),
+    pytest.param(lambda: L.MaxPool2D((2, 2, 2)),
+                 esc("kernel_size must be an int or a pair of ints (h, w), got kernel_size=(2, 2, 2)"),
+                 id="pool-kernel-triple"),
+    pytest.param(lambda: L.Conv2D(1, 1, 3, stride=True),
+                 esc("stride must be an int or a pair of ints (h, w), got stride=True"),
+                 id="conv-stride-bool"),
+])
+def test_bad_layer_argument_types(make, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        make()
+
+
+def test_rrelu_slopes_shape_mismatch():
+    with pytest.raises(ValueError, match=esc("RReLU: slopes shape (3,) != x shape (2, 3)")):
+        L.RReLU().forward(np.zeros((2, 3)), slopes=np.full(3, 0.2))
+
+
+def test_backward_dy_shape_mismatch_is_named():
+    conv = L.Conv2D(1, 2, 3, dtype=F64)
+    conv.forward(np.zeros((1, 1, 5, 5)))
+    with pytest.raises(ValueError, match=esc("Conv2D.backward: dy has shape (1, 2, 2, 2), expected (1, 2, 3, 3)")):
+        conv.backward(np.zeros((1, 2, 2, 2)))
+
+
+# --------------------------------------------------------------------------- #
+# losses
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("labels,pattern", [
+    pytest.param(np.array([0, 3]), esc("label 3 out of range [0, 3) for 3 classes"), id="too-big"),
+    pytest.param(np.array([-1, 0]), esc("label -1 out of range [0, 3) for 3 classes"), id="negative"),
+])
+def test_labels_out_of_range(labels, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        losses.SoftmaxCrossEntropy().forward(np.zeros((2, 3)), labels)
+
+
+@pytest.mark.parametrize("labels", [
+    pytest.param(np.array([0.0, 1.0]), id="float"), pytest.param(np.array([True, False]), id="bool"),
+])
+def test_labels_not_integer(labels):
+    with pytest.raises(TypeError, match=f"labels must be integers, got dtype {labels.dtype}"):
+        losses.SoftmaxCrossEntropy().forward(np.zeros((2, 3)), labels)
+
+
+def test_labels_wrong_rank():
+    with pytest.raises(ValueError, match=esc("labels must have shape (N,), got shape (2, 1)")):
+        losses.SoftmaxCrossEntropy().forward(np.zeros((2, 3)), np.zeros((2, 1), np.int64))
+
+
+def test_logits_labels_batch_mismatch():
+    with pytest.raises(ValueError, match=esc("batch mismatch: logits have N=3 rows, labels have 2")):
+        losses.SoftmaxCrossEntropy().forward(np.zeros((3, 4)), np.array([0, 1]))
+
+
+def test_mse_shape_and_dtype_mismatch():
+    with pytest.raises(ValueError, match=esc("MSE: pred has shape (2, 3) but target has shape (2, 4)")):
+        losses.MSE().forward(np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(TypeError, match="MSE: pred is float64 but target is float32"):
+        losses.MSE().forward(np.zeros((2, 3)), np.zeros((2, 3), np.float32))
+
+
+# --------------------------------------------------------------------------- #
+# NumPy / CuPy mixing, through a stub CuPy module
+# --------------------------------------------------------------------------- #
+
+
+class FakeCupyArray:
+    """Looks enough like a cupy.ndarray for gpucnn's argument checks."""
+
+    def __init__(self, shape, dtype=np.float32):
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """Install a stub ``cupy`` whose ``ndarray`` is :class:`FakeCupyArray`.
+
+    Used even where real CuPy is installed: the checks must fire before any
+    device work, so a stub exercises exactly them, on any machine.
+    """
+    stub = types.ModuleType("cupy")
+    stub.ndarray = FakeCupyArray
+    monkeypatch.setattr(backend, "cupy", stub)
+    return stub
+
+
+def test_fake_cupy_is_recognized(fake_cupy):
+    assert backend.device_of(FakeCupyArray((2,))) == "cuda"
+    assert backend.device_of(np.zeros(2)) == "cpu"
+
+
+def test_device_mismatch_conv_input_vs_parameters(fake_cupy):
+    x = FakeCupyArray((1, 1, 5, 5))
+    with pytest.raises(DeviceMismatchError, match=esc("x on cuda, Conv2D parameters on cpu")):
+        L.Conv2D(1, 1, 3).forward(x)
+
+
+def test_device_mismatch_dense_and_prelu(fake_cupy):
+    with pytest.raises(DeviceMismatchError, match=esc("x on cuda, Dense parameters on cpu")):
+        L.Dense(3, 2).forward(FakeCupyArray((2, 3)))
+    with pytest.raises(DeviceMismatchError, match=esc("x on cuda, PReLU parameters on cpu")):
+        L.PReLU(1).forward(FakeCupyArray((2, 3)))
+
+
+def test_device_mismatch_loss_arguments(fake_cupy):
+    with pytest.raises(DeviceMismatchError, match=esc("logits on cpu, labels on cuda")):
+        losses.SoftmaxCrossEntropy().forward(np.zeros((2, 3), np.float32), FakeCupyArray((2,), np.int64))
+    with pytest.raises(DeviceMismatchError, match=esc("pred on cpu, target on cuda")):
+        losses.MSE().forward(np.zeros((2, 3), np.float32), FakeCupyArray((2, 3)))
+
+
+def test_device_mismatch_rrelu_slopes(fake_cupy):
+    with pytest.raises(DeviceMismatchError, match=esc("x on cpu, slopes on cuda")):
+        L.RReLU().forward(np.zeros((2, 3), np.float32), slopes=FakeCupyArray((2, 3)))
+
+
+def test_device_mismatch_backward_dy(fake_cupy):
+    relu = L.ReLU()
+    relu.forward(np.ones((2, 3), np.float32))
+    with pytest.raises(DeviceMismatchError, match=esc("dy on cuda, saved on cpu")):
+        relu.backward(FakeCupyArray((2, 3)))
+
+
+def test_get_array_module_names_every_argument(fake_cupy):
+    with pytest.raises(DeviceMismatchError, match=esc("arg0 on cpu, arg1 on cuda, weights on cpu")):
+        backend.get_array_module(np.zeros(1), FakeCupyArray((1,)), weights=np.zeros(1))
+    assert isinstance(DeviceMismatchError("x"), TypeError)
+
+
+def test_to_device_cuda_without_cupy(monkeypatch):
+    monkeypatch.setattr(backend, "cupy", None)
+    with pytest.raises(RuntimeError, match=esc("device='cuda' needs CuPy")):
+        models.build("zhang2016", device="cuda")
+    with pytest.raises(RuntimeError, match=esc("device='cuda' needs CuPy")):
+        backend.to_device(np.zeros(2), "cuda")
+    with pytest.raises(ValueError, match=esc("device must be one of ('cpu', 'cuda'), got device='tpu'")):
+        backend.to_device(np.zeros(2), "tpu")
+
+
+def test_non_array_input():
+    with pytest.raises(TypeError, match="expected a numpy or cupy ndarray, got list"):
+        L.ReLU().forward([[1.0, -1.0]])
+
+
+# --------------------------------------------------------------------------- #
+# dtypes
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(np.float16, id="float16"), pytest.param(np.int32, id="int32"),
+                                   pytest.param(np.int64, id="int64")])
+@pytest.mark.parametrize("make,shape,name", [
+    pytest.param(lambda: L.Conv2D(1, 1, 3), (1, 1, 4, 4), "Conv2D", id="Conv2D"),
+    pytest.param(lambda: L.MaxPool2D(2), (1, 1, 4, 4), "MaxPool2D", id="MaxPool2D"),
+    pytest.param(lambda: L.AvgPool2D(2), (1, 1, 4, 4), "AvgPool2D", id="AvgPool2D"),
+    pytest.param(lambda: L.Dense(4, 2), (2, 4), "Dense", id="Dense"),
+    pytest.param(L.ReLU, (2, 4), "ReLU", id="ReLU"),
+    pytest.param(L.Sigmoid, (2, 4), "Sigmoid", id="Sigmoid"),
+    pytest.param(L.Flatten, (2, 4), "Flatten", id="Flatten"),
+])
+def test_unsupported_input_dtype(make, shape, name, dtype):
+    x = np.ones(shape, dtype=dtype)
+    msg = f"{name}: x has dtype {np.dtype(dtype)}; supported dtypes are float32 and float64"
+    with pytest.raises(TypeError, match=esc(msg)):
+        make().forward(x)
+
+
+def test_unsupported_loss_dtype():
+    with pytest.raises(TypeError, match="logits has dtype float16"):
+        losses.SoftmaxCrossEntropy().forward(np.zeros((2, 3), np.float16), np.array([0, 1]))
+    with pytest.raises(TypeError, match="pred has dtype int64"):
+        losses.MSE().forward(np.zeros((2, 3), np.int64), np.zeros((2, 3), np.int64))
+
+
+@pytest.mark.parametrize("make,shape,name", [
+    pytest.param(lambda: L.Conv2D(1, 1, 3), (1, 1, 4, 4), "Conv2D", id="Conv2D"),
+    pytest.param(lambda: L.Dense(4, 2), (2, 4), "Dense", id="Dense"),
+    pytest.param(lambda: L.PReLU(1), (2, 4), "PReLU", id="PReLU"),
+])
+def test_param_dtype_mismatch_is_not_cast(make, shape, name):
+    layer = make()  # float32 parameters
+    with pytest.raises(TypeError, match=f"{name}: x has dtype float64 but the layer's parameters are float32"):
+        layer.forward(np.ones(shape, np.float64))
+    layer.astype(F64)
+    with pytest.raises(TypeError, match=f"{name}: x has dtype float32 but the layer's parameters are float64"):
+        layer.forward(np.ones(shape, np.float32))
+
+
+def test_unsupported_parameter_dtype():
+    with pytest.raises(TypeError, match="parameter dtype must be float32 or float64, got dtype=float16"):
+        L.Conv2D(1, 1, 3, dtype=np.float16)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64, got dtype=int32"):
+        L.Dense(2, 2).astype(np.int32)
+
+
+# --------------------------------------------------------------------------- #
+# backward before forward
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("make,dy", [
+    pytest.param(lambda: L.Conv2D(1, 1, 3), np.zeros((1, 1, 2, 2), np.float32), id="Conv2D"),
+    pytest.param(lambda: L.MaxPool2D(2), np.zeros((1, 1, 2, 2), np.float32), id="MaxPool2D"),
+    pytest.param(lambda: L.AvgPool2D(2), np.zeros((1, 1, 2, 2), np.float32), id="AvgPool2D"),
+    pytest.param(lambda: L.Dense(2, 2), np.zeros((1, 2), np.float32), id="Dense"),
+    pytest.param(L.Flatten, np.zeros((1, 2), np.float32), id="Flatten"),
+    pytest.param(L.Sigmoid, np.zeros((1, 2), np.float32), id="Sigmoid"),
+    pytest.param(L.ReLU, np.zeros((1, 2), np.float32), id="ReLU"),
+    pytest.param(lambda: L.PReLU(1), np.zeros((1, 2), np.float32), id="PReLU"),
+    pytest.param(L.RReLU, np.zeros((1, 2), np.float32), id="RReLU"),
+    pytest.param(L.Softmax, np.zeros((1, 2), np.float32), id="Softmax"),
+])
+def test_backward_before_forward(make, dy):
+    layer = make()
+    with pytest.raises(RuntimeError, match=f"{type(layer).__name__}.backward called before forward"):
+        layer.backward(dy)
+
+
+def test_loss_backward_before_forward():
+    with pytest.raises(RuntimeError, match="SoftmaxCrossEntropy.backward called before forward"):
+        losses.SoftmaxCrossEntropy().backward()
+    with pytest.raises(RuntimeError, match="MSE.backward called before forward"):
+        losses.MSE().backward()
+
+
+def test_model_backward_before_forward_names_the_last_layer():
+    model = models.build("zhang2016")
+    with pytest.raises(RuntimeError, match="Sigmoid.backward called before forward"):
+        model.backward(np.zeros((1, 10), np.float32))
+
+
+# --------------------------------------------------------------------------- #
+# strict load_state_dict
+# --------------------------------------------------------------------------- #
+
+
+def small_net():
+    gpucnn.seed(0)
+    return L.Sequential(L.Conv2D(1, 2, 3), L.ReLU(), L.Flatten(), L.Dense(8, 3))
+
+
+def test_load_state_dict_missing_key():
+    net = small_net()
+    state = net.state_dict()
+    del state["3.b"]
+    with pytest.raises(ValueError, match=esc("missing keys: ['3.b']")):
+        net.load_state_dict(state)
+
+
+def test_load_state_dict_unexpected_key():
+    net = small_net()
+    state = net.state_dict()
+    state["7.W"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=esc("unexpected keys: ['7.W']")):
+        net.load_state_dict(state)
+
+
+def test_load_state_dict_shape_and_dtype_mismatch():
+    net = small_net()
+    state = net.state_dict()
+    state["0.W"] = np.zeros((2, 1, 5, 5), np.float32)
+    with pytest.raises(ValueError, match=esc("0.W: shape (2, 1, 5, 5) in state, (2, 1, 3, 3) in model")):
+        net.load_state_dict(state)
+    state = net.state_dict()
+    state["3.W"] = state["3.W"].astype(np.float64)
+    with pytest.raises(ValueError, match=esc("3.W: dtype float64 in state, float32 in model")):
+        net.load_state_dict(state)
+
+
+def test_load_state_dict_lists_every_problem_and_loads_nothing():
+    net = small_net()
+    before = net.state_dict()
+    state = {k: v + 1 for k, v in before.items()}
+    del state["0.b"]
+    state["extra"] = np.zeros(1, np.float32)
+    state["3.W"] = np.zeros((3, 9), np.float32)
+    with pytest.raises(ValueError) as info:
+        net.load_state_dict(state)
+    msg = str(info.value)
+    assert "missing keys: ['0.b']" in msg
+    assert "unexpected keys: ['extra']" in msg
+    assert "3.W: shape (3, 9) in state, (3, 8) in model" in msg
+    for k, v in net.state_dict().items():  # nothing was loaded
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_load_state_dict_non_strict_loads_what_matches():
+    net = small_net()
+    state = {"0.W": np.ones((2, 1, 3, 3), np.float32), "extra": np.zeros(1)}
+    net.load_state_dict(state, strict=False)
+    np.testing.assert_array_equal(net[0].params["W"], 1.0)
+
+
+# --------------------------------------------------------------------------- #
+# names
+# --------------------------------------------------------------------------- #
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match=r"unknown model 'lenet6'; known models: lenet5, seed001"):
+        models.build("lenet6")
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        models.make_loss("nope")
+
+
+def test_unknown_initializer():
+    with pytest.raises(ValueError, match=r"unknown initializer 'kaiming'; known: \[.*'he_uniform'"):
+        L.Conv2D(1, 1, 3, weight_init="kaiming")
+    with pytest.raises(ValueError, match="unknown initializer 'zeros'"):
+        L.Dense(2, 2, weight_init="zeros")
+
+
+def test_initializer_callable_with_wrong_shape():
+    with pytest.raises(ValueError, match=esc("initializer returned (2, 2) float32, expected (3, 2) float32")):
+        L.Dense(2, 3, weight_init=lambda shape, fi, fo, dt: np.zeros((2, 2), dt))
+
+
+def test_bad_seed():
+    with pytest.raises(ValueError, match="seed must be a non-negative int, got seed=-1"):
+        gpucnn.seed(-1)
+    with pytest.raises(ValueError, match="seed must be a non-negative int, got seed=1.5"):
+        gpucnn.seed(1.5)
+
+
+# --------------------------------------------------------------------------- #
+# optimizer hyper-parameters
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("make,pattern", [
+    pytest.param(lambda p: optim.SGD(p, lr=0), esc("lr must be > 0, got lr=0"), id="sgd-lr0"),
+    pytest.param(lambda p: optim.SGD(p, lr=-0.1), esc("lr must be > 0, got lr=-0.1"), id="sgd-lr-neg"),
+    pytest.param(lambda p: optim.SGD(p, lr=float("nan")), esc("lr must be > 0, got lr=nan"), id="sgd-lr-nan"),
+    pytest.param(lambda p: optim.SGD(p, momentum=1.0), esc("momentum must be in [0, 1), got momentum=1.0"),
+                 id="sgd-momentum1"),
+    pytest.param(lambda p: optim.SGD(p, momentum=-0.5), esc("momentum must be in [0, 1), got momentum=-0.5"),
+                 id="sgd-momentum-neg"),
+    pytest.param(lambda p: optim.SGD(p, nesterov=True), esc("nesterov=True needs momentum > 0"), id="sgd-nesterov"),
+    pytest.param(lambda p: optim.SGD(p, weight_decay=-1e-4), esc("weight_decay must be >= 0, got weight_decay=-0.0001"),
+                 id="sgd-wd-neg"),
+    pytest.param(lambda p: optim.Adam(p, lr=0.0), esc("lr must be > 0, got lr=0.0"), id="adam-lr0"),
+    pytest.param(lambda p: optim.Adam(p, betas=(1.0, 0.999)), esc("betas must be in [0, 1), got betas=(1.0, 0.999)"),
+                 id="adam-beta1"),
+    pytest.param(lambda p: optim.Adam(p, betas=(0.9, -0.1)), esc("betas must be in [0, 1), got betas=(0.9, -0.1)"),
+                 id="adam-beta2-neg"),
+    pytest.param(lambda p: optim.Adam(p, eps=0), esc("eps must be > 0, got eps=0"), id="adam-eps0"),
+    pytest.param(lambda p: optim.Adam(p, weight_decay=-1), esc("weight_decay must be >= 0, got weight_decay=-1"),
+                 id="adam-wd-neg"),
+])
+def test_bad_optimizer_hyperparameters(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make(small_net())
+
+
+def test_optimizer_without_parameters():
+    with pytest.raises(ValueError, match="optimizer got no parameters"):
+        optim.SGD(L.Sequential(L.ReLU(), L.Flatten()))
+
+
+def test_optimizer_state_of_other_type():
+    net = small_net()
+    with pytest.raises(ValueError, match="optimizer state is for 'SGD', this is Adam"):
+        optim.Adam(net).load_state_dict(optim.SGD(net).state_dict())
+
+
+# --------------------------------------------------------------------------- #
+# opt-in anomaly detection
+# --------------------------------------------------------------------------- #
+
+
+def test_detect_anomaly_names_first_bad_layer_forward():
+    gpucnn.seed(3)
+    model = models.build("lenet5", dtype=F64)
+    model[9].params["W"][0, 0] = np.inf  # Dense(120, 84) is layer 9
+    x = np.random.default_rng(0).uniform(0, 1, (2, 1, 28, 28))
+    before = debug.is_enabled()
+    with debug.detect_anomaly(), np.errstate(invalid="ignore", over="ignore"):
+        with pytest.raises(debug.NonFiniteError, match=esc("layer 9 (Dense) forward produced non-finite values")):
+            model.forward(x)
+    assert debug.is_enabled() == before  # restored after the block
+
+
+def test_detect_anomaly_names_first_bad_layer_backward():
+    gpucnn.seed(4)
+    model = L.Sequential(L.Dense(3, 4, dtype=F64), L.Sigmoid(), L.Dense(4, 2, dtype=F64))
+    model.forward(np.ones((2, 3)))
+    model[2].params["W"][1, 1] = np.nan  # poisoned after the forward
+    with debug.detect_anomaly():
+        with pytest.raises(debug.NonFiniteError, match=esc("layer 2 (Dense) backward produced non-finite values")):
+            model.backward(np.ones((2, 2)))
+
+
+def test_detect_anomaly_checks_the_input():
+    model = L.Sequential(L.ReLU())
+    x = np.array([[1.0, np.nan]])
+    with debug.detect_anomaly():
+        msg = "Sequential input produced non-finite values (1 NaN, 0 Inf of 2)"
+        with pytest.raises(debug.NonFiniteError, match=esc(msg)):
+            model.forward(x)
+
+
+def test_anomaly_detection_is_off_by_default_outside_the_block(monkeypatch):
+    monkeypatch.setattr(debug, "_enabled", False)
+    gpucnn.seed(3)
+    model = L.Sequential(L.Dense(2, 2, dtype=F64))
+    model[0].params["W"][0, 0] = np.inf
+    y = model.forward(np.ones((1, 2)))  # no check, no error
+    assert not np.isfinite(y).all()

@@ -1,0 +1,342 @@
+"""Float64 gradient checks of every layer, activation, loss and named model.
+
+Everything goes through the public checker :func:`gpucnn.testing.check_backward`
+(``check_loss`` for losses), which compares the hand-derived backward with
+central differences and raises ``AssertionError`` on disagreement.  The last
+section shows the checker itself can fail: planted wrong backwards are caught.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+import gpucnn
+from gpucnn import layers as L
+from gpucnn import losses, models
+from gpucnn.testing import assert_allclose_grad, check_backward, check_loss
+from helpers import away_from_kinks, conv_configs, hyp, pool_configs, shuffled_arange
+
+F64 = np.float64
+
+
+def randn(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+# --------------------------------------------------------------------------- #
+# Conv2D
+# --------------------------------------------------------------------------- #
+
+# (N, C, O, H, W, kernel, stride, padding)
+CONV_CASES = [
+    pytest.param(2, 2, 3, 6, 6, 3, 1, 0, id="k3-s1-p0"),
+    pytest.param(2, 2, 3, 6, 6, 3, 1, 1, id="k3-s1-p1-same"),
+    pytest.param(1, 1, 2, 5, 5, 1, 1, 0, id="k1-pointwise-batch1"),
+    pytest.param(1, 2, 2, 5, 5, 1, 2, 1, id="k1-s2-p1"),
+    pytest.param(2, 1, 2, 7, 7, 2, 2, 0, id="k2-s2-p0"),
+    pytest.param(2, 2, 2, 8, 8, 3, 2, 1, id="k3-s2-p1-remainder"),      # (8+2-3)=7, 7%2=1
+    pytest.param(1, 2, 2, 9, 7, 3, 3, 2, id="k3-s3-p2-nonsquare-x"),     # (9+4-3)=10, 10%3=1
+    pytest.param(2, 1, 2, 10, 10, 4, 3, 0, id="k4-s3-exact"),            # (10-4)=6, 6%3=0
+    pytest.param(2, 1, 2, 11, 10, 4, 3, 0, id="k4-s3-remainder-H"),      # 7%3=1, 6%3=0
+    pytest.param(1, 1, 1, 9, 9, 7, 1, 0, id="k7-s1-p0"),
+    pytest.param(1, 2, 2, 8, 9, 7, 2, 2, id="k7-s2-p2"),
+    pytest.param(2, 2, 2, 6, 9, (3, 5), (1, 2), (0, 2), id="nonsquare-kernel-stride-pad"),
+    pytest.param(1, 2, 3, 5, 4, (1, 3), (2, 1), (1, 0), id="k1x3-s2x1-p1x0"),
+    pytest.param(1, 2, 2, 3, 3, 5, 1, 1, id="kernel-equals-padded-input"),   # 3+2=5 -> 1x1 out
+    pytest.param(2, 1, 2, 4, 2, (6, 4), 2, 1, id="kernel-equals-padded-nonsquare"),
+    pytest.param(1, 1, 1, 1, 1, 1, 1, 0, id="all-ones"),
+    pytest.param(1, 1, 2, 3, 3, 3, 3, 2, id="k3-s3-p2-tiny"),             # padded 7, out 2x2
+]
+
+
+@pytest.mark.parametrize("N,C,O,H,W,kernel,stride,padding", CONV_CASES)
+@pytest.mark.parametrize("bias", [pytest.param(True, id="bias"), pytest.param(False, id="nobias")])
+def test_conv2d_gradients(N, C, O, H, W, kernel, stride, padding, bias):
+    gpucnn.seed(1)
+    conv = L.Conv2D(C, O, kernel, stride=stride, padding=padding, bias=bias, dtype=F64)
+    if bias:
+        conv.params["b"][...] = np.linspace(-0.5, 0.5, O)  # non-zero bias
+    x = randn((N, C, H, W), seed=2)
+    check_backward(conv, x)
+
+
+@hyp(30)
+@given(cfg=conv_configs(max_kernel=7, max_stride=3, max_pad=2))
+def test_conv2d_gradients_random_shapes(cfg):
+    conv = L.Conv2D(cfg["C"], cfg["O"], cfg["kernel"], stride=cfg["stride"],
+                    padding=cfg["padding"], bias=cfg["bias"], weight_init="glorot_uniform", dtype=F64)
+    x = randn((cfg["N"], cfg["C"], cfg["H"], cfg["W"]), seed=3)
+    check_backward(conv, x, max_elements=300, n_directions=12)
+
+
+def test_conv2d_large_input_uses_random_directions():
+    """Above max_elements the checker switches to random directions; still passes."""
+    gpucnn.seed(0)
+    conv = L.Conv2D(3, 4, 3, stride=2, padding=1, dtype=F64)
+    x = randn((2, 3, 9, 11), seed=4)
+    check_backward(conv, x, max_elements=50, n_directions=16)
+
+
+# --------------------------------------------------------------------------- #
+# pooling
+# --------------------------------------------------------------------------- #
+
+POOL_CASES = [
+    pytest.param((2, 2, 6, 6), 2, None, id="k2-s2"),
+    pytest.param((1, 1, 7, 7), 2, None, id="k2-s2-odd-input"),
+    pytest.param((2, 2, 7, 7), 3, 2, id="k3-s2-overlap"),
+    pytest.param((2, 1, 5, 5), 2, 1, id="k2-s1-overlap"),
+    pytest.param((1, 2, 6, 9), (2, 3), (2, 3), id="nonsquare-k2x3"),
+    pytest.param((1, 2, 7, 8), (3, 2), (1, 2), id="nonsquare-overlap-rows"),
+    pytest.param((2, 1, 8, 8), 2, 3, id="stride-gt-kernel"),
+    pytest.param((1, 1, 4, 4), 4, None, id="global"),
+    pytest.param((1, 3, 3, 3), 1, 1, id="k1-identity"),
+]
+
+
+@pytest.mark.parametrize("shape,kernel,stride", POOL_CASES)
+def test_maxpool2d_gradients(shape, kernel, stride):
+    pool = L.MaxPool2D(kernel, stride)
+    x = shuffled_arange(shape, np.random.default_rng(5))
+    check_backward(pool, x)
+
+
+@pytest.mark.parametrize("shape,kernel,stride", POOL_CASES)
+def test_avgpool2d_gradients(shape, kernel, stride):
+    pool = L.AvgPool2D(kernel, stride)
+    check_backward(pool, randn(shape, seed=6))
+
+
+@hyp(30)
+@given(cfg=pool_configs())
+def test_pool_gradients_random_shapes(cfg):
+    shape = (cfg["N"], cfg["C"], cfg["H"], cfg["W"])
+    x = shuffled_arange(shape, np.random.default_rng(7))
+    check_backward(L.MaxPool2D(cfg["kernel"], cfg["stride"]), x)
+    check_backward(L.AvgPool2D(cfg["kernel"], cfg["stride"]), x)
+
+
+# --------------------------------------------------------------------------- #
+# Dense, Flatten
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("N,fin,fout", [
+    pytest.param(1, 1, 1, id="1x1-batch1"),
+    pytest.param(4, 7, 3, id="7to3"),
+    pytest.param(3, 5, 11, id="5to11"),
+])
+@pytest.mark.parametrize("bias", [pytest.param(True, id="bias"), pytest.param(False, id="nobias")])
+def test_dense_gradients(N, fin, fout, bias):
+    gpucnn.seed(2)
+    dense = L.Dense(fin, fout, bias=bias, dtype=F64)
+    check_backward(dense, randn((N, fin), seed=8))
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param((2, 3, 4, 5), id="nchw"), pytest.param((3, 4), id="already-flat"),
+    pytest.param((1, 2, 3), id="rank3"),
+])
+def test_flatten_gradients(shape):
+    check_backward(L.Flatten(), randn(shape, seed=9))
+
+
+# --------------------------------------------------------------------------- #
+# activations
+# --------------------------------------------------------------------------- #
+
+ACT_SHAPES = [pytest.param((3, 4), id="NxD"), pytest.param((2, 3, 4, 5), id="NCHW")]
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES)
+@pytest.mark.parametrize("make", [
+    pytest.param(L.Sigmoid, id="Sigmoid"),
+    pytest.param(L.Tanh, id="Tanh"),
+    pytest.param(L.ScaledTanh, id="ScaledTanh"),
+    pytest.param(lambda: L.Softmax(axis=1), id="Softmax"),
+])
+def test_smooth_activation_gradients(make, shape):
+    check_backward(make(), 2 * randn(shape, seed=10))
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES)
+@pytest.mark.parametrize("make", [
+    pytest.param(L.ReLU, id="ReLU"),
+    pytest.param(lambda: L.LeakyReLU(0.01), id="LeakyReLU-0.01"),
+    pytest.param(lambda: L.LeakyReLU(0.3), id="LeakyReLU-0.3"),
+    pytest.param(lambda: L.PReLU(1, init=0.25, dtype=F64), id="PReLU-shared"),
+])
+def test_relu_family_gradients(make, shape):
+    x = away_from_kinks(randn(shape, seed=11))
+    check_backward(make(), x)
+
+
+@pytest.mark.parametrize("shape", [pytest.param((4, 3), id="NxC"), pytest.param((2, 3, 4, 4), id="NCHW")])
+def test_prelu_per_channel_gradients(shape):
+    prelu = L.PReLU(3, init=0.25, dtype=F64)
+    prelu.params["a"][...] = [0.1, -0.2, 0.4]  # distinct per channel (negative allowed)
+    check_backward(prelu, away_from_kinks(randn(shape, seed=12)))
+
+
+def test_softmax_other_axis_gradients():
+    check_backward(L.Softmax(axis=-1), randn((2, 3, 5), seed=13))
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES)
+def test_rrelu_gradients_with_fixed_slopes(shape):
+    layer = L.RReLU(0.1, 0.4)
+    s = np.random.default_rng(14).uniform(0.1, 0.4, shape)
+    x = away_from_kinks(randn(shape, seed=15))
+    check_backward(layer, x, forward=lambda x: layer.forward(x, slopes=s))
+
+
+def test_rrelu_gradients_eval_mode():
+    layer = L.RReLU(0.1, 0.4).eval()
+    check_backward(layer, away_from_kinks(randn((3, 5), seed=16)))
+
+
+# --------------------------------------------------------------------------- #
+# losses
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("N,K", [pytest.param(1, 3, id="batch1"), pytest.param(5, 10, id="5x10")])
+def test_softmax_cross_entropy_gradient(N, K):
+    rng = np.random.default_rng(17)
+    logits = 3 * rng.standard_normal((N, K))
+    labels = rng.integers(0, K, N)
+    check_loss(losses.SoftmaxCrossEntropy(), logits, labels)
+
+
+@pytest.mark.parametrize("shape", [pytest.param((1, 1), id="1x1"), pytest.param((4, 10), id="4x10"),
+                                   pytest.param((2, 3, 2, 2), id="rank4")])
+def test_mse_gradient(shape):
+    rng = np.random.default_rng(18)
+    check_loss(losses.MSE(), rng.standard_normal(shape), rng.standard_normal(shape))
+
+
+# --------------------------------------------------------------------------- #
+# whole models (random-direction variant)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in models.MODELS])
+def test_model_gradients(name):
+    gpucnn.seed(20)
+    model = models.build(name, dtype=F64)
+    x = np.random.default_rng(21).uniform(0, 1, (2, 1, 28, 28))
+    # max_elements=0: every array (input and every parameter) is checked along
+    # random directions -- one forward pair per direction keeps this cheap.
+    check_backward(model, x, max_elements=0, n_directions=8)
+
+
+def test_model_with_loss_end_to_end_gradient():
+    """d loss / d x through a model + its loss: chain rule across the boundary."""
+    gpucnn.seed(22)
+    model = models.build("seed002_c2", dtype=F64)
+    loss = models.make_loss("seed002_c2")
+    x = np.random.default_rng(23).uniform(0, 1, (2, 1, 28, 28))
+    labels = np.array([3, 7])
+    loss.forward(model.forward(x), labels)
+    dx = model.backward(loss.backward())
+    d = np.random.default_rng(24).standard_normal(x.shape)
+    eps = 1e-6
+    up = float(loss.forward(model.forward(x + eps * d), labels))
+    down = float(loss.forward(model.forward(x - eps * d), labels))
+    np.testing.assert_allclose((up - down) / (2 * eps), (dx * d).sum(), rtol=1e-6, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- #
+# the checker can fail
+# --------------------------------------------------------------------------- #
+
+
+class WrongSignSigmoid(L.Sigmoid):
+    """Planted bug: the derivative's sign is flipped."""
+
+    def backward(self, dy):
+        return -super().backward(dy)
+
+
+class TransposedKernelGradConv(L.Conv2D):
+    """Planted bug: dL/dW comes back with its spatial axes transposed."""
+
+    def backward(self, dy):
+        dx = super().backward(dy)
+        self.grads["W"][...] = self.grads["W"].transpose(0, 1, 3, 2).copy()
+        return dx
+
+
+class OffByOneBiasDense(L.Dense):
+    """Planted bug: the bias gradient forgets one sample of the batch."""
+
+    def backward(self, dy):
+        dx = super().backward(dy)
+        self.grads["b"][...] = dy[1:].sum(axis=0)
+        return dx
+
+
+def test_check_backward_catches_wrong_sign():
+    with pytest.raises(AssertionError, match=r"(?s)WrongSignSigmoid: dL/dx.*numeric=.*analytic="):
+        check_backward(WrongSignSigmoid(), randn((2, 3), seed=30))
+
+
+def test_check_backward_catches_transposed_weight_gradient():
+    gpucnn.seed(31)
+    conv = TransposedKernelGradConv(2, 2, 3, dtype=F64)
+    x = randn((1, 2, 5, 5), seed=32)
+    with pytest.raises(AssertionError, match=r"(?s)TransposedKernelGradConv: dL/dW.*numeric=.*analytic="):
+        check_backward(conv, x)
+
+
+def test_check_backward_catches_wrong_param_gradient_random_directions():
+    gpucnn.seed(33)
+    dense = OffByOneBiasDense(3, 4, dtype=F64)
+    with pytest.raises(AssertionError, match=r"dL/db"):
+        check_backward(dense, randn((3, 3), seed=34), max_elements=0)
+
+
+def test_check_loss_catches_wrong_gradient():
+    class HalfMSE(losses.MSE):
+        def backward(self, scale=1.0):
+            return super().backward(scale) / 2
+
+    rng = np.random.default_rng(35)
+    with pytest.raises(AssertionError, match=r"HalfMSE: dL/dpred"):
+        check_loss(HalfMSE(), rng.standard_normal((2, 3)), rng.standard_normal((2, 3)))
+
+
+class NaNForwardSigmoid(L.Sigmoid):
+    """Planted bug: forward returns NaN (say, an unstable formula), backward stays finite."""
+
+    def forward(self, x):
+        return super().forward(x) * np.nan
+
+
+def test_check_backward_fails_when_numeric_gradient_is_nan():
+    # A NaN numeric gradient can never "agree" with a finite analytic one, but
+    # |NaN - a| > tol is False, so it must be rejected explicitly.
+    with np.errstate(invalid="ignore"):
+        with pytest.raises(AssertionError, match=r"NaNForwardSigmoid: dL/dx"):
+            check_backward(NaNForwardSigmoid(), randn((2, 3), seed=38))
+
+
+@pytest.mark.parametrize("numeric", [
+    pytest.param([np.nan, 1.0], id="nan"),
+    pytest.param([np.inf, 1.0], id="inf"),      # tol = atol + rtol*|inf| = inf
+    pytest.param([-np.inf, 1.0], id="-inf"),
+])
+def test_assert_allclose_grad_rejects_non_finite_numeric(numeric):
+    with pytest.raises(AssertionError, match="w: "):
+        assert_allclose_grad(np.array(numeric), np.array([0.5, 1.0]), "w", atol=1e-7, rtol=1e-5)
+
+
+def test_check_backward_rejects_float32():
+    conv = L.Conv2D(1, 1, 3)  # float32 parameters
+    with pytest.raises(TypeError, match=r"float64.*float32"):
+        check_backward(conv, randn((1, 1, 4, 4), seed=36))
+    with pytest.raises(TypeError, match=r"float64.*x has dtype float32"):
+        check_backward(L.Sigmoid(), randn((2, 2), seed=37).astype(np.float32))
+    with pytest.raises(TypeError, match=r"float64.*pred has dtype float32"):
+        check_loss(losses.MSE(), np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32))
