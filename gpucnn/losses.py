@@ -26,12 +26,30 @@ def one_hot(labels, num_classes: int, dtype=np.float32):
     return out
 
 
+def _use_kernels(array) -> bool:
+    """Whether SoftmaxCrossEntropy runs the CUDA kernels on ``array`` (CuPy arrays).
+
+    A function of its own so the tests can route NumPy arrays through the
+    kernels under the CPU emulator (tests/test_softmax_xent_sim.py).
+    """
+    return backend.is_cupy(array)
+
+
 class SoftmaxCrossEntropy:
     """Numerically stable softmax + cross-entropy over integer labels, batch mean.
 
     Args:
         check_labels: verify labels are within ``[0, K)`` (a device sync on
-            the GPU; default True).
+            the GPU; default True).  Training loops on the GPU turn it off to
+            keep the step free of host syncs; then an out-of-range label is
+            not an error: with the CUDA kernels it makes the loss NaN (and
+            that row's gradient NaN).
+
+    On CuPy float32/float64 logits with N, K >= 1 the forward and backward
+    passes run the fused kernels of ``kernels/softmax_xent.cu`` (through
+    :func:`gpucnn.cuda.ops.softmax_xent_forward` / ``softmax_xent_backward``):
+    one or two launches forward, one backward, no host sync; labels of an
+    integer dtype other than int32/int64 are converted to int64 on the device.
 
     Shape:
         logits (N, K) float; labels (N,) any integer dtype -> scalar.
@@ -60,6 +78,14 @@ class SoftmaxCrossEntropy:
             if lo < 0 or hi >= K:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"SoftmaxCrossEntropy: label {bad} out of range [0, {K}) for {K} classes")
+        if N and K and _use_kernels(logits):
+            from .cuda import ops
+
+            if labels.dtype not in ops.LABEL_DTYPES:
+                labels = labels.astype(np.int64)
+            loss, self.probs = ops.softmax_xent_forward(logits, labels)
+            self._labels = labels
+            return loss
         z = logits - logits.max(axis=1, keepdims=True)
         log_sum = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
         log_p = z - log_sum
@@ -72,6 +98,12 @@ class SoftmaxCrossEntropy:
     def backward(self, scale=1.0):
         if self.probs is None:
             raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
+        if (self.probs.size and _use_kernels(self.probs) and not isinstance(scale, bool)
+                and isinstance(scale, (int, float, np.integer, np.floating))):
+            from .cuda import ops
+
+            if self._labels.dtype in ops.LABEL_DTYPES:
+                return ops.softmax_xent_backward(self.probs, self._labels, scale)
         xp = backend.get_array_module(self.probs)
         N = self.probs.shape[0]
         g = self.probs.copy()

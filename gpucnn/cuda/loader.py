@@ -78,6 +78,9 @@ KERNEL_FILES: dict[str, tuple[str, ...]] = {
                                   "conv2d_backward_bias", "conv2d_backward_bias_f64"),
     "maxpool2d.cu": ("maxpool2d_forward", "maxpool2d_forward_f64",
                      "maxpool2d_backward", "maxpool2d_backward_f64"),
+    "softmax_xent.cu": ("softmax_xent_forward", "softmax_xent_forward_f64",
+                        "softmax_xent_mean", "softmax_xent_mean_f64",
+                        "softmax_xent_backward", "softmax_xent_backward_f64"),
 }
 
 #: Options gpucnn passes to the compiler: none.  CuPy's RawModule adds its own

@@ -363,3 +363,122 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel, stride):
                    stride[0], stride[1], OH, OW),
                   n_threads=dx.size)
     return dx
+
+
+# ---------------------------------------------------------------------------
+# Softmax cross-entropy (kernels/softmax_xent.cu)
+# ---------------------------------------------------------------------------
+
+__all__ += ["softmax_xent_forward", "softmax_xent_backward"]
+
+#: Label dtypes the softmax kernels read (int64 as pairs of int32 words).
+LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+#: Threads per block of the row kernel (8 warps, one row per warp).
+SOFTMAX_XENT_BLOCK = 256
+
+#: Up to this many rows the forward pass is ONE launch: a single block of
+#: 32 * min(N, 32) threads loops over the rows and writes the mean itself.
+#: Above it: the row kernel over ceil(N / 8) blocks, then the one-warp mean
+#: kernel (2 launches).  The results are bit-identical either way; the
+#: threshold only trades launch count against rows per warp and was not
+#: tuned on a GPU.
+SOFTMAX_XENT_FUSED_MAX_ROWS = 128
+
+
+def _check_logits_labels(func: str, name: str, logits, labels):
+    """(dtype, N, K, label_words) after validating ``name`` (N, K) and labels (N,)."""
+    dtype = _check_dtype(func, **{name: logits})
+    _check_ndim(func, name, logits, 2, "(N, K)")
+    N, K = (int(s) for s in logits.shape)
+    if N < 1 or K < 1:
+        raise ValueError(f"{func}: {name} must have N >= 1 rows and K >= 1 classes, "
+                         f"got shape {tuple(logits.shape)}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{func}: labels have dtype {labels.dtype}, but the kernels read only "
+                        "int32 or int64 labels; convert explicitly (labels.astype('int64'))")
+    if tuple(labels.shape) != (N,):
+        raise ValueError(f"{func}: labels must have shape ({N},) for {name} of shape "
+                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
+    return dtype, N, K, labels.dtype.itemsize // 4
+
+
+def _label_words(xp, labels):
+    """Labels as a C-contiguous int32 word array (int64: little-endian pairs)."""
+    labels = xp.ascontiguousarray(labels)
+    return labels if labels.dtype == np.int32 else labels.view(np.int32)
+
+
+def softmax_xent_forward(logits, labels, *, fused_max_rows=None, block=None):
+    """Softmax cross-entropy, batch mean, on the device, with no host sync.
+
+    ``loss = -(1/N) sum_n log softmax(logits_n)[labels_n]``, computed row by
+    row as ``logsumexp`` after subtracting the row maximum (one warp per row).
+
+    Args:
+        logits: (N, K) float32 or float64, N >= 1, K >= 1.
+        labels: (N,) int32 or int64 on the same device (any other dtype raises
+            TypeError).  Labels are NOT range-checked here (that needs a sync):
+            a row whose label is outside [0, K) gets a NaN loss, so the mean
+            loss is NaN, and a NaN gradient row in :func:`softmax_xent_backward`.
+        fused_max_rows: rows up to which the whole pass is one launch
+            (default :data:`SOFTMAX_XENT_FUSED_MAX_ROWS`).
+        block: threads per block of the multi-block row kernel, a multiple of
+            32 (default :data:`SOFTMAX_XENT_BLOCK`).  Neither option changes a
+            single bit of the results.
+    Returns:
+        (loss, probs): loss a 0-d array of the logits' dtype (on the device:
+        ``float(loss)`` syncs), probs (N, K) the softmax probabilities.
+        One kernel launch for N <= fused_max_rows, two otherwise; deterministic
+        (no atomics; fixed-order reductions independent of the launch shape).
+    """
+    func = "softmax_xent_forward"
+    xp = get_array_module(logits=logits, labels=labels)
+    dtype, N, K, words = _check_logits_labels(func, "logits", logits, labels)
+    fused_max_rows = SOFTMAX_XENT_FUSED_MAX_ROWS if fused_max_rows is None else int(fused_max_rows)
+    block = SOFTMAX_XENT_BLOCK if block is None else int(block)
+    if block % 32 or not 32 <= block <= 1024:
+        raise ValueError(f"{func}: block must be a multiple of 32 in [32, 1024], got {block}")
+    if N > 1 << 30:  # the kernel's row loop adds a stride of up to ~N to a row index
+        raise OverflowError(f"{func}: {N} rows; the kernel handles at most 2**30")
+
+    logits = xp.ascontiguousarray(logits)
+    label_words = _label_words(xp, labels)
+    probs = xp.empty((N, K), dtype=dtype)
+    row_loss = xp.empty((N,), dtype=dtype)
+    loss = xp.empty((1,), dtype=dtype)
+    args_fwd = (logits, label_words, words, probs, row_loss, loss, N, K)
+    if N <= fused_max_rows:
+        # One block, at most 32 warps; warp 0 writes the mean after __syncthreads.
+        loader.launch(_kernel(func, dtype), args_fwd, n_blocks=1, block=32 * min(N, 32))
+    else:
+        loader.launch(_kernel(func, dtype), args_fwd,
+                      n_blocks=loader.ceil_div(N, block // 32), block=block)
+        loader.launch(_kernel("softmax_xent_mean", dtype), (row_loss, loss, N),
+                      n_blocks=1, block=32)
+    return loss.reshape(()), probs
+
+
+def softmax_xent_backward(probs, labels, scale=1.0):
+    """``dlogits = (probs - onehot(labels)) * (scale / N)``: one launch, no sync.
+
+    Args:
+        probs: (N, K) float32 or float64, from :func:`softmax_xent_forward`.
+        labels: (N,) int32 or int64, the forward labels (out-of-range: NaN row).
+        scale: a host number; ``scale / N`` is rounded to the probs' dtype, as
+            the NumPy path does, so the result matches it bit for bit.
+    Returns:
+        dlogits: (N, K), a new array of the probs' dtype.
+    """
+    func = "softmax_xent_backward"
+    xp = get_array_module(probs=probs, labels=labels)
+    dtype, N, K, words = _check_logits_labels(func, "probs", probs, labels)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{func}: scale must be a host number, got {type(scale).__name__}")
+    probs = xp.ascontiguousarray(probs)
+    label_words = _label_words(xp, labels)
+    dlogits = xp.empty((N, K), dtype=dtype)
+    loader.launch(_kernel(func, dtype),
+                  (probs, label_words, words, dlogits, N, K, float(scale) / N),
+                  n_threads=N * K)
+    return dlogits
