@@ -8,3 +8,34 @@ _TESTS_DIR = _os.path.dirname(_os.path.abspath(__file__))
 if _TESTS_DIR not in _sys.path:
     _sys.path.insert(0, _TESTS_DIR)
 # ---- end cudasim --------------------------------------------------------------
+
+
+# ---- gpu (CuPy on a real CUDA device) -------------------------------------------
+# Shared by tests/test_gpu.py and the "cupy" backend of tests/test_kernels_sim.py.
+# `gpu_skip_reason()` is None when CuPy sees a CUDA device, else a sentence saying
+# why GPU tests skip; the `cupy_xp` fixture returns the cupy module or skips with
+# that sentence.  Tests that need a GPU are also marked `gpu` (pytest -m gpu).
+import pytest as _pytest
+
+
+def gpu_skip_reason():
+    """None if CuPy sees a CUDA GPU, else why `gpu` tests are skipped."""
+    from gpucnn import backend
+
+    if backend.cupy is None:
+        return "no GPU: CuPy is not installed (pip install 'gpucnn[cuda12]' or [cuda13])"
+    if not backend.cuda_available():
+        return "no GPU: CuPy is installed but sees no CUDA device"
+    return None
+
+
+@_pytest.fixture(scope="session")
+def cupy_xp():
+    """The cupy module, or skip the test with the reason there is no GPU."""
+    reason = gpu_skip_reason()
+    if reason is not None:
+        _pytest.skip(reason)
+    from gpucnn import backend
+
+    return backend.cupy
+# ---- end gpu --------------------------------------------------------------------
