@@ -1,0 +1,402 @@
+"""The ``gpucnn`` command line (also ``python -m gpucnn``).
+
+Commands::
+
+    gpucnn train     [--model lenet5] [--epochs 3] [--device auto] [--out DIR] ...
+    gpucnn evaluate  CHECKPOINT                 # accuracy, per-class accuracy, confusion matrix
+    gpucnn predict   CHECKPOINT IMAGE [IMAGE...] # class and the 10 probabilities
+    gpucnn plot      DIR                         # DIR/curves.png and DIR/filters.png
+    gpucnn bench     ...                         # gpucnn/bench.py
+
+``gpucnn train`` writes, in its run directory (``--out``, default
+``runs/<model>-<YYYYmmdd-HHMMSS>``): ``checkpoint.npz`` (after every epoch,
+atomically; see :mod:`gpucnn.checkpoint`), ``metrics.jsonl`` (one JSON object
+per epoch: ``epoch``, ``train_loss``, ``train_accuracy``, ``test_loss``,
+``test_accuracy`` (fractions 0-1), ``lr`` (at the epoch's first step),
+``lr_end``, ``images_per_sec`` (training throughput), ``train_seconds``,
+``seconds`` (the whole epoch: training, evaluation, checkpoint), ``device``)
+and ``config.json``.  The last line it prints is a one-line summary::
+
+    done: lenet5 on mnist, 3 epochs, test accuracy 99.11%, 7814 images/s (cpu), 28.1 s, checkpoint runs/lenet5-.../checkpoint.npz
+
+``--resume DIR`` continues a run up to ``--epochs`` in total, bit for bit on
+the CPU; the cosine schedule depends on ``--epochs``, so stop a run early with
+``--stop-after N`` (or an interruption) rather than a smaller ``--epochs``
+when the continuation must equal an uninterrupted run.
+
+``CHECKPOINT`` is a ``checkpoint.npz`` file or the run directory holding it.
+Exit status: 0 success, 1 runtime failure (data, I/O), 2 bad arguments or an
+unusable checkpoint, 3 training stopped on a NaN/Inf loss, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import models
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+# -- argument types (argparse turns the ValueError/ArgumentTypeError into "argument --x: ...") --
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s!r}")
+    return v
+
+
+def _float_in(lo, hi, lo_open, hi_open, what):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}") from None
+        ok = v == v and v not in (float("inf"), float("-inf"))
+        ok = ok and (v > lo if lo_open else v >= lo)
+        if hi is not None:
+            ok = ok and (v < hi if hi_open else v <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        return v
+
+    return parse
+
+
+_positive_float = _float_in(0.0, None, True, False, "a positive number")
+_nonneg_float = _float_in(0.0, None, False, False, "a number >= 0")
+_momentum = _float_in(0.0, 1.0, False, True, "in [0, 1)")
+_gamma = _float_in(0.0, 1.0, True, False, "in (0, 1]")
+
+# Options of `train` that define the run (saved in the checkpoint); on --resume
+# they default to the checkpoint's values and may not be changed (epochs may).
+_CONFIG_OPTS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "lr_step",
+                "lr_gamma", "warmup", "momentum", "nesterov", "weight_decay", "seed", "subset", "test_subset",
+                "eval_batch_size")
+
+
+def _add_train(sub):
+    from .data import DATASETS
+
+    p = sub.add_parser(
+        "train", help="train a model (default: LeNet-5 on MNIST)",
+        description="Train a model, evaluating on the test set and checkpointing after every epoch. "
+                    "Writes DIR/checkpoint.npz, DIR/metrics.jsonl (one JSON object per epoch) and "
+                    "DIR/config.json; the last line printed is a one-line summary.")
+    # Defaults are None so that --resume can tell what was given; the real
+    # defaults are TrainConfig's and shown in the help through `default=` text.
+    p.add_argument("--model", choices=models.MODELS, default=None, help="network (default: lenet5)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="dataset (default: mnist)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory holding the dataset files (else $GPUCNN_DATA, the copy shipped "
+                        "with gpucnn for MNIST, the cache ~/.cache/gpucnn, or a download)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default) = cuda when CuPy sees a GPU, else cpu")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs in total (default: 3)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="minibatch size (default: 64)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="optimizer (default: sgd)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: 0.05 for sgd, 0.001 for adam; sgd on the sigmoid "
+                        "networks: 1.0 for zhang2016, 0.2 for seed002_c1/c2)")
+    p.add_argument("--lr-schedule", choices=("constant", "step", "cosine"), default=None,
+                   help="constant; step: lr * gamma^(epoch // lr-step); cosine (per step, to 0 at the "
+                        "end of --epochs) (default: cosine)")
+    p.add_argument("--lr-step", type=_positive_int, default=None, help="epochs per decay, step schedule (default: 2)")
+    p.add_argument("--lr-gamma", type=_gamma, default=None, help="decay factor, step schedule (default: 0.1)")
+    p.add_argument("--warmup", type=_nonneg_float, default=None, metavar="EPOCHS",
+                   help="linear learning-rate warm-up over this many epochs (default: 0.25; 0: none)")
+    p.add_argument("--momentum", type=_momentum, default=None, help="SGD momentum (default: 0.9 for sgd)")
+    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (sgd)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=None, help="L2 weight decay (default: 2e-3 for sgd, 0 for adam and for "
+                        "the sigmoid networks)")
+    p.add_argument("--seed", type=_nonneg_int, default=None, help="random seed (default: 0)")
+    p.add_argument("--subset", type=_positive_int, default=None, metavar="N",
+                   help="train on the first N training images only (quick runs)")
+    p.add_argument("--test-subset", type=_positive_int, default=None, metavar="N",
+                   help="evaluate on the first N test images only")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=None, help="evaluation batch size (default: 1000)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="run directory (default: runs/<model>-<YYYYmmdd-HHMMSS>; with --resume, the resumed directory)")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to be a directory that holds a checkpoint")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR (or from a checkpoint file) up to --epochs in total")
+    p.add_argument("--stop-after", type=_positive_int, default=None, metavar="EPOCH",
+                   help="stop after this epoch, as if interrupted (continue later with --resume)")
+    p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (Nsight Systems)")
+    p.add_argument("--debug", action="store_true", help="anomaly detection: name the first layer producing NaN/Inf")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
+    p.set_defaults(func=_cmd_train)
+    return p
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a checkpoint",
+                       description="Evaluate a checkpoint on its dataset's test set (or training set).")
+    p.add_argument("checkpoint", help="checkpoint.npz or a run directory")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_predict(sub):
+    p = sub.add_parser(
+        "predict", help="classify image files",
+        description="Classify images (any size, colour or gray): converted to grayscale, inverted when the "
+                    "border is light (MNIST digits are white on black), resized to 28x28 and normalised "
+                    "like the training data.  Prints the class and the class probabilities.")
+    p.add_argument("checkpoint", help="checkpoint.npz or a run directory")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                   help="invert gray levels: auto = when the image border is light")
+    p.add_argument("--center", action="store_true",
+                   help="frame like MNIST: ink bounding box to 20x20, centre of mass in the middle of 28x28")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _add_plot(sub):
+    p = sub.add_parser("plot", help="PNG plots of a run: curves.png and filters.png",
+                       description="Write DIR/curves.png (loss and accuracy per epoch, from metrics.jsonl) "
+                                   "and DIR/filters.png (first conv layer's filters, from checkpoint.npz).")
+    p.add_argument("dir", help="run directory")
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write the PNGs (default: DIR)")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _add_bench(sub, argv):
+    """Register `bench`; gpucnn.bench is imported only when `bench` is the command."""
+    wanted = next((a for a in argv if not a.startswith("-")), None) == "bench"
+    if wanted:
+        try:
+            from . import bench
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("gpucnn.bench",):
+                raise
+            bench = None
+        if bench is not None:
+            p = sub.add_parser("bench", help="benchmark layers and training steps",
+                               description=(bench.__doc__ or "").strip().split("\n")[0] or None)
+            bench.add_arguments(p)
+            p.set_defaults(func=lambda args, parser: bench.run(args))
+            return
+    p = sub.add_parser("bench", help="benchmark layers and training steps (see gpucnn bench -h)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench_missing)
+
+
+def _cmd_bench_missing(args, parser):
+    parser.error("bench: gpucnn.bench is not available in this installation")
+
+
+def build_parser(argv=()) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpucnn", description="Convolutional networks from first principles, on NumPy or CuPy.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"gpucnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_plot(sub)
+    _add_bench(sub, list(argv))
+    return parser
+
+
+def _err(msg: str) -> None:
+    print(f"gpucnn: error: {msg}", file=sys.stderr)
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def _cmd_train(args, parser):
+    from . import checkpoint as ck
+    from .data import DataError
+    from .train import NonFiniteLossError, TrainConfig, train
+
+    sp = parser._gpucnn_sub["train"]
+    given = {k: getattr(args, k) for k in _CONFIG_OPTS if getattr(args, k) is not None}
+    if args.resume is not None:
+        try:
+            saved = ck.load_checkpoint(args.resume)
+        except FileNotFoundError as exc:
+            sp.error(f"argument --resume: {exc}")
+        except ck.CheckpointError as exc:
+            sp.error(f"argument --resume: {exc}")
+        base = dict(saved.config)
+        conflicts = [f"--{k.replace('_', '-')} {given[k]!r} (checkpoint: {base.get(k)!r})"
+                     for k in given if k != "epochs" and base.get(k) != given[k]]
+        if conflicts:
+            sp.error("argument --resume: cannot change the run's configuration when resuming: "
+                     + ", ".join(conflicts) + "; only --epochs (the total) may change")
+        base.update(given)
+        try:
+            config = TrainConfig.from_dict(base)
+        except (TypeError, ValueError) as exc:
+            sp.error(f"argument --resume: checkpoint holds an unusable training config ({exc})")
+    else:
+        config = TrainConfig(**given)
+    try:
+        config = config.resolved()
+    except ValueError as exc:
+        sp.error(str(exc))
+    if config.optimizer != "sgd" and args.momentum:
+        sp.error(f"argument --momentum: applies to --optimizer sgd only (got {args.momentum})")
+    try:
+        result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
+                       resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
+                       progress=not args.no_progress, overwrite=args.overwrite)
+    except NonFiniteLossError as exc:
+        _err(str(exc))
+        return EXIT_NONFINITE
+    except DataError as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    except ValueError as exc:  # configuration / checkpoint / device problems
+        if args.device == "cuda" and "CUDA" in str(exc):
+            sp.error(f"argument --device: {exc}")
+        sp.error(str(exc))
+    print(result.summary(), flush=True)
+    return 0
+
+
+def _device_or_error(p, device):
+    from .train import resolve_device
+
+    try:
+        return resolve_device(device)[0]
+    except ValueError as exc:
+        p.error(f"argument --device: {exc}")
+
+
+def _load_model(p, path, device):
+    from . import checkpoint as ck
+
+    try:
+        return ck.restore_model(path, device=device)
+    except FileNotFoundError as exc:
+        p.error(f"argument checkpoint: {exc}")
+    except ck.CheckpointError as exc:
+        p.error(f"argument checkpoint: {exc}")
+
+
+def _cmd_evaluate(args, parser):
+    import numpy as np
+
+    from .train import confusion_matrix, evaluate, load_arrays
+
+    p = parser._gpucnn_sub["evaluate"]
+    device = _device_or_error(p, args.device)
+    model, ckpt = _load_model(p, args.checkpoint, device)
+    dataset = ckpt.config.get("dataset", "mnist")
+    x_tr, y_tr, x_te, y_te, classes = load_arrays(dataset, args.data_dir, device=device)
+    x, y = (x_te, y_te) if args.split == "test" else (x_tr, y_tr)
+    k = len(classes)
+    res = evaluate(model, x, y, models.make_loss(ckpt.model), args.batch_size, k, return_predictions=True)
+    cm = confusion_matrix(y, res["predictions"], k)
+    print(f"checkpoint: {ckpt.path} ({ckpt.model}, epoch {ckpt.epoch}, device {device})")
+    print(f"{dataset} {args.split} set: {res['n']} images, loss {res['loss']:.4f}, "
+          f"accuracy {100 * res['accuracy']:.2f}% ({int(np.trace(cm))}/{res['n']})")
+    print()
+    print("per-class accuracy:")
+    names = [("" if c == str(i) else c) for i, c in enumerate(classes)]
+    width = max(len(c) for c in names)
+    for i, c in enumerate(names):
+        n_i = int(cm[i].sum())
+        acc = cm[i, i] / n_i if n_i else float("nan")
+        label = f"{i:>2} {c:<{width}}" if width else f"{i:>2}"
+        print(f"  {label}  {100 * acc:6.2f}%  ({int(cm[i, i])}/{n_i})")
+    print()
+    print("confusion matrix (rows: true class, columns: predicted class):")
+    cw = max(5, len(str(int(cm.max()))) + 1)
+    print("true\\pred" + "".join(f"{j:>{cw}}" for j in range(k)))
+    for i in range(k):
+        print(f"{i:>9}" + "".join(f"{int(v):>{cw}}" for v in cm[i]))
+    return 0
+
+
+def _cmd_predict(args, parser):
+    import numpy as np
+
+    from .data import DATASETS
+    from .predict import load_image, predict_images
+
+    p = parser._gpucnn_sub["predict"]
+    device = _device_or_error(p, args.device)
+    model, ckpt = _load_model(p, args.checkpoint, device)
+    dataset = ckpt.config.get("dataset", "mnist")
+    classes = DATASETS[dataset].classes
+    images = []
+    for path in args.images:
+        if not Path(path).is_file():
+            p.error(f"argument images: image not found: {path}")
+        try:
+            images.append(load_image(path, invert=args.invert, center=args.center))
+        except ValueError as exc:
+            p.error(f"argument images: {exc}")
+    probs = predict_images(model, np.stack(images), dataset, models.loss_name(ckpt.model), device)
+    for path, pr in zip(args.images, probs):
+        c = int(pr.argmax())
+        print(f"{path}: class {c} ({classes[c]}), probability {pr[c]:.4f}")
+        print("  " + "  ".join(f"{i}:{v:.4f}" for i, v in enumerate(pr)))
+    return 0
+
+
+def _cmd_plot(args, parser):
+    from . import checkpoint as ck
+    from .plots import plot_run
+
+    p = parser._gpucnn_sub["plot"]
+    try:
+        written = plot_run(args.dir, args.out)
+    except FileNotFoundError as exc:
+        p.error(f"argument dir: {exc}")
+    except ck.CheckpointError as exc:
+        p.error(f"argument dir: {exc}")
+    for w in written:
+        print(f"wrote {w}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``gpucnn`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    # remember the subparsers so commands can report errors as "gpucnn <cmd>: error: ..."
+    sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parser._gpucnn_sub = sub_action.choices
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args, parser) or 0)
+    except KeyboardInterrupt:
+        _err("interrupted; the last checkpoint written (after the last complete epoch) is kept")
+        return EXIT_INTERRUPTED
+    except FileNotFoundError as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    except (OSError, ValueError) as exc:
+        _err(f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

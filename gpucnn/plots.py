@@ -1,0 +1,106 @@
+"""Plots of a run directory (``gpucnn plot DIR``), with matplotlib's Agg backend.
+
+* ``curves.png``: train/test loss and accuracy per epoch, from ``metrics.jsonl``;
+* ``filters.png``: the first convolution layer's filters, from ``checkpoint.npz``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["plot_curves", "plot_filters", "plot_run"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(metrics: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Loss (left) and accuracy (right) per epoch, train and test."""
+    plt = _pyplot()
+    ep = [m["epoch"] for m in metrics]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [m["train_loss"] for m in metrics], "o-", label="train")
+    a1.plot(ep, [m["test_loss"] for m in metrics], "s-", label="test")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("loss")
+    a1.set_title("loss")
+    a1.legend()
+    a1.grid(alpha=0.3)
+    a2.plot(ep, [100 * m["train_accuracy"] for m in metrics], "o-", label="train")
+    a2.plot(ep, [100 * m["test_accuracy"] for m in metrics], "s-", label="test")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy (%)")
+    a2.set_title("accuracy")
+    a2.legend()
+    a2.grid(alpha=0.3)
+    for a in (a1, a2):
+        a.set_xticks(ep)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_filters(params: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """Every (output, input) channel pair of the first 4-D weight, one grayscale tile each."""
+    plt = _pyplot()
+    name = next((k for k, v in params.items() if np.ndim(v) == 4), None)
+    if name is None:
+        raise ValueError("no convolution weights (4-D parameter) in the checkpoint")
+    W = np.asarray(params[name], dtype=np.float64)
+    O, C = W.shape[:2]
+    fig, axes = plt.subplots(C, O, figsize=(1.3 * O, 1.3 * C + 0.6), squeeze=False)
+    lim = float(np.abs(W).max()) or 1.0
+    for c in range(C):
+        for o in range(O):
+            ax = axes[c][o]
+            ax.imshow(W[o, c], cmap="gray", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_title(str(o), fontsize=8)
+    fig.suptitle(title or f"first conv layer filters ({name}, {O}x{C}x{W.shape[2]}x{W.shape[3]})")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write ``curves.png`` and ``filters.png`` for a run directory; returns the paths written."""
+    from . import checkpoint
+    from .train import read_metrics
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run}")
+    out = Path(out_dir) if out_dir is not None else run
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    mpath = run / "metrics.jsonl"
+    cpath = run / checkpoint.CHECKPOINT_NAME
+    if not mpath.exists() and not cpath.exists():
+        raise FileNotFoundError(f"{run} holds neither metrics.jsonl nor {checkpoint.CHECKPOINT_NAME}")
+    ck = checkpoint.load_checkpoint(cpath) if cpath.exists() else None
+    label = ""
+    if ck is not None:
+        label = f"{ck.model} on {ck.config.get('dataset', '?')}"
+    if mpath.exists():
+        rows = read_metrics(mpath)
+        if rows:
+            written.append(plot_curves(rows, out / "curves.png", title=label))
+    if ck is not None:
+        written.append(plot_filters(ck.params, out / "filters.png"))
+    return written

@@ -1,0 +1,226 @@
+"""The command line: train / evaluate / predict / plot, and clear errors for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpucnn import cli
+from gpucnn import data as gdata
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpucnn(*args, check=True):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "gpucnn", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gpucnn {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    # Adam at a constant lr on small batches learns enough from 2000 images for predict to work
+    proc = gpucnn("train", "--epochs", "1", "--subset", "2000", "--device", "cpu", "--out", out,
+                  "--optimizer", "adam", "--lr-schedule", "constant", "--batch-size", "16")
+    return out, proc
+
+
+def test_train_smoke(run_dir):
+    out, proc = run_dir
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("device: cpu")
+    last = lines[-1]
+    assert last.startswith("done: lenet5 on mnist, 1 epoch, test accuracy "), last
+    assert "images/s (cpu)" in last and f"checkpoint {out / 'checkpoint.npz'}" in last
+    acc = float(last.split("test accuracy ")[1].split("%")[0])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    row = rows[0]
+    for key in ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                "images_per_sec", "seconds", "lr"):
+        assert key in row, key
+    assert row["epoch"] == 1 and 0 <= row["test_accuracy"] <= 1
+    assert row["test_accuracy"] * 100 == pytest.approx(acc, abs=0.006)
+    assert row["test_accuracy"] > 0.6  # 2000 images, one epoch (measured: 83%)
+    assert (out / "checkpoint.npz").is_file() and (out / "config.json").is_file()
+
+
+def test_evaluate(run_dir):
+    out, _ = run_dir
+    proc = gpucnn("evaluate", out, "--device", "cpu")
+    text = proc.stdout
+    acc = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"]
+    assert f"accuracy {100 * acc:.2f}%" in text
+    assert "per-class accuracy" in text and "confusion matrix" in text
+    rows = [line.split() for line in text.splitlines() if line[:9].strip().isdigit() and len(line.split()) == 11]
+    assert len(rows) == 10
+    cm = np.array([[int(v) for v in r[1:]] for r in rows])
+    assert cm.sum() == 10000
+    assert np.trace(cm) / 10000 == pytest.approx(acc)
+
+
+def test_predict_png_of_another_size(run_dir, tmp_path):
+    from PIL import Image
+
+    out, _ = run_dir
+    ds = gdata.load_dataset("mnist")
+    img = ds.test_images[0]  # a 7
+    label = int(ds.test_labels[0])
+    Image.fromarray(img).resize((64, 64), Image.Resampling.BICUBIC).save(tmp_path / "digit.png")
+    # dark ink on white paper, RGB: inverted automatically
+    Image.fromarray(255 - img).resize((90, 90)).convert("RGB").save(tmp_path / "paper.png")
+    proc = gpucnn("predict", out / "checkpoint.npz", tmp_path / "digit.png", tmp_path / "paper.png")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4
+    for head, probs in ((lines[0], lines[1]), (lines[2], lines[3])):
+        assert f"class {label} ({label})" in head
+        values = [float(tok.split(":")[1]) for tok in probs.split()]
+        assert len(values) == 10 and sum(values) == pytest.approx(1, abs=1e-3)
+        assert int(np.argmax(values)) == label
+
+
+def test_load_image_inversion_and_centering(tmp_path):
+    from PIL import Image
+
+    from gpucnn.predict import load_image
+
+    a = np.zeros((50, 40), np.uint8)
+    a[5:20, 3:10] = 255  # an off-centre white blob on black
+    Image.fromarray(255 - a).save(tmp_path / "paper.png")  # black on white
+    plain = load_image(tmp_path / "paper.png")
+    assert plain.shape == (28, 28) and plain.dtype == np.uint8
+    assert plain[0, 0] == 0 and plain.max() > 200  # inverted back to white on black
+    assert load_image(tmp_path / "paper.png", invert="no")[0, 0] == 255
+    c = load_image(tmp_path / "paper.png", center=True).astype(float)
+    ys, xs = np.indices(c.shape)
+    assert abs((c * ys).sum() / c.sum() - 14) < 1.5 and abs((c * xs).sum() / c.sum() - 14) < 1.5
+    assert max(np.ptp(np.nonzero(c > 30)[0]), np.ptp(np.nonzero(c > 30)[1])) <= 21  # fits 20x20
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not an image"):
+        load_image(tmp_path / "junk.png")
+
+
+def test_plot_writes_pngs(run_dir, tmp_path):
+    out, _ = run_dir
+    proc = gpucnn("plot", out, "--out", tmp_path / "plots")
+    for name in ("curves.png", "filters.png"):
+        p = tmp_path / "plots" / name
+        assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert str(p) in proc.stdout
+
+
+def test_nan_exit_status(tmp_path):
+    proc = gpucnn("train", "--epochs", "1", "--subset", "256", "--test-subset", "100", "--lr", "1e30",
+                  "--lr-schedule", "constant", "--momentum", "0", "--out", tmp_path / "nan", "--no-progress",
+                  check=False)
+    assert proc.returncode == cli.EXIT_NONFINITE
+    assert "training loss is nan at epoch 1, step" in proc.stderr.lower()
+    assert not (tmp_path / "nan" / "checkpoint.npz").exists()
+
+
+# -- bad input, in process (fast) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+    (["train", "--epochs", "0"], "argument --epochs: must be a positive integer, got '0'"),
+    (["train", "--batch-size", "-1"], "argument --batch-size: must be a positive integer, got '-1'"),
+    (["train", "--lr", "abc"], "argument --lr: must be a positive number, got 'abc'"),
+    (["train", "--momentum", "1.5"], "argument --momentum: must be in [0, 1), got '1.5'"),
+    (["train", "--optimizer", "adam", "--momentum", "0.9"], "momentum applies to sgd only"),
+    (["train", "--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
+    (["train", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["train", "--resume", "/nonexistent/run"], "argument --resume: checkpoint not found: /nonexistent/run"),
+    (["evaluate", "/nonexistent/checkpoint.npz"], "checkpoint not found: /nonexistent/checkpoint.npz"),
+    (["predict", "/nonexistent/checkpoint.npz", "x.png"], "checkpoint not found"),
+    (["plot", "/nonexistent/run"], "run directory not found: /nonexistent/run"),
+    ([], "required: COMMAND"),
+])
+def test_bad_arguments(args, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert "error:" in err
+
+
+def test_cuda_requested_without_gpu(capsys):
+    from gpucnn import backend
+
+    if backend.cuda_available():
+        pytest.skip("a GPU is available")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--device", "cuda", "--subset", "64", "--epochs", "1"])
+    assert info.value.code == 2
+    assert "argument --device: device='cuda' but CUDA is not available" in capsys.readouterr().err
+
+
+def test_resume_refuses_config_change_and_tampering(run_dir, tmp_path, capsys):
+    out, _ = run_dir
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--resume", str(out), "--lr", "0.5", "--epochs", "2"])
+    assert info.value.code == 2
+    assert "cannot change the run's configuration when resuming: --lr 0.5 (checkpoint: 0.001)" in capsys.readouterr().err
+
+    with np.load(out / "checkpoint.npz", allow_pickle=False) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    arrays["param/0.b"][0] += 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with open(bad / "checkpoint.npz", "wb") as f:
+        np.savez(f, **arrays)
+    for argv in (["evaluate", str(bad)], ["train", "--resume", str(bad)]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2
+        assert "SHA-256 mismatch" in capsys.readouterr().err
+
+
+def test_bench_is_wired(capsys):
+    try:
+        import gpucnn.bench  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(SystemExit) as info:
+            cli.main(["bench"])
+        assert info.value.code == 2
+        assert "gpucnn.bench is not available" in capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit) as info:
+            cli.main(["bench", "--help"])
+        assert info.value.code == 0
+
+
+def test_cli_resume_bit_for_bit(tmp_path, capsys):
+    common = ["--model", "seed002_c1", "--subset", "256", "--test-subset", "100", "--epochs", "2",
+              "--no-progress", "--device", "cpu"]
+    assert cli.main(["train", *common, "--out", str(tmp_path / "full")]) == 0
+    assert cli.main(["train", *common, "--out", str(tmp_path / "part"), "--stop-after", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "stopping after epoch 1 as asked; continue with --resume" in out[-2]
+    assert out[-1].startswith("done: seed002_c1 on mnist, 1 epoch,")
+    assert cli.main(["train", "--resume", str(tmp_path / "part"), "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("resumed from") for line in out)
+    assert out[-1].startswith("done: seed002_c1 on mnist, 2 epochs,")
+
+    def stable(d):
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("images_per_sec", "train_seconds", "seconds")} for r in rows]
+
+    assert stable(tmp_path / "part") == stable(tmp_path / "full")
+    with np.load(tmp_path / "part" / "checkpoint.npz") as a, np.load(tmp_path / "full" / "checkpoint.npz") as b:
+        for k in b.files:
+            if k != "__meta__":
+                assert a[k].tobytes() == b[k].tobytes(), k
