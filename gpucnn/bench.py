@@ -169,7 +169,7 @@ def _step_fns(name, batch, device, torch, lr=0.01, momentum=0.9):
         ty = torch.from_numpy(y_np).to(tdev)
         tt = torch.nn.functional.one_hot(ty, 10).to(tx.dtype) if mse else ty
 
-        def tstep():
+        def torch_step():
             topt.zero_grad(set_to_none=True)
             out = tmodel(tx)
             if mse:
@@ -180,6 +180,7 @@ def _step_fns(name, batch, device, torch, lr=0.01, momentum=0.9):
             topt.step()
             return value
 
+        tstep = torch_step
     return step, tstep
 
 

@@ -30,12 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_open
 from . import backend
 
 FORMAT = "gpucnn-checkpoint"
@@ -156,39 +156,9 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer=None, *, model_nam
     meta["sha256"] = _digest(meta, arrays)
     payload = dict(arrays)
     payload[_META_KEY] = np.array(json.dumps(meta, sort_keys=True))
-    _atomic_savez(path, payload)
+    with atomic_open(path) as f:
+        np.savez(f, **payload)
     return path
-
-
-def _atomic_savez(path: Path, payload: dict) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX; not possible on Windows)
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -39,7 +39,6 @@ import gzip
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from ._io import atomic_open
 
 __all__ = [
     "DataError",
@@ -500,33 +501,6 @@ def _fetch(url: str, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def _atomic_write(dest: Path, data: bytes) -> None:
-    """Write ``data`` to ``dest`` via a fsynced temp file in the same directory."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (best effort; not possible everywhere)
-        dfd = os.open(dest.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 def _file_ok(path: Path, f: FileSpec, dataset: str) -> bool:
     try:
         read_idx(path, expected=f, dataset=dataset)
@@ -598,7 +572,8 @@ def download(name: str, dest_dir: str | os.PathLike, mirrors: Sequence[str] | No
             except (http.client.HTTPException, OSError, ValueError) as exc:
                 tried.append(f"{url}: {type(exc).__name__}: {exc}")
                 continue
-            _atomic_write(target, body)
+            with atomic_open(target) as fh:
+                fh.write(body)
             break
         else:
             raise DownloadError(

@@ -63,6 +63,7 @@ import numpy as np
 from . import backend, checkpoint as ckpt_mod, data as data_mod, debug as debug_mod, losses, models
 from . import nvtx as nvtx_mod, optim
 from . import random as grandom
+from ._io import atomic_open
 from .nvtx import nvtx_range
 
 __all__ = [
@@ -354,13 +355,9 @@ def read_metrics(path) -> list[dict]:
     return rows
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+def _write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _make_optimizer(cfg: TrainConfig, model):
@@ -513,8 +510,8 @@ def _train(cfg, ckpt, model, loss, data, dev, data_dir, out_dir, resume, stop_af
             metrics.append(ckpt.metrics)  # interrupted between the checkpoint and the metrics line
         say(f"resumed from {ckpt.path} after epoch {start_epoch}")
     metrics_path = out_dir / METRICS_NAME
-    _write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-    _write_text_atomic(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    _write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+    _write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     say(f"model: {cfg.model} ({model.num_parameters()} parameters), {cfg.optimizer} lr {cfg.lr:g}"
         + (f" momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" and cfg.momentum else "")
         + f" {cfg.lr_schedule} schedule, batch {cfg.batch_size}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}; writing to {out_dir}")
@@ -522,7 +519,6 @@ def _train(cfg, ckpt, model, loss, data, dev, data_dir, out_dir, resume, stop_af
     last_good = ckpt_path if ckpt_path.exists() and (resuming_here or ckpt is None) else None
     if ckpt is not None and not resuming_here:
         last_good = Path(ckpt.path)
-    xp = backend.get_array_module(x_tr)
     dtype = model.dtype or np.float32
     sync_every = 1 if dev == "cpu" else 50
     train_images = 0

@@ -83,7 +83,7 @@ def test_same_seed_same_run(mnist, tmp_path):
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
 def test_resume_is_bit_for_bit(mnist, tmp_path, schedule):
     kw = dict(lr_schedule=schedule, lr_step=1)
-    full = _run(mnist, tmp_path / "full", **kw)
+    _run(mnist, tmp_path / "full", **kw)
     # 1 epoch of the same 2-epoch run, "interrupted", then --resume for the second
     first = _run(mnist, tmp_path / "part", stop_after=1, **kw)
     assert first.epochs_run == 1 and ck.load_checkpoint(tmp_path / "part").epoch == 1
