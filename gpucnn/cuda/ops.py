@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._utils import pair as _pair
 from ..backend import get_array_module
 from . import loader
 
@@ -48,25 +49,6 @@ REDUCE_MAX_BLOCK = 256
 # ---------------------------------------------------------------------------
 # Argument checking helpers
 # ---------------------------------------------------------------------------
-
-def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    """``(h, w)`` from an int or a pair of ints, each >= ``minimum``."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        pair = (int(value), int(value))
-    else:
-        try:
-            pair = tuple(value)
-        except TypeError:
-            raise TypeError(f"{name} must be an int or an (h, w) pair of ints, "
-                            f"got {value!r}") from None
-        if len(pair) != 2 or not all(isinstance(p, (int, np.integer))
-                                     and not isinstance(p, bool) for p in pair):
-            raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
-        pair = (int(pair[0]), int(pair[1]))
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum} in both axes, got {pair}")
-    return pair
-
 
 def _check_dtype(func: str, **arrays) -> np.dtype:
     """The common dtype of ``arrays`` (``None`` values ignored), if supported."""
