@@ -189,7 +189,7 @@ def _check_step(step, tstep):
     a = float(step())
     if tstep is None:
         return a, None
-    b = float(tstep())
+    b = float(tstep().detach())
     if not np.isclose(a, b, rtol=1e-3, atol=1e-4):
         raise RuntimeError(f"gpucnn and PyTorch disagree on the first loss: {a} vs {b}")
     return a, b
@@ -280,6 +280,66 @@ def _kernel_rows(name, batch, timer, ttimer, torch):
 
 
 # ---------------------------------------------------------------------------
+# time to accuracy
+# ---------------------------------------------------------------------------
+
+def time_to_accuracy(target, seeds, device, epochs=3, eval_every=200, batch_size=64, log=print):
+    """Training time until the test accuracy first reaches ``target``, per seed.
+
+    The normalised MNIST arrays live on ``device``; the loop is
+    :mod:`gpucnn.train`'s (same defaults, schedule, shuffling), but the test
+    set is evaluated every ``eval_every`` steps with the clock stopped, so
+    only training time counts (CUDA events on the GPU; kernels are compiled
+    before the clock starts).
+
+    Returns a list of ``(seed, seconds or None, steps, accuracy)``.
+    """
+    from . import train as train_mod
+
+    x_tr, y_tr, x_te, y_te, _ = train_mod.load_arrays("mnist", device=device)
+    cfg = train_mod.TrainConfig(model="lenet5", epochs=epochs, batch_size=batch_size).resolved()
+    n = x_tr.shape[0]
+    steps_per_epoch = -(-n // batch_size)
+    timer = _Timer(device, 0, 1)
+    rows = []
+    for seed in seeds:
+        _seed(seed)
+        model = models.build(cfg.model, device=device)
+        loss = models.make_loss(cfg.model)
+        loss.check_labels = False
+        opt = train_mod._make_optimizer(cfg, model)
+        elapsed, steps, acc, reached = 0.0, 0, 0.0, None
+        for epoch in range(cfg.epochs):
+            order = train_mod._shuffle_rng(seed, epoch).permutation(n)
+            idx_all = backend.to_device(order.astype(np.int64), device)
+            step = 0
+            while step < steps_per_epoch and reached is None:
+                chunk = range(step, min(step + eval_every, steps_per_epoch))
+
+                def run_chunk(chunk=chunk, epoch=epoch):
+                    for s in chunk:
+                        idx = idx_all[s * batch_size:(s + 1) * batch_size]
+                        opt.lr = train_mod.learning_rate(cfg, epoch, s, steps_per_epoch)
+                        loss.forward(model.forward(x_tr[idx]), y_tr[idx])
+                        model.backward(loss.backward(), input_grad=False)
+                        opt.step()
+
+                model.train()
+                elapsed += timer(run_chunk)
+                step += len(chunk)
+                steps += len(chunk)
+                acc = train_mod.evaluate(model, x_te, y_te)["accuracy"]
+                if acc >= target:
+                    reached = elapsed
+            if reached is not None:
+                break
+        log(f"  seed {seed}: " + (f"{target:.2%} after {reached:.2f} s ({steps} steps)" if reached is not None
+                                  else f"not reached in {cfg.epochs} epochs (best so far {acc:.2%})"))
+        rows.append((seed, reached, steps, acc))
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # printing
 # ---------------------------------------------------------------------------
 
@@ -325,6 +385,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch", action="store_true", help="time gpucnn alone")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--time-to-accuracy", type=float, metavar="ACC", default=None,
+                   help="instead: time lenet5 training until MNIST test accuracy >= ACC (e.g. 0.99)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds for --time-to-accuracy (mean reported)")
+    p.add_argument("--eval-every", type=int, default=200,
+                   help="--time-to-accuracy: steps between (untimed) test evaluations")
 
 
 def run(args) -> int:
@@ -358,6 +423,22 @@ def run(args) -> int:
     ttimer = _TorchTimer(device, args.warmup, args.repeats)
     env = environment(device, torch)
     print("gpucnn bench  " + "  ".join(f"{k}={v}" for k, v in env.items()))
+    if args.time_to_accuracy is not None:
+        if not 0 < args.time_to_accuracy < 1 or args.seeds < 1 or args.eval_every < 1:
+            print(f"gpucnn bench: need 0 < --time-to-accuracy < 1, --seeds >= 1, --eval-every >= 1; got "
+                  f"{args.time_to_accuracy}, {args.seeds}, {args.eval_every}", file=sys.stderr)
+            return 2
+        print(f"[time to {args.time_to_accuracy:.2%} MNIST test accuracy, lenet5, batch 64, {device}; "
+              f"evaluation every {args.eval_every} steps, untimed]")
+        rows = time_to_accuracy(args.time_to_accuracy, range(args.seeds), device, eval_every=args.eval_every)
+        times = [t for _, t, _, _ in rows if t is not None]
+        print(f"  reached in {len(times)}/{len(rows)} seeds"
+              + (f"; mean {statistics.mean(times):.2f} s" if times else ""))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "target": args.time_to_accuracy,
+                           "runs": [dict(seed=a, seconds=b, steps=c, accuracy=d) for a, b, c, d in rows]}, f, indent=2)
+        return 0 if len(times) == len(rows) else 1
     print("ratio = PyTorch time / gpucnn time (> 1 means gpucnn is faster)")
     results = {"env": env, "model": args.model, "steps": [], "layers": [], "kernels": []}
     for batch in args.batch_sizes:
