@@ -27,85 +27,30 @@ emulator nor a GPU and run on the CPU only.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
-import shutil
-import sys
-from typing import Any, Callable
 
 import numpy as np
 import pytest
 
 from gpucnn.cuda import loader, ops
+from kernel_backends import BACKENDS, CUDASIM_ERROR as _CUDASIM_ERROR, cudasim, kernel_backend
 
 TESTS = pathlib.Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:  # tests/conftest.py does this too; harmless twice
-    sys.path.insert(0, str(TESTS))
-
-try:
-    import cudasim
-except Exception as exc:  # pragma: no cover - depends on the checkout
-    cudasim = None
-    _CUDASIM_ERROR = f"tests/cudasim is not importable: {exc!r}"
-else:
-    _CUDASIM_ERROR = None
-
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
 # ---------------------------------------------------------------------------
-# The backend fixture: emulator (NumPy arrays) or CuPy (GPU arrays)
+# The backend fixture: emulator (NumPy arrays) or CuPy (GPU arrays); shared
+# with tests/test_softmax_xent_sim.py through tests/kernel_backends.py
 # ---------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class KernelBackend:
-    """Where the kernels run: ``put`` moves a NumPy array there, ``get`` brings a result back."""
-
-    name: str
-    xp: Any                                   # numpy (cudasim) or cupy
-    put: Callable[[np.ndarray], Any]
-    get: Callable[[Any], np.ndarray]
-
-
-def _checked_get(array_type, to_numpy):
-    """``get`` that first checks the result is still on the backend's device."""
-    def get(a):
-        assert isinstance(a, array_type), (
-            f"expected the result as {array_type.__module__}.{array_type.__name__}, "
-            f"got {type(a).__module__}.{type(a).__name__}")
-        return to_numpy(a)
-    return get
-
-
-BACKENDS = [
-    pytest.param("cudasim", marks=pytest.mark.cudasim, id="cudasim"),
-    pytest.param("cupy", marks=pytest.mark.gpu, id="cupy"),
-]
-
 
 @pytest.fixture(params=BACKENDS)
 def device(request, monkeypatch):
     """Run the kernels on the emulator or on the GPU, for one test."""
-    if request.param == "cudasim":
-        if cudasim is None:
-            pytest.skip(_CUDASIM_ERROR)
-        if shutil.which("g++") is None:
-            pytest.skip("cudasim needs g++")
-
-        def build(code, name, options):
-            return cudasim.load_module(code=code, name=name, options=options)
-
-        with loader.use_module_builder(build):
-            yield KernelBackend("cudasim", np, np.asarray, _checked_get(np.ndarray, np.asarray))
-        return
-
-    cp = request.getfixturevalue("cupy_xp")        # skips, with the reason, without a GPU
-    monkeypatch.setenv(loader.SYNC_CHECK_ENV, "1")
-    with loader.use_module_builder(loader.cupy_module_builder):
-        yield KernelBackend("cupy", cp, cp.asarray, _checked_get(cp.ndarray, cp.asnumpy))
-        cp.cuda.Device().synchronize()
+    with kernel_backend(request, monkeypatch) as dev:
+        yield dev
 
 
 # ---------------------------------------------------------------------------

@@ -23,29 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import pathlib
-import shutil
-import sys
-from typing import Any, Callable
 
 import numpy as np
 import pytest
 
-from gpucnn import backend, losses
+from gpucnn import losses
 from gpucnn.cuda import loader, ops
 from gpucnn.losses import SoftmaxCrossEntropy
-
-TESTS = pathlib.Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:  # tests/conftest.py does this too; harmless twice
-    sys.path.insert(0, str(TESTS))
-
-try:
-    import cudasim
-except Exception as exc:  # pragma: no cover - depends on the checkout
-    cudasim = None
-    _CUDASIM_ERROR = f"tests/cudasim is not importable: {exc!r}"
-else:
-    _CUDASIM_ERROR = None
+from kernel_backends import BACKENDS, kernel_backend
 
 # Tolerances for kernel vs NumPy: the sums run in a different order and the
 # exp/log come from different libraries, so a few ulp; the gradient from the
@@ -54,55 +39,26 @@ TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol
 
 
 # ---------------------------------------------------------------------------
-# Backend fixture
+# Backend fixture (tests/kernel_backends.py), plus ``kernel_losses``
 # ---------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class KernelBackend:
-    name: str
-    put: Callable[[np.ndarray], Any]
-    get: Callable[[Any], np.ndarray]
-    #: context manager inside which SoftmaxCrossEntropy dispatches this
-    #: backend's arrays to the kernels (on the emulator: NumPy arrays too)
-    kernel_losses: Callable[[], Any]
+@contextlib.contextmanager
+def _emulator_kernel_losses():
+    # SoftmaxCrossEntropy dispatches to the kernels on CuPy arrays only; route
+    # the emulator's NumPy arrays there too, for a while (the NumPy reference
+    # must keep running the NumPy path).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(losses, "_use_kernels", lambda a: True)
+        yield
 
 
-@pytest.fixture(params=[pytest.param("cudasim", marks=pytest.mark.cudasim, id="cudasim"),
-                        pytest.param("cupy", marks=pytest.mark.gpu, id="cupy")])
+@pytest.fixture(params=BACKENDS)
 def device(request, monkeypatch):
     """Run the kernels on the emulator (NumPy arrays) or the GPU (CuPy arrays)."""
-    if request.param == "cudasim":
-        if cudasim is None:
-            pytest.skip(_CUDASIM_ERROR)
-        if shutil.which("g++") is None:
-            pytest.skip("cudasim needs g++")
-
-        def build(code, name, options):
-            return cudasim.load_module(code=code, name=name, options=options)
-
-        @contextlib.contextmanager
-        def kernel_losses():
-            # SoftmaxCrossEntropy dispatches to the kernels on CuPy arrays
-            # only; route the emulator's NumPy arrays there too, for a while
-            # (the NumPy reference must keep running the NumPy path).
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(losses, "_use_kernels", lambda a: True)
-                yield
-
-        with loader.use_module_builder(build):
-            yield KernelBackend("cudasim", np.asarray, np.asarray, kernel_losses)
-        return
-
-    if backend.cupy is None or not backend.cuda_available():
-        pytest.skip("no GPU: CuPy is not installed or sees no CUDA device")
-    cp = backend.cupy
-    monkeypatch.setenv(loader.SYNC_CHECK_ENV, "1")
-    with loader.use_module_builder(loader.cupy_module_builder):
-        def get(a):
-            assert isinstance(a, cp.ndarray), type(a)
-            return cp.asnumpy(a)
-        yield KernelBackend("cupy", cp.asarray, get, contextlib.nullcontext)
-        cp.cuda.Device().synchronize()
+    with kernel_backend(request, monkeypatch) as dev:
+        if dev.name == "cudasim":
+            dev = dataclasses.replace(dev, kernel_losses=_emulator_kernel_losses)
+        yield dev
 
 
 def reference(logits, labels, scale=1.0):
