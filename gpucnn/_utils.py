@@ -55,7 +55,7 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, axis: st
 def check_array(x, name: str, ndim: int | None = None, layer: str = "") -> None:
     """Check that ``x`` is a float32/float64 NumPy or CuPy array of rank ``ndim``."""
     where = f"{layer}: " if layer else ""
-    device_of(x)  # raises TypeError for non-arrays
+    device_of(x, f"{where}{name}")  # raises TypeError for non-arrays
     if ndim is not None and x.ndim != ndim:
         raise ValueError(
             f"{where}{name} must have rank {ndim}, got shape {tuple(x.shape)} (rank {x.ndim})"

@@ -53,17 +53,17 @@ def is_cupy(a) -> bool:
     return cupy is not None and isinstance(a, cupy.ndarray)
 
 
-def device_of(a) -> str:
+def device_of(a, name: str = "array") -> str:
     """``"cuda"`` for a CuPy array, ``"cpu"`` for a NumPy array.
 
     Raises:
-        TypeError: ``a`` is neither.
+        TypeError: ``a`` is neither (the message names it as ``name``).
     """
     if isinstance(a, np.ndarray):
         return "cpu"
     if is_cupy(a):
         return "cuda"
-    raise TypeError(f"expected a numpy or cupy ndarray, got {type(a).__name__}")
+    raise TypeError(f"{name} must be a numpy or cupy ndarray, got {type(a).__name__}")
 
 
 def check_same_device(**arrays) -> str:
@@ -72,7 +72,7 @@ def check_same_device(**arrays) -> str:
     ``None`` values are ignored.  Raises :class:`DeviceMismatchError` that
     names every argument and its device when they differ.
     """
-    where = {name: device_of(a) for name, a in arrays.items() if a is not None}
+    where = {name: device_of(a, name) for name, a in arrays.items() if a is not None}
     devices = set(where.values())
     if len(devices) > 1:
         desc = ", ".join(f"{name} on {dev}" for name, dev in where.items())

@@ -190,7 +190,19 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(
             f"{path}: checkpoint format version {meta.get('version')!r} is not supported "
             f"(this gpucnn reads version {FORMAT_VERSION})")
+    try:
+        return _checked_checkpoint(path, meta, files)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: malformed checkpoint metadata ({type(exc).__name__}: {exc}); "
+                              f"the file is corrupt or was not written by gpucnn") from None
+
+
+def _checked_checkpoint(path, meta: dict, files: dict) -> "Checkpoint":
     declared = meta.get("tensors") or {}
+    if not isinstance(declared, dict):
+        raise CheckpointError(f"{path}: malformed checkpoint metadata: 'tensors' is {type(declared).__name__}")
     problems = []
     missing = sorted(set(declared) - set(files))
     extra = sorted(set(files) - set(declared))

@@ -39,8 +39,9 @@ class SoftmaxCrossEntropy:
     """Numerically stable softmax + cross-entropy over integer labels, batch mean.
 
     Args:
-        check_labels: verify labels are within ``[0, K)`` (a device sync on
-            the GPU; default True).  Training loops on the GPU turn it off to
+        check_labels: verify labels are within ``[0, K)`` on the GPU, where
+            it costs a device sync (default True).  NumPy labels are always
+            checked.  Training loops on the GPU turn it off to
             keep the step free of host syncs; then an out-of-range label is
             not an error: with the CUDA kernels it makes the loss NaN (and
             that row's gradient NaN).
@@ -73,7 +74,9 @@ class SoftmaxCrossEntropy:
             raise ValueError(
                 f"SoftmaxCrossEntropy: batch mismatch: logits have N={N} rows, labels have {labels.shape[0]}"
             )
-        if self.check_labels and N:
+        # On NumPy the check is free, and without it a negative label would
+        # silently index from the end; on CuPy it costs a host sync.
+        if N and (self.check_labels or not _use_kernels(logits)):
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= K:
                 bad = lo if lo < 0 else hi

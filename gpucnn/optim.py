@@ -21,19 +21,26 @@ class Optimizer:
         params = model_or_params.named_parameters() if hasattr(model_or_params, "named_parameters") else list(model_or_params)
         if not params:
             raise ValueError("optimizer got no parameters")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={lr!r}")
         self.params = params
         self.lr = float(lr)
         self.step_count = 0
         self.state: dict = {}  # name -> dict of arrays
+
+    SLOTS: tuple = ()
 
     def _slot(self, name, key, like):
         slots = self.state.setdefault(name, {})
         if key not in slots:
             xp = backend.get_array_module(like)
             slots[key] = xp.zeros_like(like)
-        return slots[key]
+        slot = slots[key]
+        if slot.dtype != like.dtype or backend.device_of(slot) != backend.device_of(like):
+            raise TypeError(
+                f"{type(self).__name__}: state {key!r} of parameter {name} is "
+                f"{backend.device_of(slot)}/{slot.dtype} but the parameter is now "
+                f"{backend.device_of(like)}/{like.dtype}; move or convert the model before "
+                f"creating the optimizer (or create a new one)")
+        return slot
 
     def step(self):
         self.step_count += 1
@@ -56,21 +63,43 @@ class Optimizer:
         if state.get("type") != type(self).__name__:
             raise ValueError(f"optimizer state is for {state.get('type')!r}, this is {type(self).__name__}")
         names = {n: layer.params[k] for n, layer, k in self.params}
+        hyper = dict(state["hyper"])
+        if set(hyper) != set(self.hyper()):
+            raise ValueError(f"optimizer hyper-parameters {sorted(hyper)} do not match "
+                             f"{type(self).__name__}'s {sorted(self.hyper())}")
+        self._check_hyper(**hyper)
         new = {}
         for full, value in state["slots"].items():
             n, k = full.rsplit("/", 1)
             if n not in names:
                 raise ValueError(f"optimizer state names unknown parameter {n!r}")
-            if tuple(value.shape) != tuple(names[n].shape):
-                raise ValueError(f"optimizer slot {full}: shape {tuple(value.shape)} != parameter {tuple(names[n].shape)}")
-            new.setdefault(n, {})[k] = backend.to_device(np.asarray(value, dtype=names[n].dtype), backend.device_of(names[n]))
+            if k not in self.SLOTS:
+                raise ValueError(f"optimizer slot {full}: {type(self).__name__} has no slot {k!r} "
+                                 f"(expected one of {list(self.SLOTS)})")
+            p = names[n]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"optimizer slot {full}: shape {tuple(value.shape)} != parameter {tuple(p.shape)}")
+            if value.dtype != p.dtype:
+                raise TypeError(f"optimizer slot {full}: dtype {value.dtype} != parameter dtype {p.dtype}")
+            new.setdefault(n, {})[k] = backend.to_device(np.array(value, copy=True), backend.device_of(p))
+        step_count = state["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, (int, np.integer)) or step_count < 0:
+            raise ValueError(f"optimizer step_count must be a non-negative int, got {step_count!r}")
         self.state = new
-        self.step_count = int(state["step_count"])
-        for k, v in state["hyper"].items():
-            setattr(self, k, v)
+        self.step_count = int(step_count)
+        for k, v in hyper.items():
+            setattr(self, k, tuple(v) if isinstance(v, list) else v)
 
     def hyper(self) -> dict:
         return {"lr": self.lr}
+
+    @staticmethod
+    def _check_lr(lr):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
+            raise ValueError(f"lr must be > 0, got lr={lr!r}")
+
+    def _check_hyper(self, **hyper):  # pragma: no cover - overridden
+        self._check_lr(hyper["lr"])
 
 
 class SGD(Optimizer):
@@ -82,18 +111,24 @@ class SGD(Optimizer):
         weight_decay: L2 coefficient >= 0 (added to the gradient).
     """
 
+    SLOTS = ("momentum",)
+
     def __init__(self, params, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
+        self._check_hyper(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(params, lr)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
         self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
 
     def hyper(self):
         return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+
+    def _check_hyper(self, lr, momentum, nesterov, weight_decay):
+        self._check_lr(lr)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        if not 0 <= weight_decay < float("inf"):
+            raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
 
     @ranged("SGD.step")
     def step(self):
@@ -118,19 +153,25 @@ class Adam(Optimizer):
         lr > 0; betas in [0, 1); eps > 0; weight_decay >= 0.
     """
 
+    SLOTS = ("m", "v")
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self._check_hyper(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, lr)
         b1, b2 = betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"betas must be in [0, 1), got betas={betas!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got eps={eps!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
         self.betas, self.eps, self.weight_decay = (float(b1), float(b2)), float(eps), float(weight_decay)
 
     def hyper(self):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def _check_hyper(self, lr, betas, eps, weight_decay):
+        self._check_lr(lr)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got betas={betas!r}")
+        if not 0 < eps < float("inf"):
+            raise ValueError(f"eps must be > 0, got eps={eps!r}")
+        if not 0 <= weight_decay < float("inf"):
+            raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
 
     @ranged("Adam.step")
     def step(self):

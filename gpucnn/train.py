@@ -285,6 +285,9 @@ def load_arrays(dataset: str = "mnist", data_dir=None, subset=None, test_subset=
     ds = data if data is not None else data_mod.load_dataset(dataset, data_dir)
     tr_x, tr_y = ds.train_images, ds.train_labels
     te_x, te_y = ds.test_images, ds.test_labels
+    for name, value, n in (("subset", subset, len(tr_x)), ("test_subset", test_subset, len(te_x))):
+        if value is not None and value > n:
+            raise ValueError(f"{name}={value} is larger than the {dataset} split it cuts ({n} images)")
     if subset is not None:
         tr_x, tr_y = tr_x[:subset], tr_y[:subset]
     if test_subset is not None:
@@ -489,9 +492,11 @@ def _train(cfg, ckpt, model, loss, data, dev, data_dir, out_dir, resume, stop_af
     model.to(dev)
     if loss is None:
         loss = models.make_loss(cfg.model) if cfg.model in models.MODELS else losses.SoftmaxCrossEntropy()
+        if isinstance(loss, losses.SoftmaxCrossEntropy) and dev == "cuda":
+            # labels come from a verified dataset; on the GPU the range check
+            # would cost a host sync every step
+            loss.check_labels = False
     loss_is_ce = isinstance(loss, losses.SoftmaxCrossEntropy)
-    if loss_is_ce:
-        loss.check_labels = False  # labels come from a verified dataset; skip the per-step sync
     opt = _make_optimizer(cfg, model)
 
     start_epoch = 0

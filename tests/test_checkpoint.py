@@ -186,3 +186,11 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch, where
     c = ck.load_checkpoint(path)
     assert c.epoch == 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz"]  # no temporary file left behind
+
+
+def test_malformed_metadata_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "bad.npz"
+    meta = {"format": ck.FORMAT, "version": ck.FORMAT_VERSION, "tensors": {"param/0.W": 5}}
+    np.savez(path, **{"param/0.W": np.zeros(3), ck._META_KEY: np.array(json.dumps(meta))})
+    with pytest.raises(ck.CheckpointError, match="malformed checkpoint metadata"):
+        ck.load_checkpoint(path)

@@ -255,7 +255,7 @@ def test_to_device_cuda_without_cupy(monkeypatch):
 
 
 def test_non_array_input():
-    with pytest.raises(TypeError, match="expected a numpy or cupy ndarray, got list"):
+    with pytest.raises(TypeError, match="ReLU: x must be a numpy or cupy ndarray, got list"):
         L.ReLU().forward([[1.0, -1.0]])
 
 
@@ -523,3 +523,67 @@ def test_anomaly_detection_is_off_by_default_outside_the_block(monkeypatch):
     model[0].params["W"][0, 0] = np.inf
     y = model.forward(np.ones((1, 2)))  # no check, no error
     assert not np.isfinite(y).all()
+
+
+# ---------------------------------------------------------------------------
+# Found in review: nothing is cast, wrapped or clamped silently
+# ---------------------------------------------------------------------------
+
+def test_negative_label_is_an_error_on_numpy_even_without_check_labels():
+    z = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=esc("label -1 out of range [0, 3)")):
+        losses.SoftmaxCrossEntropy(check_labels=False).forward(z, np.array([-1, 0]))
+
+
+@pytest.mark.parametrize("layer", [
+    pytest.param(L.MaxPool2D(2), id="maxpool"), pytest.param(L.AvgPool2D(2), id="avgpool"),
+    pytest.param(L.ReLU(), id="relu"), pytest.param(L.PReLU(), id="prelu"),
+    pytest.param(L.Sigmoid(), id="sigmoid"),
+])
+def test_backward_rejects_dy_of_another_dtype(layer):
+    y = layer.forward(np.ones((1, 1, 4, 4), np.float32))
+    with pytest.raises(TypeError, match="dy has dtype float64 but forward ran in float32"):
+        layer.backward(np.ones(y.shape, np.float64))
+
+
+def _sgd_with_state():
+    gpucnn.seed(0)
+    model = L.Sequential(L.Flatten(), L.Dense(4, 2))
+    opt = optim.SGD(model, lr=0.1, momentum=0.9)
+    model.forward(np.ones((3, 4), np.float32))
+    model.backward(np.ones((3, 2), np.float32))
+    opt.step()
+    return model, opt
+
+
+def test_optimizer_state_with_unknown_slot_is_refused():
+    model, opt = _sgd_with_state()
+    state = opt.state_dict()
+    state["slots"]["1.W/bogus"] = state["slots"].pop("1.W/momentum")
+    with pytest.raises(ValueError, match="SGD has no slot 'bogus'"):
+        optim.SGD(model, lr=0.1, momentum=0.9).load_state_dict(state)
+
+
+def test_optimizer_state_with_bad_hyperparameters_is_refused():
+    model, opt = _sgd_with_state()
+    state = opt.state_dict()
+    state["hyper"]["momentum"] = 7
+    with pytest.raises(ValueError, match=esc("momentum must be in [0, 1), got momentum=7")):
+        optim.SGD(model, lr=0.1, momentum=0.9).load_state_dict(state)
+
+
+def test_optimizer_state_of_another_dtype_is_refused_not_cast():
+    model, opt = _sgd_with_state()
+    state = opt.state_dict()
+    state["slots"]["1.W/momentum"] = state["slots"]["1.W/momentum"].astype(np.float64)
+    with pytest.raises(TypeError, match="dtype float64 != parameter dtype float32"):
+        optim.SGD(model, lr=0.1, momentum=0.9).load_state_dict(state)
+
+
+def test_optimizer_notices_a_model_converted_after_it_was_created():
+    model, opt = _sgd_with_state()
+    model.astype(np.float64)
+    model.forward(np.ones((3, 4), np.float64))
+    model.backward(np.ones((3, 2), np.float64))
+    with pytest.raises(TypeError, match="state 'momentum' of parameter 1.W is cpu/float32"):
+        opt.step()

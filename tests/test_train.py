@@ -234,3 +234,10 @@ def test_debug_names_the_layer_epoch_and_step(mnist, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"layer \d+ \(\w+\) (forward|backward).* at epoch 1, step \d+/8"):
         train(cfg, data=mnist, device="cpu", out_dir=tmp_path / "d", debug=True, progress=False, log=None)
     assert not gc.debug.is_enabled()  # restored afterwards
+
+
+def test_subset_larger_than_the_dataset_is_an_error():
+    from gpucnn.train import load_arrays
+
+    with pytest.raises(ValueError, match="subset=70000 is larger than the mnist split it cuts"):
+        load_arrays("mnist", subset=70000)

@@ -35,10 +35,11 @@ class _Elementwise(Layer):
         super().__init__()
         self._saved = None
         self._shape = None
+        self._dtype = None
 
     def _check_x(self, x):
         check_array(x, "x", None, type(self).__name__)
-        self._shape = x.shape
+        self._shape, self._dtype = x.shape, x.dtype
 
     def _check_dy(self, dy):
         self._check_forward_called(self._saved)
@@ -47,6 +48,8 @@ class _Elementwise(Layer):
         backend.check_same_device(dy=dy, saved=self._saved)
         if tuple(dy.shape) != tuple(self._shape):
             raise ValueError(f"{name}.backward: dy has shape {tuple(dy.shape)}, expected {tuple(self._shape)}")
+        if dy.dtype != self._dtype:
+            raise TypeError(f"{name}.backward: dy has dtype {dy.dtype} but forward ran in {self._dtype}")
 
 
 def sigmoid(x):

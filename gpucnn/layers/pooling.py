@@ -35,6 +35,7 @@ class _Pool2D(Layer):
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
         self.stride = self.kernel_size if stride is None else pair(stride, "stride", 1)
         self._x_shape = None
+        self._dtype = None
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
@@ -49,6 +50,8 @@ class _Pool2D(Layer):
         expected = self.output_shape(self._x_shape)
         if tuple(dy.shape) != expected:
             raise ValueError(f"{name}.backward: dy has shape {tuple(dy.shape)}, expected {expected}")
+        if dy.dtype != self._dtype:
+            raise TypeError(f"{name}.backward: dy has dtype {dy.dtype} but forward ran in {self._dtype}")
 
 
 class MaxPool2D(_Pool2D):
@@ -71,7 +74,7 @@ class MaxPool2D(_Pool2D):
     def forward(self, x):
         check_array(x, "x", 4, "MaxPool2D")
         Ho, Wo = _pool_output_hw(x.shape, self.kernel_size, self.stride)
-        self._x_shape = x.shape
+        self._x_shape, self._dtype = x.shape, x.dtype
         if backend.is_cupy(x):
             from ..cuda import ops
 
@@ -132,7 +135,7 @@ class AvgPool2D(_Pool2D):
     def forward(self, x):
         check_array(x, "x", 4, "AvgPool2D")
         Ho, Wo = _pool_output_hw(x.shape, self.kernel_size, self.stride)
-        self._x_shape = x.shape
+        self._x_shape, self._dtype = x.shape, x.dtype
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         xp = backend.get_array_module(x)
         y = xp.zeros(x.shape[:2] + (Ho, Wo), dtype=x.dtype)
