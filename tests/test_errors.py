@@ -587,3 +587,11 @@ def test_optimizer_notices_a_model_converted_after_it_was_created():
     model.backward(np.ones((3, 2), np.float64))
     with pytest.raises(TypeError, match="state 'momentum' of parameter 1.W is cpu/float32"):
         opt.step()
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(4, id="global-window"), pytest.param(2, id="2x2")])
+def test_maxpool_forward_never_modifies_its_input(kernel):
+    x = np.random.default_rng(0).permutation(16).reshape(1, 1, 4, 4).astype(np.float32)
+    before = x.copy()
+    L.MaxPool2D(kernel).forward(x)
+    np.testing.assert_array_equal(x, before)

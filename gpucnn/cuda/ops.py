@@ -205,19 +205,6 @@ def conv2d_backward_input(dy, W, x_shape, stride, padding):
     return dx
 
 
-def _im2col(xp, x, kh, kw, stride, padding, oh, ow):
-    """cols[n, c, u, v, i, j] = x[n, c, i*sh+u-ph, j*sw+v-pw] (zero outside)."""
-    sh, sw = stride
-    ph, pw = padding
-    xpad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    N, C = x.shape[:2]
-    cols = xp.empty((N, C, kh, kw, oh, ow), dtype=x.dtype)
-    for u in range(kh):
-        for v in range(kw):
-            cols[:, :, u, v] = xpad[:, :, u:u + sh * (oh - 1) + 1:sh, v:v + sw * (ow - 1) + 1:sw]
-    return cols
-
-
 def conv2d_backward_weight(x, dy, w_shape, stride, padding, method="kernel"):
     """``(dW, db)``: gradients of the weights and the bias.
 
@@ -228,9 +215,9 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, method="kernel"):
         stride, padding: as in the forward pass.
         method: ``"kernel"`` (default): the hand-written kernel, one block per
             weight element with a fixed shared-memory reduction, and a
-            one-block-per-channel kernel for db.  ``"gemm"``: im2col with
-            array ops plus one ``tensordot`` (cuBLAS through CuPy); uses
-            N*C*KH*KW*OH*OW extra floats.  The default is not chosen by
+            one-block-per-channel kernel for db.  ``"gemm"``: the layers'
+            im2col (batch-innermost layout) plus one GEMM (cuBLAS through
+            CuPy); uses N*C*KH*KW*OH*OW extra floats.  The default is not chosen by
             measurement yet (no GPU was available when it was written).
     Returns:
         dW: (O, C, KH, KW) float32 or float64 (one dtype per call);  db: (O,) same dtype (always computed).
@@ -256,10 +243,12 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, method="kernel"):
     x = xp.ascontiguousarray(x)
     dy = xp.ascontiguousarray(dy)
     if method == "gemm":
-        cols = _im2col(xp, x, KH, KW, stride, padding, OH, OW)
-        dW = xp.ascontiguousarray(xp.tensordot(dy, cols, axes=([0, 2, 3], [0, 4, 5])),
-                                  dtype=dtype)
-        db = dy.sum(axis=(0, 2, 3), dtype=dtype)
+        from ..layers.conv import im2col, to_chwn
+
+        cols = im2col(to_chwn(x, padding), (KH, KW), stride, (OH, OW))
+        dy2 = xp.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(O, -1)
+        dW = (dy2 @ cols.T).reshape(w_shape)
+        db = dy2.sum(axis=1)
         return dW, db
 
     dW = xp.empty(w_shape, dtype=dtype)

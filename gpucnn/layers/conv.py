@@ -16,9 +16,10 @@ weights exchange with PyTorch without a flip.  Backward follows the seeds:
   the padded input that no window reaches (when ``(H + 2p - k)`` is not a
   multiple of the stride) get zero gradient, then the padding is cropped.
 
-On NumPy every pass is a batched GEMM over per-sample im2col matrices
-(``as_strided`` view, one copy); dL/dx uses the scatter (col2im) form of the
-same linear map, which is faster on a CPU than materialising the padded,
+On NumPy every pass is one GEMM over an im2col matrix built in a
+batch-innermost (C, H, W, N) layout (``as_strided`` view, one copy), so
+window rows are long contiguous runs; dL/dx uses the scatter (col2im) form of
+the same linear map, which is faster on a CPU than materialising the padded,
 dilated gradient.  On CuPy they dispatch to the hand-written kernels in
 ``kernels/conv2d_*.cu`` through :mod:`gpucnn.cuda.ops`.
 """
@@ -35,60 +36,61 @@ def _as_strided(xp, a, shape, strides):
     return xp.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)
 
 
-def im2col(x, kernel, stride, out_hw):
-    """Column matrices of a (padded) NCHW array, one per sample.
+def to_chwn(x, padding=(0, 0)):
+    """NCHW -> zero-padded, C-contiguous (C, H + 2ph, W + 2pw, N).
 
-    Args:
-        x: (N, C, H, W) array, already padded.
-        kernel: (kh, kw); stride: (sh, sw); out_hw: (Ho, Wo).
-
-    Returns:
-        (N, C*kh*kw, Ho*Wo) C-contiguous array: ``cols[n, (c, u, v), (i, j)] =
-        x[n, c, i*sh + u, j*sw + v]``, so ``W.reshape(O, -1) @ cols[n]`` is the
-        correlation of sample n, already in (O, Ho*Wo) = NCHW order.
+    The NumPy convolution works in this layout: the batch is the innermost
+    axis, so every window row is one long contiguous run and a whole layer is
+    a single GEMM instead of N small ones.
     """
     xp = backend.get_array_module(x)
-    x = xp.ascontiguousarray(x)
-    N, C = x.shape[:2]
+    N, C, H, W = x.shape
+    ph, pw = padding
+    out = xp.zeros((C, H + 2 * ph, W + 2 * pw, N), dtype=x.dtype)
+    out[:, ph : ph + H, pw : pw + W, :] = x.transpose(1, 2, 3, 0)
+    return out
+
+
+def im2col(x_chwn, kernel, stride, out_hw):
+    """Column matrix of a padded (C, Hp, Wp, N) array.
+
+    Returns:
+        (C*kh*kw, Ho*Wo*N) C-contiguous array with
+        ``cols[(c, u, v), (i, j, n)] = x[c, i*sh + u, j*sw + v, n]``, so
+        ``W.reshape(O, -1) @ cols`` is the whole layer's correlation.
+    """
+    xp = backend.get_array_module(x_chwn)
+    C, _, _, N = x_chwn.shape
     (kh, kw), (sh, sw), (Ho, Wo) = kernel, stride, out_hw
-    s0, s1, s2, s3 = x.strides
-    win = _as_strided(xp, x, (N, C, kh, kw, Ho, Wo), (s0, s1, s2, s3, s2 * sh, s3 * sw))
-    return win.reshape(N, C * kh * kw, Ho * Wo)
+    s0, s1, s2, s3 = x_chwn.strides
+    win = _as_strided(xp, x_chwn, (C, kh, kw, Ho, Wo, N), (s0, s1, s2, s1 * sh, s2 * sw, s3))
+    return win.reshape(C * kh * kw, Ho * Wo * N)
 
 
-def col2im(cols, x_shape, kernel, stride, out_hw):
-    """Adjoint of :func:`im2col`: scatter-add columns back into a padded NCHW array.
+def col2im(cols, padded_chwn_shape, kernel, stride, out_hw):
+    """Adjoint of :func:`im2col`: scatter-add columns into a (C, Hp, Wp, N) array.
 
     Loops over the kh*kw kernel offsets only; each step adds one strided view.
     """
     xp = backend.get_array_module(cols)
-    N, C, Hp, Wp = x_shape
+    C, Hp, Wp, N = padded_chwn_shape
     (kh, kw), (sh, sw), (Ho, Wo) = kernel, stride, out_hw
-    cols = cols.reshape(N, C, kh, kw, Ho, Wo)
-    x = xp.zeros(x_shape, dtype=cols.dtype)
+    cols = cols.reshape(C, kh, kw, Ho, Wo, N)
+    out = xp.zeros(padded_chwn_shape, dtype=cols.dtype)
     for u in range(kh):
         for v in range(kw):
-            x[:, :, u : u + (Ho - 1) * sh + 1 : sh, v : v + (Wo - 1) * sw + 1 : sw] += cols[:, :, u, v]
-    return x
-
-
-def _pad(xp, x, ph, pw):
-    if ph == 0 and pw == 0:
-        return x
-    N, C, H, W = x.shape
-    out = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
-    out[:, :, ph : ph + H, pw : pw + W] = x
+            out[:, u : u + (Ho - 1) * sh + 1 : sh, v : v + (Wo - 1) * sw + 1 : sw, :] += cols[:, u, v]
     return out
 
 
 def correlate_valid(x, w):
-    """Stride-1 valid cross-correlation of NCHW ``x`` with OIHW ``w`` (batched GEMM)."""
+    """Stride-1 valid cross-correlation of NCHW ``x`` with OIHW ``w`` (one GEMM)."""
     xp = backend.get_array_module(x, w)
     N, _, H, W = x.shape
     O, _, kh, kw = w.shape
     Ho, Wo = H - kh + 1, W - kw + 1
-    cols = im2col(x, (kh, kw), (1, 1), (Ho, Wo))
-    return xp.matmul(w.reshape(O, -1), cols).reshape(N, O, Ho, Wo)
+    y = w.reshape(O, -1) @ im2col(to_chwn(x), (kh, kw), (1, 1), (Ho, Wo))
+    return xp.ascontiguousarray(y.reshape(O, Ho, Wo, N).transpose(3, 0, 1, 2))
 
 
 def conv2d_backward_input_seed(dy, w, x_hw, stride, padding):
@@ -189,12 +191,11 @@ class Conv2D(Layer):
 
             self._x = x
             return ops.conv2d_forward(x, W, b, self.stride, self.padding)
-        ph, pw = self.padding
-        self._cols = im2col(_pad(np, x, ph, pw), self.kernel_size, self.stride, (Ho, Wo))
-        y = np.matmul(W.reshape(O, -1), self._cols).reshape(N, O, Ho, Wo)
+        self._cols = im2col(to_chwn(x, self.padding), self.kernel_size, self.stride, (Ho, Wo))
+        y = W.reshape(O, -1) @ self._cols
         if b is not None:
-            y += b.reshape(1, O, 1, 1)
-        return y
+            y += b[:, None]
+        return np.ascontiguousarray(y.reshape(O, Ho, Wo, N).transpose(3, 0, 1, 2))
 
     def backward(self, dy):
         self._check_forward_called(self._x_shape)
@@ -216,19 +217,19 @@ class Conv2D(Layer):
                 return None
             return ops.conv2d_backward_input(dy, W, self._x_shape, self.stride, self.padding)
         N, O, Ho, Wo = dy.shape
-        dy3 = np.ascontiguousarray(dy).reshape(N, O, Ho * Wo)
-        # dL/dW = sum_n dy_n cols_n^T  (seed 003: conv(X, dL/dZ))
-        self._set_grad("W", np.matmul(dy3, self._cols.transpose(0, 2, 1)).sum(axis=0).reshape(W.shape))
+        dy2 = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(O, Ho * Wo * N)
+        # dL/dW = dy (valid-correlate) xpad  (seed 003: conv(X, dL/dZ)): one GEMM
+        self._set_grad("W", (dy2 @ self._cols.T).reshape(W.shape))
         if "b" in self.params:
-            self._set_grad("b", dy3.sum(axis=(0, 2)))
+            self._set_grad("b", dy2.sum(axis=1))
         if not self.needs_input_grad:
             return None
         # dL/dx: the adjoint of im2col applied to W^T dy.  It is the same linear
         # map as the seeds' full-padded rot180 convolution
-        # (conv2d_backward_input_seed, which the GPU kernel and the tests use);
-        # on the CPU the scatter form is the faster of the two.
+        # (conv2d_backward_input_seed, which the GPU kernel computes and the
+        # tests compare against); on a CPU the scatter form is the faster one.
         ph, pw = self.padding
-        dcols = np.matmul(W.reshape(O, -1).T, dy3)
-        Np, C = self._x_shape[0], self.in_channels
-        dxp = col2im(dcols, (Np, C, H + 2 * ph, Wd + 2 * pw), self.kernel_size, self.stride, (Ho, Wo))
-        return dxp[:, :, ph : ph + H, pw : pw + Wd] if (ph or pw) else dxp
+        dcols = W.reshape(O, -1).T @ dy2
+        C = self.in_channels
+        dxp = col2im(dcols, (C, H + 2 * ph, Wd + 2 * pw, N), self.kernel_size, self.stride, (Ho, Wo))
+        return np.ascontiguousarray(dxp[:, ph : ph + H, pw : pw + Wd, :].transpose(3, 0, 1, 2))

@@ -82,21 +82,25 @@ class MaxPool2D(_Pool2D):
             return y
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         W = x.shape[3]
-        # Scan the window offsets in row-major order over strided views; an
-        # offset replaces the running maximum only if strictly greater (or NaN
-        # over a number), so the first maximum wins and NaN propagates.
+        # Scan the window offsets in row-major order; an offset takes over the
+        # argmax only if strictly greater (or NaN over a number), so the first
+        # maximum wins and NaN propagates.  Each offset is copied to a
+        # contiguous array first and the update is branch-free arithmetic:
+        # masked copies (np.where/copyto with where=) are ~50x slower here.
         y = k = None
         for u in range(kh):
             for v in range(kw):
                 view = x[:, :, u : u + (Ho - 1) * sh + 1 : sh, v : v + (Wo - 1) * sw + 1 : sw]
-                if y is None:
-                    y = view.copy()
-                    k = np.zeros(y.shape, dtype=np.int32)
+                if y is None:  # a copy: y is updated in place and must never alias x
+                    y, k = np.array(view, order="C"), np.zeros(view.shape, dtype=np.int32)
                     continue
-                take = view > y
-                take |= np.isnan(view) & ~np.isnan(y)
-                np.copyto(y, view, where=take)
-                np.copyto(k, np.int32(u * W + v), where=take)
+                r = np.ascontiguousarray(view)
+                take = r > y
+                take |= (r != r) & (y == y)
+                step = np.int32(u * W + v) - k
+                step *= take
+                k += step
+                np.maximum(y, r, out=y)
         rows = np.arange(Ho, dtype=np.int32)[:, None] * np.int32(sh * W)
         cols = np.arange(Wo, dtype=np.int32)[None, :] * np.int32(sw)
         self.argmax = k + (rows + cols)
