@@ -264,14 +264,14 @@ def _kernel_rows(name, batch, timer, ttimer, torch):
             yk, am = ops.maxpool2d_forward(x, k, s)
             dy = cp.random.standard_normal(yk.shape, dtype=cp.float32)
             t = {"maxpool fwd": timer(lambda: ops.maxpool2d_forward(x, k, s)),
-                 "maxpool scatter": timer(lambda: ops.maxpool2d_backward(dy, am, x.shape, k, s))}
+                 "maxpool bwd": timer(lambda: ops.maxpool2d_backward(dy, am, x.shape, k, s))}
             ref = {}
             if torch is not None:
                 tx = torch.as_tensor(x, device="cuda")
                 tdy = torch.as_tensor(dy, device="cuda")
                 ty, ti = F.max_pool2d(tx, k, s, return_indices=True)
                 ref["maxpool fwd"] = ttimer(lambda: F.max_pool2d(tx, k, s))
-                ref["maxpool scatter"] = ttimer(
+                ref["maxpool bwd"] = ttimer(
                     lambda: torch.ops.aten.max_pool2d_with_indices_backward(
                         tdy, tx, list(k), list(s), [0, 0], [1, 1], False, ti))
             rows += [(f"{kk} {tag}", v, ref.get(kk)) for kk, v in t.items()]
@@ -381,7 +381,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=30, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
-                   help="PyTorch CPU threads (default: what NumPy's BLAS uses, i.e. all cores)")
+                   help="PyTorch CPU threads (default: PyTorch's own default, one per core, which is "
+                        "also what OpenBLAS uses unless OPENBLAS_NUM_THREADS says otherwise)")
     p.add_argument("--no-torch", action="store_true", help="time gpucnn alone")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")

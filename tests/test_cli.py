@@ -224,3 +224,10 @@ def test_cli_resume_bit_for_bit(tmp_path, capsys):
         for k in b.files:
             if k != "__meta__":
                 assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_the_issue_smoke_command_exactly(tmp_path):
+    """`gpucnn train --epochs 1 --subset 2000`, defaults otherwise, ends with the summary line."""
+    proc = gpucnn("train", "--epochs", "1", "--subset", "2000", "--out", tmp_path / "run")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: lenet5 on mnist, 1 epoch, test accuracy ") and "images/s" in last
