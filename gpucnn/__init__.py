@@ -10,7 +10,7 @@ CuPy (NVIDIA GPUs, with hand-written CUDA kernels at the hot spots).
 >>> logits.shape
 (2, 10)
 """
-from . import backend, data, debug, init, layers, losses, models, nvtx, optim, testing
+from . import backend, data, debug, functional, init, layers, losses, models, nvtx, optim, testing, train
 from .backend import DeviceMismatchError, asnumpy, get_array_module, to_device
 from .layers import Sequential
 from .random import seed
@@ -18,6 +18,7 @@ from .random import seed
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "data", "debug", "init", "layers", "losses", "models", "nvtx", "optim", "testing",
+    "backend", "data", "debug", "functional", "init", "layers", "losses", "models", "nvtx", "optim",
+    "testing", "train",
     "DeviceMismatchError", "asnumpy", "get_array_module", "to_device", "Sequential", "seed",
 ]

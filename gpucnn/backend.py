@@ -29,6 +29,9 @@ __all__ = [
     "to_device",
     "asnumpy",
     "check_same_device",
+    "resolve_device",
+    "gpu_name",
+    "synchronize",
 ]
 
 DEVICES = ("cpu", "cuda")
@@ -122,3 +125,50 @@ def asnumpy(a):
     if isinstance(a, np.ndarray):
         return a
     raise TypeError(f"expected a numpy or cupy ndarray, got {type(a).__name__}")
+
+
+def resolve_device(device: str = "auto") -> tuple[str, str]:
+    """``(device, reason)`` for ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    ``"auto"`` picks CUDA when CuPy sees a GPU and says why it chose what it chose.
+
+    Raises:
+        ValueError: unknown device, or ``"cuda"`` without a usable GPU (the
+            message says whether CuPy is missing or sees no device).
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got device={device!r}")
+    has_cuda = cuda_available()
+    if device == "cuda" and not has_cuda:
+        raise ValueError(f"device='cuda' but CUDA is not available ({cuda_unavailable_reason()}); "
+                         "use --device cpu or auto")
+    if device == "auto":
+        return ("cuda", "auto: CUDA available") if has_cuda else (
+            "cpu", "auto: CUDA not available" + (" (CuPy not installed)" if cupy is None else ""))
+    return device, "requested"
+
+
+def cuda_unavailable_reason() -> str:
+    """Why :func:`cuda_available` is false, in words ("" when it is true)."""
+    if cupy is None:
+        return "CuPy is not installed: pip install 'gpucnn[cuda12]' (or [cuda13])"
+    if not cuda_available():
+        return "CuPy is installed but sees no CUDA device"
+    return ""
+
+
+def gpu_name() -> str:
+    """The current CUDA device's name ("GPU" when it cannot be read)."""
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return "GPU"
+
+
+def synchronize(device: str = "cuda") -> None:
+    """Wait for the current CUDA device (no-op for ``"cpu"``)."""
+    if device == "cuda" and cupy is not None:
+        cupy.cuda.Device().synchronize()
+

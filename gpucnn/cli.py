@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from . import models
@@ -82,13 +83,6 @@ _positive_float = _float_in(0.0, None, True, False, "a positive number")
 _nonneg_float = _float_in(0.0, None, False, False, "a number >= 0")
 _momentum = _float_in(0.0, 1.0, False, True, "in [0, 1)")
 _gamma = _float_in(0.0, 1.0, True, False, "in (0, 1]")
-
-# Options of `train` that define the run (saved in the checkpoint); on --resume
-# they default to the checkpoint's values and may not be changed (epochs may).
-_CONFIG_OPTS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "lr_step",
-                "lr_gamma", "warmup", "momentum", "nesterov", "weight_decay", "seed", "subset", "test_subset",
-                "eval_batch_size")
-
 
 def _add_train(sub):
     from .data import DATASETS
@@ -231,30 +225,20 @@ def _err(msg: str) -> None:
 def _cmd_train(args, parser):
     from . import checkpoint as ck
     from .data import DataError
-    from .train import NonFiniteLossError, TrainConfig, train
+    from .train import NonFiniteLossError, ResumeConflictError, TrainConfig, resume_config, train
 
     sp = parser._gpucnn_sub["train"]
-    given = {k: getattr(args, k) for k in _CONFIG_OPTS if getattr(args, k) is not None}
-    if args.resume is not None:
-        try:
-            saved = ck.load_checkpoint(args.resume)
-        except FileNotFoundError as exc:
-            sp.error(f"argument --resume: {exc}")
-        except ck.CheckpointError as exc:
-            sp.error(f"argument --resume: {exc}")
-        base = dict(saved.config)
-        conflicts = [f"--{k.replace('_', '-')} {given[k]!r} (checkpoint: {base.get(k)!r})"
-                     for k in given if k != "epochs" and base.get(k) != given[k]]
-        if conflicts:
-            sp.error("argument --resume: cannot change the run's configuration when resuming: "
-                     + ", ".join(conflicts) + "; only --epochs (the total) may change")
-        base.update(given)
-        try:
-            config = TrainConfig.from_dict(base)
-        except (TypeError, ValueError) as exc:
-            sp.error(f"argument --resume: checkpoint holds an unusable training config ({exc})")
-    else:
-        config = TrainConfig(**given)
+    # every TrainConfig field has a flag whose default is None: None means "not given"
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    try:
+        if args.resume is not None:
+            config = resume_config(ck.load_checkpoint(args.resume).config, given, flags=True)
+        else:
+            config = TrainConfig(**given)
+    except (FileNotFoundError, ck.CheckpointError, ResumeConflictError) as exc:
+        sp.error(f"argument --resume: {exc}")
+    except ValueError as exc:
+        sp.error(f"argument --resume: {exc}" if args.resume is not None else str(exc))
     try:
         config = config.resolved()
     except ValueError as exc:
@@ -280,7 +264,7 @@ def _cmd_train(args, parser):
 
 
 def _device_or_error(p, device):
-    from .train import resolve_device
+    from .backend import resolve_device
 
     try:
         return resolve_device(device)[0]
@@ -302,7 +286,8 @@ def _load_model(p, path, device):
 def _cmd_evaluate(args, parser):
     import numpy as np
 
-    from .train import confusion_matrix, evaluate, load_arrays
+    from .data import load_arrays
+    from .train import confusion_matrix, evaluate
 
     p = parser._gpucnn_sub["evaluate"]
     device = _device_or_error(p, args.device)

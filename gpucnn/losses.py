@@ -15,6 +15,7 @@ import numpy as np
 
 from . import backend
 from ._utils import check_array
+from .functional import loss as F
 from .nvtx import ranged
 
 
@@ -24,15 +25,6 @@ def one_hot(labels, num_classes: int, dtype=np.float32):
     out = xp.zeros((labels.shape[0], num_classes), dtype=dtype)
     out[xp.arange(labels.shape[0]), labels] = 1
     return out
-
-
-def _use_kernels(array) -> bool:
-    """Whether SoftmaxCrossEntropy runs the CUDA kernels on ``array`` (CuPy arrays).
-
-    A function of its own so the tests can route NumPy arrays through the
-    kernels under the CPU emulator (tests/test_softmax_xent_sim.py).
-    """
-    return backend.is_cupy(array)
 
 
 class SoftmaxCrossEntropy:
@@ -58,13 +50,12 @@ class SoftmaxCrossEntropy:
 
     def __init__(self, check_labels: bool = True):
         self.check_labels = check_labels
-        self.probs = None  # forward keeps softmax probabilities and the labels
-        self._labels = None
+        self._saved = None  # forward keeps functional.loss.SoftmaxXentSaved (probs, labels)
 
     @ranged("SoftmaxCrossEntropy.forward")
     def forward(self, logits, labels):
         check_array(logits, "logits", 2, "SoftmaxCrossEntropy")
-        xp = backend.get_array_module(logits=logits, labels=labels)
+        backend.check_same_device(logits=logits, labels=labels)
         if labels.ndim != 1:
             raise ValueError(f"SoftmaxCrossEntropy: labels must have shape (N,), got shape {tuple(labels.shape)}")
         if labels.dtype.kind not in "iu":
@@ -76,43 +67,24 @@ class SoftmaxCrossEntropy:
             )
         # On NumPy the check is free, and without it a negative label would
         # silently index from the end; on CuPy it costs a host sync.
-        if N and (self.check_labels or not _use_kernels(logits)):
+        if N and (self.check_labels or not backend.is_cupy(logits)):
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= K:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"SoftmaxCrossEntropy: label {bad} out of range [0, {K}) for {K} classes")
-        if N and K and _use_kernels(logits):
-            from .cuda import ops
+        loss, self._saved = F.softmax_cross_entropy_forward(logits, labels)
+        return loss
 
-            if labels.dtype not in ops.LABEL_DTYPES:
-                labels = labels.astype(np.int64)
-            loss, self.probs = ops.softmax_xent_forward(logits, labels)
-            self._labels = labels
-            return loss
-        z = logits - logits.max(axis=1, keepdims=True)
-        log_sum = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
-        log_p = z - log_sum
-        self.probs = xp.exp(log_p)
-        self._labels = labels
-        rows = xp.arange(N)
-        return -log_p[rows, labels].mean()
+    @property
+    def probs(self):
+        """Softmax probabilities of the last forward (None before one)."""
+        return None if self._saved is None else self._saved.probs
 
     @ranged("SoftmaxCrossEntropy.backward")
     def backward(self, scale=1.0):
-        if self.probs is None:
+        if self._saved is None:
             raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
-        if (self.probs.size and _use_kernels(self.probs) and not isinstance(scale, bool)
-                and isinstance(scale, (int, float, np.integer, np.floating))):
-            from .cuda import ops
-
-            if self._labels.dtype in ops.LABEL_DTYPES:
-                return ops.softmax_xent_backward(self.probs, self._labels, scale)
-        xp = backend.get_array_module(self.probs)
-        N = self.probs.shape[0]
-        g = self.probs.copy()
-        g[xp.arange(N), self._labels] -= 1
-        g *= g.dtype.type(scale / N)
-        return g
+        return F.softmax_cross_entropy_backward(self._saved, scale)
 
 
 class MSE:
@@ -134,16 +106,14 @@ class MSE:
             raise ValueError(f"MSE: pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}")
         if pred.dtype != target.dtype:
             raise TypeError(f"MSE: pred is {pred.dtype} but target is {target.dtype}; convert explicitly")
-        self._diff = pred - target
-        N = pred.shape[0]
-        return (self._diff * self._diff).sum() * pred.dtype.type(0.5 / N)
+        loss, self._diff = F.mse_forward(pred, target)
+        return loss
 
     @ranged("MSE.backward")
     def backward(self, scale=1.0):
         if self._diff is None:
             raise RuntimeError("MSE.backward called before forward")
-        N = self._diff.shape[0]
-        return self._diff * self._diff.dtype.type(scale / N)
+        return F.mse_backward(self._diff, scale)
 
 
 LOSSES = {"softmax_cross_entropy": SoftmaxCrossEntropy, "mse": MSE}

@@ -50,6 +50,23 @@ def enable(on: bool = True) -> bool:
     return is_active()
 
 
+def is_enabled() -> bool:
+    """True when ranges are switched on (whether or not an implementation is importable)."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def enabled(on: bool = True):
+    """Turn ranges on (or off) inside the block; yields whether they are really emitted."""
+    global _enabled
+    before = _enabled
+    _enabled = bool(on)
+    try:
+        yield is_active()
+    finally:
+        _enabled = before
+
+
 def is_active() -> bool:
     """True when ranges are enabled *and* an NVTX implementation is importable."""
     return _enabled and _bind()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from gpucnn import data
 from gpucnn.data import DataError, DownloadError
 
-SHIPPED = Path(data.__file__).resolve().parent / "_data" / "mnist"
+SHIPPED = data.lookup.PACKAGE_DATA / "mnist"
 MNIST = data.DATASETS["mnist"]
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
 
@@ -43,7 +43,7 @@ def no_shipped(tmp_path, monkeypatch):
     """Pretend the package ships no data."""
     empty = tmp_path / "no-shipped-data"
     empty.mkdir()
-    monkeypatch.setattr(data, "_PACKAGE_DATA", empty)
+    monkeypatch.setattr(data.lookup, "PACKAGE_DATA", empty)
     return empty
 
 
@@ -86,8 +86,8 @@ def placeholder_dir(d: Path) -> Path:
 def test_shipped_files_are_the_known_files():
     for f in MNIST.files.values():
         raw = (SHIPPED / f.name).read_bytes()
-        assert data._sha256(raw) in f.sha256
-        assert data._sha256(gzip.decompress(raw)) == f.idx_sha256
+        assert data.idx.sha256(raw) in f.sha256
+        assert data.idx.sha256(gzip.decompress(raw)) == f.idx_sha256
 
 
 def test_load_shipped_mnist():
@@ -229,7 +229,7 @@ def test_lookup_order(tmp_path, monkeypatch):
     shipped = placeholder_dir(shipped_root / "mnist")
     cache = placeholder_dir(data.cache_dir("mnist"))
     assert cache == tmp_path / "xdg-cache" / "gpucnn" / "mnist"
-    monkeypatch.setattr(data, "_PACKAGE_DATA", shipped_root)
+    monkeypatch.setattr(data.lookup, "PACKAGE_DATA", shipped_root)
     monkeypatch.setenv("GPUCNN_DATA", str(env_root))
 
     assert data.locate("mnist", data_dir=explicit) == explicit
@@ -360,7 +360,7 @@ def test_download_falls_back_to_second_mirror(server, tmp_path):
     dest = data.download("mnist", tmp_path / "dest", mirrors=[first, second], timeout=10)
     assert dest == tmp_path / "dest"
     for f in MNIST.files.values():
-        assert data._sha256((dest / f.name).read_bytes()) in f.sha256
+        assert data.idx.sha256((dest / f.name).read_bytes()) in f.sha256
         assert f"/missing/{f.name}" in server.requests
     assert not [p for p in dest.iterdir() if p.name.startswith(".")]
 
@@ -470,47 +470,46 @@ def test_normalize_shipped_is_standardized():
 
 
 # --------------------------------------------------------------------------- #
-# minibatches
+# batching: the per-epoch order and its (sharded) minibatches
 # --------------------------------------------------------------------------- #
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(0, 300), batch_size=st.integers(1, 70), seed=st.integers(0, 2**32 - 1),
-       shuffle=st.booleans())
-def test_minibatches_cover_each_index_once(n, batch_size, seed, shuffle):
-    batches = list(data.iterate_minibatches(n, batch_size, np.random.default_rng(seed), shuffle))
-    assert len(batches) == -(-n // batch_size)
-    assert all(b.dtype == np.int64 for b in batches)
+       world=st.integers(1, 4))
+def test_batches_cover_each_index_once(n, batch_size, seed, world):
+    order = data.epoch_permutation(seed, 3, n)
+    assert order.dtype == np.int64
+    steps = data.steps_per_epoch(n, batch_size)
+    assert steps == -(-n // batch_size)
+    batches = [data.batch_indices(order, s, batch_size) for s in range(steps)]
     assert all(len(b) == batch_size for b in batches[:-1])
     if batches:
         assert 1 <= len(batches[-1]) <= batch_size
     flat = np.concatenate(batches) if batches else np.array([], np.int64)
     np.testing.assert_array_equal(np.sort(flat), np.arange(n))
-    if not shuffle:
-        np.testing.assert_array_equal(flat, np.arange(n))
+    # every rank's shard of a global batch, in rank order, is that batch
+    for s in range(steps):
+        shards = [data.batch_indices(order, s, batch_size, rank, world) for rank in range(world)]
+        np.testing.assert_array_equal(np.concatenate(shards), batches[s])
+        sizes = [len(x) for x in shards]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
-def test_minibatches_reproducible_and_reshuffled():
-    def epoch(rng):
-        return np.concatenate(list(data.iterate_minibatches(1000, 64, rng)))
-
-    a, b = np.random.default_rng(7), np.random.default_rng(7)
-    e1a, e1b = epoch(a), epoch(b)
-    np.testing.assert_array_equal(e1a, e1b)            # same seed -> same order
-    e2a = epoch(a)
-    np.testing.assert_array_equal(e2a, epoch(b))       # ... in every epoch
-    assert not np.array_equal(e1a, e2a)                # a new order each epoch
-    assert not np.array_equal(e1a, epoch(np.random.default_rng(8)))
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    e1 = data.epoch_permutation(7, 0, 1000)
+    np.testing.assert_array_equal(e1, data.epoch_permutation(7, 0, 1000))   # same seed, epoch -> same order
+    np.testing.assert_array_equal(e1, np.random.default_rng([7, 0]).permutation(1000))  # the documented scheme
+    assert not np.array_equal(e1, data.epoch_permutation(7, 1, 1000))      # a new order each epoch
+    assert not np.array_equal(e1, data.epoch_permutation(8, 0, 1000))
 
 
-def test_minibatches_argument_errors():
-    rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="batch_size must be > 0, got 0"):
-        data.iterate_minibatches(10, 0, rng)   # raised at call time, not on iteration
-    with pytest.raises(ValueError, match="-3"):
-        data.iterate_minibatches(10, -3, rng)
-    with pytest.raises(ValueError, match="n must be >= 0"):
-        data.iterate_minibatches(-1, 4, rng)
-    with pytest.raises(TypeError, match="Generator"):
-        data.iterate_minibatches(10, 4, np.random.RandomState(0))
-    with pytest.raises(TypeError, match="batch_size"):
-        data.iterate_minibatches(10, 2.5, rng)
-    assert [len(b) for b in data.iterate_minibatches(5, 2, None, shuffle=False)] == [2, 2, 1]
+def test_batching_argument_errors():
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got batch_size=0"):
+        data.steps_per_epoch(10, 0)
+    with pytest.raises(ValueError, match="batch_size=2.5"):
+        data.steps_per_epoch(10, 2.5)
+    with pytest.raises(ValueError, match="n must be a non-negative int, got n=-1"):
+        data.epoch_permutation(0, 0, -1)
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        data.epoch_permutation(-1, 0, 10)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got rank=2"):
+        data.shard_bounds(10, 2, 2)

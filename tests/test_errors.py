@@ -516,7 +516,22 @@ def test_detect_anomaly_checks_the_input():
             model.forward(x)
 
 
-def test_anomaly_detection_is_off_by_default_outside_the_block(monkeypatch):
+def test_anomaly_detection_and_nvtx_are_off_by_default_in_a_fresh_process():
+    """A new interpreter, without GPUCNN_DEBUG / GPUCNN_NVTX: both off; with them set: both on."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import gpucnn; print(gpucnn.debug.is_enabled(), gpucnn.nvtx.is_enabled())"
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUCNN_DEBUG", "GPUCNN_NVTX")}
+    off = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert off.stdout.split() == ["False", "False"]
+    on = subprocess.run([sys.executable, "-c", probe], env=dict(env, GPUCNN_DEBUG="1", GPUCNN_NVTX="1"),
+                        capture_output=True, text=True, check=True)
+    assert on.stdout.split() == ["True", "True"]
+
+
+def test_anomaly_detection_off_lets_non_finite_values_through(monkeypatch):
     monkeypatch.setattr(debug, "_enabled", False)
     gpucnn.seed(3)
     model = L.Sequential(L.Dense(2, 2, dtype=F64))

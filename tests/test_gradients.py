@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 
 import gpucnn
+from cases import CONV_CASES, POOL_CASES, params
 from gpucnn import layers as L
 from gpucnn import losses, models
 from gpucnn.testing import assert_allclose_grad, check_backward, check_loss
@@ -28,36 +29,14 @@ def randn(shape, seed=0):
 # Conv2D
 # --------------------------------------------------------------------------- #
 
-# (N, C, O, H, W, kernel, stride, padding)
-CONV_CASES = [
-    pytest.param(2, 2, 3, 6, 6, 3, 1, 0, id="k3-s1-p0"),
-    pytest.param(2, 2, 3, 6, 6, 3, 1, 1, id="k3-s1-p1-same"),
-    pytest.param(1, 1, 2, 5, 5, 1, 1, 0, id="k1-pointwise-batch1"),
-    pytest.param(1, 2, 2, 5, 5, 1, 2, 1, id="k1-s2-p1"),
-    pytest.param(2, 1, 2, 7, 7, 2, 2, 0, id="k2-s2-p0"),
-    pytest.param(2, 2, 2, 8, 8, 3, 2, 1, id="k3-s2-p1-remainder"),      # (8+2-3)=7, 7%2=1
-    pytest.param(1, 2, 2, 9, 7, 3, 3, 2, id="k3-s3-p2-nonsquare-x"),     # (9+4-3)=10, 10%3=1
-    pytest.param(2, 1, 2, 10, 10, 4, 3, 0, id="k4-s3-exact"),            # (10-4)=6, 6%3=0
-    pytest.param(2, 1, 2, 11, 10, 4, 3, 0, id="k4-s3-remainder-H"),      # 7%3=1, 6%3=0
-    pytest.param(1, 1, 1, 9, 9, 7, 1, 0, id="k7-s1-p0"),
-    pytest.param(1, 2, 2, 8, 9, 7, 2, 2, id="k7-s2-p2"),
-    pytest.param(2, 2, 2, 6, 9, (3, 5), (1, 2), (0, 2), id="nonsquare-kernel-stride-pad"),
-    pytest.param(1, 2, 3, 5, 4, (1, 3), (2, 1), (1, 0), id="k1x3-s2x1-p1x0"),
-    pytest.param(1, 2, 2, 3, 3, 5, 1, 1, id="kernel-equals-padded-input"),   # 3+2=5 -> 1x1 out
-    pytest.param(2, 1, 2, 4, 2, (6, 4), 2, 1, id="kernel-equals-padded-nonsquare"),
-    pytest.param(1, 1, 1, 1, 1, 1, 1, 0, id="all-ones"),
-    pytest.param(1, 1, 2, 3, 3, 3, 3, 2, id="k3-s3-p2-tiny"),             # padded 7, out 2x2
-]
-
-
-@pytest.mark.parametrize("N,C,O,H,W,kernel,stride,padding", CONV_CASES)
+@pytest.mark.parametrize("case", params(CONV_CASES, big=False))
 @pytest.mark.parametrize("bias", [pytest.param(True, id="bias"), pytest.param(False, id="nobias")])
-def test_conv2d_gradients(N, C, O, H, W, kernel, stride, padding, bias):
+def test_conv2d_gradients(case, bias):
     gpucnn.seed(1)
-    conv = L.Conv2D(C, O, kernel, stride=stride, padding=padding, bias=bias, dtype=F64)
+    conv = L.Conv2D(case.C, case.O, case.kernel, stride=case.stride, padding=case.padding, bias=bias, dtype=F64)
     if bias:
-        conv.params["b"][...] = np.linspace(-0.5, 0.5, O)  # non-zero bias
-    x = randn((N, C, H, W), seed=2)
+        conv.params["b"][...] = np.linspace(-0.5, 0.5, case.O)  # non-zero bias
+    x = randn((case.N, case.C, case.H, case.W), seed=2)
     check_backward(conv, x)
 
 
@@ -82,30 +61,17 @@ def test_conv2d_large_input_uses_random_directions():
 # pooling
 # --------------------------------------------------------------------------- #
 
-POOL_CASES = [
-    pytest.param((2, 2, 6, 6), 2, None, id="k2-s2"),
-    pytest.param((1, 1, 7, 7), 2, None, id="k2-s2-odd-input"),
-    pytest.param((2, 2, 7, 7), 3, 2, id="k3-s2-overlap"),
-    pytest.param((2, 1, 5, 5), 2, 1, id="k2-s1-overlap"),
-    pytest.param((1, 2, 6, 9), (2, 3), (2, 3), id="nonsquare-k2x3"),
-    pytest.param((1, 2, 7, 8), (3, 2), (1, 2), id="nonsquare-overlap-rows"),
-    pytest.param((2, 1, 8, 8), 2, 3, id="stride-gt-kernel"),
-    pytest.param((1, 1, 4, 4), 4, None, id="global"),
-    pytest.param((1, 3, 3, 3), 1, 1, id="k1-identity"),
-]
-
-
-@pytest.mark.parametrize("shape,kernel,stride", POOL_CASES)
-def test_maxpool2d_gradients(shape, kernel, stride):
-    pool = L.MaxPool2D(kernel, stride)
-    x = shuffled_arange(shape, np.random.default_rng(5))
+@pytest.mark.parametrize("case", params(POOL_CASES, big=False))
+def test_maxpool2d_gradients(case):
+    pool = L.MaxPool2D(case.kernel, case.stride)
+    x = shuffled_arange((case.N, case.C, case.H, case.W), np.random.default_rng(5))
     check_backward(pool, x)
 
 
-@pytest.mark.parametrize("shape,kernel,stride", POOL_CASES)
-def test_avgpool2d_gradients(shape, kernel, stride):
-    pool = L.AvgPool2D(kernel, stride)
-    check_backward(pool, randn(shape, seed=6))
+@pytest.mark.parametrize("case", params(POOL_CASES, big=False))
+def test_avgpool2d_gradients(case):
+    pool = L.AvgPool2D(case.kernel, case.stride)
+    check_backward(pool, randn((case.N, case.C, case.H, case.W), seed=6))
 
 
 @hyp(30)

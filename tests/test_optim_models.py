@@ -157,7 +157,20 @@ MODEL_IDS = [pytest.param(n, id=n) for n in models.MODELS]
 
 
 def test_models_list_is_documented():
-    assert set(models.MODELS) == set(PARAM_COUNTS)
+    """The README's model list and the table in gpucnn/models.py name exactly the built models."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    line = re.search(r"`gc\.models\.build\(name\)`:(.*?)\n\n", readme, re.S)
+    assert line, "README.md lost its `gc.models.build(name)`: list"
+    in_readme = set(re.findall(r"`(\w+)`", line.group(1)))
+    borders = [i for i, ln in enumerate(models.__doc__.splitlines()) if ln.startswith("=====")]
+    rows = models.__doc__.splitlines()[borders[1] + 1:borders[2]]   # between the header and the end
+    in_docstring = {ln.split()[0] for ln in rows if ln and not ln[0].isspace()}
+    assert in_readme == set(models.MODELS), f"README lists {sorted(in_readme)}"
+    assert in_docstring == set(models.MODELS), f"models.py's table lists {sorted(in_docstring)}"
+    assert set(PARAM_COUNTS) == set(models.MODELS)
 
 
 @pytest.mark.parametrize("name", MODEL_IDS)

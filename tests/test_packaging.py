@@ -66,6 +66,16 @@ def wheel(tmp_path_factory) -> Path:
     return wheels[0]
 
 
+def test_wheel_contains_every_package_and_the_shipped_data(wheel):
+    """Every package of the source tree (an explicit list in pyproject.toml) and the shipped MNIST."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for init in sorted((REPO / "gpucnn").rglob("__init__.py")):
+        rel = init.relative_to(REPO).as_posix()
+        assert rel in names, f"{rel} is not in the wheel: add its package to pyproject.toml"
+    for gz in sorted((REPO / "gpucnn" / "_data").rglob("*.gz")):
+        assert gz.relative_to(REPO).as_posix() in names
+
+
 def test_wheel_contains_kernel_sources(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for filename in loader.KERNEL_FILES:

@@ -3,7 +3,7 @@
 Also checks the seeds' backward-input recipe -- pad dL/dZ by k-1 (dilated by
 the stride), rotate the kernel by 180 degrees, swap in/out channels, correlate
 -- written here independently with plain loops, against ``Conv2D.backward``
-and ``gpucnn.layers.conv.conv2d_backward_input_seed`` on random shapes.
+and ``gpucnn.functional.im2col.conv2d_backward_input_seed`` on random shapes.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given
 
 from gpucnn import layers as L
 from gpucnn import losses
-from gpucnn.layers.conv import conv2d_backward_input_seed
+from gpucnn.functional.im2col import conv2d_backward_input_seed
 from helpers import conv_configs, hyp
 
 # Conv outputs are sums of products: compare with tolerances, never exactly.

@@ -116,7 +116,7 @@ def test_resume_into_other_dir_and_conflicts(mnist, tmp_path):
     assert [r["epoch"] for r in read_metrics(tmp_path / "new")] == [1, 2]
     assert ck.load_checkpoint(tmp_path / "part").epoch == 1  # the old run is left alone
     assert res.test_accuracy == read_metrics(tmp_path / "new")[-1]["test_accuracy"]
-    with pytest.raises(ValueError, match="cannot change the training configuration.*lr"):
+    with pytest.raises(ValueError, match="cannot change the run's configuration when resuming: lr=0.1"):
         train(_cfg(lr=0.1), data=mnist, device="cpu", resume=tmp_path / "part", progress=False, log=None)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         _run(mnist, tmp_path / "part")
@@ -237,7 +237,7 @@ def test_debug_names_the_layer_epoch_and_step(mnist, tmp_path):
 
 
 def test_subset_larger_than_the_dataset_is_an_error():
-    from gpucnn.train import load_arrays
+    from gpucnn.data import load_arrays
 
     with pytest.raises(ValueError, match="subset=70000 is larger than the mnist split it cuts"):
         load_arrays("mnist", subset=70000)

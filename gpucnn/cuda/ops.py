@@ -1,4 +1,4 @@
-"""Host-side wrappers of the CUDA kernels: what the layers call on CuPy arrays.
+"""Host-side wrappers of the CUDA kernels: what gpucnn.functional calls on CuPy arrays.
 
 Each function validates its arguments (dtype, shapes, stride/padding), makes
 the inputs C-contiguous, allocates the outputs with the arrays' own module
@@ -205,7 +205,7 @@ def conv2d_backward_input(dy, W, x_shape, stride, padding):
     return dx
 
 
-def conv2d_backward_weight(x, dy, w_shape, stride, padding, method="kernel"):
+def conv2d_backward_weight(x, dy, w_shape, stride, padding):
     """``(dW, db)``: gradients of the weights and the bias.
 
     Args:
@@ -213,18 +213,13 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, method="kernel"):
         dy: (N, O, OH, OW) float32 or float64 (one dtype per call), gradient of the output.
         w_shape: (O, C, KH, KW).
         stride, padding: as in the forward pass.
-        method: ``"kernel"`` (default): the hand-written kernel, one block per
-            weight element with a fixed shared-memory reduction, and a
-            one-block-per-channel kernel for db.  ``"gemm"``: the layers'
-            im2col (batch-innermost layout) plus one GEMM (cuBLAS through
-            CuPy); uses N*C*KH*KW*OH*OW extra floats.  The default is not chosen by
-            measurement yet (no GPU was available when it was written).
     Returns:
-        dW: (O, C, KH, KW) float32 or float64 (one dtype per call);  db: (O,) same dtype (always computed).
+        dW: (O, C, KH, KW);  db: (O,) of the same dtype (always computed).  One
+        block per weight element with a fixed shared-memory reduction, and a
+        one-block-per-channel kernel for db.  (The alternative, im2col plus one
+        cuBLAS GEMM, is ``method="gemm"`` of gpucnn.functional.conv.)
     """
     func = "conv2d_backward_weight"
-    if method not in ("kernel", "gemm"):
-        raise ValueError(f"{func}: method must be 'kernel' or 'gemm', got {method!r}")
     xp = get_array_module(x=x, dy=dy)
     dtype = _check_dtype(func, x=x, dy=dy)
     _check_ndim(func, "x", x, 4, "NCHW")
@@ -242,15 +237,6 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, method="kernel"):
 
     x = xp.ascontiguousarray(x)
     dy = xp.ascontiguousarray(dy)
-    if method == "gemm":
-        from ..layers.conv import im2col, to_chwn
-
-        cols = im2col(to_chwn(x, padding), (KH, KW), stride, (OH, OW))
-        dy2 = xp.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(O, -1)
-        dW = (dy2 @ cols.T).reshape(w_shape)
-        db = dy2.sum(axis=1)
-        return dW, db
-
     dW = xp.empty(w_shape, dtype=dtype)
     db = xp.empty((O,), dtype=dtype)
     loader.launch(_kernel("conv2d_backward_weight", dtype),

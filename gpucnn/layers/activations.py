@@ -1,24 +1,9 @@
-"""Element-wise activations of seed 002 (and seed 001's ReLU and softmax).
+"""Activation layers: Sigmoid, Tanh, ScaledTanh, ReLU, LeakyReLU, PReLU, RReLU, Softmax.
 
-Each keeps only what its derivative needs: Sigmoid/Tanh/ScaledTanh/Softmax
-keep their output, ReLU keeps its derivative factor, the leaky family keeps
-the slope applied to each element.
-
-==================  ===========================  ==================================
-layer               f(z)                         f'(z)
-==================  ===========================  ==================================
-Sigmoid             1 / (1 + e^-z)               f (1 - f)
-Tanh                tanh z                       1 - f^2
-ScaledTanh          A tanh(B z) (1.7159, 0.6666) A B (1 - tanh^2(B z))
-ReLU                max(0, z)                    1 (z > 0), 1/2 (z = 0, seed 001), 0
-LeakyReLU           z (z >= 0), s z (z < 0)      1 or s
-PReLU               z (z > 0), a z               1 or a;  dL/da = sum dy z [z <= 0]
-RReLU               z (z >= 0), r z, r~U(l, u)   1 or r; eval: r = (l + u) / 2
-Softmax (axis 1)    e^z_i / sum_k e^z_k          J = diag(f) - f f^T
-==================  ===========================  ==================================
-
-Seed 002 writes the leaky ReLUs as ``z / a`` for z < 0 with a in (1, inf); our
-``negative_slope`` (``s``) is ``1 / a``.
+Each is a thin layer around one function pair of
+:mod:`gpucnn.functional.activation` (which has the table of f and f'); the
+layer keeps what the pair returns as ``saved`` and checks ``dy`` against the
+forward's shape, dtype and device.
 """
 from __future__ import annotations
 
@@ -26,6 +11,8 @@ import numpy as np
 
 from .. import backend
 from .._utils import check_array, check_param_match, positive_int
+from ..functional import activation as F
+from ..functional.activation import sigmoid
 from ..random import get_rng
 from .base import Layer
 
@@ -52,25 +39,17 @@ class _Elementwise(Layer):
             raise TypeError(f"{name}.backward: dy has dtype {dy.dtype} but forward ran in {self._dtype}")
 
 
-def sigmoid(x):
-    """Numerically stable logistic function (no overflow for large |x|)."""
-    xp = backend.get_array_module(x)
-    e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
-
-
 class Sigmoid(_Elementwise):
     """Logistic sigmoid; keeps its output y, dL/dx = dy * y * (1 - y)."""
 
     def forward(self, x):
         self._check_x(x)
-        self._saved = y = sigmoid(x)
+        y, self._saved = F.sigmoid_forward(x)
         return y
 
     def backward(self, dy):
         self._check_dy(dy)
-        y = self._saved
-        return dy * y * (1 - y)
+        return F.sigmoid_backward(dy, self._saved)
 
 
 class Tanh(_Elementwise):
@@ -78,14 +57,12 @@ class Tanh(_Elementwise):
 
     def forward(self, x):
         self._check_x(x)
-        xp = backend.get_array_module(x)
-        self._saved = y = xp.tanh(x)
+        y, self._saved = F.tanh_forward(x)
         return y
 
     def backward(self, dy):
         self._check_dy(dy)
-        y = self._saved
-        return dy * (1 - y * y)
+        return F.tanh_backward(dy, self._saved)
 
 
 class ScaledTanh(_Elementwise):
@@ -103,15 +80,12 @@ class ScaledTanh(_Elementwise):
 
     def forward(self, x):
         self._check_x(x)
-        xp = backend.get_array_module(x)
-        t = xp.tanh(x * x.dtype.type(self.B))
-        self._saved = t
-        return t * x.dtype.type(self.A)
+        y, self._saved = F.scaled_tanh_forward(x, self.A, self.B)
+        return y
 
     def backward(self, dy):
         self._check_dy(dy)
-        t = self._saved
-        return dy * dy.dtype.type(self.A * self.B) * (1 - t * t)
+        return F.scaled_tanh_backward(dy, self._saved, self.A, self.B)
 
 
 class ReLU(_Elementwise):
@@ -122,13 +96,12 @@ class ReLU(_Elementwise):
 
     def forward(self, x):
         self._check_x(x)
-        xp = backend.get_array_module(x)
-        self._saved = (xp.sign(x) + 1) * x.dtype.type(0.5)
-        return xp.maximum(x, 0)
+        y, self._saved = F.relu_forward(x)
+        return y
 
     def backward(self, dy):
         self._check_dy(dy)
-        return dy * self._saved
+        return F.relu_backward(dy, self._saved)
 
 
 class LeakyReLU(_Elementwise):
@@ -148,13 +121,12 @@ class LeakyReLU(_Elementwise):
 
     def forward(self, x):
         self._check_x(x)
-        xp = backend.get_array_module(x)
-        self._saved = slope = xp.where(x >= 0, x.dtype.type(1), x.dtype.type(self.negative_slope))
-        return x * slope
+        y, self._saved = F.slope_forward(x, self.negative_slope)
+        return y
 
     def backward(self, dy):
         self._check_dy(dy)
-        return dy * self._saved
+        return F.slope_backward(dy, self._saved)
 
 
 class PReLU(_Elementwise):
@@ -193,22 +165,16 @@ class PReLU(_Elementwise):
                 f"PReLU: num_parameters={self.num_parameters} needs x with that many channels "
                 f"on axis 1, got shape {tuple(x.shape)}"
             )
-        xp = backend.get_array_module(x)
-        self._saved = x
-        return xp.where(x > 0, x, x * self._a(x))
+        y, self._saved = F.prelu_forward(x, self._a(x))
+        return y
 
     def backward(self, dy):
         self._check_dy(dy)
-        xp = backend.get_array_module(dy)
         x = self._saved
-        neg = x <= 0
-        g = xp.where(neg, dy * x, 0)
-        if self.num_parameters == 1:
-            self._set_grad("a", g.sum().reshape(1))
-        else:
-            axes = (0,) + tuple(range(2, x.ndim))
-            self._set_grad("a", g.sum(axis=axes))
-        return xp.where(neg, dy * self._a(x), dy)
+        axes = None if self.num_parameters == 1 else (0,) + tuple(range(2, x.ndim))
+        dx, da = F.prelu_backward(dy, x, self._a(x), axes)
+        self._set_grad("a", da.reshape(self.num_parameters))
+        return dx
 
 
 class RReLU(_Elementwise):
@@ -234,7 +200,6 @@ class RReLU(_Elementwise):
     def forward(self, x, slopes=None):
         """Apply RReLU; ``slopes`` (same shape as x) overrides the random draw (for tests)."""
         self._check_x(x)
-        xp = backend.get_array_module(x)
         if slopes is not None:
             backend.check_same_device(x=x, slopes=slopes)
             if slopes.shape != x.shape:
@@ -246,13 +211,13 @@ class RReLU(_Elementwise):
             else:
                 r = get_rng().uniform(self.lower, self.upper, x.shape).astype(x.dtype)
         else:
-            r = x.dtype.type((self.lower + self.upper) / 2)
-        self._saved = slope = xp.where(x >= 0, x.dtype.type(1), r)
-        return x * slope
+            r = (self.lower + self.upper) / 2
+        y, self._saved = F.slope_forward(x, r)
+        return y
 
     def backward(self, dy):
         self._check_dy(dy)
-        return dy * self._saved
+        return F.slope_backward(dy, self._saved)
 
 
 class Softmax(_Elementwise):
@@ -268,16 +233,12 @@ class Softmax(_Elementwise):
 
     def forward(self, x):
         self._check_x(x)
-        xp = backend.get_array_module(x)
-        z = x - x.max(axis=self.axis, keepdims=True)
-        e = xp.exp(z)
-        self._saved = y = e / e.sum(axis=self.axis, keepdims=True)
+        y, self._saved = F.softmax_forward(x, self.axis)
         return y
 
     def backward(self, dy):
         self._check_dy(dy)
-        y = self._saved
-        return y * (dy - (dy * y).sum(axis=self.axis, keepdims=True))
+        return F.softmax_backward(dy, self._saved, self.axis)
 
 
 __all__ = ["Sigmoid", "Tanh", "ScaledTanh", "ReLU", "LeakyReLU", "PReLU", "RReLU", "Softmax", "sigmoid"]

@@ -1,11 +1,7 @@
 """Fully connected layer and the flatten that feeds it.
 
-Dense (PyTorch layout, ``W`` is (out, in))::
-
-    y = x W^T + b,   dL/dW = dy^T x,   dL/db = sum_n dy,   dL/dx = dy W
-
-(seed 001 eq. 8: dD_j/dw_ck = x_c delta_jk; seed 002: grad_W = a delta^T with
-its W stored transposed).
+Dense (PyTorch layout, ``W`` is (out, in)): ``y = x W^T + b``; the gradients
+are derived in :mod:`gpucnn.functional.linear`.
 """
 from __future__ import annotations
 
@@ -13,6 +9,7 @@ import numpy as np
 
 from .. import init as _init
 from .._utils import check_array, check_param_match, positive_int
+from ..functional import linear as F
 from .base import Layer
 
 
@@ -68,7 +65,7 @@ class Dense(Layer):
                                               self.out_features, dtype))
         if bias:
             self._add_param("b", np.zeros(self.out_features, dtype=dtype))
-        self._x = None
+        self._saved = None  # forward keeps functional.linear.LinearSaved (x)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={'b' in self.params}"
@@ -82,23 +79,16 @@ class Dense(Layer):
                 f"Dense: x has {x.shape[1]} features (shape {tuple(x.shape)}) but the layer "
                 f"expects in_features={self.in_features}"
             )
-        self._x = x
-        y = x @ W.T
-        if "b" in self.params:
-            y += self.params["b"]
+        y, self._saved = F.linear_forward(x, W, self.params.get("b"))
         return y
 
     def backward(self, dy):
-        self._check_forward_called(self._x)
-        W = self.params["W"]
+        self._check_forward_called(self._saved)
         check_array(dy, "dy", 2, "Dense.backward")
-        check_param_match(dy, W, "dy", "Dense")
-        expected = (self._x.shape[0], self.out_features)
+        check_param_match(dy, self.params["W"], "dy", "Dense")
+        expected = (self._saved.x.shape[0], self.out_features)
         if tuple(dy.shape) != expected:
             raise ValueError(f"Dense.backward: dy has shape {tuple(dy.shape)}, expected {expected}")
-        self._set_grad("W", dy.T @ self._x)
-        if "b" in self.params:
-            self._set_grad("b", dy.sum(axis=0))
-        if not self.needs_input_grad:
-            return None
-        return dy @ W
+        dx, _, _ = F.linear_backward(dy, self._saved, need_input_grad=self.needs_input_grad,
+                                     dW_out=self.grads["W"], db_out=self.grads.get("b"))
+        return dx

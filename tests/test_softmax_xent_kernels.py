@@ -1,12 +1,11 @@
 """kernels/softmax_xent.cu against the NumPy SoftmaxCrossEntropy.
 
-The kernels run through gpucnn.cuda.ops on one of two backends (fixture
-``device``, the pattern of tests/test_kernels_sim.py):
-
-* ``cudasim`` (marker ``cudasim``): the unchanged ``.cu`` source on the CPU
-  emulator in tests/cudasim, on NumPy arrays;
-* ``cupy`` (marker ``gpu``): the same kernels compiled by CuPy on a real GPU;
-  skipped, with the reason, without one.
+The kernels run through gpucnn.cuda.ops on the two kernel backends of
+tests/backends.py (fixture ``device``): ``cudasim`` (the unchanged ``.cu``
+source on the CPU emulator, NumPy arrays) and ``cupy`` (a real GPU; skipped,
+with the reason, without one).  Plain parity of the loss with an independent
+reference on every backend is in tests/test_functional.py; this file holds
+what is particular to these kernels.
 
 The reference is the library's own NumPy path, ``SoftmaxCrossEntropy().forward``
 / ``backward`` on host arrays.  Checked: loss, probs and gradient for float32
@@ -15,22 +14,21 @@ are not multiples of the warps per block, batch 1, extreme logits (+-80, equal
 logits, -inf, NaN), both forward launch sequences (fused one-block and
 row-kernel + mean-kernel) and their bit-identity, determinism, invalid labels
 (NaN, no error), the launch count, argument errors, and the dispatch in
-gpucnn.losses (routed through the emulator by patching ``losses._use_kernels``).
+gpucnn.losses (on the emulator through the patched dispatch seam).
 The emulator runs threaded blocks (warp shuffles) at ~100 us per CUDA thread,
 so the shapes are small and most cases use a 32- or 64-thread block.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import numpy as np
 import pytest
 
-from gpucnn import losses
+from backends import KERNEL_BACKENDS, use_backend
 from gpucnn.cuda import loader, ops
+from gpucnn.functional import _dispatch
 from gpucnn.losses import SoftmaxCrossEntropy
-from kernel_backends import BACKENDS, kernel_backend
 
 # Tolerances for kernel vs NumPy: the sums run in a different order and the
 # exp/log come from different libraries, so a few ulp; the gradient from the
@@ -38,35 +36,28 @@ from kernel_backends import BACKENDS, kernel_backend
 TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-14)}
 
 
-# ---------------------------------------------------------------------------
-# Backend fixture (tests/kernel_backends.py), plus ``kernel_losses``
-# ---------------------------------------------------------------------------
+@pytest.fixture(params=KERNEL_BACKENDS)
+def device(request, monkeypatch):
+    """The kernels on the emulator (NumPy arrays) or the GPU (CuPy arrays)."""
+    with use_backend(request.param, request, monkeypatch) as dev:
+        yield dev
+
 
 @contextlib.contextmanager
-def _emulator_kernel_losses():
-    # SoftmaxCrossEntropy dispatches to the kernels on CuPy arrays only; route
-    # the emulator's NumPy arrays there too, for a while (the NumPy reference
-    # must keep running the NumPy path).
+def numpy_path():
+    """The NumPy path of gpucnn.losses, for the reference (the emulator patches the seam)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(losses, "_use_kernels", lambda a: True)
+        mp.setattr(_dispatch, "use_kernels", lambda *a: False)
         yield
-
-
-@pytest.fixture(params=BACKENDS)
-def device(request, monkeypatch):
-    """Run the kernels on the emulator (NumPy arrays) or the GPU (CuPy arrays)."""
-    with kernel_backend(request, monkeypatch) as dev:
-        if dev.name == "cudasim":
-            dev = dataclasses.replace(dev, kernel_losses=_emulator_kernel_losses)
-        yield dev
 
 
 def reference(logits, labels, scale=1.0):
     """(loss, probs, grad) from the NumPy SoftmaxCrossEntropy."""
-    assert isinstance(logits, np.ndarray) and not losses._use_kernels(logits)
-    loss_fn = SoftmaxCrossEntropy()
-    loss = loss_fn.forward(logits, labels)
-    return np.asarray(loss), loss_fn.probs, loss_fn.backward(scale)
+    assert isinstance(logits, np.ndarray)
+    with numpy_path():
+        loss_fn = SoftmaxCrossEntropy()
+        loss = loss_fn.forward(logits, labels)
+        return np.asarray(loss), loss_fn.probs, loss_fn.backward(scale)
 
 
 def make(N, K, dtype, label_dtype=np.int64, seed=0, spread=3.0):
@@ -138,9 +129,11 @@ def test_gradient_bits_equal_numpy_given_the_same_probs(dtype, device):
     """(p - onehot) * dtype(scale / N): the very operations of the NumPy path."""
     logits, labels = make(13, 37, dtype, seed=5)
     loss_fn = SoftmaxCrossEntropy()
-    loss_fn.forward(logits, labels)
+    with numpy_path():
+        loss_fn.forward(logits, labels)
     for scale in (1.0, 0.3, 7):
-        want = loss_fn.backward(scale)
+        with numpy_path():
+            want = loss_fn.backward(scale)
         got = device.get(ops.softmax_xent_backward(device.put(loss_fn.probs), device.put(labels), scale))
         np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
 
@@ -242,7 +235,7 @@ class _Counter:
                                         (129, ["softmax_xent_forward", "softmax_xent_mean"])])
 def test_launch_count(N, expected, device):
     counter = _Counter(loader.get_module_builder())
-    with loader.use_module_builder(counter), device.kernel_losses():
+    with loader.use_module_builder(counter):
         loss_fn = SoftmaxCrossEntropy(check_labels=False)
         logits, labels = make(N, 3, np.float32, seed=1)
         loss_fn.forward(device.put(logits), device.put(labels))
@@ -266,24 +259,23 @@ def test_softmax_cross_entropy_dispatch(label_dtype, dtype, device):
     logits, labels = make(6, 10, dtype, label_dtype, seed=4)
     want = reference(logits, labels, scale=2.0)
     loss_fn = SoftmaxCrossEntropy()
-    with device.kernel_losses():
-        loss = loss_fn.forward(device.put(logits), device.put(labels))
-        assert loss.shape == ()
-        grad = loss_fn.backward(2.0)
+    loss = loss_fn.forward(device.put(logits), device.put(labels))
+    assert loss.shape == ()
+    grad = loss_fn.backward(2.0)
     assert_matches((device.get(loss), device.get(loss_fn.probs), device.get(grad)), want, dtype)
 
 
 def test_softmax_cross_entropy_still_checks_labels(device):
     logits, labels = make(4, 10, np.float32, seed=6)
     labels[2] = 10
-    with device.kernel_losses():
-        with pytest.raises(ValueError, match=r"label 10 out of range \[0, 10\)"):
-            SoftmaxCrossEntropy().forward(device.put(logits), device.put(labels))
-        labels[2] = -3
-        with pytest.raises(ValueError, match=r"label -3 out of range"):
-            SoftmaxCrossEntropy().forward(device.put(logits), device.put(labels))
+    with pytest.raises(ValueError, match=r"label 10 out of range \[0, 10\)"):
+        SoftmaxCrossEntropy().forward(device.put(logits), device.put(labels))
+    labels[2] = -3
+    with pytest.raises(ValueError, match=r"label -3 out of range"):
+        SoftmaxCrossEntropy().forward(device.put(logits), device.put(labels))
+    if device.name == "cupy":   # NumPy labels are always checked (free); on a GPU it can be off
         loss = SoftmaxCrossEntropy(check_labels=False).forward(device.put(logits), device.put(labels))
-    assert np.isnan(device.get(loss))
+        assert np.isnan(device.get(loss))
 
 
 # ---------------------------------------------------------------------------

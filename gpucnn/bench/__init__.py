@@ -1,0 +1,203 @@
+"""``gpucnn bench``: per-layer and whole-train-step timings against PyTorch.
+
+Modules: :mod:`.timing` (medians, CUDA events), :mod:`.twin` (the PyTorch
+twin of a model), :mod:`.steps` (step, layer and kernel tables),
+:mod:`.accuracy` (time to accuracy).
+
+Both sides are measured in the same run, on the same device, batch and
+optimizer (SGD with momentum), after a correctness check of the step and a
+warm-up; the printed ratio is ``PyTorch time / gpucnn time`` (> 1: gpucnn is
+faster).
+
+* CPU: ``time.perf_counter`` medians; PyTorch CPU with the same thread count.
+* GPU: CUDA events around each repetition, medians after warm-up; PyTorch with
+  ``cudnn.benchmark = True`` and TF32 off on both sides (FP32 parity).  The
+  per-kernel table times gpucnn's hand-written kernels against the cuDNN
+  calls that do the same job.
+
+PyTorch is optional: without it only gpucnn's own times are printed.
+
+Usage::
+
+    gpucnn bench --device cpu --batch-sizes 64
+    gpucnn bench --device cuda --batch-sizes 64 256 1024 --model lenet5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+
+import numpy as np
+
+from .. import backend, models
+from .accuracy import time_to_accuracy
+from .steps import check_step, kernel_rows, layer_rows, step_pair
+from .timing import Timer, TorchTimer
+from .twin import import_torch, torch_graphed, torch_twin
+
+__all__ = ["main", "run", "add_arguments", "environment", "time_to_accuracy", "torch_twin", "Timer"]
+
+
+def _ms(t):
+    return "-" if t is None else f"{t * 1e3:9.3f}"
+
+
+def _ratio(mine, ref):
+    return "-" if ref is None or not mine else f"{ref / mine:6.2f}x"
+
+
+def environment(device: str, torch) -> dict:
+    info = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": device,
+    }
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    if device == "cuda":
+        cp = backend.cupy
+        info["cupy"] = cp.__version__
+        props = cp.cuda.runtime.getDeviceProperties(0)
+        info["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        info["driver"] = cp.cuda.runtime.driverGetVersion()
+        info["cuda_runtime"] = cp.cuda.runtime.runtimeGetVersion()
+        if torch is not None:
+            info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lenet5", choices=models.MODELS)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64], metavar="N")
+    p.add_argument("--repeats", type=int, default=30, help="timed repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None,
+                   help="PyTorch CPU threads (default: PyTorch's own default, one per core, which is "
+                        "also what OpenBLAS uses unless OPENBLAS_NUM_THREADS says otherwise)")
+    p.add_argument("--no-torch", action="store_true", help="time gpucnn alone")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--time-to-accuracy", type=float, metavar="ACC", default=None,
+                   help="instead: time lenet5 training until MNIST test accuracy >= ACC (e.g. 0.99)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds for --time-to-accuracy (mean reported)")
+    p.add_argument("--eval-every", type=int, default=200,
+                   help="--time-to-accuracy: steps between (untimed) test evaluations")
+
+
+def _check_args(args):
+    """An error message for bad arguments, or None."""
+    for b in args.batch_sizes:
+        if b < 1:
+            return f"--batch-sizes must be >= 1, got {b}"
+    if args.repeats < 1 or args.warmup < 0:
+        return f"need --repeats >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}"
+    if args.time_to_accuracy is not None and (not 0 < args.time_to_accuracy < 1 or args.seeds < 1
+                                              or args.eval_every < 1):
+        return (f"need 0 < --time-to-accuracy < 1, --seeds >= 1, --eval-every >= 1; got "
+                f"{args.time_to_accuracy}, {args.seeds}, {args.eval_every}")
+    if args.device == "cuda" and not backend.cuda_available():
+        return f"--device cuda: {backend.cuda_unavailable_reason()}"
+    return None
+
+
+def _setup_torch(args, device):
+    torch = None if args.no_torch else import_torch()
+    if torch is not None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+    return torch
+
+
+def _write_json(path, obj):
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+
+
+def _run_time_to_accuracy(args, device, env) -> int:
+    print(f"[time to {args.time_to_accuracy:.2%} MNIST test accuracy, lenet5, batch 64, {device}; "
+          f"evaluation every {args.eval_every} steps, untimed]")
+    rows = time_to_accuracy(args.time_to_accuracy, range(args.seeds), device, eval_every=args.eval_every)
+    times = [t for _, t, _, _ in rows if t is not None]
+    print(f"  reached in {len(times)}/{len(rows)} seeds" + (f"; mean {statistics.mean(times):.2f} s" if times else ""))
+    _write_json(args.json, {"env": env, "target": args.time_to_accuracy,
+                            "runs": [dict(seed=a, seconds=b, steps=c, accuracy=d) for a, b, c, d in rows]})
+    return 0 if len(times) == len(rows) else 1
+
+
+def _step_table(args, batch, device, torch, timer, ttimer, results):
+    pair = step_pair(args.model, batch, device, torch)
+    l0, t0 = check_step(pair)
+    mine = timer(pair.gpucnn)
+    ref = ttimer(pair.torch) if pair.torch is not None else None
+    print(f"\n[{args.model} train step, batch {batch}, {device}]  first loss gpucnn {l0:.5f}"
+          + (f" / torch {t0:.5f}" if t0 is not None else ""))
+    print(f"  {'':34s} {'gpucnn ms':>9s} {'torch ms':>9s}  ratio  gpucnn img/s")
+    print(f"  {'forward+loss+backward+SGD':34s} {_ms(mine)} {_ms(ref)}  {_ratio(mine, ref)}  {batch / mine:10.0f}")
+    graphed = None
+    if device == "cuda" and pair.torch is not None:
+        try:
+            graphed = ttimer(torch_graphed(pair.torch, torch))
+        except Exception as exc:  # report, don't hide the other figures
+            print(f"  PyTorch CUDA-graph capture failed: {type(exc).__name__}: {exc}")
+        if graphed is not None:
+            print(f"  {'same step, PyTorch as one CUDA graph':34s} {_ms(mine)} {_ms(graphed)}  {_ratio(mine, graphed)}")
+    results["steps"].append({"batch": batch, "gpucnn_s": mine, "torch_s": ref, "torch_graph_s": graphed})
+
+
+def _layer_table(args, batch, device, torch, timer, ttimer, results):
+    print(f"  {'layer (input shape)':34s} {'fwd':>9s} {'torch':>9s}  ratio  {'bwd':>9s} {'torch':>9s}  ratio")
+    for label, f, tf, bw, tb in layer_rows(args.model, batch, device, torch, timer, ttimer):
+        print(f"  {label:34s} {_ms(f)} {_ms(tf)}  {_ratio(f, tf)}  {_ms(bw)} {_ms(tb)}  {_ratio(bw, tb)}")
+        results["layers"].append({"batch": batch, "layer": label, "fwd_s": f, "torch_fwd_s": tf,
+                                  "bwd_s": bw, "torch_bwd_s": tb})
+    if device == "cuda":
+        print(f"  {'kernel (input shape)':34s} {'gpucnn':>9s} {'cuDNN':>9s}  ratio")
+        for label, t, r in kernel_rows(args.model, batch, timer, ttimer, torch):
+            print(f"  {label:34s} {_ms(t)} {_ms(r)}  {_ratio(t, r)}")
+            results["kernels"].append({"batch": batch, "kernel": label, "gpucnn_s": t, "torch_s": r})
+
+
+def run(args) -> int:
+    """Run ``gpucnn bench`` with parsed arguments; returns the exit status."""
+    problem = _check_args(args)
+    if problem:
+        print(f"gpucnn bench: {problem}", file=sys.stderr)
+        return 2
+    device = args.device if args.device != "auto" else ("cuda" if backend.cuda_available() else "cpu")
+    torch = _setup_torch(args, device)
+    if device == "cuda":
+        from ..cuda import loader
+
+        loader.warmup()  # kernel compilation is not timed
+    timer, ttimer = Timer(device, args.warmup, args.repeats), TorchTimer(device, args.warmup, args.repeats)
+    env = environment(device, torch)
+    print("gpucnn bench  " + "  ".join(f"{k}={v}" for k, v in env.items()))
+    if args.time_to_accuracy is not None:
+        return _run_time_to_accuracy(args, device, env)
+    print("ratio = PyTorch time / gpucnn time (> 1 means gpucnn is faster)")
+    results = {"env": env, "model": args.model, "steps": [], "layers": [], "kernels": []}
+    for batch in args.batch_sizes:
+        _step_table(args, batch, device, torch, timer, ttimer, results)
+        if not args.no_layers:
+            _layer_table(args, batch, device, torch, timer, ttimer, results)
+    _write_json(args.json, results)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gpucnn bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))

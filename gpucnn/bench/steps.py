@@ -1,0 +1,128 @@
+"""Whole-train-step, per-layer and per-kernel timings, gpucnn against PyTorch."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend, layers, losses, models, optim
+from ..random import seed
+from ..train import Trainer
+from .twin import torch_step, torch_twin
+
+__all__ = ["StepPair", "step_pair", "check_step", "layer_rows", "kernel_rows"]
+
+
+class StepPair:
+    """gpucnn's train step (through :class:`~gpucnn.train.Trainer`) and its PyTorch twin on one batch."""
+
+    def __init__(self, name, batch, device, torch, lr=0.01, momentum=0.9):
+        seed(0)
+        self.model = models.build(name, device=device)
+        loss = models.make_loss(name)
+        if isinstance(loss, losses.SoftmaxCrossEntropy):
+            loss.check_labels = False  # no host sync inside the timed step
+        self.trainer = Trainer(self.model, loss, optim.SGD(self.model, lr=lr, momentum=momentum), batch_size=batch)
+        rng = np.random.default_rng(0)
+        x_np = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+        y_np = rng.integers(0, 10, batch).astype(np.int64)
+        self.x, self.y = backend.to_device(x_np, device), backend.to_device(y_np, device)
+        self.torch = None
+        if torch is not None:
+            self.torch = torch_step(self.model, models.loss_name(name), x_np, y_np, device, torch, lr, momentum)
+
+    def gpucnn(self):
+        return self.trainer.step(self.x, self.y)[0]
+
+
+def step_pair(name, batch, device, torch, lr=0.01, momentum=0.9) -> StepPair:
+    return StepPair(name, batch, device, torch, lr, momentum)
+
+
+def check_step(pair: StepPair):
+    """Correctness before timing: the first losses of both steps agree."""
+    a = float(pair.gpucnn())
+    if pair.torch is None:
+        return a, None
+    b = float(pair.torch().detach())
+    if not np.isclose(a, b, rtol=1e-3, atol=1e-4):
+        raise RuntimeError(f"gpucnn and PyTorch disagree on the first loss: {a} vs {b}")
+    return a, b
+
+
+def layer_rows(name, batch, device, torch, timer, ttimer):
+    """Forward and backward of every layer of the model at its real input shape."""
+    seed(0)
+    model = models.build(name, device=device)
+    rng = np.random.default_rng(1)
+    x = backend.to_device(rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), device)
+    tdev = "cuda" if device == "cuda" else "cpu"
+    twin = torch_twin(model, torch, tdev) if torch is not None else None
+    rows = []
+    for i, layer in enumerate(model.layers):
+        y = layer.forward(x)
+        dy = backend.to_device(rng.standard_normal(y.shape).astype(np.float32), device)
+        label = f"{i}:{type(layer).__name__}{tuple(x.shape[1:])}"
+        fwd = timer(lambda: layer.forward(x))
+        bwd = timer(lambda: layer.backward(dy))
+        tf = tb = None
+        if twin is not None:
+            tl = twin[i]
+            tx = torch.from_numpy(backend.asnumpy(x)).to(tdev).requires_grad_(True)
+            tdy = torch.from_numpy(backend.asnumpy(dy)).to(tdev)
+            with torch.no_grad():
+                tf = ttimer(lambda: tl(tx))
+            ty = tl(tx)
+            tb = ttimer(lambda: torch.autograd.grad(ty, [tx] + list(tl.parameters()), tdy,
+                                                    retain_graph=True))
+        rows.append((label, fwd, tf, bwd, tb))
+        x = y
+    return rows
+
+
+def kernel_rows(name, batch, timer, ttimer, torch):
+    """gpucnn's CUDA kernels vs the cuDNN calls doing the same job (GPU only)."""
+    from ..cuda import ops
+
+    cp = backend.cupy
+    seed(0)
+    model = models.build(name, device="cuda")
+    x = cp.random.standard_normal((batch, 1, 28, 28), dtype=cp.float32)
+    rows = []
+    F = torch.nn.functional if torch is not None else None
+    for i, layer in enumerate(model.layers):
+        y = layer.forward(x)
+        tag = f"{i}:{tuple(x.shape[1:])}"
+        if isinstance(layer, layers.Conv2D):
+            W, b = layer.params["W"], layer.params["b"]
+            dy = cp.random.standard_normal(y.shape, dtype=cp.float32)
+            s, p = layer.stride, layer.padding
+            t = {}
+            t["conv fwd"] = timer(lambda: ops.conv2d_forward(x, W, b, s, p))
+            t["conv bwd-input"] = timer(lambda: ops.conv2d_backward_input(dy, W, x.shape, s, p))
+            t["conv bwd-weight"] = timer(lambda: ops.conv2d_backward_weight(x, dy, W.shape, s, p))
+            ref = {}
+            if torch is not None:
+                tx, tW, tb, tdy = (torch.as_tensor(a, device="cuda") for a in (x, W, b, dy))
+                ref["conv fwd"] = ttimer(lambda: F.conv2d(tx, tW, tb, s, p))
+                ref["conv bwd-input"] = ttimer(
+                    lambda: torch.nn.grad.conv2d_input(tx.shape, tW, tdy, s, p))
+                ref["conv bwd-weight"] = ttimer(
+                    lambda: (torch.nn.grad.conv2d_weight(tx, tW.shape, tdy, s, p), tdy.sum((0, 2, 3))))
+            rows += [(f"{k} {tag}", v, ref.get(k)) for k, v in t.items()]
+        elif isinstance(layer, layers.MaxPool2D):
+            k, s = layer.kernel_size, layer.stride
+            yk, am = ops.maxpool2d_forward(x, k, s)
+            dy = cp.random.standard_normal(yk.shape, dtype=cp.float32)
+            t = {"maxpool fwd": timer(lambda: ops.maxpool2d_forward(x, k, s)),
+                 "maxpool bwd": timer(lambda: ops.maxpool2d_backward(dy, am, x.shape, k, s))}
+            ref = {}
+            if torch is not None:
+                tx = torch.as_tensor(x, device="cuda")
+                tdy = torch.as_tensor(dy, device="cuda")
+                ty, ti = F.max_pool2d(tx, k, s, return_indices=True)
+                ref["maxpool fwd"] = ttimer(lambda: F.max_pool2d(tx, k, s))
+                ref["maxpool bwd"] = ttimer(
+                    lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+                        tdy, tx, list(k), list(s), [0, 0], [1, 1], False, ti))
+            rows += [(f"{kk} {tag}", v, ref.get(kk)) for kk, v in t.items()]
+        x = y
+    return rows

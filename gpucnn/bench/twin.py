@@ -1,0 +1,93 @@
+"""The PyTorch twin of a gpucnn model (same layers, a copy of the weights), and its train step."""
+from __future__ import annotations
+
+from .. import backend, layers
+
+__all__ = ["import_torch", "torch_twin", "torch_step", "torch_graphed"]
+
+
+def import_torch():
+    try:
+        import torch  # noqa: F401
+
+        return torch
+    except Exception:
+        return None
+
+
+def torch_twin(model, torch, device):
+    """An ``nn.Sequential`` with the same layers and a copy of ``model``'s weights."""
+    nn = torch.nn
+    mods = []
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D):
+            m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                          stride=layer.stride, padding=layer.padding, bias="b" in layer.params)
+        elif isinstance(layer, layers.Dense):
+            m = nn.Linear(layer.in_features, layer.out_features, bias="b" in layer.params)
+        elif isinstance(layer, layers.MaxPool2D):
+            m = nn.MaxPool2d(layer.kernel_size, layer.stride)
+        elif isinstance(layer, layers.AvgPool2D):
+            m = nn.AvgPool2d(layer.kernel_size, layer.stride)
+        elif isinstance(layer, layers.Flatten):
+            m = nn.Flatten()
+        elif isinstance(layer, layers.ReLU):
+            m = nn.ReLU()
+        elif isinstance(layer, layers.Sigmoid):
+            m = nn.Sigmoid()
+        elif isinstance(layer, layers.Tanh):
+            m = nn.Tanh()
+        else:
+            raise ValueError(f"no PyTorch twin for {type(layer).__name__}")
+        if "W" in layer.params:
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(backend.asnumpy(layer.params["W"])))
+                if "b" in layer.params:
+                    m.bias.copy_(torch.from_numpy(backend.asnumpy(layer.params["b"])))
+        mods.append(m)
+    return nn.Sequential(*mods).to(device)
+
+
+def torch_step(model, loss_name, x_np, y_np, device, torch, lr, momentum):
+    """The PyTorch twin's train step (SGD with momentum) on fixed NumPy inputs."""
+    tdev = "cuda" if device == "cuda" else "cpu"
+    tmodel = torch_twin(model, torch, tdev)
+    topt = torch.optim.SGD(tmodel.parameters(), lr=lr, momentum=momentum)
+    tx = torch.from_numpy(x_np).to(tdev)
+    ty = torch.from_numpy(y_np).to(tdev)
+    mse = loss_name == "mse"
+    tt = torch.nn.functional.one_hot(ty, 10).to(tx.dtype) if mse else ty
+
+    def step(zero_grad=True):
+        if zero_grad:  # inside a graph capture the grads are already None
+            topt.zero_grad(set_to_none=True)
+        out = tmodel(tx)
+        if mse:
+            value = 0.5 * ((out - tt) ** 2).sum() / out.shape[0]
+        else:
+            value = torch.nn.functional.cross_entropy(out, tt)
+        value.backward()
+        topt.step()
+        return value
+
+    return step
+
+
+def torch_graphed(tstep, torch, warmup=3):
+    """Capture a PyTorch train step into one CUDA graph; returns its replay.
+
+    The recipe of PyTorch's CUDA-graphs notes for a whole training step: warm
+    up on a side stream (so the optimizer's state exists), drop the gradients,
+    capture forward + backward + step, then time ``graph.replay()``.  Inputs
+    are the step's static tensors, so every replay redoes the same batch.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            tstep()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tstep(zero_grad=False)
+    return graph.replay

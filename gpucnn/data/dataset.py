@@ -1,0 +1,185 @@
+"""Loading a dataset by name, and normalising its images for a model."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import backend
+from . import fetch as _fetch_module
+from .idx import fail, read_idx
+from .lookup import ENV_VAR, cache_dir, candidates, find_file, locate
+from .specs import ROLES, DatasetSpec, get_spec
+
+__all__ = ["Dataset", "load_dataset", "normalize", "load_arrays"]
+
+@dataclass
+class Dataset:
+    """A loaded dataset: uint8 images ``(N, H, W)`` and uint8 labels ``(N,)``.
+
+    Attributes:
+        name: Dataset name.
+        classes: Class names, index = label.
+        source: Directory the files were read from (``None`` if built in memory).
+        train_images, train_labels, test_images, test_labels: The arrays.
+    """
+
+    name: str
+    classes: list[str]
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: Path | None = None
+    spec: DatasetSpec | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x = getattr(self, f"{split}_images")
+            y = getattr(self, f"{split}_labels")
+            if x.ndim != 3:
+                raise ValueError(f"{split}_images must be (N, H, W), got shape {x.shape}")
+            if y.ndim != 1:
+                raise ValueError(f"{split}_labels must be (N,), got shape {y.shape}")
+            if len(x) != len(y):
+                raise ValueError(
+                    f"{split}: {len(x)} images but {len(y)} labels; the counts must match"
+                )
+            if y.size and int(y.max()) >= len(self.classes):
+                raise ValueError(
+                    f"{split}_labels has label {int(y.max())} but there are only "
+                    f"{len(self.classes)} classes"
+                )
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, train={self.train_images.shape}, "
+            f"test={self.test_images.shape}, source={str(self.source)!r})"
+        )
+
+
+def _load_from(spec: DatasetSpec, directory: Path) -> Dataset:
+    arrays = {}
+    for role in ROLES:
+        f = spec.files[role]
+        path = find_file(directory, f)
+        if path is None:  # pragma: no cover - locate() checked, but files can vanish
+            raise FileNotFoundError(f"{directory / f.name} is missing")
+        arrays[role] = read_idx(path, expected=f, dataset=spec.name)
+    try:
+        return Dataset(name=spec.name, classes=list(spec.classes), source=directory,
+                       spec=spec, **arrays)
+    except ValueError as exc:
+        raise fail(directory, str(exc)) from None
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = True,
+                 *, mirrors: Sequence[str] | None = None, timeout: float = 30) -> Dataset:
+    """Load a dataset by name, downloading it into the cache if needed.
+
+    Args:
+        name: ``"mnist"`` or ``"fashion-mnist"``.
+        data_dir: Directory to look in first (the CLI's ``--data-dir``).
+        download: When the files are found nowhere, fetch them into the
+            per-user cache (:func:`cache_dir`).
+        mirrors: Base URLs to download from instead of the dataset's own.
+        timeout: Socket timeout in seconds for downloads.
+
+    Returns:
+        The :class:`Dataset`, verified, with ``source`` set to its directory.
+
+    Raises:
+        ValueError: Unknown dataset name (the message lists the known ones).
+        DataError: A file is corrupt, truncated or fails its checksum.
+        DownloadError: Downloading failed from every mirror.
+        FileNotFoundError: Not found anywhere and ``download`` is false.
+    """
+    spec = get_spec(name)
+    directory = locate(spec.name, data_dir)
+    if directory is None:
+        if not download:
+            searched = "\n  ".join(f"{label}: {d}" for label, d in candidates(spec, data_dir))
+            raise FileNotFoundError(
+                f"dataset {spec.name!r} not found; looked for "
+                f"{', '.join(f.name for f in spec.files.values())} in:\n  {searched}\n"
+                f"Pass download=True, or point data_dir / --data-dir / ${ENV_VAR} at the files."
+            )
+        directory = _fetch_module.download(spec.name, cache_dir(spec.name), mirrors=mirrors,
+                                        timeout=timeout)
+    return _load_from(spec, directory)
+
+
+# ``load_dataset`` has a parameter called ``download``; keep a handle on the function.
+
+
+def normalize(images, dataset: str | DatasetSpec | Dataset = "mnist", *,
+              mean: float | None = None, std: float | None = None) -> np.ndarray:
+    """Scale pixels to [0, 1] and standardise them with the dataset's train statistics.
+
+    Args:
+        images: Integer pixel values 0..255, shape ``(N, H, W)`` or ``(N, 1, H, W)``.
+        dataset: Whose mean/std to use: a name, a :class:`DatasetSpec` or a
+            :class:`Dataset` (MNIST 0.1307/0.3081, Fashion-MNIST 0.2860/0.3530).
+        mean: Override the mean (of pixel/255).
+        std: Override the standard deviation (of pixel/255).
+
+    Returns:
+        ``float32`` array ``(N, 1, H, W)``: ``(pixel / 255 - mean) / std``.
+
+    Raises:
+        TypeError: ``images`` is not an integer array.
+        ValueError: Wrong shape, values outside 0..255, or ``std <= 0``.
+    """
+    x = np.asarray(images)
+    if x.dtype.kind not in "ui":
+        raise TypeError(
+            f"normalize expects integer pixel values 0..255 (e.g. uint8), got dtype {x.dtype}"
+        )
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    elif not (x.ndim == 4 and x.shape[1] == 1):
+        raise ValueError(f"images must be (N, H, W) or (N, 1, H, W), got shape {x.shape}")
+    if x.dtype != np.uint8 and x.size and (x.min() < 0 or x.max() > 255):
+        raise ValueError(
+            f"pixel values must lie in 0..255, got range [{x.min()}, {x.max()}]"
+        )
+    if isinstance(dataset, Dataset):
+        spec = dataset.spec or get_spec(dataset.name)
+    else:
+        spec = get_spec(dataset)
+    m = spec.mean if mean is None else float(mean)
+    s = spec.std if std is None else float(std)
+    if not s > 0:
+        raise ValueError(f"std must be positive, got {s}")
+    scale = np.float32(1.0 / (255.0 * s))
+    shift = np.float32(m / s)
+    out = x.astype(np.float32)
+    out *= scale
+    out -= shift
+    return out
+
+
+def load_arrays(dataset: str = "mnist", data_dir=None, subset=None, test_subset=None, device="cpu",
+                data=None):
+    """Load, normalise, cut and move a dataset: ``(x_train, y_train, x_test, y_test, classes)``.
+
+    Images are float32 ``(N, 1, 28, 28)`` normalised with the dataset's
+    statistics; labels int64; all on ``device``.  ``data`` may be an already
+    loaded :class:`Dataset`.
+    """
+    ds = data if data is not None else load_dataset(dataset, data_dir)
+    tr_x, tr_y = ds.train_images, ds.train_labels
+    te_x, te_y = ds.test_images, ds.test_labels
+    for name, value, n in (("subset", subset, len(tr_x)), ("test_subset", test_subset, len(te_x))):
+        if value is not None and value > n:
+            raise ValueError(f"{name}={value} is larger than the {dataset} split it cuts ({n} images)")
+    if subset is not None:
+        tr_x, tr_y = tr_x[:subset], tr_y[:subset]
+    if test_subset is not None:
+        te_x, te_y = te_x[:test_subset], te_y[:test_subset]
+    arrays = (normalize(tr_x, ds), tr_y.astype(np.int64), normalize(te_x, ds), te_y.astype(np.int64))
+    arrays = tuple(backend.to_device(a, device) for a in arrays)
+    return arrays + (list(ds.classes),)

@@ -1,0 +1,80 @@
+"""Where a dataset's files are looked up (see :mod:`gpucnn.data` for the order)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .specs import DatasetSpec, FileSpec, get_spec
+
+__all__ = ["ENV_VAR", "PACKAGE_DATA", "cache_dir", "find_file", "has_all", "candidates", "locate"]
+
+#: Environment variable naming a data root (``$GPUCNN_DATA/<name>/`` or the files directly).
+ENV_VAR = "GPUCNN_DATA"
+
+#: Where the package keeps its shipped copies: ``PACKAGE_DATA/<name>/``.
+PACKAGE_DATA = Path(__file__).resolve().parent.parent / "_data"
+
+
+def cache_dir(name: str | None = None) -> Path:
+    """The per-user cache directory (``$XDG_CACHE_HOME/gpucnn`` or ``~/.cache/gpucnn``).
+
+    Args:
+        name: Dataset name; when given the dataset's sub-directory is returned.
+
+    Returns:
+        The directory (not created).
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    root = base / "gpucnn"
+    return root / get_spec(name).name if name is not None else root
+
+
+def find_file(directory: Path, f: FileSpec) -> Path | None:
+    """The file ``f`` in ``directory`` under its .gz or un-gzipped name, if any."""
+    for candidate in (f.name, f.raw_name):
+        p = directory / candidate
+        if p.is_file():
+            return p
+    return None
+
+
+def has_all(directory: Path, spec: DatasetSpec) -> bool:
+    return directory.is_dir() and all(find_file(directory, f) for f in spec.files.values())
+
+
+def candidates(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> list[tuple[str, Path]]:
+    """Directories to search, in lookup order, each with a label for messages."""
+    out: list[tuple[str, Path]] = []
+    if data_dir is not None:
+        d = Path(data_dir).expanduser()
+        out += [("data_dir", d / spec.name), ("data_dir", d)]
+    env = os.environ.get(ENV_VAR, "")
+    if env:
+        d = Path(env).expanduser()
+        out += [(ENV_VAR, d / spec.name), (ENV_VAR, d)]
+    out.append(("shipped", PACKAGE_DATA / spec.name))
+    out.append(("cache", cache_dir(spec.name)))
+    return out
+
+
+def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """Find the directory holding all four files of a dataset.
+
+    Lookup order: ``data_dir`` (``<data_dir>/<name>/`` then ``<data_dir>``),
+    ``$GPUCNN_DATA`` (likewise), the copy shipped in the package, then the
+    per-user cache.  Only existence is checked here; contents are verified
+    when read.
+
+    Args:
+        name: Dataset name (see :data:`DATASETS`).
+        data_dir: Explicit directory to look in first.
+
+    Returns:
+        The first directory holding every file, or ``None``.
+    """
+    spec = get_spec(name)
+    for _, d in candidates(spec, data_dir):
+        if has_all(d, spec):
+            return d
+    return None

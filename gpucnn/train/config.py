@@ -1,0 +1,180 @@
+"""What defines a training run: :class:`TrainConfig`, its defaults, and the resume rule.
+
+A run is fully described by its :class:`TrainConfig` (saved in every
+checkpoint and in ``config.json``).  ``lr``, ``momentum`` and
+``weight_decay`` default (None) to :data:`OPTIMIZER_DEFAULTS`, overridden per
+model by :data:`MODEL_DEFAULTS`.  When a run is resumed only ``epochs`` (the
+total to reach) may change: :func:`resume_config` is the one place that
+checks it, for ``gpucnn train --resume`` and :func:`gpucnn.train.train` alike.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from ..data import get_spec
+
+__all__ = ["TrainConfig", "OPTIMIZER_DEFAULTS", "MODEL_DEFAULTS", "SCHEDULES", "ResumeConflictError",
+           "resume_config", "NonFiniteLossError"]
+
+#: Default hyper-parameters per optimizer (used when ``lr`` / ``momentum`` are None).
+OPTIMIZER_DEFAULTS = {
+    "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 2e-3},
+    "adam": {"lr": 1e-3, "weight_decay": 0.0},
+}
+#: Per-model overrides of :data:`OPTIMIZER_DEFAULTS`: the all-sigmoid seed networks
+#: learn far faster with a larger step and no weight decay.
+MODEL_DEFAULTS = {
+    "zhang2016": {"sgd": {"lr": 1.0, "weight_decay": 0.0}},
+    "seed002_c1": {"sgd": {"lr": 0.2, "weight_decay": 0.0}},
+    "seed002_c2": {"sgd": {"lr": 0.2, "weight_decay": 0.0}},
+}
+SCHEDULES = ("constant", "step", "cosine")
+METRICS_NAME = "metrics.jsonl"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; ``checkpoint`` is the last good one (or None)."""
+
+    def __init__(self, message, epoch=None, step=None, checkpoint=None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in the checkpoint).
+
+    ``lr``, ``momentum`` and ``weight_decay`` default (None) to
+    :data:`OPTIMIZER_DEFAULTS` for the optimizer, overridden per model by
+    :data:`MODEL_DEFAULTS`; ``subset`` / ``test_subset`` take the first N training /
+    test images (None: all).
+    """
+
+    model: str = "lenet5"
+    dataset: str = "mnist"
+    epochs: int = 3
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float | None = None
+    lr_schedule: str = "cosine"
+    lr_step: int = 2
+    lr_gamma: float = 0.1
+    warmup: float = 0.25
+    momentum: float | None = None
+    nesterov: bool = False
+    weight_decay: float | None = None
+    seed: int = 0
+    subset: int | None = None
+    test_subset: int | None = None
+    eval_batch_size: int = 1000
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with ``lr``/``momentum`` filled in from the optimizer defaults, validated."""
+        d = asdict(self)
+        if d["optimizer"] not in OPTIMIZER_DEFAULTS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_DEFAULTS)}, got optimizer={self.optimizer!r}")
+        defaults = dict(OPTIMIZER_DEFAULTS[d["optimizer"]])
+        defaults.update(MODEL_DEFAULTS.get(d["model"], {}).get(d["optimizer"], {}))
+        if d["lr"] is None:
+            d["lr"] = defaults["lr"]
+        if d["momentum"] is None:
+            d["momentum"] = defaults.get("momentum", 0.0)
+        if d["weight_decay"] is None:
+            d["weight_decay"] = defaults["weight_decay"]
+        cfg = TrainConfig(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def positive_int(name, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
+
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a model name, got model={self.model!r}")
+        get_spec(self.dataset)
+        for name in ("epochs", "batch_size", "lr_step", "eval_batch_size"):
+            positive_int(name)
+        for name in ("subset", "test_subset"):
+            positive_int(name, allow_none=True)
+        if self.optimizer not in OPTIMIZER_DEFAULTS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_DEFAULTS)}, got optimizer={self.optimizer!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got lr_schedule={self.lr_schedule!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got lr={self.lr!r}")
+        if not (0 < self.lr_gamma <= 1):
+            raise ValueError(f"lr_gamma must be in (0, 1], got lr_gamma={self.lr_gamma!r}")
+        if not (isinstance(self.warmup, (int, float)) and 0 <= self.warmup <= self.epochs):
+            raise ValueError(f"warmup must be between 0 and epochs ({self.epochs}), got warmup={self.warmup!r}")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got momentum={self.momentum!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"momentum applies to sgd only, got momentum={self.momentum!r} with optimizer={self.optimizer!r}")
+        if self.nesterov and not self.momentum:
+            raise ValueError("nesterov needs momentum > 0")
+        if self.weight_decay is not None and not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be >= 0, got weight_decay={self.weight_decay!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got seed={self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}")
+        return cls(**d)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; ``checkpoint`` is the last good one (or None)."""
+
+    def __init__(self, message, epoch=None, step=None, checkpoint=None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+
+
+class ResumeConflictError(ValueError):
+    """Resuming was asked with a configuration that differs from the checkpoint's."""
+
+
+def resume_config(saved: dict, given: dict, *, flags: bool = False) -> TrainConfig:
+    """The configuration of a resumed run: the checkpoint's, with ``given`` laid over it.
+
+    Args:
+        saved: the checkpoint's configuration (``Checkpoint.config``).
+        given: the settings asked for explicitly (a CLI's given options, or
+            every field of a config passed to :func:`gpucnn.train.train`).
+        flags: name the settings as command-line flags (``--lr``) in the error.
+
+    Raises:
+        ResumeConflictError: a setting other than ``epochs`` differs; the
+            message lists every one, asked vs checkpoint.
+        ValueError: the checkpoint's configuration is unusable.
+    """
+    try:
+        base = TrainConfig.from_dict(dict(saved))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the checkpoint holds an unusable training config ({exc})") from None
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown training config keys {unknown}")
+    current = asdict(base)
+    conflicts = [(k, v, current[k]) for k, v in given.items() if k != "epochs" and current[k] != v]
+    if conflicts:
+        name = (lambda k: "--" + k.replace("_", "-") + " ") if flags else (lambda k: k + "=")
+        listed = ", ".join(f"{name(k)}{v!r} (checkpoint: {s!r})" for k, v, s in conflicts)
+        raise ResumeConflictError(
+            f"cannot change the run's configuration when resuming: {listed}; only "
+            f"{'--epochs' if flags else 'epochs'} (the total) may change")
+    if "epochs" in given:
+        current["epochs"] = given["epochs"]
+    return TrainConfig(**current)

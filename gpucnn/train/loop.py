@@ -1,0 +1,261 @@
+"""``train()``: a whole run -- configuration, data, model, epochs, checkpoints, metrics.
+
+One epoch is a shuffled pass over the training set in minibatches
+(:class:`~gpucnn.train.Trainer`), an evaluation of the test set in eval mode,
+a checkpoint written atomically and one line appended to ``metrics.jsonl``
+(:class:`~gpucnn.train.rundir.RunDir`).  Data stay on the device: the
+normalised dataset is moved once (NumPy on the CPU, CuPy on ``cuda``) and
+every batch is indexed there.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+
+from .. import backend, checkpoint as ckpt_mod, debug as debug_mod, losses, models, nvtx, optim
+from .. import random as grandom
+from ..data import load_arrays
+from ..data.batching import SHUFFLE_SCHEME, epoch_permutation, shuffle_generator, steps_per_epoch
+from .config import NonFiniteLossError, TrainConfig, resume_config
+from .rundir import RunDir
+from .schedule import Schedule
+from .trainer import EpochStats, Trainer
+
+__all__ = ["train", "TrainResult", "make_optimizer"]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    out_dir: Path
+    checkpoint: Path | None
+    metrics: list = field(default_factory=list)
+    model: object = None
+    config: TrainConfig | None = None
+    device: str = "cpu"
+    epochs_run: int = 0
+    seconds: float = 0.0
+    images_per_sec: float = 0.0
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.metrics[-1]["test_accuracy"] if self.metrics else None
+
+    def summary(self) -> str:
+        """The one-line summary ``gpucnn train`` prints last."""
+        cfg = self.config
+        acc = self.test_accuracy
+        acc_s = f"{100 * acc:.2f}%" if acc is not None else "n/a"
+        total = len(self.metrics)
+        return (f"done: {cfg.model} on {cfg.dataset}, {total} epoch{'s' if total != 1 else ''}, "
+                f"test accuracy {acc_s}, {self.images_per_sec:.0f} images/s ({self.device}), "
+                f"{self.seconds:.1f} s, checkpoint {self.checkpoint}")
+
+
+def make_optimizer(cfg: TrainConfig, model):
+    """The optimizer a resolved config asks for."""
+    if cfg.optimizer == "sgd":
+        return optim.SGD(model, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                         weight_decay=cfg.weight_decay)
+    return optim.Adam(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _check_stop_after(stop_after):
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                   or stop_after <= 0):
+        raise ValueError(f"stop_after must be a positive integer, got stop_after={stop_after!r}")
+
+
+def _run_config(config, resume, say):
+    """``(resolved config, checkpoint or None)``; the resume rule is :func:`resume_config`'s."""
+    ckpt = ckpt_mod.load_checkpoint(resume) if resume is not None else None
+    if ckpt is None:
+        return (config or TrainConfig()).resolved(), None
+    given = {} if config is None else asdict(config.resolved())
+    cfg = resume_config(ckpt.config, given).resolved()
+    if ckpt.config.get("epochs") != cfg.epochs and cfg.lr_schedule == "cosine":
+        say(f"note: epochs changed from {ckpt.config.get('epochs')} to {cfg.epochs}; the cosine "
+            f"schedule is stretched accordingly (not identical to an uninterrupted run)")
+    return cfg, ckpt
+
+
+def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None,
+          device: str = "auto", data_dir=None, out_dir=None, resume=None,
+          stop_after: int | None = None, nvtx: bool = False, debug: bool = False,
+          progress: bool = True, overwrite: bool = False,
+          log: Callable[[str], None] | None = print) -> TrainResult:
+    """Train, evaluating and checkpointing every epoch.
+
+    Args:
+        config: the run's :class:`TrainConfig` (None: defaults, or the
+            checkpoint's configuration when resuming).  When resuming, only
+            ``epochs`` (the total to reach) may differ from the checkpoint's.
+        model: a custom :class:`~gpucnn.layers.Sequential` (then
+            ``config.model`` is only a label, e.g. ``"custom"``; seed before
+            building it).  Default: ``models.build(config.model)`` after
+            ``gpucnn.seed(config.seed)``.
+        loss: loss object (default: ``models.make_loss(config.model)``, or
+            softmax cross-entropy for a custom model).
+        data: an already loaded :class:`gpucnn.data.Dataset`.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        data_dir: where to look for the dataset first.
+        out_dir: run directory (default: the resumed one, else
+            ``runs/<model>-<timestamp>``).  Refused if it already holds a
+            checkpoint, unless ``overwrite`` or resuming into it.
+        resume: a run directory or checkpoint file to continue from.
+        stop_after: stop after this epoch (1-based) as if interrupted.
+        nvtx, debug: enable NVTX ranges / NaN-Inf anomaly detection.
+        progress: show a tqdm progress bar (on stderr, when it is a terminal).
+        log: called with each human-readable line (None: silent).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/Inf; the last good checkpoint
+            is kept (not overwritten) and named in the message.
+        ValueError: bad configuration, or a config that conflicts with the
+            checkpoint being resumed.
+        gpucnn.checkpoint.CheckpointError: unusable checkpoint.
+    """
+    say = log or (lambda s: None)
+    t_start = time.perf_counter()
+    cfg, ckpt = _run_config(config, resume, say)
+    _check_stop_after(stop_after)
+    dev, why = backend.resolve_device(device)
+    say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
+    with contextlib.ExitStack() as stack:
+        if nvtx and not stack.enter_context(_nvtx_on()):
+            say("note: --nvtx: no NVTX implementation importable (pip install nvtx, or CuPy); ranges are no-ops")
+        if debug:
+            stack.enter_context(debug_mod.detect_anomaly())
+        run = _Run.prepare(cfg, ckpt, model, loss, data, dev, data_dir, out_dir, overwrite, say)
+        run.epochs(stop_after, progress)
+    return run.result(time.perf_counter() - t_start)
+
+
+def _nvtx_on():
+    return nvtx.enabled(True)
+
+
+class _Run:
+    """The state of one :func:`train` call between preparation and the result."""
+
+    @classmethod
+    def prepare(cls, cfg, ckpt, model, loss, data, dev, data_dir, out_dir, overwrite, say):
+        self = cls()
+        self.cfg, self.ckpt, self.dev, self.say = cfg, ckpt, dev, say
+        self.rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite)
+        self.x_tr, self.y_tr, self.x_te, self.y_te, classes = load_arrays(
+            cfg.dataset, data_dir, cfg.subset, cfg.test_subset, dev, data)
+        self.num_classes = len(classes)
+        self.n = int(self.x_tr.shape[0])
+        self.steps = steps_per_epoch(self.n, cfg.batch_size)
+        say(f"data: {cfg.dataset}, {self.n} training / {int(self.x_te.shape[0])} test images"
+            + (f" (first {cfg.subset} training images)" if cfg.subset else ""))
+        self.model, self.loss = self._model_and_loss(model, loss)
+        self.opt = make_optimizer(cfg, self.model)
+        self.start_epoch = 0
+        if ckpt is not None:
+            ckpt_mod.load_into(ckpt, self.model, self.opt)
+            self.start_epoch = ckpt.epoch
+            if "gpucnn" in ckpt.rng:
+                grandom.set_state(ckpt.rng["gpucnn"])
+            say(f"resumed from {ckpt.path} after epoch {ckpt.epoch}")
+        self.metrics = self.rundir.previous_metrics()
+        self.rundir.start(cfg, self.metrics)
+        say(f"model: {cfg.model} ({self.model.num_parameters()} parameters), {cfg.optimizer} lr {cfg.lr:g}"
+            + (f" momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" and cfg.momentum else "")
+            + f" {cfg.lr_schedule} schedule, batch {cfg.batch_size}, {cfg.epochs} "
+              f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
+        self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
+                               schedule=Schedule(cfg, self.steps), num_classes=self.num_classes)
+        self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
+        return self
+
+    def _model_and_loss(self, model, loss):
+        cfg, dev = self.cfg, self.dev
+        if model is None:
+            grandom.seed(cfg.seed)
+            model = models.build(cfg.model)
+        model.to(dev)
+        if loss is None:
+            loss = models.make_loss(cfg.model) if cfg.model in models.MODELS else losses.SoftmaxCrossEntropy()
+            if isinstance(loss, losses.SoftmaxCrossEntropy) and dev == "cuda":
+                # labels come from a verified dataset; on the GPU the range
+                # check would cost a host sync every step
+                loss.check_labels = False
+        return model, loss
+
+    def epochs(self, stop_after, progress):
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, cfg.epochs):
+            row = self._epoch(epoch, progress)
+            self.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc "
+                     f"{100 * row['train_accuracy']:.2f}%, test loss {row['test_loss']:.4f} acc "
+                     f"{100 * row['test_accuracy']:.2f}%, {row['images_per_sec']:.0f} images/s, "
+                     f"{row['seconds']:.1f} s")
+            if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
+                self.say(f"stopping after epoch {epoch + 1} as asked; continue with --resume {self.rundir.path}")
+                break
+        if self.epochs_run == 0 and self.ckpt is not None:
+            self.say(f"nothing to do: the checkpoint already has {self.start_epoch} of {cfg.epochs} epochs")
+
+    def _epoch(self, epoch, progress):
+        cfg, dev = self.cfg, self.dev
+        t_epoch = time.perf_counter()
+        order = backend.to_device(epoch_permutation(cfg.seed, epoch, self.n), dev)
+        stats = self._train_steps(epoch, order, progress)
+        backend.synchronize(dev)
+        t_train = time.perf_counter() - t_epoch
+        ev = self.trainer.evaluate(self.x_te, self.y_te, cfg.eval_batch_size)
+        self.train_images += stats.seen
+        self.train_seconds += t_train
+        row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+               "test_loss": ev["loss"], "test_accuracy": ev["accuracy"], "lr": stats.lr_first,
+               "lr_end": stats.lr_last, "images_per_sec": stats.seen / t_train if t_train > 0 else float("nan"),
+               "train_seconds": t_train, "seconds": time.perf_counter() - t_epoch, "device": dev}
+        rng = {"gpucnn": grandom.get_state(), "shuffle": shuffle_generator(cfg.seed, epoch + 1).bit_generator.state,
+               "shuffle_scheme": SHUFFLE_SCHEME}
+        self.rundir.save_epoch(self.model, self.opt, config=cfg, epoch=epoch + 1, rng=rng, row=row)
+        row["seconds"] = time.perf_counter() - t_epoch  # include the checkpoint write
+        self.metrics.append(row)
+        self.rundir.append_metrics(row)
+        self.epochs_run += 1
+        return row
+
+    def _train_steps(self, epoch, order, progress) -> EpochStats:
+        from tqdm.auto import tqdm
+
+        cfg, t0 = self.cfg, time.perf_counter()
+        bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=True if not progress else None, file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5, leave=False)
+
+        def on_sync(stats, n):
+            bar.update(n)
+            if stats.steps % 20 == 1 or stats.steps == self.steps:
+                el = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.4f}",
+                                img_s=f"{stats.seen / el:.0f}" if el > 0 else "-", lr=f"{stats.lr_last:.3g}",
+                                refresh=False)
+
+        try:
+            return self.trainer.run_steps(self.x_tr, self.y_tr, order, epoch, range(self.steps), self.steps,
+                                          on_sync=on_sync)
+        except NonFiniteLossError as exc:
+            hint = "" if "layer" in str(exc) else (". Try a smaller --lr, or --debug to find the first layer "
+                                                   "producing NaN/Inf")
+            raise NonFiniteLossError(f"{exc}; stopping: {self.rundir.kept(epoch)}{hint}", epoch=exc.epoch,
+                                     step=exc.step, checkpoint=self.rundir.last_good) from None
+        finally:
+            bar.close()
+
+    def result(self, seconds) -> TrainResult:
+        ck = self.rundir.checkpoint if self.rundir.checkpoint.exists() else self.rundir.last_good
+        return TrainResult(out_dir=self.rundir.path, checkpoint=ck, metrics=self.metrics, model=self.model,
+                           config=self.cfg, device=self.dev, epochs_run=self.epochs_run, seconds=seconds,
+                           images_per_sec=(self.train_images / self.train_seconds) if self.train_seconds > 0 else 0.0)

@@ -1,0 +1,203 @@
+"""Whole networks on the kernel backends against the NumPy path.
+
+On ``cudasim`` the layers' kernel path runs on NumPy arrays through the
+emulator (the dispatch seam patched, tests/backends.py); on ``cupy`` it runs
+on a GPU.  Either way the very code a GPU run executes -- the argument order
+of every functional op, what forward keeps for backward, the first layer's
+skipped input gradient -- is compared, output, input gradient and every
+parameter gradient, with the plain NumPy path.  A meta-test plants a bug in
+the dispatch (a dropped padding argument) and checks that the comparison
+catches it.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import gpucnn as gc
+from backends import KERNEL_BACKENDS, backend_fixture
+from gpucnn import losses, models, optim
+from gpucnn.cuda import loader, ops
+from gpucnn.functional import _dispatch
+from gpucnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid
+
+backend = backend_fixture(KERNEL_BACKENDS)
+
+
+def _small_net(dtype=np.float64):
+    gc.seed(3)
+    return Sequential(
+        Conv2D(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype=dtype), ReLU(),
+        MaxPool2D(3, stride=2),               # overlapping windows
+        Conv2D(3, 2, 2, padding=1, dtype=dtype), Sigmoid(),
+        AvgPool2D(2),
+        Flatten(), Dense(2, 4, dtype=dtype),  # (2, 9, 6) -> (3, 5, 5) -> (3, 2, 2) -> (2, 3, 3) -> (2, 1, 1)
+    )
+
+
+def _run(net, loss, x, target, input_grad=True):
+    value = loss.forward(net.forward(x), target)
+    dx = net.backward(loss.backward(), input_grad=input_grad)
+    return value, dx, {name: lay.grads[k] for name, lay, k in net.named_parameters()}
+
+
+def _on_numpy(fn):
+    """Run ``fn()`` with the dispatch seam forced to the NumPy path (the reference)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_dispatch, "use_kernels", lambda *a: False)
+        return fn()
+
+
+def _assert_same(got, want, backend, rtol, atol, what):
+    value, dx, grads = got
+    rvalue, rdx, rgrads = want
+    np.testing.assert_allclose(float(value), float(rvalue), rtol=rtol, err_msg=f"{what} loss")
+    if rdx is None:
+        assert dx is None
+    else:
+        np.testing.assert_allclose(backend.get(dx), rdx, rtol=rtol, atol=atol, err_msg=f"{what} dL/dx")
+    assert grads.keys() == rgrads.keys()
+    for name in rgrads:
+        np.testing.assert_allclose(backend.get(grads[name]), rgrads[name], rtol=rtol, atol=atol,
+                                   err_msg=f"{what} grad {name}")
+
+
+def _compare_small_net(backend):
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((2, 2, 9, 6)), np.array([1, 3])
+    want = _on_numpy(lambda: _run(_small_net(), losses.SoftmaxCrossEntropy(), x, labels))
+    net = _small_net().to("cuda") if backend.name == "cupy" else _small_net()
+    got = _run(net, losses.SoftmaxCrossEntropy(), backend.put(x), backend.put(labels))
+    _assert_same(got, want, backend, 1e-10, 1e-12, "small net")
+
+
+def test_small_network_matches_numpy(backend):
+    _compare_small_net(backend)
+
+
+class _Counting:
+    """Module builder wrapper that records every kernel launched."""
+
+    def __init__(self, inner):
+        self.inner, self.launched = inner, []
+
+    def __call__(self, code, name, options):
+        module, launched = self.inner(code, name, options), self.launched
+
+        class Module:
+            def get_function(self, kernel):
+                fn = module.get_function(kernel)
+
+                def call(*args, **kwargs):
+                    launched.append(kernel)
+                    return fn(*args, **kwargs)
+                return call
+        return Module()
+
+
+def test_every_kernel_of_the_network_is_launched(backend):
+    counting = _Counting(loader.get_module_builder())
+    with loader.use_module_builder(counting):
+        _compare_small_net(backend)
+    for name in ("conv2d_forward_f64", "conv2d_backward_input_f64", "conv2d_backward_weight_f64",
+                 "conv2d_backward_bias_f64", "maxpool2d_forward_f64", "maxpool2d_backward_f64",
+                 "softmax_xent_forward_f64", "softmax_xent_backward_f64"):
+        assert name in counting.launched, f"{name} was not launched: a layer did not take its kernel path"
+
+
+def test_first_layer_skips_the_input_gradient_kernel(backend):
+    net = _small_net().to("cuda") if backend.name == "cupy" else _small_net()
+    loss = losses.SoftmaxCrossEntropy()
+    loss.forward(net.forward(backend.put(np.random.default_rng(1).standard_normal((1, 2, 9, 6)))),
+                 backend.put(np.array([2])))
+    counting = _Counting(loader.get_module_builder())
+    with loader.use_module_builder(counting):
+        assert net.backward(loss.backward(), input_grad=False) is None
+    assert counting.launched.count("conv2d_backward_input_f64") == 1   # the second conv's only
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS[:1], indirect=True)
+def test_comparison_catches_a_dropped_padding_argument(backend, monkeypatch):
+    """Mutation check: the network comparison above fails when the dispatch drops padding."""
+    real = ops.conv2d_forward
+
+    def planted(x, W, b, stride, padding):
+        y = real(x, W, b, stride, (0, 0))
+        out = np.zeros((x.shape[0], W.shape[0]) + tuple(
+            (s + 2 * p - k) // st + 1 for s, p, k, st in zip(x.shape[2:], padding, W.shape[2:], stride)), y.dtype)
+        h, w = min(y.shape[2], out.shape[2]), min(y.shape[3], out.shape[3])
+        out[:, :, :h, :w] = y[:, :, :h, :w]       # right shape, wrong values: only values can catch it
+        return out
+
+    monkeypatch.setattr(ops, "conv2d_forward", planted)
+    with pytest.raises(AssertionError):
+        _compare_small_net(backend)
+
+
+# --------------------------------------------------------------------------- #
+# The seed networks, and a few optimizer steps (float64 tight; float32 looser, see STEP_TOL)
+# --------------------------------------------------------------------------- #
+def _twins(name, backend, dtype, seed=0):
+    gc.seed(seed)
+    ref = models.build(name, dtype=dtype)
+    net = copy.deepcopy(ref)
+    if backend.name == "cupy":
+        net.to("cuda")
+    return ref, net
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS[1:], indirect=True)   # 30-70 s each on the emulator
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", ["lenet5", "zhang2016", "seed002_c2"])
+def test_seed_network_matches_numpy(name, dtype, backend):
+    ref, net = _twins(name, backend, dtype)
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 1, 28, 28)).astype(dtype)
+    labels = rng.integers(0, 10, 2)
+    target = losses.one_hot(labels, 10, dtype) if models.loss_name(name) == "mse" else labels
+    want = _on_numpy(lambda: _run(ref, models.make_loss(name), x, target))
+    got = _run(net, models.make_loss(name), backend.put(x), backend.put(target))
+    rtol, atol = (1e-10, 1e-12) if dtype == np.float64 else (1e-4, 1e-5)
+    _assert_same(got, want, backend, rtol, atol, name)
+
+
+# After 3 SGD steps.  float32 is looser: a pre-activation within float32 rounding of 0 (or a
+# max-pool near-tie) can take the other branch on one device, which moves single weights by
+# ~lr * |dy * x| (rare, ~1e-4) without anything being wrong.
+STEP_TOL = {np.float32: (1e-4, 1e-3, 2e-4), np.float64: (1e-10, 1e-9, 1e-10)}
+
+
+def _sgd_steps(ref, net, backend, batches, dtype):
+    loss_rtol, prtol, patol = STEP_TOL[dtype]
+
+    def train(model, put):
+        opt = optim.SGD(model, lr=0.05, momentum=0.9)
+        trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(), opt, batch_size=len(batches[0][1]))
+        return [float(trainer.step(put(x), put(y))[0]) for x, y in batches]
+
+    want = _on_numpy(lambda: train(ref, np.asarray))
+    got = train(net, backend.put)
+    np.testing.assert_allclose(got, want, rtol=loss_rtol)
+    for name, value in ref.state_dict().items():
+        np.testing.assert_allclose(net.state_dict()[name], value, rtol=prtol, atol=patol, err_msg=name)
+
+
+def test_training_steps_match_numpy(backend):
+    """The loss curve of a few Trainer steps (forward, loss, backward, SGD momentum) through the
+    kernel path equals the NumPy path's, and so do the weights after them."""
+    ref = _small_net()
+    net = copy.deepcopy(ref).to("cuda") if backend.name == "cupy" else copy.deepcopy(ref)
+    rng = np.random.default_rng(4)
+    batches = [(rng.standard_normal((3, 2, 9, 6)), rng.integers(0, 4, 3)) for _ in range(5)]
+    _sgd_steps(ref, net, backend, batches, np.float64)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS[1:], indirect=True)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_lenet5_sgd_steps_match_numpy(dtype, backend):
+    ref, net = _twins("lenet5", backend, dtype, seed=3)
+    batches = [(np.random.default_rng(15 + s).standard_normal((32, 1, 28, 28)).astype(dtype),
+                np.random.default_rng(25 + s).integers(0, 10, 32)) for s in range(3)]
+    _sgd_steps(ref, net, backend, batches, dtype)
