@@ -12,6 +12,7 @@ CuPy (NVIDIA GPUs, with hand-written CUDA kernels at the hot spots).
 """
 from . import backend, data, debug, functional, init, layers, losses, models, nvtx, optim, testing, train
 from .backend import DeviceMismatchError, asnumpy, get_array_module, to_device
+from .inference import load, predict
 from .layers import Sequential
 from .random import seed
 
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "backend", "data", "debug", "functional", "init", "layers", "losses", "models", "nvtx", "optim",
     "testing", "train",
-    "DeviceMismatchError", "asnumpy", "get_array_module", "to_device", "Sequential", "seed",
+    "DeviceMismatchError", "asnumpy", "get_array_module", "to_device", "Sequential", "seed", "load", "predict",
 ]

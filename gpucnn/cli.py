@@ -4,7 +4,8 @@ Commands::
 
     gpucnn train     [--model lenet5] [--epochs 3] [--device auto] [--out DIR] ...
     gpucnn evaluate  CHECKPOINT                 # accuracy, per-class accuracy, confusion matrix
-    gpucnn predict   CHECKPOINT IMAGE [IMAGE...] # class and the 10 probabilities
+    gpucnn predict   CHECKPOINT IMAGE [IMAGE...] # drawings, scans, MNIST-style: class + probabilities
+    gpucnn export    CHECKPOINT --format onnx|safetensors --output FILE
     gpucnn plot      DIR                         # DIR/curves.png and DIR/filters.png
     gpucnn bench     ...                         # gpucnn/bench.py
 
@@ -150,19 +151,19 @@ def _add_evaluate(sub):
 
 
 def _add_predict(sub):
-    p = sub.add_parser(
-        "predict", help="classify image files",
-        description="Classify images (any size, colour or gray): converted to grayscale, inverted when the "
-                    "border is light (MNIST digits are white on black), resized to 28x28 and normalised "
-                    "like the training data.  Prints the class and the class probabilities.")
-    p.add_argument("checkpoint", help="checkpoint.npz or a run directory")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
-                   help="invert gray levels: auto = when the image border is light")
-    p.add_argument("--center", action="store_true",
-                   help="frame like MNIST: ink bounding box to 20x20, centre of mass in the middle of 28x28")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
-    p.set_defaults(func=_cmd_predict)
+    from .inference import add_arguments, run
+
+    p = sub.add_parser("predict", help="classify image files (drawings, scans, MNIST-style images)")
+    add_arguments(p)
+    p.set_defaults(func=lambda args, parser: run(args))
+
+
+def _add_export(sub):
+    from .export import cli as export_cli
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or safetensors")
+    export_cli.add_arguments(p)
+    p.set_defaults(func=lambda args, parser: export_cli.run(args))
 
 
 def _add_plot(sub):
@@ -210,6 +211,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
+    _add_export(sub)
     _add_plot(sub)
     _add_bench(sub, list(argv))
     return parser
@@ -316,33 +318,6 @@ def _cmd_evaluate(args, parser):
     print("true\\pred" + "".join(f"{j:>{cw}}" for j in range(k)))
     for i in range(k):
         print(f"{i:>9}" + "".join(f"{int(v):>{cw}}" for v in cm[i]))
-    return 0
-
-
-def _cmd_predict(args, parser):
-    import numpy as np
-
-    from .data import DATASETS
-    from .predict import load_image, predict_images
-
-    p = parser._gpucnn_sub["predict"]
-    device = _device_or_error(p, args.device)
-    model, ckpt = _load_model(p, args.checkpoint, device)
-    dataset = ckpt.config.get("dataset", "mnist")
-    classes = DATASETS[dataset].classes
-    images = []
-    for path in args.images:
-        if not Path(path).is_file():
-            p.error(f"argument images: image not found: {path}")
-        try:
-            images.append(load_image(path, invert=args.invert, center=args.center))
-        except ValueError as exc:
-            p.error(f"argument images: {exc}")
-    probs = predict_images(model, np.stack(images), dataset, models.loss_name(ckpt.model), device)
-    for path, pr in zip(args.images, probs):
-        c = int(pr.argmax())
-        print(f"{path}: class {c} ({classes[c]}), probability {pr[c]:.4f}")
-        print("  " + "  ".join(f"{i}:{v:.4f}" for i, v in enumerate(pr)))
     return 0
 
 

@@ -84,7 +84,7 @@ def test_predict_png_of_another_size(run_dir, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 4
     for head, probs in ((lines[0], lines[1]), (lines[2], lines[3])):
-        assert f"class {label} ({label})" in head
+        assert f"class {label}, probability " in head and f"({label})" not in head
         values = [float(tok.split(":")[1]) for tok in probs.split()]
         assert len(values) == 10 and sum(values) == pytest.approx(1, abs=1e-3)
         assert int(np.argmax(values)) == label
@@ -93,7 +93,7 @@ def test_predict_png_of_another_size(run_dir, tmp_path):
 def test_load_image_inversion_and_centering(tmp_path):
     from PIL import Image
 
-    from gpucnn.predict import load_image
+    from gpucnn.images import load_image
 
     a = np.zeros((50, 40), np.uint8)
     a[5:20, 3:10] = 255  # an off-centre white blob on black
@@ -101,7 +101,8 @@ def test_load_image_inversion_and_centering(tmp_path):
     plain = load_image(tmp_path / "paper.png")
     assert plain.shape == (28, 28) and plain.dtype == np.uint8
     assert plain[0, 0] == 0 and plain.max() > 200  # inverted back to white on black
-    assert load_image(tmp_path / "paper.png", invert="no")[0, 0] == 255
+    with pytest.warns(UserWarning, match="no ink found"):   # forced not to invert: white paper, no ink
+        assert load_image(tmp_path / "paper.png", invert="no", center=False)[0, 0] == 255
     c = load_image(tmp_path / "paper.png", center=True).astype(float)
     ys, xs = np.indices(c.shape)
     assert abs((c * ys).sum() / c.sum() - 14) < 1.5 and abs((c * xs).sum() / c.sum() - 14) < 1.5
@@ -143,7 +144,6 @@ def test_nan_exit_status(tmp_path):
     (["train", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["train", "--resume", "/nonexistent/run"], "argument --resume: checkpoint not found: /nonexistent/run"),
     (["evaluate", "/nonexistent/checkpoint.npz"], "checkpoint not found: /nonexistent/checkpoint.npz"),
-    (["predict", "/nonexistent/checkpoint.npz", "x.png"], "checkpoint not found"),
     (["plot", "/nonexistent/run"], "run directory not found: /nonexistent/run"),
     ([], "required: COMMAND"),
 ])
@@ -154,6 +154,12 @@ def test_bad_arguments(args, needle, capsys):
     err = capsys.readouterr().err
     assert needle in err, err
     assert "error:" in err
+
+
+def test_predict_with_a_missing_checkpoint(capsys):
+    assert cli.main(["predict", "/nonexistent/checkpoint.npz", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "gpucnn predict: error: argument checkpoint: checkpoint not found" in err, err
 
 
 def test_cuda_requested_without_gpu(capsys):
