@@ -69,19 +69,13 @@ __all__ = [
     "launch",
 ]
 
-#: Every kernel source file and the ``extern "C"`` entry points it defines.
-#: Each pass exists for float32 (plain name) and float64 (``_f64`` suffix).
-KERNEL_FILES: dict[str, tuple[str, ...]] = {
-    "conv2d_forward.cu": ("conv2d_forward", "conv2d_forward_f64"),
-    "conv2d_backward_input.cu": ("conv2d_backward_input", "conv2d_backward_input_f64"),
-    "conv2d_backward_weight.cu": ("conv2d_backward_weight", "conv2d_backward_weight_f64",
-                                  "conv2d_backward_bias", "conv2d_backward_bias_f64"),
-    "maxpool2d.cu": ("maxpool2d_forward", "maxpool2d_forward_f64",
-                     "maxpool2d_backward", "maxpool2d_backward_f64"),
-    "softmax_xent.cu": ("softmax_xent_forward", "softmax_xent_forward_f64",
-                        "softmax_xent_mean", "softmax_xent_mean_f64",
-                        "softmax_xent_backward", "softmax_xent_backward_f64"),
-}
+_SIGNATURE_RE = re.compile(r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s+)?void\s+(\w+)\s*\(([^)]*)\)',
+                           re.S)
+
+#: Every kernel source file and the ``extern "C" __global__`` entry points it
+#: defines, read from ``kernels/*.cu`` when this module is imported (adding a
+#: file is all it takes to make its kernels launchable).
+KERNEL_FILES: dict[str, tuple[str, ...]] = {}
 
 #: Options gpucnn passes to the compiler: none.  CuPy's RawModule adds its own
 #: (``-arch=compute_XX`` for the current device, ``-ftz=true``, ``-I`` for its
@@ -94,6 +88,9 @@ DEFAULT_OPTIONS: tuple[str, ...] = ()
 DEFAULT_BLOCK = 256
 
 INT32_MAX = int(np.iinfo(np.int32).max)
+
+#: Largest dynamic shared memory a launch may ask for (the sm_90 opt-in maximum).
+MAX_SHARED_MEM = 227 * 1024
 
 #: Environment switch: synchronize after each launch and surface CUDA errors.
 SYNC_CHECK_ENV = "GPUCNN_CUDA_SYNC_CHECK"
@@ -111,6 +108,16 @@ class KernelLaunchError(RuntimeError):
 # Locating and reading the sources
 # ---------------------------------------------------------------------------
 
+def _candidate_dirs() -> list[pathlib.Path]:
+    dirs = []
+    try:
+        dirs.append(pathlib.Path(str(importlib.resources.files("gpucnn.kernels"))))
+    except Exception:  # not installed / not a filesystem package
+        pass
+    dirs.append(pathlib.Path(__file__).resolve().parents[2] / "kernels")
+    return dirs
+
+
 def kernel_dir() -> pathlib.Path:
     """Directory holding the ``.cu`` files.
 
@@ -119,28 +126,42 @@ def kernel_dir() -> pathlib.Path:
     ``<repo>/kernels`` next to the ``gpucnn`` package (a source tree run with
     ``PYTHONPATH=.``, where ``gpucnn.kernels`` is not mapped).
     """
-    try:
-        root = importlib.resources.files("gpucnn.kernels")
-        path = pathlib.Path(str(root))
-        if all((path / name).is_file() for name in KERNEL_FILES):
+    for path in _candidate_dirs():
+        if path.is_dir() and any(path.glob("*.cu")):
             return path
-    except Exception:  # not installed / not a filesystem package: fall back
-        pass
-    repo_kernels = pathlib.Path(__file__).resolve().parents[2] / "kernels"
-    if all((repo_kernels / name).is_file() for name in KERNEL_FILES):
-        return repo_kernels
     raise FileNotFoundError(
-        "gpucnn's CUDA sources (" + ", ".join(KERNEL_FILES) + ") were found "
-        "neither in the installed package gpucnn.kernels nor in "
-        f"{repo_kernels}; reinstall gpucnn (the wheel ships kernels/*.cu)"
+        "gpucnn's CUDA sources (kernels/*.cu) were found neither in the installed package "
+        f"gpucnn.kernels nor in {_candidate_dirs()[-1]}; reinstall gpucnn (the wheel ships kernels/*.cu)"
     )
 
 
+def _discover() -> dict[str, tuple[str, ...]]:
+    """``{file name: extern "C" __global__ entry points}`` of every ``kernels/*.cu``."""
+    try:
+        directory = kernel_dir()
+    except FileNotFoundError:
+        return {}
+    found, owner = {}, {}
+    for path in sorted(directory.glob("*.cu")):
+        text = re.sub(r"//[^\n]*", "", path.read_text(encoding="utf-8"))
+        names = tuple(m.group(1) for m in _SIGNATURE_RE.finditer(text))
+        for name in names:
+            if name in owner:
+                raise ValueError(f"kernel {name!r} is defined in both kernels/{owner[name]} and "
+                                 f"kernels/{path.name}; entry-point names must be unique")
+            owner[name] = path.name
+        if names:
+            found[path.name] = names
+    return found
+
+
 def list_sources() -> dict[str, pathlib.Path]:
-    """Map each kernel file name to its path (all four must exist)."""
+    """Map each kernel file name to its path."""
     directory = kernel_dir()
     return {name: directory / name for name in KERNEL_FILES}
 
+
+KERNEL_FILES.update(_discover())
 
 _source_cache: dict[str, str] = {}
 _lock = threading.RLock()
@@ -180,16 +201,14 @@ class KernelParam:
 
     def describe(self) -> str:
         base = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
-                np.dtype(np.int32): "int"}[self.dtype]
+                np.dtype(np.int32): "int", np.dtype(np.uint8): "unsigned char"}[self.dtype]
         return f"{'const ' if self.is_const else ''}{base}{'*' if self.is_array else ''} {self.name}"
 
 
 _C_TYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64),
-            "int": np.dtype(np.int32)}
-_SIGNATURE_RE = re.compile(
-    r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
+            "int": np.dtype(np.int32), "unsigned char": np.dtype(np.uint8)}
 _PARAM_RE = re.compile(
-    r"^(const\s+)?(float|double|int)\s*(\*)?\s*(?:__restrict__\s+)?(\w+)$")
+    r"^(const\s+)?(float|double|int|unsigned char)\s*(\*)?\s*(?:__restrict__\s+)?(\w+)$")
 _signature_cache: dict[str, tuple[KernelParam, ...]] = {}
 
 
@@ -205,7 +224,7 @@ def _parse_signatures(filename: str) -> dict[str, tuple[KernelParam, ...]]:
             if m is None:
                 raise ValueError(
                     f"kernels/{filename}: cannot parse parameter {raw.strip()!r} of "
-                    f"{match.group(1)}; the launcher understands [const] float|double|int[*]"
+                    f"{match.group(1)}; the launcher understands [const] float|double|int|unsigned char[*]"
                 )
             params.append(KernelParam(name=m.group(4), dtype=_C_TYPES[m.group(2)],
                                       is_array=m.group(3) is not None,
@@ -283,6 +302,8 @@ def set_module_builder(fn: ModuleBuilder | None) -> ModuleBuilder:
     with _lock:
         previous = _builder
         _builder = cupy_module_builder if fn is None else fn
+        _function_cache.clear()   # keyed by builder too; clearing keeps it from growing in tests
+        _prepared.clear()         # prepared launches hold the functions of the old builder
         return previous
 
 
@@ -317,15 +338,28 @@ def get_module(filename: str, options: Sequence[str] | None = None):
         return module
 
 
+_function_cache: dict[tuple, object] = {}
+
+
 def get_function(kernel: str, options: Sequence[str] | None = None):
-    """The callable for ``kernel`` from its (cached) module."""
-    return get_module(kernel_file_of(kernel), options).get_function(kernel)
+    """The callable for ``kernel`` from its (cached) module, itself cached per (builder, device)."""
+    opts = DEFAULT_OPTIONS if options is None else tuple(options)
+    builder = _builder
+    key = (builder, kernel, opts, _device_id(builder))
+    fn = _function_cache.get(key)
+    if fn is None:
+        fn = get_module(kernel_file_of(kernel), opts).get_function(kernel)
+        with _lock:
+            _function_cache[key] = fn
+    return fn
 
 
 def clear_cache() -> None:
     """Forget every built module (and re-read sources next time)."""
     with _lock:
         _module_cache.clear()
+        _function_cache.clear()
+        _prepared.clear()
         _source_cache.clear()
         _signature_cache.clear()
 
@@ -416,63 +450,167 @@ def _sync_check_enabled() -> bool:
     return os.environ.get(SYNC_CHECK_ENV, "").strip() not in ("", "0")
 
 
+def _dims(value, what) -> tuple[int, int, int]:
+    t = (int(value),) if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
+    if not 1 <= len(t) <= 3:
+        raise ValueError(f"{what} must be an int or 1 to 3 ints, got {value!r}")
+    return t + (1,) * (3 - len(t))
+
+
+class _Prepared:
+    """What one (kernel, scalar values, launch shape) needs at launch: computed once, then reused."""
+
+    __slots__ = ("params", "array_slots", "args", "grid", "block", "shared_mem", "functions")
+
+    def __init__(self, kernel, params, args, grid, block, shared_mem):
+        self.params = params
+        self.array_slots = tuple((i, p.dtype, not p.is_const) for i, p in enumerate(params) if p.is_array)
+        self.args = [None if p.is_array else _scalar(kernel, p, v) for p, v in zip(params, args)]
+        self.grid, self.block, self.shared_mem = grid, block, shared_mem
+        self.functions = {}   # device id -> compiled function
+
+
+_prepared: dict[tuple, _Prepared] = {}
+_scalar_slots: dict[str, tuple[int, ...]] = {}
+
+
+def _key(kernel, args, n_threads, n_blocks, grid, block, shared_mem):
+    """The cache key of a launch: the kernel, its scalar arguments (values and types) and its shape."""
+    slots = _scalar_slots.get(kernel)
+    if slots is None:
+        slots = _scalar_slots.setdefault(kernel, tuple(i for i, p in enumerate(kernel_signature(kernel))
+                                                       if not p.is_array))
+    if len(args) != len(kernel_signature(kernel)):
+        return None
+    scalars = tuple(args[i] for i in slots)
+    return (kernel, scalars, tuple(map(type, scalars)), n_threads, n_blocks,
+            grid if grid is None or isinstance(grid, int) else tuple(grid),
+            block if block is None or isinstance(block, int) else tuple(block), shared_mem)
+
+
+def _arrays_ok(prep, args, cupy_type):
+    """The launch's device id (-1: NumPy arrays) when every array passes the cheap checks, else None."""
+    device = None
+    for i, dtype, written in prep.array_slots:
+        a = args[i]
+        t = type(a)
+        if t is np.ndarray:
+            d = -1
+            if written and not a.flags.writeable:
+                return None
+        elif cupy_type is not None and t is cupy_type:
+            d = a.data.device_id
+        else:
+            return None
+        if a.dtype != dtype or not a.flags.c_contiguous or a.size > INT32_MAX:
+            return None
+        if device is None:
+            device = d
+        elif d != device:
+            return None
+    return -1 if device is None else device
+
+
+def _prepare(kernel, args, n_threads, n_blocks, grid, block, shared_mem) -> _Prepared | None:
+    """Validate the scalar arguments and the launch shape; ``None`` for an empty launch."""
+    params = kernel_signature(kernel)
+    if len(args) != len(params):
+        raise TypeError(f"{kernel} takes {len(params)} arguments "
+                        f"({', '.join(p.describe() for p in params)}), got {len(args)}")
+    if sum(v is not None for v in (n_threads, n_blocks, grid)) != 1:
+        raise ValueError("give exactly one of n_threads, n_blocks and grid")
+    block3 = _dims(DEFAULT_BLOCK if block is None else block, "block")
+    threads = block3[0] * block3[1] * block3[2]
+    if min(block3) < 1 or threads > 1024:
+        raise ValueError(f"block must have 1 to 1024 threads in all, got {block3}")
+    if grid is None:
+        if block3[1:] != (1, 1):
+            raise ValueError("n_threads / n_blocks launches take a 1-D block")
+        count = ceil_div(n_threads, block3[0]) if n_blocks is None else int(n_blocks)
+        if count < 0:
+            raise ValueError(f"{kernel}: negative launch size")
+        grid3 = (count, 1, 1)
+    else:
+        grid3 = _dims(grid, "grid")
+        if min(grid3) < 0:
+            raise ValueError(f"{kernel}: negative grid {grid3}")
+    if 0 in grid3:
+        return None
+    if grid3[0] * grid3[1] * grid3[2] * threads > INT32_MAX:
+        raise OverflowError(f"{kernel}: grid {grid3} x block {block3} threads exceed "
+                            "int32 (the kernels compute flat int32 thread indices)")
+    if not 0 <= int(shared_mem) <= MAX_SHARED_MEM:
+        raise ValueError(f"{kernel}: shared_mem={shared_mem} bytes is outside [0, {MAX_SHARED_MEM}]")
+    return _Prepared(kernel, params, args, grid3, block3, int(shared_mem))
+
+
 def launch(kernel: str, args: Sequence, *, n_threads: int | None = None,
-           n_blocks: int | None = None, block: int = DEFAULT_BLOCK,
+           n_blocks: int | None = None, grid=None, block=None, shared_mem: int = 0,
            options: Sequence[str] | None = None) -> None:
     """Check ``args`` against ``kernel``'s signature and launch it.
 
     Give exactly one of
 
     * ``n_threads``: one thread per element; grid = ceil(n_threads / block);
-    * ``n_blocks``: one block per reduction; grid = n_blocks.
+    * ``n_blocks``: one block per reduction (or tile); grid = n_blocks;
+    * ``grid``: the grid itself, an int or up to 3 ints (with any ``block``
+      of up to 3 dimensions).
 
-    ``args`` are in the order of the kernel's parameters: arrays for pointer
-    parameters (exact dtype, C-contiguous, fewer than 2**31 elements, all on
-    one device) and host numbers for scalars (converted here to
-    ``numpy.int32``/``numpy.float32``).  Launching zero threads or blocks is a
-    no-op.
+    ``block`` defaults to :data:`DEFAULT_BLOCK`; ``shared_mem`` is the
+    dynamic shared memory in bytes.  ``args`` are in the order of the
+    kernel's parameters: arrays for pointer parameters (exact dtype,
+    C-contiguous, fewer than 2**31 elements, all on the current device) and
+    host numbers for scalars (converted here to ``numpy.int32`` /
+    ``numpy.float32`` ...: a Python ``int`` never reaches a kernel).
+    Launching zero threads or blocks is a no-op.
+
+    Cheap by construction: the scalar conversions and the launch shape are
+    validated once per distinct (kernel, scalars, shape) and cached; every
+    call still checks each array's dtype, contiguity, size and device.
     """
-    params = kernel_signature(kernel)
-    if len(args) != len(params):
-        raise TypeError(
-            f"{kernel} takes {len(params)} arguments "
-            f"({', '.join(p.describe() for p in params)}), got {len(args)}"
-        )
-    if (n_threads is None) == (n_blocks is None):
-        raise ValueError("give exactly one of n_threads and n_blocks")
-    block = int(block)
-    if not 1 <= block <= 1024:
-        raise ValueError(f"block must be in [1, 1024], got {block}")
+    try:
+        key = _key(kernel, args, n_threads, n_blocks, grid, block, shared_mem)
+        prep = _prepared.get(key) if key is not None else None
+    except TypeError:            # an unhashable argument: not cached, and refused below
+        key = prep = None
+    if prep is None:
+        prep = _prepare(kernel, args, n_threads, n_blocks, grid, block, shared_mem)
+        if prep is None:
+            return
+        if key is not None:
+            if len(_prepared) > 4096:   # bounded: shapes repeat in training, not without end
+                _prepared.clear()
+            _prepared[key] = prep
+    cupy = backend.cupy
+    device = _arrays_ok(prep, args, cupy.ndarray if cupy is not None else None)
+    if device is None or (device >= 0 and device != cupy.cuda.runtime.getDevice()):
+        _explain_bad_arrays(kernel, prep, args)     # raises, naming the array and what is wrong
+    call = list(prep.args)
+    for i, _, _ in prep.array_slots:
+        call[i] = args[i]
+    function = prep.functions.get(device)
+    if function is None:
+        function = prep.functions[device] = get_function(kernel, options)
+    if prep.shared_mem:
+        function(prep.grid, prep.block, tuple(call), shared_mem=prep.shared_mem)
+    else:
+        function(prep.grid, prep.block, tuple(call))
+    if device >= 0 and _sync_check_enabled():
+        try:
+            cupy.cuda.get_current_stream().synchronize()
+        except Exception as exc:  # pragma: no cover - needs a GPU
+            shapes = ", ".join(f"{prep.params[i].name}={tuple(args[i].shape)}" for i, _, _ in prep.array_slots)
+            raise KernelLaunchError(f"{kernel} failed (grid={prep.grid}, block={prep.block}, "
+                                    f"shapes {shapes}): {exc}") from exc
 
-    converted = []
+
+def _explain_bad_arrays(kernel, prep, args):
+    """The detailed checks, run only when the cheap ones failed: raise with the reason."""
     arrays = {}
-    for param, value in zip(params, args):
-        if param.is_array:
-            _check_array(kernel, param, value)
-            arrays[param.name] = value
-            converted.append(value)
-        else:
-            converted.append(_scalar(kernel, param, value))
+    for i, _, _ in prep.array_slots:
+        param = prep.params[i]
+        _check_array(kernel, param, args[i])
+        arrays[param.name] = args[i]
     backend.check_same_device(**arrays)
     _check_current_device(kernel, arrays)
-
-    grid = ceil_div(n_threads, block) if n_blocks is None else int(n_blocks)
-    if grid < 0:
-        raise ValueError(f"{kernel}: negative launch size")
-    if grid == 0:
-        return
-    if grid * block > INT32_MAX:
-        raise OverflowError(f"{kernel}: grid {grid} x block {block} threads exceed "
-                            "int32 (the kernels compute a flat int32 thread index)")
-
-    function = get_function(kernel, options)
-    function((grid, 1, 1), (block, 1, 1), tuple(converted))
-
-    if _sync_check_enabled() and any(backend.is_cupy(a) for a in arrays.values()):
-        try:
-            backend.cupy.cuda.get_current_stream().synchronize()
-        except Exception as exc:  # pragma: no cover - needs a GPU
-            raise KernelLaunchError(
-                f"{kernel} failed (grid=({grid},1,1), block=({block},1,1), "
-                f"shapes {', '.join(f'{k}={tuple(v.shape)}' for k, v in arrays.items())}): {exc}"
-            ) from exc
+    raise AssertionError(f"{kernel}: arrays failed the launch checks for no reason found")  # pragma: no cover
