@@ -1,8 +1,9 @@
 """Optimizers: SGD (momentum, Nesterov, weight decay) and Adam.
 
-An optimizer holds references ``(name, layer, key)`` from
-``model.named_parameters()`` and updates ``layer.params[key]`` in place from
-``layer.grads[key]``, so it works for any device.  Conventions follow PyTorch
+An optimizer takes ``(name, layer, key)`` triples from
+``model.named_parameters()``, moves those parameters and their gradients into
+flat buffers (one per dtype and device; the layers keep views) and updates the
+whole buffer in place each step, so it works for any device.  Conventions follow PyTorch
 (weight decay is L2 added to the gradient; momentum buffer ``v = mu v + g``;
 Nesterov uses ``g + mu v``), so runs are comparable.
 
@@ -13,45 +14,60 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
+from .layers.flat import flatten
 from .nvtx import ranged
 
 
 class Optimizer:
+    """Base class: parameters in flat buffers (:mod:`gpucnn.layers.flat`), slots alike.
+
+    Creating an optimizer moves the parameters and gradients it is given into
+    one buffer per dtype and device (the layers keep views of it), so a step
+    is a few whole-buffer operations on NumPy and one kernel per buffer on a
+    GPU.  Slots (momentum, Adam's moments) are flat buffers too;
+    :meth:`state_dict` names them per parameter, as ``"<name>/<slot>"``.
+    """
+
+    SLOTS: tuple = ()
+
     def __init__(self, model_or_params, lr):
         params = model_or_params.named_parameters() if hasattr(model_or_params, "named_parameters") else list(model_or_params)
         if not params:
             raise ValueError("optimizer got no parameters")
         self.params = params
+        self.groups = flatten(params)
         self.lr = float(lr)
         self.step_count = 0
-        self.state: dict = {}  # name -> dict of arrays
+        self.slots: list[dict] = [{} for _ in self.groups]   # per group: slot -> flat buffer
 
-    SLOTS: tuple = ()
-
-    def _slot(self, name, key, like):
-        slots = self.state.setdefault(name, {})
+    def _slot(self, gi: int, key: str):
+        slots = self.slots[gi]
         if key not in slots:
-            xp = backend.get_array_module(like)
-            slots[key] = xp.zeros_like(like)
-        slot = slots[key]
-        if slot.dtype != like.dtype or backend.device_of(slot) != backend.device_of(like):
-            raise TypeError(
-                f"{type(self).__name__}: state {key!r} of parameter {name} is "
-                f"{backend.device_of(slot)}/{slot.dtype} but the parameter is now "
-                f"{backend.device_of(like)}/{like.dtype}; move or convert the model before "
-                f"creating the optimizer (or create a new one)")
-        return slot
+            xp = backend.get_array_module(self.groups[gi].params)
+            slots[key] = xp.zeros_like(self.groups[gi].params)
+        return slots[key]
 
     def step(self):
         self.step_count += 1
-        for name, layer, key in self.params:
-            self._update(name, layer.params[key], layer.grads[key])
+        for gi, group in enumerate(self.groups):
+            group.check(type(self).__name__)
+            self._update(gi, group.params, group.grads)
 
-    def _update(self, name, p, g):  # pragma: no cover - abstract
+    def _update(self, gi, p, g):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def state(self) -> dict:
+        """``{parameter name: {slot: view}}`` (views of the flat slot buffers)."""
+        out: dict = {}
+        for group, slots in zip(self.groups, self.slots):
+            for key, flat in slots.items():
+                for name, view in group.views(flat).items():
+                    out.setdefault(name, {})[key] = view
+        return out
+
     def state_dict(self) -> dict:
-        """Hyper-parameters, step count and NumPy copies of every slot."""
+        """Hyper-parameters, step count and NumPy copies of every slot, per parameter."""
         return {
             "type": type(self).__name__,
             "hyper": self.hyper(),
@@ -68,7 +84,7 @@ class Optimizer:
             raise ValueError(f"optimizer hyper-parameters {sorted(hyper)} do not match "
                              f"{type(self).__name__}'s {sorted(self.hyper())}")
         self._check_hyper(**hyper)
-        new = {}
+        loaded = {}
         for full, value in state["slots"].items():
             n, k = full.rsplit("/", 1)
             if n not in names:
@@ -81,11 +97,18 @@ class Optimizer:
                 raise ValueError(f"optimizer slot {full}: shape {tuple(value.shape)} != parameter {tuple(p.shape)}")
             if value.dtype != p.dtype:
                 raise TypeError(f"optimizer slot {full}: dtype {value.dtype} != parameter dtype {p.dtype}")
-            new.setdefault(n, {})[k] = backend.to_device(np.array(value, copy=True), backend.device_of(p))
+            loaded[(n, k)] = value
         step_count = state["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, (int, np.integer)) or step_count < 0:
             raise ValueError(f"optimizer step_count must be a non-negative int, got {step_count!r}")
-        self.state = new
+        keys = {k for _, k in loaded}
+        self.slots = [{} for _ in self.groups]
+        for gi, group in enumerate(self.groups):
+            for k in sorted(keys):
+                views = group.views(self._slot(gi, k))
+                for name, view in views.items():
+                    if (name, k) in loaded:
+                        view[...] = backend.to_device(np.array(loaded[(name, k)], copy=True), group.device)
         self.step_count = int(step_count)
         for k, v in hyper.items():
             setattr(self, k, tuple(v) if isinstance(v, list) else v)
@@ -134,12 +157,12 @@ class SGD(Optimizer):
     def step(self):
         super().step()
 
-    def _update(self, name, p, g):
+    def _update(self, gi, p, g):
         t = p.dtype.type
         if self.weight_decay:
             g = g + t(self.weight_decay) * p
         if self.momentum:
-            v = self._slot(name, "momentum", p)
+            v = self._slot(gi, "momentum")
             v *= t(self.momentum)
             v += g
             g = g + t(self.momentum) * v if self.nesterov else v
@@ -177,13 +200,13 @@ class Adam(Optimizer):
     def step(self):
         super().step()
 
-    def _update(self, name, p, g):
+    def _update(self, gi, p, g):
         t = p.dtype.type
         b1, b2 = self.betas
         if self.weight_decay:
             g = g + t(self.weight_decay) * p
-        m = self._slot(name, "m", p)
-        v = self._slot(name, "v", p)
+        m = self._slot(gi, "m")
+        v = self._slot(gi, "v")
         m *= t(b1)
         m += t(1 - b1) * g
         v *= t(b2)

@@ -69,8 +69,13 @@ __all__ = [
     "launch",
 ]
 
-_SIGNATURE_RE = re.compile(r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s+)?void\s+(\w+)\s*\(([^)]*)\)',
-                           re.S)
+_SIGNATURE_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
+_LAUNCH_BOUNDS_RE = re.compile(r"__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)")
+
+
+def _declarations(text: str) -> str:
+    """Source text with comments and ``__launch_bounds__(...)`` removed (so signatures parse)."""
+    return _LAUNCH_BOUNDS_RE.sub(" ", re.sub(r"//[^\n]*", "", text))
 
 #: Every kernel source file and the ``extern "C" __global__`` entry points it
 #: defines, read from ``kernels/*.cu`` when this module is imported (adding a
@@ -143,7 +148,7 @@ def _discover() -> dict[str, tuple[str, ...]]:
         return {}
     found, owner = {}, {}
     for path in sorted(directory.glob("*.cu")):
-        text = re.sub(r"//[^\n]*", "", path.read_text(encoding="utf-8"))
+        text = _declarations(path.read_text(encoding="utf-8"))
         names = tuple(m.group(1) for m in _SIGNATURE_RE.finditer(text))
         for name in names:
             if name in owner:
@@ -213,7 +218,7 @@ _signature_cache: dict[str, tuple[KernelParam, ...]] = {}
 
 
 def _parse_signatures(filename: str) -> dict[str, tuple[KernelParam, ...]]:
-    text = re.sub(r"//[^\n]*", "", read_source(filename))
+    text = _declarations(read_source(filename))
     found = {}
     for match in _SIGNATURE_RE.finditer(text):
         params = []
