@@ -189,10 +189,10 @@ def test_signatures_parsed_from_sources():
     for filename, kernels in loader.KERNEL_FILES.items():
         for kernel in kernels:
             params = loader.kernel_signature(kernel)
-            assert params and all(p.dtype in (np.float32, np.float64, np.int32) for p in params)
+            assert params and all(p.dtype in (np.float32, np.float64, np.int32, np.uint8) for p in params)
             want = np.float64 if kernel.endswith("_f64") else np.float32
-            floats = {p.dtype for p in params if p.is_array and p.dtype != np.int32}
-            assert floats == {np.dtype(want)}, kernel
+            floats = {p.dtype for p in params if p.is_array and p.dtype.kind == "f"}
+            assert floats <= {np.dtype(want)}, f"{kernel} mixes float widths: {floats}"
 
 
 def test_default_builder_without_cupy_raises_clearly():
