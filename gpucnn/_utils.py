@@ -52,13 +52,22 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, axis: st
     return span // stride + 1
 
 
-def check_array(x, name: str, ndim: int | None = None, layer: str = "") -> None:
-    """Check that ``x`` is a float32/float64 NumPy or CuPy array of rank ``ndim``."""
+def shown_shape(x, internal: bool = False) -> tuple:
+    """The shape (of an array, or a shape) as a user knows it: batch-last is shown batch-first."""
+    shape = tuple(int(s) for s in (x.shape if hasattr(x, "shape") else x))
+    return shape[-1:] + shape[:-1] if internal and shape else shape
+
+
+def check_array(x, name: str, ndim: int | None = None, layer: str = "", internal: bool = False) -> None:
+    """Check that ``x`` is a float32/float64 NumPy or CuPy array of rank ``ndim``.
+
+    ``internal``: ``x`` is batch-last; messages show its shape batch-first.
+    """
     where = f"{layer}: " if layer else ""
     device_of(x, f"{where}{name}")  # raises TypeError for non-arrays
     if ndim is not None and x.ndim != ndim:
         raise ValueError(
-            f"{where}{name} must have rank {ndim}, got shape {tuple(x.shape)} (rank {x.ndim})"
+            f"{where}{name} must have rank {ndim}, got shape {shown_shape(x, internal)} (rank {x.ndim})"
         )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(

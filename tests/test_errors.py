@@ -342,7 +342,7 @@ def test_loss_backward_before_forward():
 
 def test_model_backward_before_forward_names_the_last_layer():
     model = models.build("zhang2016")
-    with pytest.raises(RuntimeError, match="Sigmoid.backward called before forward"):
+    with pytest.raises(RuntimeError, match=r"Dense\+Sigmoid\.backward called before forward \(layer 7 "):
         model.backward(np.zeros((1, 10), np.float32))
 
 

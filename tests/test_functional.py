@@ -1,5 +1,9 @@
 """Every functional op on every backend, against independent float64 references.
 
+The ops take batch-last arrays (``(C, H, W, N)`` images, ``(F, N)`` vectors,
+gpucnn.functional.layout); the references are written in NCHW, so the tests
+convert with ``bl`` / ``nchw`` at the boundary.
+
 One parametrised test per op over ``backend`` in {numpy, cudasim, cupy}
 (tests/backends.py): the NumPy path, the CUDA kernels on the CPU emulator, and
 the kernels on a real GPU (skipped without one).  Shapes come from the one
@@ -27,6 +31,26 @@ backend = backend_fixture()
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
 
 
+def bl(a):
+    """NCHW / (N, F) -> batch-last, contiguous."""
+    return np.ascontiguousarray(np.moveaxis(a, 0, -1))
+
+
+def nchw(a):
+    """batch-last -> NCHW / (N, F)."""
+    return np.ascontiguousarray(np.moveaxis(a, -1, 0))
+
+
+def plane_index(tap, x_shape, kernel, stride):
+    """Batch-last uint8 taps -> NCHW int plane indices h * W + w (the references' convention)."""
+    (kh, kw), (sh, sw) = kernel, stride
+    tap = nchw(tap.astype(np.int64))
+    Ho, Wo = tap.shape[2:]
+    rows = (np.arange(Ho) * sh)[:, None] + tap // kw
+    cols = (np.arange(Wo) * sw)[None, :] + tap % kw
+    return rows * x_shape[3] + cols
+
+
 def _skip_big(case, backend):
     if case.big and backend.name == "cudasim":
         pytest.skip("too slow for the CPU emulator (runs on numpy and on a GPU)")
@@ -35,12 +59,13 @@ def _skip_big(case, backend):
 # --------------------------------------------------------------------------- #
 # conv2d
 # --------------------------------------------------------------------------- #
-def _conv(backend, case, dtype, *, need_input_grad=True, method="kernel", seed=0):
+def _conv(backend, case, dtype, *, need_input_grad=True, seed=0):
     x, W, b, dy = case.arrays(dtype, seed)
     put = backend.put
-    y, saved = C.conv2d_forward(put(x), put(W), None if b is None else put(b), case.stride, case.padding)
-    dx, dW, db = C.conv2d_backward(put(dy), saved, need_input_grad=need_input_grad, method=method)
-    return (x, W, b, dy), (y, dx, dW, db)
+    y, saved = C.conv2d_forward(put(bl(x)), put(W), None if b is None else put(b), case.stride, case.padding)
+    dx, dW, db = C.conv2d_backward(put(bl(dy)), saved, need_input_grad=need_input_grad)
+    get = lambda a: None if a is None else nchw(backend.get(a))  # noqa: E731
+    return (x, W, b, dy), (get(y), get(dx), dW, db)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -49,10 +74,9 @@ def test_conv2d(case, dtype, backend):
     _skip_big(case, backend)
     (x, W, b, dy), (y, dx, dW, db) = _conv(backend, case, dtype)
     tol = backend.tol(dtype)
-    assert y.dtype == dtype and y.flags.c_contiguous and dx.shape == x.shape
-    np.testing.assert_allclose(backend.get(y), ref_conv_forward(x, W, b, case.stride, case.padding), **tol)
-    np.testing.assert_allclose(backend.get(dx), ref_conv_backward_input(dy, W, x.shape, case.stride, case.padding),
-                               **tol)
+    assert y.dtype == dtype and dx.shape == x.shape
+    np.testing.assert_allclose(y, ref_conv_forward(x, W, b, case.stride, case.padding), **tol)
+    np.testing.assert_allclose(dx, ref_conv_backward_input(dy, W, x.shape, case.stride, case.padding), **tol)
     ref_dW, ref_db = ref_conv_backward_weight(x, dy, W.shape, case.stride, case.padding)
     np.testing.assert_allclose(backend.get(dW), ref_dW, **_reduction_tol(tol, case))
     if case.bias:
@@ -67,14 +91,34 @@ def _reduction_tol(tol, case):
     return dict(rtol=tol["rtol"], atol=tol["atol"] * max(1.0, np.sqrt(terms)))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
-@pytest.mark.parametrize("case", params(CONV_CASES, big=False)[:8])
-def test_conv2d_weight_gradient_gemm_method(case, backend):
-    (x, W, b, dy), (_, _, dW, db) = _conv(backend, case, np.float32, method="gemm")
-    ref_dW, ref_db = ref_conv_backward_weight(x, dy, W.shape, case.stride, case.padding)
-    np.testing.assert_allclose(backend.get(dW), ref_dW, **backend.tol(np.float32))
+FUSIONS = [("relu", None), ("sigmoid", None), ("tanh", None), (None, ((2, 2), (2, 2))),
+           ("relu", ((2, 2), (2, 2))), ("sigmoid", ((3, 2), (1, 2))), ("relu", ((3, 3), (2, 2)))]
+
+
+@pytest.mark.parametrize("act,pool", FUSIONS, ids=[f"{a}-pool{p[0][0]}x{p[0][1]}s{p[1][0]}" if p else f"{a}"
+                                                   for a, p in FUSIONS])
+@pytest.mark.parametrize("case", [c for c in params(CONV_CASES, big=False) if min(c.values[0].out_hw) >= 3][:4])
+def test_conv2d_fused_epilogue(case, act, pool, backend):
+    """conv -> act -> maxpool in one call equals the three steps done by the references."""
+    x, W, b, _ = case.arrays(np.float64, seed=3)
+    put = backend.put
+    y, saved = C.conv2d_forward(put(bl(x)), put(W), None if b is None else put(b), case.stride, case.padding,
+                                act=act, pool=pool)
+    z = ref_conv_forward(x, W, b, case.stride, case.padding)
+    f, df = (lambda v: v, lambda v: np.ones_like(v)) if act is None else ACTIVATIONS[act][2:]
+    a = f(z)
+    want, arg = (a, None) if pool is None else ref_maxpool_forward(a, *pool)
+    np.testing.assert_allclose(nchw(backend.get(y)), want, rtol=1e-12, atol=1e-12)
+    dy = np.random.default_rng(4).standard_normal(want.shape)
+    dx, dW, db = C.conv2d_backward(put(bl(dy)), saved)
+    da = dy if pool is None else ref_maxpool_backward(dy, arg, a.shape)
+    dz = da * df(z)
+    np.testing.assert_allclose(nchw(backend.get(dx)), ref_conv_backward_input(dz, W, x.shape, case.stride,
+                                                                              case.padding), rtol=1e-10, atol=1e-12)
+    ref_dW, ref_db = ref_conv_backward_weight(x, dz, W.shape, case.stride, case.padding)
+    np.testing.assert_allclose(backend.get(dW), ref_dW, rtol=1e-10, atol=1e-12)
     if case.bias:
-        np.testing.assert_allclose(backend.get(db), ref_db, **backend.tol(np.float32))
+        np.testing.assert_allclose(backend.get(db), ref_db, rtol=1e-10, atol=1e-12)
 
 
 def test_conv2d_first_layer_skips_input_gradient(backend):
@@ -86,20 +130,19 @@ def test_conv2d_writes_gradients_into_given_buffers(backend):
     case = CONV_CASES[1]
     x, W, b, dy = case.arrays(np.float64)
     put = backend.put
-    y, saved = C.conv2d_forward(put(x), put(W), put(b), case.stride, case.padding)
+    y, saved = C.conv2d_forward(put(bl(x)), put(W), put(b), case.stride, case.padding)
     dW_out, db_out = put(np.full(W.shape, 7.0)), put(np.full(b.shape, 7.0))
-    _, dW, db = C.conv2d_backward(put(dy), saved, dW_out=dW_out, db_out=db_out)
+    _, dW, db = C.conv2d_backward(put(bl(dy)), saved, dW_out=dW_out, db_out=db_out)
     assert dW is dW_out and db is db_out                      # overwritten in place, not accumulated
     ref_dW, ref_db = ref_conv_backward_weight(x, dy, W.shape, case.stride, case.padding)
     np.testing.assert_allclose(backend.get(dW), ref_dW, **backend.tol(np.float64))
     np.testing.assert_allclose(backend.get(db), ref_db, **backend.tol(np.float64))
 
 
-def test_conv2d_rejects_unknown_weight_gradient_method(backend):
+def test_conv2d_rejects_unknown_fusions(backend):
     x, W, b, dy = CONV_CASES[0].arrays(np.float32)
-    _, saved = C.conv2d_forward(backend.put(x), backend.put(W), backend.put(b), (1, 1), (0, 0))
-    with pytest.raises(ValueError, match="method must be one of .*'fft'"):
-        C.conv2d_backward(backend.put(dy), saved, method="fft")
+    with pytest.raises(ValueError, match="act must be None or one of .*got act='gelu'"):
+        C.conv2d_forward(backend.put(bl(x)), backend.put(W), backend.put(b), (1, 1), (0, 0), act="gelu")
 
 
 @pytest.mark.gpu
@@ -123,26 +166,63 @@ def _pool_input(case, dtype, ties, seed=5):
     return (rng.integers(0, 3, size=shape) if ties else rng.standard_normal(shape)).astype(dtype)
 
 
+def _max_pool(backend, x, kernel, stride, relu=False):
+    """(y NCHW, plane-index argmax NCHW, saved) of the op on batch-last arrays."""
+    y, saved = P.max_pool2d_forward(backend.put(bl(x)), kernel, stride, relu=relu)
+    assert saved.tap.dtype == np.uint8
+    return nchw(backend.get(y)), plane_index(backend.get(saved.tap), x.shape, kernel, stride), saved
+
+
+def _max_pool_backward(backend, dy, saved):
+    return nchw(backend.get(P.max_pool2d_backward(backend.put(bl(dy)), saved)))
+
+
 @pytest.mark.parametrize("ties", [pytest.param(False, id="distinct"), pytest.param(True, id="ties")])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", params(POOL_CASES))
 def test_max_pool2d(case, dtype, ties, backend):
     _skip_big(case, backend)
     x = _pool_input(case, dtype, ties)
-    y, saved = P.max_pool2d_forward(backend.put(x), case.kernel, case.stride)
+    y, arg, saved = _max_pool(backend, x, case.kernel, case.stride)
     ref_y, ref_arg = ref_maxpool_forward(x, case.kernel, case.stride)
-    np.testing.assert_array_equal(backend.get(y), ref_y)                 # selected, not computed: exact
-    np.testing.assert_array_equal(backend.get(saved.argmax), ref_arg)    # first maximum wins everywhere
-    assert saved.argmax.dtype == np.int32
+    np.testing.assert_array_equal(y, ref_y)                 # selected, not computed: exact
+    np.testing.assert_array_equal(arg, ref_arg)             # first maximum wins everywhere
     dy = np.random.default_rng(6).standard_normal(y.shape).astype(dtype)
-    dx = P.max_pool2d_backward(backend.put(dy), saved)
-    np.testing.assert_allclose(backend.get(dx), ref_maxpool_backward(dy, ref_arg, x.shape), **backend.tol(dtype))
+    np.testing.assert_allclose(_max_pool_backward(backend, dy, saved), ref_maxpool_backward(dy, ref_arg, x.shape),
+                               **backend.tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", params(POOL_CASES))
+def test_max_pool2d_fused_relu_equals_relu_then_pool(case, dtype, backend):
+    """pool(relu(z)) computed as relu of the window maximum: same outputs and taps, and the
+    gradient of relu-then-pool -- with relu'(0) = 1/2 (seed 001) -- on ties, zeros and negatives."""
+    _skip_big(case, backend)
+    rng = np.random.default_rng(9)
+    z = rng.integers(-3, 3, size=(case.N, case.C, case.H, case.W)).astype(dtype)   # many ties, zeros
+    z[..., ::3] = -np.abs(z[..., ::3]) - 1                                          # windows all negative
+    y, arg, saved = _max_pool(backend, z, case.kernel, case.stride, relu=True)
+    a = np.maximum(z, 0)
+    ref_y, ref_arg = ref_maxpool_forward(a, case.kernel, case.stride)
+    np.testing.assert_array_equal(y, ref_y)
+    np.testing.assert_array_equal(arg, ref_arg)            # first maximum of relu(z): 0-windows pick tap 0
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    relu_grad = np.where(z > 0, 1.0, np.where(z == 0, 0.5, 0.0))
+    want = ref_maxpool_backward(dy, ref_arg, z.shape) * relu_grad
+    np.testing.assert_allclose(_max_pool_backward(backend, dy, saved), want, **backend.tol(dtype))
+
+
+def test_max_pool2d_fused_relu_nan_window(backend):
+    z = np.array([[[[-1.0, np.nan], [2.0, 3.0]]]], np.float32)
+    y, arg, saved = _max_pool(backend, z, (2, 2), (2, 2), relu=True)
+    assert np.isnan(y[0, 0, 0, 0]) and arg[0, 0, 0, 0] == 1        # the first NaN wins
+    dx = _max_pool_backward(backend, np.ones((1, 1, 1, 1), np.float32), saved)
+    assert np.isnan(dx[0, 0, 0, 1]) and (dx.ravel()[[0, 2, 3]] == 0).all()
 
 
 def test_max_pool2d_all_ties_pick_the_top_left(backend):
     x = np.ones((1, 1, 6, 7), np.float32)
-    y, saved = P.max_pool2d_forward(backend.put(x), (3, 2), (2, 2))
-    arg = backend.get(saved.argmax)
+    _, arg, _ = _max_pool(backend, x, (3, 2), (2, 2))
     OH, OW = arg.shape[2:]
     top_left = (np.arange(OH)[:, None] * 2) * 7 + np.arange(OW)[None, :] * 2
     np.testing.assert_array_equal(arg[0, 0], top_left)
@@ -154,25 +234,31 @@ def test_max_pool2d_nan_and_inf(backend):
     x[0, 0, 1, 0] = np.nan      # same window, a later NaN: does not replace the first
     x[0, 0, 3, 3] = np.nan      # window (1,1): NaN as the last tap
     x[0, 0, 2, 2] = 5.0
-    y, saved = P.max_pool2d_forward(backend.put(x), (2, 2), (2, 2))
-    y, arg = backend.get(y), backend.get(saved.argmax)
+    y, arg, saved = _max_pool(backend, x, (2, 2), (2, 2))
     ref_y, ref_arg = ref_maxpool_forward(x, (2, 2), (2, 2))
     np.testing.assert_array_equal(arg, ref_arg)
     np.testing.assert_array_equal(y, ref_y)                 # NaNs compare equal here
     assert arg[0, 0, 0, 0] == 1 and np.isnan(y[0, 0, 0, 0])
     assert arg[0, 0, 1, 1] == 15 and np.isnan(y[0, 0, 1, 1])
     assert arg[0, 0, 0, 1] == 2 and y[0, 0, 0, 1] == -np.inf
+    dx = _max_pool_backward(backend, np.ones(y.shape, np.float32), saved)
+    np.testing.assert_array_equal(dx, ref_maxpool_backward(np.ones(y.shape), ref_arg, x.shape))
 
 
 def test_max_pool2d_overlapping_windows_sum_their_gradients(backend):
     x = np.zeros((1, 1, 5, 5), np.float32)
     x[0, 0, 2, 2] = 1.0                                     # the max of all four 3x3/s2 windows
-    y, saved = P.max_pool2d_forward(backend.put(x), (3, 3), (2, 2))
-    assert (backend.get(saved.argmax) == 12).all()
-    dx = P.max_pool2d_backward(backend.put(np.array([[[[1.0, 2.0], [4.0, 8.0]]]], np.float32)), saved)
+    _, arg, saved = _max_pool(backend, x, (3, 3), (2, 2))
+    assert (arg == 12).all()
+    dx = _max_pool_backward(backend, np.array([[[[1.0, 2.0], [4.0, 8.0]]]], np.float32), saved)
     expected = np.zeros((1, 1, 5, 5), np.float32)
     expected[0, 0, 2, 2] = 15.0
-    np.testing.assert_array_equal(backend.get(dx), expected)
+    np.testing.assert_array_equal(dx, expected)
+
+
+def test_max_pool2d_refuses_windows_over_256_elements(backend):
+    with pytest.raises(ValueError, match=r"at most 256 elements .*kernel=\(17, 16\)"):
+        P.max_pool2d_forward(backend.put(np.zeros((1, 20, 20, 1), np.float32)), (17, 16), (1, 1))
 
 
 @pytest.mark.parametrize("backend", [BACKENDS[0], BACKENDS[2]], indirect=True)   # one xp path: no kernel
@@ -180,11 +266,12 @@ def test_max_pool2d_overlapping_windows_sum_their_gradients(backend):
 @pytest.mark.parametrize("case", params(POOL_CASES))
 def test_avg_pool2d(case, dtype, backend):
     x = _pool_input(case, dtype, False)
-    y, x_shape = P.avg_pool2d_forward(backend.put(x), case.kernel, case.stride)
-    np.testing.assert_allclose(backend.get(y), ref_avgpool_forward(x, case.kernel, case.stride), **backend.tol(dtype))
-    dy = np.random.default_rng(7).standard_normal(y.shape).astype(dtype)
-    dx = P.avg_pool2d_backward(backend.put(dy), x_shape, case.kernel, case.stride)
-    np.testing.assert_allclose(backend.get(dx), ref_avgpool_backward(dy, x.shape, case.kernel, case.stride),
+    y, x_shape = P.avg_pool2d_forward(backend.put(bl(x)), case.kernel, case.stride)
+    np.testing.assert_allclose(nchw(backend.get(y)), ref_avgpool_forward(x, case.kernel, case.stride),
+                               **backend.tol(dtype))
+    dy = np.random.default_rng(7).standard_normal(nchw(backend.get(y)).shape).astype(dtype)
+    dx = P.avg_pool2d_backward(backend.put(bl(dy)), x_shape, case.kernel, case.stride)
+    np.testing.assert_allclose(nchw(backend.get(dx)), ref_avgpool_backward(dy, x.shape, case.kernel, case.stride),
                                **backend.tol(dtype))
 
 
@@ -194,25 +281,28 @@ def test_avg_pool2d(case, dtype, backend):
 XP_BACKENDS = [BACKENDS[0], BACKENDS[2]]
 
 
-@pytest.mark.parametrize("backend", XP_BACKENDS, indirect=True)
+@pytest.mark.parametrize("act", [None, "relu", "sigmoid", "tanh"], ids=str)
 @pytest.mark.parametrize("shape", [(1, 400, 120, True), (64, 400, 120, True), (3, 84, 10, False)],
                          ids=["batch1-400x120", "lenet5-fc1", "batch3-nobias"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear(shape, dtype, backend):
+def test_linear(shape, dtype, act, backend):
     N, fin, fout, bias = shape
     rng = np.random.default_rng(6)
     x, W = rng.standard_normal((N, fin)).astype(dtype), rng.standard_normal((fout, fin)).astype(dtype)
     b = rng.standard_normal(fout).astype(dtype) if bias else None
     dy = rng.standard_normal((N, fout)).astype(dtype)
-    y, saved = Lin.linear_forward(backend.put(x), backend.put(W), None if b is None else backend.put(b))
-    dx, dW, db = Lin.linear_backward(backend.put(dy), saved)
+    y, saved = Lin.linear_forward(backend.put(bl(x)), backend.put(W), None if b is None else backend.put(b), act=act)
+    dx, dW, db = Lin.linear_backward(backend.put(bl(dy)), saved)
     X, Wd, Dy = (a.astype(np.float64) for a in (x, W, dy))
+    Z = X @ Wd.T + (0 if b is None else b)
+    f, df = (lambda z: z, lambda z: np.ones_like(z)) if act is None else ACTIVATIONS[act][2:]
+    Dz = Dy * df(Z)
     tol = dict(rtol=backend.tol(dtype)["rtol"], atol=backend.tol(dtype)["atol"] * np.sqrt(max(N, fin)))
-    np.testing.assert_allclose(backend.get(y), X @ Wd.T + (0 if b is None else b), **tol)
-    np.testing.assert_allclose(backend.get(dx), Dy @ Wd, **tol)
-    np.testing.assert_allclose(backend.get(dW), Dy.T @ X, **tol)
+    np.testing.assert_allclose(nchw(backend.get(y)), f(Z), **tol)
+    np.testing.assert_allclose(nchw(backend.get(dx)), Dz @ Wd, **tol)
+    np.testing.assert_allclose(backend.get(dW), Dz.T @ X, **tol)
     if bias:
-        np.testing.assert_allclose(backend.get(db), Dy.sum(axis=0), **tol)
+        np.testing.assert_allclose(backend.get(db), Dz.sum(axis=0), **tol)
 
 
 def _act_input(dtype, seed=8):
@@ -257,9 +347,10 @@ def test_activation(name, dtype, backend):
 
 @pytest.mark.parametrize("backend", XP_BACKENDS, indirect=True)
 def test_relu_derivative_is_half_at_exactly_zero(backend):
-    y, factor = A.relu_forward(backend.put(np.array([[-1.0, 0.0, 2.0, -0.0]], np.float32)))
-    np.testing.assert_array_equal(backend.get(A.relu_backward(backend.put(np.ones((1, 4), np.float32)), factor)),
-                                  [[0.0, 0.5, 1.0, 0.5]])
+    y, saved = A.relu_forward(backend.put(np.array([[-1.0, 0.0, 2.0, -0.0, np.nan]], np.float32)))
+    dx = backend.get(A.relu_backward(backend.put(np.ones((1, 5), np.float32)), saved))
+    np.testing.assert_array_equal(dx[:, :4], [[0.0, 0.5, 1.0, 0.5]])
+    assert np.isnan(dx[0, 4]) and np.isnan(backend.get(y)[0, 4])      # NaN propagates both ways
 
 
 @pytest.mark.parametrize("backend", XP_BACKENDS, indirect=True)

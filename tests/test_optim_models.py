@@ -327,3 +327,28 @@ def test_numpy_path_trains_on_separable_problem(make_opt):
     accuracy = float((logits.argmax(axis=1) == y_test).mean())
     assert final < 0.2 * initial, (initial, final)
     assert accuracy > 0.95, accuracy
+
+
+@pytest.mark.parametrize("name", MODEL_IDS)
+def test_fused_network_equals_the_layers_run_one_by_one(name):
+    """Sequential fuses conv/dense with the activation (and pooling) after them; anomaly
+    detection turns fusion off.  Both give the same bits on finite inputs."""
+    from gpucnn import debug
+
+    def run(fused):
+        gpucnn.seed(4)
+        model = models.build(name, dtype=F64)
+        x = np.random.default_rng(5).standard_normal((3, 1, 28, 28))
+        x[:, :, ::4] = 0                                  # exact zeros: relu'(0) = 1/2 paths
+        y = model.forward(x) if fused else _unfused(model.forward, x)
+        dx = model.backward(np.random.default_rng(6).standard_normal(y.shape)) if fused else \
+            _unfused(model.backward, np.random.default_rng(6).standard_normal(y.shape))
+        return y, dx, [g.copy() for g in model.gradients()]
+
+    def _unfused(fn, *args):
+        with debug.detect_anomaly():
+            return fn(*args)
+
+    (y1, dx1, g1), (y2, dx2, g2) = run(True), run(False)
+    assert y1.tobytes() == y2.tobytes() and dx1.tobytes() == dx2.tobytes()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(g1, g2))

@@ -27,6 +27,7 @@ from __future__ import annotations
 from .. import backend
 
 __all__ = [
+    "FUSED_ACTIVATIONS", "act_forward", "act_backward",
     "sigmoid", "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward",
     "scaled_tanh_forward", "scaled_tanh_backward", "relu_forward", "relu_backward",
     "slope_forward", "slope_backward", "prelu_forward", "prelu_backward",
@@ -71,15 +72,18 @@ def scaled_tanh_backward(dy, t, A, B):
     return dy * dy.dtype.type(A * B) * (1 - t * t)
 
 
-def relu_forward(x):
-    """``max(0, x)``; keeps the derivative factor ``(sign(x) + 1) / 2`` (0, 1/2 or 1)."""
+def relu_forward(x, out=None):
+    """``max(0, x)`` (NaN propagates); keeps ``x`` for the derivative."""
     xp = backend.get_array_module(x)
-    factor = (xp.sign(x) + 1) * x.dtype.type(0.5)
-    return xp.maximum(x, 0), factor
+    return xp.maximum(x, 0, out=out), x
 
 
-def relu_backward(dy, factor):
-    return dy * factor
+def relu_backward(dy, x, out=None):
+    """``dy * relu'(x)`` with ``relu' = 1 (x > 0), 1/2 (x == 0, seed 001), 0 (x < 0)``, NaN for NaN."""
+    xp = backend.get_array_module(dy)
+    out = xp.heaviside(x, x.dtype.type(0.5), out=out)
+    out *= dy
+    return out
 
 
 def slope_forward(x, negative):
@@ -123,3 +127,46 @@ def softmax_forward(x, axis):
 
 def softmax_backward(dy, y, axis):
     return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
+
+
+#: Activations a convolution or dense layer runs in its epilogue.
+FUSED_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+
+
+def act_forward(name, z, out=None):
+    """``(y, saved)`` of a fused activation (``name`` None: ``(z, None)``), into ``out`` when given."""
+    if name is None:
+        return z, None
+    if name == "relu":
+        return relu_forward(z, out)
+    xp = backend.get_array_module(z)
+    if name == "sigmoid":
+        y = sigmoid(z)
+        if out is not None:
+            out[...] = y
+            y = out
+        return y, y
+    if name == "tanh":
+        y = xp.tanh(z, out=out)
+        return y, y
+    raise ValueError(f"act must be None or one of {FUSED_ACTIVATIONS}, got act={name!r}")
+
+
+def act_backward(name, g, saved, out=None):
+    """dL/dz of a fused activation from dL/dy (``saved`` is what :func:`act_forward` returned).
+
+    The same arithmetic as the activation layers' own backward, so a fused
+    network and an unfused one give the same bits.
+    """
+    if name == "relu":
+        return relu_backward(g, saved, out)
+    if name == "sigmoid":
+        r = sigmoid_backward(g, saved)
+    elif name == "tanh":
+        r = tanh_backward(g, saved)
+    else:
+        raise ValueError(f"act must be one of {FUSED_ACTIVATIONS}, got act={name!r}")
+    if out is None:
+        return r
+    out[...] = r
+    return out

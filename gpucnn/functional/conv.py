@@ -1,26 +1,35 @@
-"""2-D convolution (cross-correlation) as a forward/backward function pair.
+"""2-D convolution (cross-correlation) with a fused epilogue, as a forward/backward pair.
 
-Forward, as in PyTorch (zero padding)::
+Forward, as in PyTorch (zero padding), on batch-last arrays ``x (C, H, W, N)``::
 
-    y[n, o, i, j] = b[o] + sum_{c,u,v} xpad[n, c, i*sh + u, j*sw + v] * W[o, c, u, v]
+    z[o, i, j, n] = b[o] + sum_{c,u,v} xpad[c, i*sh + u, j*sw + v, n] * W[o, c, u, v]
+
+then, fused, an optional activation (``act`` = ``"relu"``, ``"sigmoid"``,
+``"tanh"``) and an optional max pooling (``pool = (kernel, stride)``; after a
+ReLU it is the exact pool-then-relu of :mod:`gpucnn.functional.pooling`).
 
 The seeds (000, 002, 003) write the same layer as a *convolution* with the
 180°-rotated kernel, ``x * rot180(k)``; our ``W`` is that ``rot180(k)``, so the
 weights exchange with PyTorch without a flip.  Backward follows the seeds:
 
-* ``dL/dW = xpad (valid-correlate) dy`` — seed 003's ``conv(X, dL/dZ)``;
-* ``dL/db[o] = sum dy[:, o]``;
-* ``dL/dx = full-padded dy (dilated by the stride) convolved with rot180(W)``
-  — seed 003's ``conv(padded(dL/dZ), 180° rotated K)``.  Rows and columns of
+* ``dL/dW = xpad (valid-correlate) dz`` — seed 003's ``conv(X, dL/dZ)``;
+* ``dL/db[o] = sum dz[o]``;
+* ``dL/dx = full-padded dz (dilated by the stride) convolved with rot180(W)``
+  — seed 003's ``conv(padded(dL/dZ), 180° rotated K)``; rows and columns of
   the padded input that no window reaches get zero gradient.
 
 Where it runs (decided once, by :func:`~gpucnn.functional._dispatch.use_kernels`):
 
-* NumPy: one GEMM per pass over an :func:`~gpucnn.functional.im2col.im2col`
-  matrix in the batch-innermost (C, H, W, N) layout; dL/dx is the scatter
-  (:func:`~gpucnn.functional.im2col.col2im`) form of the same linear map.
-* CUDA: the kernels of ``kernels/conv2d_*.cu`` through :mod:`gpucnn.cuda.ops`
-  (dL/dx as the seeds' rotated-kernel gather).
+* NumPy: one GEMM per pass over the im2col matrix ``cols (C*kh*kw + 1,
+  Ho*Wo*N)`` -- its last row is ones, so the bias is inside the forward GEMM
+  and ``db`` comes out of the weight-gradient GEMM -- in fixed column chunks
+  (cache-sized blocks of output rows, the same for any thread count, spread
+  over :mod:`gpucnn.functional.threads`); dL/dx is the scatter (col2im) form
+  of the seeds' linear map.  Buffers come from the layer's
+  :class:`~gpucnn.functional.workspace.Workspace`.
+* CUDA: the tiled kernels of ``kernels/conv_*.cu`` through
+  :mod:`gpucnn.cuda.conv` (dL/dx as the seeds' rotated-kernel gather), the
+  pooling ones of :mod:`gpucnn.cuda.pool`.
 
 Both return the same :class:`Conv2dSaved` from forward.
 """
@@ -28,24 +37,28 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from .. import backend
-from . import _dispatch
-from .im2col import im2col, col2im, to_chwn
+from . import _dispatch, threads
+from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
+from .pooling import MaxPool2dSaved, max_pool2d_backward, max_pool2d_forward
+from .workspace import get
 
-__all__ = ["Conv2dSaved", "conv2d_forward", "conv2d_backward", "WEIGHT_GRAD_METHODS"]
+__all__ = ["Conv2dSaved", "conv2d_forward", "conv2d_backward", "conv_output_hw"]
 
-#: How the CUDA path computes dL/dW: the hand-written reduction kernel, or
-#: im2col on the device plus one cuBLAS GEMM (uses N*C*KH*KW*OH*OW floats).
-WEIGHT_GRAD_METHODS = ("kernel", "gemm")
+#: Target size of one column chunk of the im2col matrix (fits the L2 cache of current CPUs).
+CHUNK_BYTES = 512 * 1024
 
 
 class Conv2dSaved(NamedTuple):
     """What :func:`conv2d_forward` keeps for :func:`conv2d_backward`.
 
-    ``x`` is the forward input (NCHW) and ``W`` the weights (a reference, not
-    a copy); ``cols`` is the NumPy path's im2col matrix of ``x``, kept so
-    backward does not rebuild it (``None`` on the kernel path, which reads
-    ``x`` directly).
+    ``x`` is the batch-last input and ``W`` the weights (references, not
+    copies); ``cols`` the NumPy path's im2col matrix of ``x`` (None on the
+    kernel path, which reads ``x``); ``act_saved`` what the activation's
+    derivative needs (``z`` for relu, the output for sigmoid/tanh, None when
+    the activation is fused into the pool); ``pool_saved`` the pooling's taps.
     """
 
     x: object
@@ -54,101 +67,231 @@ class Conv2dSaved(NamedTuple):
     stride: tuple
     padding: tuple
     has_bias: bool
+    act: str | None
+    act_saved: object
+    pool_saved: MaxPool2dSaved | None
+    z_shape: tuple
 
 
-def _out_hw(x_shape, w_shape, stride, padding):
-    (H, W), (kh, kw) = x_shape[2:], w_shape[2:]
+def conv_output_hw(x_shape, w_shape, stride, padding):
+    """``(Ho, Wo)`` for a batch-last input shape ``(C, H, W, N)``."""
+    (H, W), (kh, kw) = x_shape[1:3], w_shape[2:]
     return ((H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1)
 
 
-def conv2d_forward(x, W, b, stride, padding):
-    """``y = conv2d(x, W) + b``; returns ``(y, saved)``.
+def _check_fusion(act, pool):
+    if act is not None and act not in FUSED_ACTIVATIONS:
+        raise ValueError(f"act must be None or one of {FUSED_ACTIVATIONS}, got act={act!r}")
+    if pool is not None and (len(pool) != 2 or any(len(p) != 2 for p in pool)):
+        raise ValueError(f"pool must be ((kh, kw), (sh, sw)) of a max pooling, got pool={pool!r}")
+
+
+def conv2d_forward(x, W, b, stride, padding, *, act=None, pool=None, ws=None):
+    """``y = pool(act(conv2d(x, W) + b))``; returns ``(y, saved)``.
 
     Args:
-        x: (N, C, H, W) float array; W: (O, C, kh, kw) of the same dtype and
-            device; b: (O,) or None.  stride, padding: (h, w) int pairs.
-            Shapes are not re-checked here (the layer does that, with
-            messages in its own terms).
+        x: (C, H, W, N) float array (batch last); W: (O, C, kh, kw) of the
+            same dtype and device; b: (O,) or None.  stride, padding: (h, w)
+            int pairs.  Shapes are checked by the layer, with messages in its
+            own terms, not here.
+        act: None or a name in :data:`~gpucnn.functional.activation.FUSED_ACTIVATIONS`.
+        pool: None or ``(kernel, stride)`` of a max pooling applied last.
+        ws: a :class:`~gpucnn.functional.workspace.Workspace` for the buffers.
     Returns:
-        y (N, O, Ho, Wo), C-contiguous, and a :class:`Conv2dSaved`.
+        y (O, Ho', Wo', N) and a :class:`Conv2dSaved`.
     """
+    _check_fusion(act, pool)
     if _dispatch.use_kernels(x, W, b):
-        from ..cuda import ops
-
-        y = ops.conv2d_forward(x, W, b, stride, padding)
-        return y, Conv2dSaved(x, W, None, stride, padding, b is not None)
-    xp = backend.get_array_module(x)
-    N = x.shape[0]
-    O = W.shape[0]
-    Ho, Wo = _out_hw(x.shape, W.shape, stride, padding)
-    cols = im2col(to_chwn(x, padding), W.shape[2:], stride, (Ho, Wo))
-    y = W.reshape(O, -1) @ cols
-    if b is not None:
-        y += b[:, None]
-    y = xp.ascontiguousarray(y.reshape(O, Ho, Wo, N).transpose(3, 0, 1, 2))
-    return y, Conv2dSaved(x, W, cols, stride, padding, b is not None)
+        return _forward_kernels(x, W, b, stride, padding, act, pool)
+    cols, z = _conv_numpy(x, W, b, stride, padding, ws)
+    fuse_relu = act == "relu" and pool is not None
+    if fuse_relu:
+        y, pool_saved = max_pool2d_forward(z, *pool, relu=True, ws=ws)
+        return y, Conv2dSaved(x, W, cols, stride, padding, b is not None, act, None, pool_saved, z.shape)
+    y, act_saved = act_forward(act, z, get(ws, "act", z.shape, z.dtype) if act else None)
+    pool_saved = None
+    if pool is not None:
+        y, pool_saved = max_pool2d_forward(y, *pool, ws=ws)
+    return y, Conv2dSaved(x, W, cols, stride, padding, b is not None, act, act_saved, pool_saved, z.shape)
 
 
-def conv2d_backward(dy, saved: Conv2dSaved, *, need_input_grad=True, dW_out=None, db_out=None,
-                    method="kernel"):
+def _chunks(Ho, row_bytes):
+    """Fixed ``[i0, i1)`` blocks of output rows, about :data:`CHUNK_BYTES` of columns each."""
+    rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+    return [(i, min(Ho, i + rows)) for i in range(0, Ho, rows)]
+
+
+def _windows(xpad, kernel, stride, i0, i1, Wo):
+    """The (C, kh, kw, i1-i0, Wo, N) strided view of every window of output rows [i0, i1)."""
+    s0, s1, s2, s3 = xpad.strides
+    (kh, kw), (sh, sw) = kernel, stride
+    C, N = xpad.shape[0], xpad.shape[3]
+    base = xpad[:, i0 * sh:]
+    return np.lib.stride_tricks.as_strided(base, (C, kh, kw, i1 - i0, Wo, N),
+                                           (s0, s1, s2, s1 * sh, s2 * sw, s3), writeable=False)
+
+
+def _col_block(cols, K6, a, rows, Wo, N):
+    """``cols[:K, a:a + rows*Wo*N]`` viewed as (C, kh, kw, rows, Wo, N) (a writeable view)."""
+    P, item = cols.shape[1], cols.itemsize
+    C, kh, kw = K6
+    start = cols[:, a:]
+    return np.lib.stride_tricks.as_strided(
+        start, (C, kh, kw, rows, Wo, N), (kh * kw * P * item, kw * P * item, P * item, Wo * N * item, N * item, item))
+
+
+def _conv_numpy(x, W, b, stride, padding, ws):
+    C, H, Wd, N = x.shape
+    O, _, kh, kw = W.shape
+    K = C * kh * kw
+    Ho, Wo = conv_output_hw(x.shape, W.shape, stride, padding)
+    (ph, pw), dt = padding, x.dtype
+    if ph or pw:
+        xpad = get(ws, "xpad", (C, H + 2 * ph, Wd + 2 * pw, N), dt, fill=0)   # borders stay zero
+        xpad[:, ph:ph + H, pw:pw + Wd] = x
+    else:
+        xpad = x
+    P = Ho * Wo * N
+    cols = get(ws, "cols", (K + 1, P), dt)
+    cols[K] = 1                                     # the bias row
+    Wb = get(ws, "wb", (O, K + 1), dt)
+    Wb[:, :K] = W.reshape(O, K)
+    Wb[:, K] = 0 if b is None else b
+    z = get(ws, "z", (O, Ho, Wo, N), dt)
+    z2 = z.reshape(O, P)
+    row = Wo * N
+
+    def chunk(i0, i1):
+        a, e = i0 * row, i1 * row
+        np.copyto(_col_block(cols, (C, kh, kw), a, i1 - i0, Wo, N), _windows(xpad, (kh, kw), stride, i0, i1, Wo))
+        np.matmul(Wb, cols[:, a:e], out=z2[:, a:e])
+
+    threads.run_each(chunk, _chunks(Ho, (K + 1) * row * dt.itemsize))
+    return cols, z
+
+
+def conv2d_backward(dy, saved: Conv2dSaved, *, need_input_grad=True, dW_out=None, db_out=None, ws=None):
     """Gradients of :func:`conv2d_forward`: ``(dx, dW, db)``.
 
     Args:
-        dy: (N, O, Ho, Wo), the gradient of the output.
+        dy: the gradient of the forward output (after the fused activation and pooling).
         saved: what forward returned.
         need_input_grad: False skips dL/dx (the first layer of a network)
             and returns ``dx = None``.
         dW_out, db_out: arrays to write dW / db into (overwritten, in place);
             new arrays when None.  db is None without a bias.
-        method: CUDA path only, how dW is computed (:data:`WEIGHT_GRAD_METHODS`).
+        ws: the workspace forward used.
     """
-    if method not in WEIGHT_GRAD_METHODS:
-        raise ValueError(f"method must be one of {WEIGHT_GRAD_METHODS}, got method={method!r}")
-    x, W, stride, padding = saved.x, saved.W, saved.stride, saved.padding
-    if _dispatch.use_kernels(dy, W):
-        return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, method)
-    xp = backend.get_array_module(dy)
-    N, O, Ho, Wo = dy.shape
-    dy2 = xp.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(O, Ho * Wo * N)
-    # dL/dW = dy (valid-correlate) xpad  (seed 003: conv(X, dL/dZ)): one GEMM
-    dW = _store(dy2 @ saved.cols.T, W.shape, dW_out)
-    db = _store(dy2.sum(axis=1), (O,), db_out) if saved.has_bias else None
+    if _dispatch.use_kernels(dy, saved.W):
+        return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out)
+    dz = _pre_activation_grad(dy, saved, ws)
+    W = saved.W
+    O, C, kh, kw = W.shape
+    K = C * kh * kw
+    dz2 = dz.reshape(O, -1)
+    Ho, Wo, N = saved.z_shape[1:]
+    row = Wo * N
+    blocks = _chunks(Ho, (K + 1) * row * dz.dtype.itemsize)
+    parts = threads.map_each(lambda i0, i1: dz2[:, i0 * row:i1 * row] @ saved.cols[:, i0 * row:i1 * row].T, blocks)
+    dWb = parts[0]
+    for part in parts[1:]:                          # fixed order: the same bits for any thread count
+        dWb += part
+    dW = _store(dWb[:, :K], W.shape, dW_out)
+    db = _store(dWb[:, K], (O,), db_out) if saved.has_bias else None
     if not need_input_grad:
         return None, dW, db
-    # dL/dx: the adjoint of im2col applied to W^T dy.  It is the same linear
-    # map as the seeds' full-padded rot180 convolution (the GPU kernel's
-    # gather, and im2col.conv2d_backward_input_seed, which the tests compare
-    # against); on a CPU the scatter form is the faster one.
-    C, H, Wd = x.shape[1:]
-    ph, pw = padding
-    dcols = W.reshape(O, -1).T @ dy2
-    dxp = col2im(dcols, (C, H + 2 * ph, Wd + 2 * pw, N), W.shape[2:], stride, (Ho, Wo))
-    return xp.ascontiguousarray(dxp[:, ph:ph + H, pw:pw + Wd, :].transpose(3, 0, 1, 2)), dW, db
+    return _input_grad(dz2, saved, blocks, ws), dW, db
+
+
+def _pre_activation_grad(dy, saved, ws):
+    """dL/dz from dL/dy through the fused pooling and activation."""
+    g = dy
+    if saved.pool_saved is not None:
+        g = max_pool2d_backward(dy, saved.pool_saved, ws=ws)
+    if saved.act is not None and saved.act_saved is not None:
+        g = act_backward(saved.act, g, saved.act_saved, get(ws, "dz", saved.z_shape, dy.dtype))
+    return g
+
+
+def _input_grad(dz2, saved, blocks, ws):
+    """dL/dx: the adjoint of im2col applied to ``W^T dz`` (the seeds' full-padded rot180
+    convolution, the GPU kernel's gather, in its scatter form, which is faster on a CPU)."""
+    W, (ph, pw), (sh, sw) = saved.W, saved.padding, saved.stride
+    O, C, kh, kw = W.shape
+    K = C * kh * kw
+    Cx, H, Wd, N = saved.x.shape
+    Ho, Wo = saved.z_shape[1:3]
+    row = Wo * N
+    W2t = W.reshape(O, K).T
+    dcols = get(ws, "dcols", (K, Ho * Wo * N), dz2.dtype)
+    threads.run_each(lambda i0, i1: np.matmul(W2t, dz2[:, i0 * row:i1 * row], out=dcols[:, i0 * row:i1 * row]),
+                     blocks)
+    dcols6 = dcols.reshape(C, kh, kw, Ho, Wo, N)
+    padded = ph or pw
+    dxp = get(ws, "dxpad" if padded else "dx", (C, H + 2 * ph, Wd + 2 * pw, N), dz2.dtype)
+
+    def channels(c0, c1):
+        dxp[c0:c1].fill(0)
+        for u in range(kh):
+            for v in range(kw):
+                dxp[c0:c1, u:u + (Ho - 1) * sh + 1:sh, v:v + (Wo - 1) * sw + 1:sw] += dcols6[c0:c1, u, v]
+
+    threads.run_each(channels, threads.split(C))
+    if not padded:
+        return dxp
+    dx = get(ws, "dx", saved.x.shape, dz2.dtype)
+    np.copyto(dx, dxp[:, ph:ph + H, pw:pw + Wd])
+    return dx
 
 
 def _store(value, shape, out):
     """``value`` reshaped to ``shape``, copied into ``out`` when one is given."""
     value = value.reshape(shape)
     if out is None:
-        return value
+        return value.copy()
     out[...] = value
     return out
 
 
-def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, method):
-    from ..cuda import ops
+# --------------------------------------------------------------------------- #
+# the kernel path
+# --------------------------------------------------------------------------- #
+def _forward_kernels(x, W, b, stride, padding, act, pool):
+    from ..cuda import conv as kconv
 
-    x, W, stride, padding = saved.x, saved.W, saved.stride, saved.padding
-    if method == "gemm":
-        xp = backend.get_array_module(x)
-        O, _, kh, kw = W.shape
-        Ho, Wo = dy.shape[2:]
-        cols = im2col(to_chwn(xp.ascontiguousarray(x), padding), (kh, kw), stride, (Ho, Wo))
-        dy2 = xp.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(O, -1)
-        dW, db = (dy2 @ cols.T).reshape(W.shape), dy2.sum(axis=1)
-    else:
-        dW, db = ops.conv2d_backward_weight(x, dy, W.shape, stride, padding)
-    dW = _store(dW, W.shape, dW_out)
-    db = _store(db, db.shape, db_out) if saved.has_bias else None
-    dx = ops.conv2d_backward_input(dy, W, x.shape, stride, padding) if need_input_grad else None
+    fuse_relu = act == "relu" and pool is not None
+    kernel_act = None if fuse_relu else act
+    y, z = kconv.conv_forward(x, W, b, stride, padding, act=kernel_act)
+    z_shape = tuple(y.shape)
+    act_saved = None
+    if kernel_act == "relu":
+        act_saved = z
+    elif kernel_act is not None:
+        act_saved = y
+    pool_saved = None
+    if pool is not None:
+        y, pool_saved = max_pool2d_forward(y, *pool, relu=fuse_relu)
+    return y, Conv2dSaved(x, W, None, stride, padding, b is not None, act, act_saved, pool_saved, z_shape)
+
+
+def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out):
+    from ..cuda import conv as kconv
+    from ..cuda import elementwise
+
+    dz = dy
+    if saved.pool_saved is not None:
+        dz = max_pool2d_backward(dy, saved.pool_saved)
+    if saved.act is not None and saved.act_saved is not None:
+        dz = elementwise.act_backward(dz, saved.act_saved, saved.act)
+    xp = backend.get_array_module(dz)
+    W = saved.W
+    dW = dW_out if dW_out is not None else xp.empty(W.shape, W.dtype)
+    db = None
+    if saved.has_bias:
+        db = db_out if db_out is not None else xp.empty((W.shape[0],), W.dtype)
+    kconv.conv_backward_weight(saved.x, dz, W.shape, saved.stride, saved.padding, dW_out=dW, db_out=db,
+                               has_bias=saved.has_bias)
+    dx = None
+    if need_input_grad:
+        dx = kconv.conv_backward_input(dz, W, saved.x.shape, saved.stride, saved.padding)
     return dx, dW, db

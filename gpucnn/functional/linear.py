@@ -1,44 +1,88 @@
-"""Fully connected layer as a function pair (PyTorch layout, ``W`` is (out, in))::
+"""The fully connected layer as a function pair, on batch-last ``(F, N)`` arrays.
 
-    y = x W^T + b,   dL/dW = dy^T x,   dL/db = sum_n dy,   dL/dx = dy W
+PyTorch's layout for ``W`` (out, in); with the batch as the last axis::
+
+    z = W x + b,   y = act(z),   dL/dW = dz x^T,   dL/db = sum_n dz,   dL/dx = W^T dz
 
 (seed 001 eq. 8: dD_j/dw_ck = x_c delta_jk; seed 002: grad_W = a delta^T with
-its W stored transposed).  One ``xp`` code path: the matrix products are
-BLAS on NumPy and cuBLAS on CuPy.
+its W stored transposed), ``dz = dy * act'(z)`` for the fused activation.
+
+NumPy: the products are BLAS GEMMs written into the layer's workspace and
+into the gradient buffers in place.  CUDA: the tiled GEMM kernels of
+``kernels/dense.cu`` (:mod:`gpucnn.cuda.dense`), bias and activation in the
+epilogue, the activation's derivative and the bias gradient in one launch.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
+from .. import backend
+from . import _dispatch
+from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
+from .workspace import get
+
 __all__ = ["LinearSaved", "linear_forward", "linear_backward"]
 
 
 class LinearSaved(NamedTuple):
-    """The input x (needed for dL/dW) and the weights (a reference)."""
+    """The input x (needed for dL/dW), the weights (a reference), and the activation's saved state."""
 
     x: object
     W: object
     has_bias: bool
+    act: str | None
+    act_saved: object
 
 
-def linear_forward(x, W, b):
-    """``y = x @ W.T + b`` for x (N, in), W (out, in), b (out,) or None; returns ``(y, saved)``."""
-    y = x @ W.T
+def linear_forward(x, W, b, *, act=None, ws=None):
+    """``y = act(W @ x + b)`` for x (in, N), W (out, in), b (out,) or None; returns ``(y, saved)``."""
+    if act is not None and act not in FUSED_ACTIVATIONS:
+        raise ValueError(f"act must be None or one of {FUSED_ACTIVATIONS}, got act={act!r}")
+    if _dispatch.use_kernels(x, W, b):
+        from ..cuda import dense
+
+        y, z = dense.dense_forward(x, W, b, act=act)
+        saved = z if act == "relu" else (y if act is not None else None)
+        return y, LinearSaved(x, W, b is not None, act, saved)
+    xp = backend.get_array_module(x)
+    z = get(ws, "z", (W.shape[0], x.shape[1]), x.dtype, xp)
+    xp.matmul(W, x, out=z)
     if b is not None:
-        y += b
-    return y, LinearSaved(x, W, b is not None)
+        z += b[:, None]
+    y, act_saved = act_forward(act, z, get(ws, "act", z.shape, z.dtype, xp) if act else None)
+    return y, LinearSaved(x, W, b is not None, act, act_saved)
 
 
-def linear_backward(dy, saved: LinearSaved, *, need_input_grad=True, dW_out=None, db_out=None):
+def linear_backward(dy, saved: LinearSaved, *, need_input_grad=True, dW_out=None, db_out=None, ws=None):
     """``(dx, dW, db)``; dW/db are written into ``dW_out``/``db_out`` when given (overwritten)."""
-    dW = _store(dy.T @ saved.x, dW_out)
-    db = _store(dy.sum(axis=0), db_out) if saved.has_bias else None
-    dx = dy @ saved.W if need_input_grad else None
+    W, x = saved.W, saved.x
+    xp = backend.get_array_module(dy)
+    if _dispatch.use_kernels(dy, W):
+        return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp)
+    dz = dy if saved.act is None else act_backward(saved.act, dy, saved.act_saved,
+                                                   get(ws, "dz", dy.shape, dy.dtype, xp))
+    dW = dW_out if dW_out is not None else xp.empty(W.shape, W.dtype)
+    xp.matmul(dz, x.T, out=dW)
+    db = None
+    if saved.has_bias:
+        db = db_out if db_out is not None else xp.empty((W.shape[0],), W.dtype)
+        dz.sum(axis=1, out=db)
+    dx = None
+    if need_input_grad:
+        dx = xp.matmul(W.T, dz, out=get(ws, "dx", x.shape, dy.dtype, xp))
     return dx, dW, db
 
 
-def _store(value, out):
-    if out is None:
-        return value
-    out[...] = value
-    return out
+def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp):
+    from ..cuda import dense
+
+    W, x = saved.W, saved.x
+    db = None
+    if saved.has_bias:
+        db = db_out if db_out is not None else xp.empty((W.shape[0],), W.dtype)
+    dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db)
+    dW = dense.dense_weight_grad(dz, x, out=dW_out)
+    dx = dense.dense_input_grad(W, dz) if need_input_grad else None
+    return dx, dW, db

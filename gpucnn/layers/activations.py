@@ -3,7 +3,9 @@
 Each is a thin layer around one function pair of
 :mod:`gpucnn.functional.activation` (which has the table of f and f'); the
 layer keeps what the pair returns as ``saved`` and checks ``dy`` against the
-forward's shape, dtype and device.
+forward's shape, dtype and device.  Being element-wise they run unchanged on
+public and batch-last arrays; PReLU and Softmax map their channel axis
+(public axis 1 is batch-last axis 0).
 """
 from __future__ import annotations
 
@@ -14,18 +16,36 @@ from .._utils import check_array, check_param_match, positive_int
 from ..functional import activation as F
 from ..functional.activation import sigmoid
 from ..random import get_rng
+from .._utils import shown_shape
 from .base import Layer
 
 
 class _Elementwise(Layer):
+    """Public and internal passes are the same element-wise op (``_forward`` / ``_backward``)."""
+
     def __init__(self):
         super().__init__()
         self._saved = None
         self._shape = None
         self._dtype = None
+        self._internal = False
+
+    def forward(self, x, **kwargs):
+        self._internal = False
+        return self._forward(x, **kwargs)
+
+    def backward(self, dy):
+        return self._backward(dy)
+
+    def forward_internal(self, x):
+        self._internal = True
+        return self._forward(x)
+
+    def backward_internal(self, dy, need_input_grad=True):
+        return self._backward(dy)
 
     def _check_x(self, x):
-        check_array(x, "x", None, type(self).__name__)
+        check_array(x, "x", None, type(self).__name__, internal=self._internal)
         self._shape, self._dtype = x.shape, x.dtype
 
     def _check_dy(self, dy):
@@ -34,7 +54,8 @@ class _Elementwise(Layer):
         check_array(dy, "dy", None, f"{name}.backward")
         backend.check_same_device(dy=dy, saved=self._saved)
         if tuple(dy.shape) != tuple(self._shape):
-            raise ValueError(f"{name}.backward: dy has shape {tuple(dy.shape)}, expected {tuple(self._shape)}")
+            raise ValueError(f"{name}.backward: dy has shape {shown_shape(dy, self._internal)}, expected "
+                             f"{shown_shape(self._shape, self._internal)}")
         if dy.dtype != self._dtype:
             raise TypeError(f"{name}.backward: dy has dtype {dy.dtype} but forward ran in {self._dtype}")
 
@@ -42,12 +63,12 @@ class _Elementwise(Layer):
 class Sigmoid(_Elementwise):
     """Logistic sigmoid; keeps its output y, dL/dx = dy * y * (1 - y)."""
 
-    def forward(self, x):
+    def _forward(self, x):
         self._check_x(x)
         y, self._saved = F.sigmoid_forward(x)
         return y
 
-    def backward(self, dy):
+    def _backward(self, dy):
         self._check_dy(dy)
         return F.sigmoid_backward(dy, self._saved)
 
@@ -55,12 +76,12 @@ class Sigmoid(_Elementwise):
 class Tanh(_Elementwise):
     """Hyperbolic tangent; keeps y, dL/dx = dy * (1 - y^2)."""
 
-    def forward(self, x):
+    def _forward(self, x):
         self._check_x(x)
         y, self._saved = F.tanh_forward(x)
         return y
 
-    def backward(self, dy):
+    def _backward(self, dy):
         self._check_dy(dy)
         return F.tanh_backward(dy, self._saved)
 
@@ -78,12 +99,12 @@ class ScaledTanh(_Elementwise):
     def extra_repr(self):
         return f"A={self.A}, B={self.B}"
 
-    def forward(self, x):
+    def _forward(self, x):
         self._check_x(x)
         y, self._saved = F.scaled_tanh_forward(x, self.A, self.B)
         return y
 
-    def backward(self, dy):
+    def _backward(self, dy):
         self._check_dy(dy)
         return F.scaled_tanh_backward(dy, self._saved, self.A, self.B)
 
@@ -91,15 +112,15 @@ class ScaledTanh(_Elementwise):
 class ReLU(_Elementwise):
     """max(0, x); subgradient 1/2 at exactly 0, as seed 001 (eq. 10) takes it.
 
-    Keeps the derivative factor ``(sign(x) + 1) / 2`` (0, 1/2 or 1).
+    Keeps x; its derivative ``heaviside(x, 1/2)`` (0, 1/2 or 1) is taken in backward.
     """
 
-    def forward(self, x):
+    def _forward(self, x):
         self._check_x(x)
         y, self._saved = F.relu_forward(x)
         return y
 
-    def backward(self, dy):
+    def _backward(self, dy):
         self._check_dy(dy)
         return F.relu_backward(dy, self._saved)
 
@@ -119,12 +140,12 @@ class LeakyReLU(_Elementwise):
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}"
 
-    def forward(self, x):
+    def _forward(self, x):
         self._check_x(x)
         y, self._saved = F.slope_forward(x, self.negative_slope)
         return y
 
-    def backward(self, dy):
+    def _backward(self, dy):
         self._check_dy(dy)
         return F.slope_backward(dy, self._saved)
 
@@ -151,27 +172,32 @@ class PReLU(_Elementwise):
     def extra_repr(self):
         return f"num_parameters={self.num_parameters}"
 
+    def _axis(self):
+        return 0 if self._internal else 1
+
     def _a(self, x):
         a = self.params["a"]
         if self.num_parameters == 1:
             return a.reshape((1,) * x.ndim)
-        return a.reshape((1, -1) + (1,) * (x.ndim - 2))
+        shape = [1] * x.ndim
+        shape[self._axis()] = -1
+        return a.reshape(shape)
 
-    def forward(self, x):
+    def _forward(self, x):
         self._check_x(x)
         check_param_match(x, self.params["a"], "x", "PReLU")
-        if self.num_parameters > 1 and (x.ndim < 2 or x.shape[1] != self.num_parameters):
+        if self.num_parameters > 1 and (x.ndim < 2 or x.shape[self._axis()] != self.num_parameters):
             raise ValueError(
                 f"PReLU: num_parameters={self.num_parameters} needs x with that many channels "
-                f"on axis 1, got shape {tuple(x.shape)}"
+                f"on axis 1, got shape {shown_shape(x, self._internal)}"
             )
         y, self._saved = F.prelu_forward(x, self._a(x))
         return y
 
-    def backward(self, dy):
+    def _backward(self, dy):
         self._check_dy(dy)
         x = self._saved
-        axes = None if self.num_parameters == 1 else (0,) + tuple(range(2, x.ndim))
+        axes = None if self.num_parameters == 1 else tuple(i for i in range(x.ndim) if i != self._axis())
         dx, da = F.prelu_backward(dy, x, self._a(x), axes)
         self._set_grad("a", da.reshape(self.num_parameters))
         return dx
@@ -197,7 +223,7 @@ class RReLU(_Elementwise):
     def extra_repr(self):
         return f"lower={self.lower}, upper={self.upper}"
 
-    def forward(self, x, slopes=None):
+    def _forward(self, x, slopes=None):
         """Apply RReLU; ``slopes`` (same shape as x) overrides the random draw (for tests)."""
         self._check_x(x)
         if slopes is not None:
@@ -215,7 +241,7 @@ class RReLU(_Elementwise):
         y, self._saved = F.slope_forward(x, r)
         return y
 
-    def backward(self, dy):
+    def _backward(self, dy):
         self._check_dy(dy)
         return F.slope_backward(dy, self._saved)
 
@@ -231,14 +257,21 @@ class Softmax(_Elementwise):
         super().__init__()
         self.axis = int(axis)
 
-    def forward(self, x):
+    def _forward(self, x):
         self._check_x(x)
-        y, self._saved = F.softmax_forward(x, self.axis)
+        y, self._saved = F.softmax_forward(x, self._axis(x.ndim))
         return y
 
-    def backward(self, dy):
+    def _axis(self, ndim):
+        """The class axis on the array at hand: public axis a is batch-last axis a - 1 (0 -> last)."""
+        a = self.axis % ndim
+        if not self._internal:
+            return a
+        return ndim - 1 if a == 0 else a - 1
+
+    def _backward(self, dy):
         self._check_dy(dy)
-        return F.softmax_backward(dy, self._saved, self.axis)
+        return F.softmax_backward(dy, self._saved, self._axis(dy.ndim))
 
 
 __all__ = ["Sigmoid", "Tanh", "ScaledTanh", "ReLU", "LeakyReLU", "PReLU", "RReLU", "Softmax", "sigmoid"]

@@ -5,15 +5,48 @@ place) and ``grads`` (filled by ``backward``).  ``forward(x)`` keeps only what
 ``backward`` needs; ``backward(dy)`` returns dL/dx and **overwrites**
 ``grads`` in place (gradients never accumulate across calls: one forward, one
 backward, one optimizer step).  ``training`` switches train/eval behaviour
-(RReLU).  Every subclass's ``forward``/``backward`` is wrapped in an NVTX range
-named ``<Class>.forward`` / ``<Class>.backward`` (a no-op unless enabled).
+(RReLU).
+
+Two entry points per pass:
+
+* ``forward(x)`` / ``backward(dy)`` -- the public ones, NCHW images and
+  ``(N, F)`` vectors in and out, each wrapped in an NVTX range named
+  ``<Class>.forward`` / ``<Class>.backward`` (a no-op unless enabled);
+* ``forward_internal(x)`` / ``backward_internal(dy)`` -- the same pass on the
+  batch-last layout (:mod:`gpucnn.functional.layout`), which
+  :class:`Sequential` uses between its layers so that nothing is transposed
+  inside a network.
+
+A layer of your own only needs ``forward`` and ``backward``: its internal
+versions convert around them.  gpucnn's layers implement the internal pair
+(:class:`InternalLayer`) and get the public one from it.  Whatever a public
+call returns is a new array; internal results may be the layer's reused
+buffers (:class:`~gpucnn.functional.workspace.Workspace`), valid until its
+next call.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from .. import backend
-from ..nvtx import ranged
+from .. import backend, nvtx
+from ..functional.layout import from_internal, to_internal
+from ..functional.workspace import Workspace
+
+
+def _ranged_method(fn, what: str):
+    """Wrap a forward/backward in an NVTX range named after the concrete class (free when off)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if not nvtx._enabled:
+            return fn(self, *args, **kwargs)
+        with nvtx.nvtx_range(f"{type(self).__name__}.{what}"):
+            return fn(self, *args, **kwargs)
+
+    wrapper._nvtx_wrapped = True
+    return wrapper
 
 
 class Layer:
@@ -23,15 +56,14 @@ class Layer:
         self.params: dict = {}
         self.grads: dict = {}
         self.training = True
+        self.workspace = Workspace()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         for method in ("forward", "backward"):
             fn = cls.__dict__.get(method)
             if fn is not None and not getattr(fn, "_nvtx_wrapped", False):
-                wrapped = ranged(f"{cls.__name__}.{method}")(fn)
-                wrapped._nvtx_wrapped = True
-                setattr(cls, method, wrapped)
+                setattr(cls, method, _ranged_method(fn, method))
 
     # -- the protocol ------------------------------------------------------
     def forward(self, x):  # pragma: no cover - abstract
@@ -39,6 +71,15 @@ class Layer:
 
     def backward(self, dy):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def forward_internal(self, x):
+        """``forward`` on the batch-last layout (converting around the public one)."""
+        return to_internal(self.forward(from_internal(x)))
+
+    def backward_internal(self, dy, need_input_grad: bool = True):
+        """``backward`` on the batch-last layout; ``None`` when ``need_input_grad`` is False."""
+        dx = self.backward(from_internal(dy))
+        return None if dx is None or not need_input_grad else to_internal(dx)
 
     def __call__(self, x):
         return self.forward(x)
@@ -78,6 +119,7 @@ class Layer:
         for k in list(self.params):
             self.params[k] = self.params[k].astype(dtype)
             self.grads[k] = self.grads[k].astype(dtype)
+        self.workspace.clear()
         return self
 
     def to(self, device: str):
@@ -85,6 +127,7 @@ class Layer:
         for k in list(self.params):
             self.params[k] = backend.to_device(self.params[k], device)
             self.grads[k] = backend.to_device(self.grads[k], device)
+        self.workspace.clear()
         return self
 
     def extra_repr(self) -> str:
@@ -96,3 +139,28 @@ class Layer:
     def _check_forward_called(self, *cached):
         if any(c is None for c in cached):
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+
+
+class InternalLayer(Layer):
+    """A layer written on the batch-last layout: the public passes convert around the internal ones."""
+
+    def forward(self, x):
+        self._check_public_input(x)
+        return from_internal(self.forward_internal(to_internal(x)))
+
+    def backward(self, dy):
+        dx = self.backward_internal(to_internal(self._check_public_grad(dy)),
+                                    need_input_grad=getattr(self, "needs_input_grad", True))
+        return None if dx is None else from_internal(dx)
+
+    def _check_public_input(self, x):
+        """Checks a public input must pass before it is converted (rank, dtype)."""
+
+    def _check_public_grad(self, dy):
+        return dy
+
+    def forward_internal(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward_internal(self, dy, need_input_grad: bool = True):  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, debug
+from .. import backend, debug, nvtx
+from .._utils import check_array
+from ..functional.layout import from_internal, to_internal
 from .base import Layer
+from .plan import plan
 
 
 class Sequential(Layer):
     """Run layers in order; ``backward`` runs them in reverse.
 
     Parameters are named ``"<index>.<key>"`` (``"0.W"``, ``"0.b"``, ...), as in
-    ``state_dict()``.  With anomaly detection on (:mod:`gpucnn.debug`), every
+    ``state_dict()``.  The input is converted once to the batch-last layout
+    (:mod:`gpucnn.functional.layout`), the layers run on it in stages -- a
+    convolution or dense layer with the activation and pooling that follow it
+    fused into one call (:mod:`gpucnn.layers.plan`) -- and the output is
+    converted back; ``forward`` and ``backward`` return new arrays.  With
+    anomaly detection on (:mod:`gpucnn.debug`) nothing is fused, and every
     layer's output and input gradient is checked for NaN/Inf and the first
     offender is named.
 
@@ -42,14 +50,30 @@ class Sequential(Layer):
         inner = "\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential(\n{inner}\n)"
 
+    def _stages(self):
+        fuse = not debug.is_enabled()
+        key = (tuple(map(id, self.layers)), fuse)
+        if getattr(self, "_plan_key", None) != key:
+            self._plan, self._plan_key = plan(self.layers, fuse=fuse), key
+        return self._plan
+
     def forward(self, x):
+        """Public forward: NCHW (or (N, F)) in and out, batch-last between the layers."""
+        check_array(x, "x", None, "Sequential")
+        if not self.layers:
+            return x.copy()
+        return from_internal(self.forward_internal(to_internal(x)))
+
+    def forward_internal(self, x):
         check = debug.is_enabled()
         if check:
             debug.check_finite(x, "Sequential input")
-        for i, layer in enumerate(self.layers):
-            x = layer.forward(x)
+        for stage in self._stages():
+            with nvtx.nvtx_range(f"{stage.name}.forward"):
+                x = stage.forward(x)
             if check:
-                debug.check_finite(x, f"layer {i} ({type(layer).__name__}) forward")
+                debug.check_finite(x, f"layer {stage.start} ({stage.name}) forward")
+        self._forwarded = True
         return x
 
     def backward(self, dy, input_grad: bool = True):
@@ -58,24 +82,28 @@ class Sequential(Layer):
         ``input_grad=False`` lets the first layer skip dL/dx (nothing upstream
         needs it), which saves a whole convolution when training.
         """
+        check_array(dy, "dy", None, "Sequential.backward")
+        if not self.layers:
+            return dy.copy() if input_grad else None
+        dx = self.backward_internal(to_internal(dy), need_input_grad=input_grad)
+        return from_internal(dx) if input_grad else None
+
+    def backward_internal(self, dy, need_input_grad: bool = True):
         check = debug.is_enabled()
-        first = self.layers[0] if self.layers else None
-        skip = not input_grad and hasattr(first, "needs_input_grad")
-        if skip:
-            saved, first.needs_input_grad = first.needs_input_grad, False
-        try:
-            for i in range(len(self.layers) - 1, -1, -1):
-                layer = self.layers[i]
-                dy = layer.backward(dy)
-                if check and dy is not None:
-                    debug.check_finite(dy, f"layer {i} ({type(layer).__name__}) backward")
-                for key, g in layer.grads.items():
-                    if check:
-                        debug.check_finite(g, f"layer {i} ({type(layer).__name__}) gradient {key!r}")
-        finally:
-            if skip:
-                first.needs_input_grad = saved
-        return dy if input_grad else None
+        stages = self._stages()
+        if not getattr(self, "_forwarded", False):
+            raise RuntimeError(f"{stages[-1].name}.backward called before forward "
+                               f"(layer {stages[-1].start} of the Sequential)")
+        for stage in reversed(stages):
+            with nvtx.nvtx_range(f"{stage.name}.backward"):
+                dy = stage.backward(dy, need_input_grad or stage is not stages[0])
+            where = f"layer {stage.start} ({stage.name})"
+            if check and dy is not None:
+                debug.check_finite(dy, f"{where} backward")
+            if check:
+                for key, g in stage.lead.grads.items():
+                    debug.check_finite(g, f"{where} gradient {key!r}")
+        return dy
 
     # -- parameters ---------------------------------------------------------
     def named_parameters(self, prefix: str = ""):

@@ -1,9 +1,12 @@
 """2-D convolution layer (cross-correlation), the seeds' hand-derived backward.
 
-The math -- forward, the seeds' rotated-kernel backward, and where it runs
-(im2col GEMMs on NumPy, the CUDA kernels on CuPy) -- lives in
-:mod:`gpucnn.functional.conv`; this layer holds the parameters and gradients,
-checks shapes and calls it once per pass.
+The math -- forward, the seeds' rotated-kernel backward, the fused
+activation and pooling epilogue, and where it runs (im2col GEMMs on NumPy,
+the CUDA kernels on CuPy) -- lives in :mod:`gpucnn.functional.conv`; this
+layer holds the parameters and gradients, checks shapes and calls it once per
+pass.  Inside a :class:`~gpucnn.layers.Sequential` a following ReLU / Sigmoid
+/ Tanh and MaxPool2D run in this layer's call (``forward_internal(x,
+act=..., pool=...)``).
 """
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ import numpy as np
 
 from .. import init as _init
 from ..functional import conv as F
-from .._utils import check_array, check_param_match, conv_output_size, pair, positive_int
-from .base import Layer
+from .._utils import check_array, check_param_match, conv_output_size, pair, positive_int, shown_shape
+from .base import InternalLayer
 
 
-class Conv2D(Layer):
+class Conv2D(InternalLayer):
     """2-D convolution over NCHW input with OIHW weights (PyTorch layout).
 
     Args:
@@ -56,8 +59,8 @@ class Conv2D(Layer):
         self._add_param("W", _init.initialize(weight_init, shape, fan_in, fan_out, dtype))
         if bias:
             self._add_param("b", np.zeros(self.out_channels, dtype=dtype))
-        self.weight_grad_method = "kernel"  # CUDA only: see functional.conv.WEIGHT_GRAD_METHODS
         self._saved = None  # forward keeps functional.conv.Conv2dSaved
+        self._out_shape = None
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -69,28 +72,34 @@ class Conv2D(Layer):
         return (N, self.out_channels, conv_output_size(H, kh, sh, ph, "H"),
                 conv_output_size(W, kw, sw, pw, "W"))
 
-    def forward(self, x):
+    def _check_public_input(self, x):
         check_array(x, "x", 4, "Conv2D")
+        check_param_match(x, self.params["W"], "x", "Conv2D")
+
+    def forward_internal(self, x, act=None, pool=None):
+        """The pass on batch-last ``x (C, H, W, N)``, with an optional fused activation and max pool."""
+        check_array(x, "x", 4, "Conv2D", internal=True)
         W, b = self.params["W"], self.params.get("b")
         check_param_match(x, W, "x", "Conv2D")
-        if x.shape[1] != self.in_channels:
+        if x.shape[0] != self.in_channels:
             raise ValueError(
-                f"Conv2D: x has {x.shape[1]} channels (shape {tuple(x.shape)}) but the layer "
+                f"Conv2D: x has {x.shape[0]} channels (shape {shown_shape(x, True)}) but the layer "
                 f"expects in_channels={self.in_channels}"
             )
-        self.output_shape(x.shape)  # raises, naming the numbers, when the kernel does not fit
-        y, self._saved = F.conv2d_forward(x, W, b, self.stride, self.padding)
+        self.output_shape(shown_shape(x, True))  # raises, naming the numbers, when the kernel does not fit
+        y, self._saved = F.conv2d_forward(x, W, b, self.stride, self.padding, act=act, pool=pool,
+                                          ws=self.workspace)
+        self._out_shape = tuple(y.shape)
         return y
 
-    def backward(self, dy):
+    def backward_internal(self, dy, need_input_grad=True):
         self._check_forward_called(self._saved)
-        W = self.params["W"]
-        check_array(dy, "dy", 4, "Conv2D.backward")
-        check_param_match(dy, W, "dy", "Conv2D")
-        expected = self.output_shape(self._saved.x.shape)
-        if tuple(dy.shape) != expected:
-            raise ValueError(f"Conv2D.backward: dy has shape {tuple(dy.shape)}, expected {expected}")
-        dx, _, _ = F.conv2d_backward(dy, self._saved, need_input_grad=self.needs_input_grad,
-                                     dW_out=self.grads["W"], db_out=self.grads.get("b"),
-                                     method=self.weight_grad_method)
+        check_array(dy, "dy", 4, "Conv2D.backward", internal=True)
+        check_param_match(dy, self.params["W"], "dy", "Conv2D")
+        if tuple(dy.shape) != self._out_shape:
+            raise ValueError(f"Conv2D.backward: dy has shape {shown_shape(dy, True)}, expected "
+                             f"{shown_shape(self._out_shape, True)}")
+        dx, _, _ = F.conv2d_backward(dy, self._saved, need_input_grad=need_input_grad,
+                                     dW_out=self.grads["W"], db_out=self.grads.get("b"), ws=self.workspace)
         return dx
+

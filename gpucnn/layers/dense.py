@@ -1,44 +1,53 @@
 """Fully connected layer and the flatten that feeds it.
 
-Dense (PyTorch layout, ``W`` is (out, in)): ``y = x W^T + b``; the gradients
-are derived in :mod:`gpucnn.functional.linear`.
+Dense (PyTorch layout, ``W`` is (out, in)): ``y = x W^T + b`` in public
+``(N, F)`` terms, ``W x + b`` on the batch-last ``(F, N)`` arrays a network
+passes between its layers; the gradients are derived in
+:mod:`gpucnn.functional.linear`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import init as _init
-from .._utils import check_array, check_param_match, positive_int
+from .._utils import check_array, check_param_match, positive_int, shown_shape
 from ..functional import linear as F
-from .base import Layer
+from .base import InternalLayer
 
 
-class Flatten(Layer):
+class Flatten(InternalLayer):
     """(N, d1, d2, ...) -> (N, d1*d2*...), row-major (C, H, W order for NCHW).
 
-    Keeps only the input shape; ``backward`` reshapes dy back.
+    Keeps only the input shape; ``backward`` reshapes dy back.  On batch-last
+    arrays it is a free reshape, ``(C, H, W, N) -> (C*H*W, N)``.
     """
 
     def __init__(self):
         super().__init__()
-        self._x_shape = None
+        self._x_shape = None   # batch-last
 
-    def forward(self, x):
+    def _check_public_input(self, x):
         check_array(x, "x", None, "Flatten")
         if x.ndim < 2:
             raise ValueError(f"Flatten: x must have rank >= 2 (batch first), got shape {tuple(x.shape)}")
-        self._x_shape = x.shape
-        return x.reshape(x.shape[0], -1)
 
-    def backward(self, dy):
+    def forward_internal(self, x):
+        check_array(x, "x", None, "Flatten", internal=True)
+        if x.ndim < 2:
+            raise ValueError(f"Flatten: x must have rank >= 2 (batch first), got shape {shown_shape(x, True)}")
+        self._x_shape = tuple(x.shape)
+        return x.reshape(-1, x.shape[-1])
+
+    def backward_internal(self, dy, need_input_grad=True):
         self._check_forward_called(self._x_shape)
-        expected = (self._x_shape[0], int(np.prod(self._x_shape[1:])))
+        expected = (int(np.prod(self._x_shape[:-1])), self._x_shape[-1])
         if tuple(dy.shape) != expected:
-            raise ValueError(f"Flatten.backward: dy has shape {tuple(dy.shape)}, expected {expected}")
+            raise ValueError(f"Flatten.backward: dy has shape {shown_shape(dy, True)}, expected "
+                             f"{shown_shape(expected, True)}")
         return dy.reshape(self._x_shape)
 
 
-class Dense(Layer):
+class Dense(InternalLayer):
     """Affine layer ``y = x @ W.T + b`` with ``W`` of shape (out_features, in_features).
 
     Args:
@@ -51,7 +60,9 @@ class Dense(Layer):
         x: (N, in_features) -> y: (N, out_features).
 
     ``backward`` returns dL/dx and *overwrites* ``grads["W"]``, ``grads["b"]``.
-    Forward keeps x (needed for dL/dW).
+    Forward keeps x (needed for dL/dW).  Inside a
+    :class:`~gpucnn.layers.Sequential` a following ReLU / Sigmoid / Tanh runs
+    in this layer's call (``forward_internal(x, act=...)``).
     """
 
     def __init__(self, in_features, out_features, bias=True, weight_init="he_uniform",
@@ -70,25 +81,30 @@ class Dense(Layer):
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={'b' in self.params}"
 
-    def forward(self, x):
+    def _check_public_input(self, x):
         check_array(x, "x", 2, "Dense")
+        check_param_match(x, self.params["W"], "x", "Dense")
+
+    def forward_internal(self, x, act=None):
+        check_array(x, "x", 2, "Dense", internal=True)
         W = self.params["W"]
         check_param_match(x, W, "x", "Dense")
-        if x.shape[1] != self.in_features:
+        if x.shape[0] != self.in_features:
             raise ValueError(
-                f"Dense: x has {x.shape[1]} features (shape {tuple(x.shape)}) but the layer "
+                f"Dense: x has {x.shape[0]} features (shape {shown_shape(x, True)}) but the layer "
                 f"expects in_features={self.in_features}"
             )
-        y, self._saved = F.linear_forward(x, W, self.params.get("b"))
+        y, self._saved = F.linear_forward(x, W, self.params.get("b"), act=act, ws=self.workspace)
         return y
 
-    def backward(self, dy):
+    def backward_internal(self, dy, need_input_grad=True):
         self._check_forward_called(self._saved)
-        check_array(dy, "dy", 2, "Dense.backward")
+        check_array(dy, "dy", 2, "Dense.backward", internal=True)
         check_param_match(dy, self.params["W"], "dy", "Dense")
-        expected = (self._saved.x.shape[0], self.out_features)
+        expected = (self.out_features, self._saved.x.shape[1])
         if tuple(dy.shape) != expected:
-            raise ValueError(f"Dense.backward: dy has shape {tuple(dy.shape)}, expected {expected}")
-        dx, _, _ = F.linear_backward(dy, self._saved, need_input_grad=self.needs_input_grad,
-                                     dW_out=self.grads["W"], db_out=self.grads.get("b"))
+            raise ValueError(f"Dense.backward: dy has shape {shown_shape(dy, True)}, expected "
+                             f"{shown_shape(expected, True)}")
+        dx, _, _ = F.linear_backward(dy, self._saved, need_input_grad=need_input_grad,
+                                     dW_out=self.grads["W"], db_out=self.grads.get("b"), ws=self.workspace)
         return dx

@@ -1,83 +1,105 @@
-"""Max and average pooling layers over NCHW input (no padding).
+"""Max and average pooling layers (no padding), NCHW in public, batch-last inside a network.
 
 ``Ho = floor((H - kh) / sh) + 1`` (same for W); ``stride`` defaults to
 ``kernel_size``; windows may overlap.  The math (first-max ties, NaN
-propagation, how overlapping windows sum) is in :mod:`gpucnn.functional.pooling`.
+propagation, how overlapping windows sum, the fused pool-then-relu) is in
+:mod:`gpucnn.functional.pooling`.
 """
 from __future__ import annotations
 
-from .._utils import check_array, conv_output_size, pair
+import numpy as np
+
+from .. import backend
+from .._utils import check_array, conv_output_size, pair, shown_shape
 from ..functional import pooling as F
-from .base import Layer
+from .base import InternalLayer
 
 
-def _pool_output_hw(x_shape, kernel, stride):
-    H, W = x_shape[2:]
+def _pool_output_hw(hw, kernel, stride):
+    H, W = hw
     return (conv_output_size(H, kernel[0], stride[0], 0, "H"),
             conv_output_size(W, kernel[1], stride[1], 0, "W"))
 
 
-class _Pool2D(Layer):
+class _Pool2D(InternalLayer):
     def __init__(self, kernel_size, stride=None):
         super().__init__()
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
         self.stride = self.kernel_size if stride is None else pair(stride, "stride", 1)
-        self._x_shape = None
+        self._x_shape = None       # batch-last
         self._dtype = None
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
     def output_shape(self, x_shape):
-        return tuple(x_shape[:2]) + _pool_output_hw(x_shape, self.kernel_size, self.stride)
+        """Public (N, C, H, W) -> (N, C, Ho, Wo)."""
+        return tuple(x_shape[:2]) + _pool_output_hw(x_shape[2:], self.kernel_size, self.stride)
+
+    def _check_public_input(self, x):
+        check_array(x, "x", 4, type(self).__name__)
 
     def _check_x(self, x):
-        check_array(x, "x", 4, type(self).__name__)
-        _pool_output_hw(x.shape, self.kernel_size, self.stride)  # raises when the window does not fit
+        check_array(x, "x", 4, type(self).__name__, internal=True)
+        _pool_output_hw(x.shape[1:3], self.kernel_size, self.stride)  # raises when the window does not fit
         self._x_shape, self._dtype = tuple(x.shape), x.dtype
 
     def _check_dy(self, dy):
         self._check_forward_called(self._x_shape)
         name = type(self).__name__
-        check_array(dy, "dy", 4, f"{name}.backward")
-        expected = self.output_shape(self._x_shape)
+        check_array(dy, "dy", 4, f"{name}.backward", internal=True)
+        expected = (self._x_shape[0],) + _pool_output_hw(self._x_shape[1:3], self.kernel_size,
+                                                         self.stride) + (self._x_shape[3],)
         if tuple(dy.shape) != expected:
-            raise ValueError(f"{name}.backward: dy has shape {tuple(dy.shape)}, expected {expected}")
+            raise ValueError(f"{name}.backward: dy has shape {shown_shape(dy, True)}, expected "
+                             f"{shown_shape(expected, True)}")
         if dy.dtype != self._dtype:
             raise TypeError(f"{name}.backward: dy has dtype {dy.dtype} but forward ran in {self._dtype}")
 
 
 class MaxPool2D(_Pool2D):
-    """Max pooling; keeps the int32 argmax and the input shape for backward.
+    """Max pooling; keeps the uint8 tap of each window's maximum and the input shape.
 
     Args:
-        kernel_size: int or (kh, kw) >= 1.
+        kernel_size: int or (kh, kw) >= 1 (at most 256 elements).
         stride: int or (sh, sw) >= 1; defaults to kernel_size.
 
     Shape:
         (N, C, H, W) -> (N, C, floor((H - kh)/sh) + 1, floor((W - kw)/sw) + 1).
 
-    Has no parameters; ``backward`` returns dL/dx.  ``argmax`` (after a
-    forward) holds, per output element, the index ``h * W + w`` of the chosen
-    input within its (n, c) plane: the first maximum in row-major window order.
+    Has no parameters; ``backward`` returns dL/dx.  After a forward,
+    ``argmax`` is, per output element, the index ``h * W + w`` of the chosen
+    input within its (n, c) plane (PyTorch's ``return_indices``): the first
+    maximum in row-major window order.
     """
 
     def __init__(self, kernel_size, stride=None):
         super().__init__(kernel_size, stride)
+        if self.kernel_size[0] * self.kernel_size[1] > F.MAX_WINDOW:
+            raise ValueError(f"MaxPool2D: kernel_size={self.kernel_size} has more than {F.MAX_WINDOW} elements")
         self._saved = None  # forward keeps functional.pooling.MaxPool2dSaved
 
     @property
     def argmax(self):
-        return None if self._saved is None else self._saved.argmax
+        """int32 (N, C, Ho, Wo) plane indices of the last forward's maxima (None before one)."""
+        if self._saved is None:
+            return None
+        tap = backend.asnumpy(self._saved.tap).astype(np.int32)
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        _, Ho, Wo, _ = tap.shape
+        W = self._x_shape[2]
+        rows = (np.arange(Ho, dtype=np.int32) * sh)[None, :, None, None] + tap // kw
+        cols = (np.arange(Wo, dtype=np.int32) * sw)[None, None, :, None] + tap % kw
+        return np.ascontiguousarray(np.moveaxis(rows * W + cols, -1, 0))
 
-    def forward(self, x):
+    def forward_internal(self, x, relu=False):
         self._check_x(x)
-        y, self._saved = F.max_pool2d_forward(x, self.kernel_size, self.stride)
+        y, self._saved = F.max_pool2d_forward(x, self.kernel_size, self.stride, relu=relu, ws=self.workspace)
         return y
 
-    def backward(self, dy):
+    def backward_internal(self, dy, need_input_grad=True):
         self._check_dy(dy)
-        return F.max_pool2d_backward(dy, self._saved)
+        return F.max_pool2d_backward(dy, self._saved, ws=self.workspace)
 
 
 class AvgPool2D(_Pool2D):
@@ -91,11 +113,11 @@ class AvgPool2D(_Pool2D):
         ``dy / (kh * kw)``.
     """
 
-    def forward(self, x):
+    def forward_internal(self, x):
         self._check_x(x)
         y, _ = F.avg_pool2d_forward(x, self.kernel_size, self.stride)
         return y
 
-    def backward(self, dy):
+    def backward_internal(self, dy, need_input_grad=True):
         self._check_dy(dy)
         return F.avg_pool2d_backward(dy, self._x_shape, self.kernel_size, self.stride)

@@ -1,0 +1,128 @@
+"""Intra-op parallelism of the NumPy path: fixed work blocks spread over a few threads.
+
+The NumPy convolutions cut their work into blocks that depend on the shapes
+only (column chunks of the im2col matrix, groups of channels), so the result
+is the same bits whatever the number of threads: the weight gradient's
+partial sums are added in block order.  NumPy's ufuncs and BLAS release the
+GIL, so two threads on two cores really run two blocks at once; while they
+do, each BLAS call is pinned to one thread (``threadpoolctl``), otherwise
+the two would fight over the same cores.
+
+The number of threads: :func:`set_num_threads` (``gpucnn train --threads
+N``), else the ``GPUCNN_NUM_THREADS`` environment variable, else the number
+of CPU cores this process may use (capped at 8).  ``1`` runs every block in
+the calling thread, with BLAS threads as NumPy set them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["get_num_threads", "set_num_threads", "run_each", "map_each", "split", "DEFAULT_MAX_THREADS"]
+
+ENV_VAR = "GPUCNN_NUM_THREADS"
+DEFAULT_MAX_THREADS = 8
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_num_threads: int | None = None
+_blas = None            # threadpoolctl's BLAS libraries, looked up once
+_local = threading.local()
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _parse(value, where: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a positive integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{where} must be a positive integer, got {value!r}")
+    return n
+
+
+def get_num_threads() -> int:
+    """The threads the NumPy convolutions use (see the module docstring for the default)."""
+    global _num_threads
+    if _num_threads is None:
+        env = os.environ.get(ENV_VAR, "").strip()
+        _num_threads = _parse(env, ENV_VAR) if env else min(_cores(), DEFAULT_MAX_THREADS)
+    return _num_threads
+
+
+def set_num_threads(n: int) -> int:
+    """Use ``n`` threads from now on; returns the previous number."""
+    global _num_threads, _pool
+    n = _parse(n, "num_threads")
+    with _lock:
+        previous = get_num_threads()
+        if n != previous and _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+        _num_threads = n
+    return previous
+
+
+def split(n: int, parts: int = 8) -> list[tuple[int, int]]:
+    """``[start, stop)`` blocks covering ``range(n)``: at most ``parts``, fixed by ``n`` alone."""
+    parts = max(1, min(parts, n))
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Pin BLAS to one thread in this (worker) thread's calls, for the block's duration."""
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _blas = ThreadpoolController().select(user_api="blas")
+        except Exception:  # pragma: no cover - threadpoolctl missing: BLAS keeps its threads
+            _blas = False
+    if not _blas or getattr(_local, "pinned", False):
+        yield
+        return
+    with _blas.limit(limits=1):
+        _local.pinned = True
+        try:
+            yield
+        finally:
+            _local.pinned = False
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=get_num_threads(), thread_name_prefix="gpucnn")
+        return _pool
+
+
+def map_each(fn, blocks):
+    """``[fn(*block) for block in blocks]``, the blocks spread over the threads, results in block order."""
+    blocks = list(blocks)
+    nested = threading.current_thread().name.startswith("gpucnn")   # inside a block: never wait on the pool
+    if get_num_threads() == 1 or len(blocks) == 1 or nested:
+        return [fn(*b) for b in blocks]
+    with _one_blas_thread():
+        return list(_executor().map(lambda b: fn(*b), blocks))
+
+
+def run_each(fn, blocks) -> None:
+    """Run ``fn(*block)`` for every block (blocks must write disjoint outputs)."""
+    map_each(fn, blocks)
