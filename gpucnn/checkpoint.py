@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,11 +173,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = {k: z[k] for k in z.files}
-    except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled data), OSError...
-        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({type(exc).__name__}: {exc})") from None
+    files = _read_npz(path)
     if _META_KEY not in files:
         raise CheckpointError(f"{path}: not a gpucnn checkpoint (no {_META_KEY} entry)")
     raw = files.pop(_META_KEY)
@@ -197,6 +194,28 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise
         raise CheckpointError(f"{path}: malformed checkpoint metadata ({type(exc).__name__}: {exc}); "
                               f"the file is corrupt or was not written by gpucnn") from None
+
+
+def _read_npz(path: Path) -> dict:
+    """Every array of the ``.npz`` at ``path`` (never unpickling), or a CheckpointError saying why not."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK":   # every .npz is a zip archive
+        raise CheckpointError(f"{path}: not a gpucnn checkpoint (a checkpoint is a .npz zip archive; "
+                              f"this file starts with {head!r})")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path}: truncated or damaged checkpoint ({path.stat().st_size} bytes; its zip "
+                              f"archive is incomplete): use an earlier copy, or retrain") from None
+    except ValueError as exc:
+        if "pickle" in str(exc):   # an object array: never loaded, and not ours
+            raise CheckpointError(f"{path}: not a gpucnn checkpoint (it holds Python objects, which "
+                                  f"gpucnn checkpoints never do)") from None
+        raise CheckpointError(f"{path}: damaged checkpoint ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: truncated or damaged checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def _checked_checkpoint(path, meta: dict, files: dict) -> "Checkpoint":

@@ -149,7 +149,7 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ck.CheckpointError, match="not a gpucnn checkpoint"):
         ck.load_checkpoint(p)
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ck.CheckpointError, match="not a readable"):
+    with pytest.raises(ck.CheckpointError, match="not a gpucnn checkpoint .*starts with b'not '"):
         ck.load_checkpoint(tmp_path / "junk.npz")
 
 
@@ -194,3 +194,28 @@ def test_malformed_metadata_is_a_checkpoint_error(tmp_path):
     np.savez(path, **{"param/0.W": np.zeros(3), ck._META_KEY: np.array(json.dumps(meta))})
     with pytest.raises(ck.CheckpointError, match="malformed checkpoint metadata"):
         ck.load_checkpoint(path)
+
+
+def test_unreadable_files_say_what_they_are(tmp_path):
+    """Not 'BadZipFile', never NumPy's advice to allow pickle: what the file is, in words."""
+    import gpucnn as gc
+
+    good = ck.save_checkpoint(tmp_path / "c.npz", gc.models.build("seed002_c1"), None, model_name="seed002_c1")
+    raw = good.read_bytes()
+    cases = {
+        "trunc.npz": (raw[: len(raw) // 2], "truncated or damaged checkpoint"),
+        "notes.txt": (b"some text, not a checkpoint", "not a gpucnn checkpoint"),
+        "empty.npz": (b"", "not a gpucnn checkpoint"),
+    }
+    for name, (content, needle) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ck.CheckpointError, match=needle) as info:
+            ck.load_checkpoint(tmp_path / name)
+        assert "pickle" not in str(info.value) and "BadZipFile" not in str(info.value)
+    np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ck.CheckpointError, match="not a gpucnn checkpoint .*Python objects") as info:
+        ck.load_checkpoint(tmp_path / "objects.npz")
+    assert "allow_pickle" not in str(info.value)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(ck.CheckpointError, match="not a gpucnn checkpoint"):
+        ck.load_checkpoint(tmp_path / "array.npy")

@@ -242,21 +242,77 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert data.locate("mnist") is None
 
 
-def test_lookup_prefers_name_subdir_and_skips_incomplete(tmp_path, monkeypatch, no_shipped):
+def test_lookup_prefers_name_subdir(tmp_path, monkeypatch, no_shipped):
     root = placeholder_dir(tmp_path / "root")
     sub = placeholder_dir(root / "mnist")
     assert data.locate("mnist", data_dir=root) == sub
     shutil.rmtree(sub)
     assert data.locate("mnist", data_dir=root) == root
-    # An incomplete directory does not count: fall through to the next place.
-    (root / MNIST.files["test_labels"].name).unlink()
     env = placeholder_dir(tmp_path / "envdir")
     monkeypatch.setenv("GPUCNN_DATA", str(env))
-    assert data.locate("mnist", data_dir=root) == env
-    # Fashion-MNIST is not shipped, and an env root with only mnist/ does not count for it.
+    assert data.locate("mnist") == env                      # the environment variable, without --data-dir
+    assert data.locate("mnist", data_dir=root) == root      # --data-dir wins over it
+
+
+@pytest.mark.parametrize("how", ["data_dir", "env"])
+@pytest.mark.parametrize("state", ["empty", "missing", "incomplete"])
+def test_a_named_directory_without_the_dataset_is_an_error(tmp_path, monkeypatch, how, state):
+    """--data-dir / GPUCNN_DATA pointing at the wrong place no longer falls back to the shipped copy."""
+    d = tmp_path / "where"
+    if state == "empty":
+        d.mkdir()
+    elif state == "incomplete":
+        placeholder_dir(d)
+        (d / MNIST.files["test_labels"].name).unlink()
+    kwargs = {}
+    if how == "data_dir":
+        kwargs["data_dir"] = d
+    else:
+        monkeypatch.setenv("GPUCNN_DATA", str(d))
+    with pytest.raises(data.DataDirError) as info:
+        data.load_dataset("mnist", **kwargs)
+    msg = str(info.value)
+    assert str(d) in msg and ("--data-dir" if how == "data_dir" else "$GPUCNN_DATA") in msg
+    for f in MNIST.files.values():
+        assert f.name in msg                               # the files expected are listed
+    assert {"empty": "does not hold it", "missing": "does not exist", "incomplete": "found only"}[state] in msg
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_env_root_holding_another_dataset_is_an_error_for_this_one(tmp_path, monkeypatch):
     monkeypatch.setenv("GPUCNN_DATA", str(tmp_path / "only-mnist"))
     placeholder_dir(tmp_path / "only-mnist" / "mnist")
-    assert data.locate("fashion-mnist") is None
+    with pytest.raises(data.DataDirError, match="fashion-mnist's four files"):
+        data.locate("fashion-mnist")
+
+
+def test_recompressed_copy_is_verified_by_its_content(tmp_path):
+    """A gzip -n / other-level copy has other .gz digests but the same IDX bytes: accepted."""
+    d = fill_dir(tmp_path / "d")
+    for f in MNIST.files.values():
+        payload = gzip.decompress((d / f.name).read_bytes())
+        again = gzip.compress(payload, compresslevel=1, mtime=0)
+        assert data.idx.sha256(again) not in f.sha256
+        (d / f.name).write_bytes(again)
+    ds = data.load_dataset("mnist", data_dir=d, download=False)
+    assert ds.train_images.shape == (60000, 28, 28) and ds.source == d
+
+
+def test_every_known_file_has_a_decompressed_digest():
+    """So re-compressed and un-gzipped copies of MNIST and Fashion-MNIST can be verified."""
+    for spec in data.DATASETS.values():
+        for f in spec.files.values():
+            assert f.idx_sha256 and len(f.idx_sha256) == 64, (spec.name, f.name)
+
+
+def test_ungzipped_file_verified_by_a_decompressed_digest(tmp_path):
+    payload = idx_bytes(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    spec = data.FileSpec("t.gz", (3, 4), ("0" * 64,), data.idx.sha256(payload))
+    (tmp_path / "t").write_bytes(payload)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "t", expected=spec), np.arange(12).reshape(3, 4))
+    (tmp_path / "t").write_bytes(payload[:-1] + b"\x00")
+    with pytest.raises(DataError, match="SHA-256 mismatch"):
+        data.read_idx(tmp_path / "t", expected=spec)
 
 
 def test_shipped_beats_cache_and_load_reports_source(tmp_path):

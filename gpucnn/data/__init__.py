@@ -13,41 +13,43 @@ Reading
     SHA-256.  Anything wrong raises :class:`DataError` naming the file and
     saying to delete it and download it again.
 
-Finding the files (:func:`locate`), in this order:
+Finding the files (:func:`locate`):
 
-1. the explicit ``data_dir`` argument (the CLI's ``--data-dir``);
-2. the ``GPUCNN_DATA`` environment variable;
-3. the copy shipped inside the package, ``gpucnn/_data/<name>/`` (MNIST only);
-4. the per-user cache, ``$XDG_CACHE_HOME/gpucnn/<name>`` or
-   ``~/.cache/gpucnn/<name>``.
+* a directory you name -- the explicit ``data_dir`` argument (the CLI's
+  ``--data-dir``), else the ``GPUCNN_DATA`` environment variable -- must hold
+  the dataset, as ``<dir>/<name>/`` or ``<dir>`` itself; if it does not, that
+  is an error naming the directory and the files expected (nothing else is
+  used silently);
+* otherwise the copy shipped inside the package, ``gpucnn/_data/<name>/``
+  (MNIST only), then the per-user cache, ``$XDG_CACHE_HOME/gpucnn/<name>`` or
+  ``~/.cache/gpucnn/<name>``.
 
-For (1) and (2) both ``<dir>/<name>/`` and ``<dir>`` itself are looked at, in
-that order.  A directory counts only when it holds all four files (each under
-its ``.gz`` name or its un-gzipped name).  When none does and
-``download=True``, :func:`download` fetches the files from the dataset's
-mirrors into the cache: each mirror in turn, checksum verified, written to a
-temporary file in the cache directory, fsynced and then ``os.replace``-d into
-place, so a failed or corrupt download leaves nothing behind.
+A directory counts only when it holds all four files (each under its ``.gz``
+name or its un-gzipped name).  When none does and ``download=True``,
+:func:`download` fetches the files from the dataset's mirrors into the cache:
+each mirror in turn, checksum verified, written to a temporary file in the
+cache directory, fsynced and then ``os.replace``-d into place, so a failed or
+corrupt download leaves nothing behind.
 
 Checksums
     Each file has two kinds of pin.  ``sha256`` lists the digests of the file
     *as distributed* (the gzip file); ``idx_sha256`` is the digest of the
     decompressed IDX bytes, which does not depend on how the file was
-    compressed.  A file is accepted when either matches.  This matters for
-    MNIST: the copy shipped in this repository is byte-for-byte the upstream
-    data but re-compressed, so its ``.gz`` digests differ from those of the
-    upstream mirrors while its decompressed digests are the same.
+    compressed.  A file is accepted when either matches, so re-compressed
+    copies (a distribution's package, ``gzip -n``, the copy shipped in this
+    repository) and un-gzipped ones are verified by their content, for MNIST
+    and Fashion-MNIST alike.
 """
 from . import batching, dataset, fetch, idx, lookup, specs
 from .batching import batch_indices, epoch_permutation, shard_bounds, steps_per_epoch
 from .dataset import Dataset, load_arrays, load_dataset, normalize
 from .fetch import DownloadError, download
 from .idx import DataError, read_idx
-from .lookup import ENV_VAR, cache_dir, locate
+from .lookup import ENV_VAR, DataDirError, cache_dir, locate
 from .specs import DATASETS, DatasetSpec, FileSpec, get_spec
 
 __all__ = [
-    "DataError", "DownloadError", "FileSpec", "DatasetSpec", "Dataset", "DATASETS", "ENV_VAR",
+    "DataError", "DataDirError", "DownloadError", "FileSpec", "DatasetSpec", "Dataset", "DATASETS", "ENV_VAR",
     "get_spec", "read_idx", "locate", "cache_dir", "download", "load_dataset", "normalize", "load_arrays",
     "epoch_permutation", "steps_per_epoch", "batch_indices", "shard_bounds",
     "batching", "dataset", "fetch", "idx", "lookup", "specs",

@@ -82,7 +82,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
 
     Args:
         name: ``"mnist"`` or ``"fashion-mnist"``.
-        data_dir: Directory to look in first (the CLI's ``--data-dir``).
+        data_dir: The directory that holds the files (the CLI's ``--data-dir``;
+            else ``$GPUCNN_DATA``): then it must hold them, nothing else is
+            used.  Without one: the shipped copy, the cache, a download.
         download: When the files are found nowhere, fetch them into the
             per-user cache (:func:`cache_dir`).
         mirrors: Base URLs to download from instead of the dataset's own.
@@ -95,13 +97,15 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         ValueError: Unknown dataset name (the message lists the known ones).
         DataError: A file is corrupt, truncated or fails its checksum.
         DownloadError: Downloading failed from every mirror.
+        DataDirError: ``data_dir`` / ``$GPUCNN_DATA`` does not hold the dataset
+            (a ``FileNotFoundError`` naming the directory and the files expected).
         FileNotFoundError: Not found anywhere and ``download`` is false.
     """
     spec = get_spec(name)
     directory = locate(spec.name, data_dir)
     if directory is None:
         if not download:
-            searched = "\n  ".join(f"{label}: {d}" for label, d in candidates(spec, data_dir))
+            searched = "\n  ".join(f"{label}: {d}" for label, d in candidates(spec, None))
             raise FileNotFoundError(
                 f"dataset {spec.name!r} not found; looked for "
                 f"{', '.join(f.name for f in spec.files.values())} in:\n  {searched}\n"
@@ -110,9 +114,6 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         directory = _fetch_module.download(spec.name, cache_dir(spec.name), mirrors=mirrors,
                                         timeout=timeout)
     return _load_from(spec, directory)
-
-
-# ``load_dataset`` has a parameter called ``download``; keep a handle on the function.
 
 
 def normalize(images, dataset: str | DatasetSpec | Dataset = "mnist", *,

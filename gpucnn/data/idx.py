@@ -122,8 +122,6 @@ def verify(raw: bytes, payload: bytes, expected: FileSpec, path, dataset: str | 
     problem = f"SHA-256 mismatch: {file_digest} is not a known digest of {what}"
     if idx_digest is not None:
         problem += f" (decompressed: {idx_digest}, expected {expected.idx_sha256})"
-    elif raw[:2] != GZIP_MAGIC:
-        problem += " (an un-gzipped copy of this dataset cannot be verified; use the .gz file)"
     # Say so when the file is a known file of another dataset.
     for other in DATASETS.values():
         if other.name == dataset:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .specs import DatasetSpec, FileSpec, get_spec
 
-__all__ = ["ENV_VAR", "PACKAGE_DATA", "cache_dir", "find_file", "has_all", "candidates", "locate"]
+__all__ = ["ENV_VAR", "PACKAGE_DATA", "DataDirError", "cache_dir", "find_file", "has_all", "candidates", "locate"]
 
 #: Environment variable naming a data root (``$GPUCNN_DATA/<name>/`` or the files directly).
 ENV_VAR = "GPUCNN_DATA"
@@ -58,23 +58,64 @@ def candidates(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> list[tu
     return out
 
 
+def _explicit(spec: DatasetSpec, data_dir) -> tuple[str, Path] | None:
+    """The directory the user named (``data_dir``, else ``$GPUCNN_DATA``), with how it was named."""
+    if data_dir is not None:
+        return "--data-dir", Path(data_dir).expanduser()
+    env = os.environ.get(ENV_VAR, "")
+    return (f"${ENV_VAR}", Path(env).expanduser()) if env else None
+
+
 def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     """Find the directory holding all four files of a dataset.
 
-    Lookup order: ``data_dir`` (``<data_dir>/<name>/`` then ``<data_dir>``),
-    ``$GPUCNN_DATA`` (likewise), the copy shipped in the package, then the
-    per-user cache.  Only existence is checked here; contents are verified
-    when read.
+    A directory the user named -- ``data_dir`` (the CLI's ``--data-dir``), else
+    ``$GPUCNN_DATA`` -- must hold the dataset (as ``<dir>/<name>/`` or
+    ``<dir>`` itself): nothing else is looked at then, and a directory that
+    does not hold it is an error.  Without one: the copy shipped in the
+    package, then the per-user cache.  Only existence is checked here;
+    contents are verified when read.
 
     Args:
         name: Dataset name (see :data:`DATASETS`).
-        data_dir: Explicit directory to look in first.
+        data_dir: Explicit directory to look in.
 
     Returns:
-        The first directory holding every file, or ``None``.
+        The directory holding every file, or ``None`` (nothing named, nothing
+        shipped or cached: the caller may download).
+
+    Raises:
+        DataDirError: a named directory does not hold the dataset; the message
+            names it and lists the files expected.
     """
     spec = get_spec(name)
-    for _, d in candidates(spec, data_dir):
+    named = _explicit(spec, data_dir)
+    if named is not None:
+        how, d = named
+        for candidate in (d / spec.name, d):
+            if has_all(candidate, spec):
+                return candidate
+        raise DataDirError(spec, how, d)
+    for _, d in candidates(spec, None):
         if has_all(d, spec):
             return d
     return None
+
+
+class DataDirError(FileNotFoundError):
+    """A directory the user named (``--data-dir``, ``$GPUCNN_DATA``) does not hold the dataset."""
+
+    def __init__(self, spec: DatasetSpec, how: str, directory: Path):
+        where = "does not exist" if not directory.exists() else (
+            "is not a directory" if not directory.is_dir() else "does not hold it")
+        names = ", ".join(f.name for f in spec.files.values())
+        present = []
+        for d in (directory / spec.name, directory):
+            present += [p.name for p in sorted(d.iterdir())] if d.is_dir() else []
+        super().__init__(
+            f"{how} {directory}: {where}: expected {spec.name}'s four files {names} (each gzipped or "
+            f"not) in {directory / spec.name} or in {directory} itself"
+            + (f"; found only {sorted(set(present))[:12]}" if present else "")
+            + ". Point it at the files, or leave it out to use "
+            + ("the copy shipped with gpucnn" if spec.name == "mnist" else "the cache or a download"))
+        self.directory = directory

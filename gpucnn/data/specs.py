@@ -130,9 +130,18 @@ _MNIST = DatasetSpec(
 # canonical S3 mirror (sizes 26421880 / 29515 / 4422102 / 5148 bytes); the
 # upstream README publishes MD5s for the same files (8d4fb7e6c68d591d4c3dfef9ec88bf0d,
 # 25c81989df183df01b3e8a0aad5dffbe, bef4ecab320f06d8554ea6380940ec79,
-# bb300cfdad3c16e7a12a480ee83cd310).  No digest of the decompressed bytes was
-# available to verify, so ``idx_sha256`` is None: an un-gzipped Fashion-MNIST
-# file cannot be verified and is rejected.
+# bb300cfdad3c16e7a12a480ee83cd310).
+# ``idx_sha256``, the digests of the DECOMPRESSED files (47040016 / 60008 /
+# 7840016 / 10008 bytes), agree in two independent public sources: the
+# Makefile of github.com/EntroMorphic/sstt (its SHA256F_* variables, for the
+# files after `gunzip -k`; its MNIST values equal ours above) and
+# crates/dataset-ml/src/dataset/fashion_mnist.rs of
+# github.com/SomeB1oody/dataset-core; for the two label files they were also
+# checked against the upstream repository's own .gz files decompressed here.
+# So a re-compressed copy (a distribution's package, `gzip -n`) or an
+# un-gzipped one is verified by its content.  (An older, different release --
+# before upstream commit 658ec8c removed duplicate samples in August 2017 --
+# has other digests and is rejected.)
 _FASHION = DatasetSpec(
     name="fashion-mnist",
     files={
@@ -140,21 +149,25 @@ _FASHION = DatasetSpec(
             "train-images-idx3-ubyte.gz",
             (60000, 28, 28),
             ("3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",),
+            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
         ),
         "train_labels": FileSpec(
             "train-labels-idx1-ubyte.gz",
             (60000,),
             ("a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",),
+            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
         ),
         "test_images": FileSpec(
             "t10k-images-idx3-ubyte.gz",
             (10000, 28, 28),
             ("346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",),
+            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
         ),
         "test_labels": FileSpec(
             "t10k-labels-idx1-ubyte.gz",
             (10000,),
             ("67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",),
+            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         ),
     },
     mirrors=(
