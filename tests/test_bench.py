@@ -16,7 +16,7 @@ def test_step_table_with_torch_reference(capsys, tmp_path):
     assert rc == 0
     text = capsys.readouterr().out
     assert "forward+loss+backward+SGD" in text and "x " in text  # a ratio was printed
-    assert "0:Conv2D(1, 28, 28)" in text
+    assert "0:Conv2D+ReLU+MaxPool2D(1, 28, 28)" in text and "7:Dense+ReLU(400,)" in text
     result = json.loads(out.read_text())
     assert result["steps"][0]["batch"] == 8 and result["steps"][0]["torch_s"] > 0
 

@@ -158,7 +158,7 @@ def _step_table(args, batch, device, torch, timer, ttimer, results):
 
 
 def _layer_table(args, batch, device, torch, timer, ttimer, results):
-    print(f"  {'layer (input shape)':34s} {'fwd':>9s} {'torch':>9s}  ratio  {'bwd':>9s} {'torch':>9s}  ratio")
+    print(f"  {'stage (input shape)':34s} {'fwd':>9s} {'torch':>9s}  ratio  {'bwd':>9s} {'torch':>9s}  ratio")
     for label, f, tf, bw, tb in layer_rows(args.model, batch, device, torch, timer, ttimer):
         print(f"  {label:34s} {_ms(f)} {_ms(tf)}  {_ratio(f, tf)}  {_ms(bw)} {_ms(tb)}  {_ratio(bw, tb)}")
         results["layers"].append({"batch": batch, "layer": label, "fwd_s": f, "torch_fwd_s": tf,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, layers, losses, models, optim
+from .._utils import shown_shape
+from ..functional.layout import from_internal, to_internal
 from ..random import seed
 from ..train import Trainer
 from .twin import torch_step, torch_twin
@@ -49,32 +51,39 @@ def check_step(pair: StepPair):
 
 
 def layer_rows(name, batch, device, torch, timer, ttimer):
-    """Forward and backward of every layer of the model at its real input shape."""
+    """Forward and backward of every stage of the model, as the Sequential runs it.
+
+    Each stage (a layer, or a convolution / dense layer with the activation
+    and pooling fused into it, :mod:`gpucnn.layers.plan`) is timed on its real
+    batch-last input; the PyTorch row is the same layers as one
+    ``nn.Sequential`` on the NCHW tensor.
+    """
     seed(0)
     model = models.build(name, device=device)
     rng = np.random.default_rng(1)
     x = backend.to_device(rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), device)
     tdev = "cuda" if device == "cuda" else "cpu"
     twin = torch_twin(model, torch, tdev) if torch is not None else None
+    x_bl = to_internal(x)
     rows = []
-    for i, layer in enumerate(model.layers):
-        y = layer.forward(x)
+    for stage in model.stages():
+        y = stage.forward(x_bl)
         dy = backend.to_device(rng.standard_normal(y.shape).astype(np.float32), device)
-        label = f"{i}:{type(layer).__name__}{tuple(x.shape[1:])}"
-        fwd = timer(lambda: layer.forward(x))
-        bwd = timer(lambda: layer.backward(dy))
+        label = f"{stage.start}:{stage.name}{shown_shape(x_bl, True)[1:]}"
+        fwd = timer(lambda: stage.forward(x_bl))
+        stage.forward(x_bl)
+        bwd = timer(lambda: stage.backward(dy, True))
         tf = tb = None
         if twin is not None:
-            tl = twin[i]
-            tx = torch.from_numpy(backend.asnumpy(x)).to(tdev).requires_grad_(True)
-            tdy = torch.from_numpy(backend.asnumpy(dy)).to(tdev)
+            tl = torch.nn.Sequential(*list(twin)[stage.start:stage.start + len(stage.layers)])
+            tx = torch.from_numpy(backend.asnumpy(from_internal(x_bl))).to(tdev).requires_grad_(True)
+            tdy = torch.from_numpy(backend.asnumpy(from_internal(dy))).to(tdev)
             with torch.no_grad():
                 tf = ttimer(lambda: tl(tx))
             ty = tl(tx)
-            tb = ttimer(lambda: torch.autograd.grad(ty, [tx] + list(tl.parameters()), tdy,
-                                                    retain_graph=True))
+            tb = ttimer(lambda: torch.autograd.grad(ty, [tx] + list(tl.parameters()), tdy, retain_graph=True))
         rows.append((label, fwd, tf, bwd, tb))
-        x = y
+        x_bl = y
     return rows
 
 

@@ -50,7 +50,9 @@ class Sequential(Layer):
         inner = "\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential(\n{inner}\n)"
 
-    def _stages(self):
+    def stages(self):
+        """How :meth:`forward` runs the layers: a list of :class:`~gpucnn.layers.plan.Stage`
+        (fused unless anomaly detection is on)."""
         fuse = not debug.is_enabled()
         key = (tuple(map(id, self.layers)), fuse)
         if getattr(self, "_plan_key", None) != key:
@@ -68,7 +70,7 @@ class Sequential(Layer):
         check = debug.is_enabled()
         if check:
             debug.check_finite(x, "Sequential input")
-        for stage in self._stages():
+        for stage in self.stages():
             with nvtx.nvtx_range(f"{stage.name}.forward"):
                 x = stage.forward(x)
             if check:
@@ -90,7 +92,7 @@ class Sequential(Layer):
 
     def backward_internal(self, dy, need_input_grad: bool = True):
         check = debug.is_enabled()
-        stages = self._stages()
+        stages = self.stages()
         if not getattr(self, "_forwarded", False):
             raise RuntimeError(f"{stages[-1].name}.backward called before forward "
                                f"(layer {stages[-1].start} of the Sequential)")
