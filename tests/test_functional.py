@@ -395,14 +395,25 @@ def test_softmax_cross_entropy(NK, spread, dtype, backend):
     rng = np.random.default_rng(N * 100 + K)
     logits = (spread * rng.standard_normal((N, K))).astype(dtype)
     labels = rng.integers(0, K, N).astype(np.int64)
-    loss, saved = Loss.softmax_cross_entropy_forward(backend.put(logits), backend.put(labels))
+    loss, saved = Loss.softmax_cross_entropy_forward(backend.put(bl(logits)), backend.put(labels))
     grad = Loss.softmax_cross_entropy_backward(saved, 0.5)
     want_loss, want_p, want_g = _xent_reference(logits, labels, 0.5)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
     assert loss.shape == () and loss.dtype == dtype and grad.dtype == dtype
     np.testing.assert_allclose(backend.get(loss), want_loss, **tol)
-    np.testing.assert_allclose(backend.get(saved.probs), want_p, **tol)
-    np.testing.assert_allclose(backend.get(grad), want_g, **tol)
+    np.testing.assert_allclose(nchw(backend.get(saved.probs)), want_p, **tol)
+    np.testing.assert_allclose(nchw(backend.get(grad)), want_g, **tol)
+    assert int(backend.get(saved.correct)) == int((logits.argmax(axis=1) == labels).sum())
+
+
+def test_softmax_cross_entropy_counts_nan_rows_as_wrong(backend):
+    logits = np.zeros((3, 4), np.float32)
+    logits[0, 1] = logits[1, 2] = logits[2, 0] = 5
+    logits[1, 0] = np.nan
+    labels = np.array([1, 2, 0])
+    with np.errstate(invalid="ignore"):
+        _, saved = Loss.softmax_cross_entropy_forward(backend.put(bl(logits)), backend.put(labels))
+    assert int(backend.get(saved.correct)) == 2
 
 
 @pytest.mark.parametrize("backend", XP_BACKENDS, indirect=True)
@@ -410,8 +421,8 @@ def test_softmax_cross_entropy(NK, spread, dtype, backend):
 def test_mse(dtype, backend):
     rng = np.random.default_rng(13)
     pred, target = rng.standard_normal((21, 10)).astype(dtype), rng.standard_normal((21, 10)).astype(dtype)
-    loss, saved = Loss.mse_forward(backend.put(pred), backend.put(target))
-    grad = Loss.mse_backward(saved, 2.0)
+    loss, saved = Loss.mse_forward(backend.put(pred), backend.put(target), 21)
+    grad = Loss.mse_backward(saved, 21, 2.0)
     d = pred.astype(np.float64) - target
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(backend.get(loss), 0.5 * (d * d).sum() / 21, **tol)

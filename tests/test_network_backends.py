@@ -19,7 +19,8 @@ import pytest
 import gpucnn as gc
 from backends import KERNEL_BACKENDS, backend_fixture
 from gpucnn import losses, models, optim
-from gpucnn.cuda import loader, ops
+from gpucnn.cuda import conv as kconv
+from gpucnn.cuda import loader
 from gpucnn.functional import _dispatch
 from gpucnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid
 
@@ -101,9 +102,9 @@ def test_every_kernel_of_the_network_is_launched(backend):
     counting = _Counting(loader.get_module_builder())
     with loader.use_module_builder(counting):
         _compare_small_net(backend)
-    for name in ("conv2d_forward_f64", "conv2d_backward_input_f64", "conv2d_backward_weight_f64",
-                 "conv2d_backward_bias_f64", "maxpool2d_forward_f64", "maxpool2d_backward_f64",
-                 "softmax_xent_forward_f64", "softmax_xent_backward_f64"):
+    for name in ("conv_forward_f64", "conv_backward_input_f64", "conv_backward_weight_partial_f64",
+                 "conv_backward_weight_reduce_f64", "pool_max_forward_f64", "pool_max_backward_f64",
+                 "act_backward_f64", "dense_forward_f64", "dense_backward_act_f64", "gemm_nt_f64", "gemm_tn_f64"):
         assert name in counting.launched, f"{name} was not launched: a layer did not take its kernel path"
 
 
@@ -115,23 +116,24 @@ def test_first_layer_skips_the_input_gradient_kernel(backend):
     counting = _Counting(loader.get_module_builder())
     with loader.use_module_builder(counting):
         assert net.backward(loss.backward(), input_grad=False) is None
-    assert counting.launched.count("conv2d_backward_input_f64") == 1   # the second conv's only
+    assert counting.launched.count("conv_backward_input_f64") == 1   # the second conv's only
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS[:1], indirect=True)
 def test_comparison_catches_a_dropped_padding_argument(backend, monkeypatch):
     """Mutation check: the network comparison above fails when the dispatch drops padding."""
-    real = ops.conv2d_forward
+    real = kconv.conv_forward
 
-    def planted(x, W, b, stride, padding):
-        y = real(x, W, b, stride, (0, 0))
-        out = np.zeros((x.shape[0], W.shape[0]) + tuple(
-            (s + 2 * p - k) // st + 1 for s, p, k, st in zip(x.shape[2:], padding, W.shape[2:], stride)), y.dtype)
-        h, w = min(y.shape[2], out.shape[2]), min(y.shape[3], out.shape[3])
-        out[:, :, :h, :w] = y[:, :, :h, :w]       # right shape, wrong values: only values can catch it
-        return out
+    def planted(x, W, b, stride, padding, act=None, **kw):
+        y, z = real(x, W, b, stride, (0, 0), act=act)
+        shape = (W.shape[0],) + tuple((s + 2 * p - k) // st + 1
+                                      for s, p, k, st in zip(x.shape[1:3], padding, W.shape[2:], stride)) + x.shape[3:]
+        out = np.zeros(shape, y.dtype)
+        h, w = min(y.shape[1], out.shape[1]), min(y.shape[2], out.shape[2])
+        out[:, :h, :w] = y[:, :h, :w]       # right shape, wrong values: only values can catch it
+        return out, (None if z is None else out.copy())
 
-    monkeypatch.setattr(ops, "conv2d_forward", planted)
+    monkeypatch.setattr(kconv, "conv_forward", planted)
     with pytest.raises(AssertionError):
         _compare_small_net(backend)
 

@@ -88,50 +88,58 @@ def layer_rows(name, batch, device, torch, timer, ttimer):
 
 
 def kernel_rows(name, batch, timer, ttimer, torch):
-    """gpucnn's CUDA kernels vs the cuDNN calls doing the same job (GPU only)."""
-    from ..cuda import ops
+    """gpucnn's CUDA kernels vs the cuDNN / ATen calls doing the same job (GPU only).
+
+    Each stage's kernels on its real batch-last input: the convolution passes
+    (forward with its fused epilogue excluded, backward-input, backward-weight
+    with the bias) and max pooling, against ``F.conv2d``,
+    ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` and ``F.max_pool2d`` on
+    the same data in NCHW.
+    """
+    from ..cuda import conv as kconv
+    from ..cuda import pool as kpool
 
     cp = backend.cupy
     seed(0)
     model = models.build(name, device="cuda")
-    x = cp.random.standard_normal((batch, 1, 28, 28), dtype=cp.float32)
+    x = cp.random.standard_normal((1, 28, 28, batch), dtype=cp.float32)
     rows = []
     F = torch.nn.functional if torch is not None else None
-    for i, layer in enumerate(model.layers):
-        y = layer.forward(x)
-        tag = f"{i}:{tuple(x.shape[1:])}"
+    for layer in model.layers:
+        tag = f"{type(layer).__name__}{shown_shape(x, True)[1:]}"
         if isinstance(layer, layers.Conv2D):
-            W, b = layer.params["W"], layer.params["b"]
+            W, b, s, p = layer.params["W"], layer.params.get("b"), layer.stride, layer.padding
+            y, _ = kconv.conv_forward(x, W, b, s, p)
             dy = cp.random.standard_normal(y.shape, dtype=cp.float32)
-            s, p = layer.stride, layer.padding
-            t = {}
-            t["conv fwd"] = timer(lambda: ops.conv2d_forward(x, W, b, s, p))
-            t["conv bwd-input"] = timer(lambda: ops.conv2d_backward_input(dy, W, x.shape, s, p))
-            t["conv bwd-weight"] = timer(lambda: ops.conv2d_backward_weight(x, dy, W.shape, s, p))
+            t = {"conv fwd": timer(lambda: kconv.conv_forward(x, W, b, s, p)),
+                 "conv bwd-input": timer(lambda: kconv.conv_backward_input(dy, W, x.shape, s, p)),
+                 "conv bwd-weight+bias": timer(lambda: kconv.conv_backward_weight(x, dy, W.shape, s, p))}
             ref = {}
             if torch is not None:
-                tx, tW, tb, tdy = (torch.as_tensor(a, device="cuda") for a in (x, W, b, dy))
+                tx, tdy = (torch.as_tensor(cp.ascontiguousarray(cp.moveaxis(a, -1, 0)), device="cuda") for a in (x, dy))
+                tW = torch.as_tensor(W, device="cuda")
+                tb = None if b is None else torch.as_tensor(b, device="cuda")
                 ref["conv fwd"] = ttimer(lambda: F.conv2d(tx, tW, tb, s, p))
-                ref["conv bwd-input"] = ttimer(
-                    lambda: torch.nn.grad.conv2d_input(tx.shape, tW, tdy, s, p))
-                ref["conv bwd-weight"] = ttimer(
+                ref["conv bwd-input"] = ttimer(lambda: torch.nn.grad.conv2d_input(tx.shape, tW, tdy, s, p))
+                ref["conv bwd-weight+bias"] = ttimer(
                     lambda: (torch.nn.grad.conv2d_weight(tx, tW.shape, tdy, s, p), tdy.sum((0, 2, 3))))
             rows += [(f"{k} {tag}", v, ref.get(k)) for k, v in t.items()]
+            x = y
         elif isinstance(layer, layers.MaxPool2D):
             k, s = layer.kernel_size, layer.stride
-            yk, am = ops.maxpool2d_forward(x, k, s)
-            dy = cp.random.standard_normal(yk.shape, dtype=cp.float32)
-            t = {"maxpool fwd": timer(lambda: ops.maxpool2d_forward(x, k, s)),
-                 "maxpool bwd": timer(lambda: ops.maxpool2d_backward(dy, am, x.shape, k, s))}
+            y, tap, _ = kpool.max_pool_forward(x, k, s)
+            dy = cp.random.standard_normal(y.shape, dtype=cp.float32)
+            t = {"maxpool fwd": timer(lambda: kpool.max_pool_forward(x, k, s)),
+                 "maxpool bwd": timer(lambda: kpool.max_pool_backward(dy, tap, None, x.shape, k, s))}
             ref = {}
             if torch is not None:
-                tx = torch.as_tensor(x, device="cuda")
-                tdy = torch.as_tensor(dy, device="cuda")
-                ty, ti = F.max_pool2d(tx, k, s, return_indices=True)
+                tx, tdy = (torch.as_tensor(cp.ascontiguousarray(cp.moveaxis(a, -1, 0)), device="cuda") for a in (x, dy))
+                _, ti = F.max_pool2d(tx, k, s, return_indices=True)
                 ref["maxpool fwd"] = ttimer(lambda: F.max_pool2d(tx, k, s))
-                ref["maxpool bwd"] = ttimer(
-                    lambda: torch.ops.aten.max_pool2d_with_indices_backward(
-                        tdy, tx, list(k), list(s), [0, 0], [1, 1], False, ti))
+                ref["maxpool bwd"] = ttimer(lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+                    tdy, tx, list(k), list(s), [0, 0], [1, 1], False, ti))
             rows += [(f"{kk} {tag}", v, ref.get(kk)) for kk, v in t.items()]
-        x = y
+            x = y
+        else:
+            x = layer.forward_internal(x)
     return rows

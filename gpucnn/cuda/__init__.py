@@ -2,15 +2,24 @@
 
 * :mod:`gpucnn.cuda.loader` finds ``kernels/*.cu``, compiles them (CuPy
   RawModule / NVRTC, or an injected builder such as the test emulator), caches
-  the modules and launches every kernel through one checked launcher.
-* :mod:`gpucnn.cuda.ops` holds the functions the layers call on CuPy arrays:
-  ``conv2d_forward``, ``conv2d_backward_input``, ``conv2d_backward_weight``,
-  ``maxpool2d_forward``, ``maxpool2d_backward``.
+  the compiled functions per device and launches every kernel through one
+  checked launcher.
+* One wrapper module per family, all on batch-last arrays, each function a
+  fixed number of launches and nothing else: :mod:`.conv` (tiled forward,
+  backward-input, split-K backward-weight), :mod:`.pool` (max pooling with
+  uint8 taps, optionally fused with a ReLU), :mod:`.dense` (GEMMs with bias and
+  activation epilogues), :mod:`.elementwise` (activation derivatives),
+  :mod:`.loss` (fused softmax cross-entropy), :mod:`.optim` (SGD and Adam over
+  flat buffers), :mod:`.batch` (the batch gather).
+* :mod:`.sass` compiles a kernel file for sm_90 with NVRTC and reads the SASS
+  of its inner loops (no GPU needed; ``gpucnn bench --static`` prints it).
 
-Importing this package needs no CuPy; calling a kernel with the default
-builder and no CuPy raises :class:`~gpucnn.cuda.loader.CudaUnavailableError`.
+gpucnn.functional calls these on CuPy arrays; nothing here imports from
+gpucnn.layers or gpucnn.functional.  Importing this package needs no CuPy;
+calling a kernel with the default builder and no CuPy raises
+:class:`~gpucnn.cuda.loader.CudaUnavailableError`.
 """
-from . import loader, ops
+from . import batch, conv, dense, elementwise, loader, loss, optim, pool
 from .loader import (
     CudaUnavailableError,
     KernelLaunchError,
@@ -18,25 +27,8 @@ from .loader import (
     use_module_builder,
     warmup,
 )
-from .ops import (
-    conv2d_backward_input,
-    conv2d_backward_weight,
-    conv2d_forward,
-    maxpool2d_backward,
-    maxpool2d_forward,
-)
 
 __all__ = [
-    "loader",
-    "ops",
-    "CudaUnavailableError",
-    "KernelLaunchError",
-    "set_module_builder",
-    "use_module_builder",
-    "warmup",
-    "conv2d_forward",
-    "conv2d_backward_input",
-    "conv2d_backward_weight",
-    "maxpool2d_forward",
-    "maxpool2d_backward",
+    "batch", "conv", "dense", "elementwise", "loader", "loss", "optim", "pool",
+    "CudaUnavailableError", "KernelLaunchError", "set_module_builder", "use_module_builder", "warmup",
 ]

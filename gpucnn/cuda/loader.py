@@ -1,13 +1,10 @@
 """Find, compile, cache and launch gpucnn's hand-written CUDA kernels.
 
 The ``.cu`` sources live in the data package ``gpucnn.kernels`` (the
-repository's top-level ``kernels/`` directory, installed into the wheel).  This
-module
+repository's top-level ``kernels/`` directory, installed into the wheel);
+:mod:`gpucnn.cuda.sources` finds and reads them and parses their signatures
+(re-exported here).  This module
 
-* locates them (:func:`kernel_dir`, :func:`list_sources`), also from a source
-  tree run with ``PYTHONPATH=.``;
-* reads them with a ``#line 1 "kernels/<file>"`` prefix so compiler errors name
-  the real file (:func:`read_source`);
 * builds one module per file through a *module builder*, by default
   ``cupy.RawModule(code=..., options=..., name_expressions=...)``, and caches it
   per (builder, file, options, device id) (:func:`get_module`, :func:`warmup`);
@@ -32,10 +29,7 @@ does, and then it raises :class:`CudaUnavailableError` with an install hint.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib.resources
 import os
-import pathlib
 import re
 import threading
 from typing import Callable, Iterator, Mapping, Sequence
@@ -43,6 +37,11 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .. import backend
+from . import sources
+from .sources import (KERNEL_FILES, KernelParam, kernel_dir, kernel_file_of, kernel_signature, list_sources,
+                      read_source)
+
+_lock = threading.RLock()
 
 __all__ = [
     "CudaUnavailableError",
@@ -68,19 +67,6 @@ __all__ = [
     "ceil_div",
     "launch",
 ]
-
-_SIGNATURE_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
-_LAUNCH_BOUNDS_RE = re.compile(r"__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)")
-
-
-def _declarations(text: str) -> str:
-    """Source text with comments and ``__launch_bounds__(...)`` removed (so signatures parse)."""
-    return _LAUNCH_BOUNDS_RE.sub(" ", re.sub(r"//[^\n]*", "", text))
-
-#: Every kernel source file and the ``extern "C" __global__`` entry points it
-#: defines, read from ``kernels/*.cu`` when this module is imported (adding a
-#: file is all it takes to make its kernels launchable).
-KERNEL_FILES: dict[str, tuple[str, ...]] = {}
 
 #: Options gpucnn passes to the compiler: none.  CuPy's RawModule adds its own
 #: (``-arch=compute_XX`` for the current device, ``-ftz=true``, ``-I`` for its
@@ -112,154 +98,6 @@ class KernelLaunchError(RuntimeError):
 # ---------------------------------------------------------------------------
 # Locating and reading the sources
 # ---------------------------------------------------------------------------
-
-def _candidate_dirs() -> list[pathlib.Path]:
-    dirs = []
-    try:
-        dirs.append(pathlib.Path(str(importlib.resources.files("gpucnn.kernels"))))
-    except Exception:  # not installed / not a filesystem package
-        pass
-    dirs.append(pathlib.Path(__file__).resolve().parents[2] / "kernels")
-    return dirs
-
-
-def kernel_dir() -> pathlib.Path:
-    """Directory holding the ``.cu`` files.
-
-    The installed data package ``gpucnn.kernels`` when it is importable and
-    holds the sources (an installed wheel, or an editable install); otherwise
-    ``<repo>/kernels`` next to the ``gpucnn`` package (a source tree run with
-    ``PYTHONPATH=.``, where ``gpucnn.kernels`` is not mapped).
-    """
-    for path in _candidate_dirs():
-        if path.is_dir() and any(path.glob("*.cu")):
-            return path
-    raise FileNotFoundError(
-        "gpucnn's CUDA sources (kernels/*.cu) were found neither in the installed package "
-        f"gpucnn.kernels nor in {_candidate_dirs()[-1]}; reinstall gpucnn (the wheel ships kernels/*.cu)"
-    )
-
-
-def _discover() -> dict[str, tuple[str, ...]]:
-    """``{file name: extern "C" __global__ entry points}`` of every ``kernels/*.cu``."""
-    try:
-        directory = kernel_dir()
-    except FileNotFoundError:
-        return {}
-    found, owner = {}, {}
-    for path in sorted(directory.glob("*.cu")):
-        text = _declarations(path.read_text(encoding="utf-8"))
-        names = tuple(m.group(1) for m in _SIGNATURE_RE.finditer(text))
-        for name in names:
-            if name in owner:
-                raise ValueError(f"kernel {name!r} is defined in both kernels/{owner[name]} and "
-                                 f"kernels/{path.name}; entry-point names must be unique")
-            owner[name] = path.name
-        if names:
-            found[path.name] = names
-    return found
-
-
-def list_sources() -> dict[str, pathlib.Path]:
-    """Map each kernel file name to its path."""
-    directory = kernel_dir()
-    return {name: directory / name for name in KERNEL_FILES}
-
-
-KERNEL_FILES.update(_discover())
-
-_source_cache: dict[str, str] = {}
-_lock = threading.RLock()
-
-
-def _check_file(filename: str) -> None:
-    if filename not in KERNEL_FILES:
-        raise ValueError(
-            f"unknown kernel file {filename!r}; known files: {sorted(KERNEL_FILES)}"
-        )
-
-
-def read_source(filename: str) -> str:
-    """Source text of ``filename`` with ``#line 1 "kernels/<file>"`` prepended."""
-    _check_file(filename)
-    with _lock:
-        text = _source_cache.get(filename)
-        if text is None:
-            raw = list_sources()[filename].read_text(encoding="utf-8")
-            text = f'#line 1 "kernels/{filename}"\n' + raw
-            _source_cache[filename] = text
-        return text
-
-
-# ---------------------------------------------------------------------------
-# Kernel signatures, read from the sources
-# ---------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class KernelParam:
-    """One kernel parameter: ``dtype`` and whether it is a pointer (an array)."""
-
-    name: str
-    dtype: np.dtype
-    is_array: bool
-    is_const: bool
-
-    def describe(self) -> str:
-        base = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
-                np.dtype(np.int32): "int", np.dtype(np.uint8): "unsigned char"}[self.dtype]
-        return f"{'const ' if self.is_const else ''}{base}{'*' if self.is_array else ''} {self.name}"
-
-
-_C_TYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64),
-            "int": np.dtype(np.int32), "unsigned char": np.dtype(np.uint8)}
-_PARAM_RE = re.compile(
-    r"^(const\s+)?(float|double|int|unsigned char)\s*(\*)?\s*(?:__restrict__\s+)?(\w+)$")
-_signature_cache: dict[str, tuple[KernelParam, ...]] = {}
-
-
-def _parse_signatures(filename: str) -> dict[str, tuple[KernelParam, ...]]:
-    text = _declarations(read_source(filename))
-    found = {}
-    for match in _SIGNATURE_RE.finditer(text):
-        params = []
-        for raw in match.group(2).split(","):
-            decl = " ".join(raw.split())
-            decl = decl.replace(" *", "*").replace("*", "* ").replace("  ", " ").strip()
-            m = _PARAM_RE.match(decl)
-            if m is None:
-                raise ValueError(
-                    f"kernels/{filename}: cannot parse parameter {raw.strip()!r} of "
-                    f"{match.group(1)}; the launcher understands [const] float|double|int|unsigned char[*]"
-                )
-            params.append(KernelParam(name=m.group(4), dtype=_C_TYPES[m.group(2)],
-                                      is_array=m.group(3) is not None,
-                                      is_const=m.group(1) is not None))
-        found[match.group(1)] = tuple(params)
-    return found
-
-
-def kernel_file_of(kernel: str) -> str:
-    """The source file that defines ``kernel``."""
-    for filename, names in KERNEL_FILES.items():
-        if kernel in names:
-            return filename
-    known = sorted(n for names in KERNEL_FILES.values() for n in names)
-    raise ValueError(f"unknown kernel {kernel!r}; known kernels: {known}")
-
-
-def kernel_signature(kernel: str) -> tuple[KernelParam, ...]:
-    """Parameters of ``kernel`` as declared in its ``.cu`` file."""
-    with _lock:
-        if kernel not in _signature_cache:
-            filename = kernel_file_of(kernel)
-            parsed = _parse_signatures(filename)
-            missing = set(KERNEL_FILES[filename]) - set(parsed)
-            if missing:
-                raise ValueError(f"kernels/{filename} defines no extern \"C\" "
-                                 f"__global__ {sorted(missing)}")
-            _signature_cache.update(parsed)
-        return _signature_cache[kernel]
-
 
 # ---------------------------------------------------------------------------
 # Module builders and the module cache
@@ -331,7 +169,7 @@ def _device_id(builder: ModuleBuilder) -> int:
 
 def get_module(filename: str, options: Sequence[str] | None = None):
     """Build (or fetch from the cache) the module compiled from ``filename``."""
-    _check_file(filename)
+    sources.check_file(filename)
     opts = DEFAULT_OPTIONS if options is None else tuple(options)
     with _lock:
         builder = _builder
@@ -365,8 +203,7 @@ def clear_cache() -> None:
         _module_cache.clear()
         _function_cache.clear()
         _prepared.clear()
-        _source_cache.clear()
-        _signature_cache.clear()
+        sources.clear()
 
 
 def warmup(options: Sequence[str] | None = None) -> list[str]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
-
 from .. import backend
 from . import _dispatch
 from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
@@ -82,7 +80,7 @@ def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp):
     db = None
     if saved.has_bias:
         db = db_out if db_out is not None else xp.empty((W.shape[0],), W.dtype)
-    dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db)
+    dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db, has_bias=saved.has_bias)
     dW = dense.dense_weight_grad(dz, x, out=dW_out)
     dx = dense.dense_input_grad(W, dz) if need_input_grad else None
     return dx, dW, db

@@ -1,0 +1,189 @@
+"""The kernel sources: where ``kernels/*.cu`` are, their text, and their entry points' signatures.
+
+* :func:`kernel_dir` finds the ``.cu`` files (the installed data package
+  ``gpucnn.kernels``, or ``<repo>/kernels`` in a source tree);
+* :data:`KERNEL_FILES` maps each file to the ``extern "C" __global__`` entry
+  points it defines, discovered when this module is imported (entry-point
+  names are unique across files);
+* :func:`read_source` returns a file's text with ``#line 1 "kernels/<file>"``
+  prepended, so compiler errors name the real file;
+* :func:`kernel_signature` parses an entry point's parameter list, which the
+  launcher (:mod:`gpucnn.cuda.loader`) checks every launch against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import pathlib
+import re
+import threading
+
+import numpy as np
+
+__all__ = ["KERNEL_FILES", "KernelParam", "kernel_dir", "list_sources", "read_source", "kernel_signature",
+           "kernel_file_of", "clear"]
+
+_SIGNATURE_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
+_LAUNCH_BOUNDS_RE = re.compile(r"__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)")
+
+
+def _declarations(text: str) -> str:
+    """Source text with comments and ``__launch_bounds__(...)`` removed (so signatures parse)."""
+    return _LAUNCH_BOUNDS_RE.sub(" ", re.sub(r"//[^\n]*", "", text))
+
+#: Every kernel source file and the ``extern "C" __global__`` entry points it
+#: defines, read from ``kernels/*.cu`` when this module is imported (adding a
+#: file is all it takes to make its kernels launchable).
+KERNEL_FILES: dict[str, tuple[str, ...]] = {}
+
+
+def _candidate_dirs() -> list[pathlib.Path]:
+    dirs = []
+    try:
+        dirs.append(pathlib.Path(str(importlib.resources.files("gpucnn.kernels"))))
+    except Exception:  # not installed / not a filesystem package
+        pass
+    dirs.append(pathlib.Path(__file__).resolve().parents[2] / "kernels")
+    return dirs
+
+
+def kernel_dir() -> pathlib.Path:
+    """Directory holding the ``.cu`` files.
+
+    The installed data package ``gpucnn.kernels`` when it is importable and
+    holds the sources (an installed wheel, or an editable install); otherwise
+    ``<repo>/kernels`` next to the ``gpucnn`` package (a source tree run with
+    ``PYTHONPATH=.``, where ``gpucnn.kernels`` is not mapped).
+    """
+    for path in _candidate_dirs():
+        if path.is_dir() and any(path.glob("*.cu")):
+            return path
+    raise FileNotFoundError(
+        "gpucnn's CUDA sources (kernels/*.cu) were found neither in the installed package "
+        f"gpucnn.kernels nor in {_candidate_dirs()[-1]}; reinstall gpucnn (the wheel ships kernels/*.cu)"
+    )
+
+
+def _discover() -> dict[str, tuple[str, ...]]:
+    """``{file name: extern "C" __global__ entry points}`` of every ``kernels/*.cu``."""
+    try:
+        directory = kernel_dir()
+    except FileNotFoundError:
+        return {}
+    found, owner = {}, {}
+    for path in sorted(directory.glob("*.cu")):
+        text = _declarations(path.read_text(encoding="utf-8"))
+        names = tuple(m.group(1) for m in _SIGNATURE_RE.finditer(text))
+        for name in names:
+            if name in owner:
+                raise ValueError(f"kernel {name!r} is defined in both kernels/{owner[name]} and "
+                                 f"kernels/{path.name}; entry-point names must be unique")
+            owner[name] = path.name
+        if names:
+            found[path.name] = names
+    return found
+
+
+def list_sources() -> dict[str, pathlib.Path]:
+    """Map each kernel file name to its path."""
+    directory = kernel_dir()
+    return {name: directory / name for name in KERNEL_FILES}
+
+
+KERNEL_FILES.update(_discover())
+
+_source_cache: dict[str, str] = {}
+_lock = threading.RLock()
+
+
+def check_file(filename: str) -> None:
+    if filename not in KERNEL_FILES:
+        raise ValueError(
+            f"unknown kernel file {filename!r}; known files: {sorted(KERNEL_FILES)}"
+        )
+
+
+def read_source(filename: str) -> str:
+    """Source text of ``filename`` with ``#line 1 "kernels/<file>"`` prepended."""
+    check_file(filename)
+    with _lock:
+        text = _source_cache.get(filename)
+        if text is None:
+            raw = list_sources()[filename].read_text(encoding="utf-8")
+            text = f'#line 1 "kernels/{filename}"\n' + raw
+            _source_cache[filename] = text
+        return text
+
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelParam:
+    """One kernel parameter: ``dtype`` and whether it is a pointer (an array)."""
+
+    name: str
+    dtype: np.dtype
+    is_array: bool
+    is_const: bool
+
+    def describe(self) -> str:
+        base = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
+                np.dtype(np.int32): "int", np.dtype(np.uint8): "unsigned char"}[self.dtype]
+        return f"{'const ' if self.is_const else ''}{base}{'*' if self.is_array else ''} {self.name}"
+
+
+_C_TYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64),
+            "int": np.dtype(np.int32), "unsigned char": np.dtype(np.uint8)}
+_PARAM_RE = re.compile(
+    r"^(const\s+)?(float|double|int|unsigned char)\s*(\*)?\s*(?:__restrict__\s+)?(\w+)$")
+_signature_cache: dict[str, tuple[KernelParam, ...]] = {}
+
+
+def _parse_signatures(filename: str) -> dict[str, tuple[KernelParam, ...]]:
+    text = _declarations(read_source(filename))
+    found = {}
+    for match in _SIGNATURE_RE.finditer(text):
+        params = []
+        for raw in match.group(2).split(","):
+            decl = " ".join(raw.split())
+            decl = decl.replace(" *", "*").replace("*", "* ").replace("  ", " ").strip()
+            m = _PARAM_RE.match(decl)
+            if m is None:
+                raise ValueError(
+                    f"kernels/{filename}: cannot parse parameter {raw.strip()!r} of "
+                    f"{match.group(1)}; the launcher understands [const] float|double|int|unsigned char[*]"
+                )
+            params.append(KernelParam(name=m.group(4), dtype=_C_TYPES[m.group(2)],
+                                      is_array=m.group(3) is not None,
+                                      is_const=m.group(1) is not None))
+        found[match.group(1)] = tuple(params)
+    return found
+
+
+def kernel_file_of(kernel: str) -> str:
+    """The source file that defines ``kernel``."""
+    for filename, names in KERNEL_FILES.items():
+        if kernel in names:
+            return filename
+    known = sorted(n for names in KERNEL_FILES.values() for n in names)
+    raise ValueError(f"unknown kernel {kernel!r}; known kernels: {known}")
+
+
+def kernel_signature(kernel: str) -> tuple[KernelParam, ...]:
+    """Parameters of ``kernel`` as declared in its ``.cu`` file."""
+    with _lock:
+        if kernel not in _signature_cache:
+            filename = kernel_file_of(kernel)
+            parsed = _parse_signatures(filename)
+            missing = set(KERNEL_FILES[filename]) - set(parsed)
+            if missing:
+                raise ValueError(f"kernels/{filename} defines no extern \"C\" "
+                                 f"__global__ {sorted(missing)}")
+            _signature_cache.update(parsed)
+        return _signature_cache[kernel]
+
+
+def clear() -> None:
+    """Forget the cached sources and signatures (they are re-read on the next use)."""
+    with _lock:
+        _source_cache.clear()
+        _signature_cache.clear()

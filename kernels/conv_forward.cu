@@ -1,0 +1,270 @@
+// Convolution forward pass, batch-last layout, as a shared-memory tiled
+// implicit GEMM with the bias and the activation fused into the epilogue.
+//
+// Entry points: conv_forward (float32) and conv_forward_f64 (float64), the same
+// template instantiated twice; T below is float or double.  Host wrapper:
+// gpucnn/cuda/conv.py (conv_forward).  Compiled at run time by
+// gpucnn/cuda/loader.py (CuPy RawModule / NVRTC) and, in the tests, run
+// unchanged on the CPU by tests/cudasim.  No #includes.
+//
+// ---------------------------------------------------------------------------
+// Formula (the seeds' cross-correlation; W is the seeds' rot180(k)):
+//
+//   z[o,i,j,n] = b[o] + sum_{c,u,v} xpad[c, i*SH+u, j*SW+v, n] * W[o,c,u,v]
+//   y[o,i,j,n] = act(z[o,i,j,n])
+//
+// xpad is x with PH rows / PW columns of zeros on each side; the b[o] term only
+// when has_bias != 0.  act codes: 0 none (y = z), 1 relu (NaN in, NaN out),
+// 2 sigmoid (stable: e = exp(-|z|), z >= 0 ? 1/(1+e) : e/(1+e)), 3 tanh.
+// When write_z != 0, z is written as well (relu without a following pool keeps
+// it for its backward pass).
+//
+// As a GEMM: M = O (rows), the reduction K = C*KH*KW (index k = (c*KH+u)*KW+v),
+// the columns P = OH*OW*N (index p = (i*OW+j)*N+n, batch innermost):
+//   z[o, p] = b[o] + sum_k W[o, k] * X[k, p],   X[k, p] = xpad[c, i*SH+u, j*SW+v, n]
+// (W is read as its C-contiguous (O, K) view; X is never materialised).
+//
+// Layouts (all C-contiguous, batch-last):
+//   x : (C, H, W, N)       b : (O,)  (read only when has_bias != 0; any valid pointer otherwise)
+//   W : (O, C, KH, KW)     y, z : (O, OH, OW, N), every element written exactly once
+//                          (z only when write_z != 0; z may then alias nothing, and
+//                          may be any valid pointer, even y, when write_z == 0)
+//
+// Launch shape: block = (TX, 4, 1) with TX in {1, 2, 4, 8, 16} (64 threads at
+// most); grid = (ceil(P / (4*TX)), ceil(O / 16), 1).  Static shared memory:
+// 2816 B of tables + (160*16 + 16*68) T: 17408 B (float) / 32000 B (double);
+// no dynamic shared memory.
+//
+// Block tile: 16 output channels (o = 16*blockIdx.y + [0, 16)) x BP = 4*TX
+// columns (p = BP*blockIdx.x + [0, BP)).  Thread (tx, ty) owns the 4 x 4
+// register block o = 16*by + 4*ty + [0,4), p = BP*bx + 4*tx + [0,4).
+//
+// Reduction: the K axis is walked in chunks of CF_KC = 160 rows; per chunk the
+// block builds a table of the chunk's rows in shared memory (tab[r]: offset of
+// x[c, u, v, 0] relative to x[0, 0, 0, 0] and the tap bits 1<<u, 1<<v: the only
+// divisions, once per row per chunk) and stages the chunk of W transposed
+// (ws[r][m]).  Then the main loop walks the chunk in slices of CF_BK = 16 rows:
+// the im2col gather of the next slice is issued into registers (4 rows x 4
+// columns per thread, coalesced along p, i.e. along n), the current slice is
+// multiplied from shared memory (per row: 4 + 4 values, 16 FMAs), and the
+// registers are stored into the one X slice buffer between two barriers.
+// Zero padding: each gathered column keeps two "bad tap" bit masks (bit u set
+// when row i*SH+u-PH lies outside [0, H), bit v likewise for columns, bit 31
+// always set); a row is loaded iff (mask_h & (1<<u)) | (mask_w & (1<<v)) == 0,
+// else 0 is used.  Rows past the chunk carry bit 31 (never loaded, 0), columns
+// past P have all bits set.  Hence KH, KW <= 31 (the wrapper checks).
+//
+// Determinism: every output is ONE thread's sum over k = 0, 1, ..., K-1 in
+// increasing order (fused multiply-adds), then + b[o], independent of the
+// launch shape; no atomics.
+//
+// Preconditions (checked on the host by gpucnn/cuda/conv.py and the launcher):
+//   OH = (H + 2*PH - KH)/SH + 1 >= 1, OW likewise; SH, SW >= 1; PH, PW >= 0;
+//   1 <= KH, KW <= 31; every array and every offset fits int32; y, z alias
+//   neither x, W nor b.
+// ---------------------------------------------------------------------------
+
+#define CF_BM 16          // output channels per block (GEMM rows)
+#define CF_TM 4           // rows per thread
+#define CF_TY 4           // threads along M (blockDim.y == CF_BM / CF_TM)
+#define CF_TP 4           // columns per thread
+#define CF_MAX_TX 16      // blockDim.x at most: BP = 4 * blockDim.x <= 64
+#define CF_XS 68          // row stride of the X slice in shared memory (64 + 4 pad)
+#define CF_BK 16          // reduction rows per slice
+#define CF_RPT 4          // gathered rows per thread per slice (CF_BK / CF_TY)
+#define CF_KC 160         // reduction rows per chunk (a multiple of CF_BK)
+
+template <typename T> struct ConvFwdMath;
+template <> struct ConvFwdMath<float> {
+    static __device__ __forceinline__ float ex(float v) { return expf(v); }
+    static __device__ __forceinline__ float ab(float v) { return fabsf(v); }
+    static __device__ __forceinline__ float th(float v) { return tanhf(v); }
+};
+template <> struct ConvFwdMath<double> {
+    static __device__ __forceinline__ double ex(double v) { return exp(v); }
+    static __device__ __forceinline__ double ab(double v) { return fabs(v); }
+    static __device__ __forceinline__ double th(double v) { return tanh(v); }
+};
+
+// The shared activation rules (act codes 0 none, 1 relu, 2 sigmoid, 3 tanh).
+template <typename T>
+__device__ __forceinline__ T conv_fwd_act(T v, int act)
+{
+    if (act == 1) return v > T(0) ? v : (v == v ? T(0) : v);
+    if (act == 2) {
+        const T e = ConvFwdMath<T>::ex(-ConvFwdMath<T>::ab(v));
+        return v >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+    }
+    if (act == 3) return ConvFwdMath<T>::th(v);
+    return v;
+}
+
+// "Bad tap" mask: bit t clear iff lo <= t < hi (hi <= 31), every other bit set.
+__device__ __forceinline__ unsigned conv_fwd_bad_bits(int lo, int hi)
+{
+    lo = lo < 0 ? 0 : lo;
+    if (hi <= lo) return 0xffffffffu;
+    return ~(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
+
+template <typename T>
+__device__ __forceinline__ void conv_forward_impl(
+    const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+    T* __restrict__ y, T* __restrict__ z,
+    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW,
+    int SH, int SW, int PH, int PW, int has_bias, int act, int write_z,
+    int4* tab, T* ws, T* xs)
+{
+    const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x;
+    const int nthreads = TX * CF_TY, tid = ty * TX + tx;
+    const int P = OH * OW * N, KHW = KH * KW, K = C * KHW;
+    const int p0 = blockIdx.x * (TX * CF_TP);
+    const int m0 = blockIdx.y * CF_BM;
+
+    // The gather columns of this thread, p0 + tx + TX*j: decomposed once.
+    int cb[CF_TP];
+    unsigned cmh[CF_TP], cmw[CF_TP];
+#pragma unroll
+    for (int j = 0; j < CF_TP; ++j) {
+        const int p = p0 + tx + TX * j;
+        cb[j] = 0;
+        cmh[j] = 0xffffffffu;
+        cmw[j] = 0xffffffffu;
+        if (p < P) {
+            const int q = p / N, n = p - q * N;
+            const int i = q / OW, jj = q - i * OW;
+            const int ih0 = i * SH - PH, iw0 = jj * SW - PW;
+            cb[j] = (ih0 * W + iw0) * N + n;
+            cmh[j] = conv_fwd_bad_bits(-ih0, min(KH, H - ih0));
+            cmw[j] = conv_fwd_bad_bits(-iw0, min(KW, W - iw0));
+        }
+    }
+
+    T acc[CF_TM][CF_TP];
+#pragma unroll
+    for (int i = 0; i < CF_TM; ++i)
+#pragma unroll
+        for (int j = 0; j < CF_TP; ++j) acc[i][j] = T(0);
+
+    T reg[CF_RPT][CF_TP];
+    T* const xs_store = xs + ty * CF_XS + tx;              // + (CF_TY*rr)*CF_XS + TX*j
+    const T* const xs_load = xs + tx * CF_TP;              // + kk*CF_XS + j
+    const T* const ws_load = ws + ty * CF_TM;              // + (s*CF_BK + kk)*CF_BM + i
+
+    for (int kc0 = 0; kc0 < K; kc0 += CF_KC) {
+        const int kc = min(CF_KC, K - kc0);
+        const int ns = (kc + CF_BK - 1) / CF_BK;
+        __syncthreads();                                   // previous chunk fully consumed
+        // Row table of the chunk, plus one slice of "never valid" rows so that the
+        // prefetch of slice ns (past the chunk) loads nothing.
+        for (int r = tid; r < ns * CF_BK + CF_BK; r += nthreads) {
+            int4 e = make_int4(0, (int)0x80000000u, 0, 0);
+            if (r < kc) {
+                const int k = kc0 + r;
+                const int c = k / KHW, t = k - c * KHW;
+                const int u = t / KW, v = t - u * KW;
+                e = make_int4(((c * H + u) * W + v) * N, 1 << u, 1 << v, 0);
+            }
+            tab[r] = e;
+        }
+        // W chunk, transposed: ws[r*16 + m] = W[m0+m, kc0+r] (0 outside), coalesced along r.
+#pragma unroll 1
+        for (int m = 0; m < CF_BM; ++m) {
+            const int o = m0 + m;
+            for (int r = tid; r < ns * CF_BK; r += nthreads)
+                ws[r * CF_BM + m] = (o < O && r < kc) ? w[o * K + kc0 + r] : T(0);
+        }
+        __syncthreads();
+
+        // Gather slice 0.
+#pragma unroll
+        for (int rr = 0; rr < CF_RPT; ++rr) {
+            const int4 e = tab[ty + CF_TY * rr];
+#pragma unroll
+            for (int j = 0; j < CF_TP; ++j) {
+                T v = T(0);
+                if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = x[cb[j] + e.x];
+                reg[rr][j] = v;
+            }
+        }
+
+        for (int s = 0; s < ns; ++s) {
+#pragma unroll
+            for (int rr = 0; rr < CF_RPT; ++rr)
+#pragma unroll
+                for (int j = 0; j < CF_TP; ++j) xs_store[CF_TY * rr * CF_XS + TX * j] = reg[rr][j];
+            __syncthreads();
+            // Prefetch slice s+1 (the padding rows when s+1 == ns: nothing is loaded).
+            const int4* const trow = tab + (s + 1) * CF_BK + ty;
+#pragma unroll
+            for (int rr = 0; rr < CF_RPT; ++rr) {
+                const int4 e = trow[CF_TY * rr];
+#pragma unroll
+                for (int j = 0; j < CF_TP; ++j) {
+                    T v = T(0);
+                    if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = x[cb[j] + e.x];
+                    reg[rr][j] = v;
+                }
+            }
+            // Multiply slice s.
+            const T* const wrow = ws_load + s * (CF_BK * CF_BM);
+#pragma unroll
+            for (int kk = 0; kk < CF_BK; ++kk) {
+                T a[CF_TM], bv[CF_TP];
+#pragma unroll
+                for (int i = 0; i < CF_TM; ++i) a[i] = wrow[kk * CF_BM + i];
+#pragma unroll
+                for (int j = 0; j < CF_TP; ++j) bv[j] = xs_load[kk * CF_XS + j];
+#pragma unroll
+                for (int i = 0; i < CF_TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < CF_TP; ++j) acc[i][j] += a[i] * bv[j];
+            }
+            __syncthreads();
+        }
+    }
+
+    // Epilogue: + bias, activation, coalesced stores along p.
+#pragma unroll
+    for (int i = 0; i < CF_TM; ++i) {
+        const int o = m0 + ty * CF_TM + i;
+        if (o >= O) continue;
+        const T bias = has_bias != 0 ? b[o] : T(0);
+#pragma unroll
+        for (int j = 0; j < CF_TP; ++j) {
+            const int p = p0 + tx * CF_TP + j;
+            if (p < P) {
+                const T zv = acc[i][j] + bias;
+                if (write_z != 0) z[o * P + p] = zv;
+                y[o * P + p] = conv_fwd_act(zv, act);
+            }
+        }
+    }
+}
+
+// Deduced template arguments (cudasim spots helpers that synchronize by "name(").
+extern "C" __global__ void __launch_bounds__(64) conv_forward(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    float* __restrict__ y, float* __restrict__ z,
+    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW,
+    int SH, int SW, int PH, int PW, int has_bias, int act, int write_z)
+{
+    __shared__ int4 tab[CF_KC + CF_BK];
+    __shared__ float ws[CF_KC * CF_BM];
+    __shared__ float xs[CF_BK * CF_XS];
+    conv_forward_impl(x, w, b, y, z, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW,
+                      has_bias, act, write_z, tab, ws, xs);
+}
+
+extern "C" __global__ void __launch_bounds__(64) conv_forward_f64(
+    const double* __restrict__ x, const double* __restrict__ w, const double* __restrict__ b,
+    double* __restrict__ y, double* __restrict__ z,
+    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW,
+    int SH, int SW, int PH, int PW, int has_bias, int act, int write_z)
+{
+    __shared__ int4 tab[CF_KC + CF_BK];
+    __shared__ double ws[CF_KC * CF_BM];
+    __shared__ double xs[CF_BK * CF_XS];
+    conv_forward_impl(x, w, b, y, z, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW,
+                      has_bias, act, write_z, tab, ws, xs);
+}

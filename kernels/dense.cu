@@ -1,0 +1,418 @@
+// Dense (fully connected) layers on batch-last (BL) vectors: forward with bias
+// and activation, the activation/bias backward, and the two GEMMs of the
+// backward pass.
+//
+// Entry points (float32; the _f64 twins take double): dense_forward,
+// dense_backward_act, gemm_nt, gemm_tn.  One template body each, instantiated
+// twice; T below is float or double.  No #includes.  Host wrappers:
+// gpucnn/cuda/dense.py.
+//
+// Layouts (all C-contiguous): x (Fin, N), W (Fout, Fin), b (Fout,),
+// y / z / dy / dz (Fout, N), dW (Fout, Fin), dx (Fin, N).
+//
+// Activation codes (int act): 0 none, 1 relu, 2 sigmoid, 3 tanh.
+//   relu(z)    = z > 0 ? z : (z == z ? 0 : z)            (NaN in, NaN out)
+//   sigmoid(z) = e = exp(-|z|); z >= 0 ? 1/(1+e) : e/(1+e)
+//   tanh(z)    = tanh(z)
+//   relu'(z)   = 1 (z > 0), 1/2 (z == 0 exactly), 0 (z < 0), NaN (NaN)   -- from z
+//   sigmoid'   = y (1 - y), tanh' = 1 - y^2                              -- from y
+//
+// ===========================================================================
+// The tiled GEMM core (dense_forward, gemm_nt, gemm_tn)
+//
+//   C (M, Nc) = op(A) @ op(B), reduction length K, where
+//     dense_forward: A = W stored (M, K),   B = x  stored (K, Nc)   [C = W x]
+//     gemm_nt:       A stored (M, K),       B stored (Nc, K)        [C = A B^T]
+//     gemm_tn:       A stored (K, M),       B stored (K, Nc)        [C = A^T B]
+//
+// Block tile: DG_BM x DG_BN = 32 x 32 outputs, K consumed in slices of
+// DG_BK = 16.  A block is (64, KS, 1) threads: KS "k-groups" (threadIdx.y) of
+// 64 threads.  Group g handles the k-slices g, g + KS, g + 2 KS, ... : per
+// slice its 64 threads stage the 32 x 16 A tile and the 16 x 32 B tile in
+// shared memory (8 elements each per thread, coalesced: consecutive threads
+// read consecutive addresses of the stored matrix; zero-filled past M, Nc,
+// K), then every thread accumulates its DG_TM x DG_TN = 4 x 4 outputs, rows
+// m0 + 4 ty + i and columns n0 + 4 tx + j (tx = tid & 7, ty = tid >> 3,
+// i, j < 4), in registers: per k, two 4-wide (16-byte for float) shared loads
+// for 16 FMAs.  The tile rows are padded to 36 elements (16-byte aligned rows;
+// at most 2-way bank conflicts on the transposing stores).  The outputs of a
+// warp are 4 rows x 32 consecutive columns: coalesced stores.
+//
+// Reduction order (deterministic, atomic-free): each accumulator sums its
+// k-slices in increasing k within a group; then the KS group partials are
+// combined in shared memory as ((p0 + p1) + p2) + p3, and group 0 writes the
+// output.  The order depends on K and KS only (KS is a launch-shape choice of
+// the wrapper, a function of the shapes).  Every output element is written
+// exactly once.
+//
+// Launch shape: grid = (ceil(Nc / 32), ceil(M / 32), 1), block = (64, KS, 1)
+//   with 1 <= KS <= 4; no dynamic shared memory (static: 4 * 1152 elements,
+//   18 KiB float, 36 KiB double).
+// Preconditions: M, Nc, K >= 1; every array < 2^31 elements; outputs do not
+//   alias inputs.
+// ===========================================================================
+
+#define DG_BM 32
+#define DG_BN 32
+#define DG_BK 16
+#define DG_TM 4
+#define DG_TN 4
+#define DG_GROUP_THREADS 64
+#define DG_MAX_KS 4
+#define DG_LDA (DG_BM + 4)
+#define DG_LDB (DG_BN + 4)
+#define DG_TILE_A (DG_BK * DG_LDA)
+#define DG_TILE_B (DG_BK * DG_LDB)
+#define DG_GROUP_SMEM (DG_TILE_A + DG_TILE_B)
+#define DG_SMEM (DG_MAX_KS * DG_GROUP_SMEM)
+#define DG_ACC (DG_TM * DG_TN)
+
+template <typename T> struct DgMath;
+template <> struct DgMath<float> {
+    static __device__ __forceinline__ float ex(float v) { return expf(v); }
+    static __device__ __forceinline__ float th(float v) { return tanhf(v); }
+    static __device__ __forceinline__ float ab(float v) { return fabsf(v); }
+};
+template <> struct DgMath<double> {
+    static __device__ __forceinline__ double ex(double v) { return exp(v); }
+    static __device__ __forceinline__ double th(double v) { return tanh(v); }
+    static __device__ __forceinline__ double ab(double v) { return fabs(v); }
+};
+
+template <typename T>
+__device__ __forceinline__ T dg_act(T z, int act)
+{
+    if (act == 1) return z > (T)0 ? z : (z == z ? (T)0 : z);
+    if (act == 2) {
+        const T e = DgMath<T>::ex(-DgMath<T>::ab(z));
+        return z >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e);
+    }
+    if (act == 3) return DgMath<T>::th(z);
+    return z;
+}
+
+// dz = dy * act'(saved); saved is z for relu, y for sigmoid / tanh.
+template <typename T>
+__device__ __forceinline__ T dg_act_backward(T dy, T s, int act)
+{
+    if (act == 1) {
+        const T d = s > (T)0 ? (T)1 : (s == (T)0 ? (T)0.5 : (s < (T)0 ? (T)0 : s));
+        return dy * d;
+    }
+    if (act == 2) return dy * (s * ((T)1 - s));
+    if (act == 3) return dy * ((T)1 - s * s);
+    return dy;
+}
+
+// Stored-matrix layouts of the GEMM core, as a tag argument (deduced, so the
+// syncing helper below is called without explicit template arguments).
+template <bool A_KM, bool B_NK> struct DgLayout {};
+
+// Stage the k-slice starting at k0 of A (rows m0..m0+31) into As[kk][mm].
+//   A_KM == false: A stored (M, K): element (m, k) at A[m*K + k]
+//   A_KM == true:  A stored (K, M): element (m, k) at A[k*M + m]
+template <typename T, bool A_KM>
+__device__ __forceinline__ void dg_stage_a(const T* __restrict__ A, T* As, int M, int K, int m0, int k0, int tid)
+{
+    if (!A_KM) {
+        const int kk = tid & (DG_BK - 1);               // 16 consecutive k per row
+        const int k = k0 + kk;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            const int mm = (tid >> 4) + 4 * r;
+            const int m = m0 + mm;
+            As[kk * DG_LDA + mm] = (m < M && k < K) ? A[m * K + k] : (T)0;
+        }
+    } else {
+        const int mm = tid & (DG_BM - 1);               // 32 consecutive m per row
+        const int m = m0 + mm;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            const int kk = (tid >> 5) + 2 * r;
+            const int k = k0 + kk;
+            As[kk * DG_LDA + mm] = (m < M && k < K) ? A[k * M + m] : (T)0;
+        }
+    }
+}
+
+// Stage the k-slice starting at k0 of B (columns n0..n0+31) into Bs[kk][nn].
+//   B_NK == false: B stored (K, Nc): element (k, n) at B[k*Nc + n]
+//   B_NK == true:  B stored (Nc, K): element (k, n) at B[n*K + k]
+template <typename T, bool B_NK>
+__device__ __forceinline__ void dg_stage_b(const T* __restrict__ B, T* Bs, int Nc, int K, int n0, int k0, int tid)
+{
+    if (!B_NK) {
+        const int nn = tid & (DG_BN - 1);
+        const int n = n0 + nn;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            const int kk = (tid >> 5) + 2 * r;
+            const int k = k0 + kk;
+            Bs[kk * DG_LDB + nn] = (n < Nc && k < K) ? B[k * Nc + n] : (T)0;
+        }
+    } else {
+        const int kk = tid & (DG_BK - 1);
+        const int k = k0 + kk;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            const int nn = (tid >> 4) + 4 * r;
+            const int n = n0 + nn;
+            Bs[kk * DG_LDB + nn] = (n < Nc && k < K) ? B[n * K + k] : (T)0;
+        }
+    }
+}
+
+// The main loop and the fixed-order combination of the k-groups.  On return
+// acc[i*DG_TN + j] of group 0's threads holds C[m0 + 4 ty + i, n0 + 4 tx + j]
+// (other groups' acc are partials and must not be used).  Every thread of the
+// block must call it (it synchronizes).
+template <typename T, bool A_KM, bool B_NK>
+__device__ __forceinline__ void dg_mainloop(const T* __restrict__ A, const T* __restrict__ B,
+                                            int M, int Nc, int K, T* smem, T* acc, DgLayout<A_KM, B_NK>)
+{
+    const int tid = threadIdx.x;
+    const int g = threadIdx.y;
+    const int KS = blockDim.y;
+    const int tx = tid & 7;
+    const int ty = tid >> 3;
+    const int m0 = blockIdx.y * DG_BM;
+    const int n0 = blockIdx.x * DG_BN;
+    T* As = smem + g * DG_GROUP_SMEM;
+    T* Bs = As + DG_TILE_A;
+
+#pragma unroll
+    for (int e = 0; e < DG_ACC; ++e) acc[e] = (T)0;
+
+    const int nkt = (K + DG_BK - 1) / DG_BK;
+    for (int base = 0; base < nkt; base += KS) {        // block-uniform trip count
+        const int kt = base + g;
+        const bool active = kt < nkt;
+        if (active) {
+            dg_stage_a<T, A_KM>(A, As, M, K, m0, kt * DG_BK, tid);
+            dg_stage_b<T, B_NK>(B, Bs, Nc, K, n0, kt * DG_BK, tid);
+        }
+        __syncthreads();
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < DG_BK; ++kk) {
+                T a[DG_TM], b[DG_TN];
+#pragma unroll
+                for (int i = 0; i < DG_TM; ++i) a[i] = As[kk * DG_LDA + ty * DG_TM + i];
+#pragma unroll
+                for (int j = 0; j < DG_TN; ++j) b[j] = Bs[kk * DG_LDB + tx * DG_TN + j];
+#pragma unroll
+                for (int i = 0; i < DG_TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < DG_TN; ++j) acc[i * DG_TN + j] += a[i] * b[j];
+            }
+        }
+        __syncthreads();                                // tiles free for the next slice
+    }
+
+    if (KS > 1) {                                       // block-uniform
+        // Groups 1..KS-1 park their partials (3 * 1024 <= DG_SMEM elements).
+        if (g > 0) {
+#pragma unroll
+            for (int e = 0; e < DG_ACC; ++e)
+                smem[((g - 1) * DG_ACC + e) * DG_GROUP_THREADS + tid] = acc[e];
+        }
+        __syncthreads();
+        if (g == 0) {
+            for (int s = 1; s < KS; ++s) {
+#pragma unroll
+                for (int e = 0; e < DG_ACC; ++e)
+                    acc[e] += smem[((s - 1) * DG_ACC + e) * DG_GROUP_THREADS + tid];
+            }
+        }
+    }
+}
+
+// Plain store of group 0's outputs: C (M, Nc) row-major.
+template <typename T>
+__device__ __forceinline__ void dg_store(T* __restrict__ Cout, const T* acc, int M, int Nc)
+{
+    if (threadIdx.y != 0) return;
+    const int tx = threadIdx.x & 7;
+    const int ty = threadIdx.x >> 3;
+    const int m0 = blockIdx.y * DG_BM;
+    const int n0 = blockIdx.x * DG_BN;
+#pragma unroll
+    for (int i = 0; i < DG_TM; ++i) {
+        const int m = m0 + ty * DG_TM + i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < DG_TN; ++j) {
+            const int n = n0 + tx * DG_TN + j;
+            if (n < Nc) Cout[m * Nc + n] = acc[i * DG_TN + j];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// dense_forward / dense_forward_f64
+//
+//   z[f, n] = sum_k W[f, k] x[k, n]  (+ b[f] when has_bias; added last)
+//   y[f, n] = act(z[f, n])            (y = z for act 0)
+//   z is also written when write_z != 0 (relu: its backward needs z).
+// The GEMM core with A = W (M = Fout, K = Fin), B = x (Nc = N).
+// Launch shape: grid (ceil(N/32), ceil(Fout/32), 1), block (64, KS, 1).
+// b is read only when has_bias, z written only when write_z (else they may be
+// dummies: any T arrays, e.g. y for z).
+// ---------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void dense_forward_impl(
+    const T* __restrict__ Wt, const T* __restrict__ x, const T* b, T* __restrict__ y, T* z,
+    int Fout, int Fin, int N, int act, int has_bias, int write_z, T* smem)
+{
+    T acc[DG_ACC];
+    dg_mainloop(Wt, x, Fout, N, Fin, smem, acc, DgLayout<false, false>());
+    if (threadIdx.y != 0) return;
+    const int tx = threadIdx.x & 7;
+    const int ty = threadIdx.x >> 3;
+    const int m0 = blockIdx.y * DG_BM;
+    const int n0 = blockIdx.x * DG_BN;
+#pragma unroll
+    for (int i = 0; i < DG_TM; ++i) {
+        const int f = m0 + ty * DG_TM + i;
+        if (f >= Fout) continue;
+        const T bias = has_bias ? b[f] : (T)0;
+#pragma unroll
+        for (int j = 0; j < DG_TN; ++j) {
+            const int n = n0 + tx * DG_TN + j;
+            if (n >= N) continue;
+            const T zz = has_bias ? acc[i * DG_TN + j] + bias : acc[i * DG_TN + j];
+            y[f * N + n] = dg_act(zz, act);
+            if (write_z) z[f * N + n] = zz;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) dense_forward(
+    const float* __restrict__ Wt, const float* __restrict__ x, const float* b, float* __restrict__ y, float* z,
+    int Fout, int Fin, int N, int act, int has_bias, int write_z)
+{
+    __shared__ __align__(16) float smem[DG_SMEM];
+    dense_forward_impl(Wt, x, b, y, z, Fout, Fin, N, act, has_bias, write_z, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(256) dense_forward_f64(
+    const double* __restrict__ Wt, const double* __restrict__ x, const double* b, double* __restrict__ y, double* z,
+    int Fout, int Fin, int N, int act, int has_bias, int write_z)
+{
+    __shared__ __align__(16) double smem[DG_SMEM];
+    dense_forward_impl(Wt, x, b, y, z, Fout, Fin, N, act, has_bias, write_z, smem);
+}
+
+// ---------------------------------------------------------------------------
+// gemm_nt / gemm_nt_f64:  C (M, Nc) = A (M, K) @ B (Nc, K)^T
+//   (dW = dz @ x^T: A = dz (Fout, N), B = x (Fin, N), K = N, the batch.)
+// gemm_tn / gemm_tn_f64:  C (M, Nc) = A (K, M)^T @ B (K, Nc)
+//   (dx = W^T @ dz: A = W (Fout, Fin), M = Fin, K = Fout, B = dz (Fout, N).)
+// Launch shape: grid (ceil(Nc/32), ceil(M/32), 1), block (64, KS, 1).
+// ---------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void gemm_nt_impl(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ Cout,
+                                             int M, int Nc, int K, T* smem)
+{
+    T acc[DG_ACC];
+    dg_mainloop(A, B, M, Nc, K, smem, acc, DgLayout<false, true>());
+    dg_store(Cout, acc, M, Nc);
+}
+
+template <typename T>
+__device__ __forceinline__ void gemm_tn_impl(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ Cout,
+                                             int M, int Nc, int K, T* smem)
+{
+    T acc[DG_ACC];
+    dg_mainloop(A, B, M, Nc, K, smem, acc, DgLayout<true, false>());
+    dg_store(Cout, acc, M, Nc);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_nt(
+    const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ Cout, int M, int Nc, int K)
+{
+    __shared__ __align__(16) float smem[DG_SMEM];
+    gemm_nt_impl(A, B, Cout, M, Nc, K, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_nt_f64(
+    const double* __restrict__ A, const double* __restrict__ B, double* __restrict__ Cout, int M, int Nc, int K)
+{
+    __shared__ __align__(16) double smem[DG_SMEM];
+    gemm_nt_impl(A, B, Cout, M, Nc, K, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_tn(
+    const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ Cout, int M, int Nc, int K)
+{
+    __shared__ __align__(16) float smem[DG_SMEM];
+    gemm_tn_impl(A, B, Cout, M, Nc, K, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_tn_f64(
+    const double* __restrict__ A, const double* __restrict__ B, double* __restrict__ Cout, int M, int Nc, int K)
+{
+    __shared__ __align__(16) double smem[DG_SMEM];
+    gemm_tn_impl(A, B, Cout, M, Nc, K, smem);
+}
+
+// ---------------------------------------------------------------------------
+// dense_backward_act / dense_backward_act_f64
+//
+//   dz[f, n] = dy[f, n] * act'(saved[f, n])     (act 0: dz = dy)
+//   db[f]    = sum_n dz[f, n]                    (only when has_bias)
+//
+// Thread mapping: ONE BLOCK PER ROW f (blockIdx.x).  Thread t of the B-thread
+// block handles n = t, t + B, t + 2B, ... in increasing order: writes dz and
+// sums it into a register; then a shared-memory tree (s = B/2, B/4, ..., 1:
+// red[t] += red[t + s]) combines the B partials and thread 0 writes db[f].
+// The order depends on N and B only.  Reads and writes are coalesced along n.
+//
+// Launch shape: grid (F, 1, 1), block (B, 1, 1) with B a power of two in
+//   [32, 256] (the wrapper: the smallest >= N, at most 256).  No dynamic
+//   shared memory (static: 256 elements).
+// Layouts: dy, saved, dz (F, N); db (F,).  db is written only when has_bias
+//   (else it may be a dummy, e.g. dz).  dz may not alias dy or saved.
+// ---------------------------------------------------------------------------
+#define DBA_MAX_BLOCK 256
+
+template <typename T>
+__device__ __forceinline__ void dense_backward_act_impl(
+    const T* __restrict__ dy, const T* __restrict__ saved, T* __restrict__ dz, T* db,
+    int F, int N, int act, int has_bias, T* red)
+{
+    const int f = blockIdx.x;
+    const int t = threadIdx.x;
+    const int B = blockDim.x;
+    const int row = f * N;
+    T acc = (T)0;
+    for (int n = t; n < N; n += B) {
+        const T d = dg_act_backward(dy[row + n], saved[row + n], act);
+        dz[row + n] = d;
+        acc += d;
+    }
+    if (!has_bias) return;                              // block-uniform
+    red[t] = acc;
+    __syncthreads();
+    for (int s = B >> 1; s > 0; s >>= 1) {
+        if (t < s) red[t] += red[t + s];
+        __syncthreads();
+    }
+    if (t == 0) db[f] = red[0];
+}
+
+extern "C" __global__ void __launch_bounds__(DBA_MAX_BLOCK) dense_backward_act(
+    const float* __restrict__ dy, const float* __restrict__ saved, float* __restrict__ dz, float* db,
+    int F, int N, int act, int has_bias)
+{
+    __shared__ float red[DBA_MAX_BLOCK];
+    dense_backward_act_impl(dy, saved, dz, db, F, N, act, has_bias, red);
+}
+
+extern "C" __global__ void __launch_bounds__(DBA_MAX_BLOCK) dense_backward_act_f64(
+    const double* __restrict__ dy, const double* __restrict__ saved, double* __restrict__ dz, double* db,
+    int F, int N, int act, int has_bias)
+{
+    __shared__ double red[DBA_MAX_BLOCK];
+    dense_backward_act_impl(dy, saved, dz, db, F, N, act, has_bias, red);
+}

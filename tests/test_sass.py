@@ -1,0 +1,269 @@
+"""gpucnn/cuda/sass.py (static SASS report) and the convolution kernels' SASS bounds.
+
+No GPU needed: NVRTC (cuda-bindings + nvidia-cuda-nvrtc) compiles to an sm_90
+cubin and nvdisasm (nvidia-cuda-nvdisasm) disassembles it; the tests skip, with
+the reason, when a tool is missing.
+
+* The tool on hand-written SASS (parsing, labels, back edges, innermost loops:
+  no tools needed) and on tiny synthetic kernels with known loops.
+* The convolution kernels (kernels/conv_*.cu) for sm_90: no spills, no stack,
+  static shared memory within 48 KiB, and in EVERY innermost loop holding FFMA
+  of a float32 kernel at most 2.0 instructions and at most 0.25 global loads per
+  FFMA; the grids of the four listed layers at batch 64 reach 132 blocks.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from gpucnn.cuda import conv, sass
+
+CONV_FILES = ("conv_forward.cu", "conv_backward_input.cu", "conv_backward_weight.cu")
+MAX_INSTRUCTIONS_PER_FFMA = 2.0
+MAX_LDG_PER_FFMA = 0.25
+SMEM_BUDGET = 48 * 1024
+
+
+def _tools_or_skip():
+    try:
+        sass._nvrtc()
+        sass.find_disassembler()
+    except sass.ToolMissingError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def conv_reports():
+    _tools_or_skip()
+    return {f: sass.report(f, "sm_90") for f in CONV_FILES}
+
+
+# ---------------------------------------------------------------------------
+# The parser on hand-written nvdisasm output (no tools needed)
+# ---------------------------------------------------------------------------
+
+_SASS_TEXT = """
+//--------------------- .text.k_two         --------------------------
+        .section        .text.k_two,"ax",@progbits
+k_two:
+.text.k_two:
+        /*0000*/                   S2R R11, SR_TID.X ;
+        /*0010*/               @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0020*/                   LDG.E R2, desc[UR4][R2.64] ;
+        /*0030*/                   FFMA R9, R2, UR7, R9 ;
+        /*0040*/                   LDS.128 R4, [R3] ;
+.L_x_3:
+        /*0050*/                   FFMA R9, R4, R5, R9 ;
+        /*0060*/                   FFMA R9, R6, R7, R9 ;
+        /*0070*/              @!P1 BRA `(.L_x_3) ;
+        /*0080*/              @!P0 BRA `(.L_x_2) ;
+.L_x_1:
+        /*0090*/                   DFMA R10, R12, R14, R10 ;
+.L_x_4:
+        /*00a0*/                   DFMA R10, R12, R14, R10 ;
+        /*00b0*/                   LDG.E.64 R12, desc[UR4][R2.64] ;
+        /*00c0*/               @P2 BRA `(.L_x_4) ;
+        /*00d0*/                   EXIT ;
+.L_x_5:
+        /*00e0*/                   BRA `(.L_x_5);
+//--------------------- .text.k_none        --------------------------
+        .section        .text.k_none,"ax",@progbits
+k_none:
+        /*0000*/                   STG.E desc[UR4][R4.64], R9 ;
+        /*0010*/                   EXIT ;
+"""
+
+
+def test_parser_on_handwritten_sass():
+    kernels = sass.split_kernels(_SASS_TEXT)
+    assert sorted(kernels) == ["k_none", "k_two"]
+    k = kernels["k_two"]
+    assert [i.address for i in k][:3] == [0x0, 0x10, 0x20]
+    assert k[1].opcode == "BRA" and k[1].target == 0x90          # forward branch to .L_x_1
+    loops = sass.find_loops(k)
+    assert loops == [sass.Loop(0x20, 0x80), sass.Loop(0x50, 0x70), sass.Loop(0xa0, 0xc0), sass.Loop(0xe0, 0xe0)]
+    assert sass.innermost_loops(k) == [sass.Loop(0x50, 0x70), sass.Loop(0xa0, 0xc0), sass.Loop(0xe0, 0xe0)]
+    f = sass.loop_figures(k, "FFMA")
+    assert (f["loop_start"], f["loop_end"]) == (0x50, 0x70)
+    assert (f["loop_instructions"], f["loop_ffma"], f["loop_ldg"], f["loop_lds"]) == (3, 2, 0, 0)
+    assert f["instructions_per_ffma"] == 1.5 and f["ldg_per_ffma"] == 0
+    d = sass.loop_figures(k, "DFMA")
+    assert (d["loop_start"], d["loop_ffma"], d["loop_ldg"], d["instructions_per_ffma"]) == (0xa0, 1, 1, 3.0)
+    assert len(d["fma_loops"]) == 1
+    none = sass.loop_figures(kernels["k_none"])
+    assert none["loop_ffma"] is None and none["instructions_per_ffma"] is None and none["fma_loops"] == []
+
+
+def test_parse_ptxas_log():
+    log = ("ptxas info    : Compiling entry function 'a_f64' for 'sm_90'\n"
+           "ptxas info    : Function properties for a_f64\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem, 400 bytes cmem[0]\n"
+           "ptxas info    : Compiling entry function 'b' for 'sm_90'\n"
+           "ptxas info    : Function properties for b\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 8 registers, 356 bytes cmem[0]\n")
+    assert sass.parse_ptxas(log) == {
+        "a_f64": {"registers": 40, "smem": 2048, "stack": 8, "spill_stores": 4, "spill_loads": 12},
+        "b": {"registers": 8, "smem": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0}}
+
+
+def test_missing_tools_are_named(monkeypatch):
+    monkeypatch.setattr(sass.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sass, "_nvidia_bin_dirs", lambda: [])
+    sass.find_disassembler.cache_clear()
+    try:
+        with pytest.raises(sass.ToolMissingError, match="nvidia-cuda-nvdisasm"):
+            sass.find_disassembler()
+    finally:
+        sass.find_disassembler.cache_clear()
+    monkeypatch.setitem(sys.modules, "cuda.bindings.nvrtc", None)
+    with pytest.raises(sass.ToolMissingError, match="cuda-bindings"):
+        sass.compile_source('extern "C" __global__ void k() {}')
+
+
+def test_cuobjdump_gives_the_same_figures(monkeypatch):
+    """The fallback disassembler (cuobjdump -sass) yields the same kernels and loop figures."""
+    _tools_or_skip()
+    cuobjdump = [d / "cuobjdump" for d in sass._nvidia_bin_dirs() if (d / "cuobjdump").is_file()]
+    if not cuobjdump:
+        pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump)")
+    nv = sass.report_source(_SYNTHETIC, "synthetic.cu")
+    monkeypatch.setattr(sass, "find_disassembler", lambda: ("cuobjdump", str(cuobjdump[0])))
+    obj = sass.report_source(_SYNTHETIC, "synthetic.cu")
+    assert obj == nv
+
+
+def test_arch_is_checked():
+    with pytest.raises(ValueError, match="sm_90"):
+        sass.compile_options("compute_90")
+
+
+# ---------------------------------------------------------------------------
+# The tool on synthetic kernels with known loops
+# ---------------------------------------------------------------------------
+
+_SYNTHETIC = r"""
+extern "C" __global__ void one_loop(const float* __restrict__ x, float* __restrict__ y, int n, float a)
+{
+    float acc = 0.0f;
+#pragma unroll 1
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc = fmaf(a, x[i], acc);
+    y[threadIdx.x] = acc;
+}
+
+template <typename T>
+__device__ __forceinline__ void nested_impl(const T* __restrict__ x, T* __restrict__ y, int n, int m, T* s)
+{
+    T a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0;
+#pragma unroll 1
+    for (int r = 0; r < m; ++r) {                      // outer loop: holds the inner back edge
+        s[threadIdx.x] = x[r * blockDim.x + threadIdx.x];
+        __syncthreads();
+#pragma unroll 1
+        for (int i = 0; i < n; ++i) {                  // the main loop: 4 FMAs, 1 LDS
+            const T v = s[(threadIdx.x + i) & 127];
+            a0 = fma(v, a0, T(1)); a1 = fma(v, a1, T(2)); a2 = fma(v, a2, T(3)); a3 = fma(v, a3, T(4));
+        }
+        __syncthreads();
+    }
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) b0 = fma(x[i], b0, T(5));   // a second innermost loop: 1 FMA, 1 LDG
+    y[threadIdx.x] = a0 + a1 + a2 + a3 + b0;
+}
+
+extern "C" __global__ void nested(const float* __restrict__ x, float* __restrict__ y, int n, int m)
+{
+    __shared__ float s[128];
+    nested_impl(x, y, n, m, s);
+}
+
+extern "C" __global__ void nested_f64(const double* __restrict__ x, double* __restrict__ y, int n, int m)
+{
+    __shared__ double s[128];
+    nested_impl(x, y, n, m, s);
+}
+
+extern "C" __global__ void no_loop(float* y) { y[threadIdx.x] = 1.0f; }
+"""
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    _tools_or_skip()
+    return sass.report_source(_SYNTHETIC, "synthetic.cu", "sm_90")
+
+
+def test_synthetic_single_loop(synthetic):
+    f = synthetic["one_loop"]
+    assert f["loop_ffma"] == 1 and f["loop_ldg"] == 1 and f["loop_lds"] == 0
+    assert 3 <= f["loop_instructions"] <= 12
+    assert f["instructions_per_ffma"] == f["loop_instructions"] and f["ldg_per_ffma"] == 1.0
+    assert f["spill_stores"] == 0 and f["stack"] == 0 and f["smem"] == 0 and f["registers"] > 0
+
+
+@pytest.mark.parametrize("kernel, op, smem", [("nested", "FFMA", 512), ("nested_f64", "DFMA", 1024)])
+def test_synthetic_nested_loops(synthetic, kernel, op, smem):
+    f = synthetic[kernel]
+    assert f["fma_op"] == op and f["smem"] == smem
+    assert f["loop_ffma"] == 4 and f["loop_lds"] == 1 and f["loop_ldg"] == 0 and f["loop_bar"] == 0
+    assert [lp["loop_ffma"] for lp in f["fma_loops"]] == [4, 1]
+    assert f["fma_loops"][1]["loop_ldg"] == 1
+    assert f["instructions_per_ffma"] == f["loop_instructions"] / 4
+
+
+def test_synthetic_without_loop(synthetic):
+    f = synthetic["no_loop"]
+    for key in ("loop_instructions", "loop_ffma", "loop_ldg", "loop_lds", "instructions_per_ffma", "ldg_per_ffma"):
+        assert f[key] is None
+    assert f["registers"] is not None
+
+
+def test_compile_errors_raise():
+    _tools_or_skip()
+    with pytest.raises(sass.SassError, match="NVRTC failed"):
+        sass.report_source('extern "C" __global__ void k() { undeclared = 1; }', "broken.cu")
+
+
+# ---------------------------------------------------------------------------
+# The convolution kernels
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("filename", CONV_FILES)
+def test_conv_kernels_meet_the_sass_bounds(conv_reports, filename):
+    figures = conv_reports[filename]
+    from gpucnn.cuda import loader
+    assert set(figures) == set(loader.KERNEL_FILES[filename])
+    print()
+    print(sass.format_report(figures))
+    for kernel, f in figures.items():
+        assert f["spill_stores"] == 0 and f["spill_loads"] == 0 and f["stack"] == 0, kernel
+        assert f["smem"] <= SMEM_BUDGET and f["registers"] <= 255, kernel
+        if kernel.startswith("conv_backward_weight_reduce"):
+            assert f["loop_ffma"] is None, kernel          # a plain sum: no FMA loop
+            continue
+        # The main loop: one 16-row slice of the 4 x 4 register block per thread.
+        assert f["loop_ffma"] == 256, (kernel, f)
+        assert len(f["fma_loops"]) == 1, (kernel, f["fma_loops"])
+        if kernel.endswith("_f64"):
+            continue                                        # the bounds are for float32
+        for loop in f["fma_loops"]:
+            assert loop["instructions_per_ffma"] <= MAX_INSTRUCTIONS_PER_FFMA, (kernel, loop)
+            assert loop["ldg_per_ffma"] <= MAX_LDG_PER_FFMA, (kernel, loop)
+
+
+LAYERS = [("lenet5-conv1", (1, 28, 28, 64), (6, 1, 5, 5), 2, False),
+          ("lenet5-conv2", (6, 14, 14, 64), (16, 6, 5, 5), 0, True),
+          ("zhang2016-conv1", (1, 28, 28, 64), (6, 1, 5, 5), 0, False),
+          ("zhang2016-conv2", (6, 12, 12, 64), (12, 6, 5, 5), 0, True)]
+
+
+@pytest.mark.parametrize("name, x_shape, w_shape, pad, needs_dx", LAYERS, ids=[lay[0] for lay in LAYERS])
+def test_conv_grids_reach_132_blocks(name, x_shape, w_shape, pad, needs_dx):
+    plan = conv.launch_shapes(x_shape, w_shape, 1, pad)
+    for kernel, shape in plan.items():
+        if kernel == "conv_backward_input" and not needs_dx:
+            continue
+        assert shape["blocks"] >= 132, (name, kernel, shape)
