@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
-from ._utils import check_array
+from ._utils import check_array, shown_shape
 from .functional import loss as F
+from .functional.layout import from_internal, to_internal
 from .nvtx import ranged
 
 
@@ -27,22 +28,30 @@ def one_hot(labels, num_classes: int, dtype=np.float32):
     return out
 
 
+def one_hot_internal(labels, num_classes: int, dtype=np.float32):
+    """(N,) integer labels -> batch-last (num_classes, N) one-hot array on the labels' device."""
+    xp = backend.get_array_module(labels)
+    out = xp.zeros((num_classes, labels.shape[0]), dtype=dtype)
+    out[labels, xp.arange(labels.shape[0])] = 1
+    return out
+
+
 class SoftmaxCrossEntropy:
     """Numerically stable softmax + cross-entropy over integer labels, batch mean.
 
     Args:
         check_labels: verify labels are within ``[0, K)`` on the GPU, where
             it costs a device sync (default True).  NumPy labels are always
-            checked.  Training loops on the GPU turn it off to
-            keep the step free of host syncs; then an out-of-range label is
-            not an error: with the CUDA kernels it makes the loss NaN (and
-            that row's gradient NaN).
+            checked.  Training loops on the GPU turn it off to keep the step
+            free of host syncs; then an out-of-range label is not an error: it
+            makes the loss NaN (and that sample's gradient NaN).
 
-    On CuPy float32/float64 logits with N, K >= 1 the forward and backward
-    passes run the fused kernels of ``kernels/softmax_xent.cu`` (through
-    :func:`gpucnn.cuda.ops.softmax_xent_forward` / ``softmax_xent_backward``):
-    one or two launches forward, one backward, no host sync; labels of an
-    integer dtype other than int32/int64 are converted to int64 on the device.
+    ``forward(logits (N, K), labels (N,))`` is the public pass;
+    ``forward_internal`` takes the batch-last logits ``(K, N)`` a network
+    produces inside (no transpose).  On CuPy the passes run the fused kernels
+    of ``kernels/loss.cu``; labels of an integer dtype other than int32/int64
+    are converted to int64 on the device.  ``correct`` (after a forward) is the
+    number of samples predicted right, a 0-d array on the device.
 
     Shape:
         logits (N, K) float; labels (N,) any integer dtype -> scalar.
@@ -50,21 +59,17 @@ class SoftmaxCrossEntropy:
 
     def __init__(self, check_labels: bool = True):
         self.check_labels = check_labels
-        self._saved = None  # forward keeps functional.loss.SoftmaxXentSaved (probs, labels)
+        self._saved = None  # forward keeps functional.loss.SoftmaxXentSaved (probs, labels, correct)
 
-    @ranged("SoftmaxCrossEntropy.forward")
-    def forward(self, logits, labels):
-        check_array(logits, "logits", 2, "SoftmaxCrossEntropy")
+    def _check(self, logits, labels, N, K, shown):
         backend.check_same_device(logits=logits, labels=labels)
         if labels.ndim != 1:
             raise ValueError(f"SoftmaxCrossEntropy: labels must have shape (N,), got shape {tuple(labels.shape)}")
         if labels.dtype.kind not in "iu":
             raise TypeError(f"SoftmaxCrossEntropy: labels must be integers, got dtype {labels.dtype}")
-        N, K = logits.shape
         if labels.shape[0] != N:
-            raise ValueError(
-                f"SoftmaxCrossEntropy: batch mismatch: logits have N={N} rows, labels have {labels.shape[0]}"
-            )
+            raise ValueError(f"SoftmaxCrossEntropy: batch mismatch: logits have N={N} rows (shape {shown}), "
+                             f"labels have {labels.shape[0]}")
         # On NumPy the check is free, and without it a negative label would
         # silently index from the end; on CuPy it costs a host sync.
         if N and (self.check_labels or not backend.is_cupy(logits)):
@@ -72,16 +77,38 @@ class SoftmaxCrossEntropy:
             if lo < 0 or hi >= K:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"SoftmaxCrossEntropy: label {bad} out of range [0, {K}) for {K} classes")
+
+    @ranged("SoftmaxCrossEntropy.forward")
+    def forward(self, logits, labels):
+        """The mean loss of ``logits (N, K)`` against ``labels (N,)``, a 0-d array."""
+        check_array(logits, "logits", 2, "SoftmaxCrossEntropy")
+        return self.forward_internal(to_internal(logits), labels)
+
+    def forward_internal(self, logits, labels):
+        """As :meth:`forward`, on batch-last ``logits (K, N)``."""
+        check_array(logits, "logits", 2, "SoftmaxCrossEntropy", internal=True)
+        K, N = logits.shape
+        self._check(logits, labels, N, K, f"{(N, K)}")
         loss, self._saved = F.softmax_cross_entropy_forward(logits, labels)
         return loss
 
     @property
     def probs(self):
-        """Softmax probabilities of the last forward (None before one)."""
-        return None if self._saved is None else self._saved.probs
+        """Softmax probabilities (N, K) of the last forward (None before one)."""
+        return None if self._saved is None else from_internal(self._saved.probs)
+
+    @property
+    def correct(self):
+        """How many samples of the last forward were predicted right (a 0-d array)."""
+        return None if self._saved is None else self._saved.correct
 
     @ranged("SoftmaxCrossEntropy.backward")
     def backward(self, scale=1.0):
+        """dL/dlogits (N, K) of the last forward, times ``scale``."""
+        return from_internal(self.backward_internal(scale))
+
+    def backward_internal(self, scale=1.0):
+        """dL/dlogits as batch-last (K, N)."""
         if self._saved is None:
             raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
         return F.softmax_cross_entropy_backward(self._saved, scale)
@@ -90,30 +117,50 @@ class SoftmaxCrossEntropy:
 class MSE:
     """Euclidean loss ``(1/N) sum_n 1/2 ||pred_n - target_n||^2``.
 
+    ``forward(pred, target)`` on public arrays (batch first);
+    ``forward_internal`` on batch-last ones (the same element-wise maths, N
+    read from the last axis).
+
     Shape:
         pred and target of identical shape (N, ...) and dtype -> scalar.
     """
 
     def __init__(self):
         self._diff = None  # forward keeps pred - target
+        self._n = None
+        self._internal = False
+
+    def _check(self, pred, target, internal):
+        check_array(pred, "pred", None, "MSE", internal=internal)
+        check_array(target, "target", None, "MSE", internal=internal)
+        backend.check_same_device(pred=pred, target=target)
+        if tuple(pred.shape) != tuple(target.shape):
+            raise ValueError(f"MSE: pred has shape {shown_shape(pred, internal)} but target has shape "
+                             f"{shown_shape(target, internal)}")
+        if pred.dtype != target.dtype:
+            raise TypeError(f"MSE: pred is {pred.dtype} but target is {target.dtype}; convert explicitly")
 
     @ranged("MSE.forward")
     def forward(self, pred, target):
-        check_array(pred, "pred", None, "MSE")
-        check_array(target, "target", None, "MSE")
-        backend.check_same_device(pred=pred, target=target)
-        if tuple(pred.shape) != tuple(target.shape):
-            raise ValueError(f"MSE: pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}")
-        if pred.dtype != target.dtype:
-            raise TypeError(f"MSE: pred is {pred.dtype} but target is {target.dtype}; convert explicitly")
-        loss, self._diff = F.mse_forward(pred, target)
+        self._check(pred, target, False)
+        self._internal, self._n = False, pred.shape[0]
+        loss, self._diff = F.mse_forward(pred, target, self._n)
+        return loss
+
+    def forward_internal(self, pred, target):
+        self._check(pred, target, True)
+        self._internal, self._n = True, pred.shape[-1]
+        loss, self._diff = F.mse_forward(pred, target, self._n)
         return loss
 
     @ranged("MSE.backward")
     def backward(self, scale=1.0):
         if self._diff is None:
             raise RuntimeError("MSE.backward called before forward")
-        return F.mse_backward(self._diff, scale)
+        return F.mse_backward(self._diff, self._n, scale)
+
+    def backward_internal(self, scale=1.0):
+        return self.backward(scale)
 
 
 LOSSES = {"softmax_cross_entropy": SoftmaxCrossEntropy, "mse": MSE}

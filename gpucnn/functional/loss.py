@@ -1,12 +1,15 @@
-"""Losses as function pairs, with fused, hand-derived gradients.
+"""Losses as function pairs on batch-last predictions, with fused, hand-derived gradients.
 
 * softmax cross-entropy — seed 001 eq. 13/14 and seed 003:
-  ``L = -(1/N) sum_n log softmax(z_n)[y_n]``, ``dL/dz = (p - onehot(y)) / N``;
-  on CuPy float32/float64 logits it runs the fused kernels of
-  ``kernels/softmax_xent.cu`` (one or two launches forward, one backward, no
-  host sync);
+  ``L = -(1/N) sum_n log softmax(z_n)[y_n]``, ``dL/dz = (p - onehot(y)) / N``,
+  over logits ``(K, N)`` (classes x batch).  Forward also counts the samples
+  whose first-max prediction equals the label (a row holding a NaN counts as
+  wrong): the train loop's accuracy for free.  On CuPy arrays it runs the
+  fused kernels of ``kernels/loss.cu`` (:mod:`gpucnn.cuda.loss`: one launch
+  forward up to 1024 samples, two above, one backward, no host sync).
 * squared error — the seeds' Euclidean loss ``1/2 ||y - a||^2`` summed over
-  outputs, averaged over the batch: ``dL/da = (a - y) / N`` (one ``xp`` path).
+  outputs, averaged over the batch: ``dL/da = (a - y) / N`` (one ``xp`` path,
+  any layout: ``batch_size`` says N).
 
 ``*_forward`` returns ``(loss, saved)`` with the loss a 0-d array on the
 inputs' device; ``*_backward(saved, scale)`` returns the gradient with respect
@@ -22,65 +25,68 @@ from .. import backend
 from . import _dispatch
 
 __all__ = ["SoftmaxXentSaved", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
-           "mse_forward", "mse_backward"]
+           "mse_forward", "mse_backward", "LABEL_DTYPES"]
+
+#: Label dtypes the kernels read directly (int64 as pairs of int32 words).
+LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 class SoftmaxXentSaved(NamedTuple):
-    """The softmax probabilities (N, K) and the labels (N,) the loss was taken against."""
+    """Probabilities (K, N), the labels (N,), and the count of correct predictions (a 0-d array)."""
 
     probs: object
     labels: object
+    correct: object
 
 
 def softmax_cross_entropy_forward(logits, labels):
-    """Mean cross-entropy of softmax(logits) against integer labels; returns ``(loss, saved)``.
+    """Mean cross-entropy of softmax over axis 0 of ``logits (K, N)``; returns ``(loss, saved)``.
 
     Labels are not range-checked here (the loss class does that, where it
-    knows whether a host sync is acceptable).  On the kernel path labels of an
-    integer dtype other than int32/int64 are converted to int64 on the device.
+    knows whether a host sync is acceptable); on the kernel path an invalid
+    label makes the loss NaN.  Labels of another integer dtype than int32 or
+    int64 are converted (a copy) on the kernel path.
     """
-    N, K = logits.shape
+    K, N = logits.shape
     if N and K and _dispatch.use_kernels(logits):
-        from ..cuda import ops
+        from ..cuda import loss as kloss
 
-        if labels.dtype not in ops.LABEL_DTYPES:
+        if labels.dtype not in LABEL_DTYPES:
             labels = labels.astype(np.int64)
-        loss, probs = ops.softmax_xent_forward(logits, labels)
-        return loss, SoftmaxXentSaved(probs, labels)
+        loss, probs, correct = kloss.xent_forward(logits, labels)
+        return loss.reshape(()), SoftmaxXentSaved(probs, labels, correct.reshape(()))
     xp = backend.get_array_module(logits)
-    z = logits - logits.max(axis=1, keepdims=True)
-    log_sum = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
-    log_p = z - log_sum
-    rows = xp.arange(N)
-    loss = xp.asarray(-log_p[rows, labels].mean())  # a 0-d array on every backend
-    return loss, SoftmaxXentSaved(xp.exp(log_p), labels)
+    z = logits - logits.max(axis=0, keepdims=True)
+    log_p = z - xp.log(xp.exp(z).sum(axis=0, keepdims=True))
+    cols = xp.arange(N)
+    loss = xp.asarray(-log_p[labels, cols].mean())  # a 0-d array on every backend
+    valid = ~xp.isnan(logits).any(axis=0)
+    correct = ((logits.argmax(axis=0) == labels) & valid).sum()
+    return loss, SoftmaxXentSaved(xp.exp(log_p), labels, xp.asarray(correct))
 
 
 def softmax_cross_entropy_backward(saved: SoftmaxXentSaved, scale=1.0):
-    """``(p - onehot(y)) * scale / N``."""
-    probs, labels = saved
+    """``(p - onehot(y)) * scale / N`` as (K, N)."""
+    probs, labels = saved.probs, saved.labels
     host_scale = not isinstance(scale, bool) and isinstance(scale, (int, float, np.integer, np.floating))
     if probs.size and host_scale and _dispatch.use_kernels(probs):
-        from ..cuda import ops
+        from ..cuda import loss as kloss
 
-        if labels.dtype in ops.LABEL_DTYPES:
-            return ops.softmax_xent_backward(probs, labels, scale)
+        return kloss.xent_backward(probs, labels, scale)
     xp = backend.get_array_module(probs)
-    N = probs.shape[0]
+    N = probs.shape[1]
     g = probs.copy()
-    g[xp.arange(N), labels] -= 1
+    g[labels, xp.arange(N)] -= 1
     g *= g.dtype.type(scale / N)
     return g
 
 
-def mse_forward(pred, target):
-    """``(1/N) sum_n 1/2 ||pred_n - target_n||^2``; keeps ``pred - target``."""
+def mse_forward(pred, target, batch_size: int):
+    """``(1/N) sum 1/2 (pred - target)^2`` with ``N = batch_size``; keeps ``pred - target``."""
     xp = backend.get_array_module(pred)
     diff = pred - target
-    N = pred.shape[0]
-    return xp.asarray((diff * diff).sum() * pred.dtype.type(0.5 / N)), diff
+    return xp.asarray((diff * diff).sum() * pred.dtype.type(0.5 / batch_size)), diff
 
 
-def mse_backward(diff, scale=1.0):
-    N = diff.shape[0]
-    return diff * diff.dtype.type(scale / N)
+def mse_backward(diff, batch_size: int, scale=1.0):
+    return diff * diff.dtype.type(scale / batch_size)
