@@ -4,9 +4,12 @@ The NumPy convolutions cut their work into blocks that depend on the shapes
 only (column chunks of the im2col matrix, groups of channels), so the result
 is the same bits whatever the number of threads: the weight gradient's
 partial sums are added in block order.  NumPy's ufuncs and BLAS release the
-GIL, so two threads on two cores really run two blocks at once; while they
-do, each BLAS call is pinned to one thread (``threadpoolctl``), otherwise
-the two would fight over the same cores.
+GIL, so two threads on two cores really run two blocks at once.  With more
+than one thread, BLAS itself is pinned to one thread per call
+(``threadpoolctl``), for the whole process, from the first parallel block on:
+otherwise BLAS's own threads and ours would fight over the same cores, and
+switching BLAS's thread count back and forth around every block costs more
+than it saves.  ``set_num_threads(1)`` gives BLAS its threads back.
 
 The number of threads: :func:`set_num_threads` (``gpucnn train --threads
 N``), else the ``GPUCNN_NUM_THREADS`` environment variable, else the number
@@ -15,7 +18,6 @@ the calling thread, with BLAS threads as NumPy set them.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,6 @@ _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _num_threads: int | None = None
 _blas = None            # threadpoolctl's BLAS libraries, looked up once
-_local = threading.local()
 
 
 def _cores() -> int:
@@ -68,6 +69,8 @@ def set_num_threads(n: int) -> int:
             _pool.shutdown(wait=True)
             _pool = None
         _num_threads = n
+        if n == 1:
+            _pin_blas(False)
     return previous
 
 
@@ -83,26 +86,27 @@ def split(n: int, parts: int = 8) -> list[tuple[int, int]]:
     return out
 
 
-@contextlib.contextmanager
-def _one_blas_thread():
-    """Pin BLAS to one thread in this (worker) thread's calls, for the block's duration."""
-    global _blas
-    if _blas is None:
-        try:
-            from threadpoolctl import ThreadpoolController
+_blas_restore: list = []   # (library controller, its thread count) while BLAS is pinned
 
-            _blas = ThreadpoolController().select(user_api="blas")
-        except Exception:  # pragma: no cover - threadpoolctl missing: BLAS keeps its threads
-            _blas = False
-    if not _blas or getattr(_local, "pinned", False):
-        yield
-        return
-    with _blas.limit(limits=1):
-        _local.pinned = True
-        try:
-            yield
-        finally:
-            _local.pinned = False
+
+def _pin_blas(pin: bool) -> None:
+    """Pin BLAS to one thread (``pin``), or give it back the threads it had."""
+    global _blas
+    if pin and not _blas_restore:
+        if _blas is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+            except Exception:  # pragma: no cover - threadpoolctl missing: BLAS keeps its threads
+                _blas = []
+        for lib in _blas:
+            _blas_restore.append((lib, lib.num_threads))
+            lib.set_num_threads(1)
+    elif not pin:
+        while _blas_restore:
+            lib, n = _blas_restore.pop()
+            lib.set_num_threads(n)
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -119,8 +123,10 @@ def map_each(fn, blocks):
     nested = threading.current_thread().name.startswith("gpucnn")   # inside a block: never wait on the pool
     if get_num_threads() == 1 or len(blocks) == 1 or nested:
         return [fn(*b) for b in blocks]
-    with _one_blas_thread():
-        return list(_executor().map(lambda b: fn(*b), blocks))
+    if not _blas_restore:
+        with _lock:
+            _pin_blas(True)
+    return list(_executor().map(lambda b: fn(*b), blocks))
 
 
 def run_each(fn, blocks) -> None:
