@@ -135,6 +135,13 @@ def _add_train(sub):
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (Nsight Systems)")
     p.add_argument("--debug", action="store_true", help="anomaly detection: name the first layer producing NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes of an MPI launch (mpiexec -n N gpucnn train "
+                        "--distributed ...): --batch-size is the global batch, split over the ranks; rank 0 "
+                        "prints and writes --out. Without mpiexec: one process")
+    p.add_argument("--comm", choices=("auto", "mpi", "nccl"), default=None,
+                   help="with --distributed: auto (default) = nccl between GPUs (--device cuda, several "
+                        "ranks), else mpi; mpi stages GPU buffers through the host unless MPI is CUDA-aware")
     p.set_defaults(func=_cmd_train)
     return p
 
@@ -224,12 +231,11 @@ def _err(msg: str) -> None:
 # -- commands -------------------------------------------------------------------
 
 
-def _cmd_train(args, parser):
+def _train_config(args, sp):
+    """The resolved TrainConfig the arguments ask for (``sp.error`` on bad ones)."""
     from . import checkpoint as ck
-    from .data import DataError
-    from .train import NonFiniteLossError, ResumeConflictError, TrainConfig, resume_config, train
+    from .train import ResumeConflictError, TrainConfig, resume_config
 
-    sp = parser._gpucnn_sub["train"]
     # every TrainConfig field has a flag whose default is None: None means "not given"
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     try:
@@ -247,6 +253,19 @@ def _cmd_train(args, parser):
         sp.error(str(exc))
     if config.optimizer != "sgd" and args.momentum:
         sp.error(f"argument --momentum: applies to --optimizer sgd only (got {args.momentum})")
+    return config
+
+
+def _cmd_train(args, parser):
+    from .data import DataError
+    from .train import NonFiniteLossError, train
+
+    sp = parser._gpucnn_sub["train"]
+    if args.comm is not None and not args.distributed:
+        sp.error("argument --comm: needs --distributed")
+    if args.distributed:
+        return _cmd_train_distributed(args, sp)
+    config = _train_config(args, sp)
     try:
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
@@ -262,6 +281,70 @@ def _cmd_train(args, parser):
             sp.error(f"argument --device: {exc}")
         sp.error(str(exc))
     print(result.summary(), flush=True)
+    return 0
+
+
+def _cmd_train_distributed(args, sp):
+    """``gpucnn train --distributed``: rank 0 checks the arguments, prints and writes; errors end every rank.
+
+    An error every rank meets alike (bad arguments, an unusable checkpoint,
+    a NaN/Inf loss) exits every rank with the usual status, printed once, by
+    rank 0; any other error on one rank aborts the job (``MPI_Abort``),
+    naming the rank.
+    """
+    from . import distributed
+    from .backend import resolve_device
+    from .train import parallel
+
+    try:
+        comm = distributed.init(args.comm or "auto", resolve_device(args.device)[0])
+    except (ValueError, ImportError) as exc:
+        flag = "--device" if "CUDA" in str(exc) else ("--comm" if args.comm else "--distributed")
+        sp.error(f"argument {flag}: {exc}")
+    return parallel.guarded(comm, lambda: _train_ranks(args, sp, comm))
+
+
+def _train_ranks(args, sp, comm):
+    import numpy as np
+
+    from .data import DataError
+    from .train import NonFiniteLossError, train
+
+    root = comm.is_root
+
+    def usage(msg):  # exit 2 on every rank, printed by rank 0
+        sp.error(msg) if root else sys.exit(EXIT_USAGE)
+
+    def failure(msg, code):
+        if root:
+            _err(msg)
+        return code
+
+    code = np.zeros(1, dtype=np.int64)
+    config = None
+    if root:
+        try:
+            config = _train_config(args, sp)
+        except SystemExit as exc:
+            code[0] = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    comm.broadcast(code)
+    if code[0]:
+        sys.exit(int(code[0]))
+    try:
+        result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
+                       resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
+                       progress=not args.no_progress, overwrite=args.overwrite, distributed=comm,
+                       log=print if root else None)
+    except NonFiniteLossError as exc:
+        return failure(str(exc), EXIT_NONFINITE)
+    except (DataError, FileNotFoundError) as exc:
+        return failure(str(exc), EXIT_FAILURE)
+    except ValueError as exc:  # configuration / checkpoint problems
+        usage(str(exc))
+    except OSError as exc:
+        return failure(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
+    if root:
+        print(result.summary(), flush=True)
     return 0
 
 

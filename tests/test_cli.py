@@ -143,6 +143,10 @@ def test_nan_exit_status(tmp_path):
     (["train", "--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
     (["train", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["train", "--resume", "/nonexistent/run"], "argument --resume: checkpoint not found: /nonexistent/run"),
+    (["train", "--comm", "mpi"], "argument --comm: needs --distributed"),
+    (["train", "--distributed", "--comm", "tcp"], "argument --comm: invalid choice: 'tcp'"),
+    (["train", "--distributed", "--resume", "/nonexistent/run"],
+     "argument --resume: checkpoint not found: /nonexistent/run"),
     (["evaluate", "/nonexistent/checkpoint.npz"], "checkpoint not found: /nonexistent/checkpoint.npz"),
     (["plot", "/nonexistent/run"], "run directory not found: /nonexistent/run"),
     ([], "required: COMMAND"),
@@ -237,3 +241,18 @@ def test_the_issue_smoke_command_exactly(tmp_path):
     proc = gpucnn("train", "--epochs", "1", "--subset", "2000", "--out", tmp_path / "run")
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("done: lenet5 on mnist, 1 epoch, test accuracy ") and "images/s" in last
+
+
+def test_distributed_without_mpiexec_is_one_process_bit_for_bit(tmp_path, capsys):
+    """`gpucnn train --distributed` outside mpiexec runs as one process and equals the plain run."""
+    common = ["--model", "seed002_c1", "--subset", "256", "--test-subset", "100", "--epochs", "1",
+              "--no-progress", "--device", "cpu"]
+    assert cli.main(["train", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert cli.main(["train", *common, "--distributed", "--out", str(tmp_path / "dist")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "distributed: single, 1 rank; global batch 64" in out
+    assert out[-1].startswith("done: seed002_c1 on mnist, 1 epoch,") and "images/s (cpu)," in out[-1]
+    with np.load(tmp_path / "plain" / "checkpoint.npz") as a, np.load(tmp_path / "dist" / "checkpoint.npz") as b:
+        for k in a.files:
+            if k != "__meta__":
+                assert a[k].tobytes() == b[k].tobytes(), k

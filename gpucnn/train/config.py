@@ -35,14 +35,6 @@ SCHEDULES = ("constant", "step", "cosine")
 METRICS_NAME = "metrics.jsonl"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf; ``checkpoint`` is the last good one (or None)."""
-
-    def __init__(self, message, epoch=None, step=None, checkpoint=None):
-        super().__init__(message)
-        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
-
-
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in the checkpoint).
@@ -134,11 +126,16 @@ class TrainConfig:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf; ``checkpoint`` is the last good one (or None)."""
+    """The training loss became NaN or Inf; ``checkpoint`` is the last good one (or None).
 
-    def __init__(self, message, epoch=None, step=None, checkpoint=None):
+    ``collective`` is True when every rank of a distributed run raised it at
+    the same step (the NaN/Inf was found in the loss summed over ranks).
+    """
+
+    def __init__(self, message, epoch=None, step=None, checkpoint=None, collective=False):
         super().__init__(message)
         self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+        self.collective = collective
 
 
 class ResumeConflictError(ValueError):

@@ -6,7 +6,7 @@ import numpy as np
 from .. import backend, losses
 from ..nvtx import nvtx_range
 
-__all__ = ["evaluate", "confusion_matrix", "loss_targets"]
+__all__ = ["evaluate", "evaluate_sums", "confusion_matrix", "loss_targets"]
 
 
 def loss_targets(loss, labels, num_classes: int, dtype):
@@ -23,19 +23,18 @@ def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def evaluate(model, x, y, loss=None, batch_size: int = 1000, num_classes: int = 10,
-             return_predictions: bool = False) -> dict:
-    """Evaluate in eval mode, in batches: ``{"loss", "accuracy", "n"[, "predictions"]}``.
+def evaluate_sums(model, x, y, loss=None, batch_size: int = 1000, num_classes: int = 10,
+                  predictions: list | None = None) -> tuple[float, int, int]:
+    """``(sum of per-example losses, correct predictions, n)`` in eval mode, in batches.
 
-    ``x``/``y`` live on the model's device; ``loss`` (optional) is a gpucnn
-    loss object (its mean over the examples is reported).  The model's
-    train/eval mode is restored afterwards.
+    The loss sum adds ``batch mean * batch size`` batch by batch (0.0 without
+    ``loss``); predictions are appended to ``predictions`` when given.  The
+    model's train/eval mode is restored afterwards.
     """
     was_training = getattr(model, "training", True)
     model.eval()
-    xp = backend.get_array_module(x)
     n = int(x.shape[0])
-    total_loss, correct, preds = 0.0, 0, []
+    total_loss, correct = 0.0, 0
     try:
         for start in range(0, n, batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
@@ -46,10 +45,24 @@ def evaluate(model, x, y, loss=None, batch_size: int = 1000, num_classes: int = 
                     L = loss.forward(out, loss_targets(loss, yb, num_classes, out.dtype))
                     total_loss += float(L) * int(xb.shape[0])
                 correct += int((pred == yb).sum())
-            if return_predictions:
-                preds.append(pred)
+            if predictions is not None:
+                predictions.append(pred)
     finally:
         model.train(was_training)
+    return total_loss, correct, n
+
+
+def evaluate(model, x, y, loss=None, batch_size: int = 1000, num_classes: int = 10,
+             return_predictions: bool = False) -> dict:
+    """Evaluate in eval mode, in batches: ``{"loss", "accuracy", "n"[, "predictions"]}``.
+
+    ``x``/``y`` live on the model's device; ``loss`` (optional) is a gpucnn
+    loss object (its mean over the examples is reported).  The model's
+    train/eval mode is restored afterwards.
+    """
+    xp = backend.get_array_module(x)
+    preds = [] if return_predictions else None
+    total_loss, correct, n = evaluate_sums(model, x, y, loss, batch_size, num_classes, preds)
     result = {"loss": total_loss / n if (n and loss is not None) else float("nan"),
               "accuracy": correct / n if n else float("nan"), "n": n}
     if return_predictions:

@@ -6,6 +6,17 @@ a checkpoint written atomically and one line appended to ``metrics.jsonl``
 (:class:`~gpucnn.train.rundir.RunDir`).  Data stay on the device: the
 normalised dataset is moved once (NumPy on the CPU, CuPy on ``cuda``) and
 every batch is indexed there.
+
+With ``distributed=...`` (``mpiexec -n N gpucnn train --distributed``) the
+same run is data-parallel (:mod:`gpucnn.train.parallel`,
+:mod:`gpucnn.distributed`): rank 0 reads the configuration and the checkpoint
+and shares them; parameters (and the optimizer state on resume) are broadcast
+from rank 0; each global batch of ``batch_size`` is split over the ranks and
+the gradients are summed; metrics and the sharded evaluation are summed over
+the ranks; rank 0 alone prints and writes the run directory, then every rank
+waits at a barrier.  An exception on any rank aborts the whole job, naming the
+rank; the last complete checkpoint stays loadable, also with another number
+of ranks.
 """
 from __future__ import annotations
 
@@ -16,9 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 
 from .. import backend, checkpoint as ckpt_mod, debug as debug_mod, losses, models, nvtx, optim
 from .. import random as grandom
+from . import parallel
 from ..data import load_arrays
 from ..data.batching import SHUFFLE_SCHEME, epoch_permutation, shuffle_generator, steps_per_epoch
 from .config import NonFiniteLossError, TrainConfig, resume_config
@@ -42,6 +55,9 @@ class TrainResult:
     epochs_run: int = 0
     seconds: float = 0.0
     images_per_sec: float = 0.0
+    #: ranks of a distributed run (1 otherwise) and this process's rank
+    world_size: int = 1
+    rank: int = 0
 
     @property
     def test_accuracy(self) -> float | None:
@@ -53,8 +69,9 @@ class TrainResult:
         acc = self.test_accuracy
         acc_s = f"{100 * acc:.2f}%" if acc is not None else "n/a"
         total = len(self.metrics)
+        where = self.device + (f", {self.world_size} ranks" if self.world_size > 1 else "")
         return (f"done: {cfg.model} on {cfg.dataset}, {total} epoch{'s' if total != 1 else ''}, "
-                f"test accuracy {acc_s}, {self.images_per_sec:.0f} images/s ({self.device}), "
+                f"test accuracy {acc_s}, {self.images_per_sec:.0f} images/s ({where}), "
                 f"{self.seconds:.1f} s, checkpoint {self.checkpoint}")
 
 
@@ -89,7 +106,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
           device: str = "auto", data_dir=None, out_dir=None, resume=None,
           stop_after: int | None = None, nvtx: bool = False, debug: bool = False,
           progress: bool = True, overwrite: bool = False,
-          log: Callable[[str], None] | None = print) -> TrainResult:
+          log: Callable[[str], None] | None = print, distributed=None) -> TrainResult:
     """Train, evaluating and checkpointing every epoch.
 
     Args:
@@ -99,7 +116,8 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
         model: a custom :class:`~gpucnn.layers.Sequential` (then
             ``config.model`` is only a label, e.g. ``"custom"``; seed before
             building it).  Default: ``models.build(config.model)`` after
-            ``gpucnn.seed(config.seed)``.
+            ``gpucnn.seed(config.seed)``.  The images are converted to its
+            dtype (a float64 model trains on float64 images).
         loss: loss object (default: ``models.make_loss(config.model)``, or
             softmax cross-entropy for a custom model).
         data: an already loaded :class:`gpucnn.data.Dataset`.
@@ -113,6 +131,12 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
         nvtx, debug: enable NVTX ranges / NaN-Inf anomaly detection.
         progress: show a tqdm progress bar (on stderr, when it is a terminal).
         log: called with each human-readable line (None: silent).
+        distributed: data-parallel over the processes of an MPI launch:
+            True (``"auto"``), ``"mpi"``, ``"nccl"``, ``"single"`` or a
+            :class:`gpucnn.distributed.Communicator`; None: this process
+            alone.  ``config.batch_size`` is then the global batch; only rank
+            0 logs and writes, and ``config``/``resume``/``out_dir`` are
+            taken from rank 0.
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf; the last good checkpoint
@@ -120,21 +144,72 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
         ValueError: bad configuration, or a config that conflicts with the
             checkpoint being resumed.
         gpucnn.checkpoint.CheckpointError: unusable checkpoint.
+
+    In a distributed run with several ranks, the errors that reach the caller
+    are those every rank raised alike (``exc.collective``); any other error
+    on a rank ends the whole job (``MPI_Abort``) with ``gpucnn: rank R: ...``.
     """
     say = log or (lambda s: None)
     t_start = time.perf_counter()
-    cfg, ckpt = _run_config(config, resume, say)
+    opts = dict(model=model, loss=loss, data=data, data_dir=data_dir, nvtx=nvtx, debug=debug)
+    if distributed is None or distributed is False:
+        cfg, ckpt = _run_config(config, resume, say)
+        _check_stop_after(stop_after)
+        dev, why = backend.resolve_device(device)
+        say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
+        run = _run(cfg, ckpt, dev, say, None, stop_after, progress,
+                   lambda: RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite), **opts)
+        return run.result(time.perf_counter() - t_start)
     _check_stop_after(stop_after)
     dev, why = backend.resolve_device(device)
-    say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
+    comm = parallel.communicator(distributed, dev)
+    say = say if comm.is_root else (lambda s: None)
+
+    def body():
+        cfg, ckpt, rundir, metrics = _shared_start(comm, config, resume, out_dir, overwrite, say)
+        say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
+        say(f"distributed: {comm.describe()}; global batch {cfg.batch_size}")
+        run = _run(cfg, ckpt, dev, say, comm, stop_after, progress and comm.is_root, lambda: rundir,
+                   metrics=metrics, **opts)
+        return run.result(time.perf_counter() - t_start)
+
+    return parallel.guarded(comm, body)
+
+
+def _run(cfg, ckpt, dev, say, comm, stop_after, progress, make_rundir, *, nvtx, debug, metrics=None,
+         **opts) -> "_Run":
     with contextlib.ExitStack() as stack:
         if nvtx and not stack.enter_context(_nvtx_on()):
             say("note: --nvtx: no NVTX implementation importable (pip install nvtx, or CuPy); ranges are no-ops")
         if debug:
             stack.enter_context(debug_mod.detect_anomaly())
-        run = _Run.prepare(cfg, ckpt, model, loss, data, dev, data_dir, out_dir, overwrite, say)
+        run = _Run.prepare(cfg, ckpt, dev, say, comm, make_rundir(), metrics, **opts)
         run.epochs(stop_after, progress)
-    return run.result(time.perf_counter() - t_start)
+    return run
+
+
+def _shared_start(comm, config, resume, out_dir, overwrite, say):
+    """Rank 0 resolves the configuration, checkpoint and run directory; every rank gets them.
+
+    Returns ``(config, checkpoint or None, RunDir, metrics rows kept)``; on
+    the other ranks the checkpoint holds no tensors (they come by broadcast)
+    and the RunDir writes nothing.
+    """
+    local = {}
+
+    def prepare():
+        cfg, ckpt = _run_config(config, resume, say)
+        rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite)
+        local.update(cfg=cfg, ckpt=ckpt, rundir=rundir)
+        return {"config": asdict(cfg), "out": str(rundir.path), "metrics": rundir.previous_metrics(),
+                "resume": parallel.resume_meta(ckpt)}
+
+    plan = parallel.share(comm, prepare)
+    if comm.is_root:
+        return local["cfg"], local["ckpt"], local["rundir"], plan["metrics"]
+    ckpt = parallel.resume_point(plan["resume"])
+    rundir = RunDir(plan["out"], resumed=ckpt, writer=False)
+    return TrainConfig(**plan["config"]), ckpt, rundir, plan["metrics"]
 
 
 def _nvtx_on():
@@ -145,10 +220,9 @@ class _Run:
     """The state of one :func:`train` call between preparation and the result."""
 
     @classmethod
-    def prepare(cls, cfg, ckpt, model, loss, data, dev, data_dir, out_dir, overwrite, say):
+    def prepare(cls, cfg, ckpt, dev, say, comm, rundir, metrics, *, model, loss, data, data_dir):
         self = cls()
-        self.cfg, self.ckpt, self.dev, self.say = cfg, ckpt, dev, say
-        self.rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite)
+        self.cfg, self.ckpt, self.dev, self.say, self.comm, self.rundir = cfg, ckpt, dev, say, comm, rundir
         self.x_tr, self.y_tr, self.x_te, self.y_te, classes = load_arrays(
             cfg.dataset, data_dir, cfg.subset, cfg.test_subset, dev, data)
         self.num_classes = len(classes)
@@ -157,24 +231,43 @@ class _Run:
         say(f"data: {cfg.dataset}, {self.n} training / {int(self.x_te.shape[0])} test images"
             + (f" (first {cfg.subset} training images)" if cfg.subset else ""))
         self.model, self.loss = self._model_and_loss(model, loss)
+        self._inputs_to_model_dtype()
         self.opt = make_optimizer(cfg, self.model)
         self.start_epoch = 0
         if ckpt is not None:
-            ckpt_mod.load_into(ckpt, self.model, self.opt)
-            self.start_epoch = ckpt.epoch
-            if "gpucnn" in ckpt.rng:
-                grandom.set_state(ckpt.rng["gpucnn"])
-            say(f"resumed from {ckpt.path} after epoch {ckpt.epoch}")
-        self.metrics = self.rundir.previous_metrics()
+            self._resume(ckpt)
+        elif comm is not None:
+            parallel.broadcast_state(comm, self.opt)
+        self.metrics = self.rundir.previous_metrics() if metrics is None else list(metrics)
         self.rundir.start(cfg, self.metrics)
         say(f"model: {cfg.model} ({self.model.num_parameters()} parameters), {cfg.optimizer} lr {cfg.lr:g}"
             + (f" momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" and cfg.momentum else "")
             + f" {cfg.lr_schedule} schedule, batch {cfg.batch_size}, {cfg.epochs} "
               f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
-                               schedule=Schedule(cfg, self.steps), num_classes=self.num_classes)
+                               schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm)
         self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
         return self
+
+    def _resume(self, ckpt):
+        """Load the checkpoint (rank 0 when distributed, then broadcast to the other ranks)."""
+        comm = self.comm
+        if comm is None or comm.is_root:
+            ckpt_mod.load_into(ckpt, self.model, self.opt)
+        if comm is not None:
+            meta = parallel.resume_meta(ckpt) if comm.is_root else None
+            meta = comm.broadcast_json(meta and {"slots": meta["slots"], "step_count": meta["step_count"]})
+            parallel.broadcast_state(comm, self.opt, meta["slots"], meta["step_count"])
+        self.start_epoch = ckpt.epoch
+        if "gpucnn" in ckpt.rng:
+            grandom.set_state(ckpt.rng["gpucnn"])
+        self.say(f"resumed from {ckpt.path} after epoch {ckpt.epoch}")
+
+    def _inputs_to_model_dtype(self):
+        """Images follow a floating model's dtype (float64 models; float32 data stay as they are)."""
+        dt = getattr(self.model, "dtype", None)
+        if dt is not None and np.dtype(dt).kind == "f" and self.x_tr.dtype != dt:
+            self.x_tr, self.x_te = self.x_tr.astype(dt), self.x_te.astype(dt)
 
     def _model_and_loss(self, model, loss):
         cfg, dev = self.cfg, self.dev
@@ -205,12 +298,14 @@ class _Run:
             self.say(f"nothing to do: the checkpoint already has {self.start_epoch} of {cfg.epochs} epochs")
 
     def _epoch(self, epoch, progress):
-        cfg, dev = self.cfg, self.dev
+        cfg, dev, comm = self.cfg, self.dev, self.comm
         t_epoch = time.perf_counter()
         order = backend.to_device(epoch_permutation(cfg.seed, epoch, self.n), dev)
         stats = self._train_steps(epoch, order, progress)
         backend.synchronize(dev)
         t_train = time.perf_counter() - t_epoch
+        if comm is not None:  # the slowest rank sets the pace
+            t_train = float(comm.allreduce_scalars([t_train], op="max")[0])
         ev = self.trainer.evaluate(self.x_te, self.y_te, cfg.eval_batch_size)
         self.train_images += stats.seen
         self.train_seconds += t_train
@@ -218,12 +313,17 @@ class _Run:
                "test_loss": ev["loss"], "test_accuracy": ev["accuracy"], "lr": stats.lr_first,
                "lr_end": stats.lr_last, "images_per_sec": stats.seen / t_train if t_train > 0 else float("nan"),
                "train_seconds": t_train, "seconds": time.perf_counter() - t_epoch, "device": dev}
+        if comm is not None:
+            row["ranks"] = comm.size
+            parallel.check_in_sync(comm, self.opt, epoch + 1)
         rng = {"gpucnn": grandom.get_state(), "shuffle": shuffle_generator(cfg.seed, epoch + 1).bit_generator.state,
                "shuffle_scheme": SHUFFLE_SCHEME}
         self.rundir.save_epoch(self.model, self.opt, config=cfg, epoch=epoch + 1, rng=rng, row=row)
         row["seconds"] = time.perf_counter() - t_epoch  # include the checkpoint write
         self.metrics.append(row)
         self.rundir.append_metrics(row)
+        if comm is not None:  # rank 0 has written the checkpoint and the metrics
+            comm.barrier()
         self.epochs_run += 1
         return row
 
@@ -250,12 +350,17 @@ class _Run:
             hint = "" if "layer" in str(exc) else (". Try a smaller --lr, or --debug to find the first layer "
                                                    "producing NaN/Inf")
             raise NonFiniteLossError(f"{exc}; stopping: {self.rundir.kept(epoch)}{hint}", epoch=exc.epoch,
-                                     step=exc.step, checkpoint=self.rundir.last_good) from None
+                                     step=exc.step, checkpoint=self.rundir.last_good,
+                                     collective=exc.collective) from None
         finally:
             bar.close()
 
     def result(self, seconds) -> TrainResult:
-        ck = self.rundir.checkpoint if self.rundir.checkpoint.exists() else self.rundir.last_good
-        return TrainResult(out_dir=self.rundir.path, checkpoint=ck, metrics=self.metrics, model=self.model,
+        rd = self.rundir
+        ck = rd.checkpoint if (rd.writer and rd.checkpoint.exists()) or (not rd.writer and self.epochs_run) \
+            else rd.last_good
+        comm = self.comm
+        return TrainResult(out_dir=rd.path, checkpoint=ck, metrics=self.metrics, model=self.model,
                            config=self.cfg, device=self.dev, epochs_run=self.epochs_run, seconds=seconds,
-                           images_per_sec=(self.train_images / self.train_seconds) if self.train_seconds > 0 else 0.0)
+                           images_per_sec=(self.train_images / self.train_seconds) if self.train_seconds > 0 else 0.0,
+                           world_size=comm.size if comm is not None else 1, rank=comm.rank if comm is not None else 0)

@@ -63,24 +63,29 @@ class RunDir:
         model: the model name (for the default directory).
         resumed: the :class:`~gpucnn.checkpoint.Checkpoint` being continued, or None.
         overwrite: allow a directory that already holds another checkpoint.
+        writer: False on the ranks of a distributed run other than rank 0:
+            nothing is checked, created or written (only the paths are kept).
 
     Raises:
         ValueError: ``path`` holds a checkpoint that is not the one being
             resumed, and ``overwrite`` is false.
     """
 
-    def __init__(self, path=None, *, model: str = "model", resumed=None, overwrite: bool = False):
+    def __init__(self, path=None, *, model: str = "model", resumed=None, overwrite: bool = False,
+                 writer: bool = True):
         if path is None:
             path = Path(resumed.path).parent if resumed is not None else default_out_dir(model)
         self.path = Path(path)
         self.checkpoint = self.path / ckpt_mod.CHECKPOINT_NAME
         self.metrics_path = self.path / METRICS_NAME
         self.resumed = resumed
+        self.writer = bool(writer)
         here = resumed is not None and self.checkpoint.resolve() == Path(resumed.path).resolve()
-        if self.checkpoint.exists() and not here and not overwrite:
+        if self.writer and self.checkpoint.exists() and not here and not overwrite:
             raise ValueError(f"{self.path} already holds a checkpoint; continue it with --resume {self.path}, "
                              f"or choose another --out (or --overwrite)")
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.writer:
+            self.path.mkdir(parents=True, exist_ok=True)
         #: the newest complete checkpoint of this run (None before the first epoch ends)
         self.last_good = Path(resumed.path) if resumed is not None else None
 
@@ -91,7 +96,7 @@ class RunDir:
         checkpoint write and the metrics append is recovered from the checkpoint.
         """
         ck = self.resumed
-        if ck is None:
+        if ck is None or not self.writer:
             return []
         source = Path(ck.path).parent / METRICS_NAME
         rows = [m for m in read_metrics(source) if m.get("epoch", 0) <= ck.epoch] if source.exists() else []
@@ -101,17 +106,24 @@ class RunDir:
 
     def start(self, config, metrics: list[dict]) -> None:
         """Write ``config.json`` and (re)write ``metrics.jsonl`` with the rows kept so far."""
+        if not self.writer:
+            return
         _write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
         _write_text(self.path / CONFIG_NAME, json.dumps(asdict(config), indent=2) + "\n")
 
     def save_epoch(self, model, optimizer, *, config, epoch: int, rng: dict, row: dict) -> Path:
-        """Write the checkpoint after ``epoch`` (atomically), then append its metrics row."""
+        """Write the checkpoint after ``epoch`` (atomically)."""
+        if not self.writer:
+            self.last_good = self.checkpoint
+            return self.checkpoint
         ckpt_mod.save_checkpoint(self.checkpoint, model, optimizer, model_name=config.model, epoch=epoch,
                                  config=asdict(config), rng=rng, metrics=row)
         self.last_good = self.checkpoint
         return self.checkpoint
 
     def append_metrics(self, row: dict) -> None:
+        if not self.writer:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -1,0 +1,475 @@
+"""Communicators for data-parallel training: one process, MPI (``mpi4py``) and NCCL (CuPy).
+
+gpucnn opens no sockets of its own: processes are started by the cluster's
+MPI launcher (``mpiexec -n 4 gpucnn train --distributed ...``) and talk
+through MPI, or through NCCL between GPUs (bootstrapped over MPI).
+
+A :class:`Communicator` offers what data-parallel training needs:
+
+* ``rank``, ``size`` (and ``local_rank``, ``local_size``: the ranks on this node);
+* :meth:`~Communicator.broadcast` -- a flat buffer from ``root``, in place;
+* :meth:`~Communicator.allreduce_sum` -- in-place sum of a flat buffer over all ranks;
+* :meth:`~Communicator.allreduce_scalars` -- sum (or max) of a few host scalars (metrics);
+* :meth:`~Communicator.barrier`, :meth:`~Communicator.abort` (ends every rank);
+* :meth:`~Communicator.broadcast_bytes` / :meth:`~Communicator.broadcast_json`
+  -- small metadata as a ``uint8`` buffer (nothing is pickled).
+
+Implementations:
+
+* :class:`SingleProcess` -- size 1, every operation a no-op;
+* :class:`MPICommunicator` -- ``mpi4py``'s buffer methods (``Bcast``,
+  ``Allreduce``) on NumPy arrays; CuPy arrays go straight to MPI when it is
+  CUDA-aware (MPI 4.1's ``mpi_memory_alloc_kinds`` info lists ``cuda``, or
+  ``GPUCNN_MPI_CUDA_AWARE=1``), else they are staged through host memory;
+* :class:`NCCLCommunicator` -- ``cupy.cuda.nccl`` for CuPy buffers (one GPU
+  per rank, chosen by the local rank; the NCCL unique id is broadcast over
+  MPI), MPI for host scalars, the barrier and abort.
+
+:func:`init` picks one (``"auto"``: NCCL between GPUs, MPI on the CPU, one
+process when no MPI launcher started this one), selects this rank's GPU,
+limits BLAS threads per rank (:func:`limit_blas_threads`) and installs an
+excepthook that aborts the whole job when any rank dies of an exception
+(:func:`install_excepthook`), so a failure never leaves the others hanging
+in a collective.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from . import backend
+
+__all__ = ["Communicator", "SingleProcess", "MPICommunicator", "NCCLCommunicator", "BACKENDS", "init",
+           "launched_size", "limit_blas_threads", "install_excepthook", "fail", "exit_code", "report"]
+
+#: ``init(backend=...)`` choices.
+BACKENDS = ("auto", "single", "mpi", "nccl")
+#: Environment variables MPI launchers set (MPICH/Intel MPI/Slurm PMI, Open MPI, PMIx, MVAPICH).
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+BLAS_ENV_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+#: seconds a rank waits after printing its error before ``MPI_Abort`` ends the job
+ABORT_GRACE_S = 0.5
+_INSTALL_MPI = "pip install 'gpucnn[mpi]' (mpi4py; add the mpich wheel if the machine has no MPI)"
+
+
+class Communicator:
+    """The interface; :class:`SingleProcess` is the size-1 implementation."""
+
+    backend = "single"
+    rank, size, local_rank, local_size = 0, 1, 0, 1
+    #: BLAS threads per rank set by :func:`init` (None: left alone)
+    blas_threads: int | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, buf, root: int = 0) -> None:
+        """Overwrite ``buf`` (a contiguous NumPy/CuPy array) with rank ``root``'s, in place."""
+
+    def allreduce_sum(self, buf) -> None:
+        """Replace ``buf`` (a contiguous NumPy/CuPy array) by its sum over all ranks, in place."""
+
+    def allreduce_scalars(self, values, op: str = "sum") -> np.ndarray:
+        """Sum (``op="max"``: maximum) of host scalars over all ranks, as float64."""
+        _check_op(op)
+        return np.array(values, dtype=np.float64).reshape(-1)
+
+    def barrier(self) -> None:
+        """Wait until every rank has arrived."""
+
+    def abort(self, code: int = 1):
+        """End every rank of the job with exit status ``code`` (does not return)."""
+        _flush()
+        os._exit(code)
+
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        """Rank ``root``'s ``data`` on every rank (a length, then a ``uint8`` buffer)."""
+        mine = self.rank == root
+        length = np.array([len(data) if mine else 0], dtype=np.int64)
+        self.broadcast(length, root)
+        buf = np.frombuffer(data, dtype=np.uint8).copy() if mine else np.empty(int(length[0]), np.uint8)
+        if buf.size:
+            self.broadcast(buf, root)
+        return buf.tobytes()
+
+    def broadcast_json(self, obj=None, root: int = 0):
+        """Rank ``root``'s JSON-able ``obj`` on every rank."""
+        data = json.dumps(obj).encode() if self.rank == root else None
+        return json.loads(self.broadcast_bytes(data, root).decode())
+
+    def describe(self) -> str:
+        text = f"{self.backend}, {self.size} rank{'s' if self.size != 1 else ''}"
+        if self.size > 1:
+            text += f" ({self.local_size} on this node)"
+        if self.blas_threads:
+            text += f", {self.blas_threads} BLAS thread{'s' if self.blas_threads != 1 else ''} per rank"
+        return text
+
+    def __repr__(self):
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+
+class SingleProcess(Communicator):
+    """One process: size 1, every operation a no-op."""
+
+
+def _check_op(op):
+    if op not in ("sum", "max"):
+        raise ValueError(f"op must be 'sum' or 'max', got op={op!r}")
+
+
+def _check_buffer(buf, what: str):
+    if not isinstance(buf, np.ndarray) and not backend.is_cupy(buf):
+        raise TypeError(f"{what}: expected a NumPy or CuPy array, got {type(buf).__name__}")
+    if not buf.flags.c_contiguous:
+        raise ValueError(f"{what}: the buffer must be contiguous (got shape {tuple(buf.shape)}, "
+                         f"strides {tuple(buf.strides)}); pass the flat buffer itself")
+
+
+def _flush():
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _mpi_cuda_aware(comm) -> bool:
+    """Whether MPI accepts CUDA device buffers (override: ``GPUCNN_MPI_CUDA_AWARE=0/1``)."""
+    forced = os.environ.get("GPUCNN_MPI_CUDA_AWARE")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ValueError(f"GPUCNN_MPI_CUDA_AWARE must be 0 or 1, got {forced!r}")
+        return forced == "1"
+    try:  # MPI 4.1 memory allocation kinds, e.g. "mpi,system,cuda:device"
+        info = comm.Get_info()
+        kinds = info.Get("mpi_memory_alloc_kinds") or ""
+        info.Free()
+    except Exception:
+        return False
+    return any(k.split(":")[0] == "cuda" for k in kinds.split(","))
+
+
+class MPICommunicator(Communicator):
+    """MPI through ``mpi4py`` (``MPI.COMM_WORLD`` unless ``comm`` is given).
+
+    NumPy buffers go straight to ``Bcast``/``Allreduce``.  CuPy buffers go
+    straight to MPI too when it is CUDA-aware (``cuda_aware``; default: ask
+    MPI), after the current stream is synchronised; otherwise they are copied
+    to a reused host buffer, reduced there and copied back.
+    """
+
+    backend = "mpi"
+
+    def __init__(self, comm=None, cuda_aware: bool | None = None):
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise ImportError(f"the MPI communicator needs mpi4py ({exc}); {_INSTALL_MPI}") from None
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        self.cuda_aware = _mpi_cuda_aware(self.comm) if cuda_aware is None else bool(cuda_aware)
+        self._host: dict = {}
+
+    def _staged(self, buf, fn):
+        """Run ``fn(mpi_buffer)`` on ``buf``, staging a CuPy array through the host if needed."""
+        if not backend.is_cupy(buf):
+            fn(buf)
+            return
+        backend.cupy.cuda.get_current_stream().synchronize()
+        if self.cuda_aware:
+            fn(buf)
+            return
+        key = (buf.size, buf.dtype.str)
+        host = self._host.get(key)
+        if host is None:
+            host = self._host[key] = np.empty(buf.shape, dtype=buf.dtype)
+        host = host.reshape(buf.shape)
+        buf.get(out=host)
+        fn(host)
+        buf.set(host)
+
+    def broadcast(self, buf, root: int = 0) -> None:
+        _check_buffer(buf, "broadcast")
+        self._staged(buf, lambda b: self.comm.Bcast(b, root=root))
+
+    def allreduce_sum(self, buf) -> None:
+        _check_buffer(buf, "allreduce_sum")
+        MPI = self.MPI
+        self._staged(buf, lambda b: self.comm.Allreduce(MPI.IN_PLACE, b, op=MPI.SUM))
+
+    def allreduce_scalars(self, values, op: str = "sum") -> np.ndarray:
+        _check_op(op)
+        a = np.array(values, dtype=np.float64).reshape(-1)
+        self.comm.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM if op == "sum" else self.MPI.MAX)
+        return a
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1):
+        _flush()
+        time.sleep(ABORT_GRACE_S)  # let the launcher forward what this rank printed last
+        self.comm.Abort(int(code))
+        os._exit(code)  # pragma: no cover - Abort does not return
+
+
+def _nccl_dtype(nccl, dtype):
+    table = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
+             "int8": "NCCL_INT8", "uint8": "NCCL_UINT8", "int32": "NCCL_INT32", "int64": "NCCL_INT64"}
+    name = table.get(np.dtype(dtype).name)
+    if name is None:
+        raise TypeError(f"NCCL: unsupported dtype {np.dtype(dtype)} (supported: {', '.join(table)})")
+    return getattr(nccl, name)
+
+
+def _encode_nccl_id(uid) -> np.ndarray:
+    """``[kind, 128 bytes]``: kind 2 = bytes (newer CuPy), 1/0 = tuple of unsigned/signed chars."""
+    if isinstance(uid, (bytes, bytearray)):
+        return np.frombuffer(bytes([2]) + bytes(uid), dtype=np.uint8).copy()
+    values = [int(v) for v in uid]
+    kind = 0 if any(v < 0 for v in values) else 1
+    return np.array([kind] + [v & 0xFF for v in values], dtype=np.uint8)
+
+
+def _decode_nccl_id(buf: np.ndarray):
+    kind, raw = int(buf[0]), buf[1:]
+    if kind == 2:
+        return raw.tobytes()
+    return tuple(int(v) for v in (raw.view(np.int8) if kind == 0 else raw))
+
+
+class NCCLCommunicator(Communicator):
+    """NCCL (``cupy.cuda.nccl``) between GPUs, one GPU per rank; MPI for the rest.
+
+    Rank 0 creates the NCCL unique id, MPI broadcasts it, every rank then
+    joins with ``NcclCommunicator(size, id, rank)`` on its current device
+    (:func:`init` selects it from the local rank).  CuPy buffers are reduced
+    and broadcast by NCCL on the current stream (no host sync); NumPy buffers,
+    the metric scalars, the barrier and abort go through ``mpi``.
+    """
+
+    backend = "nccl"
+
+    def __init__(self, mpi: MPICommunicator | None = None):
+        try:
+            from cupy.cuda import nccl
+        except Exception as exc:
+            raise ImportError(f"the NCCL communicator needs CuPy with NCCL (cupy.cuda.nccl): {exc}") from None
+        if not getattr(nccl, "available", True):
+            raise ImportError("the NCCL communicator needs CuPy built with NCCL (cupy.cuda.nccl.available is False)")
+        self.nccl = nccl
+        self.mpi = mpi if mpi is not None else MPICommunicator()
+        self.rank, self.size = self.mpi.rank, self.mpi.size
+        self.local_rank, self.local_size = self.mpi.local_rank, self.mpi.local_size
+        ident = _encode_nccl_id(nccl.get_unique_id()) if self.rank == 0 else np.empty(129, np.uint8)
+        self.mpi.broadcast(ident)
+        self.comm = nccl.NcclCommunicator(self.size, _decode_nccl_id(ident), self.rank)
+
+    @staticmethod
+    def _stream():
+        return backend.cupy.cuda.get_current_stream().ptr
+
+    def broadcast(self, buf, root: int = 0) -> None:
+        _check_buffer(buf, "broadcast")
+        if not backend.is_cupy(buf):
+            self.mpi.broadcast(buf, root)
+            return
+        self.comm.bcast(buf.data.ptr, buf.size, _nccl_dtype(self.nccl, buf.dtype), root, self._stream())
+
+    def allreduce_sum(self, buf) -> None:
+        _check_buffer(buf, "allreduce_sum")
+        if not backend.is_cupy(buf):
+            self.mpi.allreduce_sum(buf)
+            return
+        ptr = buf.data.ptr
+        self.comm.allReduce(ptr, ptr, buf.size, _nccl_dtype(self.nccl, buf.dtype), self.nccl.NCCL_SUM,
+                            self._stream())
+
+    def allreduce_scalars(self, values, op: str = "sum") -> np.ndarray:
+        return self.mpi.allreduce_scalars(values, op)
+
+    def barrier(self) -> None:
+        backend.cupy.cuda.get_current_stream().synchronize()
+        self.mpi.barrier()
+
+    def abort(self, code: int = 1):
+        try:
+            self.comm.abort()
+        except Exception:
+            pass
+        self.mpi.abort(code)
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+
+
+def launched_size(env=None) -> int | None:
+    """The job size an MPI launcher announced in the environment (None: not launched by one)."""
+    env = os.environ if env is None else env
+    for var in LAUNCHER_SIZE_VARS:
+        if env.get(var, "").strip().isdigit():
+            return int(env[var])
+    return 1 if any(var in env for var in LAUNCHER_RANK_VARS) else None
+
+
+def limit_blas_threads(local_size: int, env=None) -> int | None:
+    """Limit BLAS to ``cores // local_size`` threads (at least 1) with threadpoolctl.
+
+    Left alone (returns None) when one of :data:`BLAS_ENV_VARS` is set or
+    threadpoolctl is not installed.  ``cores`` is this node's CPU count,
+    bounded by this process's affinity mask.
+    """
+    env = os.environ if env is None else env
+    if any(env.get(v) for v in BLAS_ENV_VARS):
+        return None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    cores = os.cpu_count() or 1
+    n = max(1, cores // max(1, int(local_size)))
+    if hasattr(os, "sched_getaffinity"):
+        n = min(n, max(1, len(os.sched_getaffinity(0))))
+    threadpool_limits(limits=n, user_api="blas")
+    return n
+
+
+def _select_gpu(comm: Communicator, exclusive: bool) -> None:
+    cp = backend.cupy
+    count = cp.cuda.runtime.getDeviceCount()
+    if exclusive and comm.local_size > count:
+        raise ValueError(f"NCCL needs one GPU per rank: {comm.local_size} ranks on this node but {count} "
+                         f"GPU{'s' if count != 1 else ''}; start at most {count} ranks per node, or use "
+                         f"--comm mpi (ranks share GPUs, gradients staged through the host)")
+    cp.cuda.Device(comm.local_rank % count).use()
+
+
+_WORLD: dict = {}
+
+
+def init(backend_name: str = "auto", device: str = "cpu") -> Communicator:
+    """The communicator of this process for ``backend_name`` (see :data:`BACKENDS`); created once.
+
+    ``"auto"``: one process (:class:`SingleProcess`) when no MPI launcher
+    started this one or it started one process; else NCCL when ``device`` is
+    ``"cuda"``, CuPy has NCCL and this node has a GPU per rank, else MPI.  On ``"cuda"`` this rank's GPU
+    (local rank, modulo the GPU count for MPI) becomes the current device.
+    With more than one rank, BLAS threads are limited per rank and the
+    excepthook of :func:`install_excepthook` is installed.
+    """
+    if backend_name not in BACKENDS:
+        raise ValueError(f"distributed backend must be one of {', '.join(BACKENDS)}, got {backend_name!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (resolved), got device={device!r}")
+    key = (backend_name, device)
+    if key not in _WORLD:
+        _WORLD[key] = _create(backend_name, device)
+    return _WORLD[key]
+
+
+def _create(name: str, device: str) -> Communicator:
+    if name == "auto":
+        size = launched_size()
+        if size is None or size == 1:
+            return SingleProcess()
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError:
+            raise ImportError(f"this process was started by an MPI launcher ({size} processes) but mpi4py "
+                              f"is not installed; {_INSTALL_MPI}") from None
+    if name == "single":
+        return SingleProcess()
+    if name == "nccl" and device != "cuda":
+        raise ValueError("the NCCL communicator needs device='cuda'")
+    mpi = MPICommunicator()
+    if mpi.size > 1:
+        install_excepthook(mpi)
+        mpi.blas_threads = limit_blas_threads(mpi.local_size)
+    if name == "auto":  # NCCL when every rank of this node has a GPU of its own
+        name = "nccl" if device == "cuda" and _nccl_available() and \
+            mpi.local_size <= backend.cupy.cuda.runtime.getDeviceCount() else "mpi"
+    if device == "cuda":
+        _select_gpu(mpi, exclusive=name == "nccl")
+    if name != "nccl":
+        return mpi
+    comm = NCCLCommunicator(mpi)  # joins NCCL on the GPU selected above
+    comm.blas_threads = mpi.blas_threads
+    if comm.size > 1:
+        install_excepthook(comm)
+    return comm
+
+
+def _nccl_available() -> bool:
+    try:
+        from cupy.cuda import nccl
+    except Exception:
+        return False
+    return bool(getattr(nccl, "available", True))
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit status ``gpucnn`` uses for ``exc``: 3 NaN/Inf loss, 130 interrupted, else 1."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, FloatingPointError) and type(exc).__name__ == "NonFiniteLossError":
+        return 3
+    return 1
+
+
+def report(comm: Communicator, exc: BaseException, tb: bool = True) -> None:
+    """Print ``gpucnn: rank R: <Type>: <message>`` (after the traceback when ``tb``) to stderr.
+
+    One ``write`` to file descriptor 2, so the launcher forwards it whole.
+    """
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if tb else ""
+    text += f"gpucnn: rank {comm.rank}: {type(exc).__name__}: {exc}\n"
+    _flush()
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def fail(comm: Communicator, exc: BaseException, tb: bool | None = None):
+    """Report ``exc`` on this rank and abort the whole job (does not return when ``size > 1``)."""
+    if tb is None:
+        tb = not isinstance(exc, (ValueError, OSError, FloatingPointError, KeyboardInterrupt))
+    report(comm, exc, tb)
+    comm.abort(exit_code(exc))
+
+
+_HOOK: dict = {}
+
+
+def install_excepthook(comm: Communicator) -> None:
+    """Make an uncaught exception on this rank abort every rank (``MPI_Abort``), naming the rank.
+
+    Installing again only changes the communicator used.
+    """
+    if "previous" not in _HOOK:
+        _HOOK["previous"] = sys.excepthook
+
+        def hook(tp, value, tb):
+            target = _HOOK.get("comm")
+            if value is None or target is None or target.size <= 1:
+                _HOOK["previous"](tp, value, tb)
+                return
+            fail(target, value, tb=True)
+
+        sys.excepthook = hook
+    _HOOK["comm"] = comm
