@@ -16,6 +16,10 @@ seed002_c1     seed 002 I-C1-MP1-FC1-O: conv 1->6 5x5, sigmoid, maxpool 2,      
 seed002_c2     seed 002 I-C1-MP1-C2-MP2-FC1-O: conv 1->6 5x5, sigmoid,           CE
                maxpool 2, conv 6->12 5x5, sigmoid, maxpool 2, flatten 192,
                dense 10 (output, softmax)
+resnet_mini    beyond the seeds: stem conv 1->16 3x3 pad 1, BN, ReLU; three      CE
+               residual stages of one basic block each (16, 32 stride 2,
+               64 stride 2; conv3x3-BN-ReLU-conv3x3-BN + identity or 1x1
+               projection, then ReLU); global average pooling; dense 64->10
 =============  ===============================================================  ======
 
 Each model is a :class:`~gpucnn.layers.Sequential` with ``name`` set; the loss
@@ -27,7 +31,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import losses
-from .layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid
+from .layers import (AvgPool2D, BatchNorm2d, Conv2D, Dense, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU,
+                     Sequential, Sigmoid)
+from .layers.residual import basic_block
 
 
 def _lenet5(dtype):
@@ -80,12 +86,29 @@ def _seed002_c2(dtype):
     ]
 
 
+#: resnet_mini's channels per stage.
+RESNET_MINI_WIDTHS = (16, 32, 64)
+
+
+def _resnet_mini(dtype):
+    c1, c2, c3 = RESNET_MINI_WIDTHS
+    return [
+        Conv2D(1, c1, 3, padding=1, bias=False, dtype=dtype), BatchNorm2d(c1, dtype=dtype), ReLU(),
+        basic_block(c1, c1, 1, dtype=dtype), ReLU(),
+        basic_block(c1, c2, 2, dtype=dtype), ReLU(),
+        basic_block(c2, c3, 2, dtype=dtype), ReLU(),
+        GlobalAvgPool2D(),
+        Dense(c3, 10, dtype=dtype),
+    ]
+
+
 _BUILDERS = {
     "lenet5": (_lenet5, "softmax_cross_entropy"),
     "seed001": (_seed001, "softmax_cross_entropy"),
     "zhang2016": (_zhang2016, "mse"),
     "seed002_c1": (_seed002_c1, "softmax_cross_entropy"),
     "seed002_c2": (_seed002_c2, "softmax_cross_entropy"),
+    "resnet_mini": (_resnet_mini, "softmax_cross_entropy"),
 }
 
 MODELS = tuple(_BUILDERS)

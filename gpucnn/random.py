@@ -1,7 +1,16 @@
-"""One place for randomness: ``gpucnn.seed(n)`` seeds Python, NumPy and CuPy.
+"""One place for randomness: ``gpucnn.seed(n)`` seeds Python, NumPy, CuPy and gpucnn's streams.
 
-Initialisers and RReLU draw from :func:`get_rng`, a ``numpy.random.Generator``
-owned by gpucnn, so the same seed gives the same numbers on the same device.
+* Initialisers draw from :func:`get_rng`, a ``numpy.random.Generator`` owned
+  by gpucnn.
+* Training-time randomness inside a network (Dropout's masks, RReLU's
+  slopes) draws from :func:`uniform`, a *counter-based* stream: element ``i``
+  of the ``k``-th draw is a fixed hash (splitmix64) of the seed and a running
+  counter, computed with integer array operations of whichever ``xp`` the
+  data lives on.  So the same seed gives the same masks on NumPy and on CuPy,
+  a checkpoint saves the stream in two integers, and resuming continues it
+  exactly.
+
+:func:`get_state` / :func:`set_state` hold both (the checkpoint's ``rng``).
 """
 from __future__ import annotations
 
@@ -11,11 +20,23 @@ import numpy as np
 
 from . import backend
 
+__all__ = ["seed", "get_rng", "uniform", "hash_uniform", "get_state", "set_state"]
+
 _rng = np.random.default_rng(0)
+_MASK64 = (1 << 64) - 1
+_stream = {"key": 0, "counter": 0}
+
+
+def _key(value: int) -> int:
+    """A well-mixed 64-bit key for a seed (splitmix64 of it)."""
+    z = (int(value) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def seed(value: int) -> None:
-    """Seed Python's ``random``, NumPy (global and gpucnn's generator) and CuPy."""
+    """Seed Python's ``random``, NumPy (global and gpucnn's generator), CuPy and the counter stream."""
     global _rng
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
         raise ValueError(f"seed must be a non-negative int, got seed={value!r}")
@@ -23,6 +44,7 @@ def seed(value: int) -> None:
     _pyrandom.seed(value)
     np.random.seed(value % 2**32)
     _rng = np.random.default_rng(value)
+    _stream.update(key=_key(value), counter=0)
     if backend.cupy is not None:
         try:
             backend.cupy.random.seed(value)
@@ -30,16 +52,65 @@ def seed(value: int) -> None:
             pass
 
 
+_stream["key"] = _key(0)
+
+
 def get_rng() -> np.random.Generator:
     """gpucnn's NumPy generator (re-created by :func:`seed`)."""
     return _rng
 
 
+def uniform(shape, xp=np, dtype=np.float32, low: float = 0.0, high: float = 1.0):
+    """Uniform draws in ``[low, high)`` from the counter stream, on ``xp``'s device.
+
+    The values depend only on the seed, how many values were drawn before,
+    and the shape: NumPy and CuPy give the same bits.
+    """
+    n = int(np.prod(shape, dtype=np.int64))
+    start = _stream["counter"]
+    _stream["counter"] = (start + n) & _MASK64
+    return _hashed(_stream["key"], start, n, xp, dtype, low, high).reshape(shape)
+
+
+def hash_uniform(key, shape, xp=np, dtype=np.float32, low: float = 0.0, high: float = 1.0):
+    """Stateless uniform draws for a tuple of non-negative ints ``key`` (e.g. (seed, epoch, step)):
+    the same key always gives the same values, on NumPy and CuPy alike."""
+    k = 0
+    for part in key:
+        k = _key((k ^ int(part)) & _MASK64)
+    return _hashed(k, 0, int(np.prod(shape, dtype=np.int64)), xp, dtype, low, high).reshape(shape)
+
+
+def _hashed(key, start, n, xp, dtype, low, high):
+    """splitmix64 of ``key`` and the counters ``start .. start + n - 1``, as uniforms."""
+    u64 = np.uint64
+    z = xp.arange(n, dtype=u64)
+    z += u64(start)
+    z *= u64(0x9E3779B97F4A7C15)
+    z += u64(key)
+    z ^= z >> u64(30)
+    z *= u64(0xBF58476D1CE4E5B9)
+    z ^= z >> u64(27)
+    z *= u64(0x94D049BB133111EB)
+    z ^= z >> u64(31)
+    t = np.dtype(dtype).type
+    u = (z >> u64(40)).astype(dtype)          # 24 random bits: exact in float32
+    u *= t(2.0 ** -24)
+    if low != 0.0 or high != 1.0:
+        u *= t(high - low)
+        u += t(low)
+    return u
+
+
 def get_state() -> dict:
-    """Serializable state of gpucnn's generator (for checkpoints)."""
-    return _rng.bit_generator.state
+    """Serializable state of gpucnn's generator and counter stream (for checkpoints)."""
+    return {"numpy": _rng.bit_generator.state, "stream": dict(_stream)}
 
 
 def set_state(state: dict) -> None:
-    """Restore a state returned by :func:`get_state`."""
-    _rng.bit_generator.state = state
+    """Restore a state returned by :func:`get_state` (or a bare generator state of older checkpoints)."""
+    if "numpy" not in state:                 # format 1 checkpoints saved the generator state alone
+        _rng.bit_generator.state = state
+        return
+    _rng.bit_generator.state = state["numpy"]
+    _stream.update(key=int(state["stream"]["key"]) & _MASK64, counter=int(state["stream"]["counter"]) & _MASK64)

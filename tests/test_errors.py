@@ -162,7 +162,7 @@ def test_labels_wrong_rank():
 
 
 def test_logits_labels_batch_mismatch():
-    with pytest.raises(ValueError, match=esc("batch mismatch: logits have N=3 rows, labels have 2")):
+    with pytest.raises(ValueError, match=esc("batch mismatch: logits have N=3 rows (shape (3, 4)), labels have 2")):
         losses.SoftmaxCrossEntropy().forward(np.zeros((3, 4)), np.array([0, 1]))
 
 

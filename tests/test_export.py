@@ -208,8 +208,25 @@ def _torch_sequential(model):
         L.Tanh: lambda l: nn.Tanh(), L.ScaledTanh: lambda l: ScaledTanh(l.A, l.B),
         L.LeakyReLU: lambda l: nn.LeakyReLU(l.negative_slope), L.PReLU: lambda l: nn.PReLU(l.num_parameters),
         L.RReLU: lambda l: nn.RReLU(l.lower, l.upper), L.Softmax: lambda l: nn.Softmax(dim=l.axis),
+        L.BatchNorm2d: lambda l: nn.BatchNorm2d(l.num_features, l.eps, l.momentum, l.affine),
+        L.BatchNorm1d: lambda l: nn.BatchNorm1d(l.num_features, l.eps, l.momentum, l.affine),
+        L.Dropout: lambda l: nn.Dropout(l.p), L.GlobalAvgPool2D: lambda l: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        L.Sequential: lambda l: twin(l), L.Residual: lambda l: Residual(l),
     }
-    return nn.Sequential(*[build[type(layer)](layer) for layer in model.layers]).eval()
+
+    class Residual(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.block = twin(layer.block)
+            self.shortcut = None if layer.shortcut is None else twin(layer.shortcut)
+
+        def forward(self, x):
+            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
+
+    def twin(seq):
+        return nn.Sequential(*[build[type(layer)](layer) for layer in seq.layers])
+
+    return twin(model).eval()
 
 
 def _torch_forward(tm, x):

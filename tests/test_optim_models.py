@@ -148,10 +148,12 @@ PARAM_COUNTS = {
     "zhang2016": 3898,
     "seed002_c1": 8806,
     "seed002_c2": 3898,
+    "resnet_mini": 77754,
 }
 LOSS_NAMES = {
     "lenet5": "softmax_cross_entropy", "seed001": "softmax_cross_entropy", "zhang2016": "mse",
     "seed002_c1": "softmax_cross_entropy", "seed002_c2": "softmax_cross_entropy",
+    "resnet_mini": "softmax_cross_entropy",
 }
 MODEL_IDS = [pytest.param(n, id=n) for n in models.MODELS]
 
@@ -248,6 +250,7 @@ def test_state_dict_round_trip(name):
     # loaded in place: the arrays (and an optimizer holding them) are unchanged objects
     assert all(p is q for p, q in zip(arrays_before, b.parameters()))
     x = np.random.default_rng(3).uniform(0, 1, (2, 1, 28, 28)).astype(np.float32)
+    a.eval(), b.eval()               # eval mode: BatchNorm's running statistics stay as loaded
     np.testing.assert_allclose(b.forward(x), a.forward(x), rtol=1e-6, atol=1e-7)
     # the state dict is a copy: stepping b does not change it or a
     b.backward(np.ones((2, 10), np.float32))

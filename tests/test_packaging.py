@@ -80,7 +80,7 @@ def test_wheel_contains_kernel_sources(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for filename in loader.KERNEL_FILES:
         assert f"gpucnn/kernels/{filename}" in names, sorted(names)
-    for module in ("gpucnn/cuda/__init__.py", "gpucnn/cuda/loader.py", "gpucnn/cuda/ops.py",
+    for module in ("gpucnn/cuda/__init__.py", "gpucnn/cuda/loader.py", "gpucnn/cuda/conv.py",
                    "gpucnn/kernels/__init__.py"):
         assert module in names
 

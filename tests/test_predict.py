@@ -365,7 +365,7 @@ def test_cli_errors(trained, tmp_path, capsys):
         ([run, good, junk], f"argument IMAGE: {junk}: not an image Pillow can read"),
         ([run, tmp_path], f"argument IMAGE: {tmp_path}: is a directory"),
         ([tmp_path / "nowhere", good], "argument checkpoint: checkpoint not found"),
-        ([junk, good], f"argument checkpoint: {junk}: not a readable .npz checkpoint"),
+        ([junk, good], f"argument checkpoint: {junk}: not a gpucnn checkpoint"),
     ]:
         assert gpucnn_predict(*argv) == 2
         cap = capsys.readouterr()

@@ -251,6 +251,59 @@ def _softmax(g: _Graph, s: _Step) -> tuple:
     return s.shape
 
 
+@register(L.BatchNorm2d)
+@register(L.BatchNorm1d)
+def _batch_norm(g: _Graph, s: _Step) -> tuple:
+    """Evaluation mode: normalised with the running statistics (as model.forward in eval mode)."""
+    layer = s.layer
+    if not s.shape or s.shape[0] != layer.num_features:
+        raise _fail(s, f"num_features={layer.num_features} but its input is (N, {', '.join(map(str, s.shape))})")
+    C = layer.num_features
+    gamma = layer.params["gamma"] if layer.affine else np.ones(C, np.float32)
+    beta = layer.params["beta"] if layer.affine else np.zeros(C, np.float32)
+    inputs = [s.x, g.weight(f"{s.prefix}.weight", gamma), g.weight(f"{s.prefix}.bias", beta),
+              g.weight(f"{s.prefix}.running_mean", layer.buffers["running_mean"]),
+              g.weight(f"{s.prefix}.running_var", layer.buffers["running_var"])]
+    g.node("BatchNormalization", inputs, s.out, f"{s.prefix}_BatchNormalization", epsilon=float(layer.eps),
+           momentum=float(1 - layer.momentum))
+    return s.shape
+
+
+@register(L.Dropout)
+def _dropout(g: _Graph, s: _Step) -> tuple:
+    g.node("Identity", [s.x], s.out, f"{s.prefix}_Identity")   # evaluation mode: the identity
+    return s.shape
+
+
+@register(L.GlobalAvgPool2D)
+def _global_avg_pool(g: _Graph, s: _Step) -> tuple:
+    _expect_rank(s, 3)
+    pooled = g.node("GlobalAveragePool", [s.x], f"{s.prefix}_pooled", f"{s.prefix}_GlobalAveragePool")
+    g.node("Flatten", [pooled], s.out, f"{s.prefix}_Flatten", axis=1)
+    return (s.shape[0],)
+
+
+@register(L.Sequential)
+def _sequential(g: _Graph, s: _Step) -> tuple:
+    return _convert_sequence(g, s.layer.layers, s.prefix, s.x, s.out, s.shape)
+
+
+@register(L.Residual)
+def _residual(g: _Graph, s: _Step) -> tuple:
+    block = _convert_sequence(g, [s.layer.block], f"{s.prefix}.block", s.x, f"{s.prefix}_block", s.shape,
+                              flatten_prefix=True)
+    short, short_shape = s.x, s.shape
+    if s.layer.shortcut is not None:
+        short = f"{s.prefix}_shortcut"
+        short_shape = _convert_sequence(g, [s.layer.shortcut], f"{s.prefix}.shortcut", s.x, short, s.shape,
+                                        flatten_prefix=True)
+    if tuple(block) != tuple(short_shape):
+        raise _fail(s, f"the block gives (N, {', '.join(map(str, block))}) but the shortcut "
+                       f"(N, {', '.join(map(str, short_shape))})")
+    g.node("Add", [f"{s.prefix}_block", short], s.out, f"{s.prefix}_Add")
+    return tuple(block)
+
+
 # -- the model ----------------------------------------------------------------------------
 
 
@@ -267,21 +320,29 @@ def _check_args(model, opset, input_shape) -> tuple:
     return tuple(int(d) for d in shape)
 
 
-def _convert_layers(g: _Graph, model, shape: tuple) -> tuple:
-    """Add every layer's nodes; returns the per-sample output shape."""
-    x, n = INPUT_NAME, len(model.layers)
+def _convert_sequence(g: _Graph, layers, prefix: str, x: str, out_name: str, shape: tuple,
+                      flatten_prefix: bool = False) -> tuple:
+    """Add the nodes of ``layers`` (named ``<prefix>.<i>``, or ``<prefix>`` itself for a single
+    wrapped layer when ``flatten_prefix``) from input ``x`` to output ``out_name``; returns the shape."""
+    n = len(layers)
     if n == 0:
-        g.node("Identity", [x], OUTPUT_NAME, "Identity")
-    for i, layer in enumerate(model.layers):
+        g.node("Identity", [x], out_name, f"{prefix or 'model'}_Identity")
+    for i, layer in enumerate(layers):
+        name = prefix if flatten_prefix else (f"{prefix}.{i}" if prefix else str(i))
         fn = _CONVERTERS.get(type(layer))
         if fn is None:
             raise ExportError(
-                f"layer {i} ({type(layer).__name__}) has no ONNX mapping; supported layers: "
+                f"layer {name} ({type(layer).__name__}) has no ONNX mapping; supported layers: "
                 f"{', '.join(sorted(c.__name__ for c in _CONVERTERS))}")
-        out = OUTPUT_NAME if i == n - 1 else f"{i}_out"
-        shape = tuple(fn(g, _Step(layer, str(i), x, out, shape)))
+        out = out_name if i == n - 1 else f"{name}_out"
+        shape = tuple(fn(g, _Step(layer, name, x, out, shape)))
         x = out
     return shape
+
+
+def _convert_layers(g: _Graph, model, shape: tuple) -> tuple:
+    """Add every layer's nodes; returns the per-sample output shape."""
+    return _convert_sequence(g, model.layers, "", INPUT_NAME, OUTPUT_NAME, shape)
 
 
 def build_onnx(model, *, opset: int = DEFAULT_OPSET, input_shape=(1, 28, 28), model_name: str | None = None):

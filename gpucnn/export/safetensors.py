@@ -88,9 +88,31 @@ def _prelu(layer) -> dict:
 
 
 @register(L.ReLU, L.Sigmoid, L.Tanh, L.ScaledTanh, L.LeakyReLU, L.RReLU, L.Softmax, L.Flatten,
-          L.MaxPool2D, L.AvgPool2D)
+          L.MaxPool2D, L.AvgPool2D, L.Dropout, L.GlobalAvgPool2D)
 def _stateless(layer) -> dict:
     return {}
+
+
+@register(L.BatchNorm2d, L.BatchNorm1d)
+def _batch_norm(layer) -> dict:
+    slots = {name: (layer.buffers, name) for name in ("running_mean", "running_var", "num_batches_tracked")}
+    if layer.affine:
+        slots.update(weight=(layer.params, "gamma"), bias=(layer.params, "beta"))
+    return slots
+
+
+@register(L.Sequential)
+def _nested(layer) -> dict:
+    return _slots(layer)
+
+
+@register(L.Residual)
+def _residual(layer) -> dict:
+    """PyTorch twin: a module with submodules ``block`` and (when there is one) ``shortcut``."""
+    out = {f"block.{k}": v for k, v in _slots(layer.block).items()}
+    if layer.shortcut is not None:
+        out.update({f"shortcut.{k}": v for k, v in _slots(layer.shortcut).items()})
+    return out
 
 
 def _slots(model) -> dict:
@@ -107,7 +129,7 @@ def _slots(model) -> dict:
         slots = fn(layer)
         covered = {k for d, k in slots.values() if d is layer.params}
         left = sorted(set(layer.params) - covered)
-        if left:
+        if left and type(layer) not in (L.Sequential, L.Residual):
             raise ExportError(f"layer {i} ({type(layer).__name__}): parameters {left} have no safetensors name")
         out.update({f"{i}.{suffix}": slot for suffix, slot in slots.items()})
     return out

@@ -4,16 +4,21 @@
 * :mod:`.pooling` — MaxPool2D, AvgPool2D
 * :mod:`.dense` — Dense, Flatten
 * :mod:`.activations` — Sigmoid, Tanh, ScaledTanh, ReLU, LeakyReLU, PReLU, RReLU, Softmax
-* :mod:`.container` — Sequential
+* :mod:`.normalization` — BatchNorm2d, BatchNorm1d, Dropout, GlobalAvgPool2D
+* :mod:`.residual` — Residual (and :func:`~gpucnn.layers.residual.basic_block`)
+* :mod:`.container` — Sequential, and :mod:`.plan`, how it runs its layers
 """
 from .activations import LeakyReLU, PReLU, ReLU, RReLU, ScaledTanh, Sigmoid, Softmax, Tanh
 from .base import Layer
 from .container import Sequential
 from .conv import Conv2D
 from .dense import Dense, Flatten
+from .normalization import BatchNorm1d, BatchNorm2d, Dropout, GlobalAvgPool2D
 from .pooling import AvgPool2D, MaxPool2D
+from .residual import Residual
 
 __all__ = [
     "Layer", "Sequential", "Conv2D", "MaxPool2D", "AvgPool2D", "Dense", "Flatten",
     "Sigmoid", "Tanh", "ScaledTanh", "ReLU", "LeakyReLU", "PReLU", "RReLU", "Softmax",
+    "BatchNorm2d", "BatchNorm1d", "Dropout", "GlobalAvgPool2D", "Residual",
 ]

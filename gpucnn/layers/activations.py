@@ -15,7 +15,7 @@ from .. import backend
 from .._utils import check_array, check_param_match, positive_int
 from ..functional import activation as F
 from ..functional.activation import sigmoid
-from ..random import get_rng
+from ..random import uniform
 from .._utils import shown_shape
 from .base import Layer
 
@@ -206,9 +206,10 @@ class PReLU(_Elementwise):
 class RReLU(_Elementwise):
     """Randomized leaky ReLU (seed 002): x >= 0 -> x, else r * x.
 
-    While training, ``r ~ U(lower, upper)`` is drawn per element (from gpucnn's
-    generator on NumPy, CuPy's on the GPU; ``gpucnn.seed`` fixes both); at
-    evaluation ``r = (lower + upper) / 2``.  Keeps the slopes used.
+    While training, ``r ~ U(lower, upper)`` is drawn per element from gpucnn's
+    counter stream (:func:`gpucnn.random.uniform`: the same draws on NumPy and
+    CuPy, fixed by ``gpucnn.seed``, saved in checkpoints); at evaluation
+    ``r = (lower + upper) / 2``.  Keeps the slopes used.
 
     Args:
         lower, upper: 0 <= lower <= upper < 1 (defaults 1/8 and 1/3, as PyTorch).
@@ -232,10 +233,7 @@ class RReLU(_Elementwise):
                 raise ValueError(f"RReLU: slopes shape {slopes.shape} != x shape {x.shape}")
             r = slopes.astype(x.dtype, copy=False)
         elif self.training:
-            if backend.is_cupy(x):
-                r = backend.cupy.random.uniform(self.lower, self.upper, x.shape).astype(x.dtype)
-            else:
-                r = get_rng().uniform(self.lower, self.upper, x.shape).astype(x.dtype)
+            r = uniform(x.shape, backend.get_array_module(x), x.dtype, self.lower, self.upper)
         else:
             r = (self.lower + self.upper) / 2
         y, self._saved = F.slope_forward(x, r)

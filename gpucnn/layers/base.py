@@ -55,6 +55,7 @@ class Layer:
     def __init__(self):
         self.params: dict = {}
         self.grads: dict = {}
+        self.buffers: dict = {}     # state that is not trained (BatchNorm's running statistics)
         self.training = True
         self.workspace = Workspace()
 
@@ -98,6 +99,10 @@ class Layer:
         """List of ``(name, layer, key)``; ``layer.params[key]`` is the array."""
         return [(f"{prefix}{k}", self, k) for k in self.params]
 
+    def named_buffers(self, prefix: str = ""):
+        """List of ``(name, layer, key)``; ``layer.buffers[key]`` is the array (saved, not trained)."""
+        return [(f"{prefix}{k}", self, k) for k in self.buffers]
+
     def train(self, mode: bool = True):
         self.training = bool(mode)
         return self
@@ -119,6 +124,9 @@ class Layer:
         for k in list(self.params):
             self.params[k] = self.params[k].astype(dtype)
             self.grads[k] = self.grads[k].astype(dtype)
+        for k, v in list(self.buffers.items()):
+            if v.dtype.kind == "f":
+                self.buffers[k] = v.astype(dtype)
         self.workspace.clear()
         return self
 
@@ -127,6 +135,8 @@ class Layer:
         for k in list(self.params):
             self.params[k] = backend.to_device(self.params[k], device)
             self.grads[k] = backend.to_device(self.grads[k], device)
+        for k in list(self.buffers):
+            self.buffers[k] = backend.to_device(self.buffers[k], device)
         self.workspace.clear()
         return self
 

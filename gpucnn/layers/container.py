@@ -153,19 +153,30 @@ class Sequential(Layer):
         return "cpu"
 
     # -- state --------------------------------------------------------------
+    def named_buffers(self, prefix: str = ""):
+        out = []
+        for i, layer in enumerate(self.layers):
+            out.extend(layer.named_buffers(f"{prefix}{i}."))
+        return out
+
+    def _state_entries(self):
+        """``{name: (dict, key)}`` of every parameter and buffer (what a state dict holds)."""
+        entries = {name: (layer.params, k) for name, layer, k in self.named_parameters()}
+        entries.update({name: (layer.buffers, k) for name, layer, k in self.named_buffers()})
+        return entries
+
     def state_dict(self) -> dict:
-        """``{name: NumPy copy}`` of every parameter (device-neutral)."""
-        return {name: np.array(backend.asnumpy(layer.params[k]), copy=True)
-                for name, layer, k in self.named_parameters()}
+        """``{name: NumPy copy}`` of every parameter and buffer (device-neutral)."""
+        return {name: np.array(backend.asnumpy(d[k]), copy=True) for name, (d, k) in self._state_entries().items()}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Copy ``state`` into the parameters, in place, on their current device.
+        """Copy ``state`` into the parameters and buffers, in place, on their current device.
 
         Strict (the default): missing keys, unexpected keys, shape mismatches and
-        dtype mismatches are all listed in one ``KeyError``/``ValueError``; nothing
-        is loaded unless everything matches.
+        dtype mismatches are all listed in one ``ValueError``; nothing is loaded
+        unless everything matches.
         """
-        own = {name: (layer, k) for name, layer, k in self.named_parameters()}
+        own = self._state_entries()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         problems = []
@@ -174,8 +185,8 @@ class Sequential(Layer):
         if unexpected:
             problems.append(f"unexpected keys: {unexpected}")
         for name in sorted(set(own) & set(state)):
-            layer, k = own[name]
-            p, v = layer.params[k], state[name]
+            d, k = own[name]
+            p, v = d[k], state[name]
             if tuple(p.shape) != tuple(v.shape):
                 problems.append(f"{name}: shape {tuple(v.shape)} in state, {tuple(p.shape)} in model")
             elif p.dtype != v.dtype:
@@ -183,7 +194,7 @@ class Sequential(Layer):
         if problems and strict:
             raise ValueError("state_dict does not match the model: " + "; ".join(problems))
         for name in sorted(set(own) & set(state)):
-            layer, k = own[name]
-            p = layer.params[k]
+            d, k = own[name]
+            p = d[k]
             if tuple(p.shape) == tuple(state[name].shape) and p.dtype == state[name].dtype:
                 p[...] = backend.to_device(state[name], backend.device_of(p))
