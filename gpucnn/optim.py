@@ -8,12 +8,23 @@ whole buffer in place each step, so it works for any device.  Conventions follow
 Nesterov uses ``g + mu v``), so runs are comparable.
 
 ``lr`` is a plain attribute: schedules assign it between steps.
+
+On CuPy buffers a step is one kernel per buffer (``kernels/optim.cu``,
+:mod:`gpucnn.cuda.optim`, chosen at the one dispatch seam
+:func:`gpucnn.functional._dispatch.use_kernels`).  The hyper-parameters that
+change between steps (the learning rate; Adam's bias corrections) are read by
+the kernel from a small device array, so a captured CUDA graph replays with a
+new learning rate: :meth:`Optimizer.step` writes it from ``lr`` (a tiny
+host-to-device copy), or takes ``hyper=`` rows the caller uploaded for many
+steps at once (:meth:`Optimizer.hyper_table`; :class:`~gpucnn.train.Trainer`
+does this once per epoch, so its steps never wait on the host).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import backend
+from .functional import _dispatch
 from .layers.flat import flatten
 from .nvtx import ranged
 
@@ -29,6 +40,8 @@ class Optimizer:
     """
 
     SLOTS: tuple = ()
+    #: values of the device ``hyper`` array the kernels read (see :meth:`hyper_values`)
+    HYPER_SIZE: int = 1
 
     def __init__(self, model_or_params, lr):
         params = model_or_params.named_parameters() if hasattr(model_or_params, "named_parameters") else list(model_or_params)
@@ -39,6 +52,7 @@ class Optimizer:
         self.lr = float(lr)
         self.step_count = 0
         self.slots: list[dict] = [{} for _ in self.groups]   # per group: slot -> flat buffer
+        self._hyper: list = [None] * len(self.groups)          # per kernel group: its device hyper array
 
     def _slot(self, gi: int, key: str):
         slots = self.slots[gi]
@@ -47,13 +61,49 @@ class Optimizer:
             slots[key] = xp.zeros_like(self.groups[gi].params)
         return slots[key]
 
-    def step(self):
+    def step(self, hyper=None):
+        """One update of every parameter with the gradients in ``grads``.
+
+        Args:
+            hyper: only for groups on the kernel path: ``{dtype: device row}``
+                holding :meth:`hyper_values` for this step (rows of an uploaded
+                :meth:`hyper_table`); None writes them from ``lr`` now.
+        """
         self.step_count += 1
         for gi, group in enumerate(self.groups):
             group.check(type(self).__name__)
-            self._update(gi, group.params, group.grads)
+            if _dispatch.use_kernels(group.params):
+                row = None if hyper is None else hyper.get(group.dtype)
+                if row is None:
+                    row = self._hyper_array(gi)
+                    from .cuda.optim import write_hyper
+
+                    write_hyper(row, self.hyper_values(self.lr, self.step_count))
+                self._update_kernel(gi, group.params, group.grads, row)
+            else:
+                self._update(gi, group.params, group.grads)
+
+    def _hyper_array(self, gi):
+        if self._hyper[gi] is None:
+            from .cuda.optim import new_hyper
+
+            self._hyper[gi] = new_hyper(self.groups[gi].params, self.HYPER_SIZE)
+        return self._hyper[gi]
+
+    def hyper_values(self, lr: float, step: int) -> tuple:
+        """What the kernels read from ``hyper`` at step ``step`` (>= 1) with learning rate ``lr``."""
+        return (float(lr),)
+
+    def hyper_table(self, lrs, first_step: int, dtype) -> np.ndarray:
+        """Host array ``(len(lrs), HYPER_SIZE)`` of :meth:`hyper_values` for steps
+        ``first_step, first_step + 1, ...`` with learning rates ``lrs``, rounded to ``dtype``."""
+        rows = [self.hyper_values(lr, first_step + i) for i, lr in enumerate(lrs)]
+        return np.asarray(rows, dtype=dtype).reshape(len(rows), self.HYPER_SIZE)
 
     def _update(self, gi, p, g):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update_kernel(self, gi, p, g, hyper):  # pragma: no cover - abstract
         raise NotImplementedError
 
     @property
@@ -154,8 +204,14 @@ class SGD(Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
 
     @ranged("SGD.step")
-    def step(self):
-        super().step()
+    def step(self, hyper=None):
+        super().step(hyper)
+
+    def _update_kernel(self, gi, p, g, hyper):
+        from .cuda.optim import sgd_update
+
+        v = self._slot(gi, "momentum") if self.momentum else None
+        sgd_update(p, g, v, hyper, self.momentum, self.weight_decay, self.nesterov)
 
     def _update(self, gi, p, g):
         t = p.dtype.type
@@ -196,9 +252,22 @@ class Adam(Optimizer):
         if not 0 <= weight_decay < float("inf"):
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
 
+    HYPER_SIZE = 2
+
     @ranged("Adam.step")
-    def step(self):
-        super().step()
+    def step(self, hyper=None):
+        super().step(hyper)
+
+    def hyper_values(self, lr, step):
+        from .cuda.optim import adam_hyper
+
+        return adam_hyper(lr, self.betas, step)
+
+    def _update_kernel(self, gi, p, g, hyper):
+        from .cuda.optim import adam_update
+
+        adam_update(p, g, self._slot(gi, "m"), self._slot(gi, "v"), hyper, self.betas, self.eps,
+                    self.weight_decay)
 
     def _update(self, gi, p, g):
         t = p.dtype.type

@@ -74,13 +74,13 @@ def _inject(spec_fault, rank):
 
     real, calls = Trainer.step_shard, {"n": 0}
 
-    def step_shard(self, xb, yb, n_global):
+    def step_shard(self, xb, yb, n_global, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == spec_fault["at"]:
             if spec_fault.get("kill"):
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at training step {calls['n']}")
-        return real(self, xb, yb, n_global)
+        return real(self, xb, yb, n_global, *args, **kwargs)
 
     Trainer.step_shard = step_shard
 

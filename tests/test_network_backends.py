@@ -203,3 +203,47 @@ def test_lenet5_sgd_steps_match_numpy(dtype, backend):
     batches = [(np.random.default_rng(15 + s).standard_normal((32, 1, 28, 28)).astype(dtype),
                 np.random.default_rng(25 + s).integers(0, 10, 32)) for s in range(3)]
     _sgd_steps(ref, net, backend, batches, dtype)
+
+
+@pytest.mark.parametrize("make_opt", [lambda m: optim.SGD(m, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                                      lambda m: optim.Adam(m, lr=0.01, weight_decay=1e-3)], ids=["sgd", "adam"])
+def test_epoch_of_steps_matches_numpy(backend, make_opt):
+    """Trainer.run_steps as `gpucnn train` runs it: batches gathered from the dataset by the
+    gather kernel, a learning-rate schedule read by the optimizer kernels from the per-epoch
+    hyper table, a last batch of another size; losses, counts and weights equal the NumPy path's."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((23, 2, 9, 6))
+    y = rng.integers(0, 4, 23)
+    order = rng.permutation(23)
+
+    def run(model, put):
+        trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(check_labels=False), make_opt(model),
+                                   batch_size=5, schedule=lambda epoch, step: 0.05 / (1 + step))
+        seen = []
+        stats = trainer.run_steps(put(x), put(y), put(order), 0, range(5), 5,
+                                  on_sync=lambda st, n: seen.append((st.loss_sum, st.correct, st.seen)))
+        return seen, stats.lr_last, model.state_dict(), trainer.optimizer.step_count
+
+    ref = _small_net()
+    net = copy.deepcopy(ref).to("cuda") if backend.name == "cupy" else copy.deepcopy(ref)
+    want = _on_numpy(lambda: run(ref, np.asarray))
+    got = run(net, backend.put)
+    assert [s[1:] for s in got[0]] == [s[1:] for s in want[0]]            # correct counts, examples seen
+    np.testing.assert_allclose([s[0] for s in got[0]], [s[0] for s in want[0]], rtol=1e-10)
+    assert got[1] == want[1] == 0.05 / 5 and got[3] == want[3] == 5
+    for name, value in want[2].items():
+        np.testing.assert_allclose(got[2][name], value, rtol=1e-9, atol=1e-10, err_msg=name)
+
+
+def test_optimizer_kernel_path_is_taken(backend, monkeypatch):
+    """On the kernel backends SGD and Adam update through kernels/optim.cu, not the NumPy arithmetic."""
+    from gpucnn.cuda import optim as koptim
+
+    calls = []
+    for name in ("sgd_update", "adam_update"):
+        real = getattr(koptim, name)
+        monkeypatch.setattr(koptim, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
+    for make in (lambda m: optim.SGD(m, lr=0.1, momentum=0.5), lambda m: optim.Adam(m, lr=0.1)):
+        net = _small_net()
+        make(net.to("cuda") if backend.name == "cupy" else net).step()
+    assert calls == ["sgd_update", "adam_update"]

@@ -123,7 +123,7 @@ def test_resume_into_other_dir_and_conflicts(mnist, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist, tmp_path, monkeypatch):
-    real = losses.SoftmaxCrossEntropy.forward
+    real = losses.SoftmaxCrossEntropy.forward_internal   # what training and evaluation both call
     calls = {"n": 0}
 
     def poisoned(self, logits, labels):
@@ -132,7 +132,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist, tmp_path, monkeypa
         # epoch 1: 8 train steps + 1 eval batch; poison epoch 2's third step
         return out * np.float32("nan") if calls["n"] == 12 else out
 
-    monkeypatch.setattr(losses.SoftmaxCrossEntropy, "forward", poisoned)
+    monkeypatch.setattr(losses.SoftmaxCrossEntropy, "forward_internal", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as info:
         _run(mnist, out)

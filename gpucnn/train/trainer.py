@@ -1,7 +1,13 @@
 """One train step and one epoch loop: what ``gpucnn train``, ``gpucnn bench`` and the tests run.
 
 A step is forward, loss, backward (without the first layer's input gradient)
-and one optimizer step, in an NVTX range ``train_step``.  Its loss and its
+and one optimizer step, in an NVTX range ``train_step``, all on the internal
+batch-last layout (:mod:`gpucnn.functional.layout`): the batch is gathered
+from the dataset straight into it (one ``gather_batch`` kernel on a GPU), the
+loss reads the network's ``(K, N)`` output as it is and counts the correct
+predictions in the same pass, and the optimizer reads its learning rate for
+every step of the epoch from one table uploaded at the epoch's start.  On a
+GPU nothing in a step waits for the host.  Its loss and its
 count of correct predictions stay on the device; :meth:`Trainer.run_steps`
 reads them back every ``sync_every`` steps (every step on the CPU, every 50
 on a GPU, so the GPU is not stalled by a host sync per step), checks them for
@@ -25,8 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import backend
 from .. import debug as debug_mod
+from .. import losses
 from ..data.batching import batch_indices, shard_bounds
+from ..functional import _dispatch
+from ..functional.layout import to_internal
 from ..nvtx import nvtx_range
 from .config import NonFiniteLossError
 from .evaluation import evaluate, evaluate_sums, loss_targets
@@ -80,37 +90,80 @@ class Trainer:
         self.num_classes = num_classes
         device = getattr(model, "device", "cpu")
         self.sync_every = int(sync_every) if sync_every else (1 if device == "cpu" else 50)
+        self._batch_buffers: dict = {}
 
     def step(self, xb, yb):
-        """One training step on a batch; returns ``(loss, correct)`` as 0-d device arrays."""
+        """One training step on a public batch ``xb`` (N, ...) / ``yb`` (N,); returns
+        ``(loss, correct)`` as 0-d device arrays."""
         with nvtx_range("train_step"):
-            out = self.model.forward(xb)
-            value = self.loss.forward(out, loss_targets(self.loss, yb, self.num_classes, out.dtype))
-            self.model.backward(self.loss.backward(), input_grad=False)
+            value, correct = self._forward_backward(to_internal(xb), yb, 1.0)
             self.optimizer.step()
-        return value, (out.argmax(axis=1) == yb).sum()
+        return value, correct
 
-    def step_shard(self, xb, yb, n_global: int):
-        """One data-parallel step on this rank's shard of a global batch of ``n_global`` examples.
+    def _forward_backward(self, x, y, scale):
+        """Forward, loss and backward on a batch-last batch; ``(loss, correct)``, both 0-d arrays.
+
+        The gradients written are those of ``scale`` times the batch-mean loss.
+        """
+        out = self.model.forward_internal(x)
+        if isinstance(self.loss, losses.MSE):
+            value = self.loss.forward_internal(out, losses.one_hot_internal(y, out.shape[0], out.dtype))
+            correct = (out.argmax(axis=0) == y).sum()
+        else:
+            value = self.loss.forward_internal(out, y)
+            correct = self.loss.correct
+        self.model.backward_internal(self.loss.backward_internal(scale), need_input_grad=False)
+        return value, correct
+
+    def _gather(self, x, y, idx):
+        """Examples ``idx`` of the dataset ``(x, y)`` as a batch-last batch and its labels.
+
+        On the kernel path one ``gather_batch`` launch writes them into buffers
+        kept per batch size (so a step allocates nothing); else ``x[idx]``,
+        converted.
+        """
+        if _dispatch.use_kernels(x) and x.dtype.kind == "f" and x.flags.c_contiguous and y.dtype.kind == "i":
+            from ..cuda.batch import gather_batch
+
+            n = int(idx.shape[0])
+            key = (n, x.dtype, tuple(x.shape[1:]))
+            bufs = self._batch_buffers.get(key)
+            xp = backend.get_array_module(x)
+            if bufs is None:
+                bufs = self._batch_buffers[key] = (xp.empty(tuple(x.shape[1:]) + (n,), x.dtype),
+                                                  xp.empty((n,), np.int32))
+            return gather_batch(x, y, idx, x_out=bufs[0], y_out=bufs[1])
+        return to_internal(x[idx]), y[idx]
+
+    def _hyper_rows(self, epoch, steps):
+        """Per step: the optimizer's device hyper rows (kernel path), or None; sets nothing."""
+        lrs = [self.schedule(epoch, st) if self.schedule is not None else self.optimizer.lr for st in steps]
+        tables = {}
+        for group in self.optimizer.groups:
+            if _dispatch.use_kernels(group.params) and group.dtype not in tables:
+                host = self.optimizer.hyper_table(lrs, self.optimizer.step_count + 1, group.dtype)
+                tables[group.dtype] = backend.to_device(host, group.device)
+        return lrs, tables
+
+    def step_shard(self, xb, yb, n_global: int, hyper=None):
+        """One data-parallel step on this rank's shard (batch-last ``xb``) of a global batch of
+        ``n_global`` examples.
 
         Returns ``(local mean loss, local correct)`` as 0-d device arrays
         (``(None, None)`` for an empty shard, which contributes zero gradients).
         """
-        n = int(xb.shape[0])
+        n = int(yb.shape[0])
         value = correct = None
         with nvtx_range("train_step"):
             if n:
-                out = self.model.forward(xb)
-                value = self.loss.forward(out, loss_targets(self.loss, yb, self.num_classes, out.dtype))
-                self.model.backward(self.loss.backward(n / n_global), input_grad=False)
-                correct = (out.argmax(axis=1) == yb).sum()
+                value, correct = self._forward_backward(xb, yb, n / n_global)
             else:  # more ranks than examples in this (last) batch
                 for group in self.optimizer.groups:
                     group.grads.fill(0)
             with nvtx_range("allreduce_grads"):
                 for group in self.optimizer.groups:
                     self.comm.allreduce_sum(group.grads)
-            self.optimizer.step()
+            self.optimizer.step(hyper)
         return value, correct
 
     def _batch(self, order, step):
@@ -133,18 +186,26 @@ class Trainer:
         self.model.train()
         pending = []
         steps = list(steps)
-        for step in steps:
-            lr = self.schedule(epoch, step) if self.schedule is not None else self.optimizer.lr
+        lrs, tables = self._hyper_rows(epoch, steps)
+        for i, step in enumerate(steps):
+            lr = lrs[i]
             self.optimizer.lr = lr
             if stats.lr_first is None:
                 stats.lr_first = lr
             stats.lr_last = lr
             idx, n_global = self._batch(order, step)
+            hyper = {dtype: table[i] for dtype, table in tables.items()}
             try:
-                if self.comm is None:
-                    value, correct = self.step(x[idx], y[idx])
+                if idx.shape[0]:
+                    xb, yb = self._gather(x, y, idx)
                 else:
-                    value, correct = self.step_shard(x[idx], y[idx], n_global)
+                    xb, yb = None, y[idx]
+                if self.comm is None:
+                    with nvtx_range("train_step"):
+                        value, correct = self._forward_backward(xb, yb, 1.0)
+                        self.optimizer.step(hyper)
+                else:
+                    value, correct = self.step_shard(xb, yb, n_global, hyper)
             except debug_mod.NonFiniteError as exc:  # anomaly detection named a layer
                 raise NonFiniteLossError(f"{exc} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
                                          f"(lr {lr:g})", epoch=epoch + 1, step=step + 1) from None
