@@ -16,6 +16,9 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def pair(value, name: str, minimum: int) -> tuple[int, int]:
     """Normalise an int or an (h, w) pair to a tuple of two ints >= ``minimum``."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        if value[0] >= minimum and value[1] >= minimum:   # the common case, checked cheaply
+            return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         out = (int(value), int(value))
     elif (

@@ -96,6 +96,14 @@ def get_array_module(*arrays, **named_arrays):
     >>> get_array_module(np.zeros(3)) is np
     True
     """
+    kinds = {type(a) for a in arrays if a is not None}
+    kinds.update(type(a) for a in named_arrays.values() if a is not None)
+    if len(kinds) == 1:                       # the common case, decided by type alone
+        kind = kinds.pop()
+        if kind is np.ndarray:
+            return np
+        if cupy is not None and kind is cupy.ndarray:
+            return cupy
     named = {f"arg{i}": a for i, a in enumerate(arrays)}
     named.update(named_arrays)
     return cupy if check_same_device(**named) == "cuda" else np

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from gpucnn import bench
@@ -44,3 +45,63 @@ def test_time_to_accuracy_reports_each_seed(capsys):
 def test_bad_arguments(argv, message, capsys):
     assert bench.main(["--device", "cpu", "--no-torch"] + argv) == 2
     assert message in capsys.readouterr().err
+
+
+# -- gpucnn bench --static: the CUDA step's launch plan without a GPU ---------------------------
+
+
+@pytest.fixture(scope="module")
+def lenet5_static(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static") / "static.json"
+    assert bench.main(["--static", "--batch-sizes", "64", "--repeats", "2", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_static_lenet5_step_is_within_the_launch_budget(lenet5_static):
+    from gpucnn.bench.static import STEP_LAUNCH_BUDGET
+
+    (row,) = lenet5_static["steps"]
+    assert (row["model"], row["batch"]) == ("lenet5", 64)
+    assert row["launches"] == len(row["kernels"]) <= STEP_LAUNCH_BUDGET["launches"]
+    assert row["xp_ops"] == 0 and row["syncs"] == [] and row["copies"] == []   # nothing but gpucnn's kernels
+    names = [k["name"] for k in row["kernels"]]
+    assert names[0] == "gather_batch" and names[-1] == "sgd_update"          # one optimizer launch in all
+    assert names.count("conv_forward") == 2 and names.count("conv_backward_input") == 1  # conv1 skips dx
+    assert row["host_us"] > 0 and row["launcher_us_per_launch"] > 0
+    assert row["per_epoch"] == ["asarray (host to device)"]                   # the learning-rate table
+
+
+def test_static_report_reads_kernel_resources(lenet5_static):
+    conv = [k for k in lenet5_static["steps"][0]["kernels"] if k["name"] == "conv_forward"]
+    assert all(k["grid"][0] * k["grid"][1] * k["grid"][2] >= 132 for k in conv)  # fills an H200's SMs
+    if lenet5_static["note"] is None and conv[0]["registers"] is not None:   # NVRTC + nvdisasm present
+        assert conv[0]["spill_stores"] == 0 and conv[0]["instructions_per_ffma"] <= 2.0
+
+
+def test_static_counts_cupy_operations_and_syncs():
+    """The stand-in sees what CuPy would launch: a step with an xp op and a host read is reported so."""
+    from gpucnn.bench import standin
+
+    rec = standin.Recorder()
+    with standin.installed(rec) as cp:
+        a = cp.asarray(np.ones((3, 4), np.float32))
+        b = (a * 2).sum(axis=0)
+        a[0] = b
+        float(b[0])
+        c = a.reshape(12)          # a view: nothing
+    kinds = [(e.kind, e.name) for e in rec.events]
+    assert kinds == [("copy", "asarray (host to device)"), ("xp", "multiply"), ("xp", "add.reduce"),
+                     ("xp", "copy (setitem)"), ("sync", "float(array)")]
+    assert isinstance(c, standin.DeviceArray)
+
+
+def test_static_all_models(capsys):
+    assert bench.main(["--static", "--model", "all", "--batch-sizes", "8", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    for name in ("lenet5", "zhang2016", "resnet_mini"):
+        assert f"[{name} train step, batch 8" in text
+
+
+def test_model_all_needs_static(capsys):
+    assert bench.main(["--model", "all", "--device", "cpu"]) == 2
+    assert "--model all goes with --static only" in capsys.readouterr().err

@@ -20,6 +20,7 @@ PyTorch is optional: without it only gpucnn's own times are printed.
 Usage::
 
     gpucnn bench --device cpu --batch-sizes 64
+    gpucnn bench --static --model all --batch-sizes 64 256 --json static.json   # no GPU needed
     gpucnn bench --device cuda --batch-sizes 64 256 1024 --model lenet5
 """
 from __future__ import annotations
@@ -74,7 +75,8 @@ def environment(device: str, torch) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lenet5", choices=models.MODELS)
+    p.add_argument("--model", default="lenet5", choices=(*models.MODELS, "all"),
+                   help="the model (\"all\": every model, with --static only)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64], metavar="N")
     p.add_argument("--repeats", type=int, default=30, help="timed repetitions (median reported)")
@@ -85,6 +87,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch", action="store_true", help="time gpucnn alone")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--static", action="store_true",
+                   help="no GPU needed: the launch plan of one CUDA train step (every launch with grid, block, "
+                        "registers, spills, shared memory and SASS loop figures for sm_90), the launch count "
+                        "and the host microseconds per step and per launch, kernels stubbed")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="--static: the optimizer")
     p.add_argument("--time-to-accuracy", type=float, metavar="ACC", default=None,
                    help="instead: time lenet5 training until MNIST test accuracy >= ACC (e.g. 0.99)")
     p.add_argument("--seeds", type=int, default=5, help="seeds for --time-to-accuracy (mean reported)")
@@ -103,6 +110,10 @@ def _check_args(args):
                                               or args.eval_every < 1):
         return (f"need 0 < --time-to-accuracy < 1, --seeds >= 1, --eval-every >= 1; got "
                 f"{args.time_to_accuracy}, {args.seeds}, {args.eval_every}")
+    if args.model == "all" and not args.static:
+        return "--model all goes with --static only"
+    if args.static:
+        return None
     if args.device == "cuda" and not backend.cuda_available():
         return f"--device cuda: {backend.cuda_unavailable_reason()}"
     return None
@@ -176,6 +187,13 @@ def run(args) -> int:
     if problem:
         print(f"gpucnn bench: {problem}", file=sys.stderr)
         return 2
+    if args.static:
+        from .static import run_static
+
+        names = models.MODELS if args.model == "all" else (args.model,)
+        result = run_static(names, args.batch_sizes, optimizer=args.optimizer, repeats=max(1, min(args.repeats, 9)))
+        _write_json(args.json, result)
+        return 0
     device = args.device if args.device != "auto" else ("cuda" if backend.cuda_available() else "cpu")
     torch = _setup_torch(args, device)
     if device == "cuda":

@@ -52,7 +52,11 @@ def act_code(func: str, act) -> int:
 
 def _dtype(func: str, **arrays) -> np.dtype:
     """The one float dtype of ``arrays`` (None values skipped)."""
-    supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+    dtypes = {getattr(a, "dtype", None) for a in arrays.values() if a is not None}
+    if len(dtypes) == 1:                      # the common case: one supported dtype
+        dt = dtypes.pop()
+        if dt in SUPPORTED_DTYPES:
+            return dt
     found = {}
     for name, a in arrays.items():
         if a is None:
@@ -61,10 +65,12 @@ def _dtype(func: str, **arrays) -> np.dtype:
         if dt is None:
             raise TypeError(f"{func}: {name} must be a numpy/cupy array, got {type(a).__name__}")
         if dt not in SUPPORTED_DTYPES:
+            supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
             raise TypeError(f"{func}: {name} has dtype {dt}, but the CUDA kernels implement only "
                             f"{supported}; convert explicitly (e.g. {name}.astype('float32'))")
         found[name] = np.dtype(dt)
     if len(set(found.values())) > 1:
+        supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         desc = ", ".join(f"{n} is {d}" for n, d in found.items())
         raise TypeError(f"{func}: arrays must share one dtype ({supported}), but {desc}")
     return next(iter(found.values()))
@@ -76,7 +82,7 @@ def _kernel(base: str, dtype) -> str:
 
 def _xp(**arrays):
     """The array module of ``arrays`` (all on one device; None values skipped)."""
-    return get_array_module(**{k: v for k, v in arrays.items() if v is not None})
+    return get_array_module(**arrays)
 
 
 def _contiguous(func: str, **arrays) -> None:

@@ -29,6 +29,7 @@ does, and then it raises :class:`CudaUnavailableError` with an install hint.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import re
 import threading
@@ -139,7 +140,8 @@ def set_module_builder(fn: ModuleBuilder | None) -> ModuleBuilder:
     Returns the previous builder.  Modules are cached per builder, so modules
     built by one builder are never handed out under another.
     """
-    global _builder
+    global _builder, _sync_check
+    _sync_check = _read_sync_check()
     if fn is not None and not callable(fn):
         raise TypeError(f"module builder must be callable, got {type(fn).__name__}")
     with _lock:
@@ -198,7 +200,9 @@ def get_function(kernel: str, options: Sequence[str] | None = None):
 
 
 def clear_cache() -> None:
-    """Forget every built module (and re-read sources next time)."""
+    """Forget every built module (and re-read sources and ``GPUCNN_CUDA_SYNC_CHECK`` next time)."""
+    global _sync_check
+    _sync_check = _read_sync_check()
     with _lock:
         _module_cache.clear()
         _function_cache.clear()
@@ -288,8 +292,17 @@ def _check_current_device(kernel: str, arrays: Mapping[str, object]) -> None:
                 )
 
 
-def _sync_check_enabled() -> bool:
+def _read_sync_check() -> bool:
     return os.environ.get(SYNC_CHECK_ENV, "").strip() not in ("", "0")
+
+
+_sync_check = _read_sync_check()
+
+
+def _sync_check_enabled() -> bool:
+    """``GPUCNN_CUDA_SYNC_CHECK`` is set: read at import, and again whenever the module
+    builder is set or the cache cleared (not per launch: an environment read costs ~1 us)."""
+    return _sync_check
 
 
 def _dims(value, what) -> tuple[int, int, int]:
@@ -302,7 +315,7 @@ def _dims(value, what) -> tuple[int, int, int]:
 class _Prepared:
     """What one (kernel, scalar values, launch shape) needs at launch: computed once, then reused."""
 
-    __slots__ = ("params", "array_slots", "args", "grid", "block", "shared_mem", "functions")
+    __slots__ = ("params", "array_slots", "args", "grid", "block", "shared_mem", "functions", "build")
 
     def __init__(self, kernel, params, args, grid, block, shared_mem):
         self.params = params
@@ -310,24 +323,44 @@ class _Prepared:
         self.args = [None if p.is_array else _scalar(kernel, p, v) for p, v in zip(params, args)]
         self.grid, self.block, self.shared_mem = grid, block, shared_mem
         self.functions = {}   # device id -> compiled function
+        self.build = _tuple_builder(tuple(p.is_array for p in params))
+
+
+_builders: dict[tuple, Callable] = {}
+
+
+def _tuple_builder(is_array: tuple) -> Callable:
+    """``build(args, converted) -> tuple``: the arrays from ``args``, the scalars from ``converted``.
+
+    Generated once per parameter pattern (indices only), so building a launch's argument
+    tuple is one call instead of a Python loop.
+    """
+    fn = _builders.get(is_array)
+    if fn is None:
+        parts = "".join(f"{'a' if arr else 's'}[{i}], " for i, arr in enumerate(is_array))
+        fn = _builders[is_array] = eval(f"lambda a, s: ({parts})")  # noqa: S307 - indices only
+    return fn
 
 
 _prepared: dict[tuple, _Prepared] = {}
-_scalar_slots: dict[str, tuple[int, ...]] = {}
+_scalar_slots: dict[str, tuple] = {}   # kernel -> (number of parameters, getter of the scalar arguments)
 
 
 def _key(kernel, args, n_threads, n_blocks, grid, block, shared_mem):
     """The cache key of a launch: the kernel, its scalar arguments (values and types) and its shape."""
     slots = _scalar_slots.get(kernel)
     if slots is None:
-        slots = _scalar_slots.setdefault(kernel, tuple(i for i, p in enumerate(kernel_signature(kernel))
-                                                       if not p.is_array))
-    if len(args) != len(kernel_signature(kernel)):
+        params = kernel_signature(kernel)
+        idx = [i for i, p in enumerate(params) if not p.is_array]
+        getter = (lambda a: ()) if not idx else (
+            (lambda a, _i=idx[0]: (a[_i],)) if len(idx) == 1 else operator.itemgetter(*idx))
+        slots = _scalar_slots.setdefault(kernel, (len(params), getter))
+    if len(args) != slots[0]:
         return None
-    scalars = tuple(args[i] for i in slots)
+    scalars = slots[1](args)
     return (kernel, scalars, tuple(map(type, scalars)), n_threads, n_blocks,
-            grid if grid is None or isinstance(grid, int) else tuple(grid),
-            block if block is None or isinstance(block, int) else tuple(block), shared_mem)
+            grid if grid is None or type(grid) is int else tuple(grid),
+            block if block is None or type(block) is int else tuple(block), shared_mem)
 
 
 def _arrays_ok(prep, args, cupy_type):
@@ -340,11 +373,14 @@ def _arrays_ok(prep, args, cupy_type):
             d = -1
             if written and not a.flags.writeable:
                 return None
-        elif cupy_type is not None and t is cupy_type:
+            if a.dtype != dtype or a.size > INT32_MAX or not a.flags.c_contiguous:
+                return None
+        elif t is cupy_type:
             d = a.data.device_id
+            # CuPy keeps contiguity as a plain attribute; .flags builds an object per call
+            if a.dtype != dtype or a.size > INT32_MAX or not a._c_contiguous:
+                return None
         else:
-            return None
-        if a.dtype != dtype or not a.flags.c_contiguous or a.size > INT32_MAX:
             return None
         if device is None:
             device = d
@@ -427,16 +463,15 @@ def launch(kernel: str, args: Sequence, *, n_threads: int | None = None,
     device = _arrays_ok(prep, args, cupy.ndarray if cupy is not None else None)
     if device is None or (device >= 0 and device != cupy.cuda.runtime.getDevice()):
         _explain_bad_arrays(kernel, prep, args)     # raises, naming the array and what is wrong
-    call = list(prep.args)
-    for i, _, _ in prep.array_slots:
-        call[i] = args[i]
-    function = prep.functions.get(device)
+    call = prep.build(args, prep.args)
+    fkey = device if options is None else (device, tuple(options))
+    function = prep.functions.get(fkey)
     if function is None:
-        function = prep.functions[device] = get_function(kernel, options)
+        function = prep.functions[fkey] = get_function(kernel, options)
     if prep.shared_mem:
-        function(prep.grid, prep.block, tuple(call), shared_mem=prep.shared_mem)
+        function(prep.grid, prep.block, call, shared_mem=prep.shared_mem)
     else:
-        function(prep.grid, prep.block, tuple(call))
+        function(prep.grid, prep.block, call)
     if device >= 0 and _sync_check_enabled():
         try:
             cupy.cuda.get_current_stream().synchronize()

@@ -1,0 +1,220 @@
+"""``gpucnn bench --static``: the launch plan of one train step, measured without a GPU.
+
+For each model and batch size, one steady-state training step -- exactly what
+``gpucnn train --device cuda`` runs per step (:meth:`gpucnn.train.Trainer.run_steps`:
+gather, forward, loss, backward, optimizer) -- runs on the CuPy stand-in
+(:mod:`gpucnn.bench.standin`), kernels stubbed, and is reported as:
+
+* every launch: gpucnn's kernels with grid, block and dynamic shared memory,
+  and each CuPy operation that would be a kernel of its own;
+* per kernel, from NVRTC + ptxas for sm_90 (when ``cuda-bindings`` and
+  ``nvidia-cuda-nvrtc`` are installed; ``nvidia-cuda-nvdisasm`` for the loop
+  figures): registers, spills, static shared memory, and the innermost FMA
+  loop's instructions and global loads per FMA;
+* host cost: wall time of the step on the host with every kernel stubbed out
+  (the Python work of the step: checks, launch preparation, argument tuples),
+  per step and per launch -- median of several repetitions of ``steps`` steps;
+* host synchronisations inside the step (there should be none).
+
+Everything is static or host-side: no GPU time is claimed.  The figures that
+need a GPU come from ``gpucnn bench --device cuda``.
+"""
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+
+import numpy as np
+
+from .. import losses, models, optim
+from ..data.batching import epoch_permutation
+from ..random import seed as seed_all
+from ..train import Trainer
+from . import standin
+
+__all__ = ["STEP_LAUNCH_BUDGET", "static_step", "kernel_resources", "run_static"]
+
+#: the issue's budget for lenet5 at batch 64: launches per train step, host microseconds per launch
+STEP_LAUNCH_BUDGET = {"launches": 30, "host_us_per_launch": 10.0}
+DATASET_SIZE = 4096
+
+
+def _trainer(name, batch, optimizer):
+    seed_all(0)
+    model = models.build(name, device="cuda")
+    loss = models.make_loss(name)
+    if isinstance(loss, losses.SoftmaxCrossEntropy):
+        loss.check_labels = False     # what `gpucnn train` does on a GPU: no host sync per step
+    opt = optim.SGD(model, lr=0.01, momentum=0.9) if optimizer == "sgd" else optim.Adam(model, lr=1e-3)
+    return Trainer(model, loss, opt, batch_size=batch, sync_every=10**9)
+
+
+def static_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 20, repeats: int = 5) -> dict:
+    """Record one steady-state train step of ``name`` at ``batch`` on the stand-in.
+
+    Returns ``{"model", "batch", "optimizer", "launches", "gpucnn_launches", "xp_ops",
+    "syncs", "copies", "host_us", "host_us_per_launch", "kernels": [...], "per_epoch": [...]}``;
+    ``kernels`` lists every launch of the step in order (``kind``: ``kernel`` for gpucnn's own,
+    ``xp`` for a CuPy operation).  ``per_epoch`` lists what runs once per ``run_steps`` call
+    (the learning-rate table upload) and is not part of a step.
+    """
+    if batch < 1 or steps < 2 or repeats < 1:
+        raise ValueError(f"need batch >= 1, steps >= 2, repeats >= 1; got {batch}, {steps}, {repeats}")
+    rec = standin.Recorder()
+    with standin.installed(rec) as cp:
+        trainer = _trainer(name, batch, optimizer)
+        n = max(DATASET_SIZE, batch * (steps + 2))
+        rng = np.random.default_rng(0)
+        x = cp.asarray(rng.standard_normal((n, 1, 28, 28)).astype(np.float32))
+        y = cp.asarray(rng.integers(0, 10, n).astype(np.int64))
+        order = cp.asarray(epoch_permutation(0, 0, n))
+        spe = n // batch
+        trainer.run_steps(x, y, order, 0, range(2), spe)      # warm-up: buffers, slots, prepared launches
+        rec.take()
+        marks = []
+        real_gather = trainer._gather
+
+        def marked(*a):
+            marks.append(len(rec.events))
+            return real_gather(*a)
+
+        trainer._gather = marked
+        trainer.run_steps(x, y, order, 0, range(2, 2 + steps), spe)
+        events = rec.take()
+        trainer._gather = real_gather
+        # Host time of the same steps, recording paused (stubs only) ...
+        times = []
+        for r in range(repeats):
+            with rec.pause():
+                t0 = time.perf_counter()
+                trainer.run_steps(x, y, order, 0, range(2, 2 + steps), spe)
+                times.append((time.perf_counter() - t0) / steps)
+        # ... and of the launcher alone inside them (loader.launch, kernel stubbed).
+        launcher = _timed_launches(lambda: trainer.run_steps(x, y, order, 0, range(2, 2 + steps), spe),
+                                   rec, repeats)
+    per_epoch = events[:marks[0]]
+    step_events = events[marks[1]:marks[2]]            # a step in the middle: steady state
+    sizes = {marks[i + 1] - marks[i] for i in range(len(marks) - 1)}
+    if len(sizes) != 1:
+        raise RuntimeError(f"{name} batch {batch}: steps differ in their launches ({sorted(sizes)}); "
+                           "the step is not static")
+    launches = [e for e in step_events if e.kind in ("kernel", "xp")]
+    host_us = statistics.median(times) * 1e6
+    return {
+        "model": name, "batch": batch, "optimizer": optimizer,
+        "launches": len(launches),
+        "gpucnn_launches": sum(e.kind == "kernel" for e in launches),
+        "xp_ops": sum(e.kind == "xp" for e in launches),
+        "syncs": [e.name for e in step_events if e.kind == "sync"],
+        "copies": [e.name for e in step_events if e.kind == "copy"],
+        "host_us": host_us,
+        "host_us_per_launch": host_us / max(1, len(launches)),
+        "launcher_us_per_launch": launcher,
+        "kernels": [{"kind": e.kind, "name": e.name, "grid": e.grid, "block": e.block,
+                     "shared_mem": e.shared_mem} for e in launches],
+        "per_epoch": [e.name for e in per_epoch if e.kind != "sync"],
+    }
+
+
+def _timed_launches(run, rec, repeats) -> float:
+    """Median microseconds one ``loader.launch`` call takes inside ``run()`` (kernels stubbed)."""
+    from ..cuda import loader
+
+    real = loader.launch
+    per_rep = []
+    for _ in range(repeats):
+        spent = [0.0, 0]
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            real(*args, **kwargs)
+            spent[0] += time.perf_counter() - t0
+            spent[1] += 1
+
+        loader.launch = timed
+        try:
+            with rec.pause():
+                run()
+        finally:
+            loader.launch = real
+        per_rep.append(spent[0] / max(1, spent[1]))
+    return statistics.median(per_rep) * 1e6
+
+
+def kernel_resources(names, arch: str = "sm_90") -> tuple[dict, str | None]:
+    """``({kernel: figures}, None)`` from :func:`gpucnn.cuda.sass.report`, or ``({}, why not)``."""
+    from ..cuda import loader, sass
+
+    try:
+        sass._nvrtc()
+    except sass.ToolMissingError as exc:
+        return {}, str(exc)
+    out, note = {}, None
+    by_file = collections.defaultdict(set)
+    for k in names:
+        by_file[loader.kernel_file_of(k)].add(k)
+    for filename, kernels in sorted(by_file.items()):
+        try:
+            figures = sass.report(filename, arch)
+        except sass.ToolMissingError as exc:       # no disassembler: ptxas figures only
+            note = str(exc)
+            cubin, log = sass.compile_cubin(filename, arch)
+            figures = {k: dict(v, loop_ffma=None) for k, v in sass.parse_ptxas(log).items()}
+        out.update({k: figures.get(k, {}) for k in kernels})
+    return out, note
+
+
+def _fmt(v, spec=""):
+    return "-" if v is None else format(v, spec)
+
+
+def _print_step(row, resources):
+    print(f"\n[{row['model']} train step, batch {row['batch']}, {row['optimizer']}: {row['launches']} launches "
+          f"({row['gpucnn_launches']} gpucnn kernels + {row['xp_ops']} CuPy ops), host "
+          f"{row['host_us']:.0f} us/step = {row['host_us_per_launch']:.1f} us/launch, of which the launcher "
+          f"{row['launcher_us_per_launch']:.1f} us/launch (kernels stubbed), {len(row['syncs'])} host syncs]")
+    print(f"  {'kernel':28s} {'grid':>16s} {'block':>12s} {'dyn smem':>8s} {'regs':>4s} {'spill':>5s} "
+          f"{'smem':>6s} {'instr/FMA':>9s} {'LDG/FMA':>7s}")
+    for k in row["kernels"]:
+        f = resources.get(k["name"], {})
+        spill = None if f.get("spill_stores") is None else f["spill_stores"] + f["spill_loads"]
+        grid = "x".join(map(str, k["grid"])) if k["grid"] else "-"
+        block = "x".join(map(str, k["block"])) if k["block"] else "-"
+        name = k["name"] if k["kind"] == "kernel" else f"cupy: {k['name']}"
+        print(f"  {name:28s} {grid:>16s} {block:>12s} {k['shared_mem']:>8d} {_fmt(f.get('registers')):>4s} "
+              f"{_fmt(spill):>5s} {_fmt(f.get('smem')):>6s} {_fmt(f.get('instructions_per_ffma'), '.2f'):>9s} "
+              f"{_fmt(f.get('ldg_per_ffma'), '.3f'):>7s}")
+    if row["syncs"] or row["copies"]:
+        print(f"  inside the step: syncs {row['syncs']}, copies {row['copies']}")
+    if row["per_epoch"]:
+        print(f"  once per run_steps call, not per step: {', '.join(row['per_epoch'])}")
+
+
+def run_static(model_names, batches, *, optimizer="sgd", steps=20, repeats=5, arch="sm_90") -> dict:
+    """Print the static table for every model and batch; returns ``{"steps": [...], "arch", "note"}``."""
+    rows = [static_step(m, b, optimizer=optimizer, steps=steps, repeats=repeats)
+            for m in model_names for b in batches]
+    names = sorted({k["name"] for r in rows for k in r["kernels"] if k["kind"] == "kernel"})
+    resources, note = kernel_resources(names, arch)
+    print(f"gpucnn bench --static: one steady-state train step per model and batch on the CuPy stand-in "
+          f"(no GPU, kernels stubbed); kernel resources from NVRTC/ptxas for {arch}")
+    if note:
+        print(f"  ({note})")
+    for row in rows:
+        _print_step(row, resources)
+        for k in row["kernels"]:
+            if k["kind"] == "kernel":
+                k.update({key: resources.get(k["name"], {}).get(key) for key in
+                          ("registers", "spill_stores", "spill_loads", "smem", "instructions_per_ffma",
+                           "ldg_per_ffma")})
+    budget = STEP_LAUNCH_BUDGET
+    for row in rows:
+        if row["model"] == "lenet5" and row["batch"] == 64:
+            ok = (row["launches"] <= budget["launches"]
+                  and row["launcher_us_per_launch"] <= budget["host_us_per_launch"])
+            print(f"\nlenet5 batch 64: {row['launches']} launches (budget {budget['launches']}), launcher "
+                  f"{row['launcher_us_per_launch']:.1f} us/launch (budget {budget['host_us_per_launch']:g}): "
+                  f"{'within budget' if ok else 'OVER BUDGET'}; the whole step's host work is "
+                  f"{row['host_us_per_launch']:.1f} us/launch (what a CUDA graph, --cuda-graph, removes)")
+    return {"arch": arch, "note": note, "steps": rows}
