@@ -135,6 +135,10 @@ def _add_train(sub):
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (Nsight Systems)")
     p.add_argument("--debug", action="store_true", help="anomaly detection: name the first layer producing NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="with --device cuda: replay each full-size train step as one CUDA graph (same numbers, "
+                        "far less host work; opt-in and not yet verified on a GPU; falls back to eager steps "
+                        "with a warning when the step cannot be captured)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes of an MPI launch (mpiexec -n N gpucnn train "
                         "--distributed ...): --batch-size is the global batch, split over the ranks; rank 0 "
@@ -269,7 +273,7 @@ def _cmd_train(args, parser):
     try:
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
-                       progress=not args.no_progress, overwrite=args.overwrite)
+                       progress=not args.no_progress, overwrite=args.overwrite, cuda_graph=args.cuda_graph)
     except NonFiniteLossError as exc:
         _err(str(exc))
         return EXIT_NONFINITE
@@ -334,7 +338,7 @@ def _train_ranks(args, sp, comm):
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
                        progress=not args.no_progress, overwrite=args.overwrite, distributed=comm,
-                       log=print if root else None)
+                       log=print if root else None, cuda_graph=args.cuda_graph)
     except NonFiniteLossError as exc:
         return failure(str(exc), EXIT_NONFINITE)
     except (DataError, FileNotFoundError) as exc:

@@ -17,6 +17,7 @@ from . import backend
 from ._utils import check_array, shown_shape
 from .functional import loss as F
 from .functional.layout import from_internal, to_internal
+from .functional.workspace import Workspace
 from .nvtx import ranged
 
 
@@ -60,6 +61,7 @@ class SoftmaxCrossEntropy:
     def __init__(self, check_labels: bool = True):
         self.check_labels = check_labels
         self._saved = None  # forward keeps functional.loss.SoftmaxXentSaved (probs, labels, correct)
+        self.workspace = Workspace()  # the kernel path's probabilities and scratch, reused
 
     def _check(self, logits, labels, N, K, shown):
         backend.check_same_device(logits=logits, labels=labels)
@@ -84,12 +86,18 @@ class SoftmaxCrossEntropy:
         check_array(logits, "logits", 2, "SoftmaxCrossEntropy")
         return self.forward_internal(to_internal(logits), labels)
 
-    def forward_internal(self, logits, labels):
-        """As :meth:`forward`, on batch-last ``logits (K, N)``."""
+    def forward_internal(self, logits, labels, *, loss_out=None, correct_out=None):
+        """As :meth:`forward`, on batch-last ``logits (K, N)``.
+
+        On a GPU, ``loss_out`` / ``correct_out`` ((1,) arrays of the logits' dtype
+        and int32) receive the loss and the correct count, so a training loop can
+        keep each step's in its own slot without a copy.
+        """
         check_array(logits, "logits", 2, "SoftmaxCrossEntropy", internal=True)
         K, N = logits.shape
         self._check(logits, labels, N, K, f"{(N, K)}")
-        loss, self._saved = F.softmax_cross_entropy_forward(logits, labels)
+        loss, self._saved = F.softmax_cross_entropy_forward(logits, labels, ws=self.workspace,
+                                                            loss_out=loss_out, correct_out=correct_out)
         return loss
 
     @property
@@ -111,7 +119,7 @@ class SoftmaxCrossEntropy:
         """dL/dlogits as batch-last (K, N)."""
         if self._saved is None:
             raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
-        return F.softmax_cross_entropy_backward(self._saved, scale)
+        return F.softmax_cross_entropy_backward(self._saved, scale, ws=self.workspace)
 
 
 class MSE:

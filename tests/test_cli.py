@@ -256,3 +256,11 @@ def test_distributed_without_mpiexec_is_one_process_bit_for_bit(tmp_path, capsys
         for k in a.files:
             if k != "__meta__":
                 assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_cuda_graph_needs_the_gpu(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--device", "cpu", "--cuda-graph", "--subset", "64", "--epochs", "1",
+                  "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert "--cuda-graph) needs the GPU (device cuda); this run is on cpu" in capsys.readouterr().err

@@ -24,19 +24,23 @@ gpucnn's own launches are exact.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import threading
 import types
 
 import numpy as np
 
-__all__ = ["Event", "Recorder", "DeviceArray", "standin", "installed", "stub_module_builder"]
+__all__ = ["Event", "Recorder", "DeviceArray", "standin", "installed", "stub_module_builder",
+           "recording_builder"]
 
 
 @dataclasses.dataclass
 class Event:
     """One recorded operation: ``kind`` is ``kernel`` (gpucnn's), ``xp`` (a CuPy kernel),
-    ``copy`` (host<->device) or ``sync`` (the host waits for the device)."""
+    ``copy`` (host<->device), ``sync`` (the host waits for the device) or ``alloc`` (device
+    memory handed out by the stand-in's ``empty``/``zeros``... and ufunc results are not
+    counted: every CuPy op already counts as a launch)."""
 
     kind: str
     name: str
@@ -77,6 +81,8 @@ def _rec() -> Recorder | None:
 
 
 def _note(kind, name, **kw):
+    if kind == "xp" and getattr(_state, "capture", None) is not None and _state.capture_problem is None:
+        _state.capture_problem = f"a CuPy operation ({name})"
     r = _rec()
     if r is not None:
         r.add(kind, name, **kw)
@@ -105,8 +111,17 @@ def _wrap(v):
 
 
 class _Memory:
+    """CuPy's MemoryPointer: the device (0) and the address (the NumPy buffer's)."""
+
+    __slots__ = ("_array",)
     device_id = 0
-    ptr = 0
+
+    def __init__(self, array):
+        self._array = array
+
+    @property
+    def ptr(self):
+        return self._array.ctypes.data
 
 
 class _Device:
@@ -139,7 +154,9 @@ class DeviceArray(np.ndarray):
 
     __array_priority__ = 100.0
 
-    data = _Memory()           # CuPy's MemoryPointer: what the loader reads the device from
+    @property
+    def data(self):            # CuPy's MemoryPointer: what the loader reads the device from
+        return _Memory(self)
 
     def __array_finalize__(self, obj):
         # CuPy keeps contiguity as an attribute set when an array or view is made; so do we
@@ -250,9 +267,12 @@ _WRITE = frozenset({"zeros", "zeros_like", "ones", "ones_like", "full", "full_li
 
 def _function(name, fn):
     def call(*args, **kwargs):
+        out = _wrap(fn(*_plain(args), **_plain(kwargs)))
         if name in _WRITE:
+            _note("alloc", name)
             _note("xp", name)
-        return _wrap(fn(*_plain(args), **_plain(kwargs)))
+            _allocating(getattr(out, "nbytes", 0))
+        return out
     call.__name__ = name
     return call
 
@@ -281,6 +301,87 @@ def _asnumpy(a, stream=None, **kwargs):
     return np.asarray(a)
 
 
+class _Stream:
+    """A CUDA stream: work runs at once; between ``begin_capture`` and ``end_capture`` gpucnn's
+    kernel launches are recorded into a :class:`_Graph` instead (a CuPy operation or an
+    allocation then makes ``end_capture`` fail, as an unsupported capture would)."""
+
+    ptr = 1
+
+    def __init__(self, **kwargs):
+        self._outer = []
+
+    def synchronize(self):
+        _note("sync", "stream.synchronize")
+
+    def record(self, event=None):
+        return object()
+
+    def wait_event(self, event):
+        pass
+
+    def begin_capture(self, mode=None):
+        if getattr(_state, "capture", None) is not None:
+            raise RuntimeError("stand-in: a capture is already in progress")
+        _state.capture, _state.capture_problem = [], None
+
+    def end_capture(self):
+        launches, problem = _state.capture, _state.capture_problem
+        _state.capture = _state.capture_problem = None
+        if launches is None:
+            raise RuntimeError("stand-in: end_capture without begin_capture")
+        if problem is not None:
+            raise RuntimeError(f"stand-in: the capture held {problem}, which the stand-in cannot replay")
+        return _Graph(launches)
+
+    def __enter__(self):
+        self._outer.append(getattr(_state, "stream", None))
+        _state.stream = self
+        return self
+
+    def __exit__(self, *exc):
+        _state.stream = self._outer.pop()
+        return False
+
+
+_NULL_STREAM = _Stream()
+
+
+class _Graph:
+    def __init__(self, launches):
+        self.launches = launches
+
+    def launch(self, stream=None):
+        r = _rec()
+        if r is not None:
+            r.add("graph", f"graph of {len(self.launches)} kernels")
+        for fn, grid, block, args, shared_mem in self.launches:
+            fn(grid, block, args, shared_mem=shared_mem)
+
+
+def _memcpy_async(dst, src, size, kind, stream):
+    _note("copy", "memcpyAsync (device to device)")
+    ctypes.memmove(dst, src, size)
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    outer = getattr(_state, "allocator", None)
+    _state.allocator = allocator
+    try:
+        yield
+    finally:
+        _state.allocator = outer
+
+
+def _allocating(nbytes):
+    allocator = getattr(_state, "allocator", None)
+    if allocator is not None:
+        allocator(int(nbytes))
+    if getattr(_state, "capture", None) is not None and _state.capture_problem is None:
+        _state.capture_problem = "a device allocation"
+
+
 class _StandIn(types.ModuleType):
     """``cupy``, as far as gpucnn uses it, on NumPy."""
 
@@ -289,13 +390,14 @@ class _StandIn(types.ModuleType):
 
     def __init__(self):
         super().__init__("gpucnn.bench.standin.cupy")
-        stream = types.SimpleNamespace(synchronize=lambda: _note("sync", "stream.synchronize"), ptr=0)
         runtime = types.SimpleNamespace(
             getDevice=lambda: 0, getDeviceCount=lambda: 1,
             getDeviceProperties=lambda i: {"name": b"stand-in GPU (no device)", "multiProcessorCount": 132},
-            driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0)
-        self.cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, get_current_stream=lambda: stream,
-                                          Stream=lambda **kw: stream)
+            driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0, memcpyAsync=_memcpy_async,
+            memcpyDeviceToDevice=3)
+        self.cuda = types.SimpleNamespace(
+            runtime=runtime, Device=_Device, Stream=_Stream, using_allocator=_using_allocator,
+            get_current_stream=lambda: getattr(_state, "stream", None) or _NULL_STREAM)
         self.random = types.SimpleNamespace(seed=lambda *a, **k: None)
         self.asarray = self.array = _asarray
         self.ascontiguousarray = _ascontiguousarray
@@ -305,12 +407,18 @@ class _StandIn(types.ModuleType):
     # outputs of stubbed kernels are valid numbers (labels 0, finite activations).
     @staticmethod
     def empty(shape, dtype=float, order="C"):
-        return np.zeros(shape, dtype, order).view(DeviceArray)
+        _note("alloc", "empty")
+        out = np.zeros(shape, dtype, order).view(DeviceArray)
+        _allocating(out.nbytes)
+        return out
 
     @staticmethod
     def empty_like(a, dtype=None, order="K", shape=None):
-        return np.zeros_like(a.view(np.ndarray) if isinstance(a, DeviceArray) else a, dtype, order,
-                             shape=shape).view(DeviceArray)
+        _note("alloc", "empty_like")
+        out = np.zeros_like(a.view(np.ndarray) if isinstance(a, DeviceArray) else a, dtype, order,
+                            shape=shape).view(DeviceArray)
+        _allocating(out.nbytes)
+        return out
 
     def __getattr__(self, name):
         attr = getattr(np, name)
@@ -325,32 +433,54 @@ class _StandIn(types.ModuleType):
 standin = _StandIn()
 
 
+def _no_kernel(grid, block, args, shared_mem=0):
+    """A stubbed kernel: runs nothing."""
+
+
 class _RecordingFunction:
-    def __init__(self, name):
-        self.name = name
+    """A kernel that records its launch (or, while a stream captures, joins the graph), then runs
+    ``inner`` -- a stub, or e.g. the test emulator's function."""
+
+    def __init__(self, name, inner):
+        self.name, self.inner = name, inner
 
     def __call__(self, grid, block, args, shared_mem=0, **kwargs):
+        capture = getattr(_state, "capture", None)
+        if capture is not None:
+            capture.append((self.inner, grid, block, args, shared_mem))
+            return
         r = getattr(_state, "recorder", None)
         if r is not None and not r.paused:
             r.events.append(Event("kernel", self.name, tuple(grid), tuple(block), int(shared_mem)))
+        self.inner(grid, block, args, shared_mem=shared_mem)
 
 
 class _RecordingModule:
-    def __init__(self, name):
-        self.name = name
+    def __init__(self, inner):
+        self.inner = inner
 
     def get_function(self, kernel):
-        return _RecordingFunction(kernel)
+        return _RecordingFunction(kernel, _no_kernel if self.inner is None else self.inner.get_function(kernel))
 
 
 def stub_module_builder(code, name, options):
-    """A kernel-loader module builder whose functions record their launches."""
-    return _RecordingModule(name)
+    """A kernel-loader module builder whose functions record their launches and run nothing."""
+    return _RecordingModule(None)
+
+
+def recording_builder(inner):
+    """A module builder recording every launch, then running it with ``inner``'s functions."""
+    return lambda code, name, options: _RecordingModule(inner(code, name, options))
 
 
 @contextlib.contextmanager
-def installed(recorder: Recorder):
-    """Run gpucnn's CUDA path on the stand-in inside the block, recording into ``recorder``."""
+def installed(recorder: Recorder, builder=None):
+    """Run gpucnn's CUDA path on the stand-in inside the block, recording into ``recorder``.
+
+    ``builder``: a kernel-loader module builder whose functions really run the
+    kernels on the stand-in's (NumPy) memory, e.g. the test emulator's; None
+    stubs them out.
+    """
     from .. import backend
     from ..cuda import loader
 
@@ -362,8 +492,8 @@ def installed(recorder: Recorder):
     _state.recorder = recorder
     backend.cupy, backend.device_of = standin, device_of
     try:
-        with loader.use_module_builder(stub_module_builder):
+        with loader.use_module_builder(stub_module_builder if builder is None else recording_builder(builder)):
             yield standin
     finally:
         backend.cupy, backend.device_of = saved_cupy, saved_device_of
-        _state.recorder = None
+        _state.recorder = _state.capture = _state.capture_problem = _state.allocator = _state.stream = None

@@ -40,21 +40,22 @@ STEP_LAUNCH_BUDGET = {"launches": 30, "host_us_per_launch": 10.0}
 DATASET_SIZE = 4096
 
 
-def _trainer(name, batch, optimizer):
+def _trainer(name, batch, optimizer, cuda_graph=False):
     seed_all(0)
     model = models.build(name, device="cuda")
     loss = models.make_loss(name)
     if isinstance(loss, losses.SoftmaxCrossEntropy):
         loss.check_labels = False     # what `gpucnn train` does on a GPU: no host sync per step
     opt = optim.SGD(model, lr=0.01, momentum=0.9) if optimizer == "sgd" else optim.Adam(model, lr=1e-3)
-    return Trainer(model, loss, opt, batch_size=batch, sync_every=10**9)
+    return Trainer(model, loss, opt, batch_size=batch, sync_every=10**9, cuda_graph=cuda_graph)
 
 
 def static_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 20, repeats: int = 5) -> dict:
     """Record one steady-state train step of ``name`` at ``batch`` on the stand-in.
 
     Returns ``{"model", "batch", "optimizer", "launches", "gpucnn_launches", "xp_ops",
-    "syncs", "copies", "host_us", "host_us_per_launch", "kernels": [...], "per_epoch": [...]}``;
+    "syncs", "copies", "allocations", "host_us", "host_us_per_launch", "launcher_us_per_launch",
+    "kernels": [...], "per_epoch": [...]}``;
     ``kernels`` lists every launch of the step in order (``kind``: ``kernel`` for gpucnn's own,
     ``xp`` for a CuPy operation).  ``per_epoch`` lists what runs once per ``run_steps`` call
     (the learning-rate table upload) and is not part of a step.
@@ -113,7 +114,8 @@ def static_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 2
         "launcher_us_per_launch": launcher,
         "kernels": [{"kind": e.kind, "name": e.name, "grid": e.grid, "block": e.block,
                      "shared_mem": e.shared_mem} for e in launches],
-        "per_epoch": [e.name for e in per_epoch if e.kind != "sync"],
+        "allocations": sum(e.kind == "alloc" for e in step_events),
+        "per_epoch": [e.name for e in per_epoch if e.kind not in ("sync", "alloc")],
     }
 
 
@@ -140,6 +142,41 @@ def _timed_launches(run, rec, repeats) -> float:
             loader.launch = real
         per_rep.append(spent[0] / max(1, spent[1]))
     return statistics.median(per_rep) * 1e6
+
+
+def graph_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 20, repeats: int = 5) -> dict:
+    """The same step with ``cuda_graph=True`` on the stand-in: what the host does per replayed step.
+
+    Returns ``{"captured": bool, "graph_launches", "copies", "launches", "syncs", "host_us"}`` per step
+    (``captured`` False: the step could not be captured -- see the warning -- and runs eagerly).
+    """
+    import warnings
+
+    rec = standin.Recorder()
+    with standin.installed(rec) as cp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer = _trainer(name, batch, optimizer, cuda_graph=True)
+        n = max(DATASET_SIZE, batch * (steps + 4))
+        rng = np.random.default_rng(0)
+        x = cp.asarray(rng.standard_normal((n, 1, 28, 28)).astype(np.float32))
+        y = cp.asarray(rng.integers(0, 10, n).astype(np.int64))
+        order = cp.asarray(epoch_permutation(0, 0, n))
+        spe = n // batch
+        trainer.run_steps(x, y, order, 0, range(4), spe)          # 2 eager warm-up steps, capture, 1 replay
+        rec.take()
+        trainer.run_steps(x, y, order, 0, range(4, 4 + steps), spe)
+        events = [e for e in rec.take() if e.kind != "alloc"]
+        times = []
+        for _ in range(repeats):
+            with rec.pause():
+                t0 = time.perf_counter()
+                trainer.run_steps(x, y, order, 0, range(4, 4 + steps), spe)
+                times.append((time.perf_counter() - t0) / steps)
+    graphs = sum(e.kind == "graph" for e in events)
+    per = lambda kind: sum(e.kind == kind for e in events) / steps  # noqa: E731
+    return {"model": name, "batch": batch, "captured": graphs == steps, "graph_launches": graphs / steps,
+            "copies": per("copy"), "launches": per("kernel") + per("xp"), "syncs": per("sync"),
+            "host_us": statistics.median(times) * 1e6}
 
 
 def kernel_resources(names, arch: str = "sm_90") -> tuple[dict, str | None]:
@@ -173,7 +210,8 @@ def _print_step(row, resources):
     print(f"\n[{row['model']} train step, batch {row['batch']}, {row['optimizer']}: {row['launches']} launches "
           f"({row['gpucnn_launches']} gpucnn kernels + {row['xp_ops']} CuPy ops), host "
           f"{row['host_us']:.0f} us/step = {row['host_us_per_launch']:.1f} us/launch, of which the launcher "
-          f"{row['launcher_us_per_launch']:.1f} us/launch (kernels stubbed), {len(row['syncs'])} host syncs]")
+          f"{row['launcher_us_per_launch']:.1f} us/launch (kernels stubbed), {len(row['syncs'])} host syncs, "
+          f"{row['allocations']} allocations]")
     print(f"  {'kernel':28s} {'grid':>16s} {'block':>12s} {'dyn smem':>8s} {'regs':>4s} {'spill':>5s} "
           f"{'smem':>6s} {'instr/FMA':>9s} {'LDG/FMA':>7s}")
     for k in row["kernels"]:
@@ -189,6 +227,15 @@ def _print_step(row, resources):
         print(f"  inside the step: syncs {row['syncs']}, copies {row['copies']}")
     if row["per_epoch"]:
         print(f"  once per run_steps call, not per step: {', '.join(row['per_epoch'])}")
+    g = row.get("graph")
+    if g is not None:
+        if g["captured"]:
+            print(f"  with --cuda-graph: per step {g['graph_launches']:.0f} graph launch + {g['copies']:.0f} "
+                  f"device-to-device copies, {g['launches']:.0f} kernel launches from Python, host "
+                  f"{g['host_us']:.0f} us/step")
+        else:
+            print("  with --cuda-graph: the step is not captured (CuPy operations or allocations in it); "
+                  "it runs eagerly")
 
 
 def run_static(model_names, batches, *, optimizer="sgd", steps=20, repeats=5, arch="sm_90") -> dict:
@@ -202,6 +249,7 @@ def run_static(model_names, batches, *, optimizer="sgd", steps=20, repeats=5, ar
     if note:
         print(f"  ({note})")
     for row in rows:
+        row["graph"] = graph_step(row["model"], row["batch"], optimizer=optimizer, steps=steps, repeats=repeats)
         _print_step(row, resources)
         for k in row["kernels"]:
             if k["kind"] == "kernel":

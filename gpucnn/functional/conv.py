@@ -107,7 +107,7 @@ def conv2d_forward(x, W, b, stride, padding, *, act=None, pool=None, ws=None):
     """
     _check_fusion(act, pool)
     if _dispatch.use_kernels(x, W, b):
-        return _forward_kernels(x, W, b, stride, padding, act, pool)
+        return _forward_kernels(x, W, b, stride, padding, act, pool, ws)
     cols, z = _conv_numpy(x, W, b, stride, padding, ws)
     fuse_relu = act == "relu" and pool is not None
     if fuse_relu:
@@ -202,7 +202,7 @@ def conv2d_backward(dy, saved: Conv2dSaved, *, need_input_grad=True, dW_out=None
         ws: the workspace forward used.
     """
     if _dispatch.use_kernels(dy, saved.W):
-        return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out)
+        return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, ws)
     dz = _pre_activation_grad(dy, saved, ws)
     W = saved.W
     O, C, kh, kw = W.shape
@@ -299,13 +299,20 @@ def _store(value, shape, out):
 # --------------------------------------------------------------------------- #
 # the kernel path
 # --------------------------------------------------------------------------- #
-def _forward_kernels(x, W, b, stride, padding, act, pool):
+def _forward_kernels(x, W, b, stride, padding, act, pool, ws):
+    """The kernel path; every output is a buffer of ``ws`` (roles ``k.*``), so a step allocates nothing."""
     from ..cuda import conv as kconv
 
     fuse_relu = act == "relu" and pool is not None
     kernel_act = None if fuse_relu else act
-    y, z = kconv.conv_forward(x, W, b, stride, padding, act=kernel_act)
-    z_shape = tuple(y.shape)
+    xp = backend.get_array_module(x)
+    C, H, Wd, N = x.shape
+    O, _, kh, kw = W.shape
+    (sh, sw), (ph, pw) = stride, padding
+    z_shape = (O, (H + 2 * ph - kh) // sh + 1, (Wd + 2 * pw - kw) // sw + 1, N)
+    y = get(ws, "k.y", z_shape, x.dtype, xp)
+    z = get(ws, "k.z", z_shape, x.dtype, xp) if kernel_act == "relu" else None
+    y, z = kconv.conv_forward(x, W, b, stride, padding, act=kernel_act, y_out=y, z_out=z)
     act_saved = None
     if kernel_act == "relu":
         act_saved = z
@@ -313,28 +320,31 @@ def _forward_kernels(x, W, b, stride, padding, act, pool):
         act_saved = y
     pool_saved = None
     if pool is not None:
-        y, pool_saved = max_pool2d_forward(y, *pool, relu=fuse_relu)
+        y, pool_saved = max_pool2d_forward(y, *pool, relu=fuse_relu, ws=ws)
     return y, Conv2dSaved(x, W, None, stride, padding, b is not None, act, act_saved, pool_saved, z_shape)
 
 
-def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out):
+def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, ws):
     from ..cuda import conv as kconv
     from ..cuda import elementwise
 
     dz = dy
     if saved.pool_saved is not None:
-        dz = max_pool2d_backward(dy, saved.pool_saved)
-    if saved.act is not None and saved.act_saved is not None:
-        dz = elementwise.act_backward(dz, saved.act_saved, saved.act)
+        dz = max_pool2d_backward(dy, saved.pool_saved, ws=ws)
     xp = backend.get_array_module(dz)
+    if saved.act is not None and saved.act_saved is not None:
+        dz = elementwise.act_backward(dz, saved.act_saved, saved.act,
+                                      out=get(ws, "k.act.dz", dz.shape, dz.dtype, xp))
     W = saved.W
-    dW = dW_out if dW_out is not None else xp.empty(W.shape, W.dtype)
+    dW = dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp)
     db = None
     if saved.has_bias:
-        db = db_out if db_out is not None else xp.empty((W.shape[0],), W.dtype)
+        db = db_out if db_out is not None else get(ws, "k.db", (W.shape[0],), W.dtype, xp)
+    need = kconv.conv_backward_weight_workspace_size(saved.x.shape, W.shape, saved.stride, saved.padding)
     kconv.conv_backward_weight(saved.x, dz, W.shape, saved.stride, saved.padding, dW_out=dW, db_out=db,
-                               has_bias=saved.has_bias)
+                               has_bias=saved.has_bias, workspace=get(ws, "k.wgrad", (need,), W.dtype, xp))
     dx = None
     if need_input_grad:
-        dx = kconv.conv_backward_input(dz, W, saved.x.shape, saved.stride, saved.padding)
+        dx = kconv.conv_backward_input(dz, W, saved.x.shape, saved.stride, saved.padding,
+                                       out=get(ws, "k.dx", saved.x.shape, dz.dtype, xp))
     return dx, dW, db

@@ -41,7 +41,10 @@ def linear_forward(x, W, b, *, act=None, ws=None):
     if _dispatch.use_kernels(x, W, b):
         from ..cuda import dense
 
-        y, z = dense.dense_forward(x, W, b, act=act)
+        xp = backend.get_array_module(x)
+        shape = (W.shape[0], x.shape[1])
+        y, z = dense.dense_forward(x, W, b, act=act, y_out=get(ws, "k.y", shape, x.dtype, xp),
+                                   z_out=get(ws, "k.z", shape, x.dtype, xp) if act == "relu" else None)
         saved = z if act == "relu" else (y if act is not None else None)
         return y, LinearSaved(x, W, b is not None, act, saved)
     xp = backend.get_array_module(x)
@@ -58,7 +61,7 @@ def linear_backward(dy, saved: LinearSaved, *, need_input_grad=True, dW_out=None
     W, x = saved.W, saved.x
     xp = backend.get_array_module(dy)
     if _dispatch.use_kernels(dy, W):
-        return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp)
+        return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp, ws)
     dz = dy if saved.act is None else act_backward(saved.act, dy, saved.act_saved,
                                                    get(ws, "dz", dy.shape, dy.dtype, xp))
     dW = dW_out if dW_out is not None else xp.empty(W.shape, W.dtype)
@@ -73,14 +76,15 @@ def linear_backward(dy, saved: LinearSaved, *, need_input_grad=True, dW_out=None
     return dx, dW, db
 
 
-def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp):
+def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp, ws):
     from ..cuda import dense
 
     W, x = saved.W, saved.x
     db = None
     if saved.has_bias:
-        db = db_out if db_out is not None else xp.empty((W.shape[0],), W.dtype)
-    dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db, has_bias=saved.has_bias)
-    dW = dense.dense_weight_grad(dz, x, out=dW_out)
-    dx = dense.dense_input_grad(W, dz) if need_input_grad else None
+        db = db_out if db_out is not None else get(ws, "k.db", (W.shape[0],), W.dtype, xp)
+    dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db, has_bias=saved.has_bias,
+                                      dz_out=get(ws, "k.dz", dy.shape, dy.dtype, xp))
+    dW = dense.dense_weight_grad(dz, x, out=dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp))
+    dx = dense.dense_input_grad(W, dz, out=get(ws, "k.dx", x.shape, dy.dtype, xp)) if need_input_grad else None
     return dx, dW, db

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import backend
 from . import _dispatch
+from .workspace import get
 
 __all__ = ["SoftmaxXentSaved", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
            "mse_forward", "mse_backward", "LABEL_DTYPES"]
@@ -39,13 +40,16 @@ class SoftmaxXentSaved(NamedTuple):
     correct: object
 
 
-def softmax_cross_entropy_forward(logits, labels):
+def softmax_cross_entropy_forward(logits, labels, *, ws=None, loss_out=None, correct_out=None):
     """Mean cross-entropy of softmax over axis 0 of ``logits (K, N)``; returns ``(loss, saved)``.
 
     Labels are not range-checked here (the loss class does that, where it
     knows whether a host sync is acceptable); on the kernel path an invalid
     label makes the loss NaN.  Labels of another integer dtype than int32 or
-    int64 are converted (a copy) on the kernel path.
+    int64 are converted (a copy) on the kernel path.  On the kernel path the
+    probabilities and per-sample scratch come from ``ws``, and ``loss_out`` /
+    ``correct_out`` ((1,) arrays of the logits' dtype and int32) receive the
+    loss and the count when given (else they are new arrays).
     """
     K, N = logits.shape
     if N and K and _dispatch.use_kernels(logits):
@@ -53,7 +57,12 @@ def softmax_cross_entropy_forward(logits, labels):
 
         if labels.dtype not in LABEL_DTYPES:
             labels = labels.astype(np.int64)
-        loss, probs, correct = kloss.xent_forward(logits, labels)
+        xp = backend.get_array_module(logits)
+        loss, probs, correct = kloss.xent_forward(
+            logits, labels, loss_out=loss_out, correct_out=correct_out,
+            probs_out=get(ws, "k.probs", (K, N), logits.dtype, xp),
+            row_loss_out=get(ws, "k.row_loss", (N,), logits.dtype, xp),
+            row_correct_out=get(ws, "k.row_correct", (N,), np.int32, xp))
         return loss.reshape(()), SoftmaxXentSaved(probs, labels, correct.reshape(()))
     xp = backend.get_array_module(logits)
     z = logits - logits.max(axis=0, keepdims=True)
@@ -65,14 +74,16 @@ def softmax_cross_entropy_forward(logits, labels):
     return loss, SoftmaxXentSaved(xp.exp(log_p), labels, xp.asarray(correct))
 
 
-def softmax_cross_entropy_backward(saved: SoftmaxXentSaved, scale=1.0):
+def softmax_cross_entropy_backward(saved: SoftmaxXentSaved, scale=1.0, *, ws=None):
     """``(p - onehot(y)) * scale / N`` as (K, N)."""
     probs, labels = saved.probs, saved.labels
     host_scale = not isinstance(scale, bool) and isinstance(scale, (int, float, np.integer, np.floating))
     if probs.size and host_scale and _dispatch.use_kernels(probs):
         from ..cuda import loss as kloss
 
-        return kloss.xent_backward(probs, labels, scale)
+        return kloss.xent_backward(probs, labels, scale,
+                                   out=get(ws, "k.dlogits", probs.shape, probs.dtype,
+                                           backend.get_array_module(probs)))
     xp = backend.get_array_module(probs)
     N = probs.shape[1]
     g = probs.copy()

@@ -74,7 +74,12 @@ def max_pool2d_forward(x, kernel, stride, *, relu=False, ws=None):
     if _dispatch.use_kernels(x):
         from ..cuda import pool
 
-        y, tap, factor = pool.max_pool_forward(x, kernel, stride, relu=relu)
+        xp = backend.get_array_module(x)
+        shape = (x.shape[0],) + pool_output_hw(x.shape, kernel, stride) + (x.shape[3],)
+        y, tap, factor = pool.max_pool_forward(
+            x, kernel, stride, relu=relu, y_out=get(ws, "k.pool.y", shape, x.dtype, xp),
+            tap_out=get(ws, "k.pool.tap", shape, np.uint8, xp),
+            factor_out=get(ws, "k.pool.factor", shape, x.dtype, xp) if relu else None)
         return y, MaxPool2dSaved(tap, factor, tuple(x.shape), tuple(kernel), tuple(stride))
     xp = backend.get_array_module(x)
     out_hw = pool_output_hw(x.shape, kernel, stride)
@@ -139,7 +144,9 @@ def max_pool2d_backward(dy, saved: MaxPool2dSaved, *, ws=None):
     if _dispatch.use_kernels(dy):
         from ..cuda import pool
 
-        return pool.max_pool_backward(dy, saved.tap, saved.factor, saved.x_shape, saved.kernel, saved.stride)
+        return pool.max_pool_backward(dy, saved.tap, saved.factor, saved.x_shape, saved.kernel, saved.stride,
+                                      out=get(ws, "k.pool.dx", saved.x_shape, dy.dtype,
+                                              backend.get_array_module(dy)))
     xp = backend.get_array_module(dy)
     (kh, kw), (sh, sw) = saved.kernel, saved.stride
     g = dy if saved.factor is None else dy * saved.factor

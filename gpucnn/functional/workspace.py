@@ -12,11 +12,30 @@ layers hand it on inside a network, and every public boundary
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import numpy as np
 
-__all__ = ["Workspace"]
+__all__ = ["Workspace", "pinning"]
+
+_pins: list | None = None   # while pinning(): every buffer handed out is appended here
+
+
+@contextlib.contextmanager
+def pinning():
+    """Collect (and so keep alive) every workspace buffer handed out inside the block.
+
+    A captured CUDA graph keeps pointing at the buffers it was captured with;
+    holding them here keeps their memory from being reused when a workspace
+    drops them.
+    """
+    global _pins
+    outer, _pins = _pins, []
+    try:
+        yield _pins
+    finally:
+        _pins = outer
 
 
 class Workspace:
@@ -45,6 +64,8 @@ class Workspace:
                 per_role.popitem(last=False)
         else:
             per_role.move_to_end(key)
+        if _pins is not None:
+            _pins.append(buf)
         return buf
 
     def clear(self) -> None:

@@ -27,6 +27,7 @@ every rank sees the same metrics and stops at the same NaN/Inf step.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,10 +80,13 @@ class Trainer:
             CPU, 50 on a GPU).
         comm: a :class:`~gpucnn.distributed.Communicator` for data-parallel
             training; None: this process alone.
+        cuda_graph: on a GPU, replay full-size steps as one captured CUDA graph
+            (:mod:`gpucnn.train.graph`; opt-in, unverified on a GPU so far);
+            falls back to eager steps with a warning when capture fails.
     """
 
     def __init__(self, model, loss, optimizer, *, batch_size: int, schedule=None, num_classes: int = 10,
-                 sync_every: int | None = None, comm=None):
+                 sync_every: int | None = None, comm=None, cuda_graph: bool = False):
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.comm = comm
         self.batch_size = int(batch_size)
@@ -91,6 +95,13 @@ class Trainer:
         device = getattr(model, "device", "cpu")
         self.sync_every = int(sync_every) if sync_every else (1 if device == "cpu" else 50)
         self._batch_buffers: dict = {}
+        self._ring = None
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph and comm is not None and comm.size > 1:
+            raise ValueError("cuda_graph=True is not supported for data-parallel training yet (the allreduce "
+                             "is not captured); leave it off with --distributed")
+        self._graphs: dict = {}          # (id(x), id(y), n) -> StepGraph, or None after a failed capture
+        self._eager_steps: dict = {}     # the same key -> eager steps run (capture waits for WARMUP_STEPS)
 
     def step(self, xb, yb):
         """One training step on a public batch ``xb`` (N, ...) / ``yb`` (N,); returns
@@ -100,15 +111,19 @@ class Trainer:
             self.optimizer.step()
         return value, correct
 
-    def _forward_backward(self, x, y, scale):
+    def _forward_backward(self, x, y, scale, slot=None):
         """Forward, loss and backward on a batch-last batch; ``(loss, correct)``, both 0-d arrays.
 
         The gradients written are those of ``scale`` times the batch-mean loss.
+        ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into.
         """
         out = self.model.forward_internal(x)
         if isinstance(self.loss, losses.MSE):
             value = self.loss.forward_internal(out, losses.one_hot_internal(y, out.shape[0], out.dtype))
             correct = (out.argmax(axis=0) == y).sum()
+        elif slot is not None:
+            value = self.loss.forward_internal(out, y, loss_out=slot[0], correct_out=slot[1])
+            correct = self.loss.correct
         else:
             value = self.loss.forward_internal(out, y)
             correct = self.loss.correct
@@ -135,6 +150,47 @@ class Trainer:
             return gather_batch(x, y, idx, x_out=bufs[0], y_out=bufs[1])
         return to_internal(x[idx]), y[idx]
 
+    def _graph(self, x, y, idx, ring):
+        """The captured step for this dataset and batch size (capturing it once warmed up), or None."""
+        from . import graph as graph_mod
+
+        n = int(idx.shape[0])
+        key = (id(x), id(y), n)
+        if key in self._graphs:
+            g = self._graphs[key]
+            if g is not None:
+                for group in self.optimizer.groups:   # a replaced parameter would leave the graph behind
+                    group.check(type(self.optimizer).__name__)
+            return g
+        if not backend.is_cupy(x) or n != self.batch_size:
+            return None                               # the CPU, the last partial batch: eager
+        if ring is None:
+            warnings.warn(f"--cuda-graph: the {type(self.loss).__name__} step is not captured (only softmax "
+                          "cross-entropy steps are); training continues without a CUDA graph",
+                          RuntimeWarning, stacklevel=3)
+            self._graphs[key] = None
+            return None
+        seen = self._eager_steps.get(key, 0)
+        if seen < graph_mod.WARMUP_STEPS:
+            self._eager_steps[key] = seen + 1         # this step runs eagerly
+            return None
+        g = graph_mod.try_capture(self, x, y, n, idx.dtype)
+        if g is not None:
+            g.dataset = (x, y)                        # keeps the ids of the key valid
+        self._graphs[key] = g
+        return g
+
+    def _metric_ring(self, x, size):
+        """Per-step device slots for the loss and the correct count (kernel path with softmax
+        cross-entropy), so pending steps keep their own values and one read fetches them all."""
+        if not (isinstance(self.loss, losses.SoftmaxCrossEntropy) and _dispatch.use_kernels(x)):
+            return None
+        ring = self._ring
+        if ring is None or ring[0].shape[0] < size or ring[0].dtype != x.dtype:
+            xp = backend.get_array_module(x)
+            ring = self._ring = (xp.empty((size, 1), x.dtype), xp.empty((size, 1), np.int32))
+        return ring
+
     def _hyper_rows(self, epoch, steps):
         """Per step: the optimizer's device hyper rows (kernel path), or None; sets nothing."""
         lrs = [self.schedule(epoch, st) if self.schedule is not None else self.optimizer.lr for st in steps]
@@ -145,7 +201,7 @@ class Trainer:
                 tables[group.dtype] = backend.to_device(host, group.device)
         return lrs, tables
 
-    def step_shard(self, xb, yb, n_global: int, hyper=None):
+    def step_shard(self, xb, yb, n_global: int, hyper=None, slot=None):
         """One data-parallel step on this rank's shard (batch-last ``xb``) of a global batch of
         ``n_global`` examples.
 
@@ -156,13 +212,29 @@ class Trainer:
         value = correct = None
         with nvtx_range("train_step"):
             if n:
-                value, correct = self._forward_backward(xb, yb, n / n_global)
+                value, correct = self._forward_backward(xb, yb, n / n_global, slot)
             else:  # more ranks than examples in this (last) batch
                 for group in self.optimizer.groups:
                     group.grads.fill(0)
             with nvtx_range("allreduce_grads"):
                 for group in self.optimizer.groups:
                     self.comm.allreduce_sum(group.grads)
+            self.optimizer.step(hyper)
+        return value, correct
+
+    def _one_step(self, x, y, idx, n_global, hyper, slot, ring):
+        """One step of :meth:`run_steps`: a CUDA-graph replay, or gather + the eager step."""
+        graph = self._graph(x, y, idx, ring) if self.cuda_graph else None
+        if graph is not None:
+            with nvtx_range("train_step (CUDA graph)"):
+                graph.replay(idx, hyper, slot)
+            self.optimizer.step_count += 1
+            return slot
+        xb, yb = self._gather(x, y, idx) if idx.shape[0] else (None, y[idx])
+        if self.comm is not None:
+            return self.step_shard(xb, yb, n_global, hyper, slot)
+        with nvtx_range("train_step"):
+            value, correct = self._forward_backward(xb, yb, 1.0, slot)
             self.optimizer.step(hyper)
         return value, correct
 
@@ -187,6 +259,7 @@ class Trainer:
         pending = []
         steps = list(steps)
         lrs, tables = self._hyper_rows(epoch, steps)
+        ring = self._metric_ring(x, min(self.sync_every, len(steps)))
         for i, step in enumerate(steps):
             lr = lrs[i]
             self.optimizer.lr = lr
@@ -195,51 +268,55 @@ class Trainer:
             stats.lr_last = lr
             idx, n_global = self._batch(order, step)
             hyper = {dtype: table[i] for dtype, table in tables.items()}
+            slot = None if ring is None else (ring[0][len(pending)], ring[1][len(pending)])
             try:
-                if idx.shape[0]:
-                    xb, yb = self._gather(x, y, idx)
-                else:
-                    xb, yb = None, y[idx]
-                if self.comm is None:
-                    with nvtx_range("train_step"):
-                        value, correct = self._forward_backward(xb, yb, 1.0)
-                        self.optimizer.step(hyper)
-                else:
-                    value, correct = self.step_shard(xb, yb, n_global, hyper)
+                value, correct = self._one_step(x, y, idx, n_global, hyper, slot, ring)
             except debug_mod.NonFiniteError as exc:  # anomaly detection named a layer
                 raise NonFiniteLossError(f"{exc} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
                                          f"(lr {lr:g})", epoch=epoch + 1, step=step + 1) from None
             pending.append((step, value, correct, int(idx.shape[0]), lr, n_global))
             if len(pending) >= self.sync_every or step == steps[-1]:
+                values, counts = self._read(pending, ring)
                 if self.comm is None:
-                    self._drain(pending, stats, epoch, steps_per_epoch)
+                    self._drain(pending, values, counts, stats, epoch, steps_per_epoch)
                 else:
-                    self._drain_reduced(pending, stats, epoch, steps_per_epoch)
+                    self._drain_reduced(pending, values, counts, stats, epoch, steps_per_epoch)
                 if on_sync is not None:
                     on_sync(stats, len(pending))
                 pending = []
         return stats
 
     @staticmethod
-    def _drain(pending, stats, epoch, steps_per_epoch):
-        values = [float(p[1]) for p in pending]  # one host sync for the whole batch of steps
-        for (step, _, correct, n, lr, _), v in zip(pending, values):
+    def _read(pending, ring):
+        """The pending steps' losses and correct counts on the host (one read of the ring on a GPU)."""
+        k = len(pending)
+        if ring is not None:
+            values = backend.asnumpy(ring[0][:k]).ravel().tolist()
+            counts = backend.asnumpy(ring[1][:k]).ravel().tolist()
+            return ([v if p[3] else None for v, p in zip(values, pending)],
+                    [c if p[3] else None for c, p in zip(counts, pending)])
+        return ([None if p[1] is None else float(p[1]) for p in pending],
+                [None if p[2] is None else int(p[2]) for p in pending])
+
+    @staticmethod
+    def _drain(pending, values, counts, stats, epoch, steps_per_epoch):
+        for (step, _, _, n, lr, _), v, c in zip(pending, values, counts):
             if not math.isfinite(v):
                 raise NonFiniteLossError(f"training loss is {v} at epoch {epoch + 1}, step {step + 1}/"
                                          f"{steps_per_epoch} (lr {lr:g})", epoch=epoch + 1, step=step + 1)
             stats.loss_sum += v * n
-            stats.correct += int(correct)
+            stats.correct += c
             stats.seen += n
             stats.steps += 1
 
-    def _drain_reduced(self, pending, stats, epoch, steps_per_epoch):
+    def _drain_reduced(self, pending, values, counts, stats, epoch, steps_per_epoch):
         """:meth:`_drain` with each step's loss sum and correct count summed over the ranks."""
         k = len(pending)
         local = np.zeros(2 * k, dtype=np.float64)
-        for i, (_, value, correct, n, _, _) in enumerate(pending):
+        for i, (_, _, _, n, _, _) in enumerate(pending):
             if n:
-                local[i] = float(value) * n
-                local[k + i] = int(correct)
+                local[i] = values[i] * n
+                local[k + i] = counts[i]
         total = self.comm.allreduce_scalars(local)
         for i, (step, _, _, _, lr, n_global) in enumerate(pending):
             if not math.isfinite(total[i]):

@@ -1,0 +1,123 @@
+"""The train step as one CUDA graph (``gpucnn train --cuda-graph``; opt-in, UNVERIFIED on a GPU).
+
+After a few eager steps have allocated every buffer, one step -- gather,
+forward, loss, backward, optimizer -- is captured on a side stream
+(``cupy.cuda.Stream.begin_capture`` / ``end_capture``) into a graph that reads
+its inputs from fixed device buffers:
+
+* ``idx`` -- the step's sample indices (copied from the epoch's device
+  permutation), ``hyper`` -- the optimizer's device hyper-parameters (copied
+  from the epoch's table row: the learning rate changes, the graph does not);
+* it writes the loss and the correct count into fixed (1,) buffers, copied to
+  the trainer's per-step ring after each replay.
+
+A replayed step is then 2 device-to-device copies in, one ``cudaGraphLaunch``,
+2 copies out: no kernel is launched from Python, no host sync.  Every buffer
+the captured kernels touch is one an eager step uses too (the layers' and the
+loss's workspaces, the flat parameter/gradient/slot buffers), so a replay does
+exactly what an eager step does, bit for bit; the graph keeps a reference to
+each workspace buffer it uses, so a workspace that later drops one (a new batch
+shape) cannot hand its memory to anything else.
+
+Capture refuses a step that allocates device memory (what a graph captured
+would keep pointing at after the allocator recycled it): an allocation during
+capture raises, and the trainer goes on eagerly after a one-line warning, as
+it does for any other capture failure.  Only batches of the captured size are
+replayed; the epoch's last, smaller batch runs eagerly.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+
+from .. import backend
+from ..functional import workspace
+
+__all__ = ["StepGraph", "GraphCaptureError", "WARMUP_STEPS"]
+
+#: eager steps of a batch size before its step is captured (buffers, slots, prepared launches)
+WARMUP_STEPS = 2
+
+
+class GraphCaptureError(RuntimeError):
+    """The train step could not be captured as a CUDA graph (the message says why)."""
+
+
+def _copy(dst, src, stream) -> None:
+    """``dst[...] = src`` (same size, contiguous, on the device) as one async device-to-device copy."""
+    cp = backend.cupy
+    cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, cp.cuda.runtime.memcpyDeviceToDevice,
+                                stream.ptr)
+
+
+@contextlib.contextmanager
+def _no_allocation():
+    """Every device allocation inside the block raises :class:`GraphCaptureError`."""
+    cp = backend.cupy
+
+    def refuse(size):
+        raise GraphCaptureError(f"the step allocated {size} bytes of device memory while being captured; "
+                                "a CUDA graph needs a step that reuses its buffers")
+
+    with cp.cuda.using_allocator(refuse):
+        yield
+
+
+class StepGraph:
+    """One captured train step for batches of ``n`` samples of dataset ``(x, y)``."""
+
+    def __init__(self, trainer, x, y, n: int, idx_dtype):
+        cp = backend.cupy
+        opt = trainer.optimizer
+        self.n = int(n)
+        self.idx = cp.empty((self.n,), idx_dtype)
+        self.hyper = {g.dtype: cp.empty((opt.HYPER_SIZE,), g.dtype) for g in opt.groups}
+        self.loss = cp.empty((1,), x.dtype)
+        self.correct = cp.empty((1,), np.int32)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        current = cp.cuda.get_current_stream()
+        self.stream.wait_event(current.record())         # the eager work before is done first
+        step_count = opt.step_count
+        graph = failure = None
+        with workspace.pinning() as self.buffers, self.stream:   # every buffer the graph touches, kept
+            self.stream.begin_capture()
+            try:
+                with _no_allocation():
+                    xb, yb = trainer._gather(x, y, self.idx)
+                    trainer._forward_backward(xb, yb, 1.0, (self.loss, self.correct))
+                    opt.step(self.hyper)
+            except Exception as exc:
+                failure = exc
+            finally:
+                opt.step_count = step_count                 # the capture ran nothing
+            try:
+                graph = self.stream.end_capture()
+            except Exception as exc:
+                if failure is None:
+                    raise GraphCaptureError(f"ending the capture failed: {exc}") from exc
+        if failure is not None:
+            raise failure
+        self.graph = graph
+
+    def replay(self, idx, hyper, slot) -> None:
+        """One step: copy ``idx`` and the ``hyper`` rows in, launch, copy loss and count to ``slot``."""
+        cp = backend.cupy
+        stream = cp.cuda.get_current_stream()
+        _copy(self.idx, idx, stream)
+        for dtype, buf in self.hyper.items():
+            _copy(buf, hyper[dtype], stream)
+        self.graph.launch(stream=stream)
+        _copy(slot[0], self.loss, stream)
+        _copy(slot[1], self.correct, stream)
+
+
+def try_capture(trainer, x, y, n, idx_dtype):
+    """A :class:`StepGraph`, or None after a one-line warning saying why it could not be captured."""
+    try:
+        return StepGraph(trainer, x, y, n, idx_dtype)
+    except Exception as exc:   # any failure: the eager step is always correct
+        warnings.warn(f"--cuda-graph: capture failed ({type(exc).__name__}: {exc}); training continues "
+                      "without a CUDA graph", RuntimeWarning, stacklevel=3)
+        return None
