@@ -39,3 +39,16 @@ def cupy_xp():
 
     return backend.cupy
 # ---- end gpu --------------------------------------------------------------------
+
+
+# ---- compute-sanitizer runs (tests/gpu/run_on_device.sh) -------------------------
+# GPUCNN_TEST_NO_CUPY_POOL=1: CuPy's memory pool off, every array its own cudaMalloc,
+# so that memcheck sees an out-of-bounds access instead of a read inside a pooled block.
+if _os.environ.get("GPUCNN_TEST_NO_CUPY_POOL") == "1":
+    try:
+        import cupy as _cupy
+
+        _cupy.cuda.set_allocator(None)
+        _cupy.cuda.set_pinned_memory_allocator(None)
+    except ImportError:
+        pass

@@ -34,6 +34,23 @@ class StepPair:
     def gpucnn(self):
         return self.trainer.step(self.x, self.y)[0]
 
+    def steps(self, k: int, cuda_graph: bool):
+        """``k`` train steps the way ``gpucnn train`` runs them (:meth:`Trainer.run_steps` over a
+        dataset of this one batch; ``cuda_graph``: replayed as a CUDA graph once captured).
+        Returns a function running them; time it and divide by ``k``."""
+        model = self.model
+        trainer = Trainer(model, self.trainer.loss, self.trainer.optimizer, batch_size=self.x.shape[0],
+                          sync_every=k, cuda_graph=cuda_graph)
+        xp = backend.get_array_module(self.x)
+        order = xp.arange(self.x.shape[0], dtype=xp.int64)
+        orders = [order] * k        # every step the same batch (what the single-step figure times too)
+        full = xp.concatenate(orders)
+
+        def run():
+            trainer.run_steps(self.x, self.y, full, 0, range(k), k)
+        run.trainer = trainer
+        return run
+
 
 def step_pair(name, batch, device, torch, lr=0.01, momentum=0.9) -> StepPair:
     return StepPair(name, batch, device, torch, lr, momentum)

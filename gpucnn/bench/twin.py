@@ -59,7 +59,7 @@ def torch_step(model, loss_name, x_np, y_np, device, torch, lr, momentum):
     tt = torch.nn.functional.one_hot(ty, 10).to(tx.dtype) if mse else ty
 
     def step(zero_grad=True):
-        if zero_grad:  # inside a graph capture the grads are already None
+        if zero_grad:  # inside a graph capture the grads are already None (torch_graphed drops them)
             topt.zero_grad(set_to_none=True)
         out = tmodel(tx)
         if mse:
@@ -70,6 +70,7 @@ def torch_step(model, loss_name, x_np, y_np, device, torch, lr, momentum):
         topt.step()
         return value
 
+    step.optimizer = topt
     return step
 
 
@@ -87,6 +88,10 @@ def torch_graphed(tstep, torch, warmup=3):
         for _ in range(warmup):
             tstep()
     torch.cuda.current_stream().wait_stream(side)
+    # Drop the warm-up's gradients: captured with them in place, backward would ACCUMULATE into
+    # them on every replay.  Dropped, the captured backward allocates them in the graph's pool
+    # and writes them fresh each replay (PyTorch's whole-network capture recipe).
+    tstep.optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         tstep(zero_grad=False)
