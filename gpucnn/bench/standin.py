@@ -143,6 +143,17 @@ class _Device:
         return False
 
 
+class _CachedMemory:
+    """``array.data``: made on first access, then kept in the instance (a non-data descriptor, so
+    later lookups find the instance's copy: as cheap as CuPy's C attribute)."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        mem = obj.__dict__["data"] = _Memory(obj)
+        return mem
+
+
 def _advanced(index) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(i, (np.ndarray, list)) or (isinstance(i, np.generic) and i.dtype == bool)
@@ -154,9 +165,7 @@ class DeviceArray(np.ndarray):
 
     __array_priority__ = 100.0
 
-    @property
-    def data(self):            # CuPy's MemoryPointer: what the loader reads the device from
-        return _Memory(self)
+    data = _CachedMemory()     # CuPy's MemoryPointer: what the loader reads the device from
 
     def __array_finalize__(self, obj):
         # CuPy keeps contiguity as an attribute set when an array or view is made; so do we
