@@ -120,6 +120,9 @@ def _add_train(sub):
     p.add_argument("--weight-decay", type=_nonneg_float, default=None, help="L2 weight decay (default: 2e-3 for sgd, 0 for adam and for "
                         "the sigmoid networks)")
     p.add_argument("--seed", type=_nonneg_int, default=None, help="random seed (default: 0)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="shift each training image by up to 2 pixels (and mirror half of them on "
+                        "fashion-mnist), deterministic for the seed (default: on for resnet_mini, off otherwise)")
     p.add_argument("--subset", type=_positive_int, default=None, metavar="N",
                    help="train on the first N training images only (quick runs)")
     p.add_argument("--test-subset", type=_positive_int, default=None, metavar="N",
@@ -135,6 +138,9 @@ def _add_train(sub):
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (Nsight Systems)")
     p.add_argument("--debug", action="store_true", help="anomaly detection: name the first layer producing NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="threads of the NumPy path (default: $GPUCNN_NUM_THREADS, else the cores this "
+                        "process may use, at most 8); results are the same bits for any N")
     p.add_argument("--cuda-graph", action="store_true",
                    help="with --device cuda: replay each full-size train step as one CUDA graph (same numbers, "
                         "far less host work; opt-in and not yet verified on a GPU; falls back to eager steps "
@@ -270,6 +276,10 @@ def _cmd_train(args, parser):
     if args.distributed:
         return _cmd_train_distributed(args, sp)
     config = _train_config(args, sp)
+    if args.threads is not None:
+        from .functional import threads
+
+        threads.set_num_threads(args.threads)
     try:
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
@@ -434,8 +444,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args, parser) or 0)
-    except KeyboardInterrupt:
-        _err("interrupted; the last checkpoint written (after the last complete epoch) is kept")
+    except KeyboardInterrupt as exc:
+        from .train.loop import TrainingInterrupted
+
+        _err(exc.describe() if isinstance(exc, TrainingInterrupted) else "interrupted")
         return EXIT_INTERRUPTED
     except FileNotFoundError as exc:
         _err(str(exc))

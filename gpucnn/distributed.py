@@ -325,7 +325,8 @@ def launched_size(env=None) -> int | None:
 
 
 def limit_blas_threads(local_size: int, env=None) -> int | None:
-    """Limit BLAS to ``cores // local_size`` threads (at least 1) with threadpoolctl.
+    """Limit BLAS -- and gpucnn's own threads, unless ``GPUCNN_NUM_THREADS`` is set -- to
+    ``cores // local_size`` threads (at least 1) with threadpoolctl.
 
     Left alone (returns None) when one of :data:`BLAS_ENV_VARS` is set or
     threadpoolctl is not installed.  ``cores`` is this node's CPU count,
@@ -343,6 +344,10 @@ def limit_blas_threads(local_size: int, env=None) -> int | None:
     if hasattr(os, "sched_getaffinity"):
         n = min(n, max(1, len(os.sched_getaffinity(0))))
     threadpool_limits(limits=n, user_api="blas")
+    from .functional import threads
+
+    if not env.get(threads.ENV_VAR):       # the NumPy path's own threads share the cores the same way
+        threads.set_num_threads(n)
     return n
 
 

@@ -123,3 +123,44 @@ def backend_fixture(params=BACKENDS):
             yield b
 
     return backend
+
+
+class RecordingBuilder:
+    """A kernel-loader module builder whose kernels run nothing and record each launch.
+
+    ``launches`` holds ``(kernel, grid, block, args)`` tuples -- with
+    ``shared_mem`` appended when made with ``shared_mem=True`` -- and
+    ``builds`` every ``(file name, options, source)`` compiled.
+    """
+
+    def __init__(self, shared_mem: bool = False):
+        self.launches, self.builds, self._smem = [], [], shared_mem
+
+    def __call__(self, code, name, options):
+        self.builds.append((name, options, code))
+        recorder = self
+
+        class Module:
+            def get_function(self, kernel):
+                def fn(grid, block, args, shared_mem=0):
+                    entry = (kernel, tuple(grid), tuple(block), args)
+                    recorder.launches.append(entry + (shared_mem,) if recorder._smem else entry)
+                return fn
+        return Module()
+
+    def take(self):
+        """``(kernel, grid, block)`` of the launches so far, which are forgotten."""
+        out, self.launches = [(k, g, b) for k, g, b, *_ in self.launches], []
+        return out
+
+
+def recording_fixture(shared_mem: bool = False):
+    """A ``fake`` fixture: the loader builds :class:`RecordingBuilder` modules inside the test."""
+
+    @pytest.fixture
+    def fake():
+        rec = RecordingBuilder(shared_mem)
+        with loader.use_module_builder(rec):
+            yield rec
+
+    return fake

@@ -264,3 +264,57 @@ def test_cuda_graph_needs_the_gpu(capsys, tmp_path):
                   "--out", str(tmp_path / "run")])
     assert info.value.code == 2
     assert "--cuda-graph) needs the GPU (device cuda); this run is on cpu" in capsys.readouterr().err
+
+
+def _interrupt_at_epoch(monkeypatch, which):
+    """Ctrl-C in the middle of epoch ``which`` (1-based) of the next training run."""
+    from gpucnn.train import Trainer
+
+    real = Trainer.run_steps
+
+    def run_steps(self, x, y, order, epoch, *args, **kwargs):
+        if epoch + 1 == which:
+            raise KeyboardInterrupt
+        return real(self, x, y, order, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "run_steps", run_steps)
+
+
+def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(monkeypatch, capsys, tmp_path):
+    _interrupt_at_epoch(monkeypatch, 1)
+    rc = cli.main(["train", "--subset", "64", "--test-subset", "64", "--epochs", "2", "--no-progress",
+                   "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert "interrupted during epoch 1, before any checkpoint was written: there is nothing to resume" in err
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_ctrl_c_later_names_the_checkpoint_kept(monkeypatch, capsys, tmp_path):
+    _interrupt_at_epoch(monkeypatch, 2)
+    rc = cli.main(["train", "--subset", "64", "--test-subset", "64", "--epochs", "3", "--no-progress",
+                   "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert "interrupted during epoch 2;" in err and "(after epoch 1) is kept" in err
+    assert f"gpucnn train --resume {tmp_path / 'run'}" in err
+
+
+def test_resuming_a_cosine_run_with_more_epochs_says_what_the_schedule_does(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--subset", "64", "--test-subset", "64", "--epochs", "2", "--no-progress",
+                     "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--epochs", "4", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    # lr 0.05: the 2-epoch schedule had decayed to 0; the 4-epoch one is back at half of lr
+    assert ("note: epochs changed from 2 to 4: the cosine schedule now spans 4 epochs, so epoch 3 starts "
+            "at lr 0.025 (the 2-epoch schedule was at 0 there) and decays to 0 by epoch 4") in text
+
+
+def test_data_line_names_the_copy_used(capsys, tmp_path):
+    assert cli.main(["train", "--subset", "64", "--test-subset", "64", "--epochs", "1", "--no-progress",
+                     "--out", str(tmp_path / "run")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data: "))
+    assert "data: mnist, 64 training / 64 test images (first 64 training images), from " in line
+    assert Path(line.rsplit(", from ", 1)[1]).is_dir()

@@ -22,11 +22,9 @@ entry point: no spill stores/loads, no stack frame, static shared memory within
 """
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from gpucnn.cuda import loader
+from gpucnn.cuda import loader, sass
 
 nvrtc = pytest.importorskip(
     "cuda.bindings.nvrtc",
@@ -66,33 +64,8 @@ def compile_nvrtc(filename: str, options: tuple[str, ...]) -> tuple[bool, str]:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'")
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers")
-_SMEM = re.compile(r"(\d+) bytes smem")
-
-
-def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
-    """Per entry function: registers, smem, stack, spill_stores, spill_loads."""
-    figures: dict[str, dict[str, int]] = {}
-    current = None
-    for line in log.splitlines():
-        m = _ENTRY.search(line)
-        if m:
-            current = figures.setdefault(m.group(1), {"smem": 0})
-            continue
-        if current is None:
-            continue
-        m = _FRAME.search(line)
-        if m:
-            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                           spill_loads=int(m.group(3)))
-        m = _USED.search(line)
-        if m:
-            current["registers"] = int(m.group(1))
-            s = _SMEM.search(line)
-            current["smem"] = int(s.group(1)) if s else 0
-    return figures
+# ptxas' resource report: the package's parser (gpucnn/cuda/sass.py), tested in tests/test_sass.py
+parse_ptxas = sass.parse_ptxas
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends import CUDASIM_ERROR, KERNEL_BACKENDS, cudasim, use_backend
+from backends import CUDASIM_ERROR, KERNEL_BACKENDS, cudasim, recording_fixture, use_backend
 from gpucnn.cuda import conv, loader
 
 
@@ -273,28 +273,7 @@ def test_outputs_reused_across_calls(device):
 # Launch shapes, with a recording fake module builder (no emulator, no GPU)
 # ---------------------------------------------------------------------------
 
-class _Recorder:
-    """Module builder whose kernels record their launches and do nothing."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, code, name, options):
-        recorder = self
-
-        class Module:
-            def get_function(self, kernel):
-                def fn(grid, block, args, shared_mem=0):
-                    recorder.launches.append((kernel, tuple(grid), tuple(block), args, shared_mem))
-                return fn
-        return Module()
-
-
-@pytest.fixture
-def fake():
-    rec = _Recorder()
-    with loader.use_module_builder(rec):
-        yield rec
+fake = recording_fixture(shared_mem=True)
 
 
 # The listed layers: (name, C, H, W, O, kernel, padding), stride 1.

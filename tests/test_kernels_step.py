@@ -24,7 +24,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from backends import CUDASIM_ERROR, KERNEL_BACKENDS, cudasim, use_backend
+from backends import CUDASIM_ERROR, KERNEL_BACKENDS, cudasim, recording_fixture, use_backend
 from gpucnn.cuda import batch, dense, elementwise, loader, loss, optim, pool
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -662,32 +662,7 @@ def test_gather_batch_invalid_indices_and_labels(device):
 # Launch counts and grids (recording fake builder: no emulator, no GPU)
 # ---------------------------------------------------------------------------
 
-class _Recorder:
-    """Module builder whose kernels record their launches and do nothing."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, code, name, options):
-        recorder = self
-
-        class Module:
-            def get_function(self, kernel):
-                def fn(grid, block, args, shared_mem=0):
-                    recorder.launches.append((kernel, tuple(grid), tuple(block), args))
-                return fn
-        return Module()
-
-    def take(self):
-        out, self.launches = [(k, g, b) for k, g, b, _ in self.launches], []
-        return out
-
-
-@pytest.fixture
-def fake():
-    rec = _Recorder()
-    with loader.use_module_builder(rec):
-        yield rec
+fake = recording_fixture()
 
 
 def _z(*shape, dtype=F32):

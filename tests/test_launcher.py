@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+from backends import recording_fixture
 from cases import CONV_CASES
 from gpucnn.cuda import loader
 
@@ -26,30 +27,7 @@ def _conv_arrays(case, dtype, seed=0):
 # The checked launcher, with a fake module builder (no emulator needed)
 # ---------------------------------------------------------------------------
 
-class _Recorder:
-    """Module builder whose kernels record their launches and do nothing."""
-
-    def __init__(self):
-        self.launches = []
-        self.builds = []
-
-    def __call__(self, code, name, options):
-        self.builds.append((name, options, code))
-        recorder = self
-
-        class Module:
-            def get_function(self, kernel):
-                def fn(grid, block, args, shared_mem=0):
-                    recorder.launches.append((kernel, grid, block, args))
-                return fn
-        return Module()
-
-
-@pytest.fixture
-def fake():
-    rec = _Recorder()
-    with loader.use_module_builder(rec):
-        yield rec
+fake = recording_fixture()
 
 
 def _all_ops_once():

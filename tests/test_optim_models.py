@@ -148,7 +148,7 @@ PARAM_COUNTS = {
     "zhang2016": 3898,
     "seed002_c1": 8806,
     "seed002_c2": 3898,
-    "resnet_mini": 77754,
+    "resnet_mini": 73082,
 }
 LOSS_NAMES = {
     "lenet5": "softmax_cross_entropy", "seed001": "softmax_cross_entropy", "zhang2016": "mse",

@@ -66,6 +66,10 @@ def environment(device: str, torch) -> dict:
     if torch is not None:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+    if device == "cpu":
+        from ..functional import threads
+
+        info["gpucnn_threads"] = threads.get_num_threads()
     if device == "cuda":
         cp = backend.cupy
         info["cupy"] = cp.__version__
@@ -86,8 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=30, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
-                   help="PyTorch CPU threads (default: PyTorch's own default, one per core, which is "
-                        "also what OpenBLAS uses unless OPENBLAS_NUM_THREADS says otherwise)")
+                   help="CPU threads of both sides: PyTorch's and gpucnn's NumPy path (default: each "
+                        "library's own, one per core)")
     p.add_argument("--no-torch", action="store_true", help="time gpucnn alone")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -128,6 +132,10 @@ def _setup_torch(args, device):
     if torch is not None:
         if args.threads:
             torch.set_num_threads(args.threads)
+    if args.threads:
+        from ..functional import threads
+
+        threads.set_num_threads(args.threads)
         if device == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = False

@@ -50,6 +50,15 @@ def _trainer(name, batch, optimizer, cuda_graph=False):
     return Trainer(model, loss, opt, batch_size=batch, sync_every=10**9, cuda_graph=cuda_graph)
 
 
+def _dataset(cp, batch, steps):
+    """A random MNIST-shaped dataset on the stand-in, with an epoch order: ``(x, y, order, steps per epoch)``."""
+    n = max(DATASET_SIZE, batch * steps)
+    rng = np.random.default_rng(0)
+    x = cp.asarray(rng.standard_normal((n, 1, 28, 28)).astype(np.float32))
+    y = cp.asarray(rng.integers(0, 10, n).astype(np.int64))
+    return x, y, cp.asarray(epoch_permutation(0, 0, n)), n // batch
+
+
 def static_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 20, repeats: int = 5) -> dict:
     """Record one steady-state train step of ``name`` at ``batch`` on the stand-in.
 
@@ -65,12 +74,7 @@ def static_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 2
     rec = standin.Recorder()
     with standin.installed(rec) as cp:
         trainer = _trainer(name, batch, optimizer)
-        n = max(DATASET_SIZE, batch * (steps + 2))
-        rng = np.random.default_rng(0)
-        x = cp.asarray(rng.standard_normal((n, 1, 28, 28)).astype(np.float32))
-        y = cp.asarray(rng.integers(0, 10, n).astype(np.int64))
-        order = cp.asarray(epoch_permutation(0, 0, n))
-        spe = n // batch
+        x, y, order, spe = _dataset(cp, batch, steps + 2)
         trainer.run_steps(x, y, order, 0, range(2), spe)      # warm-up: buffers, slots, prepared launches
         rec.take()
         marks = []
@@ -156,12 +160,7 @@ def graph_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 20
     with standin.installed(rec) as cp, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         trainer = _trainer(name, batch, optimizer, cuda_graph=True)
-        n = max(DATASET_SIZE, batch * (steps + 4))
-        rng = np.random.default_rng(0)
-        x = cp.asarray(rng.standard_normal((n, 1, 28, 28)).astype(np.float32))
-        y = cp.asarray(rng.integers(0, 10, n).astype(np.int64))
-        order = cp.asarray(epoch_permutation(0, 0, n))
-        spe = n // batch
+        x, y, order, spe = _dataset(cp, batch, steps + 4)
         trainer.run_steps(x, y, order, 0, range(4), spe)          # 2 eager warm-up steps, capture, 1 replay
         rec.take()
         trainer.run_steps(x, y, order, 0, range(4, 4 + steps), spe)

@@ -16,36 +16,65 @@ def import_torch():
 
 
 def torch_twin(model, torch, device):
-    """An ``nn.Sequential`` with the same layers and a copy of ``model``'s weights."""
+    """An ``nn.Sequential`` with the same layers and a copy of ``model``'s weights and buffers
+    (nested Sequentials and Residual blocks included, index for index)."""
+    return _twin_sequential(model, torch).to(device)
+
+
+def _twin_sequential(seq, torch):
+    return torch.nn.Sequential(*[_twin_layer(layer, torch) for layer in seq.layers])
+
+
+def _twin_layer(layer, torch):
     nn = torch.nn
-    mods = []
-    for layer in model.layers:
-        if isinstance(layer, layers.Conv2D):
-            m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                          stride=layer.stride, padding=layer.padding, bias="b" in layer.params)
-        elif isinstance(layer, layers.Dense):
-            m = nn.Linear(layer.in_features, layer.out_features, bias="b" in layer.params)
-        elif isinstance(layer, layers.MaxPool2D):
-            m = nn.MaxPool2d(layer.kernel_size, layer.stride)
-        elif isinstance(layer, layers.AvgPool2D):
-            m = nn.AvgPool2d(layer.kernel_size, layer.stride)
-        elif isinstance(layer, layers.Flatten):
-            m = nn.Flatten()
-        elif isinstance(layer, layers.ReLU):
-            m = nn.ReLU()
-        elif isinstance(layer, layers.Sigmoid):
-            m = nn.Sigmoid()
-        elif isinstance(layer, layers.Tanh):
-            m = nn.Tanh()
-        else:
+    if isinstance(layer, layers.Conv2D):
+        m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                      stride=layer.stride, padding=layer.padding, bias="b" in layer.params)
+    elif isinstance(layer, layers.Dense):
+        m = nn.Linear(layer.in_features, layer.out_features, bias="b" in layer.params)
+    elif isinstance(layer, (layers.BatchNorm2d, layers.BatchNorm1d)):
+        cls = nn.BatchNorm2d if isinstance(layer, layers.BatchNorm2d) else nn.BatchNorm1d
+        m = cls(layer.num_features, layer.eps, layer.momentum, layer.affine)
+        with torch.no_grad():
+            for key in ("running_mean", "running_var"):
+                getattr(m, key).copy_(torch.from_numpy(backend.asnumpy(layer.buffers[key])))
+            if layer.affine:
+                m.weight.copy_(torch.from_numpy(backend.asnumpy(layer.params["gamma"])))
+                m.bias.copy_(torch.from_numpy(backend.asnumpy(layer.params["beta"])))
+        return m
+    elif isinstance(layer, layers.Residual):
+        return _Residual(layer, torch)
+    elif isinstance(layer, layers.Sequential):
+        return _twin_sequential(layer, torch)
+    else:
+        simple = {layers.MaxPool2D: lambda l: nn.MaxPool2d(l.kernel_size, l.stride),
+                  layers.AvgPool2D: lambda l: nn.AvgPool2d(l.kernel_size, l.stride),
+                  layers.Flatten: lambda l: nn.Flatten(), layers.ReLU: lambda l: nn.ReLU(),
+                  layers.Sigmoid: lambda l: nn.Sigmoid(), layers.Tanh: lambda l: nn.Tanh(),
+                  layers.Dropout: lambda l: nn.Dropout(l.p),
+                  layers.GlobalAvgPool2D: lambda l: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())}
+        make = simple.get(type(layer))
+        if make is None:
             raise ValueError(f"no PyTorch twin for {type(layer).__name__}")
-        if "W" in layer.params:
-            with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(backend.asnumpy(layer.params["W"])))
-                if "b" in layer.params:
-                    m.bias.copy_(torch.from_numpy(backend.asnumpy(layer.params["b"])))
-        mods.append(m)
-    return nn.Sequential(*mods).to(device)
+        return make(layer)
+    with torch.no_grad():
+        m.weight.copy_(torch.from_numpy(backend.asnumpy(layer.params["W"])))
+        if "b" in layer.params:
+            m.bias.copy_(torch.from_numpy(backend.asnumpy(layer.params["b"])))
+    return m
+
+
+def _Residual(layer, torch):  # noqa: N802 - builds a module class lazily (torch is optional)
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = _twin_layer(layer.block, torch)
+            self.shortcut = None if layer.shortcut is None else _twin_layer(layer.shortcut, torch)
+
+        def forward(self, x):
+            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
+
+    return Residual()
 
 
 def torch_step(model, loss_name, x_np, y_np, device, torch, lr, momentum):

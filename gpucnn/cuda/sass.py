@@ -137,7 +137,7 @@ def compile_cubin(filename: str, arch: str = DEFAULT_ARCH) -> tuple[bytes, str]:
 
 
 # ---------------------------------------------------------------------------
-# ptxas' resource report (the same parsing as tests/test_kernel_compile.py)
+# ptxas' resource report (tests/test_kernel_compile.py uses this parser too)
 # ---------------------------------------------------------------------------
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'")

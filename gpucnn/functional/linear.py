@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import backend
-from . import _dispatch
+from . import _dispatch, threads
 from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
 from .workspace import get
 
@@ -48,6 +48,7 @@ def linear_forward(x, W, b, *, act=None, ws=None):
         saved = z if act == "relu" else (y if act is not None else None)
         return y, LinearSaved(x, W, b is not None, act, saved)
     xp = backend.get_array_module(x)
+    threads.pin_blas()                    # BLAS on one thread: the same bits for any thread count
     z = get(ws, "z", (W.shape[0], x.shape[1]), x.dtype, xp)
     xp.matmul(W, x, out=z)
     if b is not None:

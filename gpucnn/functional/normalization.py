@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 from .. import backend
 from .. import random as grandom
+from .workspace import get
 
 __all__ = ["BatchNormSaved", "batch_norm_forward", "batch_norm_backward", "dropout_forward",
            "dropout_backward", "global_avg_pool_forward", "global_avg_pool_backward"]
@@ -60,59 +61,75 @@ def _per_channel(v, x):
     return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, training, momentum, eps):
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, training, momentum, eps, ws=None):
     """Normalise ``x`` per channel; updates the running estimates in place while training.
 
     Args:
         x: (C, ...) batch-last; gamma, beta: (C,) or None (affine=False).
         running_mean, running_var: (C,) buffers, updated in place when ``training``.
         momentum, eps: as PyTorch's BatchNorm.
+        ws: a :class:`~gpucnn.functional.workspace.Workspace` for ``xhat``, ``y`` and scratch
+            (reused across steps; the result is then that buffer).
     Returns:
         ``(y, saved)``.
     """
     xp = backend.get_array_module(x)
     t = x.dtype.type
+    C = x.shape[0]
+    x2 = x.reshape(C, -1)                       # a channel's m values are one contiguous row
+    m = x2.shape[1]
     if training:
-        axes = _stat_axes(x)
-        m = x.size // x.shape[0]
         if m < 2:
             raise ValueError(f"batch normalisation needs more than 1 value per channel while training, "
                              f"got {m} (shape {tuple(x.shape)}); use a larger batch or eval mode")
-        mean = x.mean(axis=axes)
-        centred = x - _per_channel(mean, x)
-        var = (centred * centred).mean(axis=axes)
+        mean = x2.mean(axis=1)
+        xhat = get(ws, "bn.xhat", x2.shape, x.dtype, xp)
+        xp.subtract(x2, mean[:, None], out=xhat)                  # centred, normalised in place below
+        sq = get(ws, "bn.tmp", x2.shape, x.dtype, xp)
+        var = xp.multiply(xhat, xhat, out=sq).mean(axis=1)
         inv_std = 1 / xp.sqrt(var + t(eps))
-        xhat = centred
-        xhat *= _per_channel(inv_std, x)
+        xhat *= inv_std[:, None]
         running_mean *= t(1 - momentum)
         running_mean += t(momentum) * mean
         running_var *= t(1 - momentum)
         running_var += t(momentum * m / (m - 1)) * var
     else:
         inv_std = 1 / xp.sqrt(running_var + t(eps))
-        xhat = (x - _per_channel(running_mean, x)) * _per_channel(inv_std, x)
-    y = xhat if gamma is None else xhat * _per_channel(gamma, x) + _per_channel(beta, x)
-    return y, BatchNormSaved(xhat, inv_std, gamma, training)
+        xhat = get(ws, "bn.xhat", x2.shape, x.dtype, xp)
+        xp.subtract(x2, running_mean[:, None], out=xhat)
+        xhat *= inv_std[:, None]
+    if gamma is None:
+        y = xhat
+    else:
+        y = xp.multiply(xhat, gamma[:, None], out=get(ws, "bn.y", x2.shape, x.dtype, xp))
+        y += beta[:, None]
+    return y.reshape(x.shape), BatchNormSaved(xhat, inv_std, gamma, training)
 
 
-def batch_norm_backward(dy, saved: BatchNormSaved):
+def batch_norm_backward(dy, saved: BatchNormSaved, ws=None):
     """``(dx, dgamma, dbeta)`` (the last two None without affine parameters)."""
     xhat, inv_std, gamma = saved.xhat, saved.inv_std, saved.gamma
-    axes = _stat_axes(dy)
-    dgamma = (dy * xhat).sum(axis=axes) if gamma is not None else None
-    dbeta = dy.sum(axis=axes) if gamma is not None else None
-    scale = inv_std if gamma is None else gamma * inv_std
-    if not saved.training:
-        return dy * _per_channel(scale, dy), dgamma, dbeta
-    m = dy.size // dy.shape[0]
+    xp = backend.get_array_module(dy)
+    C = dy.shape[0]
+    g2 = dy.reshape(C, -1)
+    m = g2.shape[1]
     t = dy.dtype.type
-    sum_g = dbeta if dbeta is not None else dy.sum(axis=axes)
-    sum_gx = dgamma if dgamma is not None else (dy * xhat).sum(axis=axes)
-    dx = dy * t(m)
-    dx -= _per_channel(sum_g, dy)
-    dx -= xhat * _per_channel(sum_gx, dy)
-    dx *= _per_channel(scale / t(m), dy)
-    return dx, dgamma, dbeta
+    tmp = get(ws, "bn.tmp", g2.shape, dy.dtype, xp)
+    sum_gx = xp.multiply(g2, xhat, out=tmp).sum(axis=1)
+    sum_g = g2.sum(axis=1)
+    dgamma, dbeta = (sum_gx, sum_g) if gamma is not None else (None, None)
+    scale = inv_std if gamma is None else gamma * inv_std
+    dx = get(ws, "bn.dx", g2.shape, dy.dtype, xp)
+    if not saved.training:
+        xp.multiply(g2, scale[:, None], out=dx)
+        return dx.reshape(dy.shape), dgamma, dbeta
+    # (scale / m) * (m g - sum g - xhat sum(g xhat)), as g*scale - xhat*(scale/m)*sum_gx - (scale/m)*sum_g
+    k = scale / t(m)
+    xp.multiply(g2, scale[:, None], out=dx)
+    xp.multiply(xhat, (k * sum_gx)[:, None], out=tmp)
+    dx -= tmp
+    dx -= (k * sum_g)[:, None]
+    return dx.reshape(dy.shape), dgamma, dbeta
 
 
 def dropout_forward(x, p, training, mask=None):

@@ -4,12 +4,14 @@ The NumPy convolutions cut their work into blocks that depend on the shapes
 only (column chunks of the im2col matrix, groups of channels), so the result
 is the same bits whatever the number of threads: the weight gradient's
 partial sums are added in block order.  NumPy's ufuncs and BLAS release the
-GIL, so two threads on two cores really run two blocks at once.  With more
-than one thread, BLAS itself is pinned to one thread per call
-(``threadpoolctl``), for the whole process, from the first parallel block on:
-otherwise BLAS's own threads and ours would fight over the same cores, and
-switching BLAS's thread count back and forth around every block costs more
-than it saves.  ``set_num_threads(1)`` gives BLAS its threads back.
+GIL, so two threads on two cores really run two blocks at once.  BLAS itself
+is pinned to one thread per call (``threadpoolctl``), for the whole process,
+from the first NumPy-path convolution or dense layer on, whatever the thread
+count: a multi-threaded OpenBLAS GEMM splits its reduction differently with
+another thread count (a 64x577 @ 577xN product changes its last bits), so it
+would make the numbers depend on the threads; and BLAS's threads and ours
+would fight over the same cores.  :func:`release_blas` gives BLAS its threads
+back (for other code in the process).
 
 The number of threads: :func:`set_num_threads` (``gpucnn train --threads
 N``), else the ``GPUCNN_NUM_THREADS`` environment variable, else the number
@@ -22,7 +24,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["get_num_threads", "set_num_threads", "run_each", "map_each", "split", "DEFAULT_MAX_THREADS"]
+__all__ = ["get_num_threads", "set_num_threads", "run_each", "map_each", "split", "pin_blas", "release_blas",
+           "DEFAULT_MAX_THREADS"]
 
 ENV_VAR = "GPUCNN_NUM_THREADS"
 DEFAULT_MAX_THREADS = 8
@@ -69,9 +72,20 @@ def set_num_threads(n: int) -> int:
             _pool.shutdown(wait=True)
             _pool = None
         _num_threads = n
-        if n == 1:
-            _pin_blas(False)
     return previous
+
+
+def pin_blas() -> None:
+    """Pin BLAS to one thread per call from now on (cheap when already pinned)."""
+    if not _blas_restore and not _blas_pinned_none:
+        with _lock:
+            _pin_blas(True)
+
+
+def release_blas() -> None:
+    """Give BLAS back the threads it had before :func:`pin_blas` (the next NumPy-path op pins again)."""
+    with _lock:
+        _pin_blas(False)
 
 
 def split(n: int, parts: int = 8) -> list[tuple[int, int]]:
@@ -87,11 +101,12 @@ def split(n: int, parts: int = 8) -> list[tuple[int, int]]:
 
 
 _blas_restore: list = []   # (library controller, its thread count) while BLAS is pinned
+_blas_pinned_none = False  # no BLAS library found to pin (nothing to do, every time)
 
 
 def _pin_blas(pin: bool) -> None:
     """Pin BLAS to one thread (``pin``), or give it back the threads it had."""
-    global _blas
+    global _blas, _blas_pinned_none
     if pin and not _blas_restore:
         if _blas is None:
             try:
@@ -100,6 +115,7 @@ def _pin_blas(pin: bool) -> None:
                 _blas = ThreadpoolController().select(user_api="blas").lib_controllers
             except Exception:  # pragma: no cover - threadpoolctl missing: BLAS keeps its threads
                 _blas = []
+            _blas_pinned_none = not _blas
         for lib in _blas:
             _blas_restore.append((lib, lib.num_threads))
             lib.set_num_threads(1)
@@ -121,11 +137,9 @@ def map_each(fn, blocks):
     """``[fn(*block) for block in blocks]``, the blocks spread over the threads, results in block order."""
     blocks = list(blocks)
     nested = threading.current_thread().name.startswith("gpucnn")   # inside a block: never wait on the pool
+    pin_blas()
     if get_num_threads() == 1 or len(blocks) == 1 or nested:
         return [fn(*b) for b in blocks]
-    if not _blas_restore:
-        with _lock:
-            _pin_blas(True)
     return list(_executor().map(lambda b: fn(*b), blocks))
 
 

@@ -124,6 +124,18 @@ class ReLU(_Elementwise):
         self._check_dy(dy)
         return F.relu_backward(dy, self._saved)
 
+    # Inside a network: the output and the input gradient in reused buffers (no allocation)
+    def forward_internal(self, x):
+        self._check_x(x)
+        xp = backend.get_array_module(x)
+        y, self._saved = F.relu_forward(x, self.workspace.get("y", x.shape, x.dtype, xp))
+        return y
+
+    def backward_internal(self, dy, need_input_grad=True):
+        self._check_dy(dy)
+        xp = backend.get_array_module(dy)
+        return F.relu_backward(dy, self._saved, self.workspace.get("dx", dy.shape, dy.dtype, xp))
+
 
 class LeakyReLU(_Elementwise):
     """x for x >= 0, ``negative_slope * x`` below (seed 002's z/a with a = 1/negative_slope).

@@ -55,7 +55,9 @@ class _BatchNorm(InternalLayer):
                              f"layer expects num_features={self.num_features}")
         y, self._saved = F.batch_norm_forward(
             x, self.params.get("gamma"), self.params.get("beta"), self.buffers["running_mean"],
-            self.buffers["running_var"], training=self.training, momentum=self.momentum, eps=self.eps)
+            self.buffers["running_var"], training=self.training, momentum=self.momentum, eps=self.eps,
+            ws=self.workspace)
+        self._x_shape = tuple(x.shape)
         if self.training:
             self.buffers["num_batches_tracked"] += 1
         return y
@@ -64,10 +66,10 @@ class _BatchNorm(InternalLayer):
         self._check_forward_called(self._saved)
         name = type(self).__name__
         check_array(dy, "dy", None, f"{name}.backward", internal=True)
-        if tuple(dy.shape) != tuple(self._saved.xhat.shape):
+        if tuple(dy.shape) != self._x_shape:
             raise ValueError(f"{name}.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(self._saved.xhat.shape, True)}")
-        dx, dgamma, dbeta = F.batch_norm_backward(dy, self._saved)
+                             f"{shown_shape(self._x_shape, True)}")
+        dx, dgamma, dbeta = F.batch_norm_backward(dy, self._saved, ws=self.workspace)
         if self.affine:
             self._set_grad("gamma", dgamma)
             self._set_grad("beta", dbeta)

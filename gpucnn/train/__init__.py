@@ -63,5 +63,5 @@ __all__ = [
     "TrainConfig", "TrainResult", "NonFiniteLossError", "ResumeConflictError", "OPTIMIZER_DEFAULTS",
     "MODEL_DEFAULTS", "SCHEDULES", "train", "evaluate", "evaluate_sums", "confusion_matrix", "learning_rate", "Schedule",
     "Trainer", "EpochStats", "RunDir", "default_out_dir", "read_metrics", "resume_config", "make_optimizer",
-    "METRICS_NAME",
+    "METRICS_NAME", "TrainingInterrupted",
 ]

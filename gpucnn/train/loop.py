@@ -21,6 +21,7 @@ of ranks.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,8 @@ import numpy as np
 from .. import backend, checkpoint as ckpt_mod, debug as debug_mod, losses, models, nvtx, optim
 from .. import random as grandom
 from . import parallel
-from ..data import load_arrays
+from ..data import load_arrays, load_dataset, normalize
+from ..data.augment import FLIP_DATASETS
 from ..data.batching import SHUFFLE_SCHEME, epoch_permutation, shuffle_generator, steps_per_epoch
 from .config import NonFiniteLossError, TrainConfig, resume_config
 from .rundir import RunDir
@@ -97,9 +99,39 @@ def _run_config(config, resume, say):
     given = {} if config is None else asdict(config.resolved())
     cfg = resume_config(ckpt.config, given).resolved()
     if ckpt.config.get("epochs") != cfg.epochs and cfg.lr_schedule == "cosine":
-        say(f"note: epochs changed from {ckpt.config.get('epochs')} to {cfg.epochs}; the cosine "
-            f"schedule is stretched accordingly (not identical to an uninterrupted run)")
+        say(_cosine_note(cfg, int(ckpt.config.get("epochs")), int(ckpt.epoch)))
     return cfg, ckpt
+
+
+def _cosine_note(cfg, old_epochs: int, done: int) -> str:
+    """What a cosine schedule does when a run of ``old_epochs`` resumes after ``done`` with ``cfg.epochs``."""
+    def lr_at(epochs):
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, epochs) / epochs))
+
+    was, now = lr_at(old_epochs), lr_at(cfg.epochs)
+    return (f"note: epochs changed from {old_epochs} to {cfg.epochs}: the cosine schedule now spans "
+            f"{cfg.epochs} epochs, so epoch {done + 1} starts at lr {now:.3g} (the {old_epochs}-epoch "
+            f"schedule was at {was:.3g} there) and decays to 0 by epoch {cfg.epochs}; this is not the "
+            f"same run as {cfg.epochs} epochs from the start")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: which epoch was cut short and what the run directory holds.
+
+    ``saved_epoch`` is the epoch of the checkpoint at ``checkpoint`` (0: none
+    was written yet, nothing to resume).
+    """
+
+    def __init__(self, epoch: int, saved_epoch: int, checkpoint):
+        super().__init__(f"interrupted during epoch {epoch}")
+        self.epoch, self.saved_epoch, self.checkpoint = epoch, saved_epoch, Path(checkpoint)
+
+    def describe(self) -> str:
+        if self.saved_epoch == 0:
+            return (f"interrupted during epoch {self.epoch}, before any checkpoint was written: "
+                    "there is nothing to resume")
+        return (f"interrupted during epoch {self.epoch}; {self.checkpoint} (after epoch {self.saved_epoch}) is "
+                f"kept: continue with gpucnn train --resume {self.checkpoint.parent}")
 
 
 def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None,
@@ -230,13 +262,15 @@ class _Run:
             raise ValueError(f"cuda_graph=True (--cuda-graph) needs the GPU (device cuda); this run is on {dev}")
         self = cls()
         self.cfg, self.ckpt, self.dev, self.say, self.comm, self.rundir = cfg, ckpt, dev, say, comm, rundir
+        ds = data if data is not None else load_dataset(cfg.dataset, data_dir)
         self.x_tr, self.y_tr, self.x_te, self.y_te, classes = load_arrays(
-            cfg.dataset, data_dir, cfg.subset, cfg.test_subset, dev, data)
+            cfg.dataset, data_dir, cfg.subset, cfg.test_subset, dev, ds)
         self.num_classes = len(classes)
         self.n = int(self.x_tr.shape[0])
         self.steps = steps_per_epoch(self.n, cfg.batch_size)
         say(f"data: {cfg.dataset}, {self.n} training / {int(self.x_te.shape[0])} test images"
-            + (f" (first {cfg.subset} training images)" if cfg.subset else ""))
+            + (f" (first {cfg.subset} training images)" if cfg.subset else "")
+            + (f", from {ds.source}" if ds.source is not None else " (given in memory)"))
         self.model, self.loss = self._model_and_loss(model, loss)
         self._inputs_to_model_dtype()
         self.opt = make_optimizer(cfg, self.model)
@@ -253,9 +287,20 @@ class _Run:
               f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
-                               cuda_graph=cuda_graph)
+                               cuda_graph=cuda_graph, augment=self._augment_spec())
         self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
         return self
+
+    def _augment_spec(self):
+        """The trainer's augmentation: shifts filled with the dataset's background, flips where they
+        keep the class (None when ``augment`` is off)."""
+        cfg = self.cfg
+        if not cfg.augment:
+            return None
+        fill = float(normalize(np.zeros((1, 1, 1), np.uint8), cfg.dataset)[0, 0, 0, 0])
+        flip = cfg.dataset in FLIP_DATASETS
+        self.say(f"augment: random shifts of up to 2 pixels{' and left-right flips' if flip else ''}")
+        return {"seed": cfg.seed, "fill": fill, "flip": flip}
 
     def _resume(self, ckpt):
         """Load the checkpoint (rank 0 when distributed, then broadcast to the other ranks)."""
@@ -294,7 +339,10 @@ class _Run:
     def epochs(self, stop_after, progress):
         cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.epochs):
-            row = self._epoch(epoch, progress)
+            try:
+                row = self._epoch(epoch, progress)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(epoch + 1, self._saved_epoch(epoch), self.rundir.checkpoint) from None
             self.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc "
                      f"{100 * row['train_accuracy']:.2f}%, test loss {row['test_loss']:.4f} acc "
                      f"{100 * row['test_accuracy']:.2f}%, {row['images_per_sec']:.0f} images/s, "
@@ -304,6 +352,12 @@ class _Run:
                 break
         if self.epochs_run == 0 and self.ckpt is not None:
             self.say(f"nothing to do: the checkpoint already has {self.start_epoch} of {cfg.epochs} epochs")
+
+    def _saved_epoch(self, epoch):
+        """The epoch the checkpoint on disk holds when epoch ``epoch`` (0-based) is interrupted (0: none)."""
+        if epoch > self.start_epoch or self.ckpt is not None:
+            return epoch
+        return 0
 
     def _epoch(self, epoch, progress):
         cfg, dev, comm = self.cfg, self.dev, self.comm
@@ -347,7 +401,7 @@ class _Run:
             bar.update(n)
             if stats.steps % 20 == 1 or stats.steps == self.steps:
                 el = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.4f}",
+                bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{100 * stats.accuracy:.2f}%",
                                 img_s=f"{stats.seen / el:.0f}" if el > 0 else "-", lr=f"{stats.lr_last:.3g}",
                                 refresh=False)
 

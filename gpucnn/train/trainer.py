@@ -35,6 +35,7 @@ import numpy as np
 from .. import backend
 from .. import debug as debug_mod
 from .. import losses
+from ..data.augment import augment_batch
 from ..data.batching import batch_indices, shard_bounds
 from ..functional import _dispatch
 from ..functional.layout import to_internal
@@ -80,13 +81,17 @@ class Trainer:
             CPU, 50 on a GPU).
         comm: a :class:`~gpucnn.distributed.Communicator` for data-parallel
             training; None: this process alone.
+        augment: None, or ``{"seed": int, "fill": float, "flip": bool}``: every
+            training batch is shifted (and flipped) by
+            :func:`gpucnn.data.augment.augment_batch`, keyed by
+            ``(seed, epoch, step)`` so runs and resumed runs see the same batches.
         cuda_graph: on a GPU, replay full-size steps as one captured CUDA graph
             (:mod:`gpucnn.train.graph`; opt-in, unverified on a GPU so far);
             falls back to eager steps with a warning when capture fails.
     """
 
     def __init__(self, model, loss, optimizer, *, batch_size: int, schedule=None, num_classes: int = 10,
-                 sync_every: int | None = None, comm=None, cuda_graph: bool = False):
+                 sync_every: int | None = None, comm=None, cuda_graph: bool = False, augment=None):
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.comm = comm
         self.batch_size = int(batch_size)
@@ -96,6 +101,7 @@ class Trainer:
         self.sync_every = int(sync_every) if sync_every else (1 if device == "cpu" else 50)
         self._batch_buffers: dict = {}
         self._ring = None
+        self.augment = augment
         self.cuda_graph = bool(cuda_graph)
         if self.cuda_graph and comm is not None and comm.size > 1:
             raise ValueError("cuda_graph=True is not supported for data-parallel training yet (the allreduce "
@@ -130,13 +136,18 @@ class Trainer:
         self.model.backward_internal(self.loss.backward_internal(scale), need_input_grad=False)
         return value, correct
 
-    def _gather(self, x, y, idx):
+    def _gather(self, x, y, idx, key=None):
         """Examples ``idx`` of the dataset ``(x, y)`` as a batch-last batch and its labels.
 
         On the kernel path one ``gather_batch`` launch writes them into buffers
         kept per batch size (so a step allocates nothing); else ``x[idx]``,
-        converted.
+        converted.  With augmentation (``key`` = ``(epoch, step)``) the batch is
+        taken as ``x[idx]``, shifted, then converted.
         """
+        if self.augment is not None and key is not None:
+            aug = self.augment
+            xb = augment_batch(x[idx], (aug["seed"],) + tuple(key), fill=aug["fill"], flip=aug["flip"])
+            return to_internal(xb), y[idx]
         if _dispatch.use_kernels(x) and x.dtype.kind == "f" and x.flags.c_contiguous and y.dtype.kind == "i":
             from ..cuda.batch import gather_batch
 
@@ -164,6 +175,11 @@ class Trainer:
             return g
         if not backend.is_cupy(x) or n != self.batch_size:
             return None                               # the CPU, the last partial batch: eager
+        if self.augment is not None:
+            warnings.warn("--cuda-graph: augmented steps are not captured (the shifts are drawn per batch on "
+                          "the host); training continues without a CUDA graph", RuntimeWarning, stacklevel=3)
+            self._graphs[key] = None
+            return None
         if ring is None:
             warnings.warn(f"--cuda-graph: the {type(self.loss).__name__} step is not captured (only softmax "
                           "cross-entropy steps are); training continues without a CUDA graph",
@@ -222,7 +238,7 @@ class Trainer:
             self.optimizer.step(hyper)
         return value, correct
 
-    def _one_step(self, x, y, idx, n_global, hyper, slot, ring):
+    def _one_step(self, x, y, idx, n_global, hyper, slot, ring, key):
         """One step of :meth:`run_steps`: a CUDA-graph replay, or gather + the eager step."""
         graph = self._graph(x, y, idx, ring) if self.cuda_graph else None
         if graph is not None:
@@ -230,7 +246,7 @@ class Trainer:
                 graph.replay(idx, hyper, slot)
             self.optimizer.step_count += 1
             return slot
-        xb, yb = self._gather(x, y, idx) if idx.shape[0] else (None, y[idx])
+        xb, yb = self._gather(x, y, idx, key) if idx.shape[0] else (None, y[idx])
         if self.comm is not None:
             return self.step_shard(xb, yb, n_global, hyper, slot)
         with nvtx_range("train_step"):
@@ -270,7 +286,7 @@ class Trainer:
             hyper = {dtype: table[i] for dtype, table in tables.items()}
             slot = None if ring is None else (ring[0][len(pending)], ring[1][len(pending)])
             try:
-                value, correct = self._one_step(x, y, idx, n_global, hyper, slot, ring)
+                value, correct = self._one_step(x, y, idx, n_global, hyper, slot, ring, (epoch, step))
             except debug_mod.NonFiniteError as exc:  # anomaly detection named a layer
                 raise NonFiniteLossError(f"{exc} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
                                          f"(lr {lr:g})", epoch=epoch + 1, step=step + 1) from None

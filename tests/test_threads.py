@@ -1,0 +1,66 @@
+"""The NumPy path's own threads (gpucnn/functional/threads.py): same bits for any thread count."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpucnn as gc
+from gpucnn import losses, models, optim
+from gpucnn.functional import threads
+
+
+@pytest.fixture
+def restore_threads():
+    before = threads.get_num_threads()
+    yield
+    threads.set_num_threads(before)
+
+
+def _train_steps(name, n_threads, steps=3, batch=48):
+    threads.set_num_threads(n_threads)
+    gc.seed(0)
+    model = models.build(name)
+    trainer = gc.train.Trainer(model, models.make_loss(name), optim.SGD(model, lr=0.05, momentum=0.9),
+                               batch_size=batch)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch * steps, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, batch * steps)
+    order = np.arange(batch * steps)
+    seen = []
+    trainer.run_steps(x, y, order, 0, range(steps), steps, on_sync=lambda st, k: seen.append(st.loss_sum))
+    return seen, model.state_dict()
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet_mini"])
+def test_training_is_the_same_bits_for_any_thread_count(name, restore_threads):
+    one = _train_steps(name, 1)
+    for n in (2, 3):
+        other = _train_steps(name, n)
+        assert other[0] == one[0], f"losses differ with {n} threads"
+        for key, value in one[1].items():
+            np.testing.assert_array_equal(other[1][key], value, err_msg=f"{key} with {n} threads")
+
+
+def test_thread_count_from_the_environment(monkeypatch, restore_threads):
+    monkeypatch.setattr(threads, "_num_threads", None)
+    monkeypatch.setenv(threads.ENV_VAR, "3")
+    assert threads.get_num_threads() == 3
+    monkeypatch.setattr(threads, "_num_threads", None)
+    monkeypatch.setenv(threads.ENV_VAR, "zero")
+    with pytest.raises(ValueError, match="GPUCNN_NUM_THREADS must be a positive integer, got 'zero'"):
+        threads.get_num_threads()
+    monkeypatch.delenv(threads.ENV_VAR)
+    monkeypatch.setattr(threads, "_num_threads", None)
+
+
+def test_bad_thread_count_is_refused(restore_threads):
+    with pytest.raises(ValueError, match="num_threads must be a positive integer, got 0"):
+        threads.set_num_threads(0)
+
+
+def test_cli_threads_flag(tmp_path, capsys, restore_threads):
+    from gpucnn import cli
+
+    assert cli.main(["train", "--threads", "1", "--subset", "64", "--test-subset", "64", "--epochs", "1",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert threads.get_num_threads() == 1
