@@ -279,7 +279,7 @@ def _input_grad(dz2, saved, blocks, ws):
             for v in range(kw):
                 dxp[c0:c1, u:u + (Ho - 1) * sh + 1:sh, v:v + (Wo - 1) * sw + 1:sw] += dcols6[c0:c1, u, v]
 
-    threads.run_each(channels, threads.split(C))
+    threads.run_each(channels, threads.split(C, parts=threads.get_num_threads()))   # few, large calls
     if not padded:
         return dxp
     dx = get(ws, "dx", saved.x.shape, dz2.dtype)
