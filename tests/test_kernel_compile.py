@@ -52,9 +52,7 @@ def compile_nvrtc(filename: str, options: tuple[str, ...]) -> tuple[bool, str]:
     try:
         opts = [o.encode() for o in options]
         (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        (size,) = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
-        _check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        log = sass.nvrtc_output(nvrtc, prog, "ProgramLog")
         ok = result == nvrtc.nvrtcResult.NVRTC_SUCCESS
         if ok and any(o.startswith("-arch=sm_") for o in options):
             (cubin_size,) = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
@@ -112,3 +110,12 @@ def test_compile_errors_name_the_real_file():
         nvrtc.nvrtcDestroyProgram(prog)
     assert result != nvrtc.nvrtcResult.NVRTC_SUCCESS
     assert "kernels/broken.cu(2)" in log.decode(errors="replace")
+
+
+def test_nvrtc_leaves_python_constants_alone():
+    """NVRTC writes into the buffers it is given; a 1-byte log once overwrote CPython's shared
+    ``b" "`` with NUL, and every safetensors header padded after it was invalid JSON."""
+    ok, log = compile_nvrtc(sorted(loader.KERNEL_FILES)[0], loader.DEFAULT_OPTIONS + ("-arch=compute_90",))
+    sass.compile_source('extern "C" __global__ void k() {}')
+    assert ok and log == ""                    # an empty log is NVRTC's single "\0"
+    assert b" " * 3 == bytes([32, 32, 32]) and b" ".hex() == "20"

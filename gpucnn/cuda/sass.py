@@ -97,6 +97,20 @@ def _check(nvrtc, result, what):
     return result[1:] if isinstance(result, tuple) else ()
 
 
+def nvrtc_output(nvrtc, prog, which: str) -> bytes:
+    """What NVRTC holds for ``prog``: ``which`` = "ProgramLog", "CUBIN" or "PTX".
+
+    NVRTC writes through the buffer it is handed, so the buffer is a fresh
+    ``bytearray``.  Never an immutable ``bytes``: ``b" " * 1`` is CPython's
+    shared one-byte object, and NVRTC writing a 1-byte empty log ("\\0") into it
+    turns every ``b" "`` of the process into a NUL byte.
+    """
+    (size,) = _check(nvrtc, getattr(nvrtc, f"nvrtcGet{which}Size")(prog), f"nvrtcGet{which}Size")
+    buf = bytearray(size)
+    _check(nvrtc, getattr(nvrtc, f"nvrtcGet{which}")(prog, buf), f"nvrtcGet{which}")
+    return bytes(buf)
+
+
 def compile_options(arch: str = DEFAULT_ARCH) -> tuple[str, ...]:
     """The NVRTC options of the report: the loader's, ``-ftz=true`` (as CuPy), the arch, ``-v`` ptxas."""
     from . import loader
@@ -116,16 +130,10 @@ def compile_source(source: str, name: str = "kernel.cu", arch: str = DEFAULT_ARC
     try:
         opts = [o.encode() for o in compile_options(arch)]
         (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        (size,) = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
-        _check(nvrtc, nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-        log_text = log.rstrip(b"\0 ").decode(errors="replace")
+        log_text = nvrtc_output(nvrtc, prog, "ProgramLog").rstrip(b"\0 ").decode(errors="replace")
         if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise SassError(f"NVRTC failed to compile {name} for {arch}:\n{log_text}")
-        (cubin_size,) = _check(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * cubin_size
-        _check(nvrtc, nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-        return bytes(cubin), log_text
+        return nvrtc_output(nvrtc, prog, "CUBIN"), log_text
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
