@@ -122,7 +122,7 @@ def _add_train(sub):
     p.add_argument("--seed", type=_nonneg_int, default=None, help="random seed (default: 0)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="shift each training image by up to 2 pixels (and mirror half of them on "
-                        "fashion-mnist), deterministic for the seed (default: on for resnet_mini, off otherwise)")
+                        "fashion-mnist), deterministic for the seed (default: on for lenet5 and resnet_mini, off otherwise)")
     p.add_argument("--subset", type=_positive_int, default=None, metavar="N",
                    help="train on the first N training images only (quick runs)")
     p.add_argument("--test-subset", type=_positive_int, default=None, metavar="N",

@@ -27,6 +27,9 @@ OPTIMIZER_DEFAULTS = {
 #: Per-model overrides of :data:`OPTIMIZER_DEFAULTS`: the all-sigmoid seed networks
 #: learn far faster with a larger step and no weight decay.
 MODEL_DEFAULTS = {
+    # 2-pixel shifts lift LeNet-5's 3-epoch accuracy clear of 99.0% on every seed and CPU tried
+    # (seeds 0-4: min 99.08% with, 98.99% without; README "Models and accuracy")
+    "lenet5": {"augment": True},
     "zhang2016": {"sgd": {"lr": 1.0, "weight_decay": 0.0}},
     "seed002_c1": {"sgd": {"lr": 0.2, "weight_decay": 0.0}},
     "seed002_c2": {"sgd": {"lr": 0.2, "weight_decay": 0.0}},
@@ -45,7 +48,7 @@ class TrainConfig:
     :data:`OPTIMIZER_DEFAULTS` for the optimizer, overridden per model by
     :data:`MODEL_DEFAULTS`; ``subset`` / ``test_subset`` take the first N training /
     test images (None: all).  ``augment`` (None: the model's default, on for
-    ``resnet_mini``) shifts every training image by up to 2 pixels, and mirrors
+    ``lenet5`` and ``resnet_mini``) shifts every training image by up to 2 pixels, and mirrors
     half of them on Fashion-MNIST (:mod:`gpucnn.data.augment`).
     """
 
