@@ -427,3 +427,21 @@ def test_mse(dtype, backend):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(backend.get(loss), 0.5 * (d * d).sum() / 21, **tol)
     np.testing.assert_allclose(backend.get(grad), 2.0 * d / 21, **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_is_the_stable_two_branch_formula_bit_for_bit(dtype):
+    """The branch-free numerator max(e, x >= 0) gives exactly the bits of the two-branch select,
+    at the edges too (0, -0, +-inf, NaN, subnormal, saturation), also written in place."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(5000) * 30).astype(dtype)
+    x[:7] = [0.0, -0.0, np.inf, -np.inf, np.nan, -1e-40, 88.0]
+    with np.errstate(all="ignore"):
+        e = np.exp(-np.abs(x))
+        want = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(dtype)
+        got = A.sigmoid(x)
+        inplace = x.copy()
+        assert A.sigmoid(inplace, out=inplace) is inplace
+    assert got.dtype == dtype
+    assert got.tobytes() == want.tobytes() == inplace.tobytes()
+    assert got[3] == 0.0 and got[2] == 1.0 and np.isnan(got[4])
