@@ -7,11 +7,13 @@ momentum, no weight decay, constant learning rate) on the squared error
 is :class:`gpucnn.losses.MSE`; the training loop turns labels into one-hot
 targets with :func:`gpucnn.losses.one_hot`).
 
-Settings: lr 1.0, batch 16, 5 epochs, seed 0.  The MSE gradient through a
+Settings: lr 2.0, batch 16, 5 epochs, seed 0.  The MSE gradient through a
 sigmoid output is small (it carries sigma'(z) <= 1/4 and the batch mean), hence
 the large learning rate; small batches give the many updates this slow loss
-needs.  Measured on a 2-core CPU: 95.1% test accuracy after epoch 1, 98.1%
-after epoch 5 (>= 97.5% from epoch 4 on).
+needs.  Measured on a 2-vCPU Intel Xeon VM (2026-12-01), seeds 0-4: 98.29,
+98.29, 98.32, 98.23, 98.19% after epoch 5 (mean 98.26%, min 98.19%), about
+65 s each.  lr 1.0 (this script's earlier default) stays at 97.86-98.30%, and
+a cosine decay from 1.0 at 97.3%: this loss needs the large constant step.
 
     python examples/train_zhang2016.py [--epochs 5] [--device auto] [--out runs/zhang2016]
 
@@ -21,7 +23,7 @@ in 3 epochs; this script keeps to the seed's plain SGD.)
 
 The same as this script from the command line:
 
-    gpucnn train --model zhang2016 --optimizer sgd --lr 1.0 --momentum 0 --weight-decay 0 \\
+    gpucnn train --model zhang2016 --optimizer sgd --lr 2.0 --momentum 0 --weight-decay 0 \\
                  --lr-schedule constant --warmup 0 --batch-size 16 --epochs 5
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from gpucnn.train import TrainConfig, train
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subset", type=int, default=None)
