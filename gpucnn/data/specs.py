@@ -138,6 +138,10 @@ _MNIST = DatasetSpec(
 # crates/dataset-ml/src/dataset/fashion_mnist.rs of
 # github.com/SomeB1oody/dataset-core; for the two label files they were also
 # checked against the upstream repository's own .gz files decompressed here.
+# A third, independent check: Debian's package dataset-fashion-mnist
+# (0.0~git20200523.55506a9-1, /usr/share/datasets/fashion-mnist) holds .gz files
+# whose own digests differ from the ones above, and all four decompress to
+# exactly these idx_sha256 values (checked 2026-12-01; gpucnn trains on it).
 # So a re-compressed copy (a distribution's package, `gzip -n`) or an
 # un-gzipped one is verified by its content.  (An older, different release --
 # before upstream commit 658ec8c removed duplicate samples in August 2017 --
