@@ -268,3 +268,13 @@ def test_bad_arguments_are_named():
         L.BatchNorm1d(3).forward(np.zeros((1, 3), np.float32))
     with pytest.raises(TypeError, match="block is int"):
         L.Residual(3)
+
+
+def test_nested_repr_is_indented_by_depth():
+    text = repr(gc.models.build("resnet_mini"))
+    lines = text.splitlines()
+    assert lines[0] == "Sequential(" and lines[-1] == ")"
+    assert "  (3) Residual(" in lines
+    assert "    block=Sequential(" in lines and "    shortcut=Sequential(" in lines
+    assert any(line.startswith("      (0) Conv2D(16, 32, kernel_size=(3, 3), stride=(2, 2)") for line in lines)
+    assert "  )" in lines                                  # the Residual closes at its own depth

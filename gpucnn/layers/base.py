@@ -174,3 +174,8 @@ class InternalLayer(Layer):
 
     def backward_internal(self, dy, need_input_grad: bool = True):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def indent_repr(obj, by: str = "  ") -> str:
+    """``repr(obj)`` with every line after the first indented, for nesting inside a container's repr."""
+    return repr(obj).replace("\n", "\n" + by)

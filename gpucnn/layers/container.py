@@ -6,7 +6,7 @@ import numpy as np
 from .. import backend, debug, nvtx
 from .._utils import check_array
 from ..functional.layout import from_internal, to_internal
-from .base import Layer
+from .base import Layer, indent_repr
 from .plan import plan
 
 
@@ -47,7 +47,7 @@ class Sequential(Layer):
         return iter(self.layers)
 
     def __repr__(self):
-        inner = "\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        inner = "\n".join(f"  ({i}) " + indent_repr(layer) for i, layer in enumerate(self.layers))
         return f"Sequential(\n{inner}\n)"
 
     def stages(self):

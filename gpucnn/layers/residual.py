@@ -15,7 +15,7 @@ from __future__ import annotations
 from .. import backend
 from .._utils import check_array, shown_shape
 from ..functional.workspace import get
-from .base import InternalLayer, Layer
+from .base import InternalLayer, Layer, indent_repr
 from .container import Sequential
 
 __all__ = ["Residual", "basic_block"]
@@ -38,7 +38,7 @@ class Residual(InternalLayer):
         self._out_shape = None
 
     def __repr__(self):
-        return f"Residual(\n  block={self.block!r},\n  shortcut={self.shortcut!r}\n)"
+        return f"Residual(\n  block={indent_repr(self.block)},\n  shortcut={indent_repr(self.shortcut)}\n)"
 
     def children(self):
         return [self.block] + ([self.shortcut] if self.shortcut is not None else [])
