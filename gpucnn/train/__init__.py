@@ -35,7 +35,8 @@ Reproducibility
     The model is initialised after ``gpucnn.seed(seed)``.  Epoch ``e`` (0-based)
     is shuffled by its own generator, ``numpy.random.default_rng([seed, e])``,
     so the order of an epoch depends on nothing but the seed and the epoch.
-    The checkpoint stores gpucnn's generator state (used by RReLU on the CPU; on CuPy, RReLU draws from CuPy's RNG, which is not saved) and the
+    The checkpoint stores gpucnn's counter-stream state (RReLU's slopes and
+    Dropout's masks: the same draws on NumPy and CuPy) and the
     next epoch's shuffling-generator state; Python's ``random`` and NumPy's
     global generator are not used.  On the CPU, the same configuration gives
     bit-identical metrics and weights, and ``--resume`` continues a run bit
