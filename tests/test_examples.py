@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,13 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _run_example(name, argv, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [str(EXAMPLES / name), *argv])
+def _run_example(name, argv):
     return runpy.run_path(str(EXAMPLES / name), run_name="__example__")["main"](argv)
 
 
-def test_zhang2016_example_is_the_seeds_plain_sgd(tmp_path, monkeypatch, capsys):
+def test_zhang2016_example_is_the_seeds_plain_sgd(tmp_path, capsys):
     res = _run_example("train_zhang2016.py", ["--epochs", "1", "--subset", "8000", "--device", "cpu",
-                                              "--out", str(tmp_path / "z")], monkeypatch)
+                                              "--out", str(tmp_path / "z")])
     cfg = json.loads((tmp_path / "z" / "config.json").read_text())
     assert (cfg["model"], cfg["optimizer"], cfg["momentum"], cfg["weight_decay"]) == ("zhang2016", "sgd", 0.0, 0.0)
     assert (cfg["lr"], cfg["lr_schedule"], cfg["warmup"], cfg["batch_size"]) == (2.0, "constant", 0, 16)
@@ -27,8 +25,8 @@ def test_zhang2016_example_is_the_seeds_plain_sgd(tmp_path, monkeypatch, capsys)
     assert "done: zhang2016 on mnist, 1 epoch," in capsys.readouterr().out
 
 
-def test_custom_network_example_trains(tmp_path, monkeypatch):
+def test_custom_network_example_trains(tmp_path):
     res = _run_example("custom_network.py", ["--epochs", "1", "--subset", "1000", "--device", "cpu",
-                                             "--out", str(tmp_path / "c")], monkeypatch)
+                                             "--out", str(tmp_path / "c")])
     assert res.epochs_run == 1 and (tmp_path / "c" / "checkpoint.npz").is_file()
     assert res.test_accuracy > 0.5
