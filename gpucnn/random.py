@@ -20,7 +20,7 @@ import numpy as np
 
 from . import backend
 
-__all__ = ["seed", "get_rng", "uniform", "hash_uniform", "get_state", "set_state"]
+__all__ = ["seed", "get_rng", "uniform", "hash_uniform", "hash_key", "get_state", "set_state"]
 
 _rng = np.random.default_rng(0)
 _MASK64 = (1 << 64) - 1
@@ -75,10 +75,16 @@ def uniform(shape, xp=np, dtype=np.float32, low: float = 0.0, high: float = 1.0)
 def hash_uniform(key, shape, xp=np, dtype=np.float32, low: float = 0.0, high: float = 1.0):
     """Stateless uniform draws for a tuple of non-negative ints ``key`` (e.g. (seed, epoch, step)):
     the same key always gives the same values, on NumPy and CuPy alike."""
+    return _hashed(hash_key(key), 0, int(np.prod(shape, dtype=np.int64)), xp, dtype, low, high).reshape(shape)
+
+
+def hash_key(key) -> int:
+    """The 64-bit key :func:`hash_uniform` draws from for the tuple of ints ``key`` (a chain of
+    splitmix64 over its parts); the GPU's augmented gather reads it from device memory."""
     k = 0
     for part in key:
         k = _key((k ^ int(part)) & _MASK64)
-    return _hashed(k, 0, int(np.prod(shape, dtype=np.int64)), xp, dtype, low, high).reshape(shape)
+    return k
 
 
 def _hashed(key, start, n, xp, dtype, low, high):

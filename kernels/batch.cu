@@ -2,7 +2,9 @@
 // (NCHW images, one label each) and write them batch-last.
 //
 // Entry points: gather_batch (float32 images) and gather_batch_f64 (float64);
-// one template body instantiated twice; T below is float or double.  No
+// gather_batch_augment / gather_batch_augment_f64 (the same gather with the
+// training-time shift and mirror folded in: see its contract further down);
+// each one template body instantiated twice; T below is float or double.  No
 // #includes.  Host wrapper: gpucnn/cuda/batch.py.
 //
 //   x[f, n] = images[idx_n, f]     f = the flat (c, h, w) index, F = C*H*W
@@ -114,4 +116,152 @@ extern "C" __global__ void gather_batch_f64(
 {
     __shared__ double tile[GB_TILE * (GB_TILE + 1)];
     gather_batch_impl(images, labels, label_words, idx, idx_words, x, y, Ntotal, F, N, tile);
+}
+
+
+// ---------------------------------------------------------------------------
+// gather_batch_augment: the gather above with gpucnn.data.augment.augment_batch
+// folded in, so an augmented training batch is one launch with no host sync.
+//
+//   s_n        = gb_index(idx, n)                         (as gather_batch)
+//   dy_n, dx_n = floor(u * (2m + 1)) - m,  u = U(key, n), U(key, N + n)
+//   mirror_n   = flip && U(key, 2N + n) < 1/2
+//   w'         = mirror_n ? W - 1 - w : w
+//   x[c, h, w, n] = images[s_n, c, h - dy_n, w' - dx_n]   when 0 <= h - dy_n < H
+//                                                          and 0 <= w' - dx_n < W,
+//                   fill                                    otherwise
+//   y[n] = label[s_n]
+// with m = max_shift and U(key, i) = (splitmix64(key, i) >> 40) * 2^-24 -- the
+// 24-bit uniforms of gpucnn.random.hash_uniform(key, (3, N)), element (r, n)
+// at counter r N + n.  floor(u (2m+1)) is computed exactly as the integer
+// ((z >> 40) (2m+1)) >> 24 (u (2m+1) is exact in float64), and u < 1/2 as
+// (z >> 40) < 2^23, so the shifts and mirrors are the NumPy path's bit for bit
+// and x is the same as to_internal(augment_batch(images[idx], key, ...)).
+// An invalid index makes x[:, n] NaN and y[n] = -1, as gather_batch.
+//
+// key: the 64-bit folded key of the batch (gpucnn.random.hash_key of
+//   (seed, epoch, step)) as 2 int32 words in DEVICE memory (low, high): the
+//   trainer uploads one row per step with the epoch's learning rates, so the
+//   launch's scalar arguments do not change from step to step (a replayed or
+//   captured step reads the step's key from a fixed buffer).
+// Thread mapping: as gather_batch (32 x 32 tile transpose, 32 x 8 threads);
+//   before it, threads ty == 0 compute their sample's source row, shifts and
+//   mirror into shared memory (one hash of 3 per sample, not one per pixel).
+//   Each thread splits its feature index f = (c H + h) W + w once.
+// Launch shape, layouts and preconditions: as gather_batch, plus
+//   F = C*H*W, max_shift >= 0, flip in {0, 1}.
+
+__device__ __forceinline__ unsigned long long gb_mix(unsigned long long key, unsigned long long counter)
+{
+    unsigned long long z = counter * 0x9E3779B97F4A7C15ULL + key;
+    z ^= z >> 30;
+    z *= 0xBF58476D1CE4E5B9ULL;
+    z ^= z >> 27;
+    z *= 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return z;
+}
+
+template <typename T>
+__device__ __forceinline__ void gather_batch_augment_impl(
+    const T* __restrict__ images, const int* __restrict__ labels, int label_words,
+    const int* __restrict__ idx, int idx_words, const int* __restrict__ key_words,
+    T* __restrict__ x, int* __restrict__ y, int Ntotal, int C, int H, int W, int N,
+    int max_shift, int flip, T fill, T* tile, int* s_src, int* s_dy, int* s_dx, int* s_mirror)
+{
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int f0 = blockIdx.x * GB_TILE;
+    const int n0 = blockIdx.y * GB_TILE;
+    const int HW = H * W;
+    const int F = C * HW;
+
+    if (ty == 0) {
+        const int n = n0 + tx;
+        int src = -1, dy = 0, dx = 0, mirror = 0;
+        if (n < N) {
+            const unsigned long long key = (unsigned long long)(unsigned int)key_words[0]
+                                         | ((unsigned long long)(unsigned int)key_words[1] << 32);
+            const unsigned long long span = 2ULL * (unsigned long long)max_shift + 1ULL;
+            const unsigned long long nn = (unsigned long long)n, NN = (unsigned long long)N;
+            src = gb_index(idx, idx_words, n, Ntotal);
+            dy = (int)(((gb_mix(key, nn) >> 40) * span) >> 24) - max_shift;
+            dx = (int)(((gb_mix(key, NN + nn) >> 40) * span) >> 24) - max_shift;
+            mirror = flip && (gb_mix(key, 2ULL * NN + nn) >> 40) < (1ULL << 23);
+        }
+        s_src[tx] = src;
+        s_dy[tx] = dy;
+        s_dx[tx] = dx;
+        s_mirror[tx] = mirror;
+    }
+    __syncthreads();
+
+    const int f = f0 + tx;
+    const int c = f / HW;
+    const int rem = f - c * HW;
+    const int h = rem / W;
+    const int w = rem - h * W;
+#pragma unroll
+    for (int r = 0; r < GB_TILE / GB_ROWS; ++r) {
+        const int nn = ty + GB_ROWS * r;
+        const int n = n0 + nn;
+        T value = GbMath<T>::nan();
+        if (n < N && f < F) {
+            const int src = s_src[nn];
+            if (src >= 0) {
+                const int sh = h - s_dy[nn];
+                const int sw = (s_mirror[nn] ? W - 1 - w : w) - s_dx[nn];
+                value = (sh >= 0 && sh < H && sw >= 0 && sw < W) ? images[src * F + c * HW + sh * W + sw] : fill;
+            }
+        }
+        tile[nn * (GB_TILE + 1) + tx] = value;
+    }
+    __syncthreads();
+    const int n = n0 + tx;
+#pragma unroll
+    for (int r = 0; r < GB_TILE / GB_ROWS; ++r) {
+        const int ff = f0 + ty + GB_ROWS * r;
+        if (ff < F && n < N) x[ff * N + n] = tile[tx * (GB_TILE + 1) + ty + GB_ROWS * r];
+    }
+
+    if (blockIdx.x == 0 && ty == 0 && n < N) {
+        const int src = s_src[tx];
+        int label = -1;
+        if (src >= 0) {
+            const int lo = labels[src * label_words];
+            const int hi = label_words == 2 ? labels[src * 2 + 1] : 0;
+            label = label_words == 2 ? ((hi == 0 && lo >= 0) ? lo : -1) : lo;
+        }
+        y[n] = label;
+    }
+}
+
+extern "C" __global__ void gather_batch_augment(
+    const float* __restrict__ images, const int* __restrict__ labels, int label_words,
+    const int* __restrict__ idx, int idx_words, const int* __restrict__ key_words,
+    float* __restrict__ x, int* __restrict__ y, int Ntotal, int C, int H, int W, int N,
+    int max_shift, int flip, float fill)
+{
+    __shared__ float tile[GB_TILE * (GB_TILE + 1)];
+    __shared__ int s_src[GB_TILE];
+    __shared__ int s_dy[GB_TILE];
+    __shared__ int s_dx[GB_TILE];
+    __shared__ int s_mirror[GB_TILE];
+    gather_batch_augment_impl(images, labels, label_words, idx, idx_words, key_words, x, y, Ntotal, C, H, W, N,
+                              max_shift, flip, fill, tile, s_src, s_dy, s_dx, s_mirror);
+}
+
+extern "C" __global__ void gather_batch_augment_f64(
+    const double* __restrict__ images, const int* __restrict__ labels, int label_words,
+    const int* __restrict__ idx, int idx_words, const int* __restrict__ key_words,
+    double* __restrict__ x, int* __restrict__ y, int Ntotal, int C, int H, int W, int N,
+    int max_shift, int flip, double fill)
+{
+    __shared__ double tile[GB_TILE * (GB_TILE + 1)];
+    __shared__ int s_src[GB_TILE];
+    __shared__ int s_dy[GB_TILE];
+    __shared__ int s_dx[GB_TILE];
+    __shared__ int s_mirror[GB_TILE];
+    gather_batch_augment_impl(images, labels, label_words, idx, idx_words, key_words, x, y, Ntotal, C, H, W, N,
+                              max_shift, flip, fill, tile, s_src, s_dy, s_dx, s_mirror);
 }

@@ -36,7 +36,7 @@ def _data(n=23):
             [rng.permutation(n) for _ in range(2)])
 
 
-def _train(make_opt, cuda_graph, pool=MaxPool2D, loss=None, steps=(0, 5), lr=0.1):
+def _train(make_opt, cuda_graph, pool=MaxPool2D, loss=None, steps=(0, 5), lr=0.1, augment=None):
     """Two epochs of 23 samples in batches of 5 (4 full, 1 of 3) on the stand-in + emulator."""
     skip_without_emulator()
     x, y, orders = _data()
@@ -45,7 +45,7 @@ def _train(make_opt, cuda_graph, pool=MaxPool2D, loss=None, steps=(0, 5), lr=0.1
         model = _net(pool).to("cuda")
         trainer = gc.train.Trainer(model, loss or losses.SoftmaxCrossEntropy(check_labels=False), make_opt(model),
                                    batch_size=5, schedule=lambda e, s: lr / (1 + e + s), sync_every=3,
-                                   cuda_graph=cuda_graph)
+                                   cuda_graph=cuda_graph, augment=augment)
         dx, dy = cp.asarray(x), cp.asarray(y)
         seen = []
         for epoch, order in enumerate(orders):
@@ -69,6 +69,19 @@ def test_graphed_training_equals_eager_bit_for_bit(make_opt):
     assert graphed[2] == 6
     assert graphed[0] == eager[0]                       # every synced loss sum and count, exactly
     assert graphed[3] == eager[3] == 10                 # the step count advances on replays too (Adam)
+    for name, value in eager[1].items():
+        np.testing.assert_array_equal(graphed[1][name], value, err_msg=name)
+
+
+def test_augmented_graphed_training_equals_eager_bit_for_bit():
+    """With augmentation the graph reads each step's key from its fixed buffer: a replay shifts
+    and mirrors its batch as the eager step would (a stale key would repeat the first batch's draws)."""
+    make = OPTIMIZERS[0].values[0]
+    aug = {"seed": 7, "fill": -0.25, "flip": True}
+    eager = _train(make, False, augment=aug)
+    graphed = _train(make, True, augment=aug)
+    plain = _train(make, False)
+    assert graphed[2] == 6 and graphed[0] == eager[0] and eager[0] != plain[0]
     for name, value in eager[1].items():
         np.testing.assert_array_equal(graphed[1][name], value, err_msg=name)
 

@@ -658,6 +658,76 @@ def test_gather_batch_invalid_indices_and_labels(device):
             assert np.isnan(x[..., n]).all()
 
 
+def _augment_reference(images, idx, key, fill, m, flip):
+    """Per-sample loops: the shifted (and mirrored) images, from the draws of hash_uniform(key, (3, N))."""
+    from gpucnn.random import hash_uniform
+
+    N = len(idx)
+    draws = hash_uniform(key, (3, N), np, np.float64)
+    _, C, H, W = images.shape
+    out = np.full((C, H, W, N), fill, images.dtype)
+    for n, i in enumerate(idx):
+        dy, dx = (int(np.floor(draws[r, n] * (2 * m + 1))) - m for r in (0, 1))
+        src = images[i]
+        for h in range(H):
+            for w in range(W):
+                ww = W - 1 - w if (flip and draws[2, n] < 0.5) else w
+                sh, sw = h - dy, ww - dx
+                if 0 <= sh < H and 0 <= sw < W:
+                    out[:, h, w, n] = src[:, sh, sw]
+    return out
+
+
+@pytest.mark.parametrize("sample,m,flip", [((1, 5, 7), 2, False), ((2, 6, 4), 1, True), ((3, 3, 3), 3, True),
+                                           ((1, 4, 4), 0, True)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_batch_augment(sample, m, flip, dtype, device):
+    """The fused shift (+ mirror) gather: bit for bit the NumPy path's augment_batch, and a
+    per-pixel loop reference; shifts of every size and both mirror states occur."""
+    from gpucnn.data.augment import augment_batch
+    from gpucnn.functional.layout import to_internal
+
+    rng = rng_for("gather_augment", sample, m, flip)
+    Ntotal = 40
+    images = rng.standard_normal((Ntotal,) + sample).astype(dtype)
+    labels = rng.integers(0, 10, Ntotal).astype(np.int64)
+    fill = -0.4242
+    for N, int_dtype in ((1, np.int32), (7, np.int64), (37, np.int32)):
+        key = (5, 1, N)
+        idx = rng.integers(0, Ntotal, N).astype(int_dtype)
+        words = batch.augment_key_words(key)
+        x, y = batch.gather_batch_augment(device.put(images), device.put(labels), device.put(idx),
+                                          device.put(words), fill=fill, max_shift=m, flip=flip,
+                                          x_out=garbage(device, sample + (N,), dtype),
+                                          y_out=garbage(device, (N,), np.int32))
+        x = device.get(x)
+        np.testing.assert_array_equal(x, to_internal(augment_batch(images[idx], key, fill=fill, max_shift=m,
+                                                                   flip=flip)))
+        np.testing.assert_array_equal(x, _augment_reference(images, idx, key, dtype(fill), m, flip))
+        np.testing.assert_array_equal(device.get(y), labels[idx].astype(np.int32))
+
+
+def test_gather_batch_augment_invalid_indices_and_bad_arguments(device):
+    images = np.arange(5 * 6, dtype=F32).reshape(5, 1, 2, 3)
+    labels = np.arange(5, dtype=np.int32)
+    idx = np.array([4, 5, -1, 0], np.int64)
+    words = device.put(batch.augment_key_words((0, 0, 0)))
+    x, y = batch.gather_batch_augment(device.put(images), device.put(labels), device.put(idx), words,
+                                      fill=0.0, max_shift=1)
+    x, y = device.get(x), device.get(y)
+    assert y.tolist() == [4, -1, -1, 0]
+    assert np.isnan(x[..., 1:3]).all() and not np.isnan(x[..., [0, 3]]).any()
+    put = device.put
+    with pytest.raises(ValueError, match=r"key_words must be a \(2,\) int32"):
+        batch.gather_batch_augment(put(images), put(labels), put(idx), put(np.zeros(2, np.int64)), fill=0.0)
+    with pytest.raises(ValueError, match="max_shift=-1"):
+        batch.gather_batch_augment(put(images), put(labels), put(idx), words, fill=0.0, max_shift=-1)
+    with pytest.raises(TypeError, match="flip must be a bool, got flip=1"):
+        batch.gather_batch_augment(put(images), put(labels), put(idx), words, fill=0.0, flip=1)
+    with pytest.raises(ValueError, match=r"\(Ntotal, C, H, W\)"):
+        batch.gather_batch_augment(put(images.reshape(5, 6)), put(labels), put(idx), words, fill=0.0)
+
+
 # ---------------------------------------------------------------------------
 # Launch counts and grids (recording fake builder: no emulator, no GPU)
 # ---------------------------------------------------------------------------
@@ -754,7 +824,7 @@ def test_kernel_files_registered():
                 "elementwise.cu": {"act_backward"},
                 "loss.cu": {"xent_forward", "xent_mean", "xent_backward"},
                 "optim.cu": {"sgd_update", "adam_update"},
-                "batch.cu": {"gather_batch"}}
+                "batch.cu": {"gather_batch", "gather_batch_augment"}}
     for filename, names in expected.items():
         assert set(loader.KERNEL_FILES[filename]) == names | {n + "_f64" for n in names}
         for name in loader.KERNEL_FILES[filename]:

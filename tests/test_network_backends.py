@@ -205,20 +205,28 @@ def test_lenet5_sgd_steps_match_numpy(dtype, backend):
     _sgd_steps(ref, net, backend, batches, dtype)
 
 
+@pytest.mark.parametrize("augment", [None, {"seed": 3, "fill": -0.5, "flip": True}], ids=["plain", "augmented"])
 @pytest.mark.parametrize("make_opt", [lambda m: optim.SGD(m, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
                                       lambda m: optim.Adam(m, lr=0.01, weight_decay=1e-3)], ids=["sgd", "adam"])
-def test_epoch_of_steps_matches_numpy(backend, make_opt):
+def test_epoch_of_steps_matches_numpy(backend, make_opt, augment, monkeypatch):
     """Trainer.run_steps as `gpucnn train` runs it: batches gathered from the dataset by the
-    gather kernel, a learning-rate schedule read by the optimizer kernels from the per-epoch
-    hyper table, a last batch of another size; losses, counts and weights equal the NumPy path's."""
+    gather kernel (with augmentation: the fused shift-and-mirror gather, reading each step's
+    key from the per-epoch table), a learning-rate schedule read by the optimizer kernels from
+    the per-epoch hyper table, a last batch of another size; losses, counts and weights equal
+    the NumPy path's."""
+    from gpucnn.cuda import loader
+
     rng = np.random.default_rng(6)
     x = rng.standard_normal((23, 2, 9, 6))
     y = rng.integers(0, 4, 23)
     order = rng.permutation(23)
+    launched = []
+    real_launch = loader.launch
+    monkeypatch.setattr(loader, "launch", lambda kernel, *a, **k: (launched.append(kernel), real_launch(kernel, *a, **k)))
 
     def run(model, put):
         trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(check_labels=False), make_opt(model),
-                                   batch_size=5, schedule=lambda epoch, step: 0.05 / (1 + step))
+                                   batch_size=5, schedule=lambda epoch, step: 0.05 / (1 + step), augment=augment)
         seen = []
         stats = trainer.run_steps(put(x), put(y), put(order), 0, range(5), 5,
                                   on_sync=lambda st, n: seen.append((st.loss_sum, st.correct, st.seen)))
@@ -228,6 +236,8 @@ def test_epoch_of_steps_matches_numpy(backend, make_opt):
     net = copy.deepcopy(ref).to("cuda") if backend.name == "cupy" else copy.deepcopy(ref)
     want = _on_numpy(lambda: run(ref, np.asarray))
     got = run(net, backend.put)
+    gathers = [k for k in launched if k.startswith("gather_batch")]
+    assert gathers == ["gather_batch" + ("_augment" if augment else "") + "_f64"] * 5
     assert [s[1:] for s in got[0]] == [s[1:] for s in want[0]]            # correct counts, examples seen
     np.testing.assert_allclose([s[0] for s in got[0]], [s[0] for s in want[0]], rtol=1e-10)
     assert got[1] == want[1] == 0.05 / 5 and got[3] == want[3] == 5

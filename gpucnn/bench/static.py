@@ -29,8 +29,9 @@ import numpy as np
 
 from .. import losses, models, optim
 from ..data.batching import epoch_permutation
+from ..data.dataset import normalize
 from ..random import seed as seed_all
-from ..train import Trainer
+from ..train import MODEL_DEFAULTS, Trainer
 from . import standin
 
 __all__ = ["STEP_LAUNCH_BUDGET", "static_step", "kernel_resources", "run_static"]
@@ -41,13 +42,19 @@ DATASET_SIZE = 4096
 
 
 def _trainer(name, batch, optimizer, cuda_graph=False):
+    """The trainer ``gpucnn train --model name`` builds on a GPU, with the model's default recipe's
+    augmentation (MNIST's background as the fill)."""
     seed_all(0)
     model = models.build(name, device="cuda")
     loss = models.make_loss(name)
     if isinstance(loss, losses.SoftmaxCrossEntropy):
         loss.check_labels = False     # what `gpucnn train` does on a GPU: no host sync per step
     opt = optim.SGD(model, lr=0.01, momentum=0.9) if optimizer == "sgd" else optim.Adam(model, lr=1e-3)
-    return Trainer(model, loss, opt, batch_size=batch, sync_every=10**9, cuda_graph=cuda_graph)
+    augment = None
+    if MODEL_DEFAULTS.get(name, {}).get("augment"):
+        fill = float(normalize(np.zeros((1, 1, 1), np.uint8), "mnist")[0, 0, 0, 0])
+        augment = {"seed": 0, "fill": fill, "flip": False}
+    return Trainer(model, loss, opt, batch_size=batch, sync_every=10**9, cuda_graph=cuda_graph, augment=augment)
 
 
 def _dataset(cp, batch, steps):

@@ -7,11 +7,13 @@ its inputs from fixed device buffers:
 
 * ``idx`` -- the step's sample indices (copied from the epoch's device
   permutation), ``hyper`` -- the optimizer's device hyper-parameters (copied
-  from the epoch's table row: the learning rate changes, the graph does not);
+  from the epoch's table row: the learning rate changes, the graph does not),
+  and with augmentation ``aug`` -- the step's augmentation key (copied from the
+  trainer's per-epoch key table; ``gather_batch_augment`` reads it);
 * it writes the loss and the correct count into fixed (1,) buffers, copied to
   the trainer's per-step ring after each replay.
 
-A replayed step is then 2 device-to-device copies in, one ``cudaGraphLaunch``,
+A replayed step is then 2 (augmented: 3) device-to-device copies in, one ``cudaGraphLaunch``,
 2 copies out: no kernel is launched from Python, no host sync.  Every buffer
 the captured kernels touch is one an eager step uses too (the layers' and the
 loss's workspaces, the flat parameter/gradient/slot buffers), so a replay does
@@ -68,7 +70,7 @@ def _no_allocation():
 class StepGraph:
     """One captured train step for batches of ``n`` samples of dataset ``(x, y)``."""
 
-    def __init__(self, trainer, x, y, n: int, idx_dtype):
+    def __init__(self, trainer, x, y, n: int, idx_dtype, augmented: bool = False):
         cp = backend.cupy
         opt = trainer.optimizer
         self.n = int(n)
@@ -76,6 +78,7 @@ class StepGraph:
         self.hyper = {g.dtype: cp.empty((opt.HYPER_SIZE,), g.dtype) for g in opt.groups}
         self.loss = cp.empty((1,), x.dtype)
         self.correct = cp.empty((1,), np.int32)
+        self.aug = cp.zeros((2,), np.int32) if augmented else None
         self.stream = cp.cuda.Stream(non_blocking=True)
         current = cp.cuda.get_current_stream()
         self.stream.wait_event(current.record())         # the eager work before is done first
@@ -85,7 +88,7 @@ class StepGraph:
             self.stream.begin_capture()
             try:
                 with _no_allocation():
-                    xb, yb = trainer._gather(x, y, self.idx)
+                    xb, yb = trainer._gather(x, y, self.idx, (0, 0) if augmented else None, self.aug)
                     trainer._forward_backward(xb, yb, 1.0, (self.loss, self.correct))
                     opt.step(self.hyper)
             except Exception as exc:
@@ -101,11 +104,16 @@ class StepGraph:
             raise failure
         self.graph = graph
 
-    def replay(self, idx, hyper, slot) -> None:
-        """One step: copy ``idx`` and the ``hyper`` rows in, launch, copy loss and count to ``slot``."""
+    def replay(self, idx, hyper, slot, aug=None) -> None:
+        """One step: copy ``idx``, the ``hyper`` rows (and the augmentation key ``aug``) in, launch,
+        copy loss and count to ``slot``."""
         cp = backend.cupy
         stream = cp.cuda.get_current_stream()
         _copy(self.idx, idx, stream)
+        if self.aug is not None:
+            if aug is None:
+                raise ValueError("this step graph was captured with augmentation; replay needs the step's key")
+            _copy(self.aug, aug, stream)
         for dtype, buf in self.hyper.items():
             _copy(buf, hyper[dtype], stream)
         self.graph.launch(stream=stream)
@@ -113,10 +121,10 @@ class StepGraph:
         _copy(slot[1], self.correct, stream)
 
 
-def try_capture(trainer, x, y, n, idx_dtype):
+def try_capture(trainer, x, y, n, idx_dtype, augmented: bool = False):
     """A :class:`StepGraph`, or None after a one-line warning saying why it could not be captured."""
     try:
-        return StepGraph(trainer, x, y, n, idx_dtype)
+        return StepGraph(trainer, x, y, n, idx_dtype, augmented)
     except Exception as exc:   # any failure: the eager step is always correct
         warnings.warn(f"--cuda-graph: capture failed ({type(exc).__name__}: {exc}); training continues "
                       "without a CUDA graph", RuntimeWarning, stacklevel=3)

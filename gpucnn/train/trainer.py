@@ -136,32 +136,55 @@ class Trainer:
         self.model.backward_internal(self.loss.backward_internal(scale), need_input_grad=False)
         return value, correct
 
-    def _gather(self, x, y, idx, key=None):
+    @staticmethod
+    def _gather_kernel(x, y) -> bool:
+        """Whether batches of the dataset ``(x, y)`` are gathered by a kernel (``gather_batch[_augment]``)."""
+        return _dispatch.use_kernels(x) and x.dtype.kind == "f" and x.flags.c_contiguous and y.dtype.kind == "i"
+
+    def _gather(self, x, y, idx, key=None, aug_words=None):
         """Examples ``idx`` of the dataset ``(x, y)`` as a batch-last batch and its labels.
 
-        On the kernel path one ``gather_batch`` launch writes them into buffers
-        kept per batch size (so a step allocates nothing); else ``x[idx]``,
-        converted.  With augmentation (``key`` = ``(epoch, step)``) the batch is
-        taken as ``x[idx]``, shifted, then converted.
+        On the kernel path one launch writes them into buffers kept per batch
+        size (so a step allocates nothing): ``gather_batch``, or with
+        augmentation ``gather_batch_augment``, which shifts (and mirrors) them
+        on the way, reading the batch's key from the device (``aug_words``, a
+        row of the table :meth:`_augment_rows` uploads per :meth:`run_steps`
+        call).  Otherwise ``x[idx]``, converted; with augmentation (``key`` =
+        ``(epoch, step)``) shifted by :func:`~gpucnn.data.augment.augment_batch`
+        first -- the same bits either way.
         """
-        if self.augment is not None and key is not None:
-            aug = self.augment
-            xb = augment_batch(x[idx], (aug["seed"],) + tuple(key), fill=aug["fill"], flip=aug["flip"])
-            return to_internal(xb), y[idx]
-        if _dispatch.use_kernels(x) and x.dtype.kind == "f" and x.flags.c_contiguous and y.dtype.kind == "i":
-            from ..cuda.batch import gather_batch
+        aug = self.augment if key is not None else None
+        if self._gather_kernel(x, y) and (aug is None or (aug_words is not None and x.ndim == 4)):
+            from ..cuda.batch import gather_batch, gather_batch_augment
 
             n = int(idx.shape[0])
-            key = (n, x.dtype, tuple(x.shape[1:]))
-            bufs = self._batch_buffers.get(key)
+            bkey = (n, x.dtype, tuple(x.shape[1:]))
+            bufs = self._batch_buffers.get(bkey)
             xp = backend.get_array_module(x)
             if bufs is None:
-                bufs = self._batch_buffers[key] = (xp.empty(tuple(x.shape[1:]) + (n,), x.dtype),
-                                                  xp.empty((n,), np.int32))
-            return gather_batch(x, y, idx, x_out=bufs[0], y_out=bufs[1])
+                bufs = self._batch_buffers[bkey] = (xp.empty(tuple(x.shape[1:]) + (n,), x.dtype),
+                                                   xp.empty((n,), np.int32))
+            if aug is None:
+                return gather_batch(x, y, idx, x_out=bufs[0], y_out=bufs[1])
+            return gather_batch_augment(x, y, idx, aug_words, fill=aug["fill"], flip=aug["flip"],
+                                        x_out=bufs[0], y_out=bufs[1])
+        if aug is not None:
+            xb = augment_batch(x[idx], (aug["seed"],) + tuple(key), fill=aug["fill"], flip=aug["flip"])
+            return to_internal(xb), y[idx]
         return to_internal(x[idx]), y[idx]
 
-    def _graph(self, x, y, idx, ring):
+    def _augment_rows(self, x, y, epoch, steps):
+        """The device table of the steps' augmentation keys, ``(len(steps), 2)`` int32 (one row per
+        step, :func:`~gpucnn.cuda.batch.augment_key_words` of ``(seed, epoch, step)``), when the
+        augmented gather runs as a kernel; else None."""
+        if self.augment is None or not self._gather_kernel(x, y) or x.ndim != 4 or not steps:
+            return None
+        from ..cuda.batch import augment_key_words
+
+        host = np.stack([augment_key_words((self.augment["seed"], epoch, st)) for st in steps])
+        return backend.to_device(host, backend.device_of(x))
+
+    def _graph(self, x, y, idx, ring, augment_rows):
         """The captured step for this dataset and batch size (capturing it once warmed up), or None."""
         from . import graph as graph_mod
 
@@ -175,9 +198,10 @@ class Trainer:
             return g
         if not backend.is_cupy(x) or n != self.batch_size:
             return None                               # the CPU, the last partial batch: eager
-        if self.augment is not None:
-            warnings.warn("--cuda-graph: augmented steps are not captured (the shifts are drawn per batch on "
-                          "the host); training continues without a CUDA graph", RuntimeWarning, stacklevel=3)
+        if self.augment is not None and augment_rows is None:
+            warnings.warn("--cuda-graph: augmented steps of this dataset are not captured (they are gathered "
+                          "by CuPy operations, not the augmented gather kernel); training continues without a "
+                          "CUDA graph", RuntimeWarning, stacklevel=3)
             self._graphs[key] = None
             return None
         if ring is None:
@@ -190,7 +214,7 @@ class Trainer:
         if seen < graph_mod.WARMUP_STEPS:
             self._eager_steps[key] = seen + 1         # this step runs eagerly
             return None
-        g = graph_mod.try_capture(self, x, y, n, idx.dtype)
+        g = graph_mod.try_capture(self, x, y, n, idx.dtype, augmented=augment_rows is not None)
         if g is not None:
             g.dataset = (x, y)                        # keeps the ids of the key valid
         self._graphs[key] = g
@@ -238,15 +262,16 @@ class Trainer:
             self.optimizer.step(hyper)
         return value, correct
 
-    def _one_step(self, x, y, idx, n_global, hyper, slot, ring, key):
+    def _one_step(self, x, y, idx, n_global, hyper, slot, ring, key, aug_rows=None, i=0):
         """One step of :meth:`run_steps`: a CUDA-graph replay, or gather + the eager step."""
-        graph = self._graph(x, y, idx, ring) if self.cuda_graph else None
+        aug_words = None if aug_rows is None else aug_rows[i]
+        graph = self._graph(x, y, idx, ring, aug_rows) if self.cuda_graph else None
         if graph is not None:
             with nvtx_range("train_step (CUDA graph)"):
-                graph.replay(idx, hyper, slot)
+                graph.replay(idx, hyper, slot, aug_words)
             self.optimizer.step_count += 1
             return slot
-        xb, yb = self._gather(x, y, idx, key) if idx.shape[0] else (None, y[idx])
+        xb, yb = self._gather(x, y, idx, key, aug_words) if idx.shape[0] else (None, y[idx])
         if self.comm is not None:
             return self.step_shard(xb, yb, n_global, hyper, slot)
         with nvtx_range("train_step"):
@@ -275,6 +300,7 @@ class Trainer:
         pending = []
         steps = list(steps)
         lrs, tables = self._hyper_rows(epoch, steps)
+        aug_rows = self._augment_rows(x, y, epoch, steps)
         ring = self._metric_ring(x, min(self.sync_every, len(steps)))
         for i, step in enumerate(steps):
             lr = lrs[i]
@@ -286,7 +312,7 @@ class Trainer:
             hyper = {dtype: table[i] for dtype, table in tables.items()}
             slot = None if ring is None else (ring[0][len(pending)], ring[1][len(pending)])
             try:
-                value, correct = self._one_step(x, y, idx, n_global, hyper, slot, ring, (epoch, step))
+                value, correct = self._one_step(x, y, idx, n_global, hyper, slot, ring, (epoch, step), aug_rows, i)
             except debug_mod.NonFiniteError as exc:  # anomaly detection named a layer
                 raise NonFiniteLossError(f"{exc} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
                                          f"(lr {lr:g})", epoch=epoch + 1, step=step + 1) from None
