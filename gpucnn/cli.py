@@ -145,6 +145,10 @@ def _add_train(sub):
                    help="with --device cuda: replay each full-size train step as one CUDA graph (same numbers, "
                         "far less host work; opt-in and not yet verified on a GPU; falls back to eager steps "
                         "with a warning when the step cannot be captured)")
+    p.add_argument("--no-launch-plan", dest="launch_plan", action="store_false",
+                   help="with --device cuda: run every step eagerly (by default, after a few eager steps "
+                        "the trainer records one step's kernel launches, checks them against an eager step "
+                        "bit for bit, and replays just those launches; not yet verified on a GPU)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes of an MPI launch (mpiexec -n N gpucnn train "
                         "--distributed ...): --batch-size is the global batch, split over the ranks; rank 0 "
@@ -283,7 +287,8 @@ def _cmd_train(args, parser):
     try:
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
-                       progress=not args.no_progress, overwrite=args.overwrite, cuda_graph=args.cuda_graph)
+                       progress=not args.no_progress, overwrite=args.overwrite, cuda_graph=args.cuda_graph,
+                       launch_plan=args.launch_plan)
     except NonFiniteLossError as exc:
         _err(str(exc))
         return EXIT_NONFINITE
@@ -348,7 +353,7 @@ def _train_ranks(args, sp, comm):
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
                        progress=not args.no_progress, overwrite=args.overwrite, distributed=comm,
-                       log=print if root else None, cuda_graph=args.cuda_graph)
+                       log=print if root else None, cuda_graph=args.cuda_graph, launch_plan=args.launch_plan)
     except NonFiniteLossError as exc:
         return failure(str(exc), EXIT_NONFINITE)
     except (DataError, FileNotFoundError) as exc:

@@ -73,6 +73,9 @@ def test_static_lenet5_step_is_within_the_launch_budget(lenet5_static):
     assert row["per_epoch"] == ["asarray (host to device)"] * 2     # the learning-rate and augmentation-key tables
     g = row["graph"]                  # --cuda-graph: one graph launch, copies in and out, nothing else
     assert g["captured"] and g["graph_launches"] == 1 and g["launches"] == 0
+    p = row["plan"]                   # the launch plan: the same 27 launches replayed, 5 copies in and out
+    assert p["replayed"] and p["launches"] == row["launches"] and p["copies"] == 5 and p["syncs"] == 0
+    assert 0 < p["host_us_per_launch"] < row["host_us_per_launch"]
 
 
 def test_static_report_reads_kernel_resources(lenet5_static):

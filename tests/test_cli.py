@@ -266,6 +266,24 @@ def test_cuda_graph_needs_the_gpu(capsys, tmp_path):
     assert "--cuda-graph) needs the GPU (device cuda); this run is on cpu" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, expected", [([], True), (["--no-launch-plan"], False)])
+def test_launch_plan_flag_reaches_the_trainer(flags, expected, monkeypatch, tmp_path):
+    """The launch plan is on unless --no-launch-plan (it matters on a GPU; the CPU steps are eager anyway)."""
+    from gpucnn.train import trainer as trainer_mod
+
+    seen = []
+    real_init = trainer_mod.Trainer.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        seen.append(self.launch_plan)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", init)
+    assert cli.main(["train", "--device", "cpu", "--subset", "64", "--test-subset", "64", "--epochs", "1",
+                     "--no-progress", "--out", str(tmp_path / "run")] + flags) == 0
+    assert seen == [expected]
+
+
 def _interrupt_at_epoch(monkeypatch, which):
     """Ctrl-C in the middle of epoch ``which`` (1-based) of the next training run."""
     from gpucnn.train import Trainer

@@ -136,3 +136,44 @@ def test_mnist_one_epoch_on_gpu(tmp_path, monkeypatch):
           f"{result.images_per_sec:.0f} images/s, {result.seconds:.1f} s")
     assert all(backend.is_cupy(p) for p in result.model.parameters())
     assert result.test_accuracy >= 0.98, f"test accuracy after one epoch on the GPU: {100 * result.test_accuracy:.2f}%"
+
+
+@pytest.mark.parametrize("mode", ["plan", "graph"])
+def test_replayed_steps_equal_eager_steps_on_gpu(mode):
+    """lenet5 with its shifted batches, 16 steps: the launch plan (the default) and --cuda-graph give
+    the eager steps' losses and weights bit for bit, and really replayed (not fell back)."""
+    import warnings
+
+    from gpucnn import optim
+    from gpucnn.train.graph import StepGraph
+    from gpucnn.train.plan import StepPlan
+
+    cp = _cp()
+    rng = np.random.default_rng(0)
+    x = cp.asarray(rng.standard_normal((8 * 64, 1, 28, 28)).astype(np.float32))
+    y = cp.asarray(rng.integers(0, 10, 8 * 64).astype(np.int64))
+    order = cp.asarray(rng.permutation(8 * 64))
+
+    def run(**kw):
+        gpucnn.seed(0)
+        model = models.build("lenet5", device="cuda")
+        trainer = gpucnn.train.Trainer(model, losses.SoftmaxCrossEntropy(check_labels=False),
+                                       optim.SGD(model, lr=0.05, momentum=0.9, weight_decay=1e-3), batch_size=64,
+                                       schedule=lambda e, s: 0.05 / (1 + s), sync_every=5,
+                                       augment={"seed": 1, "fill": -0.42, "flip": False}, **kw)
+        seen = []
+        for epoch in range(2):
+            trainer.run_steps(x, y, order, epoch, range(8), 8,
+                              on_sync=lambda st, k: seen.append((st.loss_sum, st.correct)))
+        return seen, model.state_dict(), list(trainer._graphs.values())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eager = run(launch_plan=False)
+        replayed = run(cuda_graph=True) if mode == "graph" else run()
+    (static,) = replayed[2]
+    assert isinstance(static, StepGraph if mode == "graph" else StepPlan)
+    assert mode == "graph" or static.validated
+    assert replayed[0] == eager[0]
+    for name, value in eager[1].items():
+        np.testing.assert_array_equal(replayed[1][name], value, err_msg=name)

@@ -169,10 +169,14 @@ def _step_table(args, batch, device, torch, timer, ttimer, results):
           + (f" / torch {t0:.5f}" if t0 is not None else ""))
     print(f"  {'':34s} {'gpucnn ms':>9s} {'torch ms':>9s}  ratio  gpucnn img/s")
     print(f"  {'forward+loss+backward+SGD':34s} {_ms(mine)} {_ms(ref)}  {_ratio(mine, ref)}  {batch / mine:10.0f}")
-    graphed = mine_graph = mine_loop = None
+    graphed = mine_graph = mine_loop = mine_plan = None
     if device == "cuda":
         k = GRAPH_STEPS
         mine_loop = timer(pair.steps(k, cuda_graph=False)) / k
+        try:
+            mine_plan = timer(pair.steps(k, cuda_graph=False, launch_plan=True)) / k
+        except Exception as exc:  # report, don't hide the other figures
+            print(f"  gpucnn launch-plan steps failed: {type(exc).__name__}: {exc}")
         try:
             mine_graph = timer(pair.steps(k, cuda_graph=True)) / k
         except Exception as exc:  # report, don't hide the other figures
@@ -183,9 +187,10 @@ def _step_table(args, batch, device, torch, timer, ttimer, results):
             except Exception as exc:
                 print(f"  PyTorch CUDA-graph capture failed: {type(exc).__name__}: {exc}")
         print(f"  {'the train loop (run_steps), eager':34s} {_ms(mine_loop)} {_ms(ref)}  {_ratio(mine_loop, ref)}")
+        print(f"  {'the train loop, launch plan':34s} {_ms(mine_plan)} {_ms(ref)}  {_ratio(mine_plan, ref)}")
         if mine_graph is not None or graphed is not None:
             print(f"  {'both as CUDA graphs':34s} {_ms(mine_graph)} {_ms(graphed)}  {_ratio(mine_graph, graphed)}")
-    results["steps"].append({"batch": batch, "gpucnn_s": mine, "gpucnn_loop_s": mine_loop,
+    results["steps"].append({"batch": batch, "gpucnn_s": mine, "gpucnn_loop_s": mine_loop, "gpucnn_plan_s": mine_plan,
                              "gpucnn_graph_s": mine_graph, "torch_s": ref, "torch_graph_s": graphed})
 
 

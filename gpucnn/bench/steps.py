@@ -34,13 +34,14 @@ class StepPair:
     def gpucnn(self):
         return self.trainer.step(self.x, self.y)[0]
 
-    def steps(self, k: int, cuda_graph: bool):
+    def steps(self, k: int, cuda_graph: bool, launch_plan: bool = False):
         """``k`` train steps the way ``gpucnn train`` runs them (:meth:`Trainer.run_steps` over a
-        dataset of this one batch; ``cuda_graph``: replayed as a CUDA graph once captured).
+        dataset of this one batch; ``cuda_graph``: replayed as a CUDA graph once captured;
+        ``launch_plan``: replayed from the recorded launches once validated).
         Returns a function running them; time it and divide by ``k``."""
         model = self.model
         trainer = Trainer(model, self.trainer.loss, self.trainer.optimizer, batch_size=self.x.shape[0],
-                          sync_every=k, cuda_graph=cuda_graph)
+                          sync_every=k, cuda_graph=cuda_graph, launch_plan=launch_plan)
         xp = backend.get_array_module(self.x)
         order = xp.arange(self.x.shape[0], dtype=xp.int64)
         orders = [order] * k        # every step the same batch (what the single-step figure times too)

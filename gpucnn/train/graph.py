@@ -37,7 +37,7 @@ import numpy as np
 from .. import backend
 from ..functional import workspace
 
-__all__ = ["StepGraph", "GraphCaptureError", "WARMUP_STEPS"]
+__all__ = ["StepGraph", "FixedInputs", "GraphCaptureError", "WARMUP_STEPS"]
 
 #: eager steps of a batch size before its step is captured (buffers, slots, prepared launches)
 WARMUP_STEPS = 2
@@ -67,18 +67,55 @@ def _no_allocation():
         yield
 
 
-class StepGraph:
-    """One captured train step for batches of ``n`` samples of dataset ``(x, y)``."""
+class FixedInputs:
+    """The fixed device buffers a replayed step (a CUDA graph, a launch plan) reads and writes.
 
-    def __init__(self, trainer, x, y, n: int, idx_dtype, augmented: bool = False):
+    ``idx`` (n,), ``hyper`` one row per optimizer dtype, ``aug`` (2,) int32 when
+    the step is augmented; ``loss`` (1,) of the data's ``dtype`` and ``correct`` (1,) int32.  :meth:`copy_in` /
+    :meth:`copy_out` move a step's values in and out (one async device-to-device
+    copy each, checked against the buffer first).
+    """
+
+    def __init__(self, trainer, n: int, dtype, idx_dtype, augmented: bool):
         cp = backend.cupy
         opt = trainer.optimizer
         self.n = int(n)
         self.idx = cp.empty((self.n,), idx_dtype)
         self.hyper = {g.dtype: cp.empty((opt.HYPER_SIZE,), g.dtype) for g in opt.groups}
-        self.loss = cp.empty((1,), x.dtype)
+        self.loss = cp.empty((1,), dtype)
         self.correct = cp.empty((1,), np.int32)
         self.aug = cp.zeros((2,), np.int32) if augmented else None
+
+    def run_step(self, trainer, x, y) -> None:
+        """The step on the fixed buffers: gather, forward, loss, backward, optimizer."""
+        xb, yb = trainer._gather(x, y, self.idx, (0, 0) if self.aug is not None else None, self.aug)
+        trainer._forward_backward(xb, yb, 1.0, (self.loss, self.correct))
+        trainer.optimizer.step(self.hyper)
+
+    def copy_in(self, idx, hyper, aug, stream) -> None:
+        if idx.shape != self.idx.shape or idx.dtype != self.idx.dtype:
+            raise ValueError(f"this step was recorded for idx {self.idx.dtype} {self.idx.shape}, got "
+                             f"{idx.dtype} {tuple(idx.shape)}")
+        _copy(self.idx, idx, stream)
+        for dtype, buf in self.hyper.items():
+            _copy(buf, hyper[dtype], stream)
+        if self.aug is not None:
+            if aug is None:
+                raise ValueError("this step was recorded with augmentation; replaying it needs the step's key")
+            _copy(self.aug, aug, stream)
+
+    def copy_out(self, slot, stream) -> None:
+        _copy(slot[0], self.loss, stream)
+        _copy(slot[1], self.correct, stream)
+
+
+class StepGraph(FixedInputs):
+    """One captured train step for batches of ``n`` samples of dataset ``(x, y)``."""
+
+    def __init__(self, trainer, x, y, n: int, idx_dtype, augmented: bool = False):
+        super().__init__(trainer, n, x.dtype, idx_dtype, augmented)
+        cp = backend.cupy
+        opt = trainer.optimizer
         self.stream = cp.cuda.Stream(non_blocking=True)
         current = cp.cuda.get_current_stream()
         self.stream.wait_event(current.record())         # the eager work before is done first
@@ -88,9 +125,7 @@ class StepGraph:
             self.stream.begin_capture()
             try:
                 with _no_allocation():
-                    xb, yb = trainer._gather(x, y, self.idx, (0, 0) if augmented else None, self.aug)
-                    trainer._forward_backward(xb, yb, 1.0, (self.loss, self.correct))
-                    opt.step(self.hyper)
+                    self.run_step(trainer, x, y)
             except Exception as exc:
                 failure = exc
             finally:
@@ -107,18 +142,10 @@ class StepGraph:
     def replay(self, idx, hyper, slot, aug=None) -> None:
         """One step: copy ``idx``, the ``hyper`` rows (and the augmentation key ``aug``) in, launch,
         copy loss and count to ``slot``."""
-        cp = backend.cupy
-        stream = cp.cuda.get_current_stream()
-        _copy(self.idx, idx, stream)
-        if self.aug is not None:
-            if aug is None:
-                raise ValueError("this step graph was captured with augmentation; replay needs the step's key")
-            _copy(self.aug, aug, stream)
-        for dtype, buf in self.hyper.items():
-            _copy(buf, hyper[dtype], stream)
+        stream = backend.cupy.cuda.get_current_stream()
+        self.copy_in(idx, hyper, aug, stream)
         self.graph.launch(stream=stream)
-        _copy(slot[0], self.loss, stream)
-        _copy(slot[1], self.correct, stream)
+        self.copy_out(slot, stream)
 
 
 def try_capture(trainer, x, y, n, idx_dtype, augmented: bool = False):

@@ -138,7 +138,8 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
           device: str = "auto", data_dir=None, out_dir=None, resume=None,
           stop_after: int | None = None, nvtx: bool = False, debug: bool = False,
           progress: bool = True, overwrite: bool = False,
-          log: Callable[[str], None] | None = print, distributed=None, cuda_graph: bool = False) -> TrainResult:
+          log: Callable[[str], None] | None = print, distributed=None, cuda_graph: bool = False,
+          launch_plan: bool = True) -> TrainResult:
     """Train, evaluating and checkpointing every epoch.
 
     Args:
@@ -173,6 +174,10 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
             graph (:mod:`gpucnn.train.graph`): the same numbers as the eager
             step, far less host work.  Opt-in and not yet verified on a GPU;
             a step that cannot be captured runs eagerly after a warning.
+        launch_plan: on a GPU (without ``cuda_graph``), replay each full-size
+            step's recorded kernel launches once they have been checked
+            against an eager step bit for bit (:mod:`gpucnn.train.plan`);
+            False: every step eager.  Not yet verified on a GPU.
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf; the last good checkpoint
@@ -188,7 +193,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
     say = log or (lambda s: None)
     t_start = time.perf_counter()
     opts = dict(model=model, loss=loss, data=data, data_dir=data_dir, nvtx=nvtx, debug=debug,
-                cuda_graph=bool(cuda_graph))
+                cuda_graph=bool(cuda_graph), launch_plan=bool(launch_plan))
     if distributed is None or distributed is False:
         cfg, ckpt = _run_config(config, resume, say)
         _check_stop_after(stop_after)
@@ -257,7 +262,8 @@ class _Run:
     """The state of one :func:`train` call between preparation and the result."""
 
     @classmethod
-    def prepare(cls, cfg, ckpt, dev, say, comm, rundir, metrics, *, model, loss, data, data_dir, cuda_graph):
+    def prepare(cls, cfg, ckpt, dev, say, comm, rundir, metrics, *, model, loss, data, data_dir, cuda_graph,
+                launch_plan=True):
         if cuda_graph and dev != "cuda":
             raise ValueError(f"cuda_graph=True (--cuda-graph) needs the GPU (device cuda); this run is on {dev}")
         self = cls()
@@ -287,7 +293,7 @@ class _Run:
               f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
-                               cuda_graph=cuda_graph, augment=self._augment_spec())
+                               cuda_graph=cuda_graph, augment=self._augment_spec(), launch_plan=launch_plan)
         self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
         return self
 

@@ -88,10 +88,16 @@ class Trainer:
         cuda_graph: on a GPU, replay full-size steps as one captured CUDA graph
             (:mod:`gpucnn.train.graph`; opt-in, unverified on a GPU so far);
             falls back to eager steps with a warning when capture fails.
+        launch_plan: on a GPU without ``cuda_graph``, record one full-size
+            step's launches and issue just those for the following steps
+            (:mod:`gpucnn.train.plan`: checked against an eager step bit for
+            bit before it is used; unverified on a GPU so far).  Default True;
+            a step that cannot be a plan runs eagerly after a one-line warning.
     """
 
     def __init__(self, model, loss, optimizer, *, batch_size: int, schedule=None, num_classes: int = 10,
-                 sync_every: int | None = None, comm=None, cuda_graph: bool = False, augment=None):
+                 sync_every: int | None = None, comm=None, cuda_graph: bool = False, augment=None,
+                 launch_plan: bool = True):
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.comm = comm
         self.batch_size = int(batch_size)
@@ -103,10 +109,11 @@ class Trainer:
         self._ring = None
         self.augment = augment
         self.cuda_graph = bool(cuda_graph)
+        self.launch_plan = bool(launch_plan)
         if self.cuda_graph and comm is not None and comm.size > 1:
             raise ValueError("cuda_graph=True is not supported for data-parallel training yet (the allreduce "
                              "is not captured); leave it off with --distributed")
-        self._graphs: dict = {}          # (id(x), id(y), n) -> StepGraph, or None after a failed capture
+        self._graphs: dict = {}          # (id(x), id(y), n) -> StepGraph / StepPlan, or None: eager
         self._eager_steps: dict = {}     # the same key -> eager steps run (capture waits for WARMUP_STEPS)
 
     def step(self, xb, yb):
@@ -184,37 +191,46 @@ class Trainer:
         host = np.stack([augment_key_words((self.augment["seed"], epoch, st)) for st in steps])
         return backend.to_device(host, backend.device_of(x))
 
-    def _graph(self, x, y, idx, ring, augment_rows):
-        """The captured step for this dataset and batch size (capturing it once warmed up), or None."""
+    def _static_step(self, x, y, idx, ring, augment_rows):
+        """The replayable step for this dataset and batch size -- a :class:`~gpucnn.train.graph.StepGraph`
+        (``cuda_graph``) or a :class:`~gpucnn.train.plan.StepPlan` (``launch_plan``) -- made once
+        the step has warmed up; None while warming up or when the step runs eagerly."""
         from . import graph as graph_mod
+        from . import plan as plan_mod
 
         n = int(idx.shape[0])
         key = (id(x), id(y), n)
         if key in self._graphs:
             g = self._graphs[key]
             if g is not None:
-                for group in self.optimizer.groups:   # a replaced parameter would leave the graph behind
+                for group in self.optimizer.groups:   # a replaced parameter would leave the step behind
                     group.check(type(self.optimizer).__name__)
             return g
-        if not backend.is_cupy(x) or n != self.batch_size:
-            return None                               # the CPU, the last partial batch: eager
+        if not backend.is_cupy(x) or n != self.batch_size or self.comm is not None:
+            return None                               # the CPU, the last partial batch, several ranks: eager
+        if not self.cuda_graph and debug_mod.is_enabled():
+            return None                               # anomaly detection checks every layer: eager, not cached
+        what = "--cuda-graph: the step is not captured" if self.cuda_graph else "the launch plan is not used"
+        reason = None
         if self.augment is not None and augment_rows is None:
-            warnings.warn("--cuda-graph: augmented steps of this dataset are not captured (they are gathered "
-                          "by CuPy operations, not the augmented gather kernel); training continues without a "
-                          "CUDA graph", RuntimeWarning, stacklevel=3)
-            self._graphs[key] = None
-            return None
-        if ring is None:
-            warnings.warn(f"--cuda-graph: the {type(self.loss).__name__} step is not captured (only softmax "
-                          "cross-entropy steps are); training continues without a CUDA graph",
-                          RuntimeWarning, stacklevel=3)
+            reason = ("the augmented batches of this dataset are gathered by CuPy operations, not the augmented "
+                      "gather kernel")
+        elif ring is None:
+            reason = f"only softmax cross-entropy steps are replayed, not {type(self.loss).__name__}"
+        if reason is not None:
+            if self.cuda_graph:                       # asked for explicitly: say why not
+                warnings.warn(f"{what} ({reason}); training continues with eager steps", RuntimeWarning,
+                              stacklevel=4)
             self._graphs[key] = None
             return None
         seen = self._eager_steps.get(key, 0)
         if seen < graph_mod.WARMUP_STEPS:
             self._eager_steps[key] = seen + 1         # this step runs eagerly
             return None
-        g = graph_mod.try_capture(self, x, y, n, idx.dtype, augmented=augment_rows is not None)
+        if self.cuda_graph:
+            g = graph_mod.try_capture(self, x, y, n, idx.dtype, augmented=augment_rows is not None)
+        else:
+            g = plan_mod.StepPlan(self, x, y, n, idx.dtype, augmented=augment_rows is not None)
         if g is not None:
             g.dataset = (x, y)                        # keeps the ids of the key valid
         self._graphs[key] = g
@@ -265,11 +281,21 @@ class Trainer:
     def _one_step(self, x, y, idx, n_global, hyper, slot, ring, key, aug_rows=None, i=0):
         """One step of :meth:`run_steps`: a CUDA-graph replay, or gather + the eager step."""
         aug_words = None if aug_rows is None else aug_rows[i]
-        graph = self._graph(x, y, idx, ring, aug_rows) if self.cuda_graph else None
-        if graph is not None:
+        static = self._static_step(x, y, idx, ring, aug_rows) if self.cuda_graph or self.launch_plan else None
+        if static is not None and self.cuda_graph:
             with nvtx_range("train_step (CUDA graph)"):
-                graph.replay(idx, hyper, slot, aug_words)
+                static.replay(idx, hyper, slot, aug_words)
             self.optimizer.step_count += 1
+            return slot
+        if static is not None:
+            from .plan import PlanRefused, warn_refused
+
+            with nvtx_range("train_step (launch plan)"):
+                try:
+                    static.step(idx, hyper, slot, aug_words)
+                except PlanRefused as exc:            # the step ran eagerly; so will the next ones
+                    self._graphs[(id(x), id(y), int(idx.shape[0]))] = None
+                    warn_refused(exc)
             return slot
         xb, yb = self._gather(x, y, idx, key, aug_words) if idx.shape[0] else (None, y[idx])
         if self.comm is not None:

@@ -15,7 +15,7 @@
 #   kernels    every gpucnn kernel against the NumPy path on odd shapes: the cupy legs
 #              of tests/test_kernels_conv.py, tests/test_kernels_step.py, tests/test_functional.py
 #   gpu-tests  python3 -m pytest -m gpu --timeout=60 (everything else marked gpu)
-#   bench      gpucnn bench --device cuda, batch 64/256/1024: gpucnn eager, its train loop
+#   bench      gpucnn bench --device cuda, batch 64/256/1024: gpucnn eager, its train loop (eager, launch plan)
 #              and its CUDA graph against PyTorch eager and PyTorch as a CUDA graph
 #   ncu        ncu --clock-control none on the conv kernels of lenet5 steps at batch 1024
 #   memcheck   compute-sanitizer --tool memcheck on the kernel parity tests

@@ -1,0 +1,163 @@
+"""The train step as a recorded launch plan (gpucnn/train/plan.py), checked without a GPU.
+
+As in test_cuda_graph.py, the CuPy stand-in (gpucnn/bench/standin.py) plays
+CuPy and the CPU emulator (tests/cudasim) runs the kernels, so a planned run is
+compared with an eager one bit for bit, and the plan's own checks are shown to
+refuse the steps they exist to refuse: device work outside the launcher, launches
+that change from step to step, host state a replay would skip.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import gpucnn as gc
+from backends import emulator_builder, skip_without_emulator
+from gpucnn import losses, optim
+from gpucnn.bench import standin
+from gpucnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+from gpucnn.train.plan import StepPlan
+
+pytestmark = pytest.mark.cudasim
+
+AUG = {"seed": 7, "fill": -0.25, "flip": True}
+
+
+def _net(pool=MaxPool2D):
+    gc.seed(5)
+    return Sequential(Conv2D(2, 3, 3, padding=1), ReLU(), pool(2), Flatten(), Dense(3 * 4 * 3, 4))
+
+
+def _data(n=23):
+    rng = np.random.default_rng(9)
+    return (rng.standard_normal((n, 2, 8, 6)).astype(np.float32), rng.integers(0, 4, n).astype(np.int64),
+            [rng.permutation(n) for _ in range(2)])
+
+
+def _sgd(m):
+    return optim.SGD(m, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+
+
+def _train(make_opt, launch_plan, pool=MaxPool2D, augment=None, plant=None):
+    """Two epochs of 23 samples in batches of 5 (4 full, 1 of 3) on the stand-in + emulator.
+
+    Returns ``(synced (loss sum, count, seen), state dict, kernel launches, step count, plans)``.
+    ``plant(trainer)`` may change the trainer before it runs (a planted fault).
+    """
+    skip_without_emulator()
+    x, y, orders = _data()
+    rec = standin.Recorder()
+    with standin.installed(rec, builder=emulator_builder) as cp:
+        model = _net(pool).to("cuda")
+        trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(check_labels=False), make_opt(model),
+                                   batch_size=5, schedule=lambda e, s: 0.1 / (1 + e + s), sync_every=3,
+                                   augment=augment, launch_plan=launch_plan)
+        if plant is not None:
+            plant(trainer)
+        dx, dy = cp.asarray(x), cp.asarray(y)
+        seen = []
+        for epoch, order in enumerate(orders):
+            trainer.run_steps(dx, dy, cp.asarray(order), epoch, range(5), 5,
+                              on_sync=lambda st, k: seen.append((st.loss_sum, st.correct, st.seen)))
+        state = {k: np.asarray(v) for k, v in model.state_dict().items()}
+        launches = sum(e.kind == "kernel" for e in rec.events)
+        plans = [p for p in trainer._graphs.values() if isinstance(p, StepPlan)]
+        return seen, state, launches, trainer.optimizer.step_count, plans
+
+
+def _same_training(a, b):
+    assert a[0] == b[0]                                  # every synced loss sum and count, exactly
+    assert a[3] == b[3] == 10
+    for name, value in a[1].items():
+        np.testing.assert_array_equal(b[1][name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("augment", [None, AUG], ids=["plain", "augmented"])
+@pytest.mark.parametrize("make_opt", [_sgd, lambda m: optim.Adam(m, lr=0.01)], ids=["sgd", "adam"])
+def test_planned_training_equals_eager_bit_for_bit(make_opt, augment):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # a refused plan would warn
+        eager = _train(make_opt, False, augment=augment)
+        planned = _train(make_opt, True, augment=augment)
+    _same_training(eager, planned)
+    (plan,) = planned[4]
+    assert plan.validated and len(plan.launches) >= 10
+    # 8 full steps: 2 eager warm-ups, a recorded step, a validating step (a replay + an eager step),
+    # then 4 replays: exactly one step's launches more than the eager run
+    assert planned[2] == eager[2] + len(plan.launches)
+
+
+def test_a_step_with_cupy_operations_is_refused_with_a_warning():
+    """Average pooling runs as CuPy operations (it allocates): no plan, the same training."""
+    eager = _train(_sgd, False, pool=AvgPool2D)
+    with pytest.warns(RuntimeWarning, match=r"launch plan refused \(the step allocated device memory"):
+        planned = _train(_sgd, True, pool=AvgPool2D)
+    assert planned[4] == []
+    _same_training(eager, planned)
+
+
+def _in_place_fault(trainer):
+    """A device operation outside the launcher that allocates nothing: an in-place add to the gradients."""
+    real = trainer._forward_backward
+
+    def faulty(*a, **k):
+        out = real(*a, **k)
+        trainer.optimizer.groups[0].grads += np.float32(0.5)
+        return out
+
+    trainer._forward_backward = faulty
+
+
+def test_device_work_outside_the_launcher_is_caught_by_the_replay_check():
+    eager = _train(_sgd, False, plant=_in_place_fault)
+    with pytest.warns(RuntimeWarning, match="did not reproduce the eager step bit for bit"):
+        planned = _train(_sgd, True, plant=_in_place_fault)
+    _same_training(eager, planned)                         # the validating step ran eagerly: nothing lost
+
+
+def _changing_scalar(trainer):
+    """SGD's momentum changed every step: the optimizer kernel's scalar arguments differ."""
+    opt = trainer.optimizer
+    real = opt.step
+
+    def step(hyper=None):
+        opt.momentum = 0.9 - 0.01 * opt.step_count
+        return real(hyper)
+
+    opt.step = step
+
+
+def test_launches_that_change_between_steps_are_refused():
+    eager = _train(_sgd, False, plant=_changing_scalar)
+    with pytest.warns(RuntimeWarning, match="two consecutive steps launched different"):
+        planned = _train(_sgd, True, plant=_changing_scalar)
+    _same_training(eager, planned)
+
+
+def _host_draw(trainer):
+    """A draw from gpucnn's counter stream on the host each step (a replay would not advance it)."""
+    real = trainer._forward_backward
+
+    def drawing(*a, **k):
+        gc.random.uniform((1,))
+        return real(*a, **k)
+
+    trainer._forward_backward = drawing
+
+
+def test_a_step_that_moves_host_state_is_refused():
+    eager = _train(_sgd, False, plant=_host_draw)
+    with pytest.warns(RuntimeWarning, match="changed gpucnn's random stream"):
+        planned = _train(_sgd, True, plant=_host_draw)
+    _same_training(eager, planned)
+
+
+def test_plan_is_off_with_a_cuda_graph_and_on_the_cpu():
+    model = _net()
+    trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(), optim.SGD(model), batch_size=4)
+    assert trainer.launch_plan
+    x, y, orders = _data()
+    trainer.run_steps(x, y, orders[0], 0, range(5), 5)
+    assert trainer._graphs == {}                         # NumPy arrays: always eager
