@@ -970,6 +970,10 @@ with loader.use_module_builder(lambda c, n, o: cudasim.load_module(code=c, name=
                 loss.xent_backward(p, labels)
         images, lab = r(40, 1, 3, 11), rng.integers(0, 10, 40)
         batch.gather_batch(images, lab, np.array([0, 39, 41, -1, 7] * 7, np.int64))
+        images2 = r(40, 2, 3, 11)
+        for m, flip in ((2, True), (3, False)):
+            batch.gather_batch_augment(images2, lab, np.array([0, 39, 41, -1, 7] * 7, np.int64),
+                                       batch.augment_key_words((1, 2, m)), fill=-0.5, max_shift=m, flip=flip)
 print("SANITIZED-OK")
 """
 
