@@ -161,3 +161,34 @@ def test_plan_is_off_with_a_cuda_graph_and_on_the_cpu():
     x, y, orders = _data()
     trainer.run_steps(x, y, orders[0], 0, range(5), 5)
     assert trainer._graphs == {}                         # NumPy arrays: always eager
+
+
+def test_label_checking_loss_is_not_planned_and_anomaly_detection_stops_replays(monkeypatch):
+    """A loss that reads the labels on the host every step is left eager (no warning: the plan is
+    only the default); turning anomaly detection on mid-run stops the replays at once."""
+    skip_without_emulator()
+    x, y, orders = _data()
+    with standin.installed(standin.Recorder(), builder=emulator_builder) as cp, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = _net().to("cuda")
+        trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(check_labels=True), _sgd(model),
+                                   batch_size=5, sync_every=3)
+        trainer.run_steps(cp.asarray(x), cp.asarray(y), cp.asarray(orders[0]), 0, range(5), 5)
+        assert not any(isinstance(p, StepPlan) for p in trainer._graphs.values())
+
+        replays = []
+        real_replay = StepPlan._replay
+        monkeypatch.setattr(StepPlan, "_replay", lambda self: (replays.append(1), real_replay(self)))
+        model = _net().to("cuda")
+        trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(check_labels=False), _sgd(model),
+                                   batch_size=5, sync_every=3)
+        dx, dy = cp.asarray(x), cp.asarray(y)
+        trainer.run_steps(dx, dy, cp.asarray(orders[0]), 0, range(5), 5)
+        before = len(replays)
+        assert before == 1                  # the validating replay (steps 2 and 3 record, 4 is partial)
+        gc.debug.enable()
+        try:
+            trainer.run_steps(dx, dy, cp.asarray(orders[1]), 1, range(5), 5)
+        finally:
+            gc.debug.enable(False)
+        assert len(replays) == before

@@ -138,15 +138,27 @@ def _span(chunk, Wo, N):
     return (i0 * Wo + j0) * N, ((i1 - 1) * Wo + j1) * N
 
 
+def _strided(a, offset, shape, strides, writeable=True):
+    """The view of the C-contiguous ``a``'s memory from ``offset`` bytes on, with ``shape`` and
+    ``strides`` (bytes): built by the ndarray constructor, which checks that it stays inside
+    ``a`` -- about 1.5 us against ``as_strided``'s 12, and these views are taken twice per
+    column chunk of every convolution pass."""
+    view = np.ndarray(shape, a.dtype, buffer=a, offset=offset, strides=strides)
+    if not writeable:
+        view.flags.writeable = False
+    return view
+
+
 def _windows(xpad, kernel, stride, chunk):
     """The (C, kh, kw, rows, cols, N) strided view of every window of output block ``chunk``."""
     s0, s1, s2, s3 = xpad.strides
     (kh, kw), (sh, sw) = kernel, stride
     i0, i1, j0, j1 = chunk
     C, N = xpad.shape[0], xpad.shape[3]
-    base = xpad[:, i0 * sh:, j0 * sw:]
-    return np.lib.stride_tricks.as_strided(base, (C, kh, kw, i1 - i0, j1 - j0, N),
-                                           (s0, s1, s2, s1 * sh, s2 * sw, s3), writeable=False)
+    shape, strides = (C, kh, kw, i1 - i0, j1 - j0, N), (s0, s1, s2, s1 * sh, s2 * sw, s3)
+    if xpad.flags.c_contiguous:
+        return _strided(xpad, i0 * sh * s1 + j0 * sw * s2, shape, strides, writeable=False)
+    return np.lib.stride_tricks.as_strided(xpad[:, i0 * sh:, j0 * sw:], shape, strides, writeable=False)
 
 
 def _col_block(cols, K6, a, chunk, Wo, N):
@@ -154,10 +166,8 @@ def _col_block(cols, K6, a, chunk, Wo, N):
     P, item = cols.shape[1], cols.itemsize
     C, kh, kw = K6
     i0, i1, j0, j1 = chunk
-    start = cols[:, a:]
-    return np.lib.stride_tricks.as_strided(
-        start, (C, kh, kw, i1 - i0, j1 - j0, N),
-        (kh * kw * P * item, kw * P * item, P * item, Wo * N * item, N * item, item))
+    return _strided(cols, a * item, (C, kh, kw, i1 - i0, j1 - j0, N),
+                    (kh * kw * P * item, kw * P * item, P * item, Wo * N * item, N * item, item))
 
 
 def _conv_numpy(x, W, b, stride, padding, ws):

@@ -60,14 +60,15 @@ class PlanRefused(RuntimeError):
 
 @contextlib.contextmanager
 def _counting_allocations():
-    """Count device allocations inside the block (they still happen): ``yield`` a list of sizes."""
+    """Count device allocations inside the block (they still happen, through the allocator in
+    use): ``yield`` a list of sizes."""
     cp = backend.cupy
-    pool = cp.get_default_memory_pool() if hasattr(cp, "get_default_memory_pool") else None
+    inner = cp.cuda.get_allocator() if hasattr(cp.cuda, "get_allocator") else None   # the stand-in has none
     sizes = []
 
     def counting(size):
         sizes.append(int(size))
-        return pool.malloc(size) if pool is not None else None
+        return inner(size) if inner is not None else None
 
     with cp.cuda.using_allocator(counting):
         yield sizes

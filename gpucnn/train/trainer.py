@@ -173,7 +173,7 @@ class Trainer:
                                                    xp.empty((n,), np.int32))
             if aug is None:
                 return gather_batch(x, y, idx, x_out=bufs[0], y_out=bufs[1])
-            return gather_batch_augment(x, y, idx, aug_words, fill=aug["fill"], flip=aug["flip"],
+            return gather_batch_augment(x, y, idx, aug_words, fill=aug["fill"], flip=bool(aug["flip"]),
                                         x_out=bufs[0], y_out=bufs[1])
         if aug is not None:
             xb = augment_batch(x[idx], (aug["seed"],) + tuple(key), fill=aug["fill"], flip=aug["flip"])
@@ -198,6 +198,8 @@ class Trainer:
         from . import graph as graph_mod
         from . import plan as plan_mod
 
+        if not self.cuda_graph and debug_mod.is_enabled():
+            return None                               # anomaly detection checks every layer: eager, not cached
         n = int(idx.shape[0])
         key = (id(x), id(y), n)
         if key in self._graphs:
@@ -206,10 +208,8 @@ class Trainer:
                 for group in self.optimizer.groups:   # a replaced parameter would leave the step behind
                     group.check(type(self.optimizer).__name__)
             return g
-        if not backend.is_cupy(x) or n != self.batch_size or self.comm is not None:
+        if not backend.is_cupy(x) or n != self.batch_size or (self.comm is not None and self.comm.size > 1):
             return None                               # the CPU, the last partial batch, several ranks: eager
-        if not self.cuda_graph and debug_mod.is_enabled():
-            return None                               # anomaly detection checks every layer: eager, not cached
         what = "--cuda-graph: the step is not captured" if self.cuda_graph else "the launch plan is not used"
         reason = None
         if self.augment is not None and augment_rows is None:
@@ -217,6 +217,9 @@ class Trainer:
                       "gather kernel")
         elif ring is None:
             reason = f"only softmax cross-entropy steps are replayed, not {type(self.loss).__name__}"
+        elif getattr(self.loss, "check_labels", False):
+            reason = ("the loss checks the labels on the host every step (SoftmaxCrossEntropy(check_labels=True)); "
+                      "gpucnn train turns that off on a GPU")
         if reason is not None:
             if self.cuda_graph:                       # asked for explicitly: say why not
                 warnings.warn(f"{what} ({reason}); training continues with eager steps", RuntimeWarning,
