@@ -192,3 +192,35 @@ def test_label_checking_loss_is_not_planned_and_anomaly_detection_stops_replays(
         finally:
             gc.debug.enable(False)
         assert len(replays) == before
+
+
+def test_nvtx_ranges_are_replayed_in_their_place(monkeypatch):
+    """With --nvtx a replayed step pushes and pops the same per-layer ranges as an eager step."""
+    from gpucnn import nvtx
+
+    def trace(launch_plan):
+        events = []
+        monkeypatch.setattr(nvtx, "_push", lambda name: events.append(("push", name)))
+        monkeypatch.setattr(nvtx, "_pop", lambda: events.append(("pop",)))
+        monkeypatch.setattr(nvtx, "_enabled", True)
+        _train(_sgd, launch_plan)
+        return [("push", "train_step") if e == ("push", "train_step (launch plan)") else e for e in events]
+
+    def steps(events):
+        """The events split into top-level ranges (one per train step or evaluation)."""
+        groups, depth = [], 0
+        for e in events:
+            if depth == 0:
+                groups.append([])
+            groups[-1].append(e)
+            depth += 1 if e[0] == "push" else -1
+        return groups
+
+    eager, planned = steps(trace(False)), steps(trace(True))
+    assert len(eager) == len(planned) == 10 and ("push", "Conv2D+ReLU+MaxPool2D.forward") in eager[0]
+    differ = [i for i, (a, b) in enumerate(zip(eager, planned)) if a != b]
+    # only the validating step differs: a replay and the eager step, both with their ranges
+    assert len(differ) == 1
+    (i,) = differ
+    inner = eager[i][1:-1]
+    assert planned[i] == [eager[i][0]] + inner + inner + [eager[i][-1]]

@@ -7,7 +7,9 @@ few eager warm-up steps the trainer (``Trainer(launch_plan=True)``, the
 default on a GPU unless ``--cuda-graph`` is given) records one step's launches
 from the launcher (:func:`gpucnn.cuda.loader.recording`: the prepared, checked
 calls) and from then on issues exactly those calls, one after another, for
-every full-size batch: no layer code, no checks, nothing recomputed.  Like a
+every full-size batch: no layer code, no checks, nothing recomputed.  NVTX
+ranges (``--nvtx``) are recorded with the launches and replayed in their
+place, so a profile of planned steps shows the same per-layer ranges.  Like a
 CUDA graph (:mod:`gpucnn.train.graph`, whose fixed input buffers it shares),
 the plan reads the step's inputs from fixed buffers, copied in per step: the
 sample indices, the optimizer's hyper row, the augmentation key; and writes
@@ -45,7 +47,7 @@ import warnings
 
 import numpy as np
 
-from .. import backend
+from .. import backend, nvtx
 from .. import random as grandom
 from ..cuda import loader
 from ..functional import workspace
@@ -132,20 +134,23 @@ class StepPlan(FixedInputs):
         """Run the step eagerly on the fixed inputs; its launches, after the checks of 1. and 2."""
         trainer = self.trainer
         before = _host_state(trainer)
-        with workspace.pinning() as pins, loader.recording() as launches, _counting_allocations() as allocs:
+        with workspace.pinning() as pins, loader.recording() as launches, nvtx.recording_into(launches), \
+                _counting_allocations() as allocs:
             self.run_step(trainer, *self.dataset)
         if allocs:
             raise PlanRefused(f"the step allocated device memory ({len(allocs)} allocations, {sum(allocs)} "
                               "bytes): it holds CuPy operations a launch plan would not replay")
         if not _same_host_state(before, _host_state(trainer)):
             raise PlanRefused("the step changed gpucnn's random stream or a host-side buffer of the model")
-        if not launches:
+        if not any(grid is not None for _, grid, _, _, _ in launches):
             raise PlanRefused("the step launched no gpucnn kernel")
         return launches, pins
 
     def _replay(self):
         for function, grid, block, args, shared_mem in self.launches:
-            if shared_mem:
+            if grid is None:                            # an NVTX push or pop, in its place
+                function(*args)
+            elif shared_mem:
                 function(grid, block, args, shared_mem=shared_mem)
             else:
                 function(grid, block, args)
