@@ -164,3 +164,20 @@ def recording_fixture(shared_mem: bool = False):
             yield rec
 
     return fake
+
+
+def replay_net(pool=None):
+    """The small network of the replayed-step tests (test_cuda_graph.py, test_launch_plan.py):
+    conv 2->3 (3x3, pad 1) + ReLU + 2x2 pooling (max unless ``pool``), dense 36 -> 4; seeded."""
+    import gpucnn as gc
+    from gpucnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+
+    gc.seed(5)
+    return Sequential(Conv2D(2, 3, 3, padding=1), ReLU(), (pool or MaxPool2D)(2), Flatten(), Dense(3 * 4 * 3, 4))
+
+
+def replay_data(n=23):
+    """``(x (n, 2, 8, 6) float32, y (n,) int64 in 0..3, two epoch orders)`` for :func:`replay_net`."""
+    rng = np.random.default_rng(9)
+    return (rng.standard_normal((n, 2, 8, 6)).astype(np.float32), rng.integers(0, 4, n).astype(np.int64),
+            [rng.permutation(n) for _ in range(2)])

@@ -11,29 +11,19 @@ own capture (that needs a GPU: tests/gpu).
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 
 import gpucnn as gc
-from backends import emulator_builder, skip_without_emulator
+from backends import emulator_builder, replay_data, replay_net, skip_without_emulator
 from gpucnn import losses, optim
 from gpucnn.bench import standin
-from gpucnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+from gpucnn.layers import AvgPool2D, MaxPool2D
 
 pytestmark = pytest.mark.cudasim
 
 
-def _net(pool=MaxPool2D):
-    gc.seed(5)
-    return Sequential(Conv2D(2, 3, 3, padding=1), ReLU(), pool(2), Flatten(), Dense(3 * 4 * 3, 4))
-
-
-def _data(n=23):
-    rng = np.random.default_rng(9)
-    return (rng.standard_normal((n, 2, 8, 6)).astype(np.float32), rng.integers(0, 4, n).astype(np.int64),
-            [rng.permutation(n) for _ in range(2)])
+_net, _data = replay_net, replay_data
 
 
 def _train(make_opt, cuda_graph, pool=MaxPool2D, loss=None, steps=(0, 5), lr=0.1, augment=None):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import gpucnn as gc
-from backends import emulator_builder, skip_without_emulator
+from backends import emulator_builder, replay_data, replay_net, skip_without_emulator
 from gpucnn import losses, optim
 from gpucnn.bench import standin
-from gpucnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+from gpucnn.layers import AvgPool2D, MaxPool2D
 from gpucnn.train.plan import StepPlan
 
 pytestmark = pytest.mark.cudasim
@@ -25,15 +25,7 @@ pytestmark = pytest.mark.cudasim
 AUG = {"seed": 7, "fill": -0.25, "flip": True}
 
 
-def _net(pool=MaxPool2D):
-    gc.seed(5)
-    return Sequential(Conv2D(2, 3, 3, padding=1), ReLU(), pool(2), Flatten(), Dense(3 * 4 * 3, 4))
-
-
-def _data(n=23):
-    rng = np.random.default_rng(9)
-    return (rng.standard_normal((n, 2, 8, 6)).astype(np.float32), rng.integers(0, 4, n).astype(np.int64),
-            [rng.permutation(n) for _ in range(2)])
+_net, _data = replay_net, replay_data
 
 
 def _sgd(m):
