@@ -35,8 +35,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from .. import backend
 from .. import random as grandom
+from . import threads
 from .workspace import get
 
 __all__ = ["BatchNormSaved", "batch_norm_forward", "batch_norm_backward", "dropout_forward",
@@ -61,6 +64,20 @@ def _per_channel(v, x):
     return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
+def _channel_blocks(xp, C):
+    """Rows (channels) per block: the NumPy path spreads them over gpucnn's threads (every
+    channel's arithmetic is the same in any block, so the bits do not depend on the thread
+    count); CuPy takes them all at once."""
+    if xp is not np:
+        return [(0, C)]
+    return threads.split(C, parts=threads.get_num_threads())
+
+
+def _row_dot(xp, a, b):
+    """``sum(a * b, axis=1)`` of two (rows, m) arrays in one pass, no temporary."""
+    return xp.einsum("ij,ij->i", a, b)
+
+
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, training, momentum, eps, ws=None):
     """Normalise ``x`` per channel; updates the running estimates in place while training.
 
@@ -68,67 +85,84 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, training, m
         x: (C, ...) batch-last; gamma, beta: (C,) or None (affine=False).
         running_mean, running_var: (C,) buffers, updated in place when ``training``.
         momentum, eps: as PyTorch's BatchNorm.
-        ws: a :class:`~gpucnn.functional.workspace.Workspace` for ``xhat``, ``y`` and scratch
+        ws: a :class:`~gpucnn.functional.workspace.Workspace` for ``xhat`` and ``y``
             (reused across steps; the result is then that buffer).
     Returns:
         ``(y, saved)``.
+
+    Each channel is one contiguous row of ``m`` values; on NumPy blocks of rows run on
+    gpucnn's threads.  Per row: the mean, ``xhat = x - mean`` in place, the variance as one
+    fused sum of squares of it, then ``xhat *= 1/s`` and ``y = gamma xhat + beta`` -- five
+    passes over the data.
     """
     xp = backend.get_array_module(x)
     t = x.dtype.type
     C = x.shape[0]
     x2 = x.reshape(C, -1)                       # a channel's m values are one contiguous row
     m = x2.shape[1]
+    if training and m < 2:
+        raise ValueError(f"batch normalisation needs more than 1 value per channel while training, "
+                         f"got {m} (shape {tuple(x.shape)}); use a larger batch or eval mode")
+    xhat = get(ws, "bn.xhat", x2.shape, x.dtype, xp)
+    y = xhat if gamma is None else get(ws, "bn.y", x2.shape, x.dtype, xp)
+    mean = xp.empty((C,), x.dtype) if training else running_mean
+    var = xp.empty((C,), x.dtype) if training else running_var
+    inv_std = xp.empty((C,), x.dtype)
+
+    def rows(c0, c1):
+        r = slice(c0, c1)
+        if training:
+            mean[r] = x2[r].mean(axis=1)
+        xp.subtract(x2[r], mean[r, None], out=xhat[r])        # centred, normalised in place below
+        if training:
+            var[r] = _row_dot(xp, xhat[r], xhat[r]) / t(m)
+        inv_std[r] = 1 / xp.sqrt(var[r] + t(eps))
+        xhat[r] *= inv_std[r, None]
+        if gamma is not None:
+            xp.multiply(xhat[r], gamma[r, None], out=y[r])
+            y[r] += beta[r, None]
+
+    threads.run_each(rows, _channel_blocks(xp, C))
     if training:
-        if m < 2:
-            raise ValueError(f"batch normalisation needs more than 1 value per channel while training, "
-                             f"got {m} (shape {tuple(x.shape)}); use a larger batch or eval mode")
-        mean = x2.mean(axis=1)
-        xhat = get(ws, "bn.xhat", x2.shape, x.dtype, xp)
-        xp.subtract(x2, mean[:, None], out=xhat)                  # centred, normalised in place below
-        sq = get(ws, "bn.tmp", x2.shape, x.dtype, xp)
-        var = xp.multiply(xhat, xhat, out=sq).mean(axis=1)
-        inv_std = 1 / xp.sqrt(var + t(eps))
-        xhat *= inv_std[:, None]
         running_mean *= t(1 - momentum)
         running_mean += t(momentum) * mean
         running_var *= t(1 - momentum)
         running_var += t(momentum * m / (m - 1)) * var
-    else:
-        inv_std = 1 / xp.sqrt(running_var + t(eps))
-        xhat = get(ws, "bn.xhat", x2.shape, x.dtype, xp)
-        xp.subtract(x2, running_mean[:, None], out=xhat)
-        xhat *= inv_std[:, None]
-    if gamma is None:
-        y = xhat
-    else:
-        y = xp.multiply(xhat, gamma[:, None], out=get(ws, "bn.y", x2.shape, x.dtype, xp))
-        y += beta[:, None]
     return y.reshape(x.shape), BatchNormSaved(xhat, inv_std, gamma, training)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved, ws=None):
-    """``(dx, dgamma, dbeta)`` (the last two None without affine parameters)."""
+    """``(dx, dgamma, dbeta)`` (the last two None without affine parameters).
+
+    Per channel row: ``sum g`` and the fused ``sum g xhat`` (one pass each), then
+    ``dx = g scale - xhat (scale/m) sum(g xhat) - (scale/m) sum g`` in three passes
+    (``scale = gamma / s``; evaluation mode: ``dx = g scale``).
+    """
     xhat, inv_std, gamma = saved.xhat, saved.inv_std, saved.gamma
     xp = backend.get_array_module(dy)
     C = dy.shape[0]
     g2 = dy.reshape(C, -1)
     m = g2.shape[1]
     t = dy.dtype.type
-    tmp = get(ws, "bn.tmp", g2.shape, dy.dtype, xp)
-    sum_gx = xp.multiply(g2, xhat, out=tmp).sum(axis=1)
-    sum_g = g2.sum(axis=1)
-    dgamma, dbeta = (sum_gx, sum_g) if gamma is not None else (None, None)
+    sum_gx = xp.empty((C,), dy.dtype)
+    sum_g = xp.empty((C,), dy.dtype)
     scale = inv_std if gamma is None else gamma * inv_std
-    dx = get(ws, "bn.dx", g2.shape, dy.dtype, xp)
-    if not saved.training:
-        xp.multiply(g2, scale[:, None], out=dx)
-        return dx.reshape(dy.shape), dgamma, dbeta
-    # (scale / m) * (m g - sum g - xhat sum(g xhat)), as g*scale - xhat*(scale/m)*sum_gx - (scale/m)*sum_g
     k = scale / t(m)
-    xp.multiply(g2, scale[:, None], out=dx)
-    xp.multiply(xhat, (k * sum_gx)[:, None], out=tmp)
-    dx -= tmp
-    dx -= (k * sum_g)[:, None]
+    dx = get(ws, "bn.dx", g2.shape, dy.dtype, xp)
+    tmp = get(ws, "bn.tmp", g2.shape, dy.dtype, xp) if saved.training else None
+
+    def rows(c0, c1):
+        r = slice(c0, c1)
+        sum_gx[r] = _row_dot(xp, g2[r], xhat[r])
+        sum_g[r] = g2[r].sum(axis=1)
+        xp.multiply(g2[r], scale[r, None], out=dx[r])
+        if saved.training:
+            xp.multiply(xhat[r], (k[r] * sum_gx[r])[:, None], out=tmp[r])
+            dx[r] -= tmp[r]
+            dx[r] -= (k[r] * sum_g[r])[:, None]
+
+    threads.run_each(rows, _channel_blocks(xp, C))
+    dgamma, dbeta = (sum_gx, sum_g) if gamma is not None else (None, None)
     return dx.reshape(dy.shape), dgamma, dbeta
 
 
