@@ -105,24 +105,21 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, training, m
                          f"got {m} (shape {tuple(x.shape)}); use a larger batch or eval mode")
     xhat = get(ws, "bn.xhat", x2.shape, x.dtype, xp)
     y = xhat if gamma is None else get(ws, "bn.y", x2.shape, x.dtype, xp)
-    mean = xp.empty((C,), x.dtype) if training else running_mean
-    var = xp.empty((C,), x.dtype) if training else running_var
-    inv_std = xp.empty((C,), x.dtype)
 
     def rows(c0, c1):
         r = slice(c0, c1)
-        if training:
-            mean[r] = x2[r].mean(axis=1)
-        xp.subtract(x2[r], mean[r, None], out=xhat[r])        # centred, normalised in place below
-        if training:
-            var[r] = _row_dot(xp, xhat[r], xhat[r]) / t(m)
-        inv_std[r] = 1 / xp.sqrt(var[r] + t(eps))
-        xhat[r] *= inv_std[r, None]
+        mean = x2[r].mean(axis=1) if training else running_mean[r]
+        xp.subtract(x2[r], mean[:, None], out=xhat[r])        # centred, normalised in place below
+        var = _row_dot(xp, xhat[r], xhat[r]) / t(m) if training else running_var[r]
+        inv_std = 1 / xp.sqrt(var + t(eps))
+        xhat[r] *= inv_std[:, None]
         if gamma is not None:
             xp.multiply(xhat[r], gamma[r, None], out=y[r])
             y[r] += beta[r, None]
+        return mean, var, inv_std
 
-    threads.run_each(rows, _channel_blocks(xp, C))
+    parts = threads.map_each(rows, _channel_blocks(xp, C))
+    mean, var, inv_std = parts[0] if len(parts) == 1 else (xp.concatenate(v) for v in zip(*parts))
     if training:
         running_mean *= t(1 - momentum)
         running_mean += t(momentum) * mean
@@ -144,8 +141,6 @@ def batch_norm_backward(dy, saved: BatchNormSaved, ws=None):
     g2 = dy.reshape(C, -1)
     m = g2.shape[1]
     t = dy.dtype.type
-    sum_gx = xp.empty((C,), dy.dtype)
-    sum_g = xp.empty((C,), dy.dtype)
     scale = inv_std if gamma is None else gamma * inv_std
     k = scale / t(m)
     dx = get(ws, "bn.dx", g2.shape, dy.dtype, xp)
@@ -153,15 +148,17 @@ def batch_norm_backward(dy, saved: BatchNormSaved, ws=None):
 
     def rows(c0, c1):
         r = slice(c0, c1)
-        sum_gx[r] = _row_dot(xp, g2[r], xhat[r])
-        sum_g[r] = g2[r].sum(axis=1)
+        sum_gx = _row_dot(xp, g2[r], xhat[r])
+        sum_g = g2[r].sum(axis=1)
         xp.multiply(g2[r], scale[r, None], out=dx[r])
         if saved.training:
-            xp.multiply(xhat[r], (k[r] * sum_gx[r])[:, None], out=tmp[r])
+            xp.multiply(xhat[r], (k[r] * sum_gx)[:, None], out=tmp[r])
             dx[r] -= tmp[r]
-            dx[r] -= (k[r] * sum_g[r])[:, None]
+            dx[r] -= (k[r] * sum_g)[:, None]
+        return sum_gx, sum_g
 
-    threads.run_each(rows, _channel_blocks(xp, C))
+    parts = threads.map_each(rows, _channel_blocks(xp, C))
+    sum_gx, sum_g = parts[0] if len(parts) == 1 else (xp.concatenate(v) for v in zip(*parts))
     dgamma, dbeta = (sum_gx, sum_g) if gamma is not None else (None, None)
     return dx.reshape(dy.shape), dgamma, dbeta
 
