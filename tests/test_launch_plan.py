@@ -90,23 +90,23 @@ def test_a_step_with_cupy_operations_is_refused_with_a_warning():
     _same_training(eager, planned)
 
 
-def _in_place_fault(trainer):
-    """A device operation outside the launcher that allocates nothing: an in-place add to the gradients."""
+def _after_forward_backward(trainer, extra):
+    """Run ``extra(trainer)`` after every forward/backward of the trainer's steps."""
     real = trainer._forward_backward
 
-    def faulty(*a, **k):
+    def wrapped(*a, **k):
         out = real(*a, **k)
-        trainer.optimizer.groups[0].grads += np.float32(0.5)
+        extra(trainer)
         return out
 
-    trainer._forward_backward = faulty
+    trainer._forward_backward = wrapped
 
 
-def test_device_work_outside_the_launcher_is_caught_by_the_replay_check():
-    eager = _train(_sgd, False, plant=_in_place_fault)
-    with pytest.warns(RuntimeWarning, match="did not reproduce the eager step bit for bit"):
-        planned = _train(_sgd, True, plant=_in_place_fault)
-    _same_training(eager, planned)                         # the validating step ran eagerly: nothing lost
+def _in_place_fault(trainer):
+    """A device operation outside the launcher that allocates nothing: an in-place add to the gradients."""
+    def add(t):
+        t.optimizer.groups[0].grads += np.float32(0.5)
+    _after_forward_backward(trainer, add)
 
 
 def _changing_scalar(trainer):
@@ -121,32 +121,24 @@ def _changing_scalar(trainer):
     opt.step = step
 
 
-def test_launches_that_change_between_steps_are_refused():
-    eager = _train(_sgd, False, plant=_changing_scalar)
-    with pytest.warns(RuntimeWarning, match="two consecutive steps launched different"):
-        planned = _train(_sgd, True, plant=_changing_scalar)
-    _same_training(eager, planned)
-
-
 def _host_draw(trainer):
     """A draw from gpucnn's counter stream on the host each step (a replay would not advance it)."""
-    real = trainer._forward_backward
-
-    def drawing(*a, **k):
-        gc.random.uniform((1,))
-        return real(*a, **k)
-
-    trainer._forward_backward = drawing
+    _after_forward_backward(trainer, lambda t: gc.random.uniform((1,)))
 
 
-def test_a_step_that_moves_host_state_is_refused():
-    eager = _train(_sgd, False, plant=_host_draw)
-    with pytest.warns(RuntimeWarning, match="changed gpucnn's random stream"):
-        planned = _train(_sgd, True, plant=_host_draw)
-    _same_training(eager, planned)
+@pytest.mark.parametrize("plant, message", [
+    (_in_place_fault, "did not reproduce the eager step bit for bit"),    # caught by the replay check
+    (_changing_scalar, "two consecutive steps launched different"),
+    (_host_draw, "changed gpucnn's random stream"),
+], ids=["device-work-outside-the-launcher", "changing-scalar", "host-state"])
+def test_a_step_the_plan_cannot_replay_is_refused_and_training_is_unchanged(plant, message):
+    eager = _train(_sgd, False, plant=plant)
+    with pytest.warns(RuntimeWarning, match=message):
+        planned = _train(_sgd, True, plant=plant)
+    _same_training(eager, planned)                         # the refused steps ran eagerly: nothing lost
 
 
-def test_plan_is_off_with_a_cuda_graph_and_on_the_cpu():
+def test_plan_is_on_by_default_and_numpy_steps_stay_eager():
     model = _net()
     trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(), optim.SGD(model), batch_size=4)
     assert trainer.launch_plan

@@ -55,15 +55,6 @@ class BatchNormSaved(NamedTuple):
     training: bool
 
 
-def _stat_axes(x):
-    return tuple(range(1, x.ndim))
-
-
-def _per_channel(v, x):
-    """Reshape a (C,) vector to broadcast against batch-last ``x``."""
-    return v.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
 def _channel_blocks(xp, C):
     """Rows (channels) per block: the NumPy path spreads them over gpucnn's threads (every
     channel's arithmetic is the same in any block, so the bits do not depend on the thread

@@ -40,6 +40,8 @@ from ..data.batching import batch_indices, shard_bounds
 from ..functional import _dispatch
 from ..functional.layout import to_internal
 from ..nvtx import nvtx_range
+from . import graph as graph_mod
+from . import plan as plan_mod
 from .config import NonFiniteLossError
 from .evaluation import evaluate, evaluate_sums, loss_targets
 
@@ -92,7 +94,9 @@ class Trainer:
             step's launches and issue just those for the following steps
             (:mod:`gpucnn.train.plan`: checked against an eager step bit for
             bit before it is used; unverified on a GPU so far).  Default True;
-            a step that cannot be a plan runs eagerly after a one-line warning.
+            a recorded step that fails those checks runs eagerly after a
+            one-line warning; MSE steps, label-checking losses and anomaly
+            detection stay eager without one.
     """
 
     def __init__(self, model, loss, optimizer, *, batch_size: int, schedule=None, num_classes: int = 10,
@@ -161,7 +165,8 @@ class Trainer:
         first -- the same bits either way.
         """
         aug = self.augment if key is not None else None
-        if self._gather_kernel(x, y) and (aug is None or (aug_words is not None and x.ndim == 4)):
+        # aug_words exists only where _augment_rows found the augmented gather kernel usable
+        if self._gather_kernel(x, y) and (aug is None or aug_words is not None):
             from ..cuda.batch import gather_batch, gather_batch_augment
 
             n = int(idx.shape[0])
@@ -191,17 +196,19 @@ class Trainer:
         host = np.stack([augment_key_words((self.augment["seed"], epoch, st)) for st in steps])
         return backend.to_device(host, backend.device_of(x))
 
+    @staticmethod
+    def _static_key(x, y, n):
+        """The key of :attr:`_graphs`: the dataset and the batch size."""
+        return id(x), id(y), n
+
     def _static_step(self, x, y, idx, ring, augment_rows):
         """The replayable step for this dataset and batch size -- a :class:`~gpucnn.train.graph.StepGraph`
         (``cuda_graph``) or a :class:`~gpucnn.train.plan.StepPlan` (``launch_plan``) -- made once
         the step has warmed up; None while warming up or when the step runs eagerly."""
-        from . import graph as graph_mod
-        from . import plan as plan_mod
-
         if not self.cuda_graph and debug_mod.is_enabled():
             return None                               # anomaly detection checks every layer: eager, not cached
         n = int(idx.shape[0])
-        key = (id(x), id(y), n)
+        key = self._static_key(x, y, n)
         if key in self._graphs:
             g = self._graphs[key]
             if g is not None:
@@ -291,14 +298,12 @@ class Trainer:
             self.optimizer.step_count += 1
             return slot
         if static is not None:
-            from .plan import PlanRefused, warn_refused
-
             with nvtx_range("train_step (launch plan)"):
                 try:
                     static.step(idx, hyper, slot, aug_words)
-                except PlanRefused as exc:            # the step ran eagerly; so will the next ones
-                    self._graphs[(id(x), id(y), int(idx.shape[0]))] = None
-                    warn_refused(exc)
+                except plan_mod.PlanRefused as exc:   # the step ran eagerly; so will the next ones
+                    self._graphs[self._static_key(x, y, int(idx.shape[0]))] = None
+                    plan_mod.warn_refused(exc)
             return slot
         xb, yb = self._gather(x, y, idx, key, aug_words) if idx.shape[0] else (None, y[idx])
         if self.comm is not None:
