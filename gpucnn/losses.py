@@ -11,6 +11,8 @@ returns the gradient with respect to the first forward argument.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from . import backend
@@ -62,6 +64,12 @@ class SoftmaxCrossEntropy:
         self.check_labels = check_labels
         self._saved = None  # forward keeps functional.loss.SoftmaxXentSaved (probs, labels, correct)
         self.workspace = Workspace()  # the kernel path's probabilities and scratch, reused
+
+    def replica(self):
+        """A twin with the same settings and its own forward state, for another thread."""
+        twin = copy.copy(self)
+        twin._saved, twin.workspace = None, Workspace()
+        return twin
 
     def _check(self, logits, labels, N, K, shown):
         backend.check_same_device(logits=logits, labels=labels)
@@ -137,6 +145,10 @@ class MSE:
         self._diff = None  # forward keeps pred - target
         self._n = None
         self._internal = False
+
+    def replica(self):
+        """A twin with its own forward state, for another thread."""
+        return MSE()
 
     def _check(self, pred, target, internal):
         check_array(pred, "pred", None, "MSE", internal=internal)

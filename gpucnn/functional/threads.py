@@ -13,6 +13,11 @@ would make the numbers depend on the threads; and BLAS's threads and ours
 would fight over the same cores.  :func:`release_blas` gives BLAS its threads
 back (for other code in the process).
 
+A whole train step can use the threads a level up instead:
+:mod:`gpucnn.train.microbatch` runs a batch's micro-batches (whole passes of
+a model replica) on these threads, and an op called inside one runs its
+blocks in that thread (a block never waits on the pool it runs in).
+
 The number of threads: :func:`set_num_threads` (``gpucnn train --threads
 N``), else the ``GPUCNN_NUM_THREADS`` environment variable, else the number
 of CPU cores this process may use (capped at 8).  ``1`` runs every block in

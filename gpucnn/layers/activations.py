@@ -63,6 +63,8 @@ class _Elementwise(Layer):
 class Sigmoid(_Elementwise):
     """Logistic sigmoid; keeps its output y, dL/dx = dy * y * (1 - y)."""
 
+    batch_independent = True
+
     def _forward(self, x):
         self._check_x(x)
         y, self._saved = F.sigmoid_forward(x)
@@ -75,6 +77,8 @@ class Sigmoid(_Elementwise):
 
 class Tanh(_Elementwise):
     """Hyperbolic tangent; keeps y, dL/dx = dy * (1 - y^2)."""
+
+    batch_independent = True
 
     def _forward(self, x):
         self._check_x(x)
@@ -91,6 +95,8 @@ class ScaledTanh(_Elementwise):
 
     Keeps t = tanh(B x); dL/dx = dy * A * B * (1 - t^2).
     """
+
+    batch_independent = True
 
     def __init__(self, A=1.7159, B=0.6666):
         super().__init__()
@@ -114,6 +120,8 @@ class ReLU(_Elementwise):
 
     Keeps x; its derivative ``heaviside(x, 1/2)`` (0, 1/2 or 1) is taken in backward.
     """
+
+    batch_independent = True
 
     def _forward(self, x):
         self._check_x(x)
@@ -142,6 +150,8 @@ class LeakyReLU(_Elementwise):
 
     Keeps the per-element slope (1 or negative_slope).
     """
+
+    batch_independent = True
 
     def __init__(self, negative_slope=0.01):
         super().__init__()
@@ -175,6 +185,8 @@ class PReLU(_Elementwise):
     ``grads["a"] = sum over all but the channel axis of dy * x * [x <= 0]``.
     Keeps x.
     """
+
+    batch_independent = True
 
     def __init__(self, num_parameters=1, init=0.25, dtype=np.float32):
         super().__init__()

@@ -26,6 +26,7 @@ next call.
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -51,6 +52,12 @@ def _ranged_method(fn, what: str):
 
 class Layer:
     """Base class: parameters, gradients, the training flag and device/dtype moves."""
+
+    #: Whether each sample's output and input gradient depend on that sample alone and the
+    #: parameter gradients are sums over the samples, so that a train step may split its batch
+    #: into micro-batches (:mod:`gpucnn.train.microbatch`).  Read from the layer's own class
+    #: only (a subclass may couple the samples): a layer that does not say so is never split.
+    batch_independent = False
 
     def __init__(self):
         self.params: dict = {}
@@ -84,6 +91,19 @@ class Layer:
 
     def __call__(self, x):
         return self.forward(x)
+
+    def children(self) -> list:
+        """The layers this one runs (a container's members; none for a plain layer)."""
+        return []
+
+    def replica(self):
+        """A twin for another thread: the *same* parameter dict (arrays shared, never written by a
+        pass), its own gradient arrays, workspace and forward state.  Containers replicate their
+        children.  Used by :mod:`gpucnn.train.microbatch`."""
+        twin = copy.copy(self)
+        twin.grads = {k: backend.get_array_module(g).zeros_like(g) for k, g in self.grads.items()}
+        twin.workspace = Workspace()
+        return twin
 
     # -- parameters --------------------------------------------------------
     def _add_param(self, name: str, value) -> None:

@@ -50,6 +50,17 @@ class Sequential(Layer):
         inner = "\n".join(f"  ({i}) " + indent_repr(layer) for i, layer in enumerate(self.layers))
         return f"Sequential(\n{inner}\n)"
 
+    batch_independent = True     # when every member is (gpucnn.train.microbatch checks them)
+
+    def children(self) -> list:
+        return list(self.layers)
+
+    def replica(self):
+        twin = super().replica()
+        twin.layers = [layer.replica() for layer in self.layers]
+        twin._plan_key = None
+        return twin
+
     def stages(self):
         """How :meth:`forward` runs the layers: a list of :class:`~gpucnn.layers.plan.Stage`
         (fused unless anomaly detection is on)."""

@@ -22,6 +22,8 @@ class Flatten(InternalLayer):
     arrays it is a free reshape, ``(C, H, W, N) -> (C*H*W, N)``.
     """
 
+    batch_independent = True
+
     def __init__(self):
         super().__init__()
         self._x_shape = None   # batch-last
@@ -64,6 +66,8 @@ class Dense(InternalLayer):
     :class:`~gpucnn.layers.Sequential` a following ReLU / Sigmoid / Tanh runs
     in this layer's call (``forward_internal(x, act=...)``).
     """
+
+    batch_independent = True
 
     def __init__(self, in_features, out_features, bias=True, weight_init="he_uniform",
                  dtype=np.float32):

@@ -142,6 +142,8 @@ class Dropout(InternalLayer):
 class GlobalAvgPool2D(InternalLayer):
     """(N, C, H, W) -> (N, C): the mean of each channel's plane.  Keeps only the input shape."""
 
+    batch_independent = True
+
     def __init__(self):
         super().__init__()
         self._x_shape = None

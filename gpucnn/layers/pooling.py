@@ -73,6 +73,8 @@ class MaxPool2D(_Pool2D):
     maximum in row-major window order.
     """
 
+    batch_independent = True
+
     def __init__(self, kernel_size, stride=None):
         super().__init__(kernel_size, stride)
         if self.kernel_size[0] * self.kernel_size[1] > F.MAX_WINDOW:
@@ -112,6 +114,8 @@ class AvgPool2D(_Pool2D):
         as :class:`MaxPool2D`.  ``backward`` gives each element of a window
         ``dy / (kh * kw)``.
     """
+
+    batch_independent = True
 
     def forward_internal(self, x):
         self._check_x(x)

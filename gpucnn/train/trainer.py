@@ -41,6 +41,7 @@ from ..functional import _dispatch
 from ..functional.layout import to_internal
 from ..nvtx import nvtx_range
 from . import graph as graph_mod
+from . import microbatch
 from . import plan as plan_mod
 from .config import NonFiniteLossError
 from .evaluation import evaluate, evaluate_sums, loss_targets
@@ -119,6 +120,7 @@ class Trainer:
                              "is not captured); leave it off with --distributed")
         self._graphs: dict = {}          # (id(x), id(y), n) -> StepGraph / StepPlan, or None: eager
         self._eager_steps: dict = {}     # the same key -> eager steps run (capture waits for WARMUP_STEPS)
+        self._micro = None               # the NumPy path's micro-batch runner, made at the first step
 
     def step(self, xb, yb):
         """One training step on a public batch ``xb`` (N, ...) / ``yb`` (N,); returns
@@ -133,19 +135,14 @@ class Trainer:
 
         The gradients written are those of ``scale`` times the batch-mean loss.
         ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into.
+        On NumPy a batch of a model whose layers never mix samples runs as
+        micro-batches over the threads (:mod:`gpucnn.train.microbatch`).
         """
-        out = self.model.forward_internal(x)
-        if isinstance(self.loss, losses.MSE):
-            value = self.loss.forward_internal(out, losses.one_hot_internal(y, out.shape[0], out.dtype))
-            correct = (out.argmax(axis=0) == y).sum()
-        elif slot is not None:
-            value = self.loss.forward_internal(out, y, loss_out=slot[0], correct_out=slot[1])
-            correct = self.loss.correct
-        else:
-            value = self.loss.forward_internal(out, y)
-            correct = self.loss.correct
-        self.model.backward_internal(self.loss.backward_internal(scale), need_input_grad=False)
-        return value, correct
+        if self._micro is None:
+            self._micro = microbatch.MicroBatches(self.model, self.loss, self.optimizer)
+        if slot is None and self._micro.usable(x):
+            return self._micro.run(x, y, scale)
+        return microbatch.forward_backward(self.model, self.loss, x, y, scale, slot)
 
     @staticmethod
     def _gather_kernel(x, y) -> bool:

@@ -1,0 +1,161 @@
+"""A NumPy train step's batch in micro-batches, run by model replicas on gpucnn's threads.
+
+On a CPU a whole-network pass per thread beats splitting each op over the
+threads: the ops of a small network are too short to share, and the working
+set of 64 samples stays in the caches where 256 do not.  Measured on the
+2-vCPU Xeon of BENCHMARKS.md: a lenet5 step at batch 256 took about as long
+with its ops over two threads as with one, and one thread spent 89 us per
+sample at batch 64 against 137 at batch 256.  So :class:`MicroBatches` cuts a batch of N
+samples into ``M = ceil(N / MICRO_BATCH)`` near-equal contiguous
+micro-batches, fixed by N alone (``M = 1``, up to 64 samples, is the whole
+batch in one pass); replica ``t`` (a
+:meth:`~gpucnn.layers.Layer.replica` of the model and the loss: the same
+parameter arrays, its own gradients, workspaces and forward state) runs
+micro-batches ``t, t + T, ...`` on thread ``t`` of T; each micro-batch ``m``
+back-propagates ``scale * n_m / N`` times its own mean loss into gradient
+buffers of its own, and the step's gradient is their sum, added in the order
+``m = 0, 1, ..., M-1`` into the optimizer's flat gradients.  That sum is the
+gradient of ``scale`` times the batch-mean loss (the linearity of the
+gradient over the samples); which thread ran a micro-batch changes nothing,
+so the bits depend on N and not on the thread count.  The loss is
+``sum_m n_m loss_m / N`` (float64 on the host, then the logits' dtype) and
+the correct count the sum of the counts.
+
+It applies when every layer's own class declares ``batch_independent``
+(samples never meet: convolutions, dense layers, activations, pooling,
+flattening, global average pooling, Residual and Sequential of such) and the
+arrays are NumPy's; BatchNorm (batch statistics), Dropout and RReLU (draws
+for the whole batch), a layer of the user's that does not declare it, and
+anomaly detection (which names one layer of one pass) keep the whole batch
+in one pass, with its ops spread over the threads as before
+(:mod:`gpucnn.functional.threads`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend, debug, losses
+from ..functional import threads
+from ..functional.workspace import Workspace
+
+__all__ = ["MICRO_BATCH", "micro_bounds", "why_whole", "forward_backward", "MicroBatches"]
+
+#: Samples per micro-batch at most: a batch is cut into ``ceil(N / MICRO_BATCH)`` (a batch of 64
+#: split in two over two threads measured slower than whole, its ops spread over the threads).
+MICRO_BATCH = 64
+
+
+def micro_bounds(n: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` micro-batches of a batch of ``n`` (one block up to :data:`MICRO_BATCH`)."""
+    return threads.split(n, parts=max(1, math.ceil(n / MICRO_BATCH)))
+
+
+def _walk(layer):
+    yield layer
+    for child in layer.children():
+        yield from _walk(child)
+
+
+def why_whole(model, loss) -> str | None:
+    """Why a batch of ``model`` / ``loss`` cannot be split into micro-batches, or None when it can."""
+    if debug.is_enabled():
+        return "anomaly detection is on"
+    if not hasattr(loss, "replica"):
+        return f"the loss {type(loss).__name__} has no replica()"
+    for layer in _walk(model):
+        if not vars(type(layer)).get("batch_independent", False):
+            return f"{type(layer).__name__} does not declare batch_independent"
+    return None
+
+
+def forward_backward(model, loss, x, y, scale, slot=None):
+    """Forward, loss and backward of one batch-last batch in one pass; ``(loss, correct)`` as 0-d arrays.
+
+    The gradients written (overwritten) are those of ``scale`` times the batch-mean loss;
+    ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into.
+    """
+    out = model.forward_internal(x)
+    if isinstance(loss, losses.MSE):
+        value = loss.forward_internal(out, losses.one_hot_internal(y, out.shape[0], out.dtype))
+        correct = (out.argmax(axis=0) == y).sum()
+    elif slot is not None:
+        value = loss.forward_internal(out, y, loss_out=slot[0], correct_out=slot[1])
+        correct = loss.correct
+    else:
+        value = loss.forward_internal(out, y)
+        correct = loss.correct
+    model.backward_internal(loss.backward_internal(scale), need_input_grad=False)
+    return value, correct
+
+
+class _Replica:
+    """A model and loss twin, and where each of its parameters' gradients lives."""
+
+    def __init__(self, model, loss):
+        self.model, self.loss = model.replica(), loss.replica()
+        self.by_name = {name: (layer, key) for name, layer, key in self.model.named_parameters()}
+        self.input = Workspace()
+
+    def bind(self, views):
+        """Point the twin's gradients at ``views`` (``[(name, array)]``): its backward writes there."""
+        for name, view in views:
+            layer, key = self.by_name[name]
+            layer.grads[key] = view
+
+
+class MicroBatches:
+    """The micro-batch runner of one model, loss and optimizer (made once per trainer)."""
+
+    def __init__(self, model, loss, optimizer):
+        self.model, self.loss, self.groups = model, loss, optimizer.groups
+        self._replicas: list[_Replica] = []
+        self._grads: dict[int, tuple] = {}      # micro-batch -> (flat buffers per group, their views)
+
+    def usable(self, x) -> bool:
+        """Whether a batch-last batch ``x`` is split: NumPy arrays, big enough, a splittable model."""
+        return (not backend.is_cupy(x) and x.shape[-1] > MICRO_BATCH
+                and all(not backend.is_cupy(g.grads) for g in self.groups)
+                and why_whole(self.model, self.loss) is None)
+
+    def _flats(self, m):
+        got = self._grads.get(m)
+        if got is None:
+            flats = [np.zeros_like(g.grads) for g in self.groups]
+            views = [(name, view) for g, flat in zip(self.groups, flats) for name, view in g.views(flat).items()]
+            got = self._grads[m] = (flats, views)
+        return got
+
+    def run(self, x, y, scale):
+        """:func:`forward_backward` of the batch-last ``x`` / ``y`` in micro-batches (module docstring)."""
+        n = int(x.shape[-1])
+        bounds = micro_bounds(n)
+        used = min(threads.get_num_threads(), len(bounds))
+        while len(self._replicas) < used:
+            self._replicas.append(_Replica(self.model, self.loss))
+        for m in range(len(bounds)):
+            self._flats(m)
+        training = self.model.training
+        results = [None] * len(bounds)
+
+        def work(t):
+            rep = self._replicas[t]
+            if rep.model.training != training:
+                rep.model.train(training)
+            for m in range(t, len(bounds), used):
+                a, b = bounds[m]
+                xm = rep.input.get("x", x.shape[:-1] + (b - a,), x.dtype)
+                np.copyto(xm, x[..., a:b])
+                rep.bind(self._grads[m][1])
+                value, correct = forward_backward(rep.model, rep.loss, xm, y[a:b], scale * (b - a) / n)
+                results[m] = (float(value), int(correct))
+
+        threads.map_each(work, [(t,) for t in range(used)])
+        for gi, group in enumerate(self.groups):
+            parts = [self._grads[m][0][gi] for m in range(len(bounds))]
+            np.add(parts[0], parts[1], out=group.grads)
+            for part in parts[2:]:
+                group.grads += part
+        total = sum(v * (b - a) for (v, _), (a, b) in zip(results, bounds)) / n
+        return np.asarray(total, dtype=x.dtype), np.asarray(sum(c for _, c in results))

@@ -1,0 +1,162 @@
+"""A NumPy step's batch in micro-batches (gpucnn/train/microbatch.py): the same gradient as one
+pass, the same bits for any thread count, and whole batches wherever samples meet."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpucnn as gc
+from gpucnn import debug, layers, losses, models, optim
+from gpucnn.functional import threads
+from gpucnn.functional.layout import to_internal
+from gpucnn.train import microbatch
+
+
+@pytest.fixture
+def restore_threads():
+    before = threads.get_num_threads()
+    yield
+    threads.set_num_threads(before)
+
+
+def test_micro_bounds_cover_the_batch_in_pieces_of_at_most_64():
+    assert microbatch.micro_bounds(64) == [(0, 64)]
+    assert microbatch.micro_bounds(65) == [(0, 33), (33, 65)]
+    assert microbatch.micro_bounds(256) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    for n in (1, 63, 129, 200, 1000):
+        bounds = microbatch.micro_bounds(n)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a < b <= a + microbatch.MICRO_BATCH for a, b in bounds)
+        assert all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:]))
+        assert len(bounds) == -(-n // microbatch.MICRO_BATCH)
+
+
+class _CoupledReLU(layers.ReLU):
+    """A subclass may couple the samples: it inherits no batch_independent."""
+
+
+@pytest.mark.parametrize("net, reason", [
+    (lambda: models.build("lenet5"), None),
+    (lambda: models.build("zhang2016"), None),
+    (lambda: models.build("resnet_mini"), "BatchNorm2d does not declare batch_independent"),
+    (lambda: layers.Sequential(layers.Flatten(), layers.Dense(784, 10), layers.Dropout(0.5)),
+     "Dropout does not declare batch_independent"),
+    (lambda: layers.Sequential(layers.Flatten(), layers.Dense(784, 10), _CoupledReLU()),
+     "_CoupledReLU does not declare batch_independent"),
+])
+def test_which_models_split(net, reason):
+    assert microbatch.why_whole(net(), losses.SoftmaxCrossEntropy()) == reason
+
+
+def test_anomaly_detection_keeps_the_batch_whole():
+    with debug.detect_anomaly():
+        assert microbatch.why_whole(models.build("lenet5"), losses.SoftmaxCrossEntropy()) == \
+            "anomaly detection is on"
+
+
+def _residual_net(dtype):
+    return layers.Sequential(
+        layers.Conv2D(1, 4, 3, padding=1, dtype=dtype), layers.ReLU(),
+        layers.Residual(layers.Sequential(layers.Conv2D(4, 4, 3, padding=1, dtype=dtype), layers.ReLU(),
+                                          layers.Conv2D(4, 4, 3, padding=1, dtype=dtype))),
+        layers.Residual(layers.Sequential(layers.Conv2D(4, 8, 3, stride=2, padding=1, dtype=dtype)),
+                        layers.Conv2D(4, 8, 1, stride=2, dtype=dtype)),
+        layers.ReLU(), layers.GlobalAvgPool2D(), layers.Dense(8, 10, dtype=dtype))
+
+
+def _build(name, dtype):
+    if name == "residual":
+        return _residual_net(dtype), losses.SoftmaxCrossEntropy()
+    return models.build(name, dtype=dtype), models.make_loss(name)
+
+
+def _batch(n, dtype, seed=3):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 28, 28)).astype(dtype), rng.integers(0, 10, n)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "zhang2016", "residual"])
+@pytest.mark.parametrize("n", [200, 256])
+def test_micro_batches_give_the_one_pass_gradient(name, n, restore_threads):
+    """float64: the micro-batch step's loss, count and every gradient equal one whole-batch pass's
+    (a micro-batch scaled by anything but n_m / N, a missing or doubled micro-batch, or one
+    gradient left out of the sum fails this)."""
+    threads.set_num_threads(2)
+    gc.seed(0)
+    model, loss = _build(name, np.float64)
+    trainer = gc.train.Trainer(model, loss, optim.SGD(model, lr=0.1, momentum=0.9), batch_size=n)
+    x, y = _batch(n, np.float64)
+    xi = to_internal(x)
+    one_value, one_correct = microbatch.forward_backward(model, loss, xi, y, 0.5)
+    one = [g.copy() for g in model.gradients()]
+    trainer._micro = microbatch.MicroBatches(model, loss, trainer.optimizer)
+    assert trainer._micro.usable(xi)
+    for g in model.gradients():
+        g.fill(np.nan)                      # the micro path must overwrite every gradient
+    value, correct = trainer._forward_backward(xi, y, 0.5)
+    assert value.dtype == np.float64 and value.shape == ()
+    np.testing.assert_allclose(float(value), float(one_value), rtol=1e-13)
+    assert int(correct) == int(one_correct)
+    for (pname, _, _), g, ref in zip(model.named_parameters(), model.gradients(), one):
+        np.testing.assert_allclose(g, ref, rtol=1e-10, atol=1e-14, err_msg=pname)
+
+
+def _train(name, n_threads, batch=200, steps=3):
+    threads.set_num_threads(n_threads)
+    gc.seed(0)
+    model, loss = _build(name, np.float32)
+    trainer = gc.train.Trainer(model, loss, optim.SGD(model, lr=0.05, momentum=0.9), batch_size=batch)
+    x, y = _batch(batch * steps, np.float32, seed=1)
+    seen = []
+    trainer.run_steps(x, y, np.arange(batch * steps), 0, range(steps), steps,
+                      on_sync=lambda st, k: seen.append((st.loss_sum, st.correct)))
+    return seen, model.state_dict()
+
+
+@pytest.mark.parametrize("name", ["lenet5", "residual"])
+def test_micro_batch_training_is_the_same_bits_for_any_thread_count(name, restore_threads):
+    one = _train(name, 1)
+    for n in (2, 3, 5):
+        other = _train(name, n)
+        assert other[0] == one[0], f"losses differ with {n} threads"
+        for key, value in one[1].items():
+            np.testing.assert_array_equal(other[1][key], value, err_msg=f"{key} with {n} threads")
+
+
+def test_replicas_follow_the_optimizer_and_the_train_flag(restore_threads):
+    """The replicas read the parameters the optimizer updates (three float64 steps track whole-batch
+    steps) and take the model's train/eval flag."""
+    threads.set_num_threads(2)
+    x, y = _batch(3 * 130, np.float64, seed=5)
+    states = []
+    for split in (True, False):
+        gc.seed(0)
+        model = models.build("lenet5", dtype=np.float64)
+        trainer = gc.train.Trainer(model, models.make_loss("lenet5"), optim.SGD(model, lr=0.1, momentum=0.9),
+                                   batch_size=130)
+        if not split:
+            trainer._micro = microbatch.MicroBatches(model, trainer.loss, trainer.optimizer)
+            trainer._micro.usable = lambda x: False
+        trainer.run_steps(x, y, np.arange(3 * 130), 0, range(3), 3)
+        states.append(model.state_dict())
+        if split:
+            reps = trainer._micro._replicas
+            assert len(reps) == 2 and all(r.model.training for r in reps)
+            for r in reps:
+                for (name, layer, key), (_, rlayer, rkey) in zip(model.named_parameters(),
+                                                                 r.model.named_parameters()):
+                    assert rlayer.params[rkey] is layer.params[key], name
+                    assert rlayer.grads[rkey] is not layer.grads[key], name
+    for key, value in states[1].items():
+        np.testing.assert_allclose(states[0][key], value, rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+def test_models_that_mix_samples_run_whole(restore_threads):
+    threads.set_num_threads(2)
+    gc.seed(0)
+    model = models.build("resnet_mini")
+    trainer = gc.train.Trainer(model, models.make_loss("resnet_mini"), optim.SGD(model, lr=0.1),
+                               batch_size=130)
+    x, y = _batch(130, np.float32)
+    trainer.step(x, y)
+    assert trainer._micro is not None and not trainer._micro._replicas
