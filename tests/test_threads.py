@@ -64,3 +64,33 @@ def test_cli_threads_flag(tmp_path, capsys, restore_threads):
     assert cli.main(["train", "--threads", "1", "--subset", "64", "--test-subset", "64", "--epochs", "1",
                      "--no-progress", "--out", str(tmp_path / "run")]) == 0
     assert threads.get_num_threads() == 1
+
+
+def test_map_each_keeps_block_order_and_raises_what_a_block_raised(restore_threads):
+    threads.set_num_threads(3)
+    assert threads.map_each(lambda a, b: (a, b), [(i, i * i) for i in range(7)]) == [(i, i * i) for i in range(7)]
+    seen = []
+
+    def block(i):
+        if i == 4:
+            raise ValueError("block 4")
+        seen.append(i)
+        return i
+
+    with pytest.raises(ValueError, match="block 4"):
+        threads.map_each(block, [(i,) for i in range(7)])
+    assert sorted(seen) == [0, 1, 2, 3, 5, 6]       # every other block ran to the end first
+
+
+def test_nested_map_each_runs_inline(restore_threads):
+    threads.set_num_threads(2)
+    import threading
+
+    def inner(i):
+        return threading.current_thread().name
+
+    def outer(i):
+        return threads.map_each(inner, [(j,) for j in range(4)])
+
+    for names in threads.map_each(outer, [(0,), (1,)]):
+        assert len(set(names)) == 1                  # one thread ran all of a block's inner blocks

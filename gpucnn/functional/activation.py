@@ -24,7 +24,10 @@ Seed 002 writes the leaky ReLUs as ``z / a`` for z < 0 with a in (1, inf); our
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
+from . import threads
 
 __all__ = [
     "FUSED_ACTIVATIONS", "act_forward", "act_backward",
@@ -86,21 +89,47 @@ def scaled_tanh_backward(dy, t, A, B):
     return dy * dy.dtype.type(A * B) * (1 - t * t)
 
 
+#: NumPy arrays of at least this many elements run ReLU in row blocks over gpucnn's threads.
+THREADED_SIZE = 1 << 16
+
+
+def _row_blocks(x):
+    """Row blocks (first axis) of a NumPy array big enough to share, else None."""
+    if type(x) is not np.ndarray or x.size < THREADED_SIZE or x.ndim == 0 or threads.get_num_threads() == 1:
+        return None
+    return threads.split(x.shape[0], parts=threads.get_num_threads())
+
+
 def relu_forward(x, out=None):
     """``max(0, x)`` (NaN propagates); keeps ``x`` for the derivative."""
     xp = backend.get_array_module(x)
-    return xp.maximum(x, 0, out=out), x
+    blocks = _row_blocks(x)
+    if blocks is None or len(blocks) == 1:
+        return xp.maximum(x, 0, out=out), x
+    out = np.empty_like(x) if out is None else out
+    threads.run_each(lambda a, b: np.maximum(x[a:b], 0, out=out[a:b]), blocks)
+    return out, x
 
 
-def relu_backward(dy, x, out=None):
-    """``dy * relu'(x)`` with ``relu' = 1 (x > 0), 1/2 (x == 0, seed 001), 0 (x < 0)``, NaN for NaN."""
-    xp = backend.get_array_module(dy)
+def _relu_backward(dy, x, out):
     # relu'(x) = (sign(x) + 1) / 2: exactly 0, 1/2 or 1 (NaN for NaN, 1/2 for -0.0), the values
     # heaviside(x, 1/2) gives, in passes four times faster than NumPy's heaviside
-    out = xp.sign(x, out=out)
+    out = backend.get_array_module(x).sign(x, out=out)
     out += 1
     out *= x.dtype.type(0.5)
     out *= dy
+    return out
+
+
+def relu_backward(dy, x, out=None):
+    """``dy * relu'(x)`` with ``relu' = 1 (x > 0), 1/2 (x == 0, seed 001), 0 (x < 0)``, NaN for NaN.
+
+    Element-wise, so a large NumPy array's row blocks run on gpucnn's threads with the same bits."""
+    blocks = _row_blocks(x)
+    if blocks is None or len(blocks) == 1 or type(dy) is not np.ndarray:
+        return _relu_backward(dy, x, out)
+    out = np.empty_like(x) if out is None else out
+    threads.run_each(lambda a, b: _relu_backward(dy[a:b], x[a:b], out[a:b]), blocks)
     return out
 
 

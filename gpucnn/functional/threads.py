@@ -25,6 +25,7 @@ the calling thread, with BLAS threads as NumPy set them.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -134,18 +135,52 @@ def _executor() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=get_num_threads(), thread_name_prefix="gpucnn")
+            _pool = ThreadPoolExecutor(max_workers=max(1, get_num_threads() - 1), thread_name_prefix="gpucnn")
         return _pool
 
 
+_inside = threading.local()   # .block: this thread is running blocks of a map_each
+
+
+def _take_blocks(fn, blocks, claim, out):
+    """Run blocks ``next(claim)`` until none is left, into ``out`` (the calling thread counts as inside)."""
+    outer = getattr(_inside, "block", False)
+    _inside.block = True
+    try:
+        for i in claim:                  # itertools.count: each index handed out once, under the GIL
+            if i >= len(blocks):
+                return
+            out[i] = fn(*blocks[i])
+    finally:
+        _inside.block = outer
+
+
 def map_each(fn, blocks):
-    """``[fn(*block) for block in blocks]``, the blocks spread over the threads, results in block order."""
+    """``[fn(*block) for block in blocks]``, the blocks spread over the threads, results in block order.
+
+    The calling thread and ``T - 1`` pool threads each take the next block not yet taken until
+    none is left (one hand-off per pool thread, not per block; unequal blocks still balance).
+    Which thread ran a block changes no result.  Inside a block (a nested call) everything runs
+    in the calling thread: a block never waits on the pool it runs in.
+    """
     blocks = list(blocks)
-    nested = threading.current_thread().name.startswith("gpucnn")   # inside a block: never wait on the pool
     pin_blas()
-    if get_num_threads() == 1 or len(blocks) == 1 or nested:
-        return [fn(*b) for b in blocks]
-    return list(_executor().map(lambda b: fn(*b), blocks))
+    n = min(get_num_threads(), len(blocks))
+    out = [None] * len(blocks)
+    claim = itertools.count()
+    if n <= 1 or getattr(_inside, "block", False):
+        _take_blocks(fn, blocks, claim, out)
+        return out
+    pool = _executor()
+    futures = [pool.submit(_take_blocks, fn, blocks, claim, out) for _ in range(1, n)]
+    try:
+        _take_blocks(fn, blocks, claim, out)
+    finally:
+        errors = [f.exception() for f in futures]     # wait for every helper, even when a block raised
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return out
 
 
 def run_each(fn, blocks) -> None:

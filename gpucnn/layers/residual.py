@@ -72,7 +72,8 @@ class Residual(InternalLayer):
                              f"{shown_shape(self._out_shape, True)}")
         dx = self.block.backward_internal(dy, need_input_grad=True)
         ds = dy if self.shortcut is None else self.shortcut.backward_internal(dy, need_input_grad=True)
-        return dx + ds
+        xp = backend.get_array_module(dx)
+        return xp.add(dx, ds, out=get(self.workspace, "dsum", dx.shape, dx.dtype, xp))
 
     # -- the sub-layers' state ------------------------------------------------
     def named_parameters(self, prefix: str = ""):
