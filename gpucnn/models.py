@@ -16,11 +16,11 @@ seed002_c1     seed 002 I-C1-MP1-FC1-O: conv 1->6 5x5, sigmoid, maxpool 2,      
 seed002_c2     seed 002 I-C1-MP1-C2-MP2-FC1-O: conv 1->6 5x5, sigmoid,           CE
                maxpool 2, conv 6->12 5x5, sigmoid, maxpool 2, flatten 192,
                dense 10 (output, softmax)
-resnet_mini    beyond the seeds: stem conv 1->16 3x3 pad 1, BN, ReLU; two         CE
-               residual stages of one basic block each (32 at stride 2 ->
-               14x14, 64 at stride 2 -> 7x7; conv3x3-BN-ReLU-conv3x3-BN + a
-               1x1 projection-BN shortcut, then ReLU); global average
-               pooling; dense 64->10
+resnet_mini    beyond the seeds: stem conv 1->16 3x3 pad 1, BN, ReLU; three       CE
+               basic blocks (conv3x3-BN-ReLU-conv3x3-BN + shortcut, then
+               ReLU): 16->32 at stride 2 -> 14x14 and 32->64 at stride 2 ->
+               7x7, each with a 1x1 projection-BN shortcut, then 64->64 at
+               7x7 with the identity; global average pooling; dense 64->10
 =============  ===============================================================  ======
 
 Each model is a :class:`~gpucnn.layers.Sequential` with ``name`` set; the loss
@@ -93,12 +93,15 @@ RESNET_MINI_WIDTHS = (16, 32, 64)
 
 def _resnet_mini(dtype):
     # No stride-1 stage at 28x28: with the stem alone at full resolution a step costs a third
-    # of the three-stage net's on a CPU, and MNIST loses nothing at 14x14 and 7x7.
+    # of the three-stage net's on a CPU, and MNIST loses nothing at 14x14 and 7x7.  The third
+    # block (identity shortcut at 7x7) is what lifts 5 epochs past 99.5%: seed 0 reached 99.65%
+    # with it, 99.43% without it, and 99.57% with the extra block at 14x14 (32 channels) instead.
     c1, c2, c3 = RESNET_MINI_WIDTHS
     return [
         Conv2D(1, c1, 3, padding=1, bias=False, dtype=dtype), BatchNorm2d(c1, dtype=dtype), ReLU(),
         basic_block(c1, c2, 2, dtype=dtype), ReLU(),
         basic_block(c2, c3, 2, dtype=dtype), ReLU(),
+        basic_block(c3, c3, 1, dtype=dtype), ReLU(),
         GlobalAvgPool2D(),
         Dense(c3, 10, dtype=dtype),
     ]

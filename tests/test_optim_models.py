@@ -142,13 +142,18 @@ def test_sgd_is_seed001_update_rule():
 #               Total 156+8650 = 8806
 #   seed002_c2: same layer sizes as zhang2016 (max pool instead of mean pool, no output sigmoid):
 #               156+1812+1930 = 3898
+#   resnet_mini: no conv biases (a BatchNorm follows each), BN(C) = 2C.  stem 16*1*9 = 144 + BN 32;
+#               block 16->32 s2: 32*16*9 = 4608, 32*32*9 = 9216, 1x1 projection 32*16 = 512, three
+#               BN(32) = 192: 14528; block 32->64 s2: 18432 + 36864 + 2048 + 3*128 = 57728;
+#               block 64->64 (identity): 2*36864 + 2*128 = 73984; dense 64*10+10 = 650.
+#               Total 144+32+14528+57728+73984+650 = 147066
 PARAM_COUNTS = {
     "lenet5": 61706,
     "seed001": 29282,
     "zhang2016": 3898,
     "seed002_c1": 8806,
     "seed002_c2": 3898,
-    "resnet_mini": 73082,
+    "resnet_mini": 147066,
 }
 LOSS_NAMES = {
     "lenet5": "softmax_cross_entropy", "seed001": "softmax_cross_entropy", "zhang2016": "mse",
