@@ -160,3 +160,13 @@ def test_models_that_mix_samples_run_whole(restore_threads):
     x, y = _batch(130, np.float32)
     trainer.step(x, y)
     assert trainer._micro is not None and not trainer._micro._replicas
+
+
+def test_describe_says_how_a_step_runs(restore_threads):
+    threads.set_num_threads(2)
+    xent = losses.SoftmaxCrossEntropy()
+    assert microbatch.describe(models.build("lenet5"), xent, 256) == "4 micro-batches of <= 64 samples over 2 thread(s)"
+    assert microbatch.describe(models.build("lenet5"), xent, 64) == \
+        "whole batch (<= 64 samples), its ops over 2 thread(s)"
+    assert microbatch.describe(models.build("resnet_mini"), xent, 256) == \
+        "whole batch, its ops over 2 thread(s) (BatchNorm2d does not declare batch_independent)"

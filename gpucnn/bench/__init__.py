@@ -35,6 +35,7 @@ import sys
 import numpy as np
 
 from .. import backend, models
+from ..train import microbatch
 from .accuracy import time_to_accuracy
 from .steps import check_step, kernel_rows, layer_rows, step_pair
 from .timing import Timer, TorchTimer
@@ -167,6 +168,7 @@ def _step_table(args, batch, device, torch, timer, ttimer, results):
     ref = ttimer(pair.torch) if pair.torch is not None else None
     print(f"\n[{args.model} train step, batch {batch}, {device}]  first loss gpucnn {l0:.5f}"
           + (f" / torch {t0:.5f}" if t0 is not None else ""))
+    print(f"  gpucnn's step: {microbatch.describe(pair.model, pair.trainer.loss, batch, device)}")
     print(f"  {'':34s} {'gpucnn ms':>9s} {'torch ms':>9s}  ratio  gpucnn img/s")
     print(f"  {'forward+loss+backward+SGD':34s} {_ms(mine)} {_ms(ref)}  {_ratio(mine, ref)}  {batch / mine:10.0f}")
     graphed = mine_graph = mine_loop = mine_plan = None

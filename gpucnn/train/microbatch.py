@@ -40,7 +40,7 @@ from .. import backend, debug, losses
 from ..functional import threads
 from ..functional.workspace import Workspace
 
-__all__ = ["MICRO_BATCH", "micro_bounds", "why_whole", "forward_backward", "MicroBatches"]
+__all__ = ["MICRO_BATCH", "micro_bounds", "why_whole", "describe", "forward_backward", "MicroBatches"]
 
 #: Samples per micro-batch at most: a batch is cut into ``ceil(N / MICRO_BATCH)`` (a batch of 64
 #: split in two over two threads measured slower than whole, its ops spread over the threads).
@@ -68,6 +68,20 @@ def why_whole(model, loss) -> str | None:
         if not vars(type(layer)).get("batch_independent", False):
             return f"{type(layer).__name__} does not declare batch_independent"
     return None
+
+
+def describe(model, loss, n: int, device: str = "cpu") -> str:
+    """How a NumPy train step of ``n`` samples runs, in words (``gpucnn bench`` prints it)."""
+    if device != "cpu":
+        return "whole batch (micro-batches are the NumPy path's)"
+    why = why_whole(model, loss)
+    if why is not None:
+        return f"whole batch, its ops over {threads.get_num_threads()} thread(s) ({why})"
+    parts = len(micro_bounds(n))
+    if parts == 1:
+        return f"whole batch (<= {MICRO_BATCH} samples), its ops over {threads.get_num_threads()} thread(s)"
+    return (f"{parts} micro-batches of <= {MICRO_BATCH} samples over "
+            f"{min(parts, threads.get_num_threads())} thread(s)")
 
 
 def forward_backward(model, loss, x, y, scale, slot=None):
