@@ -20,7 +20,9 @@ def restore_threads():
 
 
 def test_micro_bounds_cover_the_batch_in_pieces_of_at_most_64():
-    assert microbatch.micro_bounds(64) == [(0, 64)]
+    assert microbatch.micro_bounds(31) == [(0, 31)]
+    assert microbatch.micro_bounds(32) == [(0, 16), (16, 32)]
+    assert microbatch.micro_bounds(64) == [(0, 32), (32, 64)]
     assert microbatch.micro_bounds(65) == [(0, 33), (33, 65)]
     assert microbatch.micro_bounds(256) == [(0, 64), (64, 128), (128, 192), (192, 256)]
     for n in (1, 63, 129, 200, 1000):
@@ -28,7 +30,7 @@ def test_micro_bounds_cover_the_batch_in_pieces_of_at_most_64():
         assert bounds[0][0] == 0 and bounds[-1][1] == n
         assert all(a < b <= a + microbatch.MICRO_BATCH for a, b in bounds)
         assert all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:]))
-        assert len(bounds) == -(-n // microbatch.MICRO_BATCH)
+        assert len(bounds) == (1 if n < 32 else max(2, -(-n // microbatch.MICRO_BATCH)))
 
 
 class _CoupledReLU(layers.ReLU):
@@ -140,8 +142,9 @@ def test_replicas_follow_the_optimizer_and_the_train_flag(restore_threads):
         trainer.run_steps(x, y, np.arange(3 * 130), 0, range(3), 3)
         states.append(model.state_dict())
         if split:
-            reps = trainer._micro._replicas
-            assert len(reps) == 2 and all(r.model.training for r in reps)
+            micro = trainer._micro
+            reps = [micro._runner.local] if micro._runner is not None else micro._replicas
+            assert reps and all(r.model.training for r in reps)
             for r in reps:
                 for (name, layer, key), (_, rlayer, rkey) in zip(model.named_parameters(),
                                                                  r.model.named_parameters()):
@@ -162,11 +165,63 @@ def test_models_that_mix_samples_run_whole(restore_threads):
     assert trainer._micro is not None and not trainer._micro._replicas
 
 
-def test_describe_says_how_a_step_runs(restore_threads):
+def test_describe_says_how_a_step_runs(restore_threads, monkeypatch):
     threads.set_num_threads(2)
     xent = losses.SoftmaxCrossEntropy()
+    monkeypatch.setattr(microbatch, "PROCESSES", False)
     assert microbatch.describe(models.build("lenet5"), xent, 256) == "4 micro-batches of <= 64 samples over 2 thread(s)"
+    assert microbatch.describe(models.build("lenet5"), xent, 64) == "2 micro-batches of <= 64 samples over 2 thread(s)"
+    assert microbatch.describe(models.build("lenet5"), xent, 31) == \
+        "whole batch (< 32 samples), its ops over 2 thread(s)"
+    monkeypatch.setattr(microbatch, "PROCESSES", True)
     assert microbatch.describe(models.build("lenet5"), xent, 64) == \
-        "whole batch (<= 64 samples), its ops over 2 thread(s)"
+        "2 micro-batches of <= 64 samples over 2 process(es), forked"
     assert microbatch.describe(models.build("resnet_mini"), xent, 256) == \
         "whole batch, its ops over 2 thread(s) (BatchNorm2d does not declare batch_independent)"
+
+
+@pytest.mark.skipif(not microbatch.forked.available(), reason="no fork on this system")
+def test_forked_workers_give_the_threads_bits_and_stop_when_closed(restore_threads, monkeypatch):
+    runs = {}
+    for processes in (False, True):
+        monkeypatch.setattr(microbatch, "PROCESSES", processes)
+        runs[processes] = _train("lenet5", 3)
+    assert runs[True][0] == runs[False][0]
+    for key, value in runs[False][1].items():
+        np.testing.assert_array_equal(runs[True][1][key], value, err_msg=key)
+    threads.set_num_threads(2)
+    gc.seed(0)
+    model = models.build("lenet5")
+    trainer = gc.train.Trainer(model, models.make_loss("lenet5"), optim.SGD(model, lr=0.1), batch_size=130)
+    x, y = _batch(130, np.float32)
+    trainer.step(x, y)
+    runner = trainer._micro._runner
+    assert runner is not None and all(p.is_alive() for p in runner.procs)
+    for _, layer, key in model.named_parameters():
+        assert microbatch.forked._is_shared(layer.params[key])     # what the workers read
+    runner.close()
+    assert not any(p.is_alive() for p in runner.procs)
+
+
+class _FailsInWorkers(layers.ReLU):
+    batch_independent = True
+    parent = None
+
+    def forward_internal(self, x):
+        import os
+        if os.getpid() != self.parent:
+            raise ValueError("planted failure in a worker")
+        return super().forward_internal(x)
+
+
+@pytest.mark.skipif(not microbatch.forked.available(), reason="no fork on this system")
+def test_a_failing_worker_raises_its_traceback_in_the_step(restore_threads):
+    import os
+    threads.set_num_threads(2)
+    model = layers.Sequential(layers.Flatten(), layers.Dense(784, 10), _FailsInWorkers())
+    model.layers[2].parent = os.getpid()
+    trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(), optim.SGD(model, lr=0.1), batch_size=130)
+    x, y = _batch(130, np.float32)
+    with pytest.raises(RuntimeError, match="micro-batch worker 1 of 1 failed:(.|\n)*planted failure in a worker"):
+        trainer.step(x, y)
+    trainer._micro._runner.close()

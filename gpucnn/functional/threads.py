@@ -25,13 +25,14 @@ the calling thread, with BLAS threads as NumPy set them.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["get_num_threads", "set_num_threads", "run_each", "map_each", "split", "pin_blas", "release_blas",
-           "DEFAULT_MAX_THREADS"]
+           "inline", "DEFAULT_MAX_THREADS"]
 
 ENV_VAR = "GPUCNN_NUM_THREADS"
 DEFAULT_MAX_THREADS = 8
@@ -181,6 +182,24 @@ def map_each(fn, blocks):
         if exc is not None:
             raise exc
     return out
+
+
+@contextlib.contextmanager
+def inline():
+    """Inside the block every :func:`map_each` runs in the calling thread (a caller that already
+    has the cores busy, e.g. beside forked micro-batch workers)."""
+    outer = getattr(_inside, "block", False)
+    _inside.block = True
+    try:
+        yield
+    finally:
+        _inside.block = outer
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: no pool (its threads were not copied), one thread, a fresh lock."""
+    global _pool, _num_threads, _lock
+    _pool, _num_threads, _lock = None, 1, threading.Lock()
 
 
 def run_each(fn, blocks) -> None:

@@ -1,25 +1,30 @@
-"""A NumPy train step's batch in micro-batches, run by model replicas on gpucnn's threads.
+"""A NumPy train step's batch in micro-batches, each one whole pass of a model replica.
 
-On a CPU a whole-network pass per thread beats splitting each op over the
-threads: the ops of a small network are too short to share, and the working
+On a CPU a whole-network pass per core beats splitting each op over the
+cores: the ops of a small network are too short to share, and the working
 set of 64 samples stays in the caches where 256 do not.  Measured on the
 2-vCPU Xeon of BENCHMARKS.md: a lenet5 step at batch 256 took about as long
 with its ops over two threads as with one, and one thread spent 89 us per
-sample at batch 64 against 137 at batch 256.  So :class:`MicroBatches` cuts a batch of N
-samples into ``M = ceil(N / MICRO_BATCH)`` near-equal contiguous
-micro-batches, fixed by N alone (``M = 1``, up to 64 samples, is the whole
-batch in one pass); replica ``t`` (a
-:meth:`~gpucnn.layers.Layer.replica` of the model and the loss: the same
-parameter arrays, its own gradients, workspaces and forward state) runs
-micro-batches ``t, t + T, ...`` on thread ``t`` of T; each micro-batch ``m``
-back-propagates ``scale * n_m / N`` times its own mean loss into gradient
-buffers of its own, and the step's gradient is their sum, added in the order
-``m = 0, 1, ..., M-1`` into the optimizer's flat gradients.  That sum is the
-gradient of ``scale`` times the batch-mean loss (the linearity of the
-gradient over the samples); which thread ran a micro-batch changes nothing,
-so the bits depend on N and not on the thread count.  The loss is
-``sum_m n_m loss_m / N`` (float64 on the host, then the logits' dtype) and
-the correct count the sum of the counts.
+sample at batch 64 against 137 at batch 256.
+
+So :class:`MicroBatches` cuts a batch of N >= :data:`MIN_SPLIT` samples into
+``M = max(2, ceil(N / MICRO_BATCH))`` near-equal contiguous micro-batches,
+fixed by N alone.  Worker ``t`` of T (T = gpucnn's thread count) runs
+micro-batches ``t, t + T, ...`` on a replica of its own
+(:meth:`~gpucnn.layers.Layer.replica` of the model and the loss: the same
+parameter arrays, its own gradients, workspaces and forward state); each
+micro-batch ``m`` back-propagates ``scale * n_m / N`` times its own mean loss
+into gradient buffers of its own, and the step's gradient is their sum,
+added in the order ``m = 0, 1, ..., M-1`` into the optimizer's flat
+gradients.  That sum is the gradient of ``scale`` times the batch-mean loss
+(the gradient is linear in the samples' losses); which worker ran a
+micro-batch changes nothing, so the bits depend on N and not on the thread
+count.  The loss is ``sum_m n_m loss_m / N`` (float64 on the host, then the
+logits' dtype) and the correct count the sum of the counts.
+
+The workers are forked processes where the system can fork
+(:mod:`gpucnn.train.forked`: threads would hand the interpreter lock back and
+forth at every NumPy call), else threads; the calling process is worker 0.
 
 It applies when every layer's own class declares ``batch_independent``
 (samples never meet: convolutions, dense layers, activations, pooling,
@@ -27,7 +32,7 @@ flattening, global average pooling, Residual and Sequential of such) and the
 arrays are NumPy's; BatchNorm (batch statistics), Dropout and RReLU (draws
 for the whole batch), a layer of the user's that does not declare it, and
 anomaly detection (which names one layer of one pass) keep the whole batch
-in one pass, with its ops spread over the threads as before
+in one pass, with its ops spread over the threads
 (:mod:`gpucnn.functional.threads`).
 """
 from __future__ import annotations
@@ -39,17 +44,27 @@ import numpy as np
 from .. import backend, debug, losses
 from ..functional import threads
 from ..functional.workspace import Workspace
+from . import forked
 
 __all__ = ["MICRO_BATCH", "micro_bounds", "why_whole", "describe", "forward_backward", "MicroBatches"]
 
-#: Samples per micro-batch at most: a batch is cut into ``ceil(N / MICRO_BATCH)`` (a batch of 64
-#: split in two over two threads measured slower than whole, its ops spread over the threads).
+#: Run the micro-batches in forked processes (:mod:`gpucnn.train.forked`) where the system can
+#: fork; else (or when set False) on threads.  Either way the same bits.
+PROCESSES = forked.available()
+
+#: Samples per micro-batch at most (a batch is cut into ``max(2, ceil(N / MICRO_BATCH))``).
 MICRO_BATCH = 64
+#: Batches from this size on are split (in two at least); smaller ones run whole.  lenet5 at
+#: batch 64, two forked workers: 4.8-5.9 ms a step as two halves, 5.7-7.3 ms whole (paired runs).
+MIN_SPLIT = 32
 
 
 def micro_bounds(n: int) -> list[tuple[int, int]]:
-    """The ``[start, stop)`` micro-batches of a batch of ``n`` (one block up to :data:`MICRO_BATCH`)."""
-    return threads.split(n, parts=max(1, math.ceil(n / MICRO_BATCH)))
+    """The ``[start, stop)`` micro-batches of a batch of ``n``: ``ceil(n / MICRO_BATCH)`` near-equal
+    pieces, at least two from :data:`MIN_SPLIT` samples on, one below."""
+    if n < MIN_SPLIT:
+        return [(0, n)]
+    return threads.split(n, parts=max(2, math.ceil(n / MICRO_BATCH)))
 
 
 def _walk(layer):
@@ -79,9 +94,10 @@ def describe(model, loss, n: int, device: str = "cpu") -> str:
         return f"whole batch, its ops over {threads.get_num_threads()} thread(s) ({why})"
     parts = len(micro_bounds(n))
     if parts == 1:
-        return f"whole batch (<= {MICRO_BATCH} samples), its ops over {threads.get_num_threads()} thread(s)"
-    return (f"{parts} micro-batches of <= {MICRO_BATCH} samples over "
-            f"{min(parts, threads.get_num_threads())} thread(s)")
+        return f"whole batch (< {MIN_SPLIT} samples), its ops over {threads.get_num_threads()} thread(s)"
+    workers = min(parts, threads.get_num_threads())
+    kind = "process(es), forked" if PROCESSES and workers > 1 else "thread(s)"
+    return f"{parts} micro-batches of <= {MICRO_BATCH} samples over {workers} {kind}"
 
 
 def forward_backward(model, loss, x, y, scale, slot=None):
@@ -122,14 +138,16 @@ class _Replica:
 class MicroBatches:
     """The micro-batch runner of one model, loss and optimizer (made once per trainer)."""
 
-    def __init__(self, model, loss, optimizer):
+    def __init__(self, model, loss, optimizer, processes: bool = True):
         self.model, self.loss, self.groups = model, loss, optimizer.groups
+        self.processes = bool(processes)        # False: threads only (e.g. inside an MPI rank)
         self._replicas: list[_Replica] = []
         self._grads: dict[int, tuple] = {}      # micro-batch -> (flat buffers per group, their views)
+        self._runner = None                     # a forked.ForkedRunner, once made
 
     def usable(self, x) -> bool:
         """Whether a batch-last batch ``x`` is split: NumPy arrays, big enough, a splittable model."""
-        return (not backend.is_cupy(x) and x.shape[-1] > MICRO_BATCH
+        return (not backend.is_cupy(x) and x.shape[-1] >= MIN_SPLIT
                 and all(not backend.is_cupy(g.grads) for g in self.groups)
                 and why_whole(self.model, self.loss) is None)
 
@@ -141,9 +159,29 @@ class MicroBatches:
             got = self._grads[m] = (flats, views)
         return got
 
+    def _forked(self, x, y, n):
+        """The forked runner for this input (made, or made again for a new shape, a bigger batch or
+        another thread count), or None when the micro-batches run on threads."""
+        T = threads.get_num_threads()
+        if not (PROCESSES and self.processes) or T < 2:
+            return None
+        runner = self._runner
+        if runner is not None and (runner.key[:3] != (tuple(x.shape[:-1]), x.dtype, y.dtype)
+                                   or runner.key[3] < n or runner.T != T):
+            runner.close()
+            runner = self._runner = None
+        if runner is None:
+            forked.share_groups(self.groups)
+            runner = self._runner = forked.ForkedRunner(self, T - 1, x, y, n)
+        return runner
+
     def run(self, x, y, scale):
         """:func:`forward_backward` of the batch-last ``x`` / ``y`` in micro-batches (module docstring)."""
         n = int(x.shape[-1])
+        runner = self._forked(x, y, n)
+        if runner is not None:
+            with threads.inline():
+                return runner.run(x, y, scale)
         bounds = micro_bounds(n)
         used = min(threads.get_num_threads(), len(bounds))
         while len(self._replicas) < used:

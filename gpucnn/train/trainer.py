@@ -139,7 +139,9 @@ class Trainer:
         micro-batches over the threads (:mod:`gpucnn.train.microbatch`).
         """
         if self._micro is None:
-            self._micro = microbatch.MicroBatches(self.model, self.loss, self.optimizer)
+            # no forked workers inside an MPI rank: MPI libraries do not survive a fork
+            self._micro = microbatch.MicroBatches(self.model, self.loss, self.optimizer,
+                                                  processes=self.comm is None or self.comm.size == 1)
         if slot is None and self._micro.usable(x):
             return self._micro.run(x, y, scale)
         return microbatch.forward_backward(self.model, self.loss, x, y, scale, slot)
