@@ -225,3 +225,27 @@ def test_a_failing_worker_raises_its_traceback_in_the_step(restore_threads):
     with pytest.raises(RuntimeError, match="micro-batch worker 1 of 1 failed:(.|\n)*planted failure in a worker"):
         trainer.step(x, y)
     trainer._micro._runner.close()
+
+
+@pytest.mark.skipif(not microbatch.forked.available(), reason="no fork on this system")
+def test_a_reply_to_an_abandoned_step_is_not_taken_for_the_next(restore_threads):
+    """A step the parent stopped waiting for (Ctrl-C in a notebook) leaves a worker reply in the pipe:
+    the next step must wait for its own reply, not sum buffers the worker is still writing."""
+    threads.set_num_threads(2)
+    gc.seed(0)
+    model = models.build("lenet5")
+    trainer = gc.train.Trainer(model, models.make_loss("lenet5"), optim.SGD(model, lr=0.1), batch_size=256)
+    x, y = _batch(256, np.float32)
+    xi = to_internal(x)
+    trainer._forward_backward(xi, y, 1.0)
+    first = [g.copy() for g in model.gradients()]
+    runner = trainer._micro._runner
+    runner._seq += 1                                 # a step whose replies nobody reads, at another scale
+    np.copyto(runner.x[..., :256], xi)
+    runner.y[:256] = y
+    for conn in runner.conns:
+        conn.send((runner._seq, (256, 1000.0, True)))
+    trainer._forward_backward(xi, y, 1.0)
+    for (name, _, _), g, ref in zip(model.named_parameters(), model.gradients(), first):
+        np.testing.assert_array_equal(g, ref, err_msg=name)
+    runner.close()

@@ -108,6 +108,7 @@ class ForkedRunner:
         self.flats = [[_shared(g.grads.shape, g.grads.dtype) for g in micro.groups] for _ in range(parts)]
         self.table = _shared((parts, 2), np.float64)       # per micro-batch: loss, correct
         self.local = _Replica(micro.model, micro.loss)
+        self._seq = 0                                       # the step number the replies must carry
         ctx = multiprocessing.get_context("fork")
         self.conns, self.procs = [], []
         with warnings.catch_warnings():  # Python 3.12+ warns about forking a process that has threads
@@ -160,11 +161,12 @@ class ForkedRunner:
                 return
             if msg is None:
                 return
+            seq, args = msg
             try:
-                self._run_share(rep, t, *msg)
-                conn.send(None)
+                self._run_share(rep, t, *args)
+                conn.send((seq, None))
             except BaseException:
-                conn.send(traceback.format_exc())
+                conn.send((seq, traceback.format_exc()))
 
     # -- the parent ---------------------------------------------------------
     def run(self, x, y, scale):
@@ -174,14 +176,15 @@ class ForkedRunner:
         np.copyto(self.x[..., :n], x)
         self.y[:n] = y
         training = bool(self.micro.model.training)
+        self._seq += 1
         for conn in self.conns:
-            conn.send((n, scale, training))
+            conn.send((self._seq, (n, scale, training)))
         failure = None
         try:
             self._run_share(self.local, 0, n, scale, training)
         except BaseException as exc:
             failure = exc
-        errors = [conn.recv() for conn in self.conns]     # every worker has finished writing
+        errors = [self._reply(conn) for conn in self.conns]     # every worker has finished writing
         if failure is not None:
             raise failure
         for t, err in enumerate(errors, start=1):
@@ -195,6 +198,14 @@ class ForkedRunner:
         sums = self.table[:len(bounds)]
         total = sum(float(v) * (b - a) for v, (a, b) in zip(sums[:, 0], bounds)) / n
         return np.asarray(total, dtype=x.dtype), np.asarray(int(sums[:, 1].sum()))
+
+    def _reply(self, conn):
+        """This step's reply of one worker: None or its traceback.  A reply to an earlier step (one the
+        parent stopped waiting for, e.g. on Ctrl-C) is read and dropped, never taken for this one."""
+        while True:
+            seq, err = conn.recv()
+            if seq == self._seq:
+                return err
 
     def close(self):
         self._finalizer()
