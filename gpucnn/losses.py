@@ -148,7 +148,9 @@ class MSE:
 
     def replica(self):
         """A twin with its own forward state, for another thread."""
-        return MSE()
+        twin = copy.copy(self)
+        twin._diff = twin._n = None
+        return twin
 
     def _check(self, pred, target, internal):
         check_array(pred, "pred", None, "MSE", internal=internal)

@@ -198,7 +198,7 @@ def test_forked_workers_give_the_threads_bits_and_stop_when_closed(restore_threa
     runner = trainer._micro._runner
     assert runner is not None and all(p.is_alive() for p in runner.procs)
     for _, layer, key in model.named_parameters():
-        assert microbatch.forked._is_shared(layer.params[key])     # what the workers read
+        assert microbatch.forked._is_shared(layer.params[key])     # what the workers read, from the start
     runner.close()
     assert not any(p.is_alive() for p in runner.procs)
 
@@ -222,9 +222,11 @@ def test_a_failing_worker_raises_its_traceback_in_the_step(restore_threads):
     model.layers[2].parent = os.getpid()
     trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(), optim.SGD(model, lr=0.1), batch_size=130)
     x, y = _batch(130, np.float32)
-    with pytest.raises(RuntimeError, match="micro-batch worker 1 of 1 failed:(.|\n)*planted failure in a worker"):
+    # the worker's exception class, with where it was raised and its traceback
+    with pytest.raises(ValueError, match="planted failure in a worker\n\\(raised in micro-batch worker 1 of 1; "
+                                         "its traceback:\\)\n(.|\n)*forward_internal"):
         trainer.step(x, y)
-    trainer._micro._runner.close()
+    trainer._micro.close()
 
 
 @pytest.mark.skipif(not microbatch.forked.available(), reason="no fork on this system")
@@ -244,8 +246,77 @@ def test_a_reply_to_an_abandoned_step_is_not_taken_for_the_next(restore_threads)
     np.copyto(runner.x[..., :256], xi)
     runner.y[:256] = y
     for conn in runner.conns:
-        conn.send((runner._seq, (256, 1000.0, True)))
+        conn.send_bytes(microbatch.forked._COMMAND.pack(runner._seq, 256, 1000.0, True))
     trainer._forward_backward(xi, y, 1.0)
     for (name, _, _), g, ref in zip(model.named_parameters(), model.gradients(), first):
         np.testing.assert_array_equal(g, ref, err_msg=name)
     runner.close()
+
+
+class _SummedXent(losses.SoftmaxCrossEntropy):
+    """A subclass may weigh its samples another way: it inherits no replica()."""
+
+
+def test_a_loss_subclass_keeps_the_batch_whole():
+    assert microbatch.why_whole(models.build("lenet5"), _SummedXent()) == \
+        "the loss _SummedXent does not define replica()"
+
+
+@pytest.mark.skipif(not microbatch.forked.available(), reason="no fork on this system")
+def test_workers_follow_a_new_optimizer_a_smaller_batch_and_a_dead_worker(restore_threads):
+    """The parameter arrays handed out before the first step are the ones trained; a new optimizer
+    means new workers; a smaller batch reuses them; a killed worker raises WorkerDied once and the
+    next step forks new ones -- every step giving the whole-batch gradient (float64)."""
+    threads.set_num_threads(2)
+    gc.seed(0)
+    model = models.build("lenet5", dtype=np.float64)
+    loss = models.make_loss("lenet5")
+    trainer = gc.train.Trainer(model, loss, optim.SGD(model, lr=0.1, momentum=0.9), batch_size=200)
+    W, W0 = model[0].params["W"], model[0].params["W"].copy()    # held from the optimizer's creation on
+    x, y = _batch(200, np.float64)
+
+    def check(n):
+        xi = to_internal(x[:n])
+        trainer._forward_backward(xi, y[:n], 1.0)
+        got = [g.copy() for g in model.gradients()]
+        microbatch.forward_backward(model, loss, xi, y[:n], 1.0)
+        for (name, _, _), g, ref in zip(model.named_parameters(), got, model.gradients()):
+            np.testing.assert_allclose(g, ref, rtol=1e-10, atol=1e-14, err_msg=f"{name}, batch {n}")
+
+    trainer.step(x, y)
+    assert model[0].params["W"] is W and not np.array_equal(W, W0)    # the same array, trained
+    first = trainer._micro._runner
+    check(200)
+    check(100)                                              # fewer samples: the same workers
+    assert trainer._micro._runner is first
+    trainer.optimizer = optim.Adam(model, lr=1e-3)           # new flat buffers: new workers
+    trainer.step(x, y)
+    assert trainer._micro._runner is not first and first.closed
+    check(200)
+    runner = trainer._micro._runner
+    runner.procs[0].kill()
+    runner.procs[0].join()
+    with pytest.raises(microbatch.forked.WorkerDied, match="micro-batch worker 1 of 1 .* ended in the middle"):
+        trainer.step(x, y)
+    check(200)                                              # forked again
+    assert trainer._micro._runner is not runner
+    trainer._micro.close()
+
+
+class _Pair(layers.Layer):
+    """A container of the user's: batch-independent, but its replica would share its children."""
+
+    batch_independent = True
+
+    def __init__(self):
+        super().__init__()
+        self.inner = layers.Dense(784, 10)
+
+    def children(self):
+        return [self.inner]
+
+
+def test_a_container_without_its_own_replica_keeps_the_batch_whole():
+    net = layers.Sequential(layers.Flatten(), _Pair())
+    assert microbatch.why_whole(net, losses.SoftmaxCrossEntropy()) == \
+        "_Pair holds layers but does not define replica()"

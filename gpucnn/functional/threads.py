@@ -196,10 +196,21 @@ def inline():
         _inside.block = outer
 
 
+def _reset_after_fork() -> None:
+    """In any forked child: no pool (its threads were not copied) and a fresh lock."""
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
 def _after_fork_in_child() -> None:
-    """In a forked child: no pool (its threads were not copied), one thread, a fresh lock."""
-    global _pool, _num_threads, _lock
-    _pool, _num_threads, _lock = None, 1, threading.Lock()
+    """In a micro-batch worker: that reset, and one thread (the cores are the workers')."""
+    global _num_threads
+    _reset_after_fork()
+    _num_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def run_each(fn, blocks) -> None:

@@ -97,9 +97,11 @@ class Layer:
         return []
 
     def replica(self):
-        """A twin for another thread: the *same* parameter dict (arrays shared, never written by a
-        pass), its own gradient arrays, workspace and forward state.  Containers replicate their
-        children.  Used by :mod:`gpucnn.train.microbatch`."""
+        """A twin for another worker: the same parameter arrays (never written by a pass), its own
+        gradient arrays, workspace and forward state; other attributes copied as they are now.  A
+        layer holding layers must replicate them (Sequential and Residual do; the micro-batch split
+        refuses a container whose own class does not define ``replica``).  Used by
+        :mod:`gpucnn.train.microbatch`."""
         twin = copy.copy(self)
         twin.grads = {k: backend.get_array_module(g).zeros_like(g) for k, g in self.grads.items()}
         twin.workspace = Workspace()

@@ -8,6 +8,10 @@ passes write gradients into them in place), while an optimizer updates all
 parameters with one operation (one kernel on a GPU) and a distributed run
 allreduces all gradients as one buffer, with no packing.
 
+On Linux a CPU group's parameter buffer is anonymous shared memory
+(:mod:`gpucnn._shm`), so the micro-batch workers that
+:mod:`gpucnn.train.forked` forks read every update.
+
 Views stay views as long as nobody *replaces* an array (``layer.to`` /
 ``layer.astype`` do, on purpose); :meth:`FlatGroup.check` says so cheaply, and
 the optimizer calls it every step.
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import backend
+from .. import _shm, backend
 
 __all__ = ["FlatGroup", "flatten"]
 
@@ -71,7 +75,10 @@ def flatten(named_parameters) -> list[FlatGroup]:
     for (dtype, device), members in groups.items():
         xp = backend.cupy if device == "cuda" else np
         total = sum(int(layer.params[key].size) for _, layer, key in members)
-        params, grads = xp.empty(total, dtype=dtype), xp.empty(total, dtype=dtype)
+        # CPU parameters live in shared memory where workers can be forked (gpucnn.train.forked):
+        # they read what the optimizer writes, and no array is swapped for a shared one later
+        params = _shm.empty(total, dtype) if xp is np and _shm.available() else xp.empty(total, dtype=dtype)
+        grads = xp.empty(total, dtype=dtype)
         group = FlatGroup(dtype, device, params, grads)
         offset = 0
         for name, layer, key in members:

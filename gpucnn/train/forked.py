@@ -4,13 +4,13 @@ Threads share one interpreter lock: two threads running micro-batch passes
 hand it back and forth at every NumPy call, and on the 2-vCPU box of
 BENCHMARKS.md a lenet5 step at batch 256 ran only about 1.2x faster on two
 threads than on one, where two processes each running half the batch scale
-close to 2x.  So on a system with ``fork`` the micro-batches of a step run in
+close to 2x.  So on Linux the micro-batches of a step run in
 ``T - 1`` worker processes plus the calling one:
 
-* the optimizer's flat parameter buffers are moved into shared memory once
-  (:func:`share_groups`: the layers' parameter views are rebound to it, so an
-  optimizer step or ``load_state_dict`` in the parent is what every worker
-  reads);
+* a CPU optimizer's flat parameter buffer lives in shared memory from its
+  creation (:func:`gpucnn.layers.flat.flatten`), so an optimizer step or a
+  ``load_state_dict`` in the parent is what every worker reads (a new
+  optimizer makes the trainer fork new workers);
 * each step the parent copies the batch into a shared input buffer and sends
   ``(n, scale, training)`` down a pipe to every worker; process ``t`` runs
   micro-batches ``t, t + T, ...`` on a replica of its own and writes their
@@ -18,69 +18,57 @@ close to 2x.  So on a system with ``fork`` the micro-batches of a step run in
   a shared table; the parent sums the gradients in micro-batch order.
 
 The passes and the sum are those of the threaded runner, so the bits are the
-same as with threads and for any worker count.  A worker that fails sends its
-traceback back and the step raises it; workers exit on a stop message (the
-runner is closed or collected, or the process exits) or when their parent
-is gone.
+same as with threads and for any worker count.  The pipes carry bytes, not
+pickles.  A worker that fails sends its error back and the step raises the
+same built-in exception class (else RuntimeError) with the worker's
+traceback in the message; a worker that dies mid-step raises
+:class:`WorkerDied` and the next step forks new ones.  Workers exit on a stop
+message (the runner is closed or collected, or the process exits) or when
+their parent is gone, and ignore Ctrl-C (the parent's to handle).
 """
 from __future__ import annotations
 
-import mmap
+import builtins
 import multiprocessing
 import os
 import signal
+import struct
 import traceback
 import warnings
 import weakref
 
 import numpy as np
 
+from .. import _shm
 from ..functional import threads
 
-__all__ = ["available", "share_groups", "ForkedRunner"]
+__all__ = ["available", "usable_groups", "ForkedRunner", "WorkerDied"]
+
+available = _shm.available
+_shared = _shm.empty
+_is_shared = _shm.is_shared
+
+# The pipes carry bytes, not pickles: a command is (step, n, scale, training), a reply is the step
+# and an error (empty when the share ran): the exception's class name, then its message and the
+# worker's traceback.
+_COMMAND = struct.Struct("<qqd?")
+_STEP = struct.Struct("<q")
+_STOP = b"stop"
 
 
-def available() -> bool:
-    """Whether worker processes can be forked here (Linux, macOS)."""
-    return hasattr(os, "fork") and "fork" in multiprocessing.get_all_start_methods()
+class WorkerDied(RuntimeError):
+    """A micro-batch worker process ended in the middle of a step (killed, or crashed in native code)."""
 
 
-def _shared(shape, dtype):
-    """A zeroed array in anonymous shared memory (inherited by forked children)."""
-    size = int(np.prod(shape, dtype=np.int64))
-    buf = mmap.mmap(-1, max(1, size * np.dtype(dtype).itemsize))
-    return np.frombuffer(buf, dtype=dtype, count=size).reshape(shape)
-
-
-def _is_shared(a) -> bool:
-    """Whether ``a`` is a view of a :func:`_shared` buffer."""
-    base = a
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return isinstance(base, mmap.mmap)
-
-
-def share_groups(groups) -> None:
-    """Move every flat group's parameters into shared memory, rebinding the layers' views."""
-    for g in groups:
-        if _is_shared(g.params):
-            continue
-        shared = _shared(g.params.shape, g.params.dtype)
-        shared[...] = g.params
-        views = []
-        for (_, layer, key, off, shape), (_, grad_view) in zip(g.entries, g._views):
-            view = shared[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
-            layer.params[key] = view
-            views.append((view, grad_view))
-        g.params, g._views = shared, views
+def usable_groups(groups) -> bool:
+    """Whether the optimizer's parameters are in shared memory (so forked workers see its updates)."""
+    return all(_is_shared(g.params) for g in groups)
 
 
 def _stop(conns, procs):
     for conn in conns:
         try:
-            conn.send(None)          # the stop message (a sibling may hold a copy of this pipe: no EOF)
+            conn.send_bytes(_STOP)   # the stop message (a sibling may hold a copy of this pipe: no EOF)
             conn.close()
         except OSError:  # pragma: no cover - the worker is gone already
             pass
@@ -88,6 +76,7 @@ def _stop(conns, procs):
         p.join(timeout=5)
         if p.is_alive():  # pragma: no cover - a worker stuck in a pass
             p.terminate()
+            p.join(timeout=5)
 
 
 class ForkedRunner:
@@ -156,17 +145,18 @@ class ForkedRunner:
                 while not conn.poll(1.0):
                     if os.getppid() != parent:   # the parent died without a word: so do we
                         return
-                msg = conn.recv()
+                msg = conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            if msg is None:
+            if msg == _STOP:
                 return
-            seq, args = msg
+            seq, n, scale, training = _COMMAND.unpack(msg)
             try:
-                self._run_share(rep, t, *args)
-                conn.send((seq, None))
-            except BaseException:
-                conn.send((seq, traceback.format_exc()))
+                self._run_share(rep, t, n, scale, training)
+                conn.send_bytes(_STEP.pack(seq))
+            except BaseException as exc:
+                text = f"{type(exc).__name__}\x1f{exc}\x1f{traceback.format_exc()}"
+                conn.send_bytes(_STEP.pack(seq) + text.encode("utf-8", "replace"))
 
     # -- the parent ---------------------------------------------------------
     def run(self, x, y, scale):
@@ -177,19 +167,20 @@ class ForkedRunner:
         self.y[:n] = y
         training = bool(self.micro.model.training)
         self._seq += 1
-        for conn in self.conns:
-            conn.send((self._seq, (n, scale, training)))
+        command = _COMMAND.pack(self._seq, n, float(scale), training)
+        for t, conn in enumerate(self.conns, start=1):
+            self._io(t, conn.send_bytes, command)
         failure = None
         try:
             self._run_share(self.local, 0, n, scale, training)
         except BaseException as exc:
             failure = exc
-        errors = [self._reply(conn) for conn in self.conns]     # every worker has finished writing
+        errors = [self._reply(t, conn) for t, conn in enumerate(self.conns, start=1)]  # all done writing
         if failure is not None:
             raise failure
         for t, err in enumerate(errors, start=1):
-            if err is not None:
-                raise RuntimeError(f"micro-batch worker {t} of {self.T - 1} failed:\n{err}")
+            if err:
+                raise _worker_error(t, self.T - 1, err)
         bounds = micro_bounds(n)
         for gi, group in enumerate(self.micro.groups):
             np.add(self.flats[0][gi], self.flats[1][gi], out=group.grads)
@@ -199,13 +190,41 @@ class ForkedRunner:
         total = sum(float(v) * (b - a) for v, (a, b) in zip(sums[:, 0], bounds)) / n
         return np.asarray(total, dtype=x.dtype), np.asarray(int(sums[:, 1].sum()))
 
-    def _reply(self, conn):
-        """This step's reply of one worker: None or its traceback.  A reply to an earlier step (one the
+    def _io(self, t, fn, *args):
+        """A pipe operation with worker ``t``; a worker gone mid-step closes the runner and raises."""
+        try:
+            return fn(*args)
+        except (EOFError, OSError):
+            self.close()
+            p = self.procs[t - 1]
+            raise WorkerDied(f"micro-batch worker {t} of {self.T - 1} (pid {p.pid}) ended in the middle of a "
+                             f"step (exit code {p.exitcode}); the next step forks new workers") from None
+
+    def _reply(self, t, conn):
+        """This step's reply of worker ``t``: empty, or its error.  A reply to an earlier step (one the
         parent stopped waiting for, e.g. on Ctrl-C) is read and dropped, never taken for this one."""
         while True:
-            seq, err = conn.recv()
+            msg = self._io(t, conn.recv_bytes)
+            (seq,) = _STEP.unpack_from(msg)
             if seq == self._seq:
-                return err
+                return msg[_STEP.size:].decode("utf-8", "replace")
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     def close(self):
         self._finalizer()
+
+
+def _worker_error(t, workers, text):
+    """The exception a worker's failure raises in the parent: the same built-in class when it is one
+    (a bad label is a ValueError whichever process met it), else RuntimeError; the message says where
+    and carries the worker's traceback."""
+    name, _, rest = text.partition("\x1f")
+    message, _, tb = rest.partition("\x1f")
+    cls = getattr(builtins, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = RuntimeError
+        message = f"{name}: {message}"
+    return cls(f"{message}\n(raised in micro-batch worker {t} of {workers}; its traceback:)\n{tb}")

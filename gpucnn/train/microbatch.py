@@ -20,11 +20,16 @@ gradients.  That sum is the gradient of ``scale`` times the batch-mean loss
 (the gradient is linear in the samples' losses); which worker ran a
 micro-batch changes nothing, so the bits depend on N and not on the thread
 count.  The loss is ``sum_m n_m loss_m / N`` (float64 on the host, then the
-logits' dtype) and the correct count the sum of the counts.
+input's dtype) and the correct count the sum of the counts.
 
-The workers are forked processes where the system can fork
-(:mod:`gpucnn.train.forked`: threads would hand the interpreter lock back and
-forth at every NumPy call), else threads; the calling process is worker 0.
+The workers are forked processes on Linux (:mod:`gpucnn.train.forked`:
+threads would hand the interpreter lock back and forth at every NumPy call),
+else threads; the calling process is worker 0.  A replica is a copy made at
+the first split step (forked workers: at the fork); of the layers' and the
+loss's attributes only the parameters (shared arrays) and the train/eval
+flag follow the model afterwards -- settings changed later (a LeakyReLU's
+slope, ``check_labels``) reach the replicas when the trainer makes new ones
+(a new optimizer, thread count, input shape or a larger batch).
 
 It applies when every layer's own class declares ``batch_independent``
 (samples never meet: convolutions, dense layers, activations, pooling,
@@ -77,11 +82,14 @@ def why_whole(model, loss) -> str | None:
     """Why a batch of ``model`` / ``loss`` cannot be split into micro-batches, or None when it can."""
     if debug.is_enabled():
         return "anomaly detection is on"
-    if not hasattr(loss, "replica"):
-        return f"the loss {type(loss).__name__} has no replica()"
+    if "replica" not in vars(type(loss)):    # a subclass may weigh its samples another way
+        return f"the loss {type(loss).__name__} does not define replica()"
     for layer in _walk(model):
-        if not vars(type(layer)).get("batch_independent", False):
+        own = vars(type(layer))
+        if not own.get("batch_independent", False):
             return f"{type(layer).__name__} does not declare batch_independent"
+        if layer.children() and "replica" not in own:     # its replica would share its children
+            return f"{type(layer).__name__} holds layers but does not define replica()"
     return None
 
 
@@ -139,7 +147,7 @@ class MicroBatches:
     """The micro-batch runner of one model, loss and optimizer (made once per trainer)."""
 
     def __init__(self, model, loss, optimizer, processes: bool = True):
-        self.model, self.loss, self.groups = model, loss, optimizer.groups
+        self.model, self.loss, self.optimizer, self.groups = model, loss, optimizer, optimizer.groups
         self.processes = bool(processes)        # False: threads only (e.g. inside an MPI rank)
         self._replicas: list[_Replica] = []
         self._grads: dict[int, tuple] = {}      # micro-batch -> (flat buffers per group, their views)
@@ -163,17 +171,21 @@ class MicroBatches:
         """The forked runner for this input (made, or made again for a new shape, a bigger batch or
         another thread count), or None when the micro-batches run on threads."""
         T = threads.get_num_threads()
-        if not (PROCESSES and self.processes) or T < 2:
-            return None
+        use = PROCESSES and self.processes and T >= 2 and forked.usable_groups(self.groups)
         runner = self._runner
-        if runner is not None and (runner.key[:3] != (tuple(x.shape[:-1]), x.dtype, y.dtype)
-                                   or runner.key[3] < n or runner.T != T):
+        if runner is not None and (not use or runner.closed or runner.T != T or runner.key[3] < n
+                                   or runner.key[:3] != (tuple(x.shape[:-1]), x.dtype, y.dtype)):
             runner.close()
             runner = self._runner = None
-        if runner is None:
-            forked.share_groups(self.groups)
+        if use and runner is None:
             runner = self._runner = forked.ForkedRunner(self, T - 1, x, y, n)
         return runner
+
+    def close(self) -> None:
+        """Stop the forked workers, if any (the next split step forks new ones)."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
 
     def run(self, x, y, scale):
         """:func:`forward_backward` of the batch-last ``x`` / ``y`` in micro-batches (module docstring)."""

@@ -122,6 +122,12 @@ class Trainer:
         self._eager_steps: dict = {}     # the same key -> eager steps run (capture waits for WARMUP_STEPS)
         self._micro = None               # the NumPy path's micro-batch runner, made at the first step
 
+    def close(self) -> None:
+        """Stop this trainer's micro-batch worker processes, if it forked any (they also stop when the
+        trainer is collected or the process exits; a later step forks new ones)."""
+        if self._micro is not None:
+            self._micro.close()
+
     def step(self, xb, yb):
         """One training step on a public batch ``xb`` (N, ...) / ``yb`` (N,); returns
         ``(loss, correct)`` as 0-d device arrays."""
@@ -136,12 +142,16 @@ class Trainer:
         The gradients written are those of ``scale`` times the batch-mean loss.
         ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into.
         On NumPy a batch of a model whose layers never mix samples runs as
-        micro-batches over the threads (:mod:`gpucnn.train.microbatch`).
+        micro-batches in forked workers or on threads (:mod:`gpucnn.train.microbatch`).
         """
-        if self._micro is None:
-            # no forked workers inside an MPI rank: MPI libraries do not survive a fork
+        micro = self._micro
+        if micro is None or micro.optimizer is not self.optimizer or micro.loss is not self.loss \
+                or micro.model is not self.model:
+            if micro is not None:
+                micro.close()
+            # no forked workers beside a communicator: MPI libraries do not survive a fork
             self._micro = microbatch.MicroBatches(self.model, self.loss, self.optimizer,
-                                                  processes=self.comm is None or self.comm.size == 1)
+                                                  processes=self.comm is None)
         if slot is None and self._micro.usable(x):
             return self._micro.run(x, y, scale)
         return microbatch.forward_backward(self.model, self.loss, x, y, scale, slot)
