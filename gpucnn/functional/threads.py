@@ -143,17 +143,25 @@ def _executor() -> ThreadPoolExecutor:
 _inside = threading.local()   # .block: this thread is running blocks of a map_each
 
 
-def _take_blocks(fn, blocks, claim, out):
-    """Run blocks ``next(claim)`` until none is left, into ``out`` (the calling thread counts as inside)."""
+@contextlib.contextmanager
+def inline():
+    """Inside the block every :func:`map_each` runs in the calling thread (a caller that already
+    has the cores busy, e.g. beside forked micro-batch workers)."""
     outer = getattr(_inside, "block", False)
     _inside.block = True
     try:
+        yield
+    finally:
+        _inside.block = outer
+
+
+def _take_blocks(fn, blocks, claim, out):
+    """Run blocks ``next(claim)`` until none is left, into ``out`` (nested calls run inline)."""
+    with inline():
         for i in claim:                  # itertools.count: each index handed out once, under the GIL
             if i >= len(blocks):
                 return
             out[i] = fn(*blocks[i])
-    finally:
-        _inside.block = outer
 
 
 def map_each(fn, blocks):
@@ -182,18 +190,6 @@ def map_each(fn, blocks):
         if exc is not None:
             raise exc
     return out
-
-
-@contextlib.contextmanager
-def inline():
-    """Inside the block every :func:`map_each` runs in the calling thread (a caller that already
-    has the cores busy, e.g. beside forked micro-batch workers)."""
-    outer = getattr(_inside, "block", False)
-    _inside.block = True
-    try:
-        yield
-    finally:
-        _inside.block = outer
 
 
 def _reset_after_fork() -> None:
