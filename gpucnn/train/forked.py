@@ -87,16 +87,14 @@ class ForkedRunner:
     """
 
     def __init__(self, micro, workers: int, x, y, max_n: int):
-        from .microbatch import _Replica, micro_bounds
-
         self.micro, self.T = micro, workers + 1
         self.key = (tuple(x.shape[:-1]), x.dtype, y.dtype, max_n)
         self.x = _shared(tuple(x.shape[:-1]) + (max_n,), x.dtype)
         self.y = _shared((max_n,), y.dtype)
-        parts = len(micro_bounds(max_n))          # no fewer pieces than any smaller batch has
-        self.flats = [[_shared(g.grads.shape, g.grads.dtype) for g in micro.groups] for _ in range(parts)]
+        parts = len(micro.bounds(max_n))          # no fewer pieces than any smaller batch has
+        self.flats, self.views = micro.gradient_buffers(parts, new=lambda g: _shared(g.shape, g.dtype))
         self.table = _shared((parts, 2), np.float64)       # per micro-batch: loss, correct
-        self.local = _Replica(micro.model, micro.loss)
+        self.local = micro.replica()
         self._seq = 0                                       # the step number the replies must carry
         ctx = multiprocessing.get_context("fork")
         self.conns, self.procs = [], []
@@ -112,34 +110,16 @@ class ForkedRunner:
                 self.procs.append(p)
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
 
-    # -- both sides -------------------------------------------------------
-    def _views(self, m):
-        return [(name, view) for g, flat in zip(self.micro.groups, self.flats[m])
-                for name, view in g.views(flat).items()]
-
     def _run_share(self, rep, t, n, scale, training):
-        from .microbatch import forward_backward, micro_bounds
-
-        if rep.model.training != training:
-            rep.model.train(training)
-        bounds = micro_bounds(n)
-        for m in range(t, len(bounds), self.T):
-            a, b = bounds[m]
-            xm = rep.input.get("x", self.x.shape[:-1] + (b - a,), self.x.dtype)
-            np.copyto(xm, self.x[..., a:b])
-            rep.bind(self._views(m))
-            value, correct = forward_backward(rep.model, rep.loss, xm, self.y[a:b], scale * (b - a) / n)
-            self.table[m] = (float(value), int(correct))
+        rep.run_share(t, self.T, self.x, self.y, n, scale, training, self.views, self.table)
 
     # -- the worker ---------------------------------------------------------
     def _serve(self, t, conn, parent_end):
-        from .microbatch import _Replica
-
         parent_end.close()
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle (it stops us)
         threads._after_fork_in_child()
         parent = os.getppid()
-        rep = _Replica(self.micro.model, self.micro.loss)
+        rep = self.micro.replica()
         while True:
             try:
                 while not conn.poll(1.0):
@@ -160,8 +140,6 @@ class ForkedRunner:
 
     # -- the parent ---------------------------------------------------------
     def run(self, x, y, scale):
-        from .microbatch import micro_bounds
-
         n = int(x.shape[-1])
         np.copyto(self.x[..., :n], x)
         self.y[:n] = y
@@ -181,14 +159,7 @@ class ForkedRunner:
         for t, err in enumerate(errors, start=1):
             if err:
                 raise _worker_error(t, self.T - 1, err)
-        bounds = micro_bounds(n)
-        for gi, group in enumerate(self.micro.groups):
-            np.add(self.flats[0][gi], self.flats[1][gi], out=group.grads)
-            for m in range(2, len(bounds)):
-                group.grads += self.flats[m][gi]
-        sums = self.table[:len(bounds)]
-        total = sum(float(v) * (b - a) for v, (a, b) in zip(sums[:, 0], bounds)) / n
-        return np.asarray(total, dtype=x.dtype), np.asarray(int(sums[:, 1].sum()))
+        return self.micro.reduce(self.flats, self.table, n, x.dtype)
 
     def _io(self, t, fn, *args):
         """A pipe operation with worker ``t``; a worker gone mid-step closes the runner and raises."""

@@ -142,6 +142,20 @@ class _Replica:
             layer, key = self.by_name[name]
             layer.grads[key] = view
 
+    def run_share(self, t, T, x, y, n, scale, training, views, table):
+        """Worker ``t`` of ``T``: micro-batches ``t, t + T, ...`` of the batch-last ``x[..., :n]`` /
+        ``y[:n]``, micro-batch ``m``'s gradients into ``views[m]``, its loss and count into ``table[m]``."""
+        if self.model.training != training:
+            self.model.train(training)
+        bounds = micro_bounds(n)
+        for m in range(t, len(bounds), T):
+            a, b = bounds[m]
+            xm = self.input.get("x", x.shape[:-1] + (b - a,), x.dtype)
+            np.copyto(xm, x[..., a:b])
+            self.bind(views[m])
+            value, correct = forward_backward(self.model, self.loss, xm, y[a:b], scale * (b - a) / n)
+            table[m] = (float(value), int(correct))
+
 
 class MicroBatches:
     """The micro-batch runner of one model, loss and optimizer (made once per trainer)."""
@@ -150,7 +164,7 @@ class MicroBatches:
         self.model, self.loss, self.optimizer, self.groups = model, loss, optimizer, optimizer.groups
         self.processes = bool(processes)        # False: threads only (e.g. inside an MPI rank)
         self._replicas: list[_Replica] = []
-        self._grads: dict[int, tuple] = {}      # micro-batch -> (flat buffers per group, their views)
+        self._flats, self._views = [], []       # the threads' per-micro-batch gradient buffers
         self._runner = None                     # a forked.ForkedRunner, once made
 
     def usable(self, x) -> bool:
@@ -159,14 +173,31 @@ class MicroBatches:
                 and all(not backend.is_cupy(g.grads) for g in self.groups)
                 and why_whole(self.model, self.loss) is None)
 
-    def _flats(self, m):
-        got = self._grads.get(m)
-        if got is None:
-            flats = [np.zeros_like(g.grads) for g in self.groups]
-            views = [(name, view) for g, flat in zip(self.groups, flats) for name, view in g.views(flat).items()]
-            got = self._grads[m] = (flats, views)
-        return got
+    # -- what the threads and the forked runner share ---------------------------
+    bounds = staticmethod(micro_bounds)
 
+    def replica(self) -> _Replica:
+        return _Replica(self.model, self.loss)
+
+    def gradient_buffers(self, parts, new=np.zeros_like):
+        """``parts`` sets of per-group flat gradient buffers made by ``new``, and their views."""
+        flats = [[new(g.grads) for g in self.groups] for _ in range(parts)]
+        views = [[(name, view) for g, flat in zip(self.groups, fl) for name, view in g.views(flat).items()]
+                 for fl in flats]
+        return flats, views
+
+    def reduce(self, flats, table, n, dtype):
+        """The step's result from its micro-batches': the gradients summed in micro-batch order into
+        the optimizer's, and ``(loss, correct)`` as 0-d arrays."""
+        bounds = micro_bounds(n)
+        for gi, group in enumerate(self.groups):
+            np.add(flats[0][gi], flats[1][gi], out=group.grads)
+            for m in range(2, len(bounds)):
+                group.grads += flats[m][gi]
+        total = sum(float(v) * (b - a) for v, (a, b) in zip(table[:len(bounds), 0], bounds)) / n
+        return np.asarray(total, dtype=dtype), np.asarray(int(table[:len(bounds), 1].sum()))
+
+    # -- running ------------------------------------------------------------
     def _forked(self, x, y, n):
         """The forked runner for this input (made, or made again for a new shape, a bigger batch or
         another thread count), or None when the micro-batches run on threads."""
@@ -194,32 +225,15 @@ class MicroBatches:
         if runner is not None:
             with threads.inline():
                 return runner.run(x, y, scale)
-        bounds = micro_bounds(n)
-        used = min(threads.get_num_threads(), len(bounds))
+        parts = len(micro_bounds(n))
+        used = min(threads.get_num_threads(), parts)
         while len(self._replicas) < used:
-            self._replicas.append(_Replica(self.model, self.loss))
-        for m in range(len(bounds)):
-            self._flats(m)
-        training = self.model.training
-        results = [None] * len(bounds)
-
-        def work(t):
-            rep = self._replicas[t]
-            if rep.model.training != training:
-                rep.model.train(training)
-            for m in range(t, len(bounds), used):
-                a, b = bounds[m]
-                xm = rep.input.get("x", x.shape[:-1] + (b - a,), x.dtype)
-                np.copyto(xm, x[..., a:b])
-                rep.bind(self._grads[m][1])
-                value, correct = forward_backward(rep.model, rep.loss, xm, y[a:b], scale * (b - a) / n)
-                results[m] = (float(value), int(correct))
-
-        threads.map_each(work, [(t,) for t in range(used)])
-        for gi, group in enumerate(self.groups):
-            parts = [self._grads[m][0][gi] for m in range(len(bounds))]
-            np.add(parts[0], parts[1], out=group.grads)
-            for part in parts[2:]:
-                group.grads += part
-        total = sum(v * (b - a) for (v, _), (a, b) in zip(results, bounds)) / n
-        return np.asarray(total, dtype=x.dtype), np.asarray(sum(c for _, c in results))
+            self._replicas.append(self.replica())
+        if len(self._flats) < parts:
+            self._flats, self._views = self.gradient_buffers(parts)
+        table = np.empty((parts, 2), np.float64)
+        training = bool(self.model.training)
+        threads.map_each(lambda t: self._replicas[t].run_share(t, used, x, y, n, scale, training,
+                                                                self._views, table),
+                         [(t,) for t in range(used)])
+        return self.reduce(self._flats, table, n, x.dtype)
