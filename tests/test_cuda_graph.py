@@ -118,3 +118,27 @@ def test_cuda_graph_with_several_ranks_is_refused():
     with pytest.raises(ValueError, match="cuda_graph=True is not supported for data-parallel"):
         gc.train.Trainer(model, losses.SoftmaxCrossEntropy(), optim.SGD(model), batch_size=4, comm=TwoRanks(),
                          cuda_graph=True)
+
+
+def test_graphed_training_with_the_sync_check_on(monkeypatch):
+    """``GPUCNN_CUDA_SYNC_CHECK=1`` syncs after every eager launch but never inside a capture:
+    a sync there invalidates the graph (the stand-in refuses such a capture, as CUDA does)."""
+    from gpucnn.cuda import loader
+
+    make_opt = OPTIMIZERS[0].values[0]
+    eager = _train(make_opt, False)
+    monkeypatch.setenv(loader.SYNC_CHECK_ENV, "1")
+    graphed = _train(make_opt, True)
+    assert graphed[2] == 6 and graphed[0] == eager[0]
+
+
+def test_the_stand_in_refuses_a_sync_inside_a_capture():
+    """The planted fault behind the test above: a stream synchronize during capture."""
+    with standin.installed(standin.Recorder()) as cp:
+        stream = cp.cuda.Stream()
+        stream.begin_capture()
+        assert stream.is_capturing()
+        stream.synchronize()
+        with pytest.raises(RuntimeError, match="synchronize"):
+            stream.end_capture()
+        assert not stream.is_capturing()

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+pytest.importorskip("hypothesis", reason="property-based tests need hypothesis (pip install -e '.[dev]')")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-from gpucnn import data
-from gpucnn.data import DataError, DownloadError
+from gpucnn import data  # noqa: E402
+from gpucnn.data import DataError, DownloadError  # noqa: E402
 
 SHIPPED = data.lookup.PACKAGE_DATA / "mnist"
 MNIST = data.DATASETS["mnist"]

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+pytest.importorskip("hypothesis", reason="property-based tests need hypothesis (pip install -e '.[dev]')")
+from hypothesis import given  # noqa: E402
 
-import gpucnn
-from cases import CONV_CASES, POOL_CASES, params
-from gpucnn import layers as L
-from gpucnn import losses, models
-from gpucnn.testing import assert_allclose_grad, check_backward, check_loss
-from helpers import away_from_kinks, conv_configs, hyp, pool_configs, shuffled_arange
+import gpucnn  # noqa: E402
+from cases import CONV_CASES, POOL_CASES, params  # noqa: E402
+from gpucnn import layers as L  # noqa: E402
+from gpucnn import losses, models  # noqa: E402
+from gpucnn.testing import assert_allclose_grad, check_backward, check_loss  # noqa: E402
+from helpers import away_from_kinks, shuffled_arange  # noqa: E402
+from strategies import conv_configs, hyp, pool_configs  # noqa: E402
 
 F64 = np.float64
 

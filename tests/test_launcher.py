@@ -163,3 +163,14 @@ def test_default_builder_without_cupy_raises_clearly():
     loader.clear_cache()
     with pytest.raises(loader.CudaUnavailableError, match="CuPy"):
         loader.warmup()
+
+
+def test_sync_check_does_not_outlive_the_block_that_set_it(monkeypatch):
+    """tests/backends.py sets GPUCNN_CUDA_SYNC_CHECK for a CuPy test inside use_module_builder;
+    the monkeypatch is undone only after the block, so the block itself must put the flag back
+    (left on, it synced inside every later CUDA-graph capture of the process)."""
+    assert not loader._sync_check_enabled()
+    monkeypatch.setenv(loader.SYNC_CHECK_ENV, "1")
+    with loader.use_module_builder(lambda code, name, options: None):
+        assert loader._sync_check_enabled()
+    assert not loader._sync_check_enabled()

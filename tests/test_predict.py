@@ -12,11 +12,12 @@ import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+pytest.importorskip("PIL", reason="image tests need Pillow (pip install -e .)")
+from PIL import Image  # noqa: E402
 
-import gpucnn as gc
-from gpucnn import backend, checkpoint, data, images, inference, models
-from gpucnn.images import BlankImageWarning, preprocess
+import gpucnn as gc  # noqa: E402
+from gpucnn import backend, checkpoint, data, images, inference, models  # noqa: E402
+from gpucnn.images import BlankImageWarning, preprocess  # noqa: E402
 
 predict = inference   # predict_images, class_label, add_arguments, run
 

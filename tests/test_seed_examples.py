@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+pytest.importorskip("hypothesis", reason="property-based tests need hypothesis (pip install -e '.[dev]')")
+from hypothesis import given  # noqa: E402
 
-from gpucnn import layers as L
-from gpucnn import losses
-from gpucnn.functional.im2col import conv2d_backward_input_seed
-from helpers import conv_configs, hyp
+from gpucnn import layers as L  # noqa: E402
+from gpucnn import losses  # noqa: E402
+from gpucnn.functional.im2col import conv2d_backward_input_seed  # noqa: E402
+from strategies import conv_configs, hyp  # noqa: E402
 
 # Conv outputs are sums of products: compare with tolerances, never exactly.
 RTOL, ATOL = 1e-12, 1e-12

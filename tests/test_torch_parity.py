@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+pytest.importorskip("hypothesis", reason="property-based tests need hypothesis (pip install -e '.[dev]')")
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
@@ -19,10 +20,8 @@ import torch.nn.functional as F  # noqa: E402
 import gpucnn  # noqa: E402
 from gpucnn import layers as L  # noqa: E402
 from gpucnn import losses, models  # noqa: E402
-from helpers import (  # noqa: E402
-    assert_torch_close, away_from_kinks, conv_configs, hyp, pool_configs, shuffled_arange,
-    to_torch,
-)
+from helpers import assert_torch_close, away_from_kinks, shuffled_arange, to_torch  # noqa: E402
+from strategies import conv_configs, hyp, pool_configs  # noqa: E402
 
 F64 = np.float64
 

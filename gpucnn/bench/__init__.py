@@ -11,7 +11,8 @@ faster).
 
 * CPU: ``time.perf_counter`` medians; PyTorch CPU with the same thread count.
 * GPU: CUDA events around each repetition, medians after warm-up; PyTorch with
-  ``cudnn.benchmark = True`` and TF32 off on both sides (FP32 parity).  The
+  ``cudnn.benchmark = True`` and TF32 off (FP32 parity with gpucnn); one more line
+  times PyTorch's eager step with its own default, TF32 convolutions.  The
   per-kernel table times gpucnn's hand-written kernels against the cuDNN
   calls that do the same job.
 
@@ -130,18 +131,24 @@ def _check_args(args):
 
 def _setup_torch(args, device):
     torch = None if args.no_torch else import_torch()
-    if torch is not None:
-        if args.threads:
-            torch.set_num_threads(args.threads)
     if args.threads:
         from ..functional import threads
 
         threads.set_num_threads(args.threads)
-        if device == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+        if torch is not None:
+            torch.set_num_threads(args.threads)
+    if torch is not None and device == "cuda":
+        _torch_fp32(torch, True)
     return torch
+
+
+def _torch_fp32(torch, fp32: bool) -> None:
+    """PyTorch's GPU settings for the comparison: cuDNN's autotuner on and, with ``fp32``,
+    TF32 off (FP32 parity with gpucnn's kernels); without it, PyTorch's own default of TF32
+    convolutions (``cudnn.allow_tf32`` is True out of the box; matmuls stay FP32)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = not fp32
 
 
 def _write_json(path, obj):
@@ -171,7 +178,7 @@ def _step_table(args, batch, device, torch, timer, ttimer, results):
     print(f"  gpucnn's step: {microbatch.describe(pair.model, pair.trainer.loss, batch, device)}")
     print(f"  {'':34s} {'gpucnn ms':>9s} {'torch ms':>9s}  ratio  gpucnn img/s")
     print(f"  {'forward+loss+backward+SGD':34s} {_ms(mine)} {_ms(ref)}  {_ratio(mine, ref)}  {batch / mine:10.0f}")
-    graphed = mine_graph = mine_loop = mine_plan = None
+    graphed = mine_graph = mine_loop = mine_plan = ref_tf32 = None
     if device == "cuda":
         k = GRAPH_STEPS
         mine_loop = timer(pair.steps(k, cuda_graph=False)) / k
@@ -188,12 +195,20 @@ def _step_table(args, batch, device, torch, timer, ttimer, results):
                 graphed = ttimer(torch_graphed(pair.torch, torch))
             except Exception as exc:
                 print(f"  PyTorch CUDA-graph capture failed: {type(exc).__name__}: {exc}")
+            _torch_fp32(torch, False)
+            try:
+                ref_tf32 = ttimer(pair.torch)
+            finally:
+                _torch_fp32(torch, True)
         print(f"  {'the train loop (run_steps), eager':34s} {_ms(mine_loop)} {_ms(ref)}  {_ratio(mine_loop, ref)}")
         print(f"  {'the train loop, launch plan':34s} {_ms(mine_plan)} {_ms(ref)}  {_ratio(mine_plan, ref)}")
         if mine_graph is not None or graphed is not None:
             print(f"  {'both as CUDA graphs':34s} {_ms(mine_graph)} {_ms(graphed)}  {_ratio(mine_graph, graphed)}")
+        if ref_tf32 is not None:
+            print(f"  {'eager vs PyTorch default (TF32)':34s} {_ms(mine)} {_ms(ref_tf32)}  {_ratio(mine, ref_tf32)}")
     results["steps"].append({"batch": batch, "gpucnn_s": mine, "gpucnn_loop_s": mine_loop, "gpucnn_plan_s": mine_plan,
-                             "gpucnn_graph_s": mine_graph, "torch_s": ref, "torch_graph_s": graphed})
+                             "gpucnn_graph_s": mine_graph, "torch_s": ref, "torch_graph_s": graphed,
+                             "torch_tf32_s": ref_tf32})
 
 
 def _layer_table(args, batch, device, torch, timer, ttimer, results):

@@ -322,6 +322,11 @@ class _Stream:
 
     def synchronize(self):
         _note("sync", "stream.synchronize")
+        if getattr(_state, "capture", None) is not None and _state.capture_problem is None:
+            _state.capture_problem = "a stream synchronize (CUDA invalidates a capture on a sync)"
+
+    def is_capturing(self):
+        return getattr(_state, "capture", None) is not None
 
     def record(self, event=None):
         return object()

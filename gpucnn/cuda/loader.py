@@ -154,12 +154,20 @@ def set_module_builder(fn: ModuleBuilder | None) -> ModuleBuilder:
 
 @contextlib.contextmanager
 def use_module_builder(fn: ModuleBuilder) -> Iterator[ModuleBuilder]:
-    """Context manager: build modules with ``fn`` inside the block."""
+    """Context manager: build modules with ``fn`` inside the block.
+
+    On exit the previous builder *and* the sync-check state found on entry come
+    back: a ``GPUCNN_CUDA_SYNC_CHECK`` set for the block (a test's monkeypatch,
+    undone only after the block) must not stay on for the rest of the process.
+    """
+    global _sync_check
+    sync_check = _sync_check
     previous = set_module_builder(fn)
     try:
         yield fn
     finally:
         set_module_builder(previous)
+        _sync_check = sync_check
 
 
 def _device_id(builder: ModuleBuilder) -> int:
@@ -490,8 +498,11 @@ def launch(kernel: str, args: Sequence, *, n_threads: int | None = None,
     else:
         function(prep.grid, prep.block, call)
     if device >= 0 and _sync_check_enabled():
+        stream = cupy.cuda.get_current_stream()
+        if stream.is_capturing():  # CUDA refuses a sync inside a capture (it invalidates the graph)
+            return
         try:
-            cupy.cuda.get_current_stream().synchronize()
+            stream.synchronize()
         except Exception as exc:  # pragma: no cover - needs a GPU
             shapes = ", ".join(f"{prep.params[i].name}={tuple(args[i].shape)}" for i, _, _ in prep.array_slots)
             raise KernelLaunchError(f"{kernel} failed (grid={prep.grid}, block={prep.block}, "

@@ -44,6 +44,32 @@ from .trainer import EpochStats, Trainer
 __all__ = ["train", "TrainResult", "make_optimizer"]
 
 
+class _NoBar:
+    """What a progress bar does when none is shown: nothing."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(progress: bool, total: int, desc: str):
+    """A tqdm bar on stderr (shown when it is a terminal), or a silent stand-in when
+    ``progress`` is off or tqdm is not installed: training needs no tqdm."""
+    if not progress:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="batch", disable=None, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5, leave=False)
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns."""
@@ -396,12 +422,8 @@ class _Run:
         return row
 
     def _train_steps(self, epoch, order, progress) -> EpochStats:
-        from tqdm.auto import tqdm
-
         cfg, t0 = self.cfg, time.perf_counter()
-        bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=True if not progress else None, file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5, leave=False)
+        bar = _progress_bar(progress, total=self.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}")
 
         def on_sync(stats, n):
             bar.update(n)

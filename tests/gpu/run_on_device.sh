@@ -2,38 +2,53 @@
 # The device check: ONE command for a session lent a GPU (now an H200, 15 minutes of
 # device time in all, at most 10 minutes a command, at most 8 files back):
 #
-#     bash tests/gpu/run_on_device.sh                 # everything, in about 7 minutes
+#     bash tests/gpu/run_on_device.sh                 # everything, in at most 8 minutes
 #     bash tests/gpu/run_on_device.sh --budget 300    # a shorter global budget (seconds)
 #     bash tests/gpu/run_on_device.sh --only bench,ncu   # some steps (names below)
+#     bash tests/gpu/run_on_device.sh --rehearse      # no GPU needed: every pytest command
+#                                                     # collects, every step's command parses
 #     bash tests/gpu/run_on_device.sh --list
 #
 # Steps, in this order, each capped by its own timeout AND by what is left of the
-# global budget (a step that no longer fits is skipped and named in the summary):
+# global budget (a step that no longer fits is skipped and named in the summary);
+# the caps add up to the default budget:
 #
 #   env        nvidia-smi, versions (Python, NumPy, CuPy, CUDA, driver, PyTorch, cuDNN),
 #              tool paths, and a trivial RawKernel smoke test (compile, launch, read back)
 #   kernels    every gpucnn kernel against the NumPy path on odd shapes: the cupy legs
 #              of tests/test_kernels_conv.py, tests/test_kernels_step.py, tests/test_functional.py
 #   gpu-tests  python3 -m pytest -m gpu --timeout=60 (everything else marked gpu)
-#   bench      gpucnn bench --device cuda, batch 64/256/1024: gpucnn eager, its train loop (eager, launch plan)
-#              and its CUDA graph against PyTorch eager and PyTorch as a CUDA graph
-#   ncu        ncu --clock-control none on the conv kernels of lenet5 steps at batch 1024
-#   memcheck   compute-sanitizer --tool memcheck on the kernel parity tests
+#   bench      gpucnn bench --device cuda, batch 64/256/1024: gpucnn eager, its train loop (eager,
+#              launch plan) and its CUDA graph against PyTorch eager (FP32 and its TF32 default)
+#              and PyTorch as a CUDA graph; each conv kernel against cuDNN on the same shape
+#   tta        gpucnn bench --time-to-accuracy 0.99: lenet5 on MNIST, the data on the GPU, 3 seeds
+#   ncu        ncu --clock-control none on the conv kernels of a lenet5 step at batch 1024
+#   memcheck   compute-sanitizer --tool memcheck on tests/gpu/sanitizer_cases.txt
 #   racecheck  compute-sanitizer --tool racecheck on the same
 #
-# Everything goes to $OUT (the device tool brings it back; default /tmp/gpucnn-device):
-# summary.txt (also printed last), bench.json, ncu-conv.txt and logs.tar.gz (every log).
+# Everything goes to $OUT (the device tool brings it back; default /tmp/gpucnn-device),
+# at most 8 files, named to be committed as they came back under
+# bench/results/<gpu>-<date>/ (run.txt and the summary name that directory):
+#   summary.txt   the steps' verdicts and the lines worth reading first (also printed last)
+#   run.txt       the exact command, the git revision, the date, the host
+#   versions.txt  the env step's output (GPU, driver, CUDA, CuPy, PyTorch, cuDNN)
+#   bench.json, tta.json, ncu-conv.txt, logs.tar.gz (every step's log and JUnit XML)
+# The git revision is `git rev-parse HEAD`, or $GPUCNN_GIT_REV where the tree came without
+# its .git (the device tool copies the working tree only).
 # Without a GPU (or a tool) a step says "skipped: ..." instead of failing.  nsys is not
 # used (it does not work on the lent machine).
 # Exit status: 0 when no step failed (skips are not failures), 1 otherwise, 2 for a usage error.
 set -u
 set -o pipefail
 
-ALL_STEPS=(env kernels gpu-tests bench ncu memcheck racecheck)
-declare -A CAP=([env]=40 [kernels]=90 [gpu-tests]=90 [bench]=150 [ncu]=70 [memcheck]=60 [racecheck]=50)
-declare -A MIN=([env]=5 [kernels]=30 [gpu-tests]=30 [bench]=60 [ncu]=30 [memcheck]=25 [racecheck]=25)
+ALL_STEPS=(env kernels gpu-tests bench tta ncu memcheck racecheck)
+declare -A CAP=([env]=30 [kernels]=75 [gpu-tests]=90 [bench]=120 [tta]=40 [ncu]=50 [memcheck]=45 [racecheck]=30)
+declare -A MIN=([env]=5 [kernels]=30 [gpu-tests]=30 [bench]=60 [tta]=20 [ncu]=30 [memcheck]=25 [racecheck]=20)
 
-BUDGET=430
+BUDGET=0
+for s in "${ALL_STEPS[@]}"; do BUDGET=$(( BUDGET + ${CAP[$s]} )); done   # 480 s
+REHEARSE=0
+COMMAND="bash tests/gpu/run_on_device.sh${*:+ $*}"
 STEPS=("${ALL_STEPS[@]}")
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -42,6 +57,7 @@ while [ $# -gt 0 ]; do
         --only) shift; IFS=',' read -r -a STEPS <<< "${1:-}" ;;
         --only=*) IFS=',' read -r -a STEPS <<< "${1#--only=}" ;;
         --list) printf '%s\n' "${ALL_STEPS[@]}"; exit 0 ;;
+        --rehearse) REHEARSE=1 ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -77,15 +93,32 @@ find_tool() {  # name -> path (PATH, then the usual CUDA install dirs)
 HAVE_GPU=0
 GPU_REASON="$("$PY" -c '
 from gpucnn import backend
-print("ok" if backend.cuda_available() else backend.cuda_unavailable_reason())' 2>&1 | tail -n 1)"
-[ "$GPU_REASON" = ok ] && HAVE_GPU=1
+if backend.cuda_available():
+    name = backend.cupy.cuda.runtime.getDeviceProperties(0)["name"]
+    print("ok " + (name.decode() if isinstance(name, bytes) else name))
+else:
+    print(backend.cuda_unavailable_reason())' 2>&1 | tail -n 1)"
+case "$GPU_REASON" in "ok "*) HAVE_GPU=1; GPU_NAME="${GPU_REASON#ok }" ;; *) GPU_NAME="no-gpu" ;; esac
+[ "$REHEARSE" = 1 ] && HAVE_GPU=1   # every step rehearses its command, GPU or not
+# where the results are committed: bench/results/<gpu>-<date>/, e.g. nvidia-h200-2026-12-04
+RESULTS_NAME="$(echo "$GPU_NAME" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9.' '-' | sed 's/^-*//; s/-*$//')-$(date -u +%F)"
+REV="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "${GPUCNN_GIT_REV:-unknown}")"
+{
+    echo "command   $COMMAND"
+    echo "revision  $REV$( [ -d "$ROOT/.git" ] || echo " (from GPUCNN_GIT_REV: the tree came without .git)")"
+    echo "date      $(date -u +%FT%TZ)"
+    echo "host      $(hostname), $(nproc) CPUs"
+    echo "gpu       $GPU_NAME"
+    echo "budget    ${BUDGET}s; steps ${STEPS[*]}"
+    echo "results   bench/results/$RESULTS_NAME/ (commit this directory as it came back)"
+} > "$OUT_DIR/run.txt"
 
 # --------------------------------------------------------------------------- steps
 # Each runs with $T (its timeout) and may set SKIP to report a skip.
 tmo() { timeout -k 10 "$T" "$@"; }
 
 step_env() {
-    echo "date $(date -u +%FT%TZ)  host $(hostname)  cpus $(nproc)  git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo n/a)"
+    echo "date $(date -u +%FT%TZ)  host $(hostname)  cpus $(nproc)  git $REV"
     local smi; smi="$(find_tool nvidia-smi)" && tmo "$smi" --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
     for t in ncu compute-sanitizer; do echo "$t: $(find_tool "$t" || echo 'not found')"; done
     tmo "$PY" - <<'EOF'
@@ -122,22 +155,41 @@ EOF
 }
 
 PARITY=(tests/test_kernels_conv.py tests/test_kernels_step.py tests/test_functional.py)
+SANITIZER_CASES=()
+while IFS= read -r line; do
+    case "$line" in ''|'#'*) ;; *) SANITIZER_CASES+=("$line") ;; esac
+done < "$ROOT/tests/gpu/sanitizer_cases.txt"
+
+pytest_gpu() {  # the suite's pytest, marked gpu; --rehearse: collect only
+    if [ "$REHEARSE" = 1 ]; then
+        "$PY" -m pytest -q -p no:cacheprovider -m gpu --collect-only "$@" > /dev/null || return $?
+        echo "collected: pytest -m gpu $*" | cut -c1-160
+        return 0
+    fi
+    tmo "$PY" -m pytest -q -p no:cacheprovider -m gpu "$@"
+}
+
+gpucnn_bench() {  # gpucnn bench; --rehearse: the arguments parse (argparse stops at --help)
+    if [ "$REHEARSE" = 1 ]; then "$PY" -m gpucnn bench "$@" --help > /dev/null && echo "parsed: gpucnn bench $*"; return; fi
+    tmo "$PY" -m gpucnn bench "$@"
+}
 
 step_kernels() {
-    tmo "$PY" -m pytest -q -p no:cacheprovider -m gpu --timeout=60 -x --junitxml="$OUT_DIR/logs/kernels.xml" \
-        "${PARITY[@]}"
+    pytest_gpu --timeout=60 --maxfail=10 --junitxml="$OUT_DIR/logs/kernels.xml" "${PARITY[@]}"
 }
 
 step_gpu_tests() {
     local deselect=()
     for f in "${PARITY[@]}"; do deselect+=(--ignore="$f"); done
-    tmo "$PY" -m pytest -q -p no:cacheprovider -m gpu --timeout=60 --durations=10 \
-        --junitxml="$OUT_DIR/logs/gpu-tests.xml" "${deselect[@]}" tests
+    pytest_gpu --timeout=60 --durations=10 --junitxml="$OUT_DIR/logs/gpu-tests.xml" "${deselect[@]}" tests
 }
 
 step_bench() {
-    tmo "$PY" -m gpucnn bench --device cuda --batch-sizes 64 256 1024 --repeats 30 --warmup 5 \
-        --json "$OUT_DIR/bench.json"
+    gpucnn_bench --device cuda --batch-sizes 64 256 1024 --repeats 30 --warmup 5 --json "$OUT_DIR/bench.json"
+}
+
+step_tta() {
+    gpucnn_bench --device cuda --time-to-accuracy 0.99 --seeds 3 --json "$OUT_DIR/tta.json"
 }
 
 NCU_STEPS_PY='
@@ -158,6 +210,7 @@ print("lenet5 steps at batch 1024 done")
 '
 
 step_ncu() {
+    if [ "$REHEARSE" = 1 ]; then "$PY" -c "import ast, sys; ast.parse(sys.argv[1])" "$NCU_STEPS_PY" && echo "parsed: the ncu script"; return; fi
     local ncu; ncu="$(find_tool ncu)" || { SKIP="ncu not found"; return 0; }
     # one step: conv1 fwd, conv2 fwd, conv2 bwd-weight (partial + reduce), conv2 bwd-input,
     # conv1 bwd-weight (partial + reduce) = 7 conv launches
@@ -172,11 +225,12 @@ step_ncu() {
 }
 
 step_sanitizer() {  # memcheck | racecheck
+    if [ "$REHEARSE" = 1 ]; then pytest_gpu "${SANITIZER_CASES[@]}"; return; fi
     local san; san="$(find_tool compute-sanitizer)" || { SKIP="compute-sanitizer not found"; return 0; }
     # CuPy's memory pool off (tests/conftest.py): each array its own allocation, so an
     # out-of-bounds access is not hidden inside a larger pooled block
     GPUCNN_TEST_NO_CUPY_POOL=1 tmo "$san" --tool "$1" --error-exitcode 86 --print-limit 30 \
-        "$PY" -m pytest -q -p no:cacheprovider -m gpu -x "${PARITY[0]}" "${PARITY[1]}"
+        "$PY" -m pytest -q -p no:cacheprovider -m gpu "${SANITIZER_CASES[@]}"
 }
 
 # --------------------------------------------------------------------------- driver
@@ -196,9 +250,11 @@ for name in "${STEPS[@]}"; do
         echo "=== $name (timeout ${T}s)"
         case "$name" in
             env) step_env ;; kernels) step_kernels ;; gpu-tests) step_gpu_tests ;; bench) step_bench ;;
-            ncu) step_ncu ;; memcheck) step_sanitizer memcheck ;; racecheck) step_sanitizer racecheck ;;
+            tta) step_tta ;; ncu) step_ncu ;; memcheck) step_sanitizer memcheck ;;
+            racecheck) step_sanitizer racecheck ;;
         esac > "$log" 2>&1
         rc=$?
+        [ "$name" = env ] && cp "$log" "$OUT_DIR/versions.txt"
         tail -n 25 "$log"
     else
         rc=0
@@ -215,11 +271,13 @@ done
 # The lines worth reading first: pytest tallies, bench ratios, sanitizer verdicts.
 {
     echo
+    echo "results for bench/results/$RESULTS_NAME/ ($( [ "$REHEARSE" = 1 ] && echo "REHEARSAL: nothing ran on a GPU; " )revision $REV)"
     echo "total ${SECONDS}s of a ${BUDGET}s budget; logs in logs.tar.gz"
     for f in "$OUT_DIR"/logs/kernels.log "$OUT_DIR"/logs/gpu-tests.log; do
         [ -f "$f" ] && echo "$(basename "$f" .log): $(grep -E '[0-9]+ (passed|failed)' "$f" | tail -n 1)"
     done
-    [ -f "$OUT_DIR/logs/bench.log" ] && grep -E '^\[|forward\+loss|train loop|CUDA graphs' "$OUT_DIR/logs/bench.log"
+    [ -f "$OUT_DIR/logs/bench.log" ] && grep -E '^\[|forward\+loss|train loop|CUDA graphs|TF32' "$OUT_DIR/logs/bench.log"
+    [ -f "$OUT_DIR/logs/tta.log" ] && grep -E 'seed [0-9]+:|reached in' "$OUT_DIR/logs/tta.log"
     for t in memcheck racecheck; do
         [ -f "$OUT_DIR/logs/$t.log" ] && echo "$t: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT_DIR/logs/$t.log" | tail -n 1)"
     done
