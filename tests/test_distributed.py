@@ -110,6 +110,8 @@ def _worker(spec: dict) -> None:
 
 def _env():
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if os.geteuid() == 0:  # Open MPI's mpiexec refuses root without these (MPICH's ignores them)
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if MPIEXEC:  # hydra finds its proxy (hydra_pmi_proxy) on PATH
         env["PATH"] = str(Path(MPIEXEC).parent) + os.pathsep + env.get("PATH", "")

@@ -225,8 +225,11 @@ def test_epoch_of_steps_matches_numpy(backend, make_opt, augment, monkeypatch):
     monkeypatch.setattr(loader, "launch", lambda kernel, *a, **k: (launched.append(kernel), real_launch(kernel, *a, **k)))
 
     def run(model, put):
+        # sync_every=1 on both: a GPU trainer otherwise reads the loss back every 50 steps (once
+        # here), the NumPy one every step, and the per-sync rows below would differ in number
         trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(check_labels=False), make_opt(model),
-                                   batch_size=5, schedule=lambda epoch, step: 0.05 / (1 + step), augment=augment)
+                                   batch_size=5, schedule=lambda epoch, step: 0.05 / (1 + step), augment=augment,
+                                   sync_every=1)
         seen = []
         stats = trainer.run_steps(put(x), put(y), put(order), 0, range(5), 5,
                                   on_sync=lambda st, n: seen.append((st.loss_sum, st.correct, st.seen)))

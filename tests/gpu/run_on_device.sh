@@ -33,8 +33,8 @@
 #   run.txt       the exact command, the git revision, the date, the host
 #   versions.txt  the env step's output (GPU, driver, CUDA, CuPy, PyTorch, cuDNN)
 #   bench.json, tta.json, ncu-conv.txt, logs.tar.gz (every step's log and JUnit XML)
-# The git revision is `git rev-parse HEAD`, or $GPUCNN_GIT_REV where the tree came without
-# its .git (the device tool copies the working tree only).
+# The git revision is $GPUCNN_GIT_REV when set (the device tool copies the working tree, and
+# whatever .git travels with it can be stale), else `git rev-parse HEAD`.
 # Without a GPU (or a tool) a step says "skipped: ..." instead of failing.  nsys is not
 # used (it does not work on the lent machine).
 # Exit status: 0 when no step failed (skips are not failures), 1 otherwise, 2 for a usage error.
@@ -102,10 +102,10 @@ case "$GPU_REASON" in "ok "*) HAVE_GPU=1; GPU_NAME="${GPU_REASON#ok }" ;; *) GPU
 [ "$REHEARSE" = 1 ] && HAVE_GPU=1   # every step rehearses its command, GPU or not
 # where the results are committed: bench/results/<gpu>-<date>/, e.g. nvidia-h200-2026-12-04
 RESULTS_NAME="$(echo "$GPU_NAME" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9.' '-' | sed 's/^-*//; s/-*$//')-$(date -u +%F)"
-REV="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "${GPUCNN_GIT_REV:-unknown}")"
+REV="${GPUCNN_GIT_REV:-$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)}"
 {
     echo "command   $COMMAND"
-    echo "revision  $REV$( [ -d "$ROOT/.git" ] || echo " (from GPUCNN_GIT_REV: the tree came without .git)")"
+    echo "revision  $REV$( [ -n "${GPUCNN_GIT_REV:-}" ] && echo " (GPUCNN_GIT_REV: the device tool copies the working tree, its .git may be stale)")"
     echo "date      $(date -u +%FT%TZ)"
     echo "host      $(hostname), $(nproc) CPUs"
     echo "gpu       $GPU_NAME"
