@@ -357,6 +357,20 @@ def test_relu_derivative_is_half_at_exactly_zero(backend):
     assert np.isnan(dx[0, 4]) and np.isnan(backend.get(y)[0, 4])      # NaN propagates both ways
 
 
+def test_relu_derivative_is_nan_at_nan_on_a_cupy_whose_sign_gives_0(monkeypatch):
+    """CuPy 13's ``sign(NaN)`` is 0 (NumPy's and CuPy 14's: NaN); ReLU's derivative must
+    still be NaN there.  The stand-in plays CuPy 13: its ``sign`` maps NaN to 0."""
+    from gpucnn.bench import standin
+
+    with standin.installed(standin.Recorder()) as cp:
+        monkeypatch.setattr(cp, "sign", lambda x, out=None: cp.asarray(np.nan_to_num(np.sign(cp.asnumpy(x)), nan=0.0)),
+                            raising=False)
+        x = cp.asarray(np.array([[-1.0, 0.0, 2.0, -0.0, np.nan]], np.float32))
+        dx = cp.asnumpy(A.relu_backward(cp.asarray(np.ones((1, 5), np.float32)), x))
+    np.testing.assert_array_equal(dx[:, :4], [[0.0, 0.5, 1.0, 0.5]])
+    assert np.isnan(dx[0, 4])
+
+
 @pytest.mark.parametrize("backend", XP_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prelu_and_softmax(dtype, backend):
