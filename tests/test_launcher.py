@@ -174,3 +174,20 @@ def test_sync_check_does_not_outlive_the_block_that_set_it(monkeypatch):
     with loader.use_module_builder(lambda code, name, options: None):
         assert loader._sync_check_enabled()
     assert not loader._sync_check_enabled()
+
+
+def test_a_source_tree_compiles_its_own_kernels_over_an_installed_package(monkeypatch, tmp_path):
+    """A checkout run with PYTHONPATH=. must not pick up the kernels/ of another checkout that is
+    installed in editable mode (which maps gpucnn.kernels there): that loaded stale kernels."""
+    import importlib.resources
+    from pathlib import Path
+
+    from gpucnn.cuda import sources
+
+    other = tmp_path / "other-checkout" / "kernels"
+    other.mkdir(parents=True)
+    (other / "stale.cu").write_text('extern "C" __global__ void stale() {}\n')
+    real_files = importlib.resources.files
+    monkeypatch.setattr(importlib.resources, "files",
+                        lambda name: other if name == "gpucnn.kernels" else real_files(name))
+    assert sources.kernel_dir() == Path(sources.__file__).resolve().parents[2] / "kernels"

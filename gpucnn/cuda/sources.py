@@ -38,22 +38,30 @@ KERNEL_FILES: dict[str, tuple[str, ...]] = {}
 
 
 def _candidate_dirs() -> list[pathlib.Path]:
-    dirs = []
+    """Where the ``.cu`` files may be, in order: the source tree the imported ``gpucnn``
+    sits in (a checkout: it has the project's pyproject.toml), then the installed data
+    package ``gpucnn.kernels``, then ``<parent>/kernels`` for the error message.
+
+    The checkout comes first so that a tree run with ``PYTHONPATH=.`` (a git worktree,
+    the device check's copy) compiles its own kernels even where another checkout is
+    installed in editable mode and maps ``gpucnn.kernels`` to *its* kernels/.
+    """
+    tree = pathlib.Path(__file__).resolve().parents[2]
+    dirs = [tree / "kernels"] if (tree / "pyproject.toml").is_file() else []
     try:
         dirs.append(pathlib.Path(str(importlib.resources.files("gpucnn.kernels"))))
     except Exception:  # not installed / not a filesystem package
         pass
-    dirs.append(pathlib.Path(__file__).resolve().parents[2] / "kernels")
+    dirs.append(tree / "kernels")
     return dirs
 
 
 def kernel_dir() -> pathlib.Path:
     """Directory holding the ``.cu`` files.
 
-    The installed data package ``gpucnn.kernels`` when it is importable and
-    holds the sources (an installed wheel, or an editable install); otherwise
-    ``<repo>/kernels`` next to the ``gpucnn`` package (a source tree run with
-    ``PYTHONPATH=.``, where ``gpucnn.kernels`` is not mapped).
+    ``<repo>/kernels`` when the imported ``gpucnn`` package sits in a source
+    tree (beside the project's pyproject.toml); else the installed data
+    package ``gpucnn.kernels`` (an installed wheel).
     """
     for path in _candidate_dirs():
         if path.is_dir() and any(path.glob("*.cu")):
