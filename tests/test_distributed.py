@@ -59,6 +59,7 @@ TIMING = {"images_per_sec", "train_seconds", "seconds", "ranks"}
 BASE = dict(model="seed002_c1", epochs=3, batch_size=64, subset=640, test_subset=500, seed=3)
 SGD = dict(BASE, optimizer="sgd", lr=0.05, momentum=0.9)
 ADAM = dict(BASE, optimizer="adam")
+AUGMENTED = dict(SGD, augment=True, epochs=2)  # lenet5's default: every training image shifted
 F64 = dict(rtol=0.0, atol=1e-12)
 F32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -271,6 +272,20 @@ def test_two_ranks_equal_one_process_float64(references, tmp_path):
     for name in ("sgd", "adam"):
         assert_same_run(references / name, tmp_path / name, F64)
         assert all(r["ranks"] == 2 for r in rows(tmp_path / name))
+
+
+@needs_mpi
+def test_augmented_two_ranks_and_resume_on_three_equal_one_process(references, tmp_path):
+    """With augmentation each image's shift is keyed by its position in the epoch, not by the
+    rank's index into its shard: 2 ranks equal one process, and so does a run stopped after
+    epoch 1 on 2 ranks and resumed on 3 (shards 22/21/21 instead of 32/32)."""
+    train_here(AUGMENTED, tmp_path / "one")
+    assert rows(tmp_path / "one")[0]["train_loss"] != rows(references / "sgd")[0]["train_loss"]  # shifts on
+    run_workers(2, {"runs": [{"cfg": AUGMENTED, "out": str(tmp_path / "two")},
+                             {"cfg": AUGMENTED, "out": str(tmp_path / "resumed"), "stop_after": 1}]})
+    run_workers(3, {"runs": [{"cfg": AUGMENTED, "resume": str(tmp_path / "resumed")}]})
+    assert_same_run(tmp_path / "one", tmp_path / "two", F64)
+    assert_same_run(tmp_path / "one", tmp_path / "resumed", F64)
 
 
 @needs_mpi
