@@ -68,7 +68,7 @@ F32 = dict(rtol=1e-5, atol=1e-6)
 
 
 def _inject(spec_fault, rank):
-    """Make this rank raise (or die of SIGKILL) at its ``at``-th training step."""
+    """Make this rank raise (or die of SIGKILL, or stop with SIGSTOP) at its ``at``-th training step."""
     if spec_fault is None or spec_fault["rank"] != rank:
         return
     from gpucnn.train import Trainer
@@ -80,6 +80,9 @@ def _inject(spec_fault, rank):
         if calls["n"] == spec_fault["at"]:
             if spec_fault.get("kill"):
                 os.kill(os.getpid(), signal.SIGKILL)
+            if spec_fault.get("stop"):              # alive, but never arrives
+                Path(spec_fault["pidfile"]).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGSTOP)
             raise RuntimeError(f"injected fault at training step {calls['n']}")
         return real(self, xb, yb, n_global, *args, **kwargs)
 
@@ -103,7 +106,7 @@ def _worker(spec: dict) -> None:
         model = gc.models.build(cfg.model, dtype=np.dtype(run.get("dtype", "float64")))
         train(None if run.get("resume") else cfg, model=model, data=ds, device=device, out_dir=run.get("out"),
               resume=run.get("resume"), stop_after=run.get("stop_after"), overwrite=True, progress=False,
-              log=print, distributed=comm)
+              log=print, distributed=comm, collective_timeout=run.get("collective_timeout"))
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -224,6 +227,23 @@ def test_nccl_unique_id_travels_as_bytes(uid):
     assert dist._decode_nccl_id(buf) == uid
 
 
+def test_collective_timeout_is_checked():
+    c = dist.SingleProcess()
+    assert c.timeout == dist.DEFAULT_COLLECTIVE_TIMEOUT_S == 600
+    c.timeout = 2.5
+    assert c.timeout == 2.5 and dist.SingleProcess().timeout == 600      # per communicator
+    for bad in (0, -1, float("nan"), float("inf"), "60", True, None):
+        with pytest.raises(ValueError, match=r"collective_timeout must be a positive number of seconds, got "
+                                             r"collective_timeout="):
+            c.timeout = bad
+    from gpucnn.train import train
+
+    with pytest.raises(ValueError, match=r"collective_timeout must be .* got collective_timeout=-5"):
+        train(distributed=True, collective_timeout=-5, log=None)
+    with pytest.raises(ValueError, match=r"collective_timeout=30 needs distributed=True"):
+        train(collective_timeout=30, log=None)
+
+
 def test_rank0_errors_are_raised_everywhere_as_collective():
     from gpucnn.train import parallel
 
@@ -308,8 +328,9 @@ def test_cli_two_ranks_equal_one_process_float32(tmp_path):
     for var in dist.BLAS_ENV_VARS:  # let gpucnn choose the BLAS threads per rank
         env.pop(var, None)
     proc = mpiexec(2, sys.executable, "-m", "gpucnn", "train", *args, "--distributed", "--out", tmp_path / "two",
-                   env=env)
+                   "--collective-timeout", "120", env=env)
     assert proc.returncode == 0, proc.err
+    assert "collectives time out after 120 s" in proc.out
     lines = proc.out.strip().splitlines()
     assert proc.out.count("done:") == 1 and lines[-1].startswith("done: zhang2016 on mnist, 2 epochs")
     assert "(cpu, 2 ranks)" in lines[-1]
@@ -352,6 +373,31 @@ def test_rank_killed_by_a_signal_ends_the_job(tmp_path):
                        timeout=60)
     assert proc.returncode != 0 and proc.seconds < 30
     assert not (tmp_path / "k" / "checkpoint.npz").exists()
+
+
+@needs_mpi
+def test_stopped_rank_times_out_and_is_named(tmp_path):
+    """Rank 1 of 3 stops (SIGSTOP: alive, never arrives): within the collective timeout and the roll
+    call (4 s each here) ranks 0 and 2 abort the job, naming rank 1; nothing is left running.
+    Without the timeout the job hangs in the gradient allreduce until the test kills it."""
+    pidfile = tmp_path / "stopped.pid"
+    fault = {"rank": 1, "at": 4, "stop": True, "pidfile": str(pidfile)}
+    run = {"cfg": dict(SGD, epochs=1), "out": str(tmp_path / "s"), "fault": fault, "collective_timeout": 4}
+    try:
+        proc = run_workers(3, {"runs": [run]}, check=False, timeout=60)
+        assert proc.returncode != 0
+        assert proc.seconds < 45, f"took {proc.seconds:.1f} s"
+        named = [line for line in proc.err.splitlines() if "CollectiveTimeout" in line]
+        assert named, proc.err
+        for line in named:  # rank 0 or 2 (or both) tells, none blames another
+            assert line.startswith(("gpucnn: rank 0: CollectiveTimeout: allreduce #",
+                                    "gpucnn: rank 2: CollectiveTimeout: allreduce #")), line
+            assert "did not complete within 4 s: rank 1 did not arrive" in line, line
+    finally:  # the launcher has ended the job; make sure of the stopped rank (its own process group)
+        pid = int(pidfile.read_text()) if pidfile.exists() else None
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if pid is not None and cmdline.exists() and b"test_distributed.py" in cmdline.read_bytes():
+            os.kill(pid, signal.SIGKILL)
 
 
 @needs_mpi
