@@ -156,6 +156,9 @@ def _add_train(sub):
     p.add_argument("--comm", choices=("auto", "mpi", "nccl"), default=None,
                    help="with --distributed: auto (default) = nccl between GPUs (--device cuda, several "
                         "ranks), else mpi; mpi stages GPU buffers through the host unless MPI is CUDA-aware")
+    p.add_argument("--collective-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="with --distributed: how long a collective waits for every rank (default: 600); a rank "
+                        "that has not arrived by then (stopped, hung) ends the job, named")
     p.set_defaults(func=_cmd_train)
     return p
 
@@ -277,6 +280,8 @@ def _cmd_train(args, parser):
     sp = parser._gpucnn_sub["train"]
     if args.comm is not None and not args.distributed:
         sp.error("argument --comm: needs --distributed")
+    if args.collective_timeout is not None and not args.distributed:
+        sp.error("argument --collective-timeout: needs --distributed")
     if args.distributed:
         return _cmd_train_distributed(args, sp)
     config = _train_config(args, sp)
@@ -320,6 +325,8 @@ def _cmd_train_distributed(args, sp):
     except (ValueError, ImportError) as exc:
         flag = "--device" if "CUDA" in str(exc) else ("--comm" if args.comm else "--distributed")
         sp.error(f"argument {flag}: {exc}")
+    if args.collective_timeout is not None:
+        comm.timeout = args.collective_timeout
     return parallel.guarded(comm, lambda: _train_ranks(args, sp, comm))
 
 

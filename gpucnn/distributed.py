@@ -31,10 +31,21 @@ limits BLAS threads per rank (:func:`limit_blas_threads`) and installs an
 excepthook that aborts the whole job when any rank dies of an exception
 (:func:`install_excepthook`), so a failure never leaves the others hanging
 in a collective.
+
+A rank that stops without dying (``SIGSTOP``, a deadlock, a hung file system)
+is caught by the collectives' timeout (:attr:`Communicator.timeout`,
+``--collective-timeout``, default :data:`DEFAULT_COLLECTIVE_TIMEOUT_S`): the
+MPI communicator posts each collective non-blocking and polls it; a rank whose
+collective has not completed by then calls the roll -- a small message to
+every other rank, answered by each rank that is waiting in a collective
+itself -- and aborts the job naming the ranks that did not answer
+(:class:`CollectiveTimeout`).
 """
 from __future__ import annotations
 
+import atexit
 import json
+import math
 import os
 import sys
 import time
@@ -45,7 +56,8 @@ import numpy as np
 from . import backend
 
 __all__ = ["Communicator", "SingleProcess", "MPICommunicator", "NCCLCommunicator", "BACKENDS", "init",
-           "launched_size", "limit_blas_threads", "install_excepthook", "fail", "exit_code", "report"]
+           "launched_size", "limit_blas_threads", "install_excepthook", "fail", "exit_code", "report",
+           "CollectiveTimeout", "DEFAULT_COLLECTIVE_TIMEOUT_S", "check_timeout"]
 
 #: ``init(backend=...)`` choices.
 BACKENDS = ("auto", "single", "mpi", "nccl")
@@ -56,6 +68,28 @@ BLAS_ENV_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "
 #: seconds a rank waits after printing its error before ``MPI_Abort`` ends the job
 ABORT_GRACE_S = 0.5
 _INSTALL_MPI = "pip install 'gpucnn[mpi]' (mpi4py; add the mpich wheel if the machine has no MPI)"
+#: seconds a collective waits for the slowest rank before the job is aborted (``--collective-timeout``)
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+#: a rank waiting in a collective polls it this long yielding the core between polls (as MPICH's
+#: blocking calls do: spinning alone slows the ranks it waits for when cores are shared), then
+#: every POLL_PAUSE_S (a long wait: a checkpoint being written, a stopped rank)
+SPIN_S = 0.05
+POLL_PAUSE_S = 0.001
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+#: how long (at most; never longer than the timeout) a timed-out rank waits for answers to its roll call
+ROLL_CALL_S = 5.0
+
+
+class CollectiveTimeout(TimeoutError):
+    """A collective did not complete within the communicator's :attr:`~Communicator.timeout`."""
+
+
+def check_timeout(value, name: str = "collective_timeout") -> float:
+    """``value`` as seconds, if it is a positive finite number; else a ValueError naming it."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    if not ok or not (0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive number of seconds, got {name}={value!r}")
+    return float(value)
 
 
 class Communicator:
@@ -65,10 +99,21 @@ class Communicator:
     rank, size, local_rank, local_size = 0, 1, 0, 1
     #: BLAS threads per rank set by :func:`init` (None: left alone)
     blas_threads: int | None = None
+    _timeout = DEFAULT_COLLECTIVE_TIMEOUT_S
 
     @property
     def is_root(self) -> bool:
         return self.rank == 0
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a collective waits for every rank to arrive; then the job is aborted, naming
+        the ranks that did not (a positive number; default :data:`DEFAULT_COLLECTIVE_TIMEOUT_S`)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds) -> None:
+        self._timeout = check_timeout(seconds)
 
     def broadcast(self, buf, root: int = 0) -> None:
         """Overwrite ``buf`` (a contiguous NumPy/CuPy array) with rank ``root``'s, in place."""
@@ -110,6 +155,8 @@ class Communicator:
             text += f" ({self.local_size} on this node)"
         if self.blas_threads:
             text += f", {self.blas_threads} BLAS thread{'s' if self.blas_threads != 1 else ''} per rank"
+        if self.size > 1:
+            text += f", collectives time out after {self.timeout:g} s"
         return text
 
     def __repr__(self):
@@ -157,18 +204,30 @@ def _mpi_cuda_aware(comm) -> bool:
     return any(k.split(":")[0] == "cuda" for k in kinds.split(","))
 
 
+#: the collectives, as a roll call names them (their index travels in the messages)
+_COLLECTIVES = ("allreduce", "broadcast", "barrier")
+_TAG_CALL, _TAG_ANSWER = 1, 2
+
+
 class MPICommunicator(Communicator):
     """MPI through ``mpi4py`` (``MPI.COMM_WORLD`` unless ``comm`` is given).
 
-    NumPy buffers go straight to ``Bcast``/``Allreduce``.  CuPy buffers go
+    NumPy buffers go straight to ``Ibcast``/``Iallreduce``.  CuPy buffers go
     straight to MPI too when it is CUDA-aware (``cuda_aware``; default: ask
     MPI), after the current stream is synchronised; otherwise they are copied
     to a reused host buffer, reduced there and copied back.
+
+    Every collective is posted non-blocking and polled (:meth:`_wait`) until
+    it completes or ``timeout`` seconds pass.  Then this rank calls the roll
+    on a duplicate of the communicator: every other rank that is polling a
+    collective answers where it waits; those that do not answer within
+    :data:`ROLL_CALL_S` are named as the ranks that did not arrive, and the
+    job is aborted (:func:`fail`, :class:`CollectiveTimeout`).
     """
 
     backend = "mpi"
 
-    def __init__(self, comm=None, cuda_aware: bool | None = None):
+    def __init__(self, comm=None, cuda_aware: bool | None = None, timeout: float | None = None):
         try:
             from mpi4py import MPI
         except ImportError as exc:
@@ -181,6 +240,94 @@ class MPICommunicator(Communicator):
         local.Free()
         self.cuda_aware = _mpi_cuda_aware(self.comm) if cuda_aware is None else bool(cuda_aware)
         self._host: dict = {}
+        if timeout is not None:
+            self.timeout = timeout
+        # the roll call: its own communicator (no message of it can match anything else), a
+        # receive for a call always posted, the collectives posted so far, the one waited in
+        self._roll = self.comm.Dup()
+        self._call = np.zeros(2, np.int64)
+        self._call_status = MPI.Status()
+        self._call_req = self._roll.Irecv(self._call, source=MPI.ANY_SOURCE, tag=_TAG_CALL)
+        self._answers: list = []           # (request, buffer) of answers in flight
+        self._callers: dict = {}           # rank -> (collective, number) of the calls received
+        self._posted = 0
+        self._waiting_in = (0, 0)          # (index in _COLLECTIVES, number); number 0: none
+        atexit.register(self._close)
+
+    def _close(self) -> None:
+        """Withdraw the standing receive of the roll call (MPI must not finalize with it posted)."""
+        MPI = self.MPI
+        if self._call_req is None or MPI.Is_finalized():
+            return
+        self._call_req.Cancel()
+        self._call_req.Wait()
+        self._call_req = None
+
+    def _wait(self, request, collective: str) -> None:
+        """Poll ``request`` (a non-blocking collective) until it completes; abort the job when it
+        has not after :attr:`timeout` seconds, naming the ranks that did not arrive."""
+        self._posted += 1
+        if request.Test():
+            return
+        self._waiting_in = (_COLLECTIVES.index(collective), self._posted)
+        start = time.monotonic()
+        while not request.Test():
+            self._answer_calls()
+            waited = time.monotonic() - start
+            if waited >= self._timeout:
+                self._timed_out()
+            if waited > SPIN_S:
+                time.sleep(POLL_PAUSE_S)
+            else:
+                _yield()
+        self._waiting_in = (0, 0)
+
+    def _answer_calls(self) -> None:
+        """Answer every roll call received: where this rank waits (it is alive and arrived)."""
+        while self._call_req is not None and self._call_req.Test(self._call_status):
+            caller = self._call_status.Get_source()
+            self._callers[caller] = (int(self._call[0]), int(self._call[1]))
+            self._call_req = self._roll.Irecv(self._call, source=self.MPI.ANY_SOURCE, tag=_TAG_CALL)
+            answer = np.array(self._waiting_in, np.int64)
+            self._answers = [(r, b) for r, b in self._answers if not r.Test()]
+            self._answers.append((self._roll.Isend(answer, dest=caller, tag=_TAG_ANSWER), answer))
+
+    @staticmethod
+    def _where(position) -> str:
+        kind, number = position
+        return f"{_COLLECTIVES[kind]} #{number}" if number else "no collective"
+
+    def _timed_out(self):
+        """Call the roll, then abort the job naming the ranks that did not answer (does not return)."""
+        peers = [p for p in range(self.size) if p != self.rank]
+        mine = np.array(self._waiting_in, np.int64)
+        self._calls = [(self._roll.Isend(mine, dest=p, tag=_TAG_CALL), mine) for p in peers]  # kept till the end
+        replies = {p: np.zeros(2, np.int64) for p in peers}
+        pending = {p: self._roll.Irecv(replies[p], source=p, tag=_TAG_ANSWER) for p in peers}
+        heard: dict = {}
+        end = time.monotonic() + min(self._timeout, ROLL_CALL_S)
+        while len(heard) < len(peers) and time.monotonic() < end:
+            self._answer_calls()                       # the others may be calling the roll too
+            for p in peers:
+                if p not in heard and pending[p].Test():
+                    heard[p] = (int(replies[p][0]), int(replies[p][1]))
+                elif p not in heard and p in self._callers:
+                    heard[p] = self._callers[p]
+            time.sleep(POLL_PAUSE_S)
+        missing = [p for p in peers if p not in heard]
+        here = self._where(self._waiting_in)
+        if missing:
+            names = ", ".join(map(str, missing))
+            text = (f"{here} did not complete within {self._timeout:g} s: rank{'s' if len(missing) > 1 else ''} "
+                    f"{names} did not arrive (stopped, hung, or busy outside the collectives that long)")
+        else:
+            text = (f"{here} did not complete within {self._timeout:g} s although every rank answered the "
+                    f"roll call: the collective itself is stuck (the MPI transport?)")
+        elsewhere = [f"rank {p} waits in {self._where(w)}" for p, w in sorted(heard.items())
+                     if w != tuple(self._waiting_in)]
+        if elsewhere:
+            text += "; " + ", ".join(elsewhere)
+        fail(self, CollectiveTimeout(f"{text}; aborting the job (--collective-timeout sets the limit)"))
 
     def _staged(self, buf, fn):
         """Run ``fn(mpi_buffer)`` on ``buf``, staging a CuPy array through the host if needed."""
@@ -202,21 +349,22 @@ class MPICommunicator(Communicator):
 
     def broadcast(self, buf, root: int = 0) -> None:
         _check_buffer(buf, "broadcast")
-        self._staged(buf, lambda b: self.comm.Bcast(b, root=root))
+        self._staged(buf, lambda b: self._wait(self.comm.Ibcast(b, root=root), "broadcast"))
 
     def allreduce_sum(self, buf) -> None:
         _check_buffer(buf, "allreduce_sum")
         MPI = self.MPI
-        self._staged(buf, lambda b: self.comm.Allreduce(MPI.IN_PLACE, b, op=MPI.SUM))
+        self._staged(buf, lambda b: self._wait(self.comm.Iallreduce(MPI.IN_PLACE, b, op=MPI.SUM), "allreduce"))
 
     def allreduce_scalars(self, values, op: str = "sum") -> np.ndarray:
         _check_op(op)
         a = np.array(values, dtype=np.float64).reshape(-1)
-        self.comm.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM if op == "sum" else self.MPI.MAX)
+        MPI = self.MPI
+        self._wait(self.comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM if op == "sum" else MPI.MAX), "allreduce")
         return a
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self._wait(self.comm.Ibarrier(), "barrier")
 
     def abort(self, code: int = 1):
         _flush()
@@ -299,6 +447,16 @@ class NCCLCommunicator(Communicator):
 
     def allreduce_scalars(self, values, op: str = "sum") -> np.ndarray:
         return self.mpi.allreduce_scalars(values, op)
+
+    @property
+    def timeout(self) -> float:
+        """The timeout of the MPI collectives (the metrics, the barrier, host buffers); NCCL's own
+        collectives on the GPU are not covered by it."""
+        return self.mpi.timeout
+
+    @timeout.setter
+    def timeout(self, seconds) -> None:
+        self.mpi.timeout = seconds
 
     def barrier(self) -> None:
         backend.cupy.cuda.get_current_stream().synchronize()

@@ -72,10 +72,15 @@ def uniform(shape, xp=np, dtype=np.float32, low: float = 0.0, high: float = 1.0)
     return _hashed(_stream["key"], start, n, xp, dtype, low, high).reshape(shape)
 
 
-def hash_uniform(key, shape, xp=np, dtype=np.float32, low: float = 0.0, high: float = 1.0):
-    """Stateless uniform draws for a tuple of non-negative ints ``key`` (e.g. (seed, epoch, step)):
-    the same key always gives the same values, on NumPy and CuPy alike."""
-    return _hashed(hash_key(key), 0, int(np.prod(shape, dtype=np.int64)), xp, dtype, low, high).reshape(shape)
+def hash_uniform(key, shape, xp=np, dtype=np.float32, low: float = 0.0, high: float = 1.0, start: int = 0):
+    """Stateless uniform draws for a tuple of non-negative ints ``key`` (e.g. (seed, epoch)):
+    the same key always gives the same values, on NumPy and CuPy alike.  Element ``i`` (in C
+    order) is the stream's value at counter ``start + i``, so draws of one key can be taken
+    in pieces: ``hash_uniform(key, (n,), start=s)`` is ``hash_uniform(key, (s + n,))[s:]``."""
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start must be a non-negative int, got start={start!r}")
+    return _hashed(hash_key(key), int(start), int(np.prod(shape, dtype=np.int64)), xp, dtype, low,
+                   high).reshape(shape)
 
 
 def hash_key(key) -> int:

@@ -124,26 +124,30 @@ extern "C" __global__ void gather_batch_f64(
 // folded in, so an augmented training batch is one launch with no host sync.
 //
 //   s_n        = gb_index(idx, n)                         (as gather_batch)
-//   dy_n, dx_n = floor(u * (2m + 1)) - m,  u = U(key, n), U(key, N + n)
-//   mirror_n   = flip && U(key, 2N + n) < 1/2
+//   p_n        = start + n        (the sample's position in the epoch's order)
+//   dy_n, dx_n = floor(u * (2m + 1)) - m,  u = U(key, 3 p_n), U(key, 3 p_n + 1)
+//   mirror_n   = flip && U(key, 3 p_n + 2) < 1/2
 //   w'         = mirror_n ? W - 1 - w : w
 //   x[c, h, w, n] = images[s_n, c, h - dy_n, w' - dx_n]   when 0 <= h - dy_n < H
 //                                                          and 0 <= w' - dx_n < W,
 //                   fill                                    otherwise
 //   y[n] = label[s_n]
 // with m = max_shift and U(key, i) = (splitmix64(key, i) >> 40) * 2^-24 -- the
-// 24-bit uniforms of gpucnn.random.hash_uniform(key, (3, N)), element (r, n)
-// at counter r N + n.  floor(u (2m+1)) is computed exactly as the integer
+// 24-bit uniforms of gpucnn.random.hash_uniform(key, (N, 3), start=3 start),
+// element (n, r) at counter 3 (start + n) + r.  So a sample's shift depends on
+// its position in the epoch, not on the batch or the rank that gathers it.
+// floor(u (2m+1)) is computed exactly as the integer
 // ((z >> 40) (2m+1)) >> 24 (u (2m+1) is exact in float64), and u < 1/2 as
 // (z >> 40) < 2^23, so the shifts and mirrors are the NumPy path's bit for bit
-// and x is the same as to_internal(augment_batch(images[idx], key, ...)).
+// and x is the same as to_internal(augment_batch(images[idx], key, ..., start=start)).
 // An invalid index makes x[:, n] NaN and y[n] = -1, as gather_batch.
 //
-// key: the 64-bit folded key of the batch (gpucnn.random.hash_key of
-//   (seed, epoch, step)) as 2 int32 words in DEVICE memory (low, high): the
-//   trainer uploads one row per step with the epoch's learning rates, so the
-//   launch's scalar arguments do not change from step to step (a replayed or
-//   captured step reads the step's key from a fixed buffer).
+// key_words: 4 int32 words in DEVICE memory: the 64-bit folded key of the
+//   epoch (gpucnn.random.hash_key of (seed, epoch)) and the 64-bit position
+//   start of the batch's first sample, each as (low, high): the trainer
+//   uploads one row per step with the epoch's learning rates, so the launch's
+//   scalar arguments do not change from step to step (a replayed or captured
+//   step reads the step's key from a fixed buffer).
 // Thread mapping: as gather_batch (32 x 32 tile transpose, 32 x 8 threads);
 //   before it, threads ty == 0 compute their sample's source row, shifts and
 //   mirror into shared memory (one hash of 3 per sample, not one per pixel).
@@ -182,12 +186,14 @@ __device__ __forceinline__ void gather_batch_augment_impl(
         if (n < N) {
             const unsigned long long key = (unsigned long long)(unsigned int)key_words[0]
                                          | ((unsigned long long)(unsigned int)key_words[1] << 32);
+            const unsigned long long start = (unsigned long long)(unsigned int)key_words[2]
+                                           | ((unsigned long long)(unsigned int)key_words[3] << 32);
             const unsigned long long span = 2ULL * (unsigned long long)max_shift + 1ULL;
-            const unsigned long long nn = (unsigned long long)n, NN = (unsigned long long)N;
+            const unsigned long long c = 3ULL * (start + (unsigned long long)n);   // this sample's counters
             src = gb_index(idx, idx_words, n, Ntotal);
-            dy = (int)(((gb_mix(key, nn) >> 40) * span) >> 24) - max_shift;
-            dx = (int)(((gb_mix(key, NN + nn) >> 40) * span) >> 24) - max_shift;
-            mirror = flip && (gb_mix(key, 2ULL * NN + nn) >> 40) < (1ULL << 23);
+            dy = (int)(((gb_mix(key, c) >> 40) * span) >> 24) - max_shift;
+            dx = (int)(((gb_mix(key, c + 1ULL) >> 40) * span) >> 24) - max_shift;
+            mirror = flip && (gb_mix(key, c + 2ULL) >> 40) < (1ULL << 23);
         }
         s_src[tx] = src;
         s_dy[tx] = dy;

@@ -1,5 +1,6 @@
 """Training-time augmentation: every image is a true shift (or mirrored shift) of its input,
-the draws depend only on the key, and the trainer applies them reproducibly (resume included)."""
+the draws depend only on the key and each image's position, and the trainer applies them
+reproducibly (resume included)."""
 from __future__ import annotations
 
 import numpy as np
@@ -50,11 +51,28 @@ def test_every_image_is_a_shift_of_its_input_and_all_shifts_occur(batch):
     assert {(dy, dx) for dy, dx, _ in shifts} == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
 
 
-def test_draws_depend_only_on_the_key(batch):
-    a = augment_batch(batch, (7, 1, 0), fill=FILL)
-    np.testing.assert_array_equal(a, augment_batch(batch.copy(), (7, 1, 0), fill=FILL))
-    assert not np.array_equal(a, augment_batch(batch, (7, 1, 1), fill=FILL))    # next step
-    assert not np.array_equal(a, augment_batch(batch, (8, 1, 0), fill=FILL))    # other seed
+def test_draws_depend_only_on_the_key_and_the_position(batch):
+    a = augment_batch(batch, (7, 1), fill=FILL)
+    np.testing.assert_array_equal(a, augment_batch(batch.copy(), (7, 1), fill=FILL))
+    assert not np.array_equal(a, augment_batch(batch, (7, 2), fill=FILL))       # next epoch
+    assert not np.array_equal(a, augment_batch(batch, (8, 1), fill=FILL))       # other seed
+    assert not np.array_equal(a, augment_batch(batch, (7, 1), fill=FILL, start=1))
+
+
+def test_a_batch_augmented_in_pieces_is_the_batch_augmented_whole(batch):
+    """Image n's shift depends on its position start + n alone: the shares of any split (the
+    batches of an epoch, the ranks' shards of a batch) see what the whole sees."""
+    whole = augment_batch(batch, (7, 1), fill=FILL, flip=True, start=640)
+    for cuts in ([0, 200], [0, 100, 200], [0, 67, 134, 200], [0, 1, 199, 200]):
+        pieces = [augment_batch(batch[a:b], (7, 1), fill=FILL, flip=True, start=640 + a)
+                  for a, b in zip(cuts, cuts[1:])]
+        np.testing.assert_array_equal(np.concatenate(pieces), whole)
+
+
+def test_bad_start_is_refused(batch):
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"start must be a non-negative int, got start="):
+            augment_batch(batch, (0,), fill=FILL, start=bad)
 
 
 def test_flip_mirrors_about_half(batch):

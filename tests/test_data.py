@@ -549,6 +549,10 @@ def test_batches_cover_each_index_once(n, batch_size, seed, world):
         np.testing.assert_array_equal(np.concatenate(shards), batches[s])
         sizes = [len(x) for x in shards]
         assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+        # batch_start: where each shard lies in the order (what keys its augmentation)
+        for rank, shard in enumerate(shards):
+            start = data.batching.batch_start(n, s, batch_size, rank, world)
+            np.testing.assert_array_equal(order[start:start + len(shard)], shard)
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():

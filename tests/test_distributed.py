@@ -59,6 +59,7 @@ TIMING = {"images_per_sec", "train_seconds", "seconds", "ranks"}
 BASE = dict(model="seed002_c1", epochs=3, batch_size=64, subset=640, test_subset=500, seed=3)
 SGD = dict(BASE, optimizer="sgd", lr=0.05, momentum=0.9)
 ADAM = dict(BASE, optimizer="adam")
+AUGMENTED = dict(SGD, augment=True, epochs=2)  # lenet5's default: every training image shifted
 F64 = dict(rtol=0.0, atol=1e-12)
 F32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -67,7 +68,7 @@ F32 = dict(rtol=1e-5, atol=1e-6)
 
 
 def _inject(spec_fault, rank):
-    """Make this rank raise (or die of SIGKILL) at its ``at``-th training step."""
+    """Make this rank raise (or die of SIGKILL, or stop with SIGSTOP) at its ``at``-th training step."""
     if spec_fault is None or spec_fault["rank"] != rank:
         return
     from gpucnn.train import Trainer
@@ -79,6 +80,9 @@ def _inject(spec_fault, rank):
         if calls["n"] == spec_fault["at"]:
             if spec_fault.get("kill"):
                 os.kill(os.getpid(), signal.SIGKILL)
+            if spec_fault.get("stop"):              # alive, but never arrives
+                Path(spec_fault["pidfile"]).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGSTOP)
             raise RuntimeError(f"injected fault at training step {calls['n']}")
         return real(self, xb, yb, n_global, *args, **kwargs)
 
@@ -102,7 +106,7 @@ def _worker(spec: dict) -> None:
         model = gc.models.build(cfg.model, dtype=np.dtype(run.get("dtype", "float64")))
         train(None if run.get("resume") else cfg, model=model, data=ds, device=device, out_dir=run.get("out"),
               resume=run.get("resume"), stop_after=run.get("stop_after"), overwrite=True, progress=False,
-              log=print, distributed=comm)
+              log=print, distributed=comm, collective_timeout=run.get("collective_timeout"))
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -223,6 +227,23 @@ def test_nccl_unique_id_travels_as_bytes(uid):
     assert dist._decode_nccl_id(buf) == uid
 
 
+def test_collective_timeout_is_checked():
+    c = dist.SingleProcess()
+    assert c.timeout == dist.DEFAULT_COLLECTIVE_TIMEOUT_S == 600
+    c.timeout = 2.5
+    assert c.timeout == 2.5 and dist.SingleProcess().timeout == 600      # per communicator
+    for bad in (0, -1, float("nan"), float("inf"), "60", True, None):
+        with pytest.raises(ValueError, match=r"collective_timeout must be a positive number of seconds, got "
+                                             r"collective_timeout="):
+            c.timeout = bad
+    from gpucnn.train import train
+
+    with pytest.raises(ValueError, match=r"collective_timeout must be .* got collective_timeout=-5"):
+        train(distributed=True, collective_timeout=-5, log=None)
+    with pytest.raises(ValueError, match=r"collective_timeout=30 needs distributed=True"):
+        train(collective_timeout=30, log=None)
+
+
 def test_rank0_errors_are_raised_everywhere_as_collective():
     from gpucnn.train import parallel
 
@@ -274,6 +295,20 @@ def test_two_ranks_equal_one_process_float64(references, tmp_path):
 
 
 @needs_mpi
+def test_augmented_two_ranks_and_resume_on_three_equal_one_process(references, tmp_path):
+    """With augmentation each image's shift is keyed by its position in the epoch, not by the
+    rank's index into its shard: 2 ranks equal one process, and so does a run stopped after
+    epoch 1 on 2 ranks and resumed on 3 (shards 22/21/21 instead of 32/32)."""
+    train_here(AUGMENTED, tmp_path / "one")
+    assert rows(tmp_path / "one")[0]["train_loss"] != rows(references / "sgd")[0]["train_loss"]  # shifts on
+    run_workers(2, {"runs": [{"cfg": AUGMENTED, "out": str(tmp_path / "two")},
+                             {"cfg": AUGMENTED, "out": str(tmp_path / "resumed"), "stop_after": 1}]})
+    run_workers(3, {"runs": [{"cfg": AUGMENTED, "resume": str(tmp_path / "resumed")}]})
+    assert_same_run(tmp_path / "one", tmp_path / "two", F64)
+    assert_same_run(tmp_path / "one", tmp_path / "resumed", F64)
+
+
+@needs_mpi
 def test_cli_two_ranks_equal_one_process_float32(tmp_path):
     """``mpiexec -n 2 gpucnn train --distributed`` == ``gpucnn train`` (float32: atol 1e-6 + rtol 1e-5).
 
@@ -293,8 +328,9 @@ def test_cli_two_ranks_equal_one_process_float32(tmp_path):
     for var in dist.BLAS_ENV_VARS:  # let gpucnn choose the BLAS threads per rank
         env.pop(var, None)
     proc = mpiexec(2, sys.executable, "-m", "gpucnn", "train", *args, "--distributed", "--out", tmp_path / "two",
-                   env=env)
+                   "--collective-timeout", "120", env=env)
     assert proc.returncode == 0, proc.err
+    assert "collectives time out after 120 s" in proc.out
     lines = proc.out.strip().splitlines()
     assert proc.out.count("done:") == 1 and lines[-1].startswith("done: zhang2016 on mnist, 2 epochs")
     assert "(cpu, 2 ranks)" in lines[-1]
@@ -337,6 +373,31 @@ def test_rank_killed_by_a_signal_ends_the_job(tmp_path):
                        timeout=60)
     assert proc.returncode != 0 and proc.seconds < 30
     assert not (tmp_path / "k" / "checkpoint.npz").exists()
+
+
+@needs_mpi
+def test_stopped_rank_times_out_and_is_named(tmp_path):
+    """Rank 1 of 3 stops (SIGSTOP: alive, never arrives): within the collective timeout and the roll
+    call (4 s each here) ranks 0 and 2 abort the job, naming rank 1; nothing is left running.
+    Without the timeout the job hangs in the gradient allreduce until the test kills it."""
+    pidfile = tmp_path / "stopped.pid"
+    fault = {"rank": 1, "at": 4, "stop": True, "pidfile": str(pidfile)}
+    run = {"cfg": dict(SGD, epochs=1), "out": str(tmp_path / "s"), "fault": fault, "collective_timeout": 4}
+    try:
+        proc = run_workers(3, {"runs": [run]}, check=False, timeout=60)
+        assert proc.returncode != 0
+        assert proc.seconds < 45, f"took {proc.seconds:.1f} s"
+        named = [line for line in proc.err.splitlines() if "CollectiveTimeout" in line]
+        assert named, proc.err
+        for line in named:  # rank 0 or 2 (or both) tells, none blames another
+            assert line.startswith(("gpucnn: rank 0: CollectiveTimeout: allreduce #",
+                                    "gpucnn: rank 2: CollectiveTimeout: allreduce #")), line
+            assert "did not complete within 4 s: rank 1 did not arrive" in line, line
+    finally:  # the launcher has ended the job; make sure of the stopped rank (its own process group)
+        pid = int(pidfile.read_text()) if pidfile.exists() else None
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if pid is not None and cmdline.exists() and b"test_distributed.py" in cmdline.read_bytes():
+            os.kill(pid, signal.SIGKILL)
 
 
 @needs_mpi

@@ -658,20 +658,21 @@ def test_gather_batch_invalid_indices_and_labels(device):
             assert np.isnan(x[..., n]).all()
 
 
-def _augment_reference(images, idx, key, fill, m, flip):
-    """Per-sample loops: the shifted (and mirrored) images, from the draws of hash_uniform(key, (3, N))."""
+def _augment_reference(images, idx, key, start, fill, m, flip):
+    """Per-sample loops: the shifted (and mirrored) images, sample n's three draws taken one by
+    one from the counters 3 (start + n) + r of key's stream."""
     from gpucnn.random import hash_uniform
 
     N = len(idx)
-    draws = hash_uniform(key, (3, N), np, np.float64)
     _, C, H, W = images.shape
     out = np.full((C, H, W, N), fill, images.dtype)
     for n, i in enumerate(idx):
-        dy, dx = (int(np.floor(draws[r, n] * (2 * m + 1))) - m for r in (0, 1))
+        u = [float(hash_uniform(key, (1,), np, np.float64, start=3 * (start + n) + r)[0]) for r in range(3)]
+        dy, dx = (int(np.floor(u[r] * (2 * m + 1))) - m for r in (0, 1))
         src = images[i]
         for h in range(H):
             for w in range(W):
-                ww = W - 1 - w if (flip and draws[2, n] < 0.5) else w
+                ww = W - 1 - w if (flip and u[2] < 0.5) else w
                 sh, sw = h - dy, ww - dx
                 if 0 <= sh < H and 0 <= sw < W:
                     out[:, h, w, n] = src[:, sh, sw]
@@ -692,18 +693,19 @@ def test_gather_batch_augment(sample, m, flip, dtype, device):
     images = rng.standard_normal((Ntotal,) + sample).astype(dtype)
     labels = rng.integers(0, 10, Ntotal).astype(np.int64)
     fill = -0.4242
-    for N, int_dtype in ((1, np.int32), (7, np.int64), (37, np.int32)):
-        key = (5, 1, N)
+    # starts: the epoch's first sample, a later batch, one past 2**32 (the position's high word)
+    for N, int_dtype, start in ((1, np.int32, 0), (7, np.int64, 64), (37, np.int32, 2**32 + 5)):
+        key = (5, N)
         idx = rng.integers(0, Ntotal, N).astype(int_dtype)
-        words = batch.augment_key_words(key)
+        words = batch.augment_key_words(key, start)
         x, y = batch.gather_batch_augment(device.put(images), device.put(labels), device.put(idx),
                                           device.put(words), fill=fill, max_shift=m, flip=flip,
                                           x_out=garbage(device, sample + (N,), dtype),
                                           y_out=garbage(device, (N,), np.int32))
         x = device.get(x)
         np.testing.assert_array_equal(x, to_internal(augment_batch(images[idx], key, fill=fill, max_shift=m,
-                                                                   flip=flip)))
-        np.testing.assert_array_equal(x, _augment_reference(images, idx, key, dtype(fill), m, flip))
+                                                                   flip=flip, start=start)))
+        np.testing.assert_array_equal(x, _augment_reference(images, idx, key, start, dtype(fill), m, flip))
         np.testing.assert_array_equal(device.get(y), labels[idx].astype(np.int32))
 
 
@@ -711,15 +713,19 @@ def test_gather_batch_augment_invalid_indices_and_bad_arguments(device):
     images = np.arange(5 * 6, dtype=F32).reshape(5, 1, 2, 3)
     labels = np.arange(5, dtype=np.int32)
     idx = np.array([4, 5, -1, 0], np.int64)
-    words = device.put(batch.augment_key_words((0, 0, 0)))
+    words = device.put(batch.augment_key_words((0, 0)))
     x, y = batch.gather_batch_augment(device.put(images), device.put(labels), device.put(idx), words,
                                       fill=0.0, max_shift=1)
     x, y = device.get(x), device.get(y)
     assert y.tolist() == [4, -1, -1, 0]
     assert np.isnan(x[..., 1:3]).all() and not np.isnan(x[..., [0, 3]]).any()
     put = device.put
-    with pytest.raises(ValueError, match=r"key_words must be a \(2,\) int32"):
+    with pytest.raises(ValueError, match=r"key_words must be a \(4,\) int32"):
         batch.gather_batch_augment(put(images), put(labels), put(idx), put(np.zeros(2, np.int64)), fill=0.0)
+    with pytest.raises(ValueError, match=r"key_words must be a \(4,\) int32"):   # the old (2,) layout
+        batch.gather_batch_augment(put(images), put(labels), put(idx), put(np.zeros(2, np.int32)), fill=0.0)
+    with pytest.raises(ValueError, match="start must be a non-negative int, got start=-1"):
+        batch.augment_key_words((0, 0), -1)
     with pytest.raises(ValueError, match="max_shift=-1"):
         batch.gather_batch_augment(put(images), put(labels), put(idx), words, fill=0.0, max_shift=-1)
     with pytest.raises(TypeError, match="flip must be a bool, got flip=1"):
@@ -973,7 +979,7 @@ with loader.use_module_builder(lambda c, n, o: cudasim.load_module(code=c, name=
         images2 = r(40, 2, 3, 11)
         for m, flip in ((2, True), (3, False)):
             batch.gather_batch_augment(images2, lab, np.array([0, 39, 41, -1, 7] * 7, np.int64),
-                                       batch.augment_key_words((1, 2, m)), fill=-0.5, max_shift=m, flip=flip)
+                                       batch.augment_key_words((1, 2), 7 * m), fill=-0.5, max_shift=m, flip=flip)
 print("SANITIZED-OK")
 """
 

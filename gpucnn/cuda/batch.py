@@ -76,10 +76,13 @@ def gather_batch(images, labels, idx, *, x_out=None, y_out=None):
     return x, y
 
 
-def augment_key_words(key) -> np.ndarray:
-    """The (2,) int32 words (low, high) of :func:`gpucnn.random.hash_key` of ``key`` -- what
-    :func:`gather_batch_augment` reads from device memory for the batch ``key``."""
-    return np.array([hash_key(key)], np.uint64).view(np.int32)
+def augment_key_words(key, start: int = 0) -> np.ndarray:
+    """The (4,) int32 words (low, high) of :func:`gpucnn.random.hash_key` of ``key`` and of
+    ``start`` -- what :func:`gather_batch_augment` reads from device memory for a batch whose
+    first sample is at position ``start`` of the stream ``key`` (e.g. ``(seed, epoch)``)."""
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start must be a non-negative int, got start={start!r}")
+    return np.array([hash_key(key), int(start)], np.uint64).view(np.int32)
 
 
 def gather_batch_augment(images, labels, idx, key_words, *, fill, max_shift: int = 2, flip: bool = False,
@@ -87,7 +90,8 @@ def gather_batch_augment(images, labels, idx, key_words, *, fill, max_shift: int
     """:func:`gather_batch` with :func:`gpucnn.data.augment.augment_batch` folded in.
 
     ``x`` is, bit for bit, ``to_internal(augment_batch(images[idx], key, fill=fill,
-    max_shift=max_shift, flip=flip))`` for ``key_words = augment_key_words(key)``:
+    max_shift=max_shift, flip=flip, start=start))`` for ``key_words =
+    augment_key_words(key, start)``:
     each sample shifted by its ``(dy, dx)`` in ``[-max_shift, max_shift]`` (the
     uncovered border ``fill``) and, with ``flip``, half of them mirrored
     left-right, drawn from the same hash as the NumPy path.
@@ -95,7 +99,7 @@ def gather_batch_augment(images, labels, idx, key_words, *, fill, max_shift: int
     Args:
         images: (Ntotal, C, H, W) float32 or float64, C-contiguous.
         labels, idx, x_out, y_out: as :func:`gather_batch`.
-        key_words: (2,) int32 on the images' device (:func:`augment_key_words`).
+        key_words: (4,) int32 on the images' device (:func:`augment_key_words`).
         fill: the background value (a float, converted to the images' dtype).
         max_shift: the largest shift per axis (int >= 0); flip: mirror half the images.
     Returns:
@@ -107,8 +111,8 @@ def gather_batch_augment(images, labels, idx, key_words, *, fill, max_shift: int
     dtype, Ntotal, sample, (label_words, lw), (idx_words, iw), N = _checked(func, images, labels, idx)
     if images.ndim != 4:
         raise ValueError(f"{func}: images must be (Ntotal, C, H, W), got shape {tuple(images.shape)}")
-    if getattr(key_words, "dtype", None) != np.dtype(np.int32) or tuple(key_words.shape) != (2,):
-        raise ValueError(f"{func}: key_words must be a (2,) int32 array (augment_key_words(key)), got "
+    if getattr(key_words, "dtype", None) != np.dtype(np.int32) or tuple(key_words.shape) != (4,):
+        raise ValueError(f"{func}: key_words must be a (4,) int32 array (augment_key_words(key, start)), got "
                          f"{getattr(key_words, 'dtype', type(key_words).__name__)} "
                          f"{tuple(getattr(key_words, 'shape', ()))}")
     _contiguous(func, key_words=key_words)

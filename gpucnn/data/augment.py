@@ -5,9 +5,13 @@ For every image of a batch, a shift ``(dy, dx)`` with each in
 with the dataset's background (``normalize(0)``); with ``flip=True`` (for
 datasets where a mirror image is still the same class, e.g. Fashion-MNIST --
 not digits) half the images are mirrored left-right.  The draws come from
-:func:`gpucnn.random.hash_uniform` keyed by ``(seed, epoch, step)``: the same
-run always sees the same augmented batches, on NumPy and CuPy alike, and a
-resumed run continues them exactly, with no state to save.
+:func:`gpucnn.random.hash_uniform` keyed by ``(seed, epoch)``, each image's
+three (dy, dx, mirror) at the counters ``3 p, 3 p + 1, 3 p + 2`` of its
+position ``p`` in the epoch's order: the image at position ``p`` is shifted
+the same way whichever batch, rank or number of ranks takes it.  So the same
+run always sees the same augmented batches, on NumPy and CuPy alike, any rank
+count sees what one process sees, and a resumed run (on any rank count)
+continues them exactly, with no state to save.
 """
 from __future__ import annotations
 
@@ -22,22 +26,26 @@ __all__ = ["augment_batch", "FLIP_DATASETS"]
 FLIP_DATASETS = ("fashion-mnist",)
 
 
-def augment_batch(x, key, *, fill, max_shift: int = 2, flip: bool = False):
+def augment_batch(x, key, *, fill, max_shift: int = 2, flip: bool = False, start: int = 0):
     """A randomly shifted (and flipped) copy of the NCHW batch ``x``.
 
     Args:
         x: (N, C, H, W) float images (normalised), NumPy or CuPy.
-        key: ints identifying the batch, e.g. ``(seed, epoch, step)``.
+        key: ints identifying the stream, e.g. ``(seed, epoch)``.
         fill: the value of the background (the normalised value of a 0 pixel).
         max_shift: largest shift in pixels, per axis.
         flip: mirror half the images left-right.
+        start: the position of ``x[0]`` in the stream (the epoch's order): image
+            ``n`` draws from counters ``3 (start + n) + (0, 1, 2)``.
     """
     if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
         raise ValueError(f"max_shift must be a non-negative int, got max_shift={max_shift!r}")
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start must be a non-negative int, got start={start!r}")
     xp = backend.get_array_module(x)
     N, C, H, W = x.shape
     m = max_shift
-    draws = hash_uniform(tuple(key), (3, N), xp, np.float64)
+    draws = hash_uniform(tuple(key), (N, 3), xp, np.float64, start=3 * int(start)).T   # (3, N): dy, dx, mirror
     shifts = xp.floor(draws[:2] * (2 * m + 1)).astype(np.int64) - m      # (2, N) in [-m, m]
     padded = xp.full((N, C, H + 2 * m, W + 2 * m), fill, dtype=x.dtype)
     padded[:, :, m:m + H, m:m + W] = x

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["SHUFFLE_SCHEME", "epoch_permutation", "shuffle_generator", "steps_per_epoch",
-           "batch_indices", "shard_bounds"]
+           "batch_indices", "batch_start", "shard_bounds"]
 
 #: How the order is drawn, recorded in checkpoints.
 SHUFFLE_SCHEME = "numpy.random.default_rng([seed, epoch])"
@@ -57,3 +57,10 @@ def batch_indices(order, step: int, batch_size: int, rank: int = 0, world: int =
         return batch
     start, stop = shard_bounds(batch.shape[0], rank, world)
     return batch[start:stop]
+
+
+def batch_start(n: int, step: int, batch_size: int, rank: int = 0, world: int = 1) -> int:
+    """The position in an epoch's order of ``n`` examples of the first index
+    :func:`batch_indices` gives this rank for ``step`` (what keys its augmentation draws)."""
+    first = step * batch_size
+    return first + shard_bounds(max(0, min(batch_size, n - first)), rank, world)[0]

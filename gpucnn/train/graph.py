@@ -70,7 +70,7 @@ def _no_allocation():
 class FixedInputs:
     """The fixed device buffers a replayed step (a CUDA graph, a launch plan) reads and writes.
 
-    ``idx`` (n,), ``hyper`` one row per optimizer dtype, ``aug`` (2,) int32 when
+    ``idx`` (n,), ``hyper`` one row per optimizer dtype, ``aug`` (4,) int32 when
     the step is augmented; ``loss`` (1,) of the data's ``dtype`` and ``correct`` (1,) int32.  :meth:`copy_in` /
     :meth:`copy_out` move a step's values in and out (one async device-to-device
     copy each, checked against the buffer first).
@@ -84,7 +84,7 @@ class FixedInputs:
         self.hyper = {g.dtype: cp.empty((opt.HYPER_SIZE,), g.dtype) for g in opt.groups}
         self.loss = cp.empty((1,), dtype)
         self.correct = cp.empty((1,), np.int32)
-        self.aug = cp.zeros((2,), np.int32) if augmented else None
+        self.aug = cp.zeros((4,), np.int32) if augmented else None
 
     def run_step(self, trainer, x, y) -> None:
         """The step on the fixed buffers: gather, forward, loss, backward, optimizer."""

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from .. import backend, checkpoint as ckpt_mod, debug as debug_mod, losses, models, nvtx, optim
+from .. import distributed as dist
 from .. import random as grandom
 from . import parallel
 from ..data import load_arrays, load_dataset, normalize
@@ -165,7 +166,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
           stop_after: int | None = None, nvtx: bool = False, debug: bool = False,
           progress: bool = True, overwrite: bool = False,
           log: Callable[[str], None] | None = print, distributed=None, cuda_graph: bool = False,
-          launch_plan: bool = True) -> TrainResult:
+          launch_plan: bool = True, collective_timeout: float | None = None) -> TrainResult:
     """Train, evaluating and checkpointing every epoch.
 
     Args:
@@ -196,6 +197,10 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
             alone.  ``config.batch_size`` is then the global batch; only rank
             0 logs and writes, and ``config``/``resume``/``out_dir`` are
             taken from rank 0.
+        collective_timeout: with ``distributed``, seconds a collective waits
+            for every rank (default: the communicator's ``timeout``, 600 s
+            unless set); a rank that has not arrived by then -- stopped, hung
+            -- ends the job, named (:class:`gpucnn.distributed.CollectiveTimeout`).
         cuda_graph: on a GPU, replay each full-size step as one captured CUDA
             graph (:mod:`gpucnn.train.graph`): the same numbers as the eager
             step, far less host work.  Opt-in and not yet verified on a GPU;
@@ -220,7 +225,11 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
     t_start = time.perf_counter()
     opts = dict(model=model, loss=loss, data=data, data_dir=data_dir, nvtx=nvtx, debug=debug,
                 cuda_graph=bool(cuda_graph), launch_plan=bool(launch_plan))
+    if collective_timeout is not None:
+        dist.check_timeout(collective_timeout)
     if distributed is None or distributed is False:
+        if collective_timeout is not None:
+            raise ValueError(f"collective_timeout={collective_timeout!r} needs distributed=True (or a backend)")
         cfg, ckpt = _run_config(config, resume, say)
         _check_stop_after(stop_after)
         dev, why = backend.resolve_device(device)
@@ -241,7 +250,13 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
                    metrics=metrics, **opts)
         return run.result(time.perf_counter() - t_start)
 
-    return parallel.guarded(comm, body)
+    if collective_timeout is None:
+        return parallel.guarded(comm, body)
+    previous, comm.timeout = comm.timeout, collective_timeout
+    try:                                   # for this run: the communicator may be used again
+        return parallel.guarded(comm, body)
+    finally:
+        comm.timeout = previous
 
 
 def _run(cfg, ckpt, dev, say, comm, stop_after, progress, make_rundir, *, nvtx, debug, metrics=None,

@@ -36,7 +36,7 @@ from .. import backend
 from .. import debug as debug_mod
 from .. import losses
 from ..data.augment import augment_batch
-from ..data.batching import batch_indices, shard_bounds
+from ..data.batching import batch_indices, batch_start, shard_bounds
 from ..functional import _dispatch
 from ..functional.layout import to_internal
 from ..nvtx import nvtx_range
@@ -86,8 +86,9 @@ class Trainer:
             training; None: this process alone.
         augment: None, or ``{"seed": int, "fill": float, "flip": bool}``: every
             training batch is shifted (and flipped) by
-            :func:`gpucnn.data.augment.augment_batch`, keyed by
-            ``(seed, epoch, step)`` so runs and resumed runs see the same batches.
+            :func:`gpucnn.data.augment.augment_batch`, keyed by ``(seed, epoch)``
+            and each example's position in the epoch's order, so runs, resumed
+            runs and any number of ranks see the same batches.
         cuda_graph: on a GPU, replay full-size steps as one captured CUDA graph
             (:mod:`gpucnn.train.graph`; opt-in, unverified on a GPU so far);
             falls back to eager steps with a warning when capture fails.
@@ -170,8 +171,9 @@ class Trainer:
         on the way, reading the batch's key from the device (``aug_words``, a
         row of the table :meth:`_augment_rows` uploads per :meth:`run_steps`
         call).  Otherwise ``x[idx]``, converted; with augmentation (``key`` =
-        ``(epoch, step)``) shifted by :func:`~gpucnn.data.augment.augment_batch`
-        first -- the same bits either way.
+        ``(epoch, start)``, ``start`` the position of ``idx[0]`` in the epoch's
+        order) shifted by :func:`~gpucnn.data.augment.augment_batch` first --
+        the same bits either way.
         """
         aug = self.augment if key is not None else None
         # aug_words exists only where _augment_rows found the augmented gather kernel usable
@@ -190,19 +192,21 @@ class Trainer:
             return gather_batch_augment(x, y, idx, aug_words, fill=aug["fill"], flip=bool(aug["flip"]),
                                         x_out=bufs[0], y_out=bufs[1])
         if aug is not None:
-            xb = augment_batch(x[idx], (aug["seed"],) + tuple(key), fill=aug["fill"], flip=aug["flip"])
+            epoch, start = key
+            xb = augment_batch(x[idx], (aug["seed"], epoch), fill=aug["fill"], flip=aug["flip"], start=start)
             return to_internal(xb), y[idx]
         return to_internal(x[idx]), y[idx]
 
-    def _augment_rows(self, x, y, epoch, steps):
-        """The device table of the steps' augmentation keys, ``(len(steps), 2)`` int32 (one row per
-        step, :func:`~gpucnn.cuda.batch.augment_key_words` of ``(seed, epoch, step)``), when the
-        augmented gather runs as a kernel; else None."""
-        if self.augment is None or not self._gather_kernel(x, y) or x.ndim != 4 or not steps:
+    def _augment_rows(self, x, y, epoch, starts):
+        """The device table of the steps' augmentation keys, ``(len(starts), 4)`` int32 (one row per
+        step, :func:`~gpucnn.cuda.batch.augment_key_words` of ``(seed, epoch)`` and the position
+        ``starts[i]`` of the step's first example in the epoch's order), when the augmented gather
+        runs as a kernel; else None."""
+        if self.augment is None or not self._gather_kernel(x, y) or x.ndim != 4 or not starts:
             return None
         from ..cuda.batch import augment_key_words
 
-        host = np.stack([augment_key_words((self.augment["seed"], epoch, st)) for st in steps])
+        host = np.stack([augment_key_words((self.augment["seed"], epoch), start) for start in starts])
         return backend.to_device(host, backend.device_of(x))
 
     @staticmethod
@@ -322,12 +326,12 @@ class Trainer:
             self.optimizer.step(hyper)
         return value, correct
 
+    def _rank_world(self):
+        return (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
+
     def _batch(self, order, step):
         """``(this rank's indices, examples in the global batch)``."""
-        if self.comm is None:
-            idx = batch_indices(order, step, self.batch_size)
-            return idx, int(idx.shape[0])
-        idx = batch_indices(order, step, self.batch_size, self.comm.rank, self.comm.size)
+        idx = batch_indices(order, step, self.batch_size, *self._rank_world())
         return idx, min(self.batch_size, int(order.shape[0]) - step * self.batch_size)
 
     def run_steps(self, x, y, order, epoch: int, steps, steps_per_epoch: int, stats: EpochStats | None = None,
@@ -343,7 +347,9 @@ class Trainer:
         pending = []
         steps = list(steps)
         lrs, tables = self._hyper_rows(epoch, steps)
-        aug_rows = self._augment_rows(x, y, epoch, steps)
+        # where this rank's share of each step starts in the epoch's order: it keys the augmentation
+        starts = [batch_start(int(order.shape[0]), st, self.batch_size, *self._rank_world()) for st in steps]
+        aug_rows = self._augment_rows(x, y, epoch, starts)
         ring = self._metric_ring(x, min(self.sync_every, len(steps)))
         for i, step in enumerate(steps):
             lr = lrs[i]
@@ -355,7 +361,8 @@ class Trainer:
             hyper = {dtype: table[i] for dtype, table in tables.items()}
             slot = None if ring is None else (ring[0][len(pending)], ring[1][len(pending)])
             try:
-                value, correct = self._one_step(x, y, idx, n_global, hyper, slot, ring, (epoch, step), aug_rows, i)
+                value, correct = self._one_step(x, y, idx, n_global, hyper, slot, ring, (epoch, starts[i]), aug_rows,
+                                                i)
             except debug_mod.NonFiniteError as exc:  # anomaly detection named a layer
                 raise NonFiniteLossError(f"{exc} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
                                          f"(lr {lr:g})", epoch=epoch + 1, step=step + 1) from None
