@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import read_into
 from .specs import DATASETS, FileSpec
 
 __all__ = ["DataError", "read_idx", "read_payload", "parse_idx", "sha256", "verify",
@@ -33,7 +34,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 #: file, the training images of MNIST and Fashion-MNIST, is 47 MB).
 MAX_IDX_BYTES = 256 * 1024 * 1024
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
-_CHUNK = 1 << 20
 
 #: IDX type codes (third byte of the magic number) -> big-endian NumPy dtype.
 IDX_DTYPES = {
@@ -75,17 +75,10 @@ def _inflating(fileobj):
 def _read_upto(stream, n: int, path) -> bytearray:
     """The next ``n`` bytes of ``stream`` (fewer only where it ends); bad gzip data is a DataError."""
     buf = bytearray(n)
-    view, got = memoryview(buf), 0
     try:
-        while got < n:
-            k = stream.readinto(view[got:got + _CHUNK])
-            if not k:
-                break
-            got += k
+        got = read_into(stream, buf)
     except _GZIP_ERRORS as exc:
         raise fail(path, f"invalid gzip data ({exc})") from None
-    finally:
-        view.release()
     del buf[got:]
     return buf
 
