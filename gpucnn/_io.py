@@ -1,10 +1,22 @@
-"""Atomic file writes, shared by checkpoints, dataset downloads and metrics."""
+"""File helpers shared by checkpoints, dataset files, exports and metrics.
+
+Atomic writes (:func:`atomic_open`), reading a stream no further than asked
+(:func:`read_into`) and the nesting depth of a JSON text, measured before it
+is parsed (:func:`json_depth`).
+"""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
+
+import numpy as np
+
+_CHUNK = 1 << 20
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 @contextlib.contextmanager
@@ -43,3 +55,39 @@ def atomic_open(path, mode: str = "wb"):
         pass
     finally:
         os.close(dfd)
+
+
+def read_into(stream, buffer) -> int:
+    """Fill ``buffer`` (a writable bytes-like object) from the binary ``stream``, a megabyte at a time.
+
+    Returns the number of bytes read: ``len(buffer)``, or fewer only where the
+    stream ends.  Nothing past ``buffer`` is read, so a stream that inflates
+    (gzip, a zip member) is inflated no further than that.
+    """
+    view = memoryview(buffer).cast("B")
+    got = 0
+    try:
+        while got < len(view):
+            k = stream.readinto(view[got:got + _CHUNK])
+            if not k:
+                break
+            got += k
+    finally:
+        view.release()
+    return got
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of the JSON ``text`` nest (0 for a scalar), without parsing it.
+
+    Strings are skipped, so brackets inside them do not count.  Meant to be
+    checked against a limit before ``json.loads``, whose recursion a deeply
+    nested text (``[[[[...``) would exhaust.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    depth = deepest = 0
+    for start in range(0, len(brackets), _CHUNK):   # a megabyte at a time: little memory for a long text
+        codes = np.frombuffer(brackets, np.uint8, min(_CHUNK, len(brackets) - start), start)
+        levels = np.cumsum(np.where((codes == ord("[")) | (codes == ord("{")), 1, -1), dtype=np.int64) + depth
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest

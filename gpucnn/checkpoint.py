@@ -21,6 +21,14 @@ every tensor's name, dtype, shape and bytes.  A file whose digest does not
 match is refused with :class:`CheckpointError`: this catches corruption and
 edits made without recomputing the digest; it is not a signature.
 
+A hostile file is refused before it costs memory: each zip member's declared
+size, each ``.npy`` header's shape and dtype (against the metadata and
+:data:`MAX_CHECKPOINT_BYTES`) and the metadata's JSON nesting are checked
+before anything is inflated, allocated or parsed, and members are read no
+further than their headers declare.  NaN/Inf tensors are refused by name;
+:func:`restore_model` checks names, shapes and dtypes against the model's
+architecture before it reads a tensor.
+
 :func:`save_checkpoint` writes to a temporary file in the destination
 directory, flushes and fsyncs it and then ``os.replace``-s it over the old
 file, so an interrupted save leaves the previous checkpoint intact.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -36,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_open
+from ._io import atomic_open, json_depth, read_into
 from . import backend
 
 FORMAT = "gpucnn-checkpoint"
@@ -44,9 +53,19 @@ FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.npz"
 _META_KEY = "__meta__"
 
+#: The most bytes the tensors of one checkpoint may hold together (gpucnn's
+#: largest model, resnet_mini, holds 0.6 MB in float32); a larger declared
+#: size is refused before anything is inflated or allocated.
+MAX_CHECKPOINT_BYTES = 1 << 30
+#: The most bytes of the ``__meta__`` entry (a few kilobytes in practice).
+MAX_META_BYTES = 16 << 20
+#: How deeply the metadata's JSON may nest (what gpucnn writes nests 5 levels).
+MAX_META_DEPTH = 64
+
 __all__ = [
     "CheckpointError", "Checkpoint", "FORMAT_VERSION", "CHECKPOINT_NAME",
-    "resolve_path", "save_checkpoint", "load_checkpoint", "load_into", "restore_model",
+    "resolve_path", "save_checkpoint", "load_checkpoint", "read_metadata", "load_into", "restore_model",
+    "MAX_CHECKPOINT_BYTES", "MAX_META_BYTES", "MAX_META_DEPTH",
 ]
 
 
@@ -165,30 +184,28 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer=None, *, model_nam
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint (a file, or a run directory).
 
+    Every size is checked before anything is inflated or allocated: each zip
+    member's declared size, each ``.npy`` header's shape and dtype against the
+    metadata and against :data:`MAX_CHECKPOINT_BYTES`; the metadata's size
+    and JSON nesting before it is parsed; and each member is read no further
+    than its header declares.
+
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: not a gpucnn checkpoint, unsupported version, tensor
-            list/shape/dtype mismatch or SHA-256 mismatch (tampered/corrupt).
+        CheckpointError: not a gpucnn checkpoint, unsupported version, too
+            large, tensor list/shape/dtype mismatch, SHA-256 mismatch
+            (tampered/corrupt) or a non-finite (NaN/Inf) tensor.
     """
     path = resolve_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    files = _read_npz(path)
-    if _META_KEY not in files:
-        raise CheckpointError(f"{path}: not a gpucnn checkpoint (no {_META_KEY} entry)")
-    raw = files.pop(_META_KEY)
-    try:
-        meta = json.loads(str(raw[()]))
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a gpucnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != FORMAT_VERSION:
+    meta, files = _read(path, tensors=True)
+    digest = _digest(meta, files)
+    if digest != meta.get("sha256"):
         raise CheckpointError(
-            f"{path}: checkpoint format version {meta.get('version')!r} is not supported "
-            f"(this gpucnn reads version {FORMAT_VERSION})")
+            f"{path}: SHA-256 mismatch (stored {meta.get('sha256')}, computed {digest}): the "
+            f"checkpoint was modified or is corrupt; refusing to load it")
+    _check_finite(path, files)
     try:
-        return _checked_checkpoint(path, meta, files)
+        return _checkpoint(path, meta, files)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, CheckpointError):
             raise
@@ -196,52 +213,193 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               f"the file is corrupt or was not written by gpucnn") from None
 
 
-def _read_npz(path: Path) -> dict:
-    """Every array of the ``.npz`` at ``path`` (never unpickling), or a CheckpointError saying why not."""
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a checkpoint, its structure checked but no tensor read (so no SHA-256 check).
+
+    What :func:`load_checkpoint` checks before it reads a tensor is checked
+    here too: the archive, the metadata (size, nesting, JSON, format,
+    version) and that the ``.npy`` headers match the declared tensors.
+    """
+    return _read(resolve_path(path), tensors=False)[0]
+
+
+def _read(path: Path, tensors: bool) -> tuple:
+    """``(metadata, {name: array})`` of the ``.npz`` at ``path`` (``{}`` unless ``tensors``), sizes first."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] != b"PK":   # every .npz is a zip archive
         raise CheckpointError(f"{path}: not a gpucnn checkpoint (a checkpoint is a .npz zip archive; "
                               f"this file starts with {head!r})")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except zipfile.BadZipFile:
+        with zipfile.ZipFile(path) as zf:
+            members = _members(path, zf)
+            headers = {name: _npy_header(path, zf, info, name) for name, info in members.items()}
+            if _META_KEY not in members:
+                raise CheckpointError(f"{path}: not a gpucnn checkpoint (no {_META_KEY} entry)")
+            meta = _parse_meta(path, _read_array(path, zf, members[_META_KEY], headers[_META_KEY]))
+            declared = _declared_tensors(path, meta)
+            _check_headers(path, declared, {k: v for k, v in headers.items() if k != _META_KEY})
+            files = {k: _read_array(path, zf, members[k], headers[k]) for k in declared} if tensors else {}
+    except zipfile.BadZipFile as exc:
         raise CheckpointError(f"{path}: truncated or damaged checkpoint ({path.stat().st_size} bytes; its zip "
-                              f"archive is incomplete): use an earlier copy, or retrain") from None
-    except ValueError as exc:
-        if "pickle" in str(exc):   # an object array: never loaded, and not ours
-            raise CheckpointError(f"{path}: not a gpucnn checkpoint (it holds Python objects, which "
-                                  f"gpucnn checkpoints never do)") from None
+                              f"archive is incomplete or corrupt: {exc}): use an earlier copy, or retrain") from None
+    except CheckpointError:
+        raise
+    except ValueError as exc:   # NumPy's .npy header parser
         raise CheckpointError(f"{path}: damaged checkpoint ({exc})") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, NotImplementedError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: truncated or damaged checkpoint ({type(exc).__name__}: {exc})") from None
+    return meta, files
 
 
-def _checked_checkpoint(path, meta: dict, files: dict) -> "Checkpoint":
+def _members(path, zf: zipfile.ZipFile) -> dict:
+    """``{array name: ZipInfo}`` of the archive; every member a ``.npy`` file of a declared size within the limits."""
+    infos = zf.infolist()
+    names = [info.filename for info in infos]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{path}: damaged checkpoint (the zip archive names a member twice)")
+    limit = MAX_CHECKPOINT_BYTES + MAX_META_BYTES
+    total = sum(info.file_size for info in infos)
+    if total > limit:
+        biggest = max(infos, key=lambda info: info.file_size)
+        raise CheckpointError(f"{path}: too large: its members would inflate to {total} bytes "
+                              f"({biggest.filename!r}: {biggest.file_size}), more than the {limit}-byte limit "
+                              f"for a checkpoint; refusing to read it")
+    out = {}
+    for info in infos:
+        if not info.filename.endswith(".npy"):
+            raise CheckpointError(f"{path}: not a gpucnn checkpoint (member {info.filename!r} is not a .npy array)")
+        out[info.filename[:-len(".npy")]] = info
+    return out
+
+
+def _npy_header(path, zf, info, name: str) -> tuple:
+    """``(shape, dtype, fortran_order)`` from the ``.npy`` header of member ``name`` (no data read)."""
+    with zf.open(info) as f:
+        return _npy_header_of(path, f, name)
+
+
+def _npy_header_of(path, f, name: str) -> tuple:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise CheckpointError(f"{path}: {name}: .npy format version {version} is not one NumPy's savez writes")
+    if dtype.hasobject:   # an object array: never loaded, and not ours
+        raise CheckpointError(f"{path}: not a gpucnn checkpoint (it holds Python objects, which "
+                              f"gpucnn checkpoints never do)")
+    limit = MAX_META_BYTES if name == _META_KEY else MAX_CHECKPOINT_BYTES
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > limit:
+        raise CheckpointError(f"{path}: too large: {name} declares shape {tuple(shape)} of {dtype} "
+                              f"({nbytes} bytes), more than the {limit}-byte limit; refusing to read it")
+    return tuple(shape), dtype, fortran
+
+
+def _read_array(path, zf, info, header: tuple) -> np.ndarray:
+    """The array of one member, read no further than its (already checked) ``.npy`` header declares."""
+    shape, dtype, fortran = header
+    name = info.filename
+    with zf.open(info) as f:
+        _npy_header_of(path, f, name)   # skip it
+        out = np.empty(shape[::-1] if fortran else shape, dtype)
+        got = read_into(f, out) if out.nbytes else 0
+        if got < out.nbytes:
+            raise CheckpointError(f"{path}: truncated checkpoint: {name} declares {out.nbytes} bytes, holds {got}")
+        if f.read(1):
+            raise CheckpointError(f"{path}: damaged checkpoint: {name} holds more bytes than the "
+                                  f"{out.nbytes} its header declares")
+    return out.T if fortran else out
+
+
+def _parse_meta(path, raw: np.ndarray) -> dict:
+    """The metadata object from the ``__meta__`` array: nesting bounded before parsing, format and version checked."""
+    if raw.shape != () or raw.dtype.kind != "U":
+        raise CheckpointError(f"{path}: not a gpucnn checkpoint ({_META_KEY} is a {raw.dtype} array of shape "
+                              f"{raw.shape}, not a JSON string)")
+    text = str(raw[()])
+    depth = json_depth(text)
+    if depth > MAX_META_DEPTH:
+        raise CheckpointError(f"{path}: malformed checkpoint metadata: its JSON nests {depth} levels deep, more "
+                              f"than the {MAX_META_DEPTH} a gpucnn checkpoint may have; refusing to parse it")
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: not a gpucnn checkpoint (format {fmt!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta.get('version')!r} is not supported "
+            f"(this gpucnn reads version {FORMAT_VERSION})")
+    for key in ("config", "rng", "metrics"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise CheckpointError(f"{path}: malformed checkpoint metadata: {key!r} must be a JSON object, "
+                                  f"got {type(meta[key]).__name__} {_short(meta[key])}")
+    return meta
+
+
+def _declared_tensors(path, meta: dict) -> dict:
+    """``{name: (shape, dtype)}`` from the metadata's ``tensors``, each entry checked."""
     declared = meta.get("tensors") or {}
     if not isinstance(declared, dict):
         raise CheckpointError(f"{path}: malformed checkpoint metadata: 'tensors' is {type(declared).__name__}")
+    out = {}
+    for name, entry in declared.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(dtype, str)):
+            raise CheckpointError(f"{path}: malformed checkpoint metadata: tensor {name!r} is {_short(entry)}, "
+                                  f"expected {{\"shape\": [non-negative ints], \"dtype\": \"<f4\"}}")
+        out[name] = (tuple(shape), dtype)
+    return out
+
+
+def _check_headers(path, declared: dict, headers: dict) -> None:
+    """The ``.npy`` headers must be exactly the declared tensors, within the size limit (no data read yet)."""
     problems = []
-    missing = sorted(set(declared) - set(files))
-    extra = sorted(set(files) - set(declared))
+    missing = sorted(set(declared) - set(headers))
+    extra = sorted(set(headers) - set(declared))
     if missing:
         problems.append(f"missing tensors {missing}")
     if extra:
         problems.append(f"undeclared tensors {extra}")
-    for k in sorted(set(declared) & set(files)):
-        shape, dtype = tuple(declared[k]["shape"]), declared[k]["dtype"]
-        if tuple(files[k].shape) != shape:
-            problems.append(f"{k}: shape {tuple(files[k].shape)} but metadata says {shape}")
-        if files[k].dtype.str != dtype:
-            problems.append(f"{k}: dtype {files[k].dtype.str} but metadata says {dtype}")
+    for k in sorted(set(declared) & set(headers)):
+        (shape, dtype), (have_shape, have_dtype, _) = declared[k], headers[k]
+        if have_shape != shape:
+            problems.append(f"{k}: shape {have_shape} but metadata says {shape}")
+        if have_dtype.str != dtype:
+            problems.append(f"{k}: dtype {have_dtype.str} but metadata says {dtype}")
     if problems:
         raise CheckpointError(f"{path}: inconsistent checkpoint: " + "; ".join(problems))
-    digest = _digest(meta, files)
-    if digest != meta.get("sha256"):
-        raise CheckpointError(
-            f"{path}: SHA-256 mismatch (stored {meta.get('sha256')}, computed {digest}): the "
-            f"checkpoint was modified or is corrupt; refusing to load it")
+    total = sum(math.prod(shape) * dtype.itemsize for shape, dtype, _ in headers.values())
+    if total > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"{path}: too large: its tensors declare {total} bytes, more than the "
+                              f"{MAX_CHECKPOINT_BYTES}-byte limit; refusing to read them")
+
+
+def _check_finite(path, files: dict) -> None:
+    """Refuse NaN/Inf in any floating tensor: training stops before it writes one, so the file was edited."""
+    for name in sorted(files):
+        a = files[name]
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise CheckpointError(f"{path}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) of "
+                                  f"{a.size}; a gpucnn checkpoint never does (training stops at a non-finite "
+                                  f"loss), so the file was edited: refusing to load it")
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _checkpoint(path, meta: dict, files: dict) -> "Checkpoint":
     params = {k[len("param/"):]: v for k, v in files.items() if k.startswith("param/")}
     optimizer = None
     if meta.get("optimizer"):
@@ -278,17 +436,66 @@ def load_into(ckpt: Checkpoint, model, optimizer=None) -> None:
 
 
 def restore_model(path, device: str = "cpu"):
-    """Build the checkpoint's named model and load its weights; returns ``(model, ckpt)``."""
+    """Build the checkpoint's named model and load its weights; returns ``(model, ckpt)``.
+
+    The declared tensors are checked against the model's architecture before
+    any of them is read: the names, the shapes, and the dtypes (parameters
+    float32 or float64, the same as the model's).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: what :func:`load_checkpoint` refuses, an unknown
+            model, or tensors that do not fit the model (all named).
+    """
     from . import models
 
-    ckpt = load_checkpoint(path)
-    if ckpt.model not in models.MODELS:
+    path = resolve_path(path)
+    meta = read_metadata(path)
+    name = meta.get("model")
+    if name not in models.MODELS:
         raise CheckpointError(
-            f"{ckpt.path}: checkpoint is of model {ckpt.model!r}, not one of {', '.join(models.MODELS)}; "
+            f"{path}: checkpoint is of model {name!r}, not one of {', '.join(models.MODELS)}; "
             f"build the network yourself and use gpucnn.checkpoint.load_into")
-    dtype = np.dtype(next(iter(ckpt.params.values())).dtype) if ckpt.params else np.float32
-    model = models.build(ckpt.model, dtype=dtype)
+    declared = {k[len("param/"):]: v for k, v in _declared_tensors(path, meta).items() if k.startswith("param/")}
+    model = models.build(name, dtype=_model_dtype(path, declared))
+    problems = _fit_problems(declared, model.state_dict())
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint of model {name!r} does not fit that model's architecture: "
+                              + "; ".join(problems))
+    ckpt = load_checkpoint(path)
     load_into(ckpt, model)
     if device != "cpu":
         model.to(device)
     return model, ckpt
+
+
+def _model_dtype(path, declared: dict) -> np.dtype:
+    """The dtype to build a model in: its floating parameters' (float32 or float64) as declared."""
+    floats = [(k, np.dtype(dtype)) for k, (_, dtype) in sorted(declared.items()) if np.dtype(dtype).kind == "f"]
+    if not floats:
+        shown = ", ".join(f"{k} {np.dtype(d)}" for k, (_, d) in sorted(declared.items())[:3]) or "none"
+        raise CheckpointError(f"{path}: the checkpoint holds no floating-point parameters ({shown}); a "
+                              f"parameter's dtype must be float32 or float64")
+    name, dtype = floats[0]
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise CheckpointError(f"{path}: parameter {name} has dtype {dtype}; a parameter's dtype must be "
+                              f"float32 or float64")
+    return dtype
+
+
+def _fit_problems(declared: dict, own: dict) -> list:
+    """What keeps declared ``{name: (shape, dtype)}`` from loading into state dict ``own`` (empty: it fits)."""
+    problems = []
+    missing = sorted(set(own) - set(declared))
+    unexpected = sorted(set(declared) - set(own))
+    if missing:
+        problems.append(f"missing keys: {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys: {unexpected}")
+    for k in sorted(set(own) & set(declared)):
+        (shape, dtype), want = declared[k], own[k]
+        if shape != tuple(want.shape):
+            problems.append(f"{k}: shape {shape} in the checkpoint, {tuple(want.shape)} in the model")
+        elif np.dtype(dtype) != want.dtype:
+            problems.append(f"{k}: dtype {np.dtype(dtype)} in the checkpoint, {want.dtype} in the model")
+    return problems

@@ -20,7 +20,8 @@ import numpy as np
 
 from . import backend
 
-__all__ = ["seed", "get_rng", "uniform", "hash_uniform", "hash_key", "get_state", "set_state"]
+__all__ = ["seed", "get_rng", "uniform", "hash_uniform", "hash_key", "get_state", "set_state", "check_state",
+           "check_generator_state"]
 
 _rng = np.random.default_rng(0)
 _MASK64 = (1 << 64) - 1
@@ -119,9 +120,66 @@ def get_state() -> dict:
 
 
 def set_state(state: dict) -> None:
-    """Restore a state returned by :func:`get_state` (or a bare generator state of older checkpoints)."""
+    """Restore a state returned by :func:`get_state` (or a bare generator state of older checkpoints).
+
+    Raises:
+        ValueError: ``state`` is not such a state (see :func:`check_state`);
+            nothing is changed then.
+    """
+    check_state(state)
     if "numpy" not in state:                 # format 1 checkpoints saved the generator state alone
         _rng.bit_generator.state = state
         return
     _rng.bit_generator.state = state["numpy"]
-    _stream.update(key=int(state["stream"]["key"]) & _MASK64, counter=int(state["stream"]["counter"]) & _MASK64)
+    _stream.update(key=int(state["stream"]["key"]), counter=int(state["stream"]["counter"]))
+
+
+def check_state(state) -> None:
+    """Raise ``ValueError`` naming the first part of ``state`` that :func:`get_state` could not have written.
+
+    A state is ``{"numpy": <generator state>, "stream": {"key": k, "counter": c}}``
+    with ``k`` and ``c`` ints in [0, 2**64), or a bare generator state (older
+    checkpoints); see :func:`check_generator_state`.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"expected an object with 'numpy' and 'stream', got {_short(state)}")
+    if "numpy" not in state and "bit_generator" in state:
+        check_generator_state(state)
+        return
+    if set(state) != {"numpy", "stream"}:
+        raise ValueError(f"expected exactly the keys 'numpy' and 'stream', got {sorted(state)}")
+    try:
+        check_generator_state(state["numpy"])
+    except ValueError as exc:
+        raise ValueError(f"'numpy': {exc}") from None
+    stream = state["stream"]
+    if not isinstance(stream, dict) or set(stream) != {"key", "counter"}:
+        raise ValueError(f"'stream': expected {{'key': int, 'counter': int}}, got {_short(stream)}")
+    for key in ("key", "counter"):
+        _check_uint(f"'stream'.{key!r}", stream[key], 64)
+
+
+def check_generator_state(state) -> None:
+    """Raise ``ValueError`` unless ``state`` is a PCG64 state as ``bit_generator.state`` gives it."""
+    want = {"bit_generator", "state", "has_uint32", "uinteger"}
+    if not isinstance(state, dict) or set(state) != want:
+        raise ValueError(f"expected a PCG64 generator state with keys {sorted(want)}, got {_short(state)}")
+    if state["bit_generator"] != "PCG64":
+        raise ValueError(f"'bit_generator' must be 'PCG64', got {_short(state['bit_generator'])}")
+    inner = state["state"]
+    if not isinstance(inner, dict) or set(inner) != {"state", "inc"}:
+        raise ValueError(f"'state' must be {{'state': int, 'inc': int}}, got {_short(inner)}")
+    for key in ("state", "inc"):
+        _check_uint(f"'state'.{key!r}", inner[key], 128)
+    _check_uint("'has_uint32'", state["has_uint32"], 1)
+    _check_uint("'uinteger'", state["uinteger"], 32)
+
+
+def _check_uint(what: str, value, bits: int) -> None:
+    if type(value) is not int or not 0 <= value < (1 << bits):
+        raise ValueError(f"{what} must be an integer in [0, 2**{bits}), got {_short(value)}")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

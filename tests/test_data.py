@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import re
 import shutil
 import threading
 import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +177,68 @@ def test_read_idx_rejects_bad_files(tmp_path, content, fragment):
     assert fragment in str(exc_info.value)
     assert_says_redownload(exc_info, p)
     assert isinstance(exc_info.value, ValueError)
+
+
+_BOMB_BYTES = 64 * 1024 * 1024   # what a bomb below inflates to: harmless even if the checks regress
+
+
+def gzip_bomb(header: bytes, total: int = _BOMB_BYTES) -> bytes:
+    """``header`` and then zeros up to ``total`` bytes, gzipped (about 1000:1)."""
+    co = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts, zeros = [co.compress(header)], bytes(1 << 20)
+    for start in range(len(header), total, len(zeros)):
+        parts.append(co.compress(zeros[: min(len(zeros), total - start)]))
+    parts.append(co.flush())
+    return b"".join(parts)
+
+
+def peak_bytes(fn) -> int:
+    """The peak of Python/NumPy allocations (tracemalloc) while ``fn()`` runs (it may raise)."""
+    tracemalloc.start()
+    try:
+        fn()
+    except Exception:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def idx_header(shape, code: int = 0x08) -> bytes:
+    return bytes([0, 0, code, len(shape)]) + np.asarray(shape, ">u4").tobytes()
+
+
+@pytest.mark.parametrize("header,expected,fragment", [
+    (idx_header((10000,)), MNIST.files["test_labels"], "oversize"),      # declared right, goes on
+    (idx_header((2 ** 24,)), MNIST.files["test_labels"], "differs from the expected (10000,)"),
+    (idx_header((2 ** 20, 2 ** 10)), None, "limit"),                      # declares 1 GiB
+    (idx_header((1000,)), None, "oversize"),
+], ids=["trailing", "wrong-shape", "over-limit", "no-spec-trailing"])
+def test_gzip_bomb_is_refused_before_it_is_inflated(tmp_path, header, expected, fragment):
+    """A small .gz that inflates to 64 MiB: refused having inflated at most what the header declares."""
+    p = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    p.write_bytes(gzip_bomb(header))
+    with pytest.raises(DataError, match=re.escape(fragment)) as exc_info:
+        data.read_idx(p, expected=expected)
+    assert_says_redownload(exc_info, p)
+    assert peak_bytes(lambda: data.read_idx(p, expected=expected)) < 2 * 1024 * 1024
+
+
+def test_gzip_bomb_download_is_refused_before_it_is_inflated(server, tmp_path):
+    url = serve(server, "bomb", {MNIST.files["train_images"].name: gzip_bomb(idx_header((2 ** 20, 28, 28)))})
+    get = lambda: data.download("mnist", tmp_path / "dest", mirrors=[url], timeout=10)  # noqa: E731
+    with pytest.raises(DownloadError, match=re.escape("differs from the expected (60000, 28, 28)")):
+        get()
+    assert peak_bytes(get) < 4 * 1024 * 1024
+
+
+def test_idx_size_limit_can_be_lowered(tmp_path, monkeypatch):
+    p = tmp_path / "x.idx"
+    p.write_bytes(idx_bytes(np.zeros((4, 4), np.uint8)))
+    monkeypatch.setattr(data.idx, "MAX_IDX_BYTES", 16)
+    with pytest.raises(DataError, match="28 bytes with header.*16-byte limit"):
+        data.read_idx(p)
 
 
 def _flipped_labels(f) -> bytes:

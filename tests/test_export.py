@@ -339,6 +339,18 @@ def test_safetensors_invalid_files_refused(tmp_path, content, fragment):
     assert fragment in str(info.value)
 
 
+def test_safetensors_deeply_nested_header_refused_before_parsing(tmp_path):
+    """100k nested brackets: a SafetensorsError, not a RecursionError; brackets inside strings do not count."""
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(_file(None, raw_header=b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"))
+    with pytest.raises(SafetensorsError, match=r"deep\.safetensors: not a valid safetensors file: header JSON "
+                                               r"nests 100001 levels deep, more than the 64 allowed"):
+        read_safetensors(path)
+    path.write_bytes(_file(None, raw_header=b'{"x": "' + b"[" * 100_000 + b'"}'))
+    with pytest.raises(SafetensorsError, match="entry must have exactly dtype, shape, data_offsets"):
+        read_safetensors(path)
+
+
 def test_safetensors_reads_every_plain_dtype(tmp_path):
     arrays = {"f64": np.arange(3, dtype=np.float64), "i64": np.array([1, -2], np.int64),
               "u8": np.array([[7]], np.uint8), "b": np.array([True, False]), "empty": np.zeros((0, 4), np.float32),

@@ -122,6 +122,67 @@ def test_resume_into_other_dir_and_conflicts(mnist, tmp_path):
         _run(mnist, tmp_path / "part")
 
 
+@pytest.fixture(scope="module")
+def one_epoch(mnist, tmp_path_factory):
+    """A run stopped after its first epoch (a checkpoint to resume)."""
+    out = tmp_path_factory.mktemp("one-epoch") / "run"
+    _run(mnist, out, stop_after=1)
+    return out / "checkpoint.npz"
+
+
+def _with_rng(src, dst, rng):
+    """``src`` with its metadata's ``rng`` replaced and the SHA-256 recomputed (a careful forger)."""
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    meta = json.loads(str(arrays.pop("__meta__")[()]))
+    meta["rng"] = rng
+    meta.pop("sha256")
+    meta["sha256"] = ck._digest(meta, arrays)
+    arrays["__meta__"] = np.array(json.dumps(meta, sort_keys=True))
+    np.savez(dst, **arrays)
+    return dst
+
+
+_GOOD_STREAM = {"key": 1, "counter": 0}
+_PCG64 = {"bit_generator": "PCG64", "state": {"state": 1, "inc": 3}, "has_uint32": 0, "uinteger": 0}
+
+
+@pytest.mark.parametrize("rng,fragment", [
+    ({"gpucnn": {"numpy": {"bit_generator": "PCG64", "state": "garbage"}, "stream": _GOOD_STREAM}},
+     "rng 'gpucnn' is not a valid random state: 'numpy': expected a PCG64 generator state"),
+    ({"gpucnn": {"numpy": dict(_PCG64, state={"state": 1.5, "inc": 3}), "stream": _GOOD_STREAM}},
+     "rng 'gpucnn' is not a valid random state: 'numpy': 'state'.'state' must be an integer in [0, 2**128), got 1.5"),
+    ({"gpucnn": {"numpy": _PCG64, "stream": {"key": -1, "counter": 0}}},
+     "'stream'.'key' must be an integer in [0, 2**64), got -1"),
+    ({"gpucnn": {"numpy": _PCG64, "stream": {"key": 1, "counter": "7"}}},
+     "'stream'.'counter' must be an integer in [0, 2**64), got '7'"),
+    ({"gpucnn": {"numpy": _PCG64, "stream": _GOOD_STREAM}, "shuffle": 5},
+     "rng 'shuffle' is not a valid random state: expected a PCG64 generator state"),
+    ({"gpucnm": 1}, "cannot resume: the checkpoint's rng has no 'gpucnn' state (it has ['gpucnm'])"),
+    ("garbage", "malformed checkpoint metadata: 'rng' must be a JSON object, got str 'garbage'"),
+], ids=["numpy-garbage", "numpy-float", "stream-negative", "stream-str", "shuffle", "missing", "not-an-object"])
+def test_resume_refuses_an_rng_state_that_does_not_validate(mnist, one_epoch, tmp_path, rng, fragment):
+    """Not silently ignored (the run would not be the one resumed), not a raw TypeError: the key is named."""
+    bad = _with_rng(one_epoch, tmp_path / "checkpoint.npz", rng)
+    with pytest.raises(ck.CheckpointError) as info:
+        train(None, data=mnist, device="cpu", resume=bad, progress=False, log=None)
+    assert str(info.value).startswith(f"{bad}: ") and fragment in str(info.value), str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]   # nothing written
+
+
+def test_set_state_refuses_a_bad_state_and_changes_nothing():
+    from gpucnn import random as grandom
+
+    gc.seed(3)
+    before = grandom.get_state()
+    bad = {"numpy": before["numpy"], "stream": {"key": 1, "counter": True}}
+    with pytest.raises(ValueError, match=r"'stream'.'counter' must be an integer in \[0, 2\*\*64\), got True"):
+        grandom.set_state(bad)
+    assert grandom.get_state() == before
+    grandom.set_state(before)          # a state get_state wrote, and a bare generator state (format 1), load
+    grandom.set_state(before["numpy"])
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist, tmp_path, monkeypatch):
     real = losses.SoftmaxCrossEntropy.forward_internal   # what training and evaluation both call
     calls = {"n": 0}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import urllib.error
 import urllib.request
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .._io import atomic_open
-from .idx import DataError, decompress, parse_idx, read_idx, verify
+from .idx import DataError, parse_idx, read_idx, read_payload, verify
 from .lookup import ENV_VAR
 from .specs import FileSpec, get_spec
 
@@ -98,11 +99,9 @@ def download(name: str, dest_dir: str | os.PathLike, mirrors: Sequence[str] | No
             url = base.rstrip("/") + "/" + f.name
             try:
                 body = _fetch(url, timeout)
-                payload = decompress(body, url)
-                arr = parse_idx(payload, url)
+                payload = read_payload(io.BytesIO(body), url, shape=f.shape)
+                parse_idx(payload, url)
                 verify(body, payload, f, url, spec.name)
-                if arr.shape != tuple(f.shape):
-                    raise DataError(f"shape {arr.shape} differs from the expected {f.shape}")
             except urllib.error.HTTPError as exc:
                 tried.append(f"{url}: HTTP {exc.code} {exc.reason}")
                 continue

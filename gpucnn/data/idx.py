@@ -5,22 +5,35 @@ bytes, never by the file name -- checks the magic number, that the header's
 dimensions account for exactly the bytes in the file and, for a file of a
 known dataset, its SHA-256.  Anything wrong raises :class:`DataError` naming
 the file and saying to delete it and download it again.
+
+A gzip bomb is refused before it is inflated: :func:`read_payload` reads the
+header first, refuses a declared shape other than the expected one or a
+declared size over :data:`MAX_IDX_BYTES`, then decompresses only the declared
+bytes plus one: a stream that goes on is "oversize".
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from .._io import read_into
 from .specs import DATASETS, FileSpec
 
-__all__ = ["DataError", "read_idx", "parse_idx", "decompress", "sha256", "verify", "fail"]
+__all__ = ["DataError", "read_idx", "read_payload", "parse_idx", "sha256", "verify",
+           "verify_digest", "fail", "MAX_IDX_BYTES"]
 
 GZIP_MAGIC = b"\x1f\x8b"
+
+#: The most decompressed bytes an IDX header may declare (the largest known
+#: file, the training images of MNIST and Fashion-MNIST, is 47 MB).
+MAX_IDX_BYTES = 256 * 1024 * 1024
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 #: IDX type codes (third byte of the magic number) -> big-endian NumPy dtype.
 IDX_DTYPES = {
@@ -52,40 +65,90 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decompress(raw: bytes, path: str | os.PathLike) -> bytes:
-    """Gunzip ``raw`` when it starts with the gzip magic bytes, else return it."""
-    if raw[:2] != GZIP_MAGIC:
-        return raw
+def _inflating(fileobj):
+    """``fileobj`` (seekable, binary) itself, or a gzip reader over it when it starts with the gzip magic."""
+    head = fileobj.read(2)
+    fileobj.seek(0)
+    return gzip.GzipFile(fileobj=fileobj, mode="rb") if head == GZIP_MAGIC else fileobj
+
+
+def _read_upto(stream, n: int, path) -> bytearray:
+    """The next ``n`` bytes of ``stream`` (fewer only where it ends); bad gzip data is a DataError."""
+    buf = bytearray(n)
     try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
+        got = read_into(stream, buf)
+    except _GZIP_ERRORS as exc:
         raise fail(path, f"invalid gzip data ({exc})") from None
+    del buf[got:]
+    return buf
 
 
-def parse_idx(payload: bytes, path: str | os.PathLike) -> np.ndarray:
-    """Parse decompressed IDX bytes into an array (copy, native byte order)."""
-    if len(payload) < 4:
-        raise fail(path, f"too short for an IDX header ({len(payload)} bytes)")
-    zero0, zero1, code, ndim = payload[0], payload[1], payload[2], payload[3]
+def _declared(head: bytes, path) -> tuple:
+    """``(header length, shape, dtype)`` from the first bytes of an IDX file (at least 4), checked."""
+    if len(head) < 4:
+        raise fail(path, f"too short for an IDX header ({len(head)} bytes)")
+    zero0, zero1, code, ndim = head[0], head[1], head[2], head[3]
     if zero0 != 0 or zero1 != 0:
-        raise fail(
-            path,
-            f"bad IDX magic number 0x{payload[:4].hex()} (must start with 0x0000)",
-        )
+        raise fail(path, f"bad IDX magic number 0x{head[:4].hex()} (must start with 0x0000)")
     if code not in IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in sorted(IDX_DTYPES))
         raise fail(path, f"unsupported IDX data type code 0x{code:02X} (supported: {known})")
     if ndim == 0:
         raise fail(path, "IDX header declares 0 dimensions")
     header_len = 4 + 4 * ndim
-    if len(payload) < header_len:
-        raise fail(
-            path,
-            f"truncated IDX header: {ndim} dimensions need {header_len} bytes, "
-            f"the data has {len(payload)}",
-        )
-    shape = tuple(int(d) for d in np.frombuffer(payload, ">u4", ndim, 4))
-    dtype = IDX_DTYPES[code]
+    if len(head) < header_len:
+        raise fail(path, f"truncated IDX header: {ndim} dimensions need {header_len} bytes, "
+                         f"the data has {len(head)}")
+    shape = tuple(int(d) for d in np.frombuffer(head, ">u4", ndim, 4))
+    return header_len, shape, IDX_DTYPES[code]
+
+
+def read_payload(fileobj, path: str | os.PathLike, *, shape: tuple | None = None,
+                 max_bytes: int | None = None) -> bytes:
+    """The decompressed IDX bytes of ``fileobj``, inflated no further than its header declares.
+
+    Args:
+        fileobj: a seekable binary file of the stored bytes, gzipped or raw
+            (told apart by the gzip magic bytes).
+        path: the file or URL, for messages.
+        shape: the shape the file must declare (a :class:`FileSpec`'s); a
+            header declaring another one is refused before any data is read.
+        max_bytes: the most bytes (header included) the header may
+            declare; default :data:`MAX_IDX_BYTES`.
+
+    Returns:
+        Header and data, exactly as many bytes as the header declares.
+
+    Raises:
+        DataError: a bad header, a declared shape or size over the limit, a
+            stream shorter ("truncated") or longer ("oversize") than declared,
+            or invalid gzip data.
+    """
+    stream = _inflating(fileobj)
+    head = bytes(_read_upto(stream, 4, path))
+    if len(head) == 4:
+        head += _read_upto(stream, 4 * head[3], path)
+    header_len, declared, dtype = _declared(head, path)
+    expected_len = header_len + math.prod(declared) * dtype.itemsize
+    if shape is not None and declared != tuple(shape):
+        raise fail(path, f"shape {declared} differs from the expected {tuple(shape)}")
+    limit = MAX_IDX_BYTES if max_bytes is None else max_bytes
+    if expected_len > limit:
+        raise fail(path, f"oversize: the header declares shape {declared} ({expected_len} bytes with "
+                         f"header), more than the {limit}-byte limit for an IDX file")
+    body = _read_upto(stream, expected_len - header_len, path)
+    if header_len + len(body) < expected_len:
+        raise fail(path, f"truncated: the header declares shape {declared} ({expected_len} bytes "
+                         f"with header), the data has only {header_len + len(body)} bytes")
+    if _read_upto(stream, 1, path):
+        raise fail(path, f"oversize: the header declares shape {declared} ({expected_len} bytes with "
+                         f"header), the data goes on past them (unexpected trailing bytes)")
+    return head + bytes(body)
+
+
+def parse_idx(payload: bytes, path: str | os.PathLike) -> np.ndarray:
+    """Parse decompressed IDX bytes into an array (copy, native byte order)."""
+    header_len, shape, dtype = _declared(payload, path)
     count = 1
     for d in shape:
         count *= d
@@ -110,7 +173,11 @@ def parse_idx(payload: bytes, path: str | os.PathLike) -> np.ndarray:
 
 def verify(raw: bytes, payload: bytes, expected: FileSpec, path, dataset: str | None) -> None:
     """Check ``raw`` (file bytes) / ``payload`` (decompressed) against ``expected``."""
-    file_digest = sha256(raw)
+    verify_digest(sha256(raw), payload, expected, path, dataset)
+
+
+def verify_digest(file_digest: str, payload: bytes, expected: FileSpec, path, dataset: str | None) -> None:
+    """:func:`verify` for a file whose SHA-256 ``file_digest`` is already known (it was hashed as a stream)."""
     if file_digest in expected.sha256:
         return
     idx_digest = None
@@ -151,17 +218,20 @@ def read_idx(path: str | os.PathLike, *, expected: FileSpec | None = None,
 
     Raises:
         DataError: Bad magic number, unsupported type code, header/size
-            mismatch (truncated or oversize), invalid gzip data, checksum or
-            shape mismatch.  The message names the file and says to delete it
+            mismatch (truncated or oversize), a declared shape other than
+            ``expected``'s or a declared size over :data:`MAX_IDX_BYTES`
+            (both refused before the data is inflated), invalid gzip data,
+            checksum mismatch.  The message names the file and says to delete it
             and re-download it.
         FileNotFoundError: ``path`` does not exist.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    payload = decompress(raw, path)
+    with open(path, "rb") as f:
+        payload = read_payload(f, path, shape=None if expected is None else expected.shape)
+        if expected is not None:
+            f.seek(0)
+            file_digest = hashlib.file_digest(f, "sha256").hexdigest()
     arr = parse_idx(payload, path)
     if expected is not None:
-        verify(raw, payload, expected, path, dataset)
-        if arr.shape != tuple(expected.shape):
-            raise fail(path, f"shape {arr.shape} differs from the expected {tuple(expected.shape)}")
+        verify_digest(file_digest, payload, expected, path, dataset)
     return arr

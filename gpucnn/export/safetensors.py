@@ -26,12 +26,12 @@ import numpy as np
 
 from .. import backend
 from .. import layers as L
-from .._io import atomic_open
+from .._io import atomic_open, json_depth
 from . import ExportError
 
 __all__ = [
-    "SafetensorsError", "DTYPES", "MAX_HEADER_BYTES", "register", "torch_state_dict", "to_safetensors",
-    "load_safetensors", "read_safetensors", "write_safetensors",
+    "SafetensorsError", "DTYPES", "MAX_HEADER_BYTES", "MAX_HEADER_DEPTH", "register", "torch_state_dict",
+    "to_safetensors", "load_safetensors", "read_safetensors", "write_safetensors",
 ]
 
 #: safetensors dtype code -> NumPy little-endian dtype (BF16 and the F8 types have no NumPy dtype).
@@ -41,6 +41,8 @@ DTYPES = {
 }
 _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
+#: How deeply the header's JSON may nest (a valid header nests 3 levels), checked before it is parsed.
+MAX_HEADER_DEPTH = 64
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 PICKLE_HINT = ('convert it in PyTorch with safetensors.torch.save_file(model.state_dict(), '
                '"weights.safetensors") and load that file')
@@ -249,9 +251,15 @@ def _no_duplicates(pairs):
 
 def _parse_header(path, raw: bytes) -> dict:
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _fail(path, f"header is not UTF-8 ({exc})") from None
+    depth = json_depth(text)
+    if depth > MAX_HEADER_DEPTH:
+        raise _fail(path, f"header JSON nests {depth} levels deep, more than the {MAX_HEADER_DEPTH} allowed "
+                          f"(a valid header nests 3)")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
     except ValueError as exc:
         raise _fail(path, f"header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):

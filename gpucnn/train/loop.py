@@ -118,11 +118,33 @@ def _check_stop_after(stop_after):
         raise ValueError(f"stop_after must be a positive integer, got stop_after={stop_after!r}")
 
 
+def _check_rng(ckpt) -> None:
+    """The checkpoint's random states must be there and valid: resuming continues them.
+
+    (Silently keeping the current state would give another run than the one
+    resumed.)  The ``shuffle`` state is recomputed from the seed, but it
+    must still be a generator state.
+    """
+    rng = ckpt.rng
+    checks = {"gpucnn": grandom.check_state, "shuffle": grandom.check_generator_state}
+    if "gpucnn" not in rng:
+        raise ckpt_mod.CheckpointError(f"{ckpt.path}: cannot resume: the checkpoint's rng has no 'gpucnn' state "
+                                       f"(it has {sorted(rng)}); gpucnn's random streams could not continue")
+    for key, check in checks.items():
+        if key in rng:
+            try:
+                check(rng[key])
+            except ValueError as exc:
+                raise ckpt_mod.CheckpointError(f"{ckpt.path}: cannot resume: rng {key!r} is not a valid random "
+                                               f"state: {exc}") from None
+
+
 def _run_config(config, resume, say):
     """``(resolved config, checkpoint or None)``; the resume rule is :func:`resume_config`'s."""
     ckpt = ckpt_mod.load_checkpoint(resume) if resume is not None else None
     if ckpt is None:
         return (config or TrainConfig()).resolved(), None
+    _check_rng(ckpt)
     given = {} if config is None else asdict(config.resolved())
     cfg = resume_config(ckpt.config, given).resolved()
     if ckpt.config.get("epochs") != cfg.epochs and cfg.lr_schedule == "cosine":
@@ -359,8 +381,7 @@ class _Run:
             meta = comm.broadcast_json(meta and {"slots": meta["slots"], "step_count": meta["step_count"]})
             parallel.broadcast_state(comm, self.opt, meta["slots"], meta["step_count"])
         self.start_epoch = ckpt.epoch
-        if "gpucnn" in ckpt.rng:
-            grandom.set_state(ckpt.rng["gpucnn"])
+        grandom.set_state(ckpt.rng["gpucnn"])   # checked by _check_rng
         self.say(f"resumed from {ckpt.path} after epoch {ckpt.epoch}")
 
     def _inputs_to_model_dtype(self):
