@@ -391,6 +391,7 @@ def _cmd_evaluate(args, parser):
     import numpy as np
 
     from .data import load_arrays
+    from .inference import inputs_for
     from .train import confusion_matrix, evaluate
 
     p = parser._gpucnn_sub["evaluate"]
@@ -399,6 +400,7 @@ def _cmd_evaluate(args, parser):
     dataset = ckpt.config.get("dataset", "mnist")
     x_tr, y_tr, x_te, y_te, classes = load_arrays(dataset, args.data_dir, device=device)
     x, y = (x_te, y_te) if args.split == "test" else (x_tr, y_tr)
+    x = inputs_for(model, x)    # the images follow the model's dtype (float64 checkpoints)
     k = len(classes)
     res = evaluate(model, x, y, models.make_loss(ckpt.model), args.batch_size, k, return_predictions=True)
     cm = confusion_matrix(y, res["predictions"], k)

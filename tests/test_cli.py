@@ -70,6 +70,20 @@ def test_evaluate(run_dir):
     assert np.trace(cm) / 10000 == pytest.approx(acc)
 
 
+def test_evaluate_a_float64_checkpoint(run_dir, tmp_path, capsys):
+    """The dataset's float32 images are converted to a float64 model's dtype (they were a TypeError)."""
+    from gpucnn import checkpoint, models
+
+    out, _ = run_dir
+    model, _ = checkpoint.restore_model(out)
+    twin = models.build("lenet5", dtype=np.float64)
+    twin.load_state_dict({k: v.astype(np.float64) for k, v in model.state_dict().items()})
+    checkpoint.save_checkpoint(tmp_path, twin, model_name="lenet5", epoch=1, config={"dataset": "mnist"})
+    assert cli.main(["evaluate", str(tmp_path), "--device", "cpu"]) == 0
+    acc = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"]
+    assert f"accuracy {100 * acc:.2f}%" in capsys.readouterr().out
+
+
 def test_predict_png_of_another_size(run_dir, tmp_path):
     from PIL import Image
 
