@@ -139,7 +139,8 @@ def _add_train(sub):
     p.add_argument("--debug", action="store_true", help="anomaly detection: name the first layer producing NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="threads of the NumPy path (default: $GPUCNN_NUM_THREADS, else the cores this "
+                   help="threads of the NumPy path, at most the cores this process may use (a larger N is "
+                        "capped, with a note) (default: $GPUCNN_NUM_THREADS, else the cores this "
                         "process may use, at most 8); results are the same bits for any N")
     p.add_argument("--cuda-graph", action="store_true",
                    help="with --device cuda: replay each full-size train step as one CUDA graph (same numbers, "
@@ -281,9 +282,7 @@ def _cmd_train(args, parser):
         return _cmd_train_distributed(args, sp)
     config = _train_config(args, sp)
     if args.threads is not None:
-        from .functional import threads
-
-        threads.set_num_threads(args.threads)
+        _set_threads(args.threads, "train")
     try:
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
@@ -301,6 +300,17 @@ def _cmd_train(args, parser):
         sp.error(str(exc))
     print(result.summary(), flush=True)
     return 0
+
+
+def _set_threads(n: int, command: str) -> int:
+    """``--threads n``, capped at the cores this process may use with a one-line note; returns the count used."""
+    from .functional import threads
+
+    n, note = threads.cap_to_cores(n, "--threads")
+    if note is not None:
+        print(f"gpucnn {command}: note: {note}", file=sys.stderr, flush=True)
+    threads.set_num_threads(n)
+    return n
 
 
 def _cmd_train_distributed(args, sp):

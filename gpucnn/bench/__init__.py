@@ -92,7 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=30, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of both sides: PyTorch's and gpucnn's NumPy path (default: each "
+                   help="CPU threads of both sides: PyTorch's and gpucnn's NumPy path, at most the cores "
+                        "this process may use (a larger N is capped, with a note) (default: each "
                         "library's own, one per core)")
     p.add_argument("--no-torch", action="store_true", help="time gpucnn alone")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
@@ -114,6 +115,8 @@ def _check_args(args):
     for b in args.batch_sizes:
         if b < 1:
             return f"--batch-sizes must be >= 1, got {b}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
     if args.repeats < 1 or args.warmup < 0:
         return f"need --repeats >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}"
     if args.time_to_accuracy is not None and (not 0 < args.time_to_accuracy < 1 or args.seeds < 1
@@ -134,9 +137,12 @@ def _setup_torch(args, device):
     if args.threads:
         from ..functional import threads
 
-        threads.set_num_threads(args.threads)
+        n, note = threads.cap_to_cores(args.threads, "--threads")
+        if note is not None:
+            print(f"gpucnn bench: note: {note}", file=sys.stderr, flush=True)
+        threads.set_num_threads(n)
         if torch is not None:
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(n)
     if torch is not None and device == "cuda":
         _torch_fp32(torch, True)
     return torch
