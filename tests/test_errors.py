@@ -59,6 +59,25 @@ def test_channel_mismatch():
         L.PReLU(3).forward(np.zeros((2, 4), np.float32))
 
 
+def test_a_batch_of_zero_samples_gives_empty_outputs_as_in_pytorch():
+    """PyTorch's Conv2d maps a (0, C, H, W) batch to an empty (0, O, Ho, Wo) output; ours raised
+    ZeroDivisionError.  Backward gives an empty dL/dx and zero parameter gradients (overwritten)."""
+    gpucnn.seed(0)
+    conv = L.Conv2D(2, 3, 3, stride=2, padding=1)
+    y = conv.forward(np.zeros((0, 2, 7, 6), np.float32))
+    assert y.shape == (0, 3, 4, 3) and y.dtype == np.float32
+    for g in conv.grads.values():
+        g[...] = 5
+    dx = conv.backward(np.zeros(y.shape, np.float32))
+    assert dx.shape == (0, 2, 7, 6)
+    assert all(not g.any() for g in conv.grads.values())
+    model = models.build("lenet5")      # conv + relu + pool fused, then flatten and dense layers
+    y = model.forward(np.zeros((0, 1, 28, 28), np.float32))
+    assert y.shape == (0, 10)
+    assert model.backward(np.zeros((0, 10), np.float32)).shape == (0, 1, 28, 28)
+    assert all(not g.any() for g in model.gradients())
+
+
 @pytest.mark.parametrize("layer,shape,pattern", [
     pytest.param(L.Conv2D(1, 1, 5), (1, 1, 3, 8),
                  esc("output H would be <= 0: input H=3 with padding=0 is smaller than kernel=5"), id="conv-H"),
