@@ -175,6 +175,27 @@ def test_labels_not_integer(labels):
         losses.SoftmaxCrossEntropy().forward(np.zeros((2, 3)), labels)
 
 
+def test_float_labels_are_refused_not_truncated():
+    """A Dataset with labels 7.5 trained on 7 (astype(int64) truncated them); now the first bad value is named."""
+    from gpucnn.data import Dataset, load_arrays
+
+    images = np.zeros((3, 28, 28), np.uint8)
+    y = np.array([1.0, 2.0, 7.5, 8.25])[:3]
+    with pytest.raises(TypeError, match=esc("train_labels must be integer class indices, got dtype float64: "
+                                            "train_labels[2] = 7.5 is not a whole number")):
+        Dataset("mnist", [str(i) for i in range(10)], images, y, images, np.arange(3))
+    with pytest.raises(TypeError, match=esc("test_labels must be integer class indices, got dtype float64 (whole "
+                                            "numbers: convert them explicitly, test_labels.astype(np.int64))")):
+        Dataset("mnist", [str(i) for i in range(10)], images, np.arange(3), images, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=esc("train_labels has label -1; labels are class indices >= 0")):
+        Dataset("mnist", [str(i) for i in range(10)], images, np.array([0, -1, 2]), images, np.arange(3))
+    with pytest.raises(TypeError, match=esc("one_hot: labels must be integer class indices, got dtype float64: "
+                                            "labels[1] = 7.5 is not a whole number")):
+        losses.one_hot(np.array([1.0, 7.5]), 10)
+    ds = Dataset("mnist", [str(i) for i in range(10)], images, np.array([1, 2, 7], np.uint8), images, np.arange(3))
+    assert load_arrays(data=ds)[1].tolist() == [1, 2, 7]
+
+
 def test_labels_wrong_rank():
     with pytest.raises(ValueError, match=esc("labels must have shape (N,), got shape (2, 1)")):
         losses.SoftmaxCrossEntropy().forward(np.zeros((2, 3)), np.zeros((2, 1), np.int64))
