@@ -27,11 +27,15 @@ when the continuation must equal an uninterrupted run.
 
 ``CHECKPOINT`` is a ``checkpoint.npz`` file or the run directory holding it.
 Exit status: 0 success, 1 runtime failure (data, I/O), 2 bad arguments or an
-unusable checkpoint, 3 training stopped on a NaN/Inf loss, 130 interrupted.
+unusable checkpoint, 3 training stopped on a NaN/Inf loss, 130 interrupted,
+141 (128 + SIGPIPE, as a Unix tool killed by it) when the reader of standard
+output went away (``gpucnn predict ... | head -1``), with nothing printed.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -39,6 +43,7 @@ from pathlib import Path
 from . import models
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 # -- argument types (argparse turns the ValueError/ArgumentTypeError into "argument --x: ...") --
 
@@ -451,6 +456,21 @@ def _cmd_plot(args, parser):
     return 0
 
 
+def stdout_gone() -> int:
+    """The reader of standard output went away (``| head``): stop quietly, as Unix tools do.
+
+    Standard output is pointed at /dev/null so that the interpreter's final
+    flush raises nothing either; returns :data:`EXIT_BROKEN_PIPE`.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # pragma: no cover - stdout without a file descriptor
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv=None) -> int:
     """Entry point of the ``gpucnn`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -466,6 +486,8 @@ def main(argv=None) -> int:
 
         _err(exc.describe() if isinstance(exc, TrainingInterrupted) else "interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return stdout_gone()
     except FileNotFoundError as exc:
         _err(str(exc))
         return EXIT_FAILURE

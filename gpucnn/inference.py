@@ -378,7 +378,12 @@ def run(args) -> int:
 def main(argv=None) -> int:
     """``python -m gpucnn.inference CHECKPOINT IMAGE...`` (the same as ``gpucnn predict``)."""
     parser = add_arguments(argparse.ArgumentParser(prog="gpucnn predict"))
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except BrokenPipeError:
+        from .cli import stdout_gone
+
+        return stdout_gone()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,6 +84,24 @@ def test_evaluate_a_float64_checkpoint(run_dir, tmp_path, capsys):
     assert f"accuracy {100 * acc:.2f}%" in capsys.readouterr().out
 
 
+def test_a_closed_stdout_ends_quietly_as_unix_tools_do(tmp_path):
+    """`gpucnn predict ... | head -1` printed "gpucnn: error: BrokenPipeError" and exited 1."""
+    from PIL import Image
+
+    from gpucnn import checkpoint, models
+
+    checkpoint.save_checkpoint(tmp_path, models.build("lenet5"), model_name="lenet5", config={"dataset": "mnist"})
+    Image.fromarray(gdata.load_dataset("mnist").test_images[0]).save(tmp_path / "digit.png")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for command in (["-m", "gpucnn", "predict"], ["-m", "gpucnn.inference"]):
+        proc = subprocess.Popen([sys.executable, "-W", "ignore", *command, str(tmp_path), str(tmp_path / "digit.png")],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()                 # the reader is gone before anything is written
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 128 + 13, err      # 141: as if killed by SIGPIPE
+        assert err == "", err
+
+
 def test_predict_png_of_another_size(run_dir, tmp_path):
     from PIL import Image
 
