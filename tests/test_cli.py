@@ -251,11 +251,11 @@ def test_cli_resume_bit_for_bit(tmp_path, capsys):
     assert cli.main(["train", *common, "--out", str(tmp_path / "part"), "--stop-after", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "stopping after epoch 1 as asked; continue with --resume" in out[-2]
-    assert out[-1].startswith("done: seed002_c1 on mnist, 1 epoch,")
+    assert out[-1].startswith("done: seed002_c1 on mnist, 1 epoch, 1 of 2 done,")
     assert cli.main(["train", "--resume", str(tmp_path / "part"), "--no-progress"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("resumed from") for line in out)
-    assert out[-1].startswith("done: seed002_c1 on mnist, 2 epochs,")
+    assert out[-1].startswith("done: seed002_c1 on mnist, 1 epoch now (2), 2 of 2 done,")
 
     def stable(d):
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]

@@ -80,7 +80,10 @@ class TrainResult:
     model: object = None
     config: TrainConfig | None = None
     device: str = "cpu"
+    #: epochs trained by this call, and in total (the last checkpoint's epoch; more than
+    #: ``epochs_run`` after a resume)
     epochs_run: int = 0
+    epochs_done: int = 0
     seconds: float = 0.0
     images_per_sec: float = 0.0
     #: ranks of a distributed run (1 otherwise) and this process's rank
@@ -91,14 +94,26 @@ class TrainResult:
     def test_accuracy(self) -> float | None:
         return self.metrics[-1]["test_accuracy"] if self.metrics else None
 
+    def epochs_phrase(self) -> str:
+        """How many epochs this call trained and where the run stands: ``"3 epochs"`` (a whole run
+        from the start), ``"5 epochs, 5 of 7 done"`` (stopped early), ``"2 epochs now (6-7), 7 of 7
+        done"`` (resumed)."""
+        n, done, total = self.epochs_run, self.epochs_done, self.config.epochs
+        text = f"{n} epoch{'s' if n != 1 else ''}"
+        if n != done:
+            first = done - n + 1
+            text += " now" + ("" if n == 0 else f" ({done})" if n == 1 else f" ({first}-{done})")
+        if n != done or done != total:
+            text += f", {done} of {total} done"
+        return text
+
     def summary(self) -> str:
         """The one-line summary ``gpucnn train`` prints last."""
         cfg = self.config
         acc = self.test_accuracy
         acc_s = f"{100 * acc:.2f}%" if acc is not None else "n/a"
-        total = len(self.metrics)
         where = self.device + (f", {self.world_size} ranks" if self.world_size > 1 else "")
-        return (f"done: {cfg.model} on {cfg.dataset}, {total} epoch{'s' if total != 1 else ''}, "
+        return (f"done: {cfg.model} on {cfg.dataset}, {self.epochs_phrase()}, "
                 f"test accuracy {acc_s}, {self.images_per_sec:.0f} images/s ({where}), "
                 f"{self.seconds:.1f} s, checkpoint {self.checkpoint}")
 
@@ -451,6 +466,7 @@ class _Run:
             else rd.last_good
         comm = self.comm
         return TrainResult(out_dir=rd.path, checkpoint=ck, metrics=self.metrics, model=self.model,
-                           config=self.cfg, device=self.dev, epochs_run=self.epochs_run, seconds=seconds,
+                           config=self.cfg, device=self.dev, epochs_run=self.epochs_run,
+                           epochs_done=self.start_epoch + self.epochs_run, seconds=seconds,
                            images_per_sec=(self.train_images / self.train_seconds) if self.train_seconds > 0 else 0.0,
                            world_size=comm.size if comm is not None else 1, rank=comm.rank if comm is not None else 0)
