@@ -6,6 +6,8 @@ Every check raises with the offending value named, e.g.
 from __future__ import annotations
 
 import numbers
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -109,3 +111,21 @@ def check_integer_labels(labels, name: str = "labels", where: str = "") -> None:
         else:
             msg += f" (whole numbers: convert them explicitly, {name}.astype(np.int64))"
     raise TypeError(msg)
+
+
+def check_directory_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path, when it is a directory or can be created as one.
+
+    Raises ``ValueError`` naming the file in the way: ``path`` itself (``"<what>
+    <path> is a file, not a directory"``) or the file among its parents.
+    Nothing is created.
+    """
+    p = Path(path)
+    named = f"{what} {p}" if what else str(p)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"{named} is a file, not a directory" if q == p else
+                                 f"{named} cannot be a directory: {q} is a file")
+            break
+    return p

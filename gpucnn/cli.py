@@ -442,15 +442,19 @@ def _cmd_evaluate(args, parser):
 
 def _cmd_plot(args, parser):
     from . import checkpoint as ck
-    from .plots import plot_run
+    from .plots import NothingToPlot, missing_plots, plot_run
 
     p = parser._gpucnn_sub["plot"]
     try:
         written = plot_run(args.dir, args.out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError, NothingToPlot) as exc:
         p.error(f"argument dir: {exc}")
     except ck.CheckpointError as exc:
         p.error(f"argument dir: {exc}")
+    except ValueError as exc:     # --out is a file
+        p.error(f"argument --out: {exc}")
+    for note in missing_plots(args.dir):
+        print(f"gpucnn plot: note: {note}", file=sys.stderr)
     for w in written:
         print(f"wrote {w}")
     return 0

@@ -1,6 +1,7 @@
 """The command line: train / evaluate / predict / plot, and clear errors for bad input."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -190,6 +191,50 @@ def test_bad_arguments(args, needle, capsys):
     err = capsys.readouterr().err
     assert needle in err, err
     assert "error:" in err
+
+
+def _usage_error(args, capsys) -> str:
+    """stderr of a ``gpucnn`` call that must end with a usage error (exit status 2)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    return err
+
+
+def test_plot_says_what_it_cannot_draw(tmp_path, capsys):
+    """An empty metrics.jsonl printed nothing and exited 0; a file as the run directory said "not found"."""
+    from gpucnn import checkpoint, models
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    err = _usage_error(["plot", run], capsys)
+    assert f"argument dir: nothing to plot: {run / 'metrics.jsonl'} holds no epochs and there is no checkpoint.npz" in err
+    assert not (run / "curves.png").exists()
+    checkpoint.save_checkpoint(run, models.build("lenet5"), model_name="lenet5", config={"dataset": "mnist"})
+    assert cli.main(["plot", str(run)]) == 0                        # the filters still, and a note for the curves
+    out, err = capsys.readouterr()
+    assert f"wrote {run / 'filters.png'}" in out
+    assert f"gpucnn plot: note: no curves.png: {run / 'metrics.jsonl'} holds no epochs" in err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    err = _usage_error(["plot", a_file], capsys)
+    assert f"argument dir: {a_file} is a file, not a run directory" in err and "not found" not in err
+    err = _usage_error(["plot", run, "--out", a_file], capsys)
+    assert f"argument --out: {a_file} is a file, not a directory" in err and "FileExistsError" not in err
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    """--out naming a file gave a raw FileExistsError (exit 1)."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    common = ["train", "--subset", "64", "--test-subset", "32", "--epochs", "1", "--no-progress", "--out"]
+    err = _usage_error([*common, a_file], capsys)
+    assert f"the run directory (--out) {a_file} is a file, not a directory" in err and "FileExistsError" not in err
+    err = _usage_error([*common, a_file / "run"], capsys)
+    assert f"(--out) {a_file / 'run'} cannot be a directory: {a_file} is a file" in err
+    assert a_file.read_text() == "x"
 
 
 def test_predict_with_a_missing_checkpoint(capsys):

@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import backend, checkpoint as ckpt_mod, debug as debug_mod, losses, models, nvtx, optim
 from .. import random as grandom
+from .._utils import check_directory_path
 from . import parallel
 from ..data import load_arrays, load_dataset, normalize
 from ..data.augment import FLIP_DATASETS
@@ -130,6 +131,12 @@ def _check_stop_after(stop_after):
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                    or stop_after <= 0):
         raise ValueError(f"stop_after must be a positive integer, got stop_after={stop_after!r}")
+
+
+def _check_out_dir(out_dir) -> None:
+    """``out_dir`` (when given) must be a directory or a path one can be made at (``ValueError`` naming the file)."""
+    if out_dir is not None:
+        check_directory_path(out_dir, "the run directory (--out)")
 
 
 def _run_config(config, resume, say):
@@ -238,6 +245,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
     if distributed is None or distributed is False:
         cfg, ckpt = _run_config(config, resume, say)
         _check_stop_after(stop_after)
+        _check_out_dir(out_dir)
         dev, why = backend.resolve_device(device)
         say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
         run = _run(cfg, ckpt, dev, say, None, stop_after, progress,
@@ -282,6 +290,7 @@ def _shared_start(comm, config, resume, out_dir, overwrite, say):
 
     def prepare():
         cfg, ckpt = _run_config(config, resume, say)
+        _check_out_dir(out_dir)
         rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite)
         local.update(cfg=cfg, ckpt=ckpt, rundir=rundir)
         return {"config": asdict(cfg), "out": str(rundir.path), "metrics": rundir.previous_metrics(),
