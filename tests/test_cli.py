@@ -237,6 +237,22 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     assert a_file.read_text() == "x"
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--subset", "999999"], "subset=999999 is larger than the mnist split it cuts (60000 images)"),
+    (["--data-dir", "{empty}"], "does not hold it"),
+])
+def test_a_refused_run_leaves_no_run_directory(tmp_path, capsys, args, needle):
+    """Errors found while loading the data used to leave an empty run directory behind."""
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty") for a in args]
+    out = tmp_path / "runs" / "refused"
+    with pytest.raises(SystemExit) if "--subset" in args else contextlib.nullcontext():
+        code = cli.main(["train", *args, "--epochs", "1", "--no-progress", "--out", str(out)])
+        assert code == 1
+    assert needle in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
 def test_predict_with_a_missing_checkpoint(capsys):
     assert cli.main(["predict", "/nonexistent/checkpoint.npz", "x.png"]) == 2
     err = capsys.readouterr().err

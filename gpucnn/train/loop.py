@@ -274,7 +274,7 @@ def _run(cfg, ckpt, dev, say, comm, stop_after, progress, make_rundir, *, nvtx, 
             say("note: --nvtx: no NVTX implementation importable (pip install nvtx, or CuPy); ranges are no-ops")
         if debug:
             stack.enter_context(debug_mod.detect_anomaly())
-        run = _Run.prepare(cfg, ckpt, dev, say, comm, make_rundir(), metrics, **opts)
+        run = _Run.prepare(cfg, ckpt, dev, say, comm, make_rundir, metrics, **opts)
         run.epochs(stop_after, progress)
     return run
 
@@ -312,12 +312,14 @@ class _Run:
     """The state of one :func:`train` call between preparation and the result."""
 
     @classmethod
-    def prepare(cls, cfg, ckpt, dev, say, comm, rundir, metrics, *, model, loss, data, data_dir, cuda_graph,
+    def prepare(cls, cfg, ckpt, dev, say, comm, make_rundir, metrics, *, model, loss, data, data_dir, cuda_graph,
                 launch_plan=True):
+        """Load the data and build the model, then create the run directory (``make_rundir()``): a run
+        refused on the way (a bad ``subset``, a missing dataset) leaves no empty directory behind."""
         if cuda_graph and dev != "cuda":
             raise ValueError(f"cuda_graph=True (--cuda-graph) needs the GPU (device cuda); this run is on {dev}")
         self = cls()
-        self.cfg, self.ckpt, self.dev, self.say, self.comm, self.rundir = cfg, ckpt, dev, say, comm, rundir
+        self.cfg, self.ckpt, self.dev, self.say, self.comm = cfg, ckpt, dev, say, comm
         ds = data if data is not None else load_dataset(cfg.dataset, data_dir)
         self.x_tr, self.y_tr, self.x_te, self.y_te, classes = load_arrays(
             cfg.dataset, data_dir, cfg.subset, cfg.test_subset, dev, ds)
@@ -329,6 +331,7 @@ class _Run:
             + (f", from {ds.source}" if ds.source is not None else " (given in memory)"))
         self.model, self.loss = self._model_and_loss(model, loss)
         self._inputs_to_model_dtype()
+        self.rundir = make_rundir()
         self.opt = make_optimizer(cfg, self.model)
         self.start_epoch = 0
         if ckpt is not None:
