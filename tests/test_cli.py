@@ -253,6 +253,16 @@ def test_a_refused_run_leaves_no_run_directory(tmp_path, capsys, args, needle):
     assert not out.exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_batch_larger_than_the_data_says_the_batch_used(tmp_path, capsys):
+    """--batch-size 5000 on 2000 images ran one step of 2000 while the header said "batch 5000"."""
+    assert cli.main(["train", "--subset", "100", "--test-subset", "32", "--batch-size", "500", "--epochs", "1",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert ("batch 100 (batch_size 500 is more than the 100 training images: one step of all of them)"
+            in out), out
+    assert "batch 500," not in out
+
+
 def test_predict_with_a_missing_checkpoint(capsys):
     assert cli.main(["predict", "/nonexistent/checkpoint.npz", "x.png"]) == 2
     err = capsys.readouterr().err

@@ -133,6 +133,14 @@ def _check_stop_after(stop_after):
         raise ValueError(f"stop_after must be a positive integer, got stop_after={stop_after!r}")
 
 
+def _batch_phrase(batch_size: int, n: int) -> str:
+    """``"batch 64"``, or the batch really used when ``batch_size`` is more than the ``n`` training images
+    (then every epoch is one step over all of them, as a DataLoader does)."""
+    if batch_size <= n:
+        return f"batch {batch_size}"
+    return f"batch {n} (batch_size {batch_size} is more than the {n} training images: one step of all of them)"
+
+
 def _check_out_dir(out_dir) -> None:
     """``out_dir`` (when given) must be a directory or a path one can be made at (``ValueError`` naming the file)."""
     if out_dir is not None:
@@ -342,7 +350,7 @@ class _Run:
         self.rundir.start(cfg, self.metrics)
         say(f"model: {cfg.model} ({self.model.num_parameters()} parameters), {cfg.optimizer} lr {cfg.lr:g}"
             + (f" momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" and cfg.momentum else "")
-            + f" {cfg.lr_schedule} schedule, batch {cfg.batch_size}, {cfg.epochs} "
+            + f" {cfg.lr_schedule} schedule, {_batch_phrase(cfg.batch_size, self.n)}, {cfg.epochs} "
               f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
