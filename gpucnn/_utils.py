@@ -6,6 +6,8 @@ Every check raises with the offending value named, e.g.
 from __future__ import annotations
 
 import numbers
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -86,3 +88,44 @@ def check_param_match(x, param, xname: str, layer: str) -> None:
             f"{layer}: {xname} has dtype {x.dtype} but the layer's parameters are "
             f"{param.dtype}; convert explicitly with x.astype(...) or layer.astype(...)"
         )
+
+
+def check_integer_labels(labels, name: str = "labels", where: str = "") -> None:
+    """Class labels must have an integer dtype: nothing truncates 7.5 to 7 (or 7.0 to 7) silently.
+
+    Raises ``TypeError`` naming the dtype and, for floating labels, the first
+    value that is not a whole number (index and value); whole-number floats are
+    refused too, with how to convert them explicitly.  ``where`` prefixes the
+    message (``"one_hot: "``).
+    """
+    dtype = labels.dtype
+    if dtype.kind in "iu":
+        return
+    msg = f"{where}{name} must be integer class indices, got dtype {dtype}"
+    if dtype.kind == "f":
+        host = np.asarray(labels.get() if hasattr(labels, "get") else labels).reshape(-1)
+        bad = np.flatnonzero(~(np.isfinite(host) & (host == np.floor(host))))
+        if bad.size:
+            i = int(bad[0])
+            msg += f": {name}[{i}] = {host[i].item()!r} is not a whole number"
+        else:
+            msg += f" (whole numbers: convert them explicitly, {name}.astype(np.int64))"
+    raise TypeError(msg)
+
+
+def check_directory_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path, when it is a directory or can be created as one.
+
+    Raises ``ValueError`` naming the file in the way: ``path`` itself (``"<what>
+    <path> is a file, not a directory"``) or the file among its parents.
+    Nothing is created.
+    """
+    p = Path(path)
+    named = f"{what} {p}" if what else str(p)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"{named} is a file, not a directory" if q == p else
+                                 f"{named} cannot be a directory: {q} is a file")
+            break
+    return p

@@ -27,11 +27,15 @@ when the continuation must equal an uninterrupted run.
 
 ``CHECKPOINT`` is a ``checkpoint.npz`` file or the run directory holding it.
 Exit status: 0 success, 1 runtime failure (data, I/O), 2 bad arguments or an
-unusable checkpoint, 3 training stopped on a NaN/Inf loss, 130 interrupted.
+unusable checkpoint, 3 training stopped on a NaN/Inf loss, 130 interrupted,
+141 (128 + SIGPIPE, as a Unix tool killed by it) when the reader of standard
+output went away (``gpucnn predict ... | head -1``), with nothing printed.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -39,6 +43,7 @@ from pathlib import Path
 from . import models
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 # -- argument types (argparse turns the ValueError/ArgumentTypeError into "argument --x: ...") --
 
@@ -139,7 +144,8 @@ def _add_train(sub):
     p.add_argument("--debug", action="store_true", help="anomaly detection: name the first layer producing NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="threads of the NumPy path (default: $GPUCNN_NUM_THREADS, else the cores this "
+                   help="threads of the NumPy path, at most the cores this process may use (a larger N is "
+                        "capped, with a note) (default: $GPUCNN_NUM_THREADS, else the cores this "
                         "process may use, at most 8); results are the same bits for any N")
     p.add_argument("--cuda-graph", action="store_true",
                    help="with --device cuda: replay each full-size train step as one CUDA graph (same numbers, "
@@ -286,9 +292,7 @@ def _cmd_train(args, parser):
         return _cmd_train_distributed(args, sp)
     config = _train_config(args, sp)
     if args.threads is not None:
-        from .functional import threads
-
-        threads.set_num_threads(args.threads)
+        _set_threads(args.threads, "train")
     try:
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
@@ -306,6 +310,17 @@ def _cmd_train(args, parser):
         sp.error(str(exc))
     print(result.summary(), flush=True)
     return 0
+
+
+def _set_threads(n: int, command: str) -> int:
+    """``--threads n``, capped at the cores this process may use with a one-line note; returns the count used."""
+    from .functional import threads
+
+    n, note = threads.cap_to_cores(n, "--threads")
+    if note is not None:
+        print(f"gpucnn {command}: note: {note}", file=sys.stderr, flush=True)
+    threads.set_num_threads(n)
+    return n
 
 
 def _cmd_train_distributed(args, sp):
@@ -398,6 +413,7 @@ def _cmd_evaluate(args, parser):
     import numpy as np
 
     from .data import load_arrays
+    from .inference import inputs_for
     from .train import confusion_matrix, evaluate
 
     p = parser._gpucnn_sub["evaluate"]
@@ -406,6 +422,7 @@ def _cmd_evaluate(args, parser):
     dataset = ckpt.config.get("dataset", "mnist")
     x_tr, y_tr, x_te, y_te, classes = load_arrays(dataset, args.data_dir, device=device)
     x, y = (x_te, y_te) if args.split == "test" else (x_tr, y_tr)
+    x = inputs_for(model, x)    # the images follow the model's dtype (float64 checkpoints)
     k = len(classes)
     res = evaluate(model, x, y, models.make_loss(ckpt.model), args.batch_size, k, return_predictions=True)
     cm = confusion_matrix(y, res["predictions"], k)
@@ -432,18 +449,37 @@ def _cmd_evaluate(args, parser):
 
 def _cmd_plot(args, parser):
     from . import checkpoint as ck
-    from .plots import plot_run
+    from .plots import NothingToPlot, missing_plots, plot_run
 
     p = parser._gpucnn_sub["plot"]
     try:
         written = plot_run(args.dir, args.out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError, NothingToPlot) as exc:
         p.error(f"argument dir: {exc}")
     except ck.CheckpointError as exc:
         p.error(f"argument dir: {exc}")
+    except ValueError as exc:     # --out is a file
+        p.error(f"argument --out: {exc}")
+    for note in missing_plots(args.dir):
+        print(f"gpucnn plot: note: {note}", file=sys.stderr)
     for w in written:
         print(f"wrote {w}")
     return 0
+
+
+def stdout_gone() -> int:
+    """The reader of standard output went away (``| head``): stop quietly, as Unix tools do.
+
+    Standard output is pointed at /dev/null so that the interpreter's final
+    flush raises nothing either; returns :data:`EXIT_BROKEN_PIPE`.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # pragma: no cover - stdout without a file descriptor
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def main(argv=None) -> int:
@@ -461,6 +497,8 @@ def main(argv=None) -> int:
 
         _err(exc.describe() if isinstance(exc, TrainingInterrupted) else "interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return stdout_gone()
     except FileNotFoundError as exc:
         _err(str(exc))
         return EXIT_FAILURE

@@ -51,8 +51,8 @@ import numpy as np
 from . import backend
 from .images import INVERT_CHOICES, preprocess
 
-__all__ = ["load", "predict", "predict_images", "probabilities", "class_label", "format_prediction",
-           "add_arguments", "run", "main"]
+__all__ = ["load", "predict", "predict_images", "inputs_for", "probabilities", "class_label",
+           "format_prediction", "add_arguments", "run", "main"]
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
@@ -117,7 +117,8 @@ def predict(model, images, *, dataset: str | None = None, center: bool = True, i
 
     Args:
         model: a model from :func:`load` or :func:`gpucnn.models.build` (any
-            device; the inputs follow it).  It runs in eval mode; every
+            device and float dtype; the inputs follow it: float64 models get
+            float64 inputs).  It runs in eval mode; every
             layer's training flag is restored afterwards.
         images: a list of file paths, PIL images and/or integer arrays
             (0..255) of shape ``(H, W)`` (gray) or ``(H, W, C)`` (C = 2 gray +
@@ -210,17 +211,33 @@ def _modules(model):
     return out
 
 
+def inputs_for(model, x):
+    """``x`` (normalised float images) converted to ``model``'s parameter dtype, explicitly.
+
+    The boundary where prepared inputs meet a model (``gc.predict``, ``gpucnn
+    predict``, ``gpucnn evaluate``): images are prepared as float32 and a
+    float64 model gets float64 copies of them.  ``x`` is returned as it is when
+    the dtypes already match or the model has no floating parameters.  Inside
+    a network a dtype mismatch stays a ``TypeError`` (no silent casts).
+    """
+    dt = getattr(model, "dtype", None)
+    if dt is None or np.dtype(dt).kind != "f" or x.dtype == dt:
+        return x
+    return x.astype(dt)
+
+
 def predict_images(model, images: np.ndarray, dataset: str = "mnist", loss_name: str = "softmax_cross_entropy",
                    device: str | None = None, batch_size: int = 256) -> np.ndarray:
     """``(N, 28, 28)`` uint8 images (already preprocessed) -> ``(N, K)`` class probabilities (NumPy).
 
-    Normalised with ``dataset``'s statistics, run in eval mode (every layer's
+    Normalised with ``dataset``'s statistics and converted to the model's
+    parameter dtype (:func:`inputs_for`), run in eval mode (every layer's
     training flag is restored afterwards), in batches of ``batch_size``, on
     ``device`` (default: where the model's parameters are).
     """
     from . import data
 
-    x = data.normalize(np.asarray(images, dtype=np.uint8), dataset)
+    x = inputs_for(model, data.normalize(np.asarray(images, dtype=np.uint8), dataset))
     if device is None:
         device = getattr(model, "device", "cpu")
         device = device if device in backend.DEVICES else "cpu"
@@ -361,7 +378,12 @@ def run(args) -> int:
 def main(argv=None) -> int:
     """``python -m gpucnn.inference CHECKPOINT IMAGE...`` (the same as ``gpucnn predict``)."""
     parser = add_arguments(argparse.ArgumentParser(prog="gpucnn predict"))
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except BrokenPipeError:
+        from .cli import stdout_gone
+
+        return stdout_gone()
 
 
 if __name__ == "__main__":  # pragma: no cover

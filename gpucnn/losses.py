@@ -16,7 +16,7 @@ import copy
 import numpy as np
 
 from . import backend
-from ._utils import check_array, shown_shape
+from ._utils import check_array, check_integer_labels, shown_shape
 from .functional import loss as F
 from .functional.layout import from_internal, to_internal
 from .functional.workspace import Workspace
@@ -24,7 +24,8 @@ from .nvtx import ranged
 
 
 def one_hot(labels, num_classes: int, dtype=np.float32):
-    """(N,) integer labels -> (N, num_classes) one-hot array on the labels' device."""
+    """(N,) integer labels -> (N, num_classes) one-hot array on the labels' device (``TypeError`` for others)."""
+    check_integer_labels(labels, "labels", "one_hot: ")
     xp = backend.get_array_module(labels)
     out = xp.zeros((labels.shape[0], num_classes), dtype=dtype)
     out[xp.arange(labels.shape[0]), labels] = 1
@@ -32,7 +33,8 @@ def one_hot(labels, num_classes: int, dtype=np.float32):
 
 
 def one_hot_internal(labels, num_classes: int, dtype=np.float32):
-    """(N,) integer labels -> batch-last (num_classes, N) one-hot array on the labels' device."""
+    """(N,) integer labels -> batch-last (num_classes, N) one-hot array on the labels' device (``TypeError`` for others)."""
+    check_integer_labels(labels, "labels", "one_hot_internal: ")
     xp = backend.get_array_module(labels)
     out = xp.zeros((num_classes, labels.shape[0]), dtype=dtype)
     out[labels, xp.arange(labels.shape[0])] = 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_curves", "plot_filters", "plot_run"]
+__all__ = ["plot_curves", "plot_filters", "plot_run", "missing_plots", "NothingToPlot"]
 
 
 def _pyplot():
@@ -78,29 +78,64 @@ def plot_filters(params: dict, path: str | os.PathLike, title: str = "") -> Path
     return path
 
 
+class NothingToPlot(ValueError):
+    """The run directory holds no epochs to plot and no checkpoint."""
+
+
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write ``curves.png`` and ``filters.png`` for a run directory; returns the paths written."""
+    """Write ``curves.png`` and ``filters.png`` for a run directory; returns the paths written.
+
+    ``curves.png`` needs at least one row in ``metrics.jsonl``, ``filters.png``
+    the checkpoint; what cannot be drawn is left out (see :func:`missing_plots`).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` does not exist, or holds neither file.
+        NotADirectoryError: ``run_dir`` is a file.
+        ValueError: ``out_dir`` is (or is inside) a file.
+        NothingToPlot: ``metrics.jsonl`` has no rows and there is no checkpoint.
+    """
     from . import checkpoint
+    from ._utils import check_directory_path
     from .train import read_metrics
 
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise NotADirectoryError(f"{run} is a file, not a run directory (give the directory holding "
+                                 f"metrics.jsonl and {checkpoint.CHECKPOINT_NAME})")
     if not run.is_dir():
         raise FileNotFoundError(f"run directory not found: {run}")
-    out = Path(out_dir) if out_dir is not None else run
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    out = check_directory_path(out_dir, "") if out_dir is not None else run
     mpath = run / "metrics.jsonl"
     cpath = run / checkpoint.CHECKPOINT_NAME
     if not mpath.exists() and not cpath.exists():
         raise FileNotFoundError(f"{run} holds neither metrics.jsonl nor {checkpoint.CHECKPOINT_NAME}")
     ck = checkpoint.load_checkpoint(cpath) if cpath.exists() else None
-    label = ""
-    if ck is not None:
-        label = f"{ck.model} on {ck.config.get('dataset', '?')}"
-    if mpath.exists():
-        rows = read_metrics(mpath)
-        if rows:
-            written.append(plot_curves(rows, out / "curves.png", title=label))
+    rows = read_metrics(mpath) if mpath.exists() else []
+    if not rows and ck is None:
+        raise NothingToPlot(f"nothing to plot: {mpath} holds no epochs and there is no "
+                            f"{checkpoint.CHECKPOINT_NAME} in {run}")
+    out.mkdir(parents=True, exist_ok=True)
+    label = f"{ck.model} on {ck.config.get('dataset', '?')}" if ck is not None else ""
+    written = []
+    if rows:
+        written.append(plot_curves(rows, out / "curves.png", title=label))
     if ck is not None:
         written.append(plot_filters(ck.params, out / "filters.png"))
     return written
+
+
+def missing_plots(run_dir: str | os.PathLike) -> list[str]:
+    """Why a plot of :func:`plot_run` is left out for ``run_dir``: one line per missing PNG."""
+    from . import checkpoint
+    from .train import read_metrics
+
+    run = Path(run_dir)
+    mpath = run / "metrics.jsonl"
+    out = []
+    if not mpath.exists():
+        out.append(f"no curves.png: {run} has no metrics.jsonl")
+    elif not read_metrics(mpath):
+        out.append(f"no curves.png: {mpath} holds no epochs")
+    if not (run / checkpoint.CHECKPOINT_NAME).exists():
+        out.append(f"no filters.png: {run} has no {checkpoint.CHECKPOINT_NAME}")
+    return out

@@ -10,11 +10,19 @@ central differences of the scalar ``L = sum(forward(x) * dy)``:
   ``(L(x + eps d) - L(x - eps d)) / (2 eps)`` with ``<grad, d>`` (Chainer's
   variant — one forward pair per direction, so large inputs stay cheap).
 
+It also holds ``backward`` to the Layer contract: it must return dL/dx
+(``None`` only from a layer that declares it has none: ``needs_input_grad =
+False``, or a Sequential asked with ``input_grad=False``), and a second
+forward + backward must give the same gradients as the first (parameter
+gradients are overwritten, never accumulated).
+
 :func:`check_loss` does the same for a loss's ``backward()`` with respect to
 its first argument.  Both demand float64 everywhere and raise
 ``AssertionError`` with the worst entries, numeric vs analytic.
 """
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 
@@ -32,11 +40,15 @@ def _require_f64(**arrays):
             )
 
 
-def assert_allclose_grad(numeric, analytic, what: str, atol: float, rtol: float) -> None:
-    """Raise AssertionError listing the worst mismatches between two gradients."""
+def assert_allclose_grad(numeric, analytic, what: str, atol: float, rtol: float,
+                         labels: tuple[str, str] = ("numeric", "analytic")) -> None:
+    """Raise AssertionError listing the worst mismatches between two gradients.
+
+    ``labels`` names the two sides in the message (``numeric=... analytic=...``).
+    """
     numeric, analytic = backend.asnumpy(numeric), backend.asnumpy(analytic)
     if numeric.shape != analytic.shape:
-        raise AssertionError(f"{what}: numeric shape {numeric.shape} != analytic shape {analytic.shape}")
+        raise AssertionError(f"{what}: {labels[0]} shape {numeric.shape} != {labels[1]} shape {analytic.shape}")
     err = np.abs(numeric - analytic)
     tol = atol + rtol * np.abs(numeric)
     # A NaN/Inf on either side is a failure: NaN compares False with anything
@@ -48,14 +60,14 @@ def assert_allclose_grad(numeric, analytic, what: str, atol: float, rtol: float)
         order = np.argsort(-score, axis=None, kind="stable")[:5]
         lines = [
             f"  at {tuple(int(i) for i in np.unravel_index(j, numeric.shape))}: "
-            f"numeric={numeric.flat[j]:.10g} analytic={analytic.flat[j]:.10g} |diff|={err.flat[j]:.3g}"
+            f"{labels[0]}={numeric.flat[j]:.10g} {labels[1]}={analytic.flat[j]:.10g} |diff|={err.flat[j]:.3g}"
             for j in order
         ]
         finite_err = err[~nonfinite]
         worst = f"{finite_err.max():.3g}" if finite_err.size else "n/a"
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.size} entries differ beyond "
-            f"atol={atol:g} + rtol={rtol:g}*|numeric| ({int(nonfinite.sum())} non-finite; "
+            f"atol={atol:g} + rtol={rtol:g}*|{labels[0]}| ({int(nonfinite.sum())} non-finite; "
             f"max finite |diff| {worst}); worst:\n" + "\n".join(lines)
         )
 
@@ -102,7 +114,7 @@ def _compare(numeric, dirs, analytic, what, atol, rtol):
 
 
 def check_backward(layer, x, dy=None, *, forward=None, eps=1e-6, atol=1e-7, rtol=1e-5,
-                   check_params=True, max_elements=2000, n_directions=24, seed=0):
+                   check_params=True, max_elements=2000, n_directions=24, seed=0, input_grad=True):
     """Check ``layer.backward`` (input and parameter gradients) numerically.
 
     Args:
@@ -115,10 +127,17 @@ def check_backward(layer, x, dy=None, *, forward=None, eps=1e-6, atol=1e-7, rtol
         check_params: also check every ``layer.params`` entry.
         max_elements / n_directions: above this size, use random directions.
         seed: seeds dy and the directions.
+        input_grad: ``False`` calls ``layer.backward(dy, input_grad=False)``
+            (a Sequential skipping its first layer's dL/dx) and checks the
+            parameter gradients only.
 
     Raises:
-        AssertionError: a gradient disagrees (message shows numeric vs analytic).
-        TypeError: anything is not float64.
+        AssertionError: a gradient disagrees (message shows numeric vs
+            analytic); ``backward`` returned no dL/dx although the layer
+            declares none missing; or a second forward + backward gave other
+            gradients than the first (accumulated instead of overwritten).
+        TypeError: anything is not float64, or ``input_grad=False`` for a
+            layer whose ``backward`` has no ``input_grad`` argument.
     """
     fwd = forward or layer.forward
     _require_f64(x=x, dy=dy, **{f"param {k}": v for k, v in layer_params(layer).items()})
@@ -130,13 +149,21 @@ def check_backward(layer, x, dy=None, *, forward=None, eps=1e-6, atol=1e-7, rtol
         dy = xp.asarray(rng.standard_normal(y.shape))
     if tuple(dy.shape) != tuple(y.shape):
         raise ValueError(f"dy shape {tuple(dy.shape)} != output shape {tuple(y.shape)}")
-    dx = layer.backward(dy)
-    analytic = {name: layer_grads(layer)[name].copy() for name in layer_params(layer)}
+    name = type(layer).__name__
+    run_backward = _backward_caller(layer, input_grad)
+    dx = run_backward(dy)
+    dx = None if dx is None else dx.copy()
+    analytic = {key: g.copy() for key, g in layer_grads(layer).items()}
+    if dx is None and input_grad and getattr(layer, "needs_input_grad", True):
+        raise AssertionError(
+            f"{name}: backward returned None instead of dL/dx (a layer without an input gradient says so "
+            f"with needs_input_grad = False; check a Sequential without one with input_grad=False)")
+    fwd(x)
+    _check_repeatable(name, dx, analytic, run_backward(dy), layer_grads(layer), atol, rtol)
 
     def objective():
         return float((fwd(x) * dy).sum())
 
-    name = type(layer).__name__
     if dx is not None:
         num, dirs = _numeric_grad(objective, x, eps, max_elements, n_directions, rng)
         _compare(num, dirs, dx, f"{name}: dL/dx", atol, rtol)
@@ -144,6 +171,30 @@ def check_backward(layer, x, dy=None, *, forward=None, eps=1e-6, atol=1e-7, rtol
         for key, p in layer_params(layer).items():
             num, dirs = _numeric_grad(objective, p, eps, max_elements, n_directions, rng)
             _compare(num, dirs, analytic[key], f"{name}: dL/d{key}", atol, rtol)
+
+
+def _backward_caller(layer, input_grad: bool):
+    """``dy -> layer.backward(dy)``, or ``layer.backward(dy, input_grad=False)`` when the input gradient is not wanted."""
+    if input_grad:
+        return layer.backward
+    if "input_grad" not in inspect.signature(layer.backward).parameters:
+        raise TypeError(f"input_grad=False: {type(layer).__name__}.backward has no input_grad argument (a "
+                        f"Sequential's has); a layer without an input gradient sets needs_input_grad = False")
+    return lambda dy: layer.backward(dy, input_grad=False)
+
+
+def _check_repeatable(name, dx, grads, dx2, grads2, atol, rtol):
+    """A second forward + backward must reproduce the first one's dL/dx and (overwritten) parameter gradients."""
+    labels = ("first", "second")
+    hint = "a second forward + backward differs from the first"
+    if (dx is None) != (dx2 is None):
+        raise AssertionError(f"{name}: {hint}: backward returned {'None' if dx is None else 'dL/dx'} the first "
+                             f"time and {'None' if dx2 is None else 'dL/dx'} the second")
+    if dx is not None:
+        assert_allclose_grad(dx, dx2, f"{name}: dL/dx, {hint}", atol, rtol, labels)
+    for key, g in grads.items():
+        assert_allclose_grad(g, grads2[key], f"{name}: dL/d{key}, {hint} (backward must overwrite the "
+                             f"parameter gradients, never accumulate them)", atol, rtol, labels)
 
 
 def check_loss(loss, pred, target, *, eps=1e-6, atol=1e-7, rtol=1e-5, max_elements=2000,

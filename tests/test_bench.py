@@ -47,6 +47,49 @@ def test_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where, message", [
+    ("missing/out.json", "missing is not an existing directory"),
+    (".", "is a directory, not a file"),
+])
+def test_a_bad_json_path_is_refused_before_the_benchmark_runs(where, message, capsys, tmp_path):
+    """--json into a missing directory failed only after the whole benchmark had run."""
+    path = tmp_path / where
+    assert bench.main(["--device", "cpu", "--no-torch", "--batch-sizes", "4", "--repeats", "1", "--warmup", "0",
+                       "--no-layers", "--json", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert f"gpucnn bench: --json {path}: " in err and message in err
+    assert "train step" not in out                     # nothing was measured
+
+
+def test_missing_torch_is_said_once(monkeypatch, capsys):
+    """Without PyTorch its columns were "-" with no word why."""
+    monkeypatch.setattr(bench, "try_import_torch", lambda: (None, "ModuleNotFoundError: No module named 'torch'"))
+    argv = ["--device", "cpu", "--batch-sizes", "4", "8", "--repeats", "1", "--warmup", "0", "--no-layers"]
+    assert bench.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: PyTorch's columns show '-': it cannot be imported (ModuleNotFoundError: "
+                     "No module named 'torch')") == 1, err
+    assert bench.main(argv + ["--no-torch"]) == 0
+    assert "PyTorch" not in capsys.readouterr().err
+
+
+def test_threads_above_the_cores_are_capped_with_a_note(monkeypatch, capsys):
+    from gpucnn.functional import threads
+
+    before = threads.get_num_threads()
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    try:
+        assert bench.main(["--device", "cpu", "--no-torch", "--batch-sizes", "4", "--repeats", "1", "--warmup", "0",
+                           "--no-layers", "--threads", "300"]) == 0
+        assert "gpucnn bench: note: --threads 300 is more than the 2 CPU core(s)" in capsys.readouterr().err
+        assert threads.get_num_threads() == 2
+        assert bench.main(["--device", "cpu", "--no-torch", "--threads", "0"]) == 2
+        assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        threads.set_num_threads(before)
+
+
 # -- gpucnn bench --static: the CUDA step's launch plan without a GPU ---------------------------
 
 

@@ -1,6 +1,7 @@
 """The command line: train / evaluate / predict / plot, and clear errors for bad input."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -68,6 +69,38 @@ def test_evaluate(run_dir):
     cm = np.array([[int(v) for v in r[1:]] for r in rows])
     assert cm.sum() == 10000
     assert np.trace(cm) / 10000 == pytest.approx(acc)
+
+
+def test_evaluate_a_float64_checkpoint(run_dir, tmp_path, capsys):
+    """The dataset's float32 images are converted to a float64 model's dtype (they were a TypeError)."""
+    from gpucnn import checkpoint, models
+
+    out, _ = run_dir
+    model, _ = checkpoint.restore_model(out)
+    twin = models.build("lenet5", dtype=np.float64)
+    twin.load_state_dict({k: v.astype(np.float64) for k, v in model.state_dict().items()})
+    checkpoint.save_checkpoint(tmp_path, twin, model_name="lenet5", epoch=1, config={"dataset": "mnist"})
+    assert cli.main(["evaluate", str(tmp_path), "--device", "cpu"]) == 0
+    acc = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"]
+    assert f"accuracy {100 * acc:.2f}%" in capsys.readouterr().out
+
+
+def test_a_closed_stdout_ends_quietly_as_unix_tools_do(tmp_path):
+    """`gpucnn predict ... | head -1` printed "gpucnn: error: BrokenPipeError" and exited 1."""
+    from PIL import Image
+
+    from gpucnn import checkpoint, models
+
+    checkpoint.save_checkpoint(tmp_path, models.build("lenet5"), model_name="lenet5", config={"dataset": "mnist"})
+    Image.fromarray(gdata.load_dataset("mnist").test_images[0]).save(tmp_path / "digit.png")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for command in (["-m", "gpucnn", "predict"], ["-m", "gpucnn.inference"]):
+        proc = subprocess.Popen([sys.executable, "-W", "ignore", *command, str(tmp_path), str(tmp_path / "digit.png")],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()                 # the reader is gone before anything is written
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 128 + 13, err      # 141: as if killed by SIGPIPE
+        assert err == "", err
 
 
 def test_predict_png_of_another_size(run_dir, tmp_path):
@@ -165,6 +198,76 @@ def test_bad_arguments(args, needle, capsys):
     assert "error:" in err
 
 
+def _usage_error(args, capsys) -> str:
+    """stderr of a ``gpucnn`` call that must end with a usage error (exit status 2)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    return err
+
+
+def test_plot_says_what_it_cannot_draw(tmp_path, capsys):
+    """An empty metrics.jsonl printed nothing and exited 0; a file as the run directory said "not found"."""
+    from gpucnn import checkpoint, models
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    err = _usage_error(["plot", run], capsys)
+    assert f"argument dir: nothing to plot: {run / 'metrics.jsonl'} holds no epochs and there is no checkpoint.npz" in err
+    assert not (run / "curves.png").exists()
+    checkpoint.save_checkpoint(run, models.build("lenet5"), model_name="lenet5", config={"dataset": "mnist"})
+    assert cli.main(["plot", str(run)]) == 0                        # the filters still, and a note for the curves
+    out, err = capsys.readouterr()
+    assert f"wrote {run / 'filters.png'}" in out
+    assert f"gpucnn plot: note: no curves.png: {run / 'metrics.jsonl'} holds no epochs" in err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    err = _usage_error(["plot", a_file], capsys)
+    assert f"argument dir: {a_file} is a file, not a run directory" in err and "not found" not in err
+    err = _usage_error(["plot", run, "--out", a_file], capsys)
+    assert f"argument --out: {a_file} is a file, not a directory" in err and "FileExistsError" not in err
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    """--out naming a file gave a raw FileExistsError (exit 1)."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    common = ["train", "--subset", "64", "--test-subset", "32", "--epochs", "1", "--no-progress", "--out"]
+    err = _usage_error([*common, a_file], capsys)
+    assert f"the run directory (--out) {a_file} is a file, not a directory" in err and "FileExistsError" not in err
+    err = _usage_error([*common, a_file / "run"], capsys)
+    assert f"(--out) {a_file / 'run'} cannot be a directory: {a_file} is a file" in err
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--subset", "999999"], "subset=999999 is larger than the mnist split it cuts (60000 images)"),
+    (["--data-dir", "{empty}"], "does not hold it"),
+])
+def test_a_refused_run_leaves_no_run_directory(tmp_path, capsys, args, needle):
+    """Errors found while loading the data used to leave an empty run directory behind."""
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty") for a in args]
+    out = tmp_path / "runs" / "refused"
+    with pytest.raises(SystemExit) if "--subset" in args else contextlib.nullcontext():
+        code = cli.main(["train", *args, "--epochs", "1", "--no-progress", "--out", str(out)])
+        assert code == 1
+    assert needle in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_batch_larger_than_the_data_says_the_batch_used(tmp_path, capsys):
+    """--batch-size 5000 on 2000 images ran one step of 2000 while the header said "batch 5000"."""
+    assert cli.main(["train", "--subset", "100", "--test-subset", "32", "--batch-size", "500", "--epochs", "1",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert ("batch 100 (batch_size 500 is more than the 100 training images: one step of all of them)"
+            in out), out
+    assert "batch 500," not in out
+
+
 def test_predict_with_a_missing_checkpoint(capsys):
     assert cli.main(["predict", "/nonexistent/checkpoint.npz", "x.png"]) == 2
     err = capsys.readouterr().err
@@ -224,11 +327,11 @@ def test_cli_resume_bit_for_bit(tmp_path, capsys):
     assert cli.main(["train", *common, "--out", str(tmp_path / "part"), "--stop-after", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "stopping after epoch 1 as asked; continue with --resume" in out[-2]
-    assert out[-1].startswith("done: seed002_c1 on mnist, 1 epoch,")
+    assert out[-1].startswith("done: seed002_c1 on mnist, 1 epoch, 1 of 2 done,")
     assert cli.main(["train", "--resume", str(tmp_path / "part"), "--no-progress"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("resumed from") for line in out)
-    assert out[-1].startswith("done: seed002_c1 on mnist, 2 epochs,")
+    assert out[-1].startswith("done: seed002_c1 on mnist, 1 epoch now (2), 2 of 2 done,")
 
     def stable(d):
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]

@@ -321,15 +321,19 @@ def test_lookup_prefers_name_subdir(tmp_path, monkeypatch, no_shipped):
 
 
 @pytest.mark.parametrize("how", ["data_dir", "env"])
-@pytest.mark.parametrize("state", ["empty", "missing", "incomplete"])
+@pytest.mark.parametrize("state", ["empty", "missing", "incomplete", "folder"])
 def test_a_named_directory_without_the_dataset_is_an_error(tmp_path, monkeypatch, how, state):
-    """--data-dir / GPUCNN_DATA pointing at the wrong place no longer falls back to the shipped copy."""
+    """--data-dir / GPUCNN_DATA pointing at the wrong place no longer falls back to the shipped copy;
+    a directory standing where an IDX file belongs is named as such ("does not hold" listed it)."""
     d = tmp_path / "where"
+    folder = d / MNIST.files["test_labels"].name
     if state == "empty":
         d.mkdir()
-    elif state == "incomplete":
+    elif state in ("incomplete", "folder"):
         placeholder_dir(d)
-        (d / MNIST.files["test_labels"].name).unlink()
+        folder.unlink()
+        if state == "folder":
+            folder.mkdir()
     kwargs = {}
     if how == "data_dir":
         kwargs["data_dir"] = d
@@ -341,7 +345,10 @@ def test_a_named_directory_without_the_dataset_is_an_error(tmp_path, monkeypatch
     assert str(d) in msg and ("--data-dir" if how == "data_dir" else "$GPUCNN_DATA") in msg
     for f in MNIST.files.values():
         assert f.name in msg                               # the files expected are listed
-    assert {"empty": "does not hold it", "missing": "does not exist", "incomplete": "found only"}[state] in msg
+    assert {"empty": "does not hold it", "missing": "does not exist", "incomplete": "found only",
+            "folder": f"{folder} is a directory, not a file"}[state] in msg
+    if state == "folder":
+        assert "does not hold" not in msg and f"'{folder.name}'" not in msg   # not listed as found
     assert isinstance(info.value, FileNotFoundError)
 
 

@@ -59,6 +59,25 @@ def test_channel_mismatch():
         L.PReLU(3).forward(np.zeros((2, 4), np.float32))
 
 
+def test_a_batch_of_zero_samples_gives_empty_outputs_as_in_pytorch():
+    """PyTorch's Conv2d maps a (0, C, H, W) batch to an empty (0, O, Ho, Wo) output; ours raised
+    ZeroDivisionError.  Backward gives an empty dL/dx and zero parameter gradients (overwritten)."""
+    gpucnn.seed(0)
+    conv = L.Conv2D(2, 3, 3, stride=2, padding=1)
+    y = conv.forward(np.zeros((0, 2, 7, 6), np.float32))
+    assert y.shape == (0, 3, 4, 3) and y.dtype == np.float32
+    for g in conv.grads.values():
+        g[...] = 5
+    dx = conv.backward(np.zeros(y.shape, np.float32))
+    assert dx.shape == (0, 2, 7, 6)
+    assert all(not g.any() for g in conv.grads.values())
+    model = models.build("lenet5")      # conv + relu + pool fused, then flatten and dense layers
+    y = model.forward(np.zeros((0, 1, 28, 28), np.float32))
+    assert y.shape == (0, 10)
+    assert model.backward(np.zeros((0, 10), np.float32)).shape == (0, 1, 28, 28)
+    assert all(not g.any() for g in model.gradients())
+
+
 @pytest.mark.parametrize("layer,shape,pattern", [
     pytest.param(L.Conv2D(1, 1, 5), (1, 1, 3, 8),
                  esc("output H would be <= 0: input H=3 with padding=0 is smaller than kernel=5"), id="conv-H"),
@@ -154,6 +173,27 @@ def test_labels_out_of_range(labels, pattern):
 def test_labels_not_integer(labels):
     with pytest.raises(TypeError, match=f"labels must be integers, got dtype {labels.dtype}"):
         losses.SoftmaxCrossEntropy().forward(np.zeros((2, 3)), labels)
+
+
+def test_float_labels_are_refused_not_truncated():
+    """A Dataset with labels 7.5 trained on 7 (astype(int64) truncated them); now the first bad value is named."""
+    from gpucnn.data import Dataset, load_arrays
+
+    images = np.zeros((3, 28, 28), np.uint8)
+    y = np.array([1.0, 2.0, 7.5, 8.25])[:3]
+    with pytest.raises(TypeError, match=esc("train_labels must be integer class indices, got dtype float64: "
+                                            "train_labels[2] = 7.5 is not a whole number")):
+        Dataset("mnist", [str(i) for i in range(10)], images, y, images, np.arange(3))
+    with pytest.raises(TypeError, match=esc("test_labels must be integer class indices, got dtype float64 (whole "
+                                            "numbers: convert them explicitly, test_labels.astype(np.int64))")):
+        Dataset("mnist", [str(i) for i in range(10)], images, np.arange(3), images, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=esc("train_labels has label -1; labels are class indices >= 0")):
+        Dataset("mnist", [str(i) for i in range(10)], images, np.array([0, -1, 2]), images, np.arange(3))
+    with pytest.raises(TypeError, match=esc("one_hot: labels must be integer class indices, got dtype float64: "
+                                            "labels[1] = 7.5 is not a whole number")):
+        losses.one_hot(np.array([1.0, 7.5]), 10)
+    ds = Dataset("mnist", [str(i) for i in range(10)], images, np.array([1, 2, 7], np.uint8), images, np.arange(3))
+    assert load_arrays(data=ds)[1].tolist() == [1, 2, 7]
 
 
 def test_labels_wrong_rank():

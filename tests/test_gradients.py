@@ -265,6 +265,49 @@ def test_check_backward_catches_wrong_param_gradient_random_directions():
         check_backward(dense, randn((3, 3), seed=34), max_elements=0)
 
 
+class NoInputGradSigmoid(L.Sigmoid):
+    """Planted bug: backward forgets to return dL/dx (and says nothing about it)."""
+
+    def backward(self, dy):
+        super().backward(dy)
+        return None
+
+
+class AccumulatingDense(L.Dense):
+    """Planted bug: backward adds to the parameter gradients instead of overwriting them."""
+
+    def backward(self, dy):
+        before = {k: g.copy() for k, g in self.grads.items()}
+        dx = super().backward(dy)
+        for k, g in before.items():
+            self.grads[k][...] += g
+        return dx
+
+
+def test_check_backward_catches_a_missing_input_gradient():
+    with pytest.raises(AssertionError, match=r"NoInputGradSigmoid: backward returned None instead of dL/dx"):
+        check_backward(NoInputGradSigmoid(), randn((2, 3), seed=40))
+
+
+def test_check_backward_catches_accumulated_parameter_gradients():
+    gpucnn.seed(41)
+    with pytest.raises(AssertionError, match=r"(?s)AccumulatingDense: dL/dW, a second forward \+ backward "
+                                             r"differs.*never accumulate.*first=.*second="):
+        check_backward(AccumulatingDense(3, 4, dtype=F64), randn((2, 3), seed=42))
+
+
+def test_check_backward_accepts_a_declared_missing_input_gradient():
+    gpucnn.seed(43)
+    conv = L.Conv2D(1, 2, 3, dtype=F64)
+    conv.needs_input_grad = False          # the layer says it has no dL/dx
+    check_backward(conv, randn((1, 1, 5, 5), seed=44))
+    model = models.build("lenet5", dtype=F64)   # a Sequential asked for none: its first layer skips it
+    check_backward(model, np.random.default_rng(45).uniform(0, 1, (2, 1, 28, 28)), max_elements=0,
+                   n_directions=4, input_grad=False)
+    with pytest.raises(TypeError, match=r"input_grad=False: Sigmoid.backward has no input_grad argument"):
+        check_backward(L.Sigmoid(), randn((2, 3), seed=46), input_grad=False)
+
+
 def test_check_loss_catches_wrong_gradient():
     class HalfMSE(losses.MSE):
         def backward(self, scale=1.0):

@@ -519,6 +519,24 @@ def test_exported_as_gc_load_and_gc_predict(trained, digits):
     assert np.allclose(gc.predict(model, digits[0][0]), first)
 
 
+def test_float64_checkpoint_predicts_like_its_float32_twin(trained, digits, tmp_path, capsys):
+    """A float64 model's inputs are converted to float64 at the boundary (they were float32: TypeError)."""
+    _, model = trained
+    run = tmp_path / "f64"
+    run.mkdir()
+    twin = models.build("lenet5", dtype=np.float64)
+    twin.load_state_dict({k: v.astype(np.float64) for k, v in model.state_dict().items()})
+    checkpoint.save_checkpoint(run, twin, None, model_name="lenet5", epoch=1, config={"dataset": "mnist"})
+    x = np.stack([d for d, _ in digits])
+    loaded = gc.load(run)
+    assert loaded.dtype == np.float64
+    assert np.allclose(gc.predict(loaded, x), gc.predict(model, x), atol=1e-5)
+    path = tmp_path / "digit.png"
+    Image.fromarray(digits[0][0]).save(path)
+    assert gpucnn_predict(run, path) == 0, capsys.readouterr().err
+    assert predicted(capsys.readouterr().out)[0][1] == str(digits[0][1])
+
+
 def test_importing_inference_is_light():
     import subprocess
     import sys

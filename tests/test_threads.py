@@ -10,8 +10,11 @@ from gpucnn.functional import threads
 
 
 @pytest.fixture
-def restore_threads():
+def restore_threads(monkeypatch):
+    """Restores the thread count afterwards; meanwhile the process may use 8 cores, so that a
+    2-core box still runs 3 threads (thread counts are capped at the usable cores)."""
     before = threads.get_num_threads()
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
     yield
     threads.set_num_threads(before)
 
@@ -94,3 +97,26 @@ def test_nested_map_each_runs_inline(restore_threads):
 
     for names in threads.map_each(outer, [(0,), (1,)]):
         assert len(set(names)) == 1                  # one thread ran all of a block's inner blocks
+
+
+def test_thread_counts_above_the_usable_cores_are_capped_with_a_note(monkeypatch, restore_threads, capsys, tmp_path):
+    """--threads 1000 on 2 cores forked 999 workers and trained 20 times slower: now capped at the cores."""
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    with pytest.warns(threads.ThreadCountWarning, match=r"num_threads 300 is more than the 2 CPU core\(s\) "
+                                                        r"this process may use; using 2"):
+        threads.set_num_threads(300)
+    assert threads.get_num_threads() == 2
+    monkeypatch.setattr(threads, "_num_threads", None)
+    monkeypatch.setenv(threads.ENV_VAR, "64")
+    with pytest.warns(threads.ThreadCountWarning, match=r"GPUCNN_NUM_THREADS 64 is more than the 2"):
+        assert threads.get_num_threads() == 2
+    monkeypatch.delenv(threads.ENV_VAR)
+
+    from gpucnn import cli
+
+    assert cli.main(["train", "--threads", "1000", "--subset", "64", "--test-subset", "64", "--epochs", "1",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note" in line]
+    assert notes == ["gpucnn train: note: --threads 1000 is more than the 2 CPU core(s) this process may use; "
+                     "using 2 thread(s) (more only slows the NumPy path down; results are the same for any count)"]
+    assert threads.get_num_threads() == 2

@@ -71,6 +71,19 @@ def test_metrics_file_and_fields(mnist, tmp_path):
     assert s.startswith("done: seed002_c1 on mnist, 2 epochs, test accuracy ") and "images/s (cpu)" in s
 
 
+def test_summary_counts_epochs_not_metrics_rows(mnist, tmp_path):
+    """The summary said "len(metrics) epochs": "3 epochs" after resuming 2 more to 4 when metrics.jsonl was lost."""
+    part = _run(mnist, tmp_path / "r", epochs=4, subset=128, test_subset=64, stop_after=2)
+    assert ", 2 epochs, 2 of 4 done, test accuracy " in part.summary()
+    assert (part.epochs_run, part.epochs_done) == (2, 2)
+    (tmp_path / "r" / "metrics.jsonl").unlink()           # only the checkpoint's own row survives
+    rest = train(None, data=mnist, device="cpu", resume=tmp_path / "r", progress=False, log=None)
+    assert rest.summary().startswith("done: seed002_c1 on mnist, 2 epochs now (3-4), 4 of 4 done, test accuracy ")
+    assert len(rest.metrics) == 3 and (rest.epochs_run, rest.epochs_done) == (2, 4)
+    again = train(None, data=mnist, device="cpu", resume=tmp_path / "r", progress=False, log=None)
+    assert ", 0 epochs now, 4 of 4 done, " in again.summary()
+
+
 def test_same_seed_same_run(mnist, tmp_path):
     a = _run(mnist, tmp_path / "a", optimizer="adam")
     b = _run(mnist, tmp_path / "b", optimizer="adam")

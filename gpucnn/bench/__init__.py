@@ -32,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from ..train import microbatch
 from .accuracy import time_to_accuracy
 from .steps import check_step, kernel_rows, layer_rows, step_pair
 from .timing import Timer, TorchTimer
-from .twin import import_torch, torch_graphed, torch_twin
+from .twin import torch_graphed, torch_twin, try_import_torch
 
 __all__ = ["main", "run", "add_arguments", "environment", "time_to_accuracy", "torch_twin", "Timer"]
 
@@ -92,7 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=30, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of both sides: PyTorch's and gpucnn's NumPy path (default: each "
+                   help="CPU threads of both sides: PyTorch's and gpucnn's NumPy path, at most the cores "
+                        "this process may use (a larger N is capped, with a note) (default: each "
                         "library's own, one per core)")
     p.add_argument("--no-torch", action="store_true", help="time gpucnn alone")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
@@ -109,11 +111,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--time-to-accuracy: steps between (untimed) test evaluations")
 
 
+def _json_path_problem(path) -> str | None:
+    """Why the results could not be written to ``--json path``, found before anything runs (None: no reason)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        return f"--json {p}: is a directory, not a file"
+    if not parent.is_dir():
+        return f"--json {p}: {parent} is not an existing directory"
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        return f"--json {p}: not writable"
+    return None
+
+
 def _check_args(args):
     """An error message for bad arguments, or None."""
     for b in args.batch_sizes:
         if b < 1:
             return f"--batch-sizes must be >= 1, got {b}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
     if args.repeats < 1 or args.warmup < 0:
         return f"need --repeats >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}"
     if args.time_to_accuracy is not None and (not 0 < args.time_to_accuracy < 1 or args.seeds < 1
@@ -122,6 +139,8 @@ def _check_args(args):
                 f"{args.time_to_accuracy}, {args.seeds}, {args.eval_every}")
     if args.model == "all" and not args.static:
         return "--model all goes with --static only"
+    if args.json and _json_path_problem(args.json):
+        return _json_path_problem(args.json)
     if args.static:
         return None
     if args.device == "cuda" and not backend.cuda_available():
@@ -130,13 +149,19 @@ def _check_args(args):
 
 
 def _setup_torch(args, device):
-    torch = None if args.no_torch else import_torch()
+    torch, why = (None, None) if args.no_torch else try_import_torch()
+    if why is not None and args.time_to_accuracy is None:
+        print(f"gpucnn bench: note: PyTorch's columns show '-': it cannot be imported ({why}); install it "
+              f"to compare, or pass --no-torch", file=sys.stderr, flush=True)
     if args.threads:
         from ..functional import threads
 
-        threads.set_num_threads(args.threads)
+        n, note = threads.cap_to_cores(args.threads, "--threads")
+        if note is not None:
+            print(f"gpucnn bench: note: {note}", file=sys.stderr, flush=True)
+        threads.set_num_threads(n)
         if torch is not None:
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(n)
     if torch is not None and device == "cuda":
         _torch_fp32(torch, True)
     return torch

@@ -3,16 +3,22 @@ from __future__ import annotations
 
 from .. import backend, layers
 
-__all__ = ["import_torch", "torch_twin", "torch_step", "torch_graphed"]
+__all__ = ["import_torch", "try_import_torch", "torch_twin", "torch_step", "torch_graphed"]
 
 
 def import_torch():
+    """PyTorch, or None when it cannot be imported (:func:`try_import_torch` also says why)."""
+    return try_import_torch()[0]
+
+
+def try_import_torch():
+    """``(torch, None)``, or ``(None, why)`` when importing it fails (not installed, or broken)."""
     try:
         import torch  # noqa: F401
 
-        return torch
-    except Exception:
-        return None
+        return torch, None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def torch_twin(model, torch, device):

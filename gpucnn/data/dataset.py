@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import backend
+from .._utils import check_integer_labels
 from . import fetch as _fetch_module
 from .idx import fail, read_idx
 from .lookup import ENV_VAR, cache_dir, candidates, find_file, locate
@@ -19,6 +20,9 @@ __all__ = ["Dataset", "load_dataset", "normalize", "load_arrays"]
 @dataclass
 class Dataset:
     """A loaded dataset: uint8 images ``(N, H, W)`` and uint8 labels ``(N,)``.
+
+    Labels of a non-integer dtype are refused (``TypeError`` naming the first
+    value that is not a whole number), never truncated.
 
     Attributes:
         name: Dataset name.
@@ -48,6 +52,9 @@ class Dataset:
                 raise ValueError(
                     f"{split}: {len(x)} images but {len(y)} labels; the counts must match"
                 )
+            check_integer_labels(y, f"{split}_labels")
+            if y.size and int(y.min()) < 0:
+                raise ValueError(f"{split}_labels has label {int(y.min())}; labels are class indices >= 0")
             if y.size and int(y.max()) >= len(self.classes):
                 raise ValueError(
                     f"{split}_labels has label {int(y.max())} but there are only "

@@ -106,16 +106,32 @@ class DataDirError(FileNotFoundError):
     """A directory the user named (``--data-dir``, ``$GPUCNN_DATA``) does not hold the dataset."""
 
     def __init__(self, spec: DatasetSpec, how: str, directory: Path):
+        folders = _folders_named_like_files(spec, directory)
         where = "does not exist" if not directory.exists() else (
-            "is not a directory" if not directory.is_dir() else "does not hold it")
+            "is not a directory" if not directory.is_dir() else
+            _is_are(folders) + " a directory, not a file" if folders else "does not hold it")
         names = ", ".join(f.name for f in spec.files.values())
         present = []
         for d in (directory / spec.name, directory):
-            present += [p.name for p in sorted(d.iterdir())] if d.is_dir() else []
+            present += [p.name for p in sorted(d.iterdir()) if p.is_file()] if d.is_dir() else []
         super().__init__(
             f"{how} {directory}: {where}: expected {spec.name}'s four files {names} (each gzipped or "
             f"not) in {directory / spec.name} or in {directory} itself"
-            + (f"; found only {sorted(set(present))[:12]}" if present else "")
+            + (f"; found only the files {sorted(set(present))[:12]}" if present else "")
             + ". Point it at the files, or leave it out to use "
             + ("the copy shipped with gpucnn" if spec.name == "mnist" else "the cache or a download"))
         self.directory = directory
+
+
+def _folders_named_like_files(spec: DatasetSpec, directory: Path) -> list[Path]:
+    """The directories that stand where one of ``spec``'s files is looked for (``<dir>[/<name>]/<file>``)."""
+    out = []
+    for d in (directory / spec.name, directory):
+        for f in spec.files.values():
+            out += [d / n for n in (f.name, f.raw_name) if (d / n).is_dir()]
+    return out
+
+
+def _is_are(paths: list[Path]) -> str:
+    """``"<path> is"`` or ``"<path>, <path> are"``, for a message."""
+    return ", ".join(map(str, paths)) + (" is" if len(paths) == 1 else " are")

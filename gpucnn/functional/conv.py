@@ -32,6 +32,10 @@ Where it runs (decided once, by :func:`~gpucnn.functional._dispatch.use_kernels`
   pooling ones of :mod:`gpucnn.cuda.pool`.
 
 Both return the same :class:`Conv2dSaved` from forward.
+
+A batch of 0 gives, as in PyTorch, an empty output of the right shape
+``(O, Ho, Wo, 0)`` (pooled when a pool is fused), and backward zero weight and
+bias gradients and an empty dL/dx, on either device, without running a pass.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import numpy as np
 from .. import backend
 from . import _dispatch, threads
 from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
-from .pooling import MaxPool2dSaved, max_pool2d_backward, max_pool2d_forward
+from .pooling import MaxPool2dSaved, max_pool2d_backward, max_pool2d_forward, pool_output_hw
 from .workspace import get
 
 __all__ = ["Conv2dSaved", "conv2d_forward", "conv2d_backward", "conv_output_hw"]
@@ -106,6 +110,8 @@ def conv2d_forward(x, W, b, stride, padding, *, act=None, pool=None, ws=None):
         y (O, Ho', Wo', N) and a :class:`Conv2dSaved`.
     """
     _check_fusion(act, pool)
+    if x.shape[3] == 0:
+        return _empty_batch_forward(x, W, b, stride, padding, act, pool)
     if _dispatch.use_kernels(x, W, b):
         return _forward_kernels(x, W, b, stride, padding, act, pool, ws)
     cols, z = _conv_numpy(x, W, b, stride, padding, ws)
@@ -118,6 +124,25 @@ def conv2d_forward(x, W, b, stride, padding, *, act=None, pool=None, ws=None):
     if pool is not None:
         y, pool_saved = max_pool2d_forward(y, *pool, ws=ws)
     return y, Conv2dSaved(x, W, cols, stride, padding, b is not None, act, act_saved, pool_saved, z.shape)
+
+
+def _empty_batch_forward(x, W, b, stride, padding, act, pool):
+    """Forward of a batch of 0 samples: the empty output (as PyTorch gives), nothing computed."""
+    xp = backend.get_array_module(x)
+    z_shape = (W.shape[0], *conv_output_hw(x.shape, W.shape, stride, padding), 0)
+    y_hw = pool_output_hw(z_shape, *pool) if pool is not None else z_shape[1:3]
+    y = xp.zeros((W.shape[0], *y_hw, 0), x.dtype)
+    return y, Conv2dSaved(x, W, None, stride, padding, b is not None, act, None, None, z_shape)
+
+
+def _empty_batch_backward(saved, need_input_grad, dW_out, db_out):
+    """Backward of a batch of 0 samples: zero parameter gradients (a sum over no samples), an empty dL/dx."""
+    xp = backend.get_array_module(saved.W)
+    W = saved.W
+    dW = _store(xp.zeros_like(W), W.shape, dW_out)
+    db = _store(xp.zeros(W.shape[0], W.dtype), (W.shape[0],), db_out) if saved.has_bias else None
+    dx = xp.zeros(saved.x.shape, saved.x.dtype) if need_input_grad else None
+    return dx, dW, db
 
 
 def _chunks(Ho, Wo, N, K):
@@ -211,6 +236,8 @@ def conv2d_backward(dy, saved: Conv2dSaved, *, need_input_grad=True, dW_out=None
             new arrays when None.  db is None without a bias.
         ws: the workspace forward used.
     """
+    if saved.z_shape[3] == 0:
+        return _empty_batch_backward(saved, need_input_grad, dW_out, db_out)
     if _dispatch.use_kernels(dy, saved.W):
         return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, ws)
     dz = _pre_activation_grad(dy, saved, ws)

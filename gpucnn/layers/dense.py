@@ -38,7 +38,7 @@ class Flatten(InternalLayer):
         if x.ndim < 2:
             raise ValueError(f"Flatten: x must have rank >= 2 (batch first), got shape {shown_shape(x, True)}")
         self._x_shape = tuple(x.shape)
-        return x.reshape(-1, x.shape[-1])
+        return x.reshape(int(np.prod(x.shape[:-1])), x.shape[-1])   # not -1: a batch of 0 has no size to infer from
 
     def backward_internal(self, dy, need_input_grad=True):
         self._check_forward_called(self._x_shape)

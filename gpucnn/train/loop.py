@@ -33,6 +33,7 @@ import numpy as np
 from .. import backend, checkpoint as ckpt_mod, debug as debug_mod, losses, models, nvtx, optim
 from .. import distributed as dist
 from .. import random as grandom
+from .._utils import check_directory_path
 from . import parallel
 from ..data import load_arrays, load_dataset, normalize
 from ..data.augment import FLIP_DATASETS
@@ -81,7 +82,10 @@ class TrainResult:
     model: object = None
     config: TrainConfig | None = None
     device: str = "cpu"
+    #: epochs trained by this call, and in total (the last checkpoint's epoch; more than
+    #: ``epochs_run`` after a resume)
     epochs_run: int = 0
+    epochs_done: int = 0
     seconds: float = 0.0
     images_per_sec: float = 0.0
     #: ranks of a distributed run (1 otherwise) and this process's rank
@@ -92,14 +96,26 @@ class TrainResult:
     def test_accuracy(self) -> float | None:
         return self.metrics[-1]["test_accuracy"] if self.metrics else None
 
+    def epochs_phrase(self) -> str:
+        """How many epochs this call trained and where the run stands: ``"3 epochs"`` (a whole run
+        from the start), ``"5 epochs, 5 of 7 done"`` (stopped early), ``"2 epochs now (6-7), 7 of 7
+        done"`` (resumed)."""
+        n, done, total = self.epochs_run, self.epochs_done, self.config.epochs
+        text = f"{n} epoch{'s' if n != 1 else ''}"
+        if n != done:
+            first = done - n + 1
+            text += " now" + ("" if n == 0 else f" ({done})" if n == 1 else f" ({first}-{done})")
+        if n != done or done != total:
+            text += f", {done} of {total} done"
+        return text
+
     def summary(self) -> str:
         """The one-line summary ``gpucnn train`` prints last."""
         cfg = self.config
         acc = self.test_accuracy
         acc_s = f"{100 * acc:.2f}%" if acc is not None else "n/a"
-        total = len(self.metrics)
         where = self.device + (f", {self.world_size} ranks" if self.world_size > 1 else "")
-        return (f"done: {cfg.model} on {cfg.dataset}, {total} epoch{'s' if total != 1 else ''}, "
+        return (f"done: {cfg.model} on {cfg.dataset}, {self.epochs_phrase()}, "
                 f"test accuracy {acc_s}, {self.images_per_sec:.0f} images/s ({where}), "
                 f"{self.seconds:.1f} s, checkpoint {self.checkpoint}")
 
@@ -137,6 +153,20 @@ def _check_rng(ckpt) -> None:
             except ValueError as exc:
                 raise ckpt_mod.CheckpointError(f"{ckpt.path}: cannot resume: rng {key!r} is not a valid random "
                                                f"state: {exc}") from None
+
+
+def _batch_phrase(batch_size: int, n: int) -> str:
+    """``"batch 64"``, or the batch really used when ``batch_size`` is more than the ``n`` training images
+    (then every epoch is one step over all of them, as a DataLoader does)."""
+    if batch_size <= n:
+        return f"batch {batch_size}"
+    return f"batch {n} (batch_size {batch_size} is more than the {n} training images: one step of all of them)"
+
+
+def _check_out_dir(out_dir) -> None:
+    """``out_dir`` (when given) must be a directory or a path one can be made at (``ValueError`` naming the file)."""
+    if out_dir is not None:
+        check_directory_path(out_dir, "the run directory (--out)")
 
 
 def _run_config(config, resume, say):
@@ -254,6 +284,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
             raise ValueError(f"collective_timeout={collective_timeout!r} needs distributed=True (or a backend)")
         cfg, ckpt = _run_config(config, resume, say)
         _check_stop_after(stop_after)
+        _check_out_dir(out_dir)
         dev, why = backend.resolve_device(device)
         say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
         run = _run(cfg, ckpt, dev, say, None, stop_after, progress,
@@ -288,7 +319,7 @@ def _run(cfg, ckpt, dev, say, comm, stop_after, progress, make_rundir, *, nvtx, 
             say("note: --nvtx: no NVTX implementation importable (pip install nvtx, or CuPy); ranges are no-ops")
         if debug:
             stack.enter_context(debug_mod.detect_anomaly())
-        run = _Run.prepare(cfg, ckpt, dev, say, comm, make_rundir(), metrics, **opts)
+        run = _Run.prepare(cfg, ckpt, dev, say, comm, make_rundir, metrics, **opts)
         run.epochs(stop_after, progress)
     return run
 
@@ -304,6 +335,7 @@ def _shared_start(comm, config, resume, out_dir, overwrite, say):
 
     def prepare():
         cfg, ckpt = _run_config(config, resume, say)
+        _check_out_dir(out_dir)
         rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite)
         local.update(cfg=cfg, ckpt=ckpt, rundir=rundir)
         return {"config": asdict(cfg), "out": str(rundir.path), "metrics": rundir.previous_metrics(),
@@ -325,12 +357,14 @@ class _Run:
     """The state of one :func:`train` call between preparation and the result."""
 
     @classmethod
-    def prepare(cls, cfg, ckpt, dev, say, comm, rundir, metrics, *, model, loss, data, data_dir, cuda_graph,
+    def prepare(cls, cfg, ckpt, dev, say, comm, make_rundir, metrics, *, model, loss, data, data_dir, cuda_graph,
                 launch_plan=True):
+        """Load the data and build the model, then create the run directory (``make_rundir()``): a run
+        refused on the way (a bad ``subset``, a missing dataset) leaves no empty directory behind."""
         if cuda_graph and dev != "cuda":
             raise ValueError(f"cuda_graph=True (--cuda-graph) needs the GPU (device cuda); this run is on {dev}")
         self = cls()
-        self.cfg, self.ckpt, self.dev, self.say, self.comm, self.rundir = cfg, ckpt, dev, say, comm, rundir
+        self.cfg, self.ckpt, self.dev, self.say, self.comm = cfg, ckpt, dev, say, comm
         ds = data if data is not None else load_dataset(cfg.dataset, data_dir)
         self.x_tr, self.y_tr, self.x_te, self.y_te, classes = load_arrays(
             cfg.dataset, data_dir, cfg.subset, cfg.test_subset, dev, ds)
@@ -342,6 +376,7 @@ class _Run:
             + (f", from {ds.source}" if ds.source is not None else " (given in memory)"))
         self.model, self.loss = self._model_and_loss(model, loss)
         self._inputs_to_model_dtype()
+        self.rundir = make_rundir()
         self.opt = make_optimizer(cfg, self.model)
         self.start_epoch = 0
         if ckpt is not None:
@@ -352,7 +387,7 @@ class _Run:
         self.rundir.start(cfg, self.metrics)
         say(f"model: {cfg.model} ({self.model.num_parameters()} parameters), {cfg.optimizer} lr {cfg.lr:g}"
             + (f" momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" and cfg.momentum else "")
-            + f" {cfg.lr_schedule} schedule, batch {cfg.batch_size}, {cfg.epochs} "
+            + f" {cfg.lr_schedule} schedule, {_batch_phrase(cfg.batch_size, self.n)}, {cfg.epochs} "
               f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
@@ -487,6 +522,7 @@ class _Run:
             else rd.last_good
         comm = self.comm
         return TrainResult(out_dir=rd.path, checkpoint=ck, metrics=self.metrics, model=self.model,
-                           config=self.cfg, device=self.dev, epochs_run=self.epochs_run, seconds=seconds,
+                           config=self.cfg, device=self.dev, epochs_run=self.epochs_run,
+                           epochs_done=self.start_epoch + self.epochs_run, seconds=seconds,
                            images_per_sec=(self.train_images / self.train_seconds) if self.train_seconds > 0 else 0.0,
                            world_size=comm.size if comm is not None else 1, rank=comm.rank if comm is not None else 0)
