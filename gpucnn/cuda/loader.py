@@ -70,9 +70,11 @@ __all__ = [
 ]
 
 #: Options gpucnn passes to the compiler: none.  CuPy's RawModule adds its own
-#: (``-arch=compute_XX`` for the current device, ``-ftz=true``, ``-I`` for its
-#: headers and the CUDA headers); tests/test_kernel_compile.py compiles with
-#: that set through NVRTC.  The kernels include no headers, need no particular
+#: (``--std=c++11`` in CuPy 13, ``--std=c++17`` in CuPy 14, ``-ftz=true``,
+#: ``-arch=sm_XX`` for the current device, ``--device-as-default-execution-space``
+#: and ``-I`` for its headers and the CUDA headers); tests/test_kernel_compile.py
+#: compiles every kernel with both versions' sets through NVRTC (its docstring
+#: cites the CuPy functions).  The kernels include no headers, need no particular
 #: C++ standard and mark every function ``__global__``/``__device__``.
 DEFAULT_OPTIONS: tuple[str, ...] = ()
 
