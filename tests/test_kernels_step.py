@@ -814,6 +814,23 @@ def test_dense_huge_row_count_launches_within_cuda_limits(op, fake):
         dense.gemm_launch(2**31 - 32, 1, 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocks_past_256_threads_are_covered_by_launch_bounds(dtype, fake):
+    """A block of more than 256 threads fits the 64K-register file only when every thread uses
+    at most 65536 / threads registers, which ptxas keeps to only for a kernel that declares
+    __launch_bounds__ (256 threads x 255 registers always fit).  The loss kernels are launched
+    with up to 1024 threads, so they declare it (and the launcher holds launches to it)."""
+    K, N = 10, 1000
+    logits, labels = _z(K, N, dtype=dtype), np.zeros(N, np.int32)
+    loss.xent_forward(logits, labels)                                     # fused: 1 block of 1024
+    loss.xent_forward(logits, labels, fused_max_rows=1, block=1024)      # split
+    loss.xent_backward(_z(K, N, dtype=dtype), labels, block=1024)
+    big = [(kernel, block) for kernel, _, block in fake.take() if np.prod(block) > 256]
+    assert [k for k, _ in big] == [loss._kernel(k, dtype) for k in ("xent_forward",) * 2 + ("xent_backward",)]
+    for kernel, block in big:
+        assert (loader.kernel_launch_bounds(kernel) or 0) >= np.prod(block), (kernel, block)
+
+
 def test_step_launches_and_grids(fake):
     cdiv = loader.ceil_div
     # pooling (lenet5 pool1 at N = 64)
