@@ -45,11 +45,17 @@
 // the wrapper, a function of the shapes).  Every output element is written
 // exactly once.
 //
-// Launch shape: grid = (ceil(Nc / 32), ceil(M / 32), 1), block = (64, KS, 1)
-//   with 1 <= KS <= 4; no dynamic shared memory (static: 4 * 1152 elements,
-//   18 KiB float, 36 KiB double).
-// Preconditions: M, Nc, K >= 1; every array < 2^31 elements; outputs do not
-//   alias inputs.
+// Launch shape: grid = (ceil(Nc / 32), GY, GZ), block = (64, KS, 1) with
+//   1 <= KS <= 4; no dynamic shared memory (static: 4 * 1152 elements,
+//   18 KiB float, 36 KiB double).  Block (bx, by, bz) computes column tile bx
+//   and row tile by + GY * bz (dg_row_tile): the ceil(M / 32) row tiles are
+//   spread over y and, past CUDA's 65535 for gridDim.y, over z too.  GY * GZ
+//   may exceed the row tiles; a block past the last one exits at once (the
+//   whole block, before any barrier).  The wrapper uses GZ = 1, GY =
+//   ceil(M / 32) whenever that fits, so the tiles, and every sum, are the same
+//   for every grid.
+// Preconditions: M, Nc, K >= 1; M, Nc <= 2^31 - 33 (tile indices stay in
+//   int); every array < 2^31 elements; outputs do not alias inputs.
 // ===========================================================================
 
 #define DG_BM 32
@@ -66,6 +72,12 @@
 #define DG_GROUP_SMEM (DG_TILE_A + DG_TILE_B)
 #define DG_SMEM (DG_MAX_KS * DG_GROUP_SMEM)
 #define DG_ACC (DG_TM * DG_TN)
+
+// Row tile of this block: blockIdx.y + gridDim.y * blockIdx.z (see Launch shape).
+__device__ __forceinline__ int dg_row_tile() { return (int)(blockIdx.y + gridDim.y * blockIdx.z); }
+
+// True for a block past the last row tile of an M-row result (it must exit).
+__device__ __forceinline__ bool dg_past_rows(int M) { return dg_row_tile() > (M - 1) / DG_BM; }
 
 template <typename T> struct DgMath;
 template <> struct DgMath<float> {
@@ -175,7 +187,7 @@ __device__ __forceinline__ void dg_mainloop(const T* __restrict__ A, const T* __
     const int KS = blockDim.y;
     const int tx = tid & 7;
     const int ty = tid >> 3;
-    const int m0 = blockIdx.y * DG_BM;
+    const int m0 = dg_row_tile() * DG_BM;
     const int n0 = blockIdx.x * DG_BN;
     T* As = smem + g * DG_GROUP_SMEM;
     T* Bs = As + DG_TILE_A;
@@ -234,7 +246,7 @@ __device__ __forceinline__ void dg_store(T* __restrict__ Cout, const T* acc, int
     if (threadIdx.y != 0) return;
     const int tx = threadIdx.x & 7;
     const int ty = threadIdx.x >> 3;
-    const int m0 = blockIdx.y * DG_BM;
+    const int m0 = dg_row_tile() * DG_BM;
     const int n0 = blockIdx.x * DG_BN;
 #pragma unroll
     for (int i = 0; i < DG_TM; ++i) {
@@ -255,7 +267,7 @@ __device__ __forceinline__ void dg_store(T* __restrict__ Cout, const T* acc, int
 //   y[f, n] = act(z[f, n])            (y = z for act 0)
 //   z is also written when write_z != 0 (relu: its backward needs z).
 // The GEMM core with A = W (M = Fout, K = Fin), B = x (Nc = N).
-// Launch shape: grid (ceil(N/32), ceil(Fout/32), 1), block (64, KS, 1).
+// Launch shape: grid (ceil(N/32), GY, GZ) covering ceil(Fout/32) row tiles, block (64, KS, 1).
 // b is read only when has_bias, z written only when write_z (else they may be
 // dummies: any T arrays, e.g. y for z).
 // ---------------------------------------------------------------------------
@@ -264,12 +276,13 @@ __device__ __forceinline__ void dense_forward_impl(
     const T* __restrict__ Wt, const T* __restrict__ x, const T* b, T* __restrict__ y, T* z,
     int Fout, int Fin, int N, int act, int has_bias, int write_z, T* smem)
 {
+    if (dg_past_rows(Fout)) return;                     // block-uniform
     T acc[DG_ACC];
     dg_mainloop(Wt, x, Fout, N, Fin, smem, acc, DgLayout<false, false>());
     if (threadIdx.y != 0) return;
     const int tx = threadIdx.x & 7;
     const int ty = threadIdx.x >> 3;
-    const int m0 = blockIdx.y * DG_BM;
+    const int m0 = dg_row_tile() * DG_BM;
     const int n0 = blockIdx.x * DG_BN;
 #pragma unroll
     for (int i = 0; i < DG_TM; ++i) {
@@ -308,12 +321,13 @@ extern "C" __global__ void __launch_bounds__(256) dense_forward_f64(
 //   (dW = dz @ x^T: A = dz (Fout, N), B = x (Fin, N), K = N, the batch.)
 // gemm_tn / gemm_tn_f64:  C (M, Nc) = A (K, M)^T @ B (K, Nc)
 //   (dx = W^T @ dz: A = W (Fout, Fin), M = Fin, K = Fout, B = dz (Fout, N).)
-// Launch shape: grid (ceil(Nc/32), ceil(M/32), 1), block (64, KS, 1).
+// Launch shape: grid (ceil(Nc/32), GY, GZ) covering ceil(M/32) row tiles, block (64, KS, 1).
 // ---------------------------------------------------------------------------
 template <typename T>
 __device__ __forceinline__ void gemm_nt_impl(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ Cout,
                                              int M, int Nc, int K, T* smem)
 {
+    if (dg_past_rows(M)) return;                        // block-uniform
     T acc[DG_ACC];
     dg_mainloop(A, B, M, Nc, K, smem, acc, DgLayout<false, true>());
     dg_store(Cout, acc, M, Nc);
@@ -323,6 +337,7 @@ template <typename T>
 __device__ __forceinline__ void gemm_tn_impl(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ Cout,
                                              int M, int Nc, int K, T* smem)
 {
+    if (dg_past_rows(M)) return;                        // block-uniform
     T acc[DG_ACC];
     dg_mainloop(A, B, M, Nc, K, smem, acc, DgLayout<true, false>());
     dg_store(Cout, acc, M, Nc);

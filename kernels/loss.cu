@@ -44,6 +44,13 @@
 //     row_correct), then xent_mean with grid 1, block 32.  2 launches.
 //   * backward: xent_backward, grid (ceil(N/B), K), one thread per element.
 
+// Largest block of xent_forward and xent_backward (the wrappers launch up to
+// 1024 threads).  Declared with __launch_bounds__: a block of more than 256
+// threads fits the 64K-register file only at <= 65536 / threads registers a
+// thread, which ptxas keeps to only when it knows the block size (the float64
+// xent_forward used 56 of the 64 that 1024 threads allow, without the bound).
+#define XE_MAX_BLOCK 1024
+
 template <typename T> struct XeMath;
 template <> struct XeMath<float> {
     static __device__ __forceinline__ float ex(float v) { return expf(v); }
@@ -149,7 +156,7 @@ __device__ __forceinline__ void xent_forward_impl(
     }
 }
 
-extern "C" __global__ void xent_forward(
+extern "C" __global__ void __launch_bounds__(XE_MAX_BLOCK) xent_forward(
     const float* __restrict__ logits, const int* __restrict__ labels, int label_words,
     float* __restrict__ probs, float* row_loss, int* row_correct, float* __restrict__ loss, int* __restrict__ correct,
     int K, int N)
@@ -157,7 +164,7 @@ extern "C" __global__ void xent_forward(
     xent_forward_impl(logits, labels, label_words, probs, row_loss, row_correct, loss, correct, K, N);
 }
 
-extern "C" __global__ void xent_forward_f64(
+extern "C" __global__ void __launch_bounds__(XE_MAX_BLOCK) xent_forward_f64(
     const double* __restrict__ logits, const int* __restrict__ labels, int label_words,
     double* __restrict__ probs, double* row_loss, int* row_correct, double* __restrict__ loss,
     int* __restrict__ correct, int K, int N)
@@ -202,8 +209,8 @@ extern "C" __global__ void xent_mean_f64(const double* __restrict__ row_loss, co
 //
 // Thread mapping: ONE THREAD PER ELEMENT: n = blockIdx.x * B + threadIdx.x,
 // k = blockIdx.y (no division); threads with n >= N exit.  Coalesced along n.
-// Launch shape: grid (ceil(N / B), K, 1), block (B,1,1) (the wrapper: 256);
-//   K <= 65535.  No shared memory.
+// Launch shape: grid (ceil(N / B), K, 1), block (B,1,1) with B <= 1024 (the
+//   wrapper's default: 256); K <= 65535.  No shared memory.
 // Layouts: probs, dlogits (K, N) T; labels (N * label_words,) int32.
 // Preconditions: N >= 1, 1 <= K <= 65535, label_words in {1, 2}; dlogits may
 //   alias probs (each thread reads its element before writing it).
@@ -221,14 +228,14 @@ __device__ __forceinline__ void xent_backward_impl(const T* probs, const int* __
     dlogits[o] = y < 0 ? XeMath<T>::nan() : (probs[o] - onehot) * coef;
 }
 
-extern "C" __global__ void xent_backward(const float* probs, const int* __restrict__ labels, int label_words,
-                                         float* dlogits, int K, int N, float coef)
+extern "C" __global__ void __launch_bounds__(XE_MAX_BLOCK) xent_backward(
+    const float* probs, const int* __restrict__ labels, int label_words, float* dlogits, int K, int N, float coef)
 {
     xent_backward_impl(probs, labels, label_words, dlogits, K, N, coef);
 }
 
-extern "C" __global__ void xent_backward_f64(const double* probs, const int* __restrict__ labels, int label_words,
-                                             double* dlogits, int K, int N, double coef)
+extern "C" __global__ void __launch_bounds__(XE_MAX_BLOCK) xent_backward_f64(
+    const double* probs, const int* __restrict__ labels, int label_words, double* dlogits, int K, int N, double coef)
 {
     xent_backward_impl(probs, labels, label_words, dlogits, K, N, coef);
 }

@@ -381,6 +381,35 @@ def test_gemm_k_groups_agree_and_are_deterministic(dtype, device):
         np.testing.assert_allclose(device.get(dx), want, **tol(dtype, N))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_row_tiles_over_y_and_z_give_the_same_bits(dtype, device, monkeypatch):
+    """Past gridDim.y's limit the GEMM row tiles go over y and z (kernels/dense.cu).  With the
+    limit forced to 2, 70 rows (3 tiles) launch as GY = 2, GZ = 2 -- one spare row of blocks,
+    which must exit without writing -- and every product gives the bits of the one-axis grid."""
+    rng = rng_for("rows-yz", dtype)
+    M, K, N = 70, 19, 37
+    W = rng.standard_normal((M, K)).astype(dtype)             # forward: Fout = M rows
+    x = rng.standard_normal((K, N)).astype(dtype)
+    b = rng.standard_normal(M).astype(dtype)
+    dz = rng.standard_normal((M, N)).astype(dtype)            # dW = dz x2^T: Fout = M rows
+    x2 = rng.standard_normal((K, N)).astype(dtype)
+    Wt = rng.standard_normal((K, M)).astype(dtype)            # dx = Wt^T dz2: Fin = M rows
+    dz2 = rng.standard_normal((K, N)).astype(dtype)
+
+    def products():
+        y, _ = dense.dense_forward(device.put(x), device.put(W), device.put(b), "tanh",
+                                   y_out=garbage(device, (M, N), dtype))
+        dW = dense.dense_weight_grad(device.put(dz), device.put(x2), out=garbage(device, (M, K), dtype))
+        dx = dense.dense_input_grad(device.put(Wt), device.put(dz2), out=garbage(device, (M, N), dtype))
+        return [device.get(a).tobytes() for a in (y, dW, dx)]
+
+    assert dense.gemm_launch(M, N, K)[0][1:] == (3, 1)
+    plain = products()
+    monkeypatch.setattr(loader, "MAX_GRID", (loader.MAX_GRID[0], 2, 2))
+    assert dense.gemm_launch(M, N, K)[0][1:] == (2, 2)
+    assert products() == plain
+
+
 # ---------------------------------------------------------------------------
 # Elementwise activation backward
 # ---------------------------------------------------------------------------
@@ -769,6 +798,43 @@ def test_lenet5_dense_launches(N, fake):
     fwd1 = dense.gemm_launch(120, N, 400)
     assert fwd1 == (((2 if N == 64 else 32), 4, 1), (64, 3, 1))
     assert dense.gemm_launch(120, 400, N) == ((13, 4, 1), (64, 1 if N == 64 else 4, 1))
+
+
+@pytest.mark.parametrize("op", ["forward", "weight_grad", "input_grad"])
+def test_dense_huge_row_count_launches_within_cuda_limits(op, fake):
+    """2,097,121 rows are 65,536 row tiles, one more than gridDim.y allows: they go as 32,768 x 2
+    over y and z (the launcher refuses gridDim.y = 65536)."""
+    M = 65535 * 32 + 1
+    big, one = _z(M, 1), _z(1, 1)
+    if op == "forward":
+        dense.dense_forward(one, big, _z(M))                  # W (Fout = M, Fin = 1)
+    elif op == "weight_grad":
+        dense.dense_weight_grad(big, one)                     # dz (Fout = M, N = 1)
+    else:
+        dense.dense_input_grad(big.reshape(1, M), one)        # W (Fout = 1, Fin = M)
+    ((kernel, grid, block),) = fake.take()
+    assert grid == (1, 32768, 2), (kernel, grid)
+    with pytest.raises(ValueError, match=r"gemm_nt: gridDim\.y = 65536 \(grid \(1, 65536, 1\)\)"):
+        loader.launch("gemm_nt", (big, one, big, M, 1, 1), grid=(1, 65536, 1), block=(64, 1, 1))
+    with pytest.raises(ValueError, match="at most 2147483615 rows and columns"):
+        dense.gemm_launch(2**31 - 32, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocks_past_256_threads_are_covered_by_launch_bounds(dtype, fake):
+    """A block of more than 256 threads fits the 64K-register file only when every thread uses
+    at most 65536 / threads registers, which ptxas keeps to only for a kernel that declares
+    __launch_bounds__ (256 threads x 255 registers always fit).  The loss kernels are launched
+    with up to 1024 threads, so they declare it (and the launcher holds launches to it)."""
+    K, N = 10, 1000
+    logits, labels = _z(K, N, dtype=dtype), np.zeros(N, np.int32)
+    loss.xent_forward(logits, labels)                                     # fused: 1 block of 1024
+    loss.xent_forward(logits, labels, fused_max_rows=1, block=1024)      # split
+    loss.xent_backward(_z(K, N, dtype=dtype), labels, block=1024)
+    big = [(kernel, block) for kernel, _, block in fake.take() if np.prod(block) > 256]
+    assert [k for k, _ in big] == [loss._kernel(k, dtype) for k in ("xent_forward",) * 2 + ("xent_backward",)]
+    for kernel, block in big:
+        assert (loader.kernel_launch_bounds(kernel) or 0) >= np.prod(block), (kernel, block)
 
 
 def test_step_launches_and_grids(fake):

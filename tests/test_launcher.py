@@ -136,6 +136,57 @@ def test_launcher_rejects_bad_scalars_and_arity(fake):
     assert fake.launches == []
 
 
+@pytest.mark.parametrize("grid, block, message", [
+    ((1, 65536, 1), 32, r"gridDim\.y = 65536 \(grid \(1, 65536, 1\)\) exceeds CUDA's limit of 65535"),
+    ((1, 1, 65536), 32, r"gridDim\.z = 65536 .*limit of 65535"),
+    ((2**31, 1, 1), 1, r"gridDim\.x = 2147483648 .*limit of 2147483647"),
+    (1, (1025, 1, 1), r"blockDim\.x = 1025 .*1\.\.1024"),
+    (1, (1, 1025, 1), r"blockDim\.y = 1025 .*1\.\.1024"),
+    (1, (1, 1, 65), r"blockDim\.z = 65 .*1\.\.64"),
+    (1, (0, 4, 1), r"blockDim\.x = 0 "),
+    (1, (64, 32, 1), r"block \(64, 32, 1\) has 2048 threads; CUDA allows 1 to 1024 threads per block"),
+])
+def test_launcher_refuses_shapes_past_cuda_limits(fake, grid, block, message):
+    """A planted bad grid or block is refused before any launch, naming the kernel, the
+    dimension, its value and the limit (CUDA would fail it, or the kernel would index past it)."""
+    args = _act_args()
+    with pytest.raises(ValueError, match=r"^act_backward: " + message):
+        loader.launch("act_backward", args, grid=grid, block=block)
+    assert fake.launches == []
+    loader.launch("act_backward", args, grid=(1, 65535, 1), block=(1, 1, 64))    # at the limits
+    loader.launch("act_backward", args, grid=(1, 1, 65535), block=(1024, 1, 1))
+    assert [g for _, g, _, _ in fake.launches] == [(1, 65535, 1), (1, 1, 65535)]
+
+
+def test_launcher_refuses_blocks_past_the_kernels_launch_bounds(fake):
+    """dense_backward_act is compiled with __launch_bounds__(DBA_MAX_BLOCK), #define'd 256."""
+    assert loader.kernel_launch_bounds("dense_backward_act") == 256
+    a = np.zeros((2, 3), np.float32)
+    args = (a, a, np.empty_like(a), np.empty(2, np.float32), 2, 3, 0, 1)
+    with pytest.raises(ValueError, match=r"dense_backward_act: block \(512, 1, 1\) has 512 threads, more "
+                                         r"than the __launch_bounds__\(256\) it is compiled with \(kernels/dense\.cu\)"):
+        loader.launch("dense_backward_act", args, n_blocks=2, block=512)
+    loader.launch("dense_backward_act", args, n_blocks=2, block=256)
+    assert len(fake.launches) == 1
+
+
+def test_launch_bounds_parsed_from_sources(monkeypatch):
+    from gpucnn.cuda import sources
+
+    assert loader.kernel_launch_bounds("conv_backward_input_f64") == 64       # (64, 1): the threads
+    assert loader.kernel_launch_bounds("act_backward") is None
+    text = ('#define B 128\n'
+            'extern "C" __global__ void __launch_bounds__(B) k1(int n) {}\n'
+            'extern "C" __global__ void __launch_bounds__(32, 2) k2(int n) {}\n'
+            'extern "C" __global__ void k3(int n) {}\n'
+            'extern "C" __global__ __launch_bounds__(64) void k4(int n) {}\n')
+    monkeypatch.setattr(sources, "read_source", lambda filename: text)
+    assert sources._parse_launch_bounds("x.cu") == {"k1": 128, "k2": 32, "k4": 64}
+    monkeypatch.setattr(sources, "read_source", lambda filename: text.replace("(B)", "(2 * B)"))
+    with pytest.raises(ValueError, match=r"kernels/x\.cu: cannot read the threads of k1's __launch_bounds__\(2 \* B\)"):
+        sources._parse_launch_bounds("x.cu")
+
+
 def test_launch_checks_are_cached_per_shape_but_arrays_checked_every_call(fake):
     args = _act_args()
     loader.launch("act_backward", args, n_threads=9)

@@ -10,7 +10,10 @@ registers, and ``KS`` k-groups of 64 threads per block that split the
 reduction inside the block and combine in a fixed order (see the contract
 comment of kernels/dense.cu).  :func:`gemm_launch` gives the grid, block and
 KS of a product; KS is a function of the shapes only (:func:`gemm_k_groups`),
-so a layer's results are the same bits at every step.
+so a layer's results are the same bits at every step.  The ``ceil(M/32)`` row
+tiles go on the grid's y axis, and past CUDA's 65535 for it (more than
+2,097,120 rows) over y and z (:func:`gemm_launch`); every block still computes
+one 32 x 32 tile the same way, so the bits do not depend on the split.
 """
 from __future__ import annotations
 
@@ -45,11 +48,23 @@ def gemm_k_groups(M: int, Nc: int, K: int) -> int:
 
 
 def gemm_launch(M: int, Nc: int, K: int, k_groups: int | None = None):
-    """``(grid, block)`` of a GEMM-core launch producing an (M, Nc) result over K terms."""
+    """``(grid, block)`` of a GEMM-core launch producing an (M, Nc) result over K terms.
+
+    grid = ``(ceil(Nc/32), GY, GZ)``: the ``ceil(M/32)`` row tiles as ``GY`` = all of
+    them and ``GZ = 1`` when that fits CUDA's gridDim.y limit (:data:`loader.MAX_GRID`),
+    else ``GZ = ceil(tiles / limit)`` and ``GY = ceil(tiles / GZ)`` (fewer than ``GZ``
+    spare blocks per column tile, which exit at once: kernels/dense.cu's contract).
+    """
     ks = gemm_k_groups(M, Nc, K) if k_groups is None else int(k_groups)
     if not 1 <= ks <= GEMM_MAX_K_GROUPS:
         raise ValueError(f"k_groups must be in 1..{GEMM_MAX_K_GROUPS}, got {k_groups!r}")
-    grid = (loader.ceil_div(Nc, GEMM_TILE[1]), loader.ceil_div(M, GEMM_TILE[0]), 1)
+    largest = loader.INT32_MAX - GEMM_TILE[0]
+    if max(M, Nc) > largest:
+        raise ValueError(f"a GEMM result of {M} x {Nc}: the kernels take at most {largest} rows "
+                         "and columns (their tile indices are int32)")
+    row_tiles = loader.ceil_div(M, GEMM_TILE[0])
+    gz = loader.ceil_div(row_tiles, loader.MAX_GRID[1])
+    grid = (loader.ceil_div(Nc, GEMM_TILE[1]), loader.ceil_div(row_tiles, gz), gz)
     return grid, (GEMM_GROUP_THREADS, ks, 1)
 
 
@@ -82,8 +97,8 @@ def dense_forward(x, W, b, act=None, *, y_out=None, z_out=None, write_z=None, k_
             the sums, as any other reduction order would).
     Returns:
         (y, z): z None unless written.
-    Launches: 1, ``dense_forward[_f64]``, grid (ceil(N/32), ceil(Fout/32), 1),
-        block (64, KS, 1) (:func:`gemm_launch` (Fout, N, Fin)).
+    Launches: 1, ``dense_forward[_f64]``, grid (ceil(N/32), ceil(Fout/32), 1) (z > 1
+        only past 2,097,120 rows), block (64, KS, 1) (:func:`gemm_launch` (Fout, N, Fin)).
     """
     func = "dense_forward"
     code = act_code(func, act)
@@ -162,7 +177,8 @@ def dense_weight_grad(dz, x, *, out=None, k_groups=None):
     Returns:
         dW (Fout, Fin).
     Launches: 1, ``gemm_nt[_f64]`` with M = Fout, Nc = Fin, K = N:
-        grid (ceil(Fin/32), ceil(Fout/32), 1), block (64, KS, 1).
+        grid (ceil(Fin/32), ceil(Fout/32), 1) (z > 1 only past 2,097,120 rows),
+        block (64, KS, 1) (:func:`gemm_launch`).
     """
     func = "dense_weight_grad"
     xp = _xp(dz=dz, x=x, out=out)
@@ -186,7 +202,8 @@ def dense_input_grad(W, dz, *, out=None, k_groups=None):
     Returns:
         dx (Fin, N).
     Launches: 1, ``gemm_tn[_f64]`` with M = Fin, Nc = N, K = Fout:
-        grid (ceil(N/32), ceil(Fin/32), 1), block (64, KS, 1).
+        grid (ceil(N/32), ceil(Fin/32), 1) (z > 1 only past 2,097,120 rows),
+        block (64, KS, 1) (:func:`gemm_launch`).
     """
     func = "dense_input_grad"
     xp = _xp(W=W, dz=dz, out=out)

@@ -12,7 +12,9 @@ repository's top-level ``kernels/`` directory, installed into the wheel);
   the kernel's parameter list from the ``extern "C" __global__`` signature in
   the source, checks each array's dtype, C-contiguity, size (int32) and device,
   converts every scalar to ``numpy.int32``/``numpy.float32`` itself (a Python
-  ``int`` never reaches a kernel), computes the grid itself (ceil-div) and, with
+  ``int`` never reaches a kernel), computes the grid itself (ceil-div), refuses
+  a grid or block past CUDA's limits or past the kernel's own
+  ``__launch_bounds__`` (once per launch shape, naming the dimension) and, with
   ``GPUCNN_CUDA_SYNC_CHECK=1`` in the environment, synchronizes after the launch
   so that asynchronous CUDA errors surface at the launch that caused them.
 
@@ -39,8 +41,8 @@ import numpy as np
 
 from .. import backend
 from . import sources
-from .sources import (KERNEL_FILES, KernelParam, kernel_dir, kernel_file_of, kernel_signature, list_sources,
-                      read_source)
+from .sources import (KERNEL_FILES, KernelParam, kernel_dir, kernel_file_of, kernel_launch_bounds, kernel_signature,
+                      list_sources, read_source)
 
 _lock = threading.RLock()
 
@@ -51,11 +53,15 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "DEFAULT_BLOCK",
     "INT32_MAX",
+    "MAX_GRID",
+    "MAX_BLOCK",
+    "MAX_BLOCK_THREADS",
     "KernelParam",
     "kernel_dir",
     "list_sources",
     "read_source",
     "kernel_signature",
+    "kernel_launch_bounds",
     "kernel_file_of",
     "cupy_module_builder",
     "get_module_builder",
@@ -70,9 +76,11 @@ __all__ = [
 ]
 
 #: Options gpucnn passes to the compiler: none.  CuPy's RawModule adds its own
-#: (``-arch=compute_XX`` for the current device, ``-ftz=true``, ``-I`` for its
-#: headers and the CUDA headers); tests/test_kernel_compile.py compiles with
-#: that set through NVRTC.  The kernels include no headers, need no particular
+#: (``--std=c++11`` in CuPy 13, ``--std=c++17`` in CuPy 14, ``-ftz=true``,
+#: ``-arch=sm_XX`` for the current device, ``--device-as-default-execution-space``
+#: and ``-I`` for its headers and the CUDA headers); tests/test_kernel_compile.py
+#: compiles every kernel with both versions' sets through NVRTC (its docstring
+#: cites the CuPy functions).  The kernels include no headers, need no particular
 #: C++ standard and mark every function ``__global__``/``__device__``.
 DEFAULT_OPTIONS: tuple[str, ...] = ()
 
@@ -80,6 +88,12 @@ DEFAULT_OPTIONS: tuple[str, ...] = ()
 DEFAULT_BLOCK = 256
 
 INT32_MAX = int(np.iinfo(np.int32).max)
+
+#: CUDA's launch limits (every GPU CuPy 13+ supports, sm_80/sm_90 included): the
+#: largest gridDim (x, y, z), the largest blockDim (x, y, z) and threads per block.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+MAX_BLOCK = (1024, 1024, 64)
+MAX_BLOCK_THREADS = 1024
 
 #: Largest dynamic shared memory a launch may ask for (the sm_90 opt-in maximum).
 MAX_SHARED_MEM = 227 * 1024
@@ -397,6 +411,35 @@ def _arrays_ok(prep, args, cupy_type):
     return -1 if device is None else device
 
 
+_AXES = "xyz"
+
+
+def _check_block(kernel: str, block3: tuple[int, int, int]) -> int:
+    """The threads of ``block3``, after checking it against CUDA's limits and the kernel's
+    ``__launch_bounds__`` (a launch past them fails on the device, or runs with too few registers)."""
+    for axis, value, limit in zip(_AXES, block3, MAX_BLOCK):
+        if not 1 <= value <= limit:
+            raise ValueError(f"{kernel}: blockDim.{axis} = {value} (block {block3}) is outside "
+                             f"CUDA's 1..{limit}")
+    threads = block3[0] * block3[1] * block3[2]
+    if threads > MAX_BLOCK_THREADS:
+        raise ValueError(f"{kernel}: block {block3} has {threads} threads; CUDA allows "
+                         f"1 to {MAX_BLOCK_THREADS} threads per block")
+    bound = kernel_launch_bounds(kernel)
+    if bound is not None and threads > bound:
+        raise ValueError(f"{kernel}: block {block3} has {threads} threads, more than the "
+                         f"__launch_bounds__({bound}) it is compiled with (kernels/{kernel_file_of(kernel)})")
+    return threads
+
+
+def _check_grid(kernel: str, grid3: tuple[int, int, int]) -> None:
+    """``grid3`` (no zero in it) within CUDA's limits: x <= 2**31 - 1, y and z <= 65535."""
+    for axis, value, limit in zip(_AXES, grid3, MAX_GRID):
+        if value > limit:
+            raise ValueError(f"{kernel}: gridDim.{axis} = {value} (grid {grid3}) exceeds CUDA's "
+                             f"limit of {limit}")
+
+
 def _prepare(kernel, args, n_threads, n_blocks, grid, block, shared_mem) -> _Prepared | None:
     """Validate the scalar arguments and the launch shape; ``None`` for an empty launch."""
     params = kernel_signature(kernel)
@@ -406,9 +449,7 @@ def _prepare(kernel, args, n_threads, n_blocks, grid, block, shared_mem) -> _Pre
     if sum(v is not None for v in (n_threads, n_blocks, grid)) != 1:
         raise ValueError("give exactly one of n_threads, n_blocks and grid")
     block3 = _dims(DEFAULT_BLOCK if block is None else block, "block")
-    threads = block3[0] * block3[1] * block3[2]
-    if min(block3) < 1 or threads > 1024:
-        raise ValueError(f"block must have 1 to 1024 threads in all, got {block3}")
+    threads = _check_block(kernel, block3)
     if grid is None:
         if block3[1:] != (1, 1):
             raise ValueError("n_threads / n_blocks launches take a 1-D block")
@@ -422,6 +463,7 @@ def _prepare(kernel, args, n_threads, n_blocks, grid, block, shared_mem) -> _Pre
             raise ValueError(f"{kernel}: negative grid {grid3}")
     if 0 in grid3:
         return None
+    _check_grid(kernel, grid3)
     if grid3[0] * grid3[1] * grid3[2] * threads > INT32_MAX:
         raise OverflowError(f"{kernel}: grid {grid3} x block {block3} threads exceed "
                             "int32 (the kernels compute flat int32 thread indices)")

@@ -8,7 +8,9 @@
 * :func:`read_source` returns a file's text with ``#line 1 "kernels/<file>"``
   prepended, so compiler errors name the real file;
 * :func:`kernel_signature` parses an entry point's parameter list, which the
-  launcher (:mod:`gpucnn.cuda.loader`) checks every launch against.
+  launcher (:mod:`gpucnn.cuda.loader`) checks every launch against;
+* :func:`kernel_launch_bounds` reads the threads per block an entry point
+  declares with ``__launch_bounds__``, which the launcher also enforces.
 """
 from __future__ import annotations
 
@@ -21,10 +23,16 @@ import threading
 import numpy as np
 
 __all__ = ["KERNEL_FILES", "KernelParam", "kernel_dir", "list_sources", "read_source", "kernel_signature",
-           "kernel_file_of", "clear"]
+           "kernel_launch_bounds", "kernel_file_of", "clear"]
 
 _SIGNATURE_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
 _LAUNCH_BOUNDS_RE = re.compile(r"__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)")
+# An entry point declared with __launch_bounds__(maxThreads[, minBlocks[, ...]]), before or
+# after ``void``: (maxThreads, name).
+_BOUNDED_ENTRY_RE = re.compile(
+    r'extern\s+"C"\s+__global__\s+(?:void\s+)?__launch_bounds__\s*\(\s*([^,()]*?)\s*(?:,[^()]*)?\)'
+    r'\s*(?:void\s+)?(\w+)\s*\(')
+_INT_DEFINE_RE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(\d+)[ \t]*$", re.M)
 
 
 def _declarations(text: str) -> str:
@@ -144,6 +152,7 @@ _C_TYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64),
 _PARAM_RE = re.compile(
     r"^(const\s+)?(float|double|int|unsigned char)\s*(\*)?\s*(?:__restrict__\s+)?(\w+)$")
 _signature_cache: dict[str, tuple[KernelParam, ...]] = {}
+_bounds_cache: dict[str, int | None] = {}
 
 
 def _parse_signatures(filename: str) -> dict[str, tuple[KernelParam, ...]]:
@@ -165,6 +174,35 @@ def _parse_signatures(filename: str) -> dict[str, tuple[KernelParam, ...]]:
                                       is_const=m.group(1) is not None))
         found[match.group(1)] = tuple(params)
     return found
+
+
+def _parse_launch_bounds(filename: str) -> dict[str, int]:
+    """``{entry point: maxThreadsPerBlock}`` for the entry points of ``filename`` that declare
+    ``__launch_bounds__``; the value is an integer literal or a ``#define NAME <integer>``."""
+    text = re.sub(r"//[^\n]*", "", read_source(filename))
+    defines = {name: int(value) for name, value in _INT_DEFINE_RE.findall(text)}
+    found = {}
+    for match in _BOUNDED_ENTRY_RE.finditer(text):
+        expr, name = match.group(1), match.group(2)
+        value = int(expr) if expr.isdigit() else defines.get(expr)
+        if value is None:
+            raise ValueError(f"kernels/{filename}: cannot read the threads of {name}'s "
+                             f"__launch_bounds__({expr}); the launcher understands an integer "
+                             "or a #define'd integer")
+        found[name] = value
+    return found
+
+
+def kernel_launch_bounds(kernel: str) -> int | None:
+    """The most threads per block ``kernel`` declares with ``__launch_bounds__``; ``None`` when
+    it declares none (then only CUDA's 1024 applies, and the register count decides)."""
+    with _lock:
+        if kernel not in _bounds_cache:
+            filename = kernel_file_of(kernel)
+            bounds = _parse_launch_bounds(filename)
+            for name in KERNEL_FILES[filename]:
+                _bounds_cache[name] = bounds.get(name)
+        return _bounds_cache[kernel]
 
 
 def kernel_file_of(kernel: str) -> str:
@@ -191,7 +229,8 @@ def kernel_signature(kernel: str) -> tuple[KernelParam, ...]:
 
 
 def clear() -> None:
-    """Forget the cached sources and signatures (they are re-read on the next use)."""
+    """Forget the cached sources, signatures and launch bounds (they are re-read on the next use)."""
     with _lock:
         _source_cache.clear()
         _signature_cache.clear()
+        _bounds_cache.clear()
