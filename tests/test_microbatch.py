@@ -303,6 +303,28 @@ def test_workers_follow_a_new_optimizer_a_smaller_batch_and_a_dead_worker(restor
     trainer._micro.close()
 
 
+@pytest.mark.skipif(not microbatch.forked.available(), reason="no fork on this system")
+def test_a_worker_whose_parent_is_gone_mid_step_exits_quietly(restore_threads, capfd):
+    """A parent killed mid-step (SIGTERM, SIGKILL) closes its end of the pipe: the worker finishing its
+    share must end without a BrokenPipeError traceback."""
+    threads.set_num_threads(2)
+    gc.seed(0)
+    model = models.build("lenet5")
+    trainer = gc.train.Trainer(model, models.make_loss("lenet5"), optim.SGD(model, lr=0.1), batch_size=256)
+    x, y = _batch(256, np.float32)
+    trainer.step(x, y)                                         # forks the worker
+    runner = trainer._micro._runner
+    runner._seq += 1
+    np.copyto(runner.x[..., :256], to_internal(x))
+    runner.y[:256] = y
+    runner.conns[0].send_bytes(microbatch.forked._COMMAND.pack(runner._seq, 256, 1.0, True))
+    runner.conns[0].close()                                    # the parent "dies" while the worker works
+    runner.procs[0].join(30)
+    assert runner.procs[0].exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err
+    runner.close()
+
+
 class _Pair(layers.Layer):
     """A container of the user's: batch-independent, but its replica would share its children."""
 

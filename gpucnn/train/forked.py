@@ -23,8 +23,8 @@ pickles.  A worker that fails sends its error back and the step raises the
 same built-in exception class (else RuntimeError) with the worker's
 traceback in the message; a worker that dies mid-step raises
 :class:`WorkerDied` and the next step forks new ones.  Workers exit on a stop
-message (the runner is closed or collected, or the process exits) or when
-their parent is gone, and ignore Ctrl-C (the parent's to handle).
+message (the runner is closed or collected, or the process exits) or, quietly,
+when their parent is gone, and ignore Ctrl-C (the parent's to handle).
 """
 from __future__ import annotations
 
@@ -133,10 +133,14 @@ class ForkedRunner:
             seq, n, scale, training = _COMMAND.unpack(msg)
             try:
                 self._run_share(rep, t, n, scale, training)
-                conn.send_bytes(_STEP.pack(seq))
+                reply = _STEP.pack(seq)
             except BaseException as exc:
                 text = f"{type(exc).__name__}\x1f{exc}\x1f{traceback.format_exc()}"
-                conn.send_bytes(_STEP.pack(seq) + text.encode("utf-8", "replace"))
+                reply = _STEP.pack(seq) + text.encode("utf-8", "replace")
+            try:
+                conn.send_bytes(reply)
+            except OSError:   # the parent is gone (killed, or stopped by a signal) mid-step: so are we
+                return
 
     # -- the parent ---------------------------------------------------------
     def run(self, x, y, scale):
