@@ -27,11 +27,14 @@ when the continuation must equal an uninterrupted run.
 
 ``CHECKPOINT`` is a ``checkpoint.npz`` file or the run directory holding it.
 Exit status: 0 success, 1 runtime failure (data, I/O), 2 bad arguments or an
-unusable checkpoint, 3 training stopped on a NaN/Inf loss, 130 interrupted.
+unusable checkpoint, 3 training stopped on a NaN/Inf loss, 130 interrupted (Ctrl-C), 143 stopped by
+SIGTERM (128 + the signal's number, as a shell reports a process the signal
+ended; the checkpoint is handled as on Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -39,6 +42,7 @@ from pathlib import Path
 from . import models
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 # -- argument types (argparse turns the ValueError/ArgumentTypeError into "argument --x: ...") --
 
@@ -449,11 +453,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args, parser) or 0)
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during training (gpucnn.train.Terminated)
         from .train.loop import TrainingInterrupted
 
-        _err(exc.describe() if isinstance(exc, TrainingInterrupted) else "interrupted")
-        return EXIT_INTERRUPTED
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        _err(exc.describe() if isinstance(exc, TrainingInterrupted) else what)
+        return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
     except FileNotFoundError as exc:
         _err(str(exc))
         return EXIT_FAILURE

@@ -86,8 +86,9 @@ class RunDir:
                              f"or choose another --out (or --overwrite)")
         if self.writer:
             self.path.mkdir(parents=True, exist_ok=True)
-        #: the newest complete checkpoint of this run (None before the first epoch ends)
+        #: the newest complete checkpoint of this run (None before the first epoch ends) and its epoch
         self.last_good = Path(resumed.path) if resumed is not None else None
+        self.saved_epoch = resumed.epoch if resumed is not None else 0
 
     def previous_metrics(self) -> list[dict]:
         """The metrics rows of the epochs the resumed checkpoint holds (empty for a new run).
@@ -114,11 +115,11 @@ class RunDir:
     def save_epoch(self, model, optimizer, *, config, epoch: int, rng: dict, row: dict) -> Path:
         """Write the checkpoint after ``epoch`` (atomically)."""
         if not self.writer:
-            self.last_good = self.checkpoint
+            self.last_good, self.saved_epoch = self.checkpoint, epoch
             return self.checkpoint
         ckpt_mod.save_checkpoint(self.checkpoint, model, optimizer, model_name=config.model, epoch=epoch,
                                  config=asdict(config), rng=rng, metrics=row)
-        self.last_good = self.checkpoint
+        self.last_good, self.saved_epoch = self.checkpoint, epoch
         return self.checkpoint
 
     def append_metrics(self, row: dict) -> None:
