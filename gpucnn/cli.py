@@ -26,8 +26,8 @@ the CPU; the cosine schedule depends on ``--epochs``, so stop a run early with
 when the continuation must equal an uninterrupted run.
 
 ``CHECKPOINT`` is a ``checkpoint.npz`` file or the run directory holding it.
-Exit status: 0 success, 1 runtime failure (data, I/O), 2 bad arguments or an
-unusable checkpoint, 3 training stopped on a NaN/Inf loss, 130 interrupted (Ctrl-C), 143 stopped by
+Exit status: 0 success, 1 runtime failure (data, I/O), 2 bad arguments, an
+unusable checkpoint or a run directory in use by another run, 3 training stopped on a NaN/Inf loss, 130 interrupted (Ctrl-C), 143 stopped by
 SIGTERM (128 + the signal's number, as a shell reports a process the signal
 ended; the checkpoint is handled as on Ctrl-C).
 """
@@ -299,7 +299,7 @@ def _cmd_train(args, parser):
     except DataError as exc:
         _err(str(exc))
         return EXIT_FAILURE
-    except ValueError as exc:  # configuration / checkpoint / device problems
+    except ValueError as exc:  # configuration / checkpoint / device / run directory problems
         if args.device == "cuda" and "CUDA" in str(exc):
             sp.error(f"argument --device: {exc}")
         sp.error(str(exc))

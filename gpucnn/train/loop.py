@@ -281,11 +281,12 @@ def _run(cfg, ckpt, dev, say, comm, stop_after, progress, make_rundir, *, nvtx, 
          **opts) -> "_Run":
     with contextlib.ExitStack() as stack:
         stack.enter_context(_sigterm_stops_like_ctrl_c())
+        rundir = stack.enter_context(make_rundir())   # owned until the run ends
         if nvtx and not stack.enter_context(_nvtx_on()):
             say("note: --nvtx: no NVTX implementation importable (pip install nvtx, or CuPy); ranges are no-ops")
         if debug:
             stack.enter_context(debug_mod.detect_anomaly())
-        run = _Run.prepare(cfg, ckpt, dev, say, comm, make_rundir(), metrics, **opts)
+        run = _Run.prepare(cfg, ckpt, dev, say, comm, rundir, metrics, **opts)
         run.epochs(stop_after, progress)
     return run
 
@@ -302,8 +303,13 @@ def _shared_start(comm, config, resume, out_dir, overwrite, say):
     def prepare():
         cfg, ckpt = _run_config(config, resume, say)
         rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite)
+        try:
+            metrics = rundir.previous_metrics()
+        except BaseException:
+            rundir.close()
+            raise
         local.update(cfg=cfg, ckpt=ckpt, rundir=rundir)
-        return {"config": asdict(cfg), "out": str(rundir.path), "metrics": rundir.previous_metrics(),
+        return {"config": asdict(cfg), "out": str(rundir.path), "metrics": metrics,
                 "resume": parallel.resume_meta(ckpt)}
 
     plan = parallel.share(comm, prepare)

@@ -6,11 +6,20 @@ the epoch's first step, ``lr_end``, ``images_per_sec``, ``train_seconds``,
 ``seconds``, ``device``); ``config.json`` the resolved
 :class:`~gpucnn.train.TrainConfig`; ``checkpoint.npz`` the state after the
 last complete epoch (see :mod:`gpucnn.checkpoint`), written atomically.
+
+One run owns its directory while it lasts: it holds an exclusive ``flock`` on
+``.gpucnn-run.lock`` there (the file records the owner's pid and host), which
+the kernel releases when the process ends, however it ends.  A second run on
+an owned directory stops at once with :class:`RunDirInUse`; a new default
+directory is claimed with an exclusive ``mkdir``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import warnings
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -18,21 +27,39 @@ from pathlib import Path
 from .. import checkpoint as ckpt_mod
 from .._io import atomic_open
 
-__all__ = ["RunDir", "METRICS_NAME", "CONFIG_NAME", "default_out_dir", "read_metrics"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: runs are not locked
+    fcntl = None
+
+__all__ = ["RunDir", "RunDirInUse", "METRICS_NAME", "CONFIG_NAME", "LOCK_NAME", "default_out_dir", "read_metrics"]
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
+LOCK_NAME = ".gpucnn-run.lock"
+
+
+class RunDirInUse(ValueError):
+    """Another live process owns the run directory."""
 
 
 def default_out_dir(model: str, root: str | os.PathLike = "runs") -> Path:
-    """``runs/<model>-<YYYYmmdd-HHMMSS>`` (with a ``-N`` suffix if taken)."""
+    """Create and return ``runs/<model>-<YYYYmmdd-HHMMSS>`` (with a ``-N`` suffix if taken).
+
+    The directory is claimed by an exclusive ``mkdir``: two runs started in the
+    same second get different directories.
+    """
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{model}-{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     p, i = base, 1
-    while p.exists():
-        i += 1
-        p = Path(f"{base}-{i}")
-    return p
+    while True:
+        try:
+            p.mkdir()
+            return p
+        except FileExistsError:
+            i += 1
+            p = Path(f"{base}-{i}")
 
 
 def read_metrics(path) -> list[dict]:
@@ -54,8 +81,62 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
+class _Owner:
+    """This process's claim on a directory: an exclusive ``flock`` on its :data:`LOCK_NAME`, held until
+    :meth:`release` or the end of the process.  The file says who holds it (pid, host, since when).
+
+    Raises:
+        RunDirInUse: another process holds the lock.
+    """
+
+    #: lock descriptors this process holds: closed in forked children (their copy would keep the
+    #: lock alive after this process ends; closing it leaves this process's lock in place)
+    held: set = set()
+
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK_NAME
+        self.fd = None
+        if fcntl is None:  # pragma: no cover - not POSIX
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "its pid not recorded yet"
+            os.close(fd)
+            raise RunDirInUse(f"{directory} is in use by another training run ({owner}); wait for it to "
+                              f"end, or choose another --out") from None
+        except OSError as exc:  # a file system without locks
+            os.close(fd)
+            warnings.warn(f"cannot lock {self.path} ({exc.strerror or exc}): nothing stops another run "
+                          f"from writing into {directory} at the same time", RuntimeWarning, stacklevel=3)
+            return
+        stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
+        self.fd = fd
+        self.held.add(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.held.discard(self.fd)
+            os.close(self.fd)   # the lock goes with the last descriptor of it
+            self.fd = None
+
+    @classmethod
+    def _close_in_child(cls) -> None:
+        for fd in cls.held:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        cls.held = set()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Owner._close_in_child)
+
+
 class RunDir:
-    """A run directory, created (or continued) for one training run.
+    """A run directory, claimed (created, or continued) for one training run; :meth:`close` ends the claim.
 
     Args:
         path: the directory; None: the resumed checkpoint's directory, else
@@ -64,31 +145,56 @@ class RunDir:
         resumed: the :class:`~gpucnn.checkpoint.Checkpoint` being continued, or None.
         overwrite: allow a directory that already holds another checkpoint.
         writer: False on the ranks of a distributed run other than rank 0:
-            nothing is checked, created or written (only the paths are kept).
+            nothing is claimed, checked, created or written (only the paths are kept).
 
     Raises:
+        RunDirInUse: another live process owns the directory (the message
+            names it and the owner's pid).
         ValueError: ``path`` holds a checkpoint that is not the one being
             resumed, and ``overwrite`` is false.
     """
 
     def __init__(self, path=None, *, model: str = "model", resumed=None, overwrite: bool = False,
                  writer: bool = True):
-        if path is None:
-            path = Path(resumed.path).parent if resumed is not None else default_out_dir(model)
+        self.writer = bool(writer)
+        if path is None and resumed is not None:
+            path = Path(resumed.path).parent
+        elif path is None:
+            if not self.writer:
+                raise ValueError("a RunDir that writes nothing needs its path")
+            path = default_out_dir(model)
         self.path = Path(path)
         self.checkpoint = self.path / ckpt_mod.CHECKPOINT_NAME
         self.metrics_path = self.path / METRICS_NAME
         self.resumed = resumed
-        self.writer = bool(writer)
-        here = resumed is not None and self.checkpoint.resolve() == Path(resumed.path).resolve()
-        if self.writer and self.checkpoint.exists() and not here and not overwrite:
-            raise ValueError(f"{self.path} already holds a checkpoint; continue it with --resume {self.path}, "
-                             f"or choose another --out (or --overwrite)")
-        if self.writer:
-            self.path.mkdir(parents=True, exist_ok=True)
         #: the newest complete checkpoint of this run (None before the first epoch ends) and its epoch
         self.last_good = Path(resumed.path) if resumed is not None else None
         self.saved_epoch = resumed.epoch if resumed is not None else 0
+        self._owner = None
+        if not self.writer:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._owner = _Owner(self.path)
+        try:
+            here = resumed is not None and self.checkpoint.resolve() == Path(resumed.path).resolve()
+            if self.checkpoint.exists() and not here and not overwrite:
+                raise ValueError(f"{self.path} already holds a checkpoint; continue it with --resume {self.path}, "
+                                 f"or choose another --out (or --overwrite)")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End this run's claim on the directory (another run may take it)."""
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def previous_metrics(self) -> list[dict]:
         """The metrics rows of the epochs the resumed checkpoint holds (empty for a new run).
