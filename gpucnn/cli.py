@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -443,6 +444,20 @@ def _cmd_plot(args, parser):
     return 0
 
 
+def _warning_printer(show):
+    """A ``warnings.showwarning`` printing warnings about the user's files (a damaged
+    ``metrics.jsonl``) as one ``gpucnn: warning:`` line, and any other warning with ``show``."""
+    from .train.rundir import MetricsWarning
+
+    def printer(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MetricsWarning):
+            print(f"gpucnn: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return printer
+
+
 def main(argv=None) -> int:
     """Entry point of the ``gpucnn`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -452,7 +467,9 @@ def main(argv=None) -> int:
     parser._gpucnn_sub = sub_action.choices
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args, parser) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            return int(args.func(args, parser) or 0)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during training (gpucnn.train.Terminated)
         from .train.loop import TrainingInterrupted
 

@@ -1,4 +1,5 @@
-"""The run directory under a hostile user: two runs on one directory (gpucnn/train/rundir.py, loop.py)."""
+"""The run directory under a hostile user: two runs on one directory, a damaged metrics.jsonl
+(gpucnn/train/rundir.py, loop.py, plots.py)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,8 @@ import pytest
 from gpucnn import checkpoint as ck
 from gpucnn import cli
 from gpucnn import data as gdata
-from gpucnn.train import RunDir, RunDirInUse, TrainConfig, Trainer, default_out_dir, rundir, train
+from gpucnn.train import (MetricsWarning, RunDir, RunDirInUse, TrainConfig, Trainer, default_out_dir, read_metrics,
+                          rundir, train)
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +104,53 @@ def test_default_directories_are_claimed_atomically(tmp_path):
     a = default_out_dir("lenet5", tmp_path)
     b = default_out_dir("lenet5", tmp_path)
     assert a != b and a.is_dir() and b.is_dir() and b.name == f"{a.name}-2"
+
+
+# -- item 6: a damaged metrics.jsonl --------------------------------------------------------------
+
+
+def test_a_cut_metrics_line_is_set_aside_and_the_checkpoint_decides(mnist, tmp_path):
+    out = tmp_path / "run"
+    _train(mnist, out, _cfg(epochs=2))
+    metrics = out / "metrics.jsonl"
+    whole, saved = metrics.read_bytes(), ck.load_checkpoint(out).metrics
+    metrics.write_bytes(whole[:-40])                     # a crash (or a full disk) cut the last line
+    with pytest.warns(MetricsWarning, match=rf"{metrics}, line 2: not a JSON object .* the line is cut short; "
+                                            rf"set aside in {out / rundir.SET_ASIDE_NAME}"):
+        res = _train(mnist, None, _cfg(epochs=3), resume=out)
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3] == [r["epoch"] for r in res.metrics]
+    assert read_metrics(out)[1] == saved                 # epoch 2's row, from the checkpoint
+    assert (out / rundir.SET_ASIDE_NAME).read_bytes() == whole.splitlines(keepends=True)[1][:-40] + b"\n"
+
+
+def test_metrics_rows_after_the_checkpoint_or_repeated_are_set_aside(mnist, tmp_path):
+    """Two runs interleaved in one metrics.jsonl (before runs owned their directory): the resumed run
+    keeps one row per epoch up to the checkpoint's and counts its epochs right."""
+    out = tmp_path / "run"
+    _train(mnist, out, _cfg(epochs=2))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], lines[0], lines[1], lines[1],
+                                                  lines[1].replace('"epoch": 2', '"epoch": 3')]) + "\n")
+    with pytest.warns(MetricsWarning) as caught:
+        res = _train(mnist, None, _cfg(epochs=3), resume=out)
+    said = [str(w.message) for w in caught]
+    assert any("line 2: epoch 1 again after epoch 1" in s for s in said)
+    assert any("line 4: epoch 2 again after epoch 2" in s for s in said)
+    assert any("line 5: epoch 3 is after the checkpoint's epoch 2" in s for s in said)
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+    assert res.summary().startswith("done: seed002_c1 on mnist, 3 epochs")
+    assert len((out / rundir.SET_ASIDE_NAME).read_text().splitlines()) == 3
+
+
+def test_cli_resume_and_plot_survive_a_cut_metrics_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--subset", "64", "--test-subset", "64", "--no-progress"]
+    assert cli.main(["train", "--epochs", "2", "--out", str(out)] + args) == 0
+    metrics = out / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes()[:-40])
+    assert cli.main(["plot", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"gpucnn: warning: {metrics}, line 2: not a JSON object" in err and "left out" in err
+    assert (out / "curves.png").stat().st_size > 0
+    assert cli.main(["train", "--resume", str(out), "--stop-after", "2"] + args) == 0
+    assert f"gpucnn: warning: {metrics}, line 2: not a JSON object" in capsys.readouterr().err

@@ -11,7 +11,9 @@ One run owns its directory while it lasts: it holds an exclusive ``flock`` on
 ``.gpucnn-run.lock`` there (the file records the owner's pid and host), which
 the kernel releases when the process ends, however it ends.  A second run on
 an owned directory stops at once with :class:`RunDirInUse`; a new default
-directory is claimed with an exclusive ``mkdir``.
+directory is claimed with an exclusive ``mkdir``.  When a run resumes, the
+checkpoint decides which ``metrics.jsonl`` rows are kept; lines that are
+unreadable or do not fit it are set aside with a :class:`MetricsWarning`.
 """
 from __future__ import annotations
 
@@ -32,15 +34,22 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: runs are not locked
     fcntl = None
 
-__all__ = ["RunDir", "RunDirInUse", "METRICS_NAME", "CONFIG_NAME", "LOCK_NAME", "default_out_dir", "read_metrics"]
+__all__ = ["RunDir", "RunDirInUse", "MetricsWarning", "METRICS_NAME", "CONFIG_NAME", "LOCK_NAME", "SET_ASIDE_NAME",
+           "default_out_dir", "read_metrics"]
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 LOCK_NAME = ".gpucnn-run.lock"
+#: where resuming keeps the ``metrics.jsonl`` lines it does not carry over (appended, as they were)
+SET_ASIDE_NAME = "metrics.jsonl.set-aside"
 
 
 class RunDirInUse(ValueError):
     """Another live process owns the run directory."""
+
+
+class MetricsWarning(UserWarning):
+    """Lines of ``metrics.jsonl`` that were unreadable or did not fit the checkpoint were left out."""
 
 
 def default_out_dir(model: str, root: str | os.PathLike = "runs") -> Path:
@@ -62,18 +71,43 @@ def default_out_dir(model: str, root: str | os.PathLike = "runs") -> Path:
             p = Path(f"{base}-{i}")
 
 
+def _parse_metrics(path: Path) -> tuple[list[tuple[int, str, dict]], list[tuple[int, str, str]]]:
+    """``(rows, bad)`` of a ``metrics.jsonl``: ``(line number, text, row)`` for every line that is a
+    JSON object with an integer ``epoch``, ``(line number, text, why)`` for every other non-blank line."""
+    rows, bad = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError
+                where = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc
+                why = f"not a JSON object ({where})"
+                bad.append((number, text, why if raw.endswith(b"\n") else why + ", the line is cut short"))
+                continue
+            epoch = row.get("epoch") if isinstance(row, dict) else None
+            if isinstance(epoch, bool) or not isinstance(epoch, int):
+                bad.append((number, text, "not a metrics row (no integer 'epoch')"))
+            else:
+                rows.append((number, text, row))
+    return rows, bad
+
+
 def read_metrics(path) -> list[dict]:
-    """Read ``metrics.jsonl`` (a file or a run directory) into a list of dicts."""
+    """Read ``metrics.jsonl`` (a file or a run directory) into a list of dicts.
+
+    A line that is not a metrics row (cut short by a crash, edited) is left
+    out with a :class:`MetricsWarning` naming the file and the line.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_NAME
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
-    return rows
+    rows, bad = _parse_metrics(p)
+    for number, _, why in bad:
+        warnings.warn(f"{p}, line {number}: {why}; left out", MetricsWarning, stacklevel=2)
+    return [row for _, _, row in rows]
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -170,6 +204,7 @@ class RunDir:
         #: the newest complete checkpoint of this run (None before the first epoch ends) and its epoch
         self.last_good = Path(resumed.path) if resumed is not None else None
         self.saved_epoch = resumed.epoch if resumed is not None else 0
+        self._set_aside: list[tuple[int, str, str]] = []   # metrics lines not carried over
         self._owner = None
         if not self.writer:
             return
@@ -199,22 +234,52 @@ class RunDir:
     def previous_metrics(self) -> list[dict]:
         """The metrics rows of the epochs the resumed checkpoint holds (empty for a new run).
 
-        Rows after the checkpoint's epoch are dropped; a row lost between the
-        checkpoint write and the metrics append is recovered from the checkpoint.
+        The checkpoint is the truth: rows are kept in rising epoch order up to
+        its epoch; a line that is unreadable, repeats or goes back to an epoch,
+        or comes after the checkpoint's epoch is set aside with a
+        :class:`MetricsWarning` naming the file and line (:meth:`start` keeps
+        those lines in :data:`SET_ASIDE_NAME`).  The checkpoint's own row, lost
+        between the checkpoint write and the metrics append, is recovered from
+        the checkpoint.
         """
         ck = self.resumed
         if ck is None or not self.writer:
             return []
         source = Path(ck.path).parent / METRICS_NAME
-        rows = [m for m in read_metrics(source) if m.get("epoch", 0) <= ck.epoch] if source.exists() else []
-        if ck.metrics and not any(m.get("epoch") == ck.epoch for m in rows):
-            rows.append(ck.metrics)
-        return rows
+        rows, bad = _parse_metrics(source) if source.exists() else ([], [])
+        kept, set_aside = [], list(bad)
+        for number, text, row in rows:
+            epoch, last = row["epoch"], kept[-1]["epoch"] if kept else 0
+            if epoch > ck.epoch:
+                set_aside.append((number, text, f"epoch {epoch} is after the checkpoint's epoch {ck.epoch}"))
+            elif epoch <= last:
+                set_aside.append((number, text, f"epoch {epoch} again after epoch {last}"))
+            else:
+                kept.append(row)
+        if ck.metrics and not any(m["epoch"] == ck.epoch for m in kept):
+            kept.append(ck.metrics)
+        set_aside.sort()
+        own = source.resolve() == self.metrics_path.resolve()
+        fate = f"set aside in {self.path / SET_ASIDE_NAME}" if own else "not carried over"
+        for number, _, why in set_aside:
+            warnings.warn(f"{source}, line {number}: {why}; {fate}; the run continues from {ck.path} "
+                          f"(epoch {ck.epoch})", MetricsWarning, stacklevel=2)
+        missing = sorted(set(range(1, ck.epoch + 1)) - {m["epoch"] for m in kept})
+        if missing:
+            warnings.warn(f"{source}: no metrics row for epoch(s) {', '.join(map(str, missing))}", MetricsWarning,
+                          stacklevel=2)
+        self._set_aside = set_aside if own else []
+        return kept
 
     def start(self, config, metrics: list[dict]) -> None:
-        """Write ``config.json`` and (re)write ``metrics.jsonl`` with the rows kept so far."""
+        """Write ``config.json``, (re)write ``metrics.jsonl`` with the rows kept so far, and append the lines
+        :meth:`previous_metrics` set aside to :data:`SET_ASIDE_NAME`."""
         if not self.writer:
             return
+        if self._set_aside:
+            with open(self.path / SET_ASIDE_NAME, "a", encoding="utf-8") as f:
+                f.write("".join(text + "\n" for _, text, _ in self._set_aside))
+            self._set_aside = []
         _write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
         _write_text(self.path / CONFIG_NAME, json.dumps(asdict(config), indent=2) + "\n")
 
