@@ -1,7 +1,8 @@
-"""The run directory under a hostile user: two runs on one directory, a damaged metrics.jsonl
-(gpucnn/train/rundir.py, loop.py, plots.py)."""
+"""The run directory under a hostile user: two runs on one directory, a damaged metrics.jsonl, a full
+disk (gpucnn/train/rundir.py, loop.py, plots.py, inference.py)."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -154,3 +155,48 @@ def test_cli_resume_and_plot_survive_a_cut_metrics_file(tmp_path, capsys):
     assert (out / "curves.png").stat().st_size > 0
     assert cli.main(["train", "--resume", str(out), "--stop-after", "2"] + args) == 0
     assert f"gpucnn: warning: {metrics}, line 2: not a JSON object" in capsys.readouterr().err
+
+
+# -- item 7: a full disk ----------------------------------------------------------------------------
+
+
+def _full_disk_save(self, target, *args, **kwargs):
+    """A figure's or image's save that writes the first bytes and then finds the disk full."""
+    if isinstance(target, (str, os.PathLike)):
+        with open(target, "wb") as f:
+            f.write(b"\x89PNG")
+    else:
+        target.write(b"\x89PNG")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_plot_leaves_no_empty_png_on_a_full_disk(tmp_path, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--subset", "64", "--test-subset", "64", "--epochs", "1", "--no-progress",
+                     "--out", str(out)]) == 0
+    monkeypatch.setattr(Figure, "savefig", _full_disk_save)
+    rc = cli.main(["plot", str(out)])
+    monkeypatch.undo()
+    assert rc == cli.EXIT_FAILURE
+    assert f"No space left on device: '{out / 'curves.png'}'" in capsys.readouterr().err
+    assert not any(p.name.endswith(".png") or p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def test_predict_save_input_leaves_no_empty_png_on_a_full_disk(mnist, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import gpucnn as gc
+    from gpucnn import inference
+
+    Image.fromarray(mnist.test_images[0]).save(tmp_path / "digit.png")
+    ck.save_checkpoint(tmp_path / "c.npz", gc.models.build("seed002_c1"), None, model_name="seed002_c1",
+                       config={"dataset": "mnist"})
+    monkeypatch.setattr(Image.Image, "save", _full_disk_save)
+    rc = cli.main(["predict", str(tmp_path / "c.npz"), str(tmp_path / "digit.png"),
+                   "--save-input", str(tmp_path / "seen")])
+    monkeypatch.undo()
+    assert rc == inference.EXIT_FAILURE
+    assert f"No space left on device: '{tmp_path / 'seen' / 'digit_28x28.png'}'" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "seen") == []
