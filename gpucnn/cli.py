@@ -26,8 +26,9 @@ the CPU; the cosine schedule depends on ``--epochs``, so stop a run early with
 when the continuation must equal an uninterrupted run.
 
 ``CHECKPOINT`` is a ``checkpoint.npz`` file or the run directory holding it.
-Exit status: 0 success, 1 runtime failure (data, I/O), 2 bad arguments, an
-unusable checkpoint or a run directory in use by another run, 3 training stopped on a NaN/Inf loss, 130 interrupted (Ctrl-C), 143 stopped by
+Exit status: 0 success, 1 runtime failure (data, I/O, a full disk), 2 bad
+arguments, an unusable checkpoint or a run directory in use by another run,
+3 training stopped on a NaN/Inf loss, 130 interrupted (Ctrl-C), 143 stopped by
 SIGTERM (128 + the signal's number, as a shell reports a process the signal
 ended; the checkpoint is handled as on Ctrl-C).
 """
@@ -277,7 +278,7 @@ def _train_config(args, sp):
 
 def _cmd_train(args, parser):
     from .data import DataError
-    from .train import NonFiniteLossError, train
+    from .train import NonFiniteLossError, RunDirWriteError, train
 
     sp = parser._gpucnn_sub["train"]
     if args.comm is not None and not args.distributed:
@@ -297,7 +298,7 @@ def _cmd_train(args, parser):
     except NonFiniteLossError as exc:
         _err(str(exc))
         return EXIT_NONFINITE
-    except DataError as exc:
+    except (DataError, RunDirWriteError) as exc:
         _err(str(exc))
         return EXIT_FAILURE
     except ValueError as exc:  # configuration / checkpoint / device / run directory problems

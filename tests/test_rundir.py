@@ -1,21 +1,25 @@
 """The run directory under a hostile user: two runs on one directory, a damaged metrics.jsonl, a full
-disk (gpucnn/train/rundir.py, loop.py, plots.py, inference.py)."""
+disk, the temporary files of a killed run (gpucnn/train/rundir.py, loop.py, plots.py, inference.py)."""
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections import namedtuple
 
+import numpy as np
 import pytest
 
 from gpucnn import checkpoint as ck
 from gpucnn import cli
 from gpucnn import data as gdata
-from gpucnn.train import (MetricsWarning, RunDir, RunDirInUse, TrainConfig, Trainer, default_out_dir, read_metrics,
-                          rundir, train)
+from gpucnn.train import (MetricsWarning, RunDir, RunDirInUse, RunDirWriteError, TrainConfig, Trainer,
+                          default_out_dir, read_metrics, rundir, train)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def _no_steps(monkeypatch):
     monkeypatch.setattr(Trainer, "run_steps", run_steps)
 
 
-# -- item 1: one owner per run directory ----------------------------------------------------------
+# -- one owner per run directory --------------------------------------------------------------------
 
 
 def test_a_second_run_on_an_owned_directory_stops_at_once(mnist, tmp_path, monkeypatch):
@@ -107,7 +111,7 @@ def test_default_directories_are_claimed_atomically(tmp_path):
     assert a != b and a.is_dir() and b.is_dir() and b.name == f"{a.name}-2"
 
 
-# -- item 6: a damaged metrics.jsonl --------------------------------------------------------------
+# -- a damaged metrics.jsonl ------------------------------------------------------------------------
 
 
 def test_a_cut_metrics_line_is_set_aside_and_the_checkpoint_decides(mnist, tmp_path):
@@ -157,7 +161,92 @@ def test_cli_resume_and_plot_survive_a_cut_metrics_file(tmp_path, capsys):
     assert f"gpucnn: warning: {metrics}, line 2: not a JSON object" in capsys.readouterr().err
 
 
-# -- item 7: a full disk ----------------------------------------------------------------------------
+# -- a full disk, temporary files of killed runs ------------------------------------------------------
+
+_Usage = namedtuple("_Usage", "total used free")
+
+
+def _disk_free(monkeypatch, free):
+    """Make the run directory's file system report ``free()`` bytes free."""
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: _Usage(10 ** 12, 0, free()))
+
+
+def test_no_room_for_a_checkpoint_stops_before_training(mnist, tmp_path, monkeypatch):
+    _disk_free(monkeypatch, lambda: 100_000)        # seed002_c1 with momentum: a checkpoint takes more
+    _no_steps(monkeypatch)
+    with pytest.raises(RunDirWriteError, match=rf"no room for a checkpoint in {tmp_path / 'run'}: 0.1 MiB free, "
+                                               r"a checkpoint takes about .* MiB; no checkpoint was written yet"):
+        _train(mnist, tmp_path / "run", _cfg())
+
+
+def test_a_disk_that_fills_up_is_found_before_the_write_and_the_last_checkpoint_named(mnist, tmp_path, monkeypatch):
+    writes = []
+    real = ck.save_checkpoint
+    monkeypatch.setattr(ck, "save_checkpoint", lambda *a, **k: writes.append(1) or real(*a, **k))
+    _disk_free(monkeypatch, lambda: 0 if writes else 10 ** 12)    # full after the first checkpoint
+    out = tmp_path / "run"
+    with pytest.raises(RunDirWriteError) as info:
+        _train(mnist, out, _cfg(epochs=3))
+    msg = str(info.value)
+    assert f"no room for a checkpoint in {out}: 0.0 MiB free" in msg
+    assert f"the last good checkpoint {out / 'checkpoint.npz'} (epoch 1) is kept" in msg
+    assert f"continue with gpucnn train --resume {out}" in msg
+    assert ck.load_checkpoint(out).epoch == 1 and len(writes) == 1
+
+
+def test_a_failing_checkpoint_write_names_the_file_and_what_was_kept(tmp_path, monkeypatch, capsys):
+    real = np.savez
+    calls = []
+
+    def savez(file, **arrays):      # the second checkpoint hits a full disk half-way
+        calls.append(1)
+        if len(calls) == 2:
+            file.write(b"PK partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(file, **arrays)
+
+    monkeypatch.setattr(ck.np, "savez", savez)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--subset", "64", "--test-subset", "64", "--epochs", "3", "--no-progress",
+                   "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_FAILURE
+    assert (f"gpucnn: error: cannot write {out / 'checkpoint.npz'} (No space left on device); the last good "
+            f"checkpoint {out / 'checkpoint.npz'} (epoch 1) is kept") in err
+    monkeypatch.undo()
+    assert ck.load_checkpoint(out).epoch == 1
+    assert sorted(os.listdir(out)) == sorted([rundir.LOCK_NAME, "checkpoint.npz", "config.json", "metrics.jsonl"])
+
+
+def test_a_failing_metrics_append_says_the_checkpoint_holds_the_row(mnist, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if str(path) == str(out / "metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_open)
+    with pytest.raises(RunDirWriteError, match=rf"cannot write {out / 'metrics.jsonl'} \(No space left on device\); "
+                                               rf"the checkpoint {out / 'checkpoint.npz'} \(epoch 1\) holds this "
+                                               r"epoch's row, and --resume restores it"):
+        _train(mnist, out, _cfg())
+
+
+def test_claiming_a_directory_removes_the_temporary_files_of_killed_runs(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".checkpoint.npz.k1b2x9.tmp", out / ".metrics.jsonl.a8f0q.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+    other = out / ".curves.png.z9.tmp"          # not the run's own file (gpucnn plot may be writing it)
+    other.write_bytes(b"x")
+    said = []
+    with RunDir(out, log=said.append):
+        assert not any(p.exists() for p in stale) and other.exists()
+    assert said == [f"note: removed 2 temporary file(s) a killed run left in {out}: .checkpoint.npz.k1b2x9.tmp, "
+                    ".metrics.jsonl.a8f0q.tmp"]
 
 
 def _full_disk_save(self, target, *args, **kwargs):

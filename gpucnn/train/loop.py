@@ -259,7 +259,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
         dev, why = backend.resolve_device(device)
         say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
         run = _run(cfg, ckpt, dev, say, None, stop_after, progress,
-                   lambda: RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite), **opts)
+                   lambda: RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite, log=say), **opts)
         return run.result(time.perf_counter() - t_start)
     _check_stop_after(stop_after)
     dev, why = backend.resolve_device(device)
@@ -302,7 +302,7 @@ def _shared_start(comm, config, resume, out_dir, overwrite, say):
 
     def prepare():
         cfg, ckpt = _run_config(config, resume, say)
-        rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite)
+        rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite, log=say)
         try:
             metrics = rundir.previous_metrics()
         except BaseException:
@@ -346,6 +346,7 @@ class _Run:
         self.model, self.loss = self._model_and_loss(model, loss)
         self._inputs_to_model_dtype()
         self.opt = make_optimizer(cfg, self.model)
+        self.rundir.check_space(self.model, self.opt)   # before any training, not after an epoch
         self.start_epoch = 0
         if ckpt is not None:
             self._resume(ckpt)
@@ -435,6 +436,7 @@ class _Run:
     def _epoch(self, epoch, progress):
         cfg, dev, comm = self.cfg, self.dev, self.comm
         t_epoch = time.perf_counter()
+        self.rundir.check_space(self.model, self.opt)
         order = backend.to_device(epoch_permutation(cfg.seed, epoch, self.n), dev)
         stats = self._train_steps(epoch, order, progress)
         backend.synchronize(dev)

@@ -11,15 +11,18 @@ One run owns its directory while it lasts: it holds an exclusive ``flock`` on
 ``.gpucnn-run.lock`` there (the file records the owner's pid and host), which
 the kernel releases when the process ends, however it ends.  A second run on
 an owned directory stops at once with :class:`RunDirInUse`; a new default
-directory is claimed with an exclusive ``mkdir``.  When a run resumes, the
-checkpoint decides which ``metrics.jsonl`` rows are kept; lines that are
-unreadable or do not fit it are set aside with a :class:`MetricsWarning`.
+directory is claimed with an exclusive ``mkdir``.  Temporary files a killed
+run left behind (``.checkpoint.npz.*.tmp``, ...) are removed when the next run
+claims the directory.  Free space for a checkpoint is checked before training
+and before every write; a write that fails raises :class:`RunDirWriteError`
+naming the file and what was kept.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import socket
 import warnings
 from dataclasses import asdict
@@ -34,18 +37,24 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: runs are not locked
     fcntl = None
 
-__all__ = ["RunDir", "RunDirInUse", "MetricsWarning", "METRICS_NAME", "CONFIG_NAME", "LOCK_NAME", "SET_ASIDE_NAME",
-           "default_out_dir", "read_metrics"]
+__all__ = ["RunDir", "RunDirInUse", "RunDirWriteError", "MetricsWarning", "METRICS_NAME", "CONFIG_NAME",
+           "LOCK_NAME", "SET_ASIDE_NAME", "default_out_dir", "read_metrics"]
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 LOCK_NAME = ".gpucnn-run.lock"
 #: where resuming keeps the ``metrics.jsonl`` lines it does not carry over (appended, as they were)
 SET_ASIDE_NAME = "metrics.jsonl.set-aside"
+#: the files a run writes atomically: their temporary files are the run's own
+_OWN_FILES = (ckpt_mod.CHECKPOINT_NAME, METRICS_NAME, CONFIG_NAME)
 
 
 class RunDirInUse(ValueError):
     """Another live process owns the run directory."""
+
+
+class RunDirWriteError(OSError):
+    """A file of the run directory could not be written (a full disk, ...); the message says what was kept."""
 
 
 class MetricsWarning(UserWarning):
@@ -180,6 +189,7 @@ class RunDir:
         overwrite: allow a directory that already holds another checkpoint.
         writer: False on the ranks of a distributed run other than rank 0:
             nothing is claimed, checked, created or written (only the paths are kept).
+        log: called with each note (temporary files of a killed run removed).
 
     Raises:
         RunDirInUse: another live process owns the directory (the message
@@ -189,8 +199,9 @@ class RunDir:
     """
 
     def __init__(self, path=None, *, model: str = "model", resumed=None, overwrite: bool = False,
-                 writer: bool = True):
+                 writer: bool = True, log=None):
         self.writer = bool(writer)
+        self.log = log or (lambda s: None)
         if path is None and resumed is not None:
             path = Path(resumed.path).parent
         elif path is None:
@@ -205,6 +216,7 @@ class RunDir:
         self.last_good = Path(resumed.path) if resumed is not None else None
         self.saved_epoch = resumed.epoch if resumed is not None else 0
         self._set_aside: list[tuple[int, str, str]] = []   # metrics lines not carried over
+        self._checkpoint_bytes = None                       # the size of the last checkpoint written
         self._owner = None
         if not self.writer:
             return
@@ -215,6 +227,7 @@ class RunDir:
             if self.checkpoint.exists() and not here and not overwrite:
                 raise ValueError(f"{self.path} already holds a checkpoint; continue it with --resume {self.path}, "
                                  f"or choose another --out (or --overwrite)")
+            self._remove_stale_temporaries()
         except BaseException:
             self.close()
             raise
@@ -230,6 +243,16 @@ class RunDir:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove the temporary files of this directory's own files: with the directory claimed, they can
+        only be left by a run that was killed while writing."""
+        stale = sorted(p for name in _OWN_FILES for p in self.path.glob(f".{name}.*.tmp") if p.is_file())
+        for p in stale:
+            p.unlink(missing_ok=True)
+        if stale:
+            self.log(f"note: removed {len(stale)} temporary file(s) a killed run left in {self.path}: "
+                     + ", ".join(p.name for p in stale))
 
     def previous_metrics(self) -> list[dict]:
         """The metrics rows of the epochs the resumed checkpoint holds (empty for a new run).
@@ -271,32 +294,68 @@ class RunDir:
         self._set_aside = set_aside if own else []
         return kept
 
+    @contextlib.contextmanager
+    def _writing(self, path: Path, kept: str):
+        """Turn an OSError while writing ``path`` into a :class:`RunDirWriteError` saying ``kept``."""
+        try:
+            yield
+        except RunDirWriteError:
+            raise
+        except OSError as exc:
+            raise RunDirWriteError(f"cannot write {path} ({exc.strerror or exc}); {kept}") from exc
+
+    def check_space(self, model, optimizer) -> None:
+        """Raise :class:`RunDirWriteError` when the directory's file system lacks room for one more
+        checkpoint (the size of the last one written, else an estimate for ``model`` and ``optimizer``)."""
+        if not self.writer:
+            return
+        need = self._checkpoint_bytes or ckpt_mod.estimated_size(model, optimizer)
+        free = shutil.disk_usage(self.path).free
+        if free < need:
+            raise RunDirWriteError(
+                f"no room for a checkpoint in {self.path}: {_mib(free)} free, a checkpoint takes about "
+                f"{_mib(need)}; {self.kept(self.saved_epoch or None)}{self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        return f"; free some space, then continue with gpucnn train --resume {self.last_good.parent}" \
+            if self.last_good is not None else ""
+
     def start(self, config, metrics: list[dict]) -> None:
         """Write ``config.json``, (re)write ``metrics.jsonl`` with the rows kept so far, and append the lines
         :meth:`previous_metrics` set aside to :data:`SET_ASIDE_NAME`."""
         if not self.writer:
             return
+        kept = self.kept(self.saved_epoch or None)
         if self._set_aside:
-            with open(self.path / SET_ASIDE_NAME, "a", encoding="utf-8") as f:
+            target = self.path / SET_ASIDE_NAME
+            with self._writing(target, kept), open(target, "a", encoding="utf-8") as f:
                 f.write("".join(text + "\n" for _, text, _ in self._set_aside))
             self._set_aside = []
-        _write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-        _write_text(self.path / CONFIG_NAME, json.dumps(asdict(config), indent=2) + "\n")
+        with self._writing(self.metrics_path, kept):
+            _write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+        with self._writing(self.path / CONFIG_NAME, kept):
+            _write_text(self.path / CONFIG_NAME, json.dumps(asdict(config), indent=2) + "\n")
 
     def save_epoch(self, model, optimizer, *, config, epoch: int, rng: dict, row: dict) -> Path:
-        """Write the checkpoint after ``epoch`` (atomically)."""
+        """Write the checkpoint after ``epoch`` (atomically), once :meth:`check_space` finds room for it."""
         if not self.writer:
             self.last_good, self.saved_epoch = self.checkpoint, epoch
             return self.checkpoint
-        ckpt_mod.save_checkpoint(self.checkpoint, model, optimizer, model_name=config.model, epoch=epoch,
-                                 config=asdict(config), rng=rng, metrics=row)
+        self.check_space(model, optimizer)
+        with self._writing(self.checkpoint, self.kept(self.saved_epoch or None) + self._resume_hint()):
+            ckpt_mod.save_checkpoint(self.checkpoint, model, optimizer, model_name=config.model, epoch=epoch,
+                                     config=asdict(config), rng=rng, metrics=row)
         self.last_good, self.saved_epoch = self.checkpoint, epoch
+        self._checkpoint_bytes = self.checkpoint.stat().st_size
         return self.checkpoint
 
     def append_metrics(self, row: dict) -> None:
+        """Append ``row`` to ``metrics.jsonl`` (one write; a resume restores it from the checkpoint if lost)."""
         if not self.writer:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
+        kept = (f"the checkpoint {self.last_good} (epoch {self.saved_epoch}) holds this epoch's row, and "
+                f"--resume restores it")
+        with self._writing(self.metrics_path, kept), open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def kept(self, epoch: int | None = None) -> str:
@@ -305,3 +364,7 @@ class RunDir:
             return "no checkpoint was written yet"
         return f"the last good checkpoint {self.last_good}" + (f" (epoch {epoch})" if epoch is not None else "") \
             + " is kept"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
