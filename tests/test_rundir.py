@@ -289,3 +289,25 @@ def test_predict_save_input_leaves_no_empty_png_on_a_full_disk(mnist, tmp_path, 
     assert rc == inference.EXIT_FAILURE
     assert f"No space left on device: '{tmp_path / 'seen' / 'digit_28x28.png'}'" in capsys.readouterr().err
     assert os.listdir(tmp_path / "seen") == []
+
+
+def _have_mpi() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("mpiexec") is not None
+
+
+@pytest.mark.skipif(not _have_mpi(), reason="needs mpiexec and mpi4py")
+def test_every_rank_of_a_distributed_run_stops_cleanly_on_an_owned_directory(tmp_path):
+    """Rank 0 finds the directory in use; every rank exits 2 with no traceback (the error is collective)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    with RunDir(out, model="lenet5"):
+        proc = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "gpucnn", "train", "--distributed",
+                               "--subset", "64", "--test-subset", "64", "--epochs", "1", "--no-progress",
+                               "--out", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == cli.EXIT_USAGE, proc.stderr
+    assert f"{out} is in use by another training run (pid {os.getpid()} on " in proc.stderr
+    assert "Traceback" not in proc.stderr and "rank 1" not in proc.stderr
