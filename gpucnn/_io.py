@@ -26,7 +26,8 @@ def atomic_open(path, mode: str = "wb"):
     The data are flushed and fsynced, the temporary file is renamed over
     ``path`` with ``os.replace`` (atomic on POSIX) and the directory is fsynced
     so the rename survives a crash.  If the body raises, the temporary file is
-    removed and ``path`` is left exactly as it was.
+    removed and ``path`` is left exactly as it was; an OSError that names no
+    file (``[Errno 28] No space left on device``) is raised again naming ``path``.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
@@ -41,9 +42,11 @@ def atomic_open(path, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     try:  # make the rename itself durable (POSIX; not possible everywhere)
         dfd = os.open(directory, os.O_RDONLY)

@@ -64,8 +64,8 @@ MAX_META_DEPTH = 64
 
 __all__ = [
     "CheckpointError", "Checkpoint", "FORMAT_VERSION", "CHECKPOINT_NAME",
-    "resolve_path", "save_checkpoint", "load_checkpoint", "read_metadata", "load_into", "restore_model",
-    "MAX_CHECKPOINT_BYTES", "MAX_META_BYTES", "MAX_META_DEPTH",
+    "resolve_path", "save_checkpoint", "estimated_size", "load_checkpoint", "read_metadata", "load_into",
+    "restore_model", "MAX_CHECKPOINT_BYTES", "MAX_META_BYTES", "MAX_META_DEPTH",
 ]
 
 
@@ -179,6 +179,20 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer=None, *, model_nam
     with atomic_open(path) as f:
         np.savez(f, **payload)
     return path
+
+
+def estimated_size(model, optimizer=None) -> int:
+    """Bytes that :func:`save_checkpoint` of ``model`` and ``optimizer`` takes, at most about: every
+    parameter and buffer, every slot the optimizer's type keeps (whether made yet or not), and room
+    for the archive's headers and the metadata."""
+    state = model.state_dict()
+    size = sum(a.nbytes for a in state.values())
+    tensors = len(state)
+    if optimizer is not None:
+        slots = len(getattr(optimizer, "SLOTS", ()))
+        size += slots * sum(g.params.nbytes for g in optimizer.groups)
+        tensors += slots * len(state)
+    return size + 1024 * tensors + 65536
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

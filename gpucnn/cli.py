@@ -26,10 +26,13 @@ the CPU; the cosine schedule depends on ``--epochs``, so stop a run early with
 when the continuation must equal an uninterrupted run.
 
 ``CHECKPOINT`` is a ``checkpoint.npz`` file or the run directory holding it.
-Exit status: 0 success, 1 runtime failure (data, I/O), 2 bad arguments or an
-unusable checkpoint, 3 training stopped on a NaN/Inf loss, 130 interrupted,
-141 (128 + SIGPIPE, as a Unix tool killed by it) when the reader of standard
-output went away (``gpucnn predict ... | head -1``), with nothing printed.
+Exit status: 0 success, 1 runtime failure (data, I/O, a full disk), 2 bad
+arguments, an unusable checkpoint or a run directory in use by another run,
+3 training stopped on a NaN/Inf loss, 130 interrupted (Ctrl-C), 143 stopped by
+SIGTERM (128 + the signal's number, as a shell reports a process the signal
+ended; the checkpoint is handled as on Ctrl-C), 141 (128 + SIGPIPE, as a Unix
+tool killed by it) when the reader of standard output went away
+(``gpucnn predict ... | head -1``), with nothing printed.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -44,6 +48,7 @@ from . import models
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3, 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 # -- argument types (argparse turns the ValueError/ArgumentTypeError into "argument --x: ...") --
 
@@ -281,7 +286,7 @@ def _train_config(args, sp):
 
 def _cmd_train(args, parser):
     from .data import DataError
-    from .train import NonFiniteLossError, train
+    from .train import NonFiniteLossError, RunDirWriteError, train
 
     sp = parser._gpucnn_sub["train"]
     if args.comm is not None and not args.distributed:
@@ -301,10 +306,10 @@ def _cmd_train(args, parser):
     except NonFiniteLossError as exc:
         _err(str(exc))
         return EXIT_NONFINITE
-    except DataError as exc:
+    except (DataError, RunDirWriteError) as exc:
         _err(str(exc))
         return EXIT_FAILURE
-    except ValueError as exc:  # configuration / checkpoint / device problems
+    except ValueError as exc:  # configuration / checkpoint / device / run directory problems
         if args.device == "cuda" and "CUDA" in str(exc):
             sp.error(f"argument --device: {exc}")
         sp.error(str(exc))
@@ -482,6 +487,20 @@ def stdout_gone() -> int:
     return EXIT_BROKEN_PIPE
 
 
+def _warning_printer(show):
+    """A ``warnings.showwarning`` printing warnings about the user's files (a damaged
+    ``metrics.jsonl``) as one ``gpucnn: warning:`` line, and any other warning with ``show``."""
+    from .train.rundir import MetricsWarning
+
+    def printer(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MetricsWarning):
+            print(f"gpucnn: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return printer
+
+
 def main(argv=None) -> int:
     """Entry point of the ``gpucnn`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -491,12 +510,16 @@ def main(argv=None) -> int:
     parser._gpucnn_sub = sub_action.choices
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args, parser) or 0)
-    except KeyboardInterrupt as exc:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            return int(args.func(args, parser) or 0)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during training (gpucnn.train.Terminated)
         from .train.loop import TrainingInterrupted
 
-        _err(exc.describe() if isinstance(exc, TrainingInterrupted) else "interrupted")
-        return EXIT_INTERRUPTED
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        _err(exc.describe() if isinstance(exc, TrainingInterrupted) else what)
+        return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
     except BrokenPipeError:
         return stdout_gone()
     except FileNotFoundError as exc:

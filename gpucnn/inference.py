@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
+from ._io import atomic_open
 from .images import INVERT_CHOICES, preprocess
 
 __all__ = ["load", "predict", "predict_images", "inputs_for", "probabilities", "class_label",
@@ -314,7 +315,8 @@ def _save_inputs(directory: str, paths, arrays) -> None:
         while target in used:
             target, k = out / f"{stem}_28x28-{k}.png", k + 1
         used.add(target)
-        Image.fromarray(a).save(target)
+        with atomic_open(target) as f:      # a full disk leaves no empty or half-written PNG
+            Image.fromarray(a).save(f, format="PNG")
 
 
 def run(args) -> int:

@@ -2,6 +2,9 @@
 
 * ``curves.png``: train/test loss and accuracy per epoch, from ``metrics.jsonl``;
 * ``filters.png``: the first convolution layer's filters, from ``checkpoint.npz``.
+
+Each PNG is written atomically (a temporary file renamed over it): a full disk
+leaves the previous file, or none, never an empty or half-written one.
 """
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from ._io import atomic_open
 
 __all__ = ["plot_curves", "plot_filters", "plot_run", "missing_plots", "NothingToPlot"]
 
@@ -20,6 +25,18 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path) -> Path:
+    """Write ``fig`` to the PNG ``path`` atomically and close it."""
+    plt = _pyplot()
+    path = Path(path)
+    try:
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_curves(metrics: list[dict], path: str | os.PathLike, title: str = "") -> Path:
@@ -46,10 +63,7 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, title: str = "") -
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_filters(params: dict, path: str | os.PathLike, title: str = "") -> Path:
@@ -72,10 +86,7 @@ def plot_filters(params: dict, path: str | os.PathLike, title: str = "") -> Path
                 ax.set_title(str(o), fontsize=8)
     fig.suptitle(title or f"first conv layer filters ({name}, {O}x{C}x{W.shape[2]}x{W.shape[3]})")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 class NothingToPlot(ValueError):

@@ -444,3 +444,27 @@ def test_data_line_names_the_copy_used(capsys, tmp_path):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data: "))
     assert "data: mnist, 64 training / 64 test images (first 64 training images), from " in line
     assert Path(line.rsplit(", from ", 1)[1]).is_dir()
+
+
+def test_sigterm_stops_like_ctrl_c_and_names_the_checkpoint(tmp_path):
+    """timeout, Slurm, systemd and docker stop send SIGTERM: the run says what is kept and how to go on,
+    exits 143 (128 + SIGTERM), and no micro-batch worker prints a traceback."""
+    import signal
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "gpucnn", "train", "--subset", "1024", "--test-subset", "64",
+                             "--epochs", "100", "--batch-size", "256", "--no-progress", "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1/100"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == cli.EXIT_TERMINATED == 143, err
+    assert "gpucnn: error: stopped by SIGTERM during epoch " in err
+    assert f"is kept: continue with gpucnn train --resume {out}" in err
+    assert "Traceback" not in err

@@ -55,8 +55,9 @@ from . import config, evaluation, loop, parallel, rundir, schedule, trainer
 from .config import (MODEL_DEFAULTS, OPTIMIZER_DEFAULTS, SCHEDULES, NonFiniteLossError, ResumeConflictError,
                      TrainConfig, resume_config)
 from .evaluation import confusion_matrix, evaluate, evaluate_sums
-from .loop import TrainResult, make_optimizer, train
-from .rundir import METRICS_NAME, RunDir, default_out_dir, read_metrics
+from .loop import Terminated, TrainingInterrupted, TrainResult, make_optimizer, train
+from .rundir import (METRICS_NAME, MetricsWarning, RunDir, RunDirInUse, RunDirWriteError, default_out_dir,
+                     read_metrics)
 from .schedule import Schedule, learning_rate
 from .trainer import EpochStats, Trainer
 
@@ -64,5 +65,5 @@ __all__ = [
     "TrainConfig", "TrainResult", "NonFiniteLossError", "ResumeConflictError", "OPTIMIZER_DEFAULTS",
     "MODEL_DEFAULTS", "SCHEDULES", "train", "evaluate", "evaluate_sums", "confusion_matrix", "learning_rate", "Schedule",
     "Trainer", "EpochStats", "RunDir", "default_out_dir", "read_metrics", "resume_config", "make_optimizer",
-    "METRICS_NAME", "TrainingInterrupted",
+    "METRICS_NAME", "TrainingInterrupted", "Terminated", "RunDirInUse", "RunDirWriteError", "MetricsWarning",
 ]

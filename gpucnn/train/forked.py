@@ -21,10 +21,12 @@ The passes and the sum are those of the threaded runner, so the bits are the
 same as with threads and for any worker count.  The pipes carry bytes, not
 pickles.  A worker that fails sends its error back and the step raises the
 same built-in exception class (else RuntimeError) with the worker's
-traceback in the message; a worker that dies mid-step raises
-:class:`WorkerDied` and the next step forks new ones.  Workers exit on a stop
-message (the runner is closed or collected, or the process exits) or when
-their parent is gone, and ignore Ctrl-C (the parent's to handle).
+traceback in the message; a worker that dies mid-step (the out-of-memory
+killer's SIGKILL, a crash in native code) closes the runner and raises
+:class:`WorkerDied`, and :class:`~gpucnn.train.microbatch.MicroBatches` runs
+the step again on new workers.  Workers exit on a stop message (the runner is
+closed or collected, or the process exits) or, quietly, when their parent is
+gone, and ignore Ctrl-C (the parent's to handle).
 """
 from __future__ import annotations
 
@@ -133,10 +135,14 @@ class ForkedRunner:
             seq, n, scale, training = _COMMAND.unpack(msg)
             try:
                 self._run_share(rep, t, n, scale, training)
-                conn.send_bytes(_STEP.pack(seq))
+                reply = _STEP.pack(seq)
             except BaseException as exc:
                 text = f"{type(exc).__name__}\x1f{exc}\x1f{traceback.format_exc()}"
-                conn.send_bytes(_STEP.pack(seq) + text.encode("utf-8", "replace"))
+                reply = _STEP.pack(seq) + text.encode("utf-8", "replace")
+            try:
+                conn.send_bytes(reply)
+            except OSError:   # the parent is gone (killed, or stopped by a signal) mid-step: so are we
+                return
 
     # -- the parent ---------------------------------------------------------
     def run(self, x, y, scale):
@@ -169,7 +175,7 @@ class ForkedRunner:
             self.close()
             p = self.procs[t - 1]
             raise WorkerDied(f"micro-batch worker {t} of {self.T - 1} (pid {p.pid}) ended in the middle of a "
-                             f"step (exit code {p.exitcode}); the next step forks new workers") from None
+                             f"step ({_how_it_ended(p.exitcode)})") from None
 
     def _reply(self, t, conn):
         """This step's reply of worker ``t``: empty, or its error.  A reply to an earlier step (one the
@@ -186,6 +192,19 @@ class ForkedRunner:
 
     def close(self):
         self._finalizer()
+
+
+def _how_it_ended(exitcode) -> str:
+    """A worker's end in words, from its ``Process.exitcode``."""
+    if exitcode is None:
+        return "still running, its pipe closed"
+    if exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    return f"killed by {name}" + (", as the out-of-memory killer does" if -exitcode == signal.SIGKILL else "")
 
 
 def _worker_error(t, workers, text):

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ from .rundir import RunDir
 from .schedule import Schedule
 from .trainer import EpochStats, Trainer
 
-__all__ = ["train", "TrainResult", "make_optimizer"]
+__all__ = ["train", "TrainResult", "make_optimizer", "TrainingInterrupted", "Terminated"]
 
 
 class _NoBar:
@@ -194,23 +196,54 @@ def _cosine_note(cfg, old_epochs: int, done: int) -> str:
             f"same run as {cfg.epochs} epochs from the start")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during :func:`train` (``timeout``, Slurm, systemd, ``docker stop``): the run stops as on Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during :func:`train`: which epoch was cut short and what the run directory holds.
+    """Ctrl-C or SIGTERM during :func:`train`: which epoch was cut short and what the run directory holds.
 
     ``saved_epoch`` is the epoch of the checkpoint at ``checkpoint`` (0: none
-    was written yet, nothing to resume).
+    was written yet, nothing to resume); ``signum`` the signal that stopped it
+    (``signal.SIGINT`` for Ctrl-C, ``signal.SIGTERM``).
     """
 
-    def __init__(self, epoch: int, saved_epoch: int, checkpoint):
+    def __init__(self, epoch: int, saved_epoch: int, checkpoint, signum: int = signal.SIGINT):
         super().__init__(f"interrupted during epoch {epoch}")
         self.epoch, self.saved_epoch, self.checkpoint = epoch, saved_epoch, Path(checkpoint)
+        self.signum = signum
 
     def describe(self) -> str:
+        what = "interrupted" if self.signum == signal.SIGINT else f"stopped by {signal.Signals(self.signum).name}"
         if self.saved_epoch == 0:
-            return (f"interrupted during epoch {self.epoch}, before any checkpoint was written: "
+            return (f"{what} during epoch {self.epoch}, before any checkpoint was written: "
                     "there is nothing to resume")
-        return (f"interrupted during epoch {self.epoch}; {self.checkpoint} (after epoch {self.saved_epoch}) is "
+        return (f"{what} during epoch {self.epoch}; {self.checkpoint} (after epoch {self.saved_epoch}) is "
                 f"kept: continue with gpucnn train --resume {self.checkpoint.parent}")
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """While training, SIGTERM raises :class:`Terminated` in the main thread, as SIGINT raises
+    KeyboardInterrupt, so the run stops the same way.  Only where SIGTERM has its default action
+    (nobody else handles or ignores it) and in the main thread; a second SIGTERM ends the process
+    at once; the previous action comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None,
@@ -288,7 +321,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
         dev, why = backend.resolve_device(device)
         say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
         run = _run(cfg, ckpt, dev, say, None, stop_after, progress,
-                   lambda: RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite), **opts)
+                   lambda: RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite, log=say), **opts)
         return run.result(time.perf_counter() - t_start)
     _check_stop_after(stop_after)
     dev, why = backend.resolve_device(device)
@@ -315,11 +348,14 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
 def _run(cfg, ckpt, dev, say, comm, stop_after, progress, make_rundir, *, nvtx, debug, metrics=None,
          **opts) -> "_Run":
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_stops_like_ctrl_c())
         if nvtx and not stack.enter_context(_nvtx_on()):
             say("note: --nvtx: no NVTX implementation importable (pip install nvtx, or CuPy); ranges are no-ops")
         if debug:
             stack.enter_context(debug_mod.detect_anomaly())
-        run = _Run.prepare(cfg, ckpt, dev, say, comm, make_rundir, metrics, **opts)
+        # the directory is claimed once the data and the model are there (a refused run leaves
+        # none behind), and owned until the run ends
+        run = _Run.prepare(cfg, ckpt, dev, say, comm, lambda: stack.enter_context(make_rundir()), metrics, **opts)
         run.epochs(stop_after, progress)
     return run
 
@@ -336,9 +372,14 @@ def _shared_start(comm, config, resume, out_dir, overwrite, say):
     def prepare():
         cfg, ckpt = _run_config(config, resume, say)
         _check_out_dir(out_dir)
-        rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite)
+        rundir = RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite, log=say)
+        try:
+            metrics = rundir.previous_metrics()
+        except BaseException:
+            rundir.close()
+            raise
         local.update(cfg=cfg, ckpt=ckpt, rundir=rundir)
-        return {"config": asdict(cfg), "out": str(rundir.path), "metrics": rundir.previous_metrics(),
+        return {"config": asdict(cfg), "out": str(rundir.path), "metrics": metrics,
                 "resume": parallel.resume_meta(ckpt)}
 
     plan = parallel.share(comm, prepare)
@@ -378,6 +419,7 @@ class _Run:
         self._inputs_to_model_dtype()
         self.rundir = make_rundir()
         self.opt = make_optimizer(cfg, self.model)
+        self.rundir.check_space(self.model, self.opt)   # before any training, not after an epoch
         self.start_epoch = 0
         if ckpt is not None:
             self._resume(ckpt)
@@ -440,12 +482,19 @@ class _Run:
         return model, loss
 
     def epochs(self, stop_after, progress):
+        """Run the epochs left; Ctrl-C or SIGTERM anywhere in them raises :class:`TrainingInterrupted`."""
+        try:
+            self._epochs(stop_after, progress)
+        except KeyboardInterrupt as exc:
+            rd = self.rundir
+            current = min(rd.saved_epoch + 1, self.cfg.epochs)   # the epoch cut short (or about to start)
+            raise TrainingInterrupted(current, rd.saved_epoch, rd.last_good or rd.checkpoint,
+                                      getattr(exc, "signum", signal.SIGINT)) from None
+
+    def _epochs(self, stop_after, progress):
         cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.epochs):
-            try:
-                row = self._epoch(epoch, progress)
-            except KeyboardInterrupt:
-                raise TrainingInterrupted(epoch + 1, self._saved_epoch(epoch), self.rundir.checkpoint) from None
+            row = self._epoch(epoch, progress)
             self.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc "
                      f"{100 * row['train_accuracy']:.2f}%, test loss {row['test_loss']:.4f} acc "
                      f"{100 * row['test_accuracy']:.2f}%, {row['images_per_sec']:.0f} images/s, "
@@ -456,15 +505,10 @@ class _Run:
         if self.epochs_run == 0 and self.ckpt is not None:
             self.say(f"nothing to do: the checkpoint already has {self.start_epoch} of {cfg.epochs} epochs")
 
-    def _saved_epoch(self, epoch):
-        """The epoch the checkpoint on disk holds when epoch ``epoch`` (0-based) is interrupted (0: none)."""
-        if epoch > self.start_epoch or self.ckpt is not None:
-            return epoch
-        return 0
-
     def _epoch(self, epoch, progress):
         cfg, dev, comm = self.cfg, self.dev, self.comm
         t_epoch = time.perf_counter()
+        self.rundir.check_space(self.model, self.opt)
         order = backend.to_device(epoch_permutation(cfg.seed, epoch, self.n), dev)
         stats = self._train_steps(epoch, order, progress)
         backend.synchronize(dev)

@@ -24,7 +24,11 @@ input's dtype) and the correct count the sum of the counts.
 
 The workers are forked processes on Linux (:mod:`gpucnn.train.forked`:
 threads would hand the interpreter lock back and forth at every NumPy call),
-else threads; the calling process is worker 0.  A replica is a copy made at
+else threads; the calling process is worker 0.  When a forked worker dies in
+the middle of a step (the out-of-memory killer), the step runs again, with a
+warning, on new workers -- its inputs and the parameters are untouched until
+the optimizer steps, so the bits are those of an uninterrupted step; when
+the new workers die too, this runner goes on with threads (the same bits).  A replica is a copy made at
 the first split step (forked workers: at the fork); of the layers' and the
 loss's attributes only the parameters (shared arrays) and the train/eval
 flag follow the model afterwards -- settings changed later (a LeakyReLU's
@@ -43,6 +47,7 @@ in one pass, with its ops spread over the threads
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -221,10 +226,23 @@ class MicroBatches:
     def run(self, x, y, scale):
         """:func:`forward_backward` of the batch-last ``x`` / ``y`` in micro-batches (module docstring)."""
         n = int(x.shape[-1])
-        runner = self._forked(x, y, n)
-        if runner is not None:
-            with threads.inline():
-                return runner.run(x, y, scale)
+        for retry in (False, True):   # a worker died mid-step: again on new workers, then on threads
+            runner = self._forked(x, y, n)
+            if runner is None:
+                break
+            try:
+                with threads.inline():
+                    return runner.run(x, y, scale)
+            except forked.WorkerDied as exc:   # the runner closed itself: _forked forks new workers
+                if retry:
+                    self.processes = False
+                then = "on threads from now on" if retry else "on new workers"
+                warnings.warn(f"{exc}; the step runs again {then} (the same bits)", RuntimeWarning, stacklevel=2)
+        return self._threaded(x, y, scale)
+
+    def _threaded(self, x, y, scale):
+        """:meth:`run` on threads (this process's, or none)."""
+        n = int(x.shape[-1])
         parts = len(micro_bounds(n))
         used = min(threads.get_num_threads(), parts)
         while len(self._replicas) < used:

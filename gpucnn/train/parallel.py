@@ -20,13 +20,14 @@ from .. import backend, checkpoint as ckpt_mod
 from .. import distributed as dist
 from ..data import DataError
 from .config import NonFiniteLossError, ResumeConflictError
+from .rundir import RunDirInUse
 
 __all__ = ["communicator", "share", "resume_point", "resume_meta", "broadcast_state", "check_in_sync",
            "guarded", "is_collective"]
 
 #: Errors rank 0 may raise while preparing, re-raised with the same type on the other ranks.
 _KNOWN = {cls.__name__: cls for cls in (ValueError, TypeError, ResumeConflictError, ckpt_mod.CheckpointError,
-                                        FileNotFoundError, DataError, NonFiniteLossError, ImportError)}
+                                        FileNotFoundError, DataError, NonFiniteLossError, ImportError, RunDirInUse)}
 
 
 def communicator(distributed, device: str):
