@@ -80,6 +80,7 @@ _HOLDER = textwrap.dedent("""
     from gpucnn.train import RunDir
     run = RunDir(sys.argv[1], model="x")
     if os.fork() == 0:          # a child (a micro-batch worker) must not keep the claim alive
+        print("child", flush=True)   # after the fork hooks ran in it (they close its copy of the lock)
         time.sleep(60)
         os._exit(0)
     print("claimed", flush=True)
@@ -93,7 +94,7 @@ def test_the_claim_dies_with_its_process_not_with_its_children(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     try:
-        assert proc.stdout.readline().strip() == "claimed"
+        assert sorted(proc.stdout.readline().strip() for _ in range(2)) == ["child", "claimed"]
         with pytest.raises(RunDirInUse, match=f"pid {proc.pid} on "):
             RunDir(out)
         proc.kill()                          # SIGKILL: no cleanup runs; its forked child lives on
@@ -143,7 +144,7 @@ def test_metrics_rows_after_the_checkpoint_or_repeated_are_set_aside(mnist, tmp_
     assert any("line 4: epoch 2 again after epoch 2" in s for s in said)
     assert any("line 5: epoch 3 is after the checkpoint's epoch 2" in s for s in said)
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
-    assert res.summary().startswith("done: seed002_c1 on mnist, 3 epochs")
+    assert res.summary().startswith("done: seed002_c1 on mnist, 1 epoch now (3), 3 of 3 done")
     assert len((out / rundir.SET_ASIDE_NAME).read_text().splitlines()) == 3
 
 
