@@ -4,7 +4,8 @@
 GPU through this module: while :func:`installed` is active,
 
 * ``gpucnn.backend.cupy`` is :data:`standin` (``cuda.runtime`` answers one
-  device, streams and events do nothing), and its arrays are
+  device; streams have CuPy's handles -- the null stream is 0 -- and run work
+  at once, or capture gpucnn's launches into a graph: see :class:`_Stream`), and its arrays are
   :class:`DeviceArray`, a NumPy subclass that the backend treats as a GPU
   array -- so every layer, loss and optimizer takes its kernel path;
 * the kernel loader builds modules whose functions record their launch
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import threading
 import types
 
@@ -80,12 +82,21 @@ def _rec() -> Recorder | None:
     return getattr(_state, "recorder", None)
 
 
-def _note(kind, name, **kw):
-    if kind == "xp" and getattr(_state, "capture", None) is not None and _state.capture_problem is None:
-        _state.capture_problem = f"a CuPy operation ({name})"
+def _record(kind, name, **kw):
     r = _rec()
     if r is not None:
         r.add(kind, name, **kw)
+
+
+def _note(kind, name, **kw):
+    if kind == "xp":
+        _spoil_capture(f"a CuPy operation ({name}), which the stand-in cannot replay")
+    _record(kind, name, **kw)
+
+
+def _spoil_capture(problem: str) -> None:
+    if getattr(_state, "capture", None) is not None and _state.capture_problem is None:
+        _state.capture_problem = problem
 
 
 def _plain(v):
@@ -311,22 +322,39 @@ def _asnumpy(a, stream=None, **kwargs):
 
 
 class _Stream:
-    """A CUDA stream: work runs at once; between ``begin_capture`` and ``end_capture`` gpucnn's
-    kernel launches are recorded into a :class:`_Graph` instead (a CuPy operation or an
-    allocation then makes ``end_capture`` fail, as an unsupported capture would)."""
+    """A CUDA stream: work runs at once; between ``begin_capture`` and ``end_capture`` the gpucnn
+    kernels launched on the capturing stream are recorded into a :class:`_Graph` instead.
 
-    ptr = 1
+    As in CuPy, ``ptr`` is the handle: 0 for the null (legacy default) stream :attr:`null`, 2 for
+    the per-thread default stream, a distinct non-zero value for every new ``Stream()``.  Capture
+    is refused on the legacy stream (ptr 0 or 1, CuPy's own check and message), and what CUDA would
+    not let into a graph -- a CuPy operation, a host synchronisation, a host-device copy, a device
+    allocation (see :func:`_note`, :func:`_alloc`) -- makes ``end_capture`` fail.
+    """
 
-    def __init__(self, **kwargs):
+    _handles = itertools.count(0x7F0000001000, 0x100)     # addresses, as cudaStreamCreate hands out
+
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=0):
+        self.ptr = 0 if null else 2 if ptds else next(_Stream._handles)
+        self.device_id = -1 if null or ptds else 0
         self._outer = []
+
+    def __eq__(self, other):          # as CuPy: the same handle is the same stream
+        return isinstance(other, _Stream) and other.ptr == self.ptr
+
+    def __hash__(self):
+        return self.ptr
+
+    def __repr__(self):
+        return f"<Stream {self.ptr} (device {self.device_id})>"
 
     def synchronize(self):
         _note("sync", "stream.synchronize")
-        if getattr(_state, "capture", None) is not None and _state.capture_problem is None:
-            _state.capture_problem = "a stream synchronize (CUDA invalidates a capture on a sync)"
+        _spoil_capture("a stream synchronize (CUDA invalidates a capture on a sync)")
 
     def is_capturing(self):
-        return getattr(_state, "capture", None) is not None
+        capture = getattr(_state, "capture", None)
+        return capture is not None and capture.stream == self
 
     def record(self, event=None):
         return object()
@@ -335,18 +363,20 @@ class _Stream:
         pass
 
     def begin_capture(self, mode=None):
+        if self.ptr in (0, 1):
+            raise RuntimeError("cannot capture on the default (legacy) stream")   # CuPy's check
         if getattr(_state, "capture", None) is not None:
             raise RuntimeError("stand-in: a capture is already in progress")
-        _state.capture, _state.capture_problem = [], None
+        _state.capture, _state.capture_problem = _Capture(self), None
 
     def end_capture(self):
-        launches, problem = _state.capture, _state.capture_problem
+        capture, problem = getattr(_state, "capture", None), getattr(_state, "capture_problem", None)
+        if capture is None or capture.stream != self:
+            raise RuntimeError("stand-in: end_capture on a stream that is not capturing")
         _state.capture = _state.capture_problem = None
-        if launches is None:
-            raise RuntimeError("stand-in: end_capture without begin_capture")
         if problem is not None:
-            raise RuntimeError(f"stand-in: the capture held {problem}, which the stand-in cannot replay")
-        return _Graph(launches)
+            raise RuntimeError(f"stand-in: the capture held {problem}")
+        return _Graph(capture.launches)
 
     def __enter__(self):
         self._outer.append(getattr(_state, "stream", None))
@@ -358,7 +388,24 @@ class _Stream:
         return False
 
 
-_NULL_STREAM = _Stream()
+_Stream.null = _Stream(null=True)
+_Stream.ptds = _Stream(ptds=True)
+
+
+def _current_stream() -> _Stream:
+    return getattr(_state, "stream", None) or _Stream.null
+
+
+@dataclasses.dataclass
+class _Capture:
+    """A capture in progress: the capturing stream and the launches recorded on it."""
+
+    stream: _Stream
+    launches: list = dataclasses.field(default_factory=list)
+
+    def takes(self) -> bool:
+        """Whether work issued now goes into this capture (it is issued on the capturing stream)."""
+        return _current_stream() == self.stream
 
 
 class _Graph:
@@ -366,16 +413,24 @@ class _Graph:
         self.launches = launches
 
     def launch(self, stream=None):
-        r = _rec()
-        if r is not None:
-            r.add("graph", f"graph of {len(self.launches)} kernels")
+        _record("graph", f"graph of {len(self.launches)} kernels")
         for fn, grid, block, args, shared_mem in self.launches:
             fn(grid, block, args, shared_mem=shared_mem)
 
 
 def _memcpy_async(dst, src, size, kind, stream):
-    _note("copy", "memcpyAsync (device to device)")
+    """``cudaMemcpyAsync`` device to device: joins the graph when issued on the capturing stream."""
+    capture = getattr(_state, "capture", None)
+    if capture is not None and capture.stream.ptr == stream:
+        capture.launches.append((_copy_node, None, None, (dst, src, size), 0))
+        return
+    _record("copy", "memcpyAsync (device to device)")
     ctypes.memmove(dst, src, size)
+
+
+def _copy_node(grid, block, args, shared_mem=0):
+    """A captured device-to-device copy, replayed."""
+    ctypes.memmove(*args)
 
 
 @contextlib.contextmanager
@@ -392,8 +447,7 @@ def _allocating(nbytes):
     allocator = getattr(_state, "allocator", None)
     if allocator is not None:
         allocator(int(nbytes))
-    if getattr(_state, "capture", None) is not None and _state.capture_problem is None:
-        _state.capture_problem = "a device allocation"
+    _spoil_capture("a device allocation")
 
 
 class _StandIn(types.ModuleType):
@@ -411,7 +465,7 @@ class _StandIn(types.ModuleType):
             memcpyDeviceToDevice=3)
         self.cuda = types.SimpleNamespace(
             runtime=runtime, Device=_Device, Stream=_Stream, using_allocator=_using_allocator,
-            get_current_stream=lambda: getattr(_state, "stream", None) or _NULL_STREAM)
+            get_current_stream=_current_stream)
         self.random = types.SimpleNamespace(seed=lambda *a, **k: None)
         self.asarray = self.array = _asarray
         self.ascontiguousarray = _ascontiguousarray
@@ -460,8 +514,8 @@ class _RecordingFunction:
 
     def __call__(self, grid, block, args, shared_mem=0, **kwargs):
         capture = getattr(_state, "capture", None)
-        if capture is not None:
-            capture.append((self.inner, grid, block, args, shared_mem))
+        if capture is not None and capture.takes():
+            capture.launches.append((self.inner, grid, block, args, shared_mem))
             return
         r = getattr(_state, "recorder", None)
         if r is not None and not r.paused:
