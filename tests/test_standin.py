@@ -59,3 +59,38 @@ def test_a_kernel_launched_on_another_stream_is_not_captured(cp):
     assert ran == [("eager",)] and [e.name for e in rec.events if e.kind == "kernel"] == ["k"]
     graph.launch()
     assert ran == [("eager",), ("captured",)]
+
+
+# -- 2. what invalidates a capture on CUDA makes end_capture fail -----------------------------------
+
+
+def _sync_faults():
+    host = np.arange(4, dtype=np.float32)
+    return {
+        "float(array)": lambda cp, a: float(a[0]),
+        "int(array)": lambda cp, a: int(a[1]),
+        "bool(array)": lambda cp, a: bool(a[1]),
+        "array.item()": lambda cp, a: a[0].item(),
+        "array.tolist()": lambda cp, a: a.tolist(),
+        "array.get()": lambda cp, a: a.get(),
+        "asnumpy": lambda cp, a: cp.asnumpy(a),
+        "stream.synchronize": lambda cp, a: cp.cuda.get_current_stream().synchronize(),
+        "Device.synchronize": lambda cp, a: cp.cuda.Device().synchronize(),
+        "asarray (host to device)": lambda cp, a: cp.asarray(host),
+        "array.set() (host to device)": lambda cp, a: a.set(host),
+    }
+
+
+@pytest.mark.parametrize("fault", list(_sync_faults()))
+def test_a_sync_or_host_copy_inside_a_capture_fails_end_capture(cp, fault):
+    """Planted faults: each host synchronisation and host-to-device copy CUDA refuses in a capture."""
+    a = cp.arange(4, dtype=np.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        _sync_faults()[fault](cp, a)          # passes here (CUDA reports it at the end of the capture)
+        with pytest.raises(RuntimeError, match="invalidates a CUDA stream capture"):
+            stream.end_capture()
+    assert not stream.is_capturing()
+    stream.begin_capture()                    # the failed capture is over: the next one is clean
+    assert isinstance(stream.end_capture(), standin._Graph)

@@ -82,6 +82,16 @@ def _rec() -> Recorder | None:
     return getattr(_state, "recorder", None)
 
 
+#: what an event of each kind does to a capture in progress: CUDA invalidates a capture on a host
+#: synchronisation or a host-to-device copy; a CuPy operation would be captured by CUDA, but the
+#: stand-in runs it at once and could not replay it
+_BREAKS_CAPTURE = {
+    "xp": "a CuPy operation ({}), which the stand-in cannot replay",
+    "sync": "a host synchronisation ({}), which invalidates a CUDA stream capture",
+    "copy": "a host-to-device copy ({}), which invalidates a CUDA stream capture",
+}
+
+
 def _record(kind, name, **kw):
     r = _rec()
     if r is not None:
@@ -89,8 +99,10 @@ def _record(kind, name, **kw):
 
 
 def _note(kind, name, **kw):
-    if kind == "xp":
-        _spoil_capture(f"a CuPy operation ({name}), which the stand-in cannot replay")
+    """Record an event; one of the kinds in :data:`_BREAKS_CAPTURE` during a capture makes its
+    ``end_capture`` fail (the first such event is the reason given)."""
+    if kind in _BREAKS_CAPTURE:
+        _spoil_capture(_BREAKS_CAPTURE[kind].format(name))
     _record(kind, name, **kw)
 
 
@@ -350,7 +362,6 @@ class _Stream:
 
     def synchronize(self):
         _note("sync", "stream.synchronize")
-        _spoil_capture("a stream synchronize (CUDA invalidates a capture on a sync)")
 
     def is_capturing(self):
         capture = getattr(_state, "capture", None)
