@@ -6,8 +6,10 @@ GPU through this module: while :func:`installed` is active,
 * ``gpucnn.backend.cupy`` is :data:`standin` (``cuda.runtime`` answers one
   device; streams have CuPy's handles -- the null stream is 0 -- and run work
   at once, or capture gpucnn's launches into a graph: see :class:`_Stream`), and its arrays are
-  :class:`DeviceArray`, a NumPy subclass that the backend treats as a GPU
-  array -- so every layer, loss and optimizer takes its kernel path;
+  :class:`DeviceArray`, which the backend treats as a GPU array -- so every
+  layer, loss and optimizer takes its kernel path.  Like CuPy's, they are not
+  NumPy arrays: NumPy refuses them (``np.asarray(a)`` raises), and so does a
+  device operation given a NumPy array;
 * the kernel loader builds modules whose functions record their launch
   (kernel, grid, block, dynamic shared memory) instead of running: outputs
   are left as they were allocated, which is fine for counting;
@@ -112,8 +114,9 @@ def _spoil_capture(problem: str) -> None:
 
 
 def _plain(v):
-    if isinstance(v, DeviceArray):
-        return v.view(np.ndarray)
+    """``v`` with every :class:`DeviceArray` in it replaced by the NumPy array it holds."""
+    if type(v) is DeviceArray:
+        return v._a
     if isinstance(v, (tuple, list)):
         return type(v)(_plain(x) for x in v)
     if isinstance(v, dict):
@@ -122,10 +125,11 @@ def _plain(v):
 
 
 def _wrap(v):
-    if type(v) is np.ndarray:
-        return v.view(DeviceArray)
+    """A NumPy result as device arrays (recursively through tuples and lists)."""
+    if isinstance(v, np.ndarray):
+        return DeviceArray(v)
     if isinstance(v, np.generic):          # CuPy reductions give 0-d device arrays, not host scalars
-        return np.asarray(v).view(DeviceArray)
+        return DeviceArray(np.asarray(v))
     if isinstance(v, tuple):
         return tuple(_wrap(x) for x in v)
     if isinstance(v, list):
@@ -166,15 +170,17 @@ class _Device:
         return False
 
 
-class _CachedMemory:
-    """``array.data``: made on first access, then kept in the instance (a non-data descriptor, so
-    later lookups find the instance's copy: as cheap as CuPy's C attribute)."""
+class _Flags:
+    """CuPy's ``ndarray.flags``: contiguity and ownership only (no ``writeable``)."""
 
-    def __get__(self, obj, owner=None):
-        if obj is None:
-            return self
-        mem = obj.__dict__["data"] = _Memory(obj)
-        return mem
+    __slots__ = ("c_contiguous", "f_contiguous", "owndata")
+
+    def __init__(self, a):
+        self.c_contiguous, self.f_contiguous, self.owndata = a.flags.c_contiguous, a.flags.f_contiguous, a.base is None
+
+    def __getitem__(self, name):
+        return getattr(self, {"C_CONTIGUOUS": "c_contiguous", "F_CONTIGUOUS": "f_contiguous",
+                              "OWNDATA": "owndata"}[name])
 
 
 def _advanced(index) -> bool:
@@ -183,87 +189,230 @@ def _advanced(index) -> bool:
                for i in items)
 
 
-class DeviceArray(np.ndarray):
-    """A NumPy array that stands for a CuPy array (``gpucnn.backend`` treats it as one)."""
+def _as_view_index(index):
+    """``index`` so that NumPy gives a view where CuPy does: ``a[0]`` of a 1-d array is a 0-d view
+    on CuPy, a host scalar on NumPy (an Ellipsis at the end keeps NumPy's answer an array)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in items):
+        return index
+    return items + (Ellipsis,)
 
+
+_NO_IMPLICIT_CONVERSION = ("Implicit conversion to a NumPy array is not allowed. "
+                           "Please use `.get()` to construct a NumPy array explicitly.")   # CuPy's words
+
+
+def _refuse_host_arrays(values, skip=()):
+    """CuPy's kernels take device arrays and scalars: a NumPy array among ``values`` raises."""
+    for i, x in enumerate(values):
+        if isinstance(x, np.ndarray) and i not in skip:
+            raise TypeError(f"Unsupported type {type(x)}")                            # CuPy's words
+
+
+def _ufunc(ufunc, method, inputs, kwargs):
+    """A NumPy ufunc (``method``: ``__call__``, ``reduce``...) as a CuPy kernel on device arrays."""
+    out = kwargs.get("out")
+    outs = () if out is None else out if isinstance(out, tuple) else (out,)
+    _refuse_host_arrays(inputs + outs, skip=(1,) if method == "at" else ())   # ufunc.at: host indices are fine
+    _note("xp", ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}")
+    if outs:
+        kwargs = dict(kwargs, out=_plain(outs))
+    result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
+    if outs:
+        return outs[0] if len(outs) == 1 else outs
+    return _wrap(result)
+
+
+class _Ufunc:
+    """``cupy.add`` ...: the NumPy ufunc, applied to device arrays as a CuPy kernel."""
+
+    def __init__(self, ufunc):
+        self._ufunc = ufunc
+        self.__name__ = ufunc.__name__
+
+    def __call__(self, *inputs, **kwargs):
+        return _ufunc(self._ufunc, "__call__", inputs, kwargs)
+
+    def _method(method):  # noqa: N805 - a method factory
+        def call(self, *inputs, **kwargs):
+            return _ufunc(self._ufunc, method, inputs, kwargs)
+        call.__name__ = method
+        return call
+
+    reduce, accumulate, reduceat = _method("reduce"), _method("accumulate"), _method("reduceat")
+    outer, at = _method("outer"), _method("at")
+    del _method
+
+    def __getattr__(self, name):          # nin, nout, identity, types ...
+        return getattr(self._ufunc, name)
+
+    def __repr__(self):
+        return f"<stand-in ufunc '{self.__name__}'>"
+
+
+def _operators() -> dict:
+    """Python's operators for :class:`DeviceArray`: the stand-in's ufuncs, as on CuPy."""
+    namespace = {}
+    binary = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "truediv": np.true_divide,
+              "floordiv": np.floor_divide, "mod": np.remainder, "pow": np.power, "matmul": np.matmul,
+              "and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor, "lshift": np.left_shift,
+              "rshift": np.right_shift}
+    for name, uf in binary.items():
+        namespace[f"__{name}__"] = lambda self, other, uf=uf: _ufunc(uf, "__call__", (self, other), {})
+        namespace[f"__r{name}__"] = lambda self, other, uf=uf: _ufunc(uf, "__call__", (other, self), {})
+        namespace[f"__i{name}__"] = lambda self, other, uf=uf: _ufunc(uf, "__call__", (self, other), {"out": (self,)})
+    compare = {"lt": np.less, "le": np.less_equal, "eq": np.equal, "ne": np.not_equal, "gt": np.greater,
+               "ge": np.greater_equal}
+    for name, uf in compare.items():
+        namespace[f"__{name}__"] = lambda self, other, uf=uf: _ufunc(uf, "__call__", (self, other), {})
+    unary = {"neg": np.negative, "pos": np.positive, "abs": np.absolute, "invert": np.invert}
+    for name, uf in unary.items():
+        namespace[f"__{name}__"] = lambda self, uf=uf: _ufunc(uf, "__call__", (self,), {})
+    namespace["__divmod__"] = lambda self, other: _ufunc(np.divmod, "__call__", (self, other), {})
+    namespace["__rdivmod__"] = lambda self, other: _ufunc(np.divmod, "__call__", (other, self), {})
+    return namespace
+
+
+class DeviceArray:
+    """A CuPy array on the stand-in: it holds a NumPy array (``_a``) that only the stand-in reads.
+
+    Like CuPy's ``ndarray`` it is not a NumPy array: ``np.asarray(a)`` raises CuPy's TypeError
+    (``__array__``), so does a NumPy function (``np.sum(a)``: ``__array_function__``) or ufunc
+    (``np.exp(a)``: ``__array_ufunc__``) applied to it, and a NumPy array among a CuPy kernel's
+    operands.  (CuPy itself hands some NumPy functions on to its own; the stand-in refuses them all:
+    gpucnn calls them through its array module.)  The stand-in's module functions, the methods
+    and the operators are CuPy's, recorded as such.
+    """
+
+    __slots__ = ("_a", "_c_contiguous", "_data")
     __array_priority__ = 100.0
+    __hash__ = None            # unhashable, as CuPy's (its == is elementwise: see _operators)
 
-    data = _CachedMemory()     # CuPy's MemoryPointer: what the loader reads the device from
-
-    def __array_finalize__(self, obj):
+    def __init__(self, a: np.ndarray):
+        self._a = a
         # CuPy keeps contiguity as an attribute set when an array or view is made; so do we
-        self._c_contiguous = self.flags.c_contiguous
+        self._c_contiguous = a.flags.c_contiguous
+        self._data = None
+
+    # -- attributes ------------------------------------------------------------------------
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    itemsize = property(lambda self: self._a.itemsize)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: _Flags(self._a))
+    T = property(lambda self: DeviceArray(self._a.T))
+    real = property(lambda self: _wrap(self._a.real))
+    imag = property(lambda self: _wrap(self._a.imag))
+
+    @property
+    def data(self):
+        """CuPy's MemoryPointer: what the loader reads the device and the address from."""
+        if self._data is None:
+            self._data = _Memory(self._a)
+        return self._data
 
     @property
     def device(self):
         return _Device()
 
-    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
-        _note("xp", ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}")
-        if out is not None:
-            kwargs["out"] = tuple(_plain(o) for o in out)
-        result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
-        if out is not None:
-            return out[0] if len(out) == 1 else out
-        return _wrap(result)
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    # -- NumPy refuses a device array, as it refuses CuPy's -----------------------------------
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(_NO_IMPLICIT_CONVERSION)
 
     def __array_function__(self, func, types_, args, kwargs):
-        name = func.__name__
-        if name not in _FREE_FUNCTIONS:
-            _note("xp", name)
-        return _wrap(func(*_plain(args), **_plain(kwargs)))
+        raise TypeError(f"numpy.{func.__name__} was applied to a device array (the stand-in's cupy.ndarray); "
+                        f"call it through the array module (xp.{func.__name__}) -- CuPy refuses NumPy "
+                        "functions it does not implement and any implicit conversion to NumPy")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _refuse_host_arrays(inputs + tuple(kwargs.get("out") or ()))
+        if (method == "__call__" and not kwargs and len(inputs) == 2 and isinstance(inputs[0], np.generic)
+                and inputs[1] is self):
+            return _ufunc(ufunc, method, inputs, kwargs)    # np.float32(2) * a: NumPy's scalar, CuPy's operator
+        raise TypeError(f"numpy.{ufunc.__name__} was applied to a device array (the stand-in's cupy.ndarray); "
+                        f"call it through the array module (xp.{ufunc.__name__})")
+
+    # -- views: no kernel -----------------------------------------------------------------
+    def view(self, dtype=None):
+        return DeviceArray(self._a.view() if dtype is None else self._a.view(dtype))
+
+    def transpose(self, *axes):
+        return DeviceArray(self._a.transpose(*axes))
+
+    def swapaxes(self, axis1, axis2):
+        return DeviceArray(self._a.swapaxes(axis1, axis2))
+
+    def squeeze(self, axis=None):
+        return DeviceArray(self._a.squeeze(axis))
+
+    def diagonal(self, offset=0, axis1=0, axis2=1):
+        return DeviceArray(self._a.diagonal(offset, axis1, axis2))
+
+    def ravel(self, order="C"):
+        if not self._a.flags.c_contiguous:
+            _note("xp", "ravel (copy)")
+        return DeviceArray(self._a.ravel(order))
+
+    def reshape(self, *shape, **kwargs):
+        out = self._a.reshape(*shape, **kwargs)
+        if not np.shares_memory(out, self._a):
+            _note("xp", "reshape (copy)")
+        return DeviceArray(out)
 
     # -- methods that are CuPy kernels --------------------------------------------------
-    def _kernel(name):  # noqa: N805 - a method factory
+    def _kernel(name, label=None):  # noqa: N805 - a method factory
         def method(self, *args, **kwargs):
-            _note("xp", name)
-            return _wrap(getattr(np.ndarray, name)(self.view(np.ndarray), *_plain(args), **_plain(kwargs)))
+            _note("xp", label or name)
+            return _wrap(getattr(self._a, name)(*_plain(args), **_plain(kwargs)))
         method.__name__ = name
         return method
 
-    argmax = _kernel("argmax")
-    argmin = _kernel("argmin")
-    copy = _kernel("copy")
-    fill = _kernel("fill")
-    take = _kernel("take")
-    put = _kernel("put")
-    clip = _kernel("clip")
-    cumsum = _kernel("cumsum")
-    nonzero = _kernel("nonzero")
-    flatten = _kernel("flatten")
+    argmax, argmin, argsort, sort = _kernel("argmax"), _kernel("argmin"), _kernel("argsort"), _kernel("sort")
+    copy, fill, take, put, repeat = _kernel("copy"), _kernel("fill"), _kernel("take"), _kernel("put"), _kernel("repeat")
+    clip, cumsum, cumprod, nonzero = _kernel("clip"), _kernel("cumsum"), _kernel("cumprod"), _kernel("nonzero")
+    flatten, dot, round, conj = _kernel("flatten"), _kernel("dot"), _kernel("round"), _kernel("conj")
+    mean, var, std, trace = _kernel("mean"), _kernel("var"), _kernel("std"), _kernel("trace")
+    # reductions, named as the ufunc reductions NumPy runs for them
+    sum, prod = _kernel("sum", "add.reduce"), _kernel("prod", "multiply.reduce")
+    max, min = _kernel("max", "maximum.reduce"), _kernel("min", "minimum.reduce")
+    any, all = _kernel("any", "logical_or.reduce"), _kernel("all", "logical_and.reduce")
+    __copy__ = copy
     del _kernel
 
-    def astype(self, dtype, *args, **kwargs):
-        if np.dtype(dtype) != self.dtype or kwargs.get("copy", True):
+    def __deepcopy__(self, memo):
+        return self.copy()
+
+    def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
+        if np.dtype(dtype) != self.dtype or copy:
             _note("xp", "astype")
-        return _wrap(self.view(np.ndarray).astype(dtype, *args, **kwargs))
-
-    def ravel(self, order="C"):
-        if not self.flags.c_contiguous:
-            _note("xp", "ravel (copy)")
-        return _wrap(self.view(np.ndarray).ravel(order))
-
-    def reshape(self, *shape, **kwargs):
-        plain = self.view(np.ndarray)
-        out = plain.reshape(*shape, **kwargs)
-        if not np.shares_memory(out, plain):
-            _note("xp", "reshape (copy)")
-        return _wrap(out)
+        return _wrap(self._a.astype(dtype, order=order, copy=copy))
 
     def __getitem__(self, index):
-        if _advanced(_plain(index)):
+        index = _plain(index)
+        if _advanced(index):
             _note("xp", "take (fancy index)")
-        return _wrap(self.view(np.ndarray)[_plain(index)])
+        return _wrap(self._a[_as_view_index(index)])
 
     def __setitem__(self, index, value):
-        _note("xp", "copy (setitem)" if isinstance(value, np.ndarray) else "fill (setitem)")
-        self.view(np.ndarray)[_plain(index)] = _plain(value)
+        if isinstance(value, np.ndarray):
+            _note("copy", "setitem (host to device)")
+        _note("xp", "copy (setitem)" if isinstance(value, (np.ndarray, DeviceArray)) else "fill (setitem)")
+        self._a[_plain(index)] = _plain(value)
 
     # -- host synchronisations ----------------------------------------------------------
     def _sync(name, convert):  # noqa: N805
         def method(self, *args):
             _note("sync", name)
-            return convert(self.view(np.ndarray), *args)
+            return convert(self._a, *args)
         method.__name__ = name
         return method
 
@@ -271,17 +420,35 @@ class DeviceArray(np.ndarray):
     __int__ = _sync("int(array)", lambda a: int(a))
     __index__ = _sync("int(array)", lambda a: a.__index__())
     __bool__ = _sync("bool(array)", lambda a: bool(a))
+    __complex__ = _sync("complex(array)", lambda a: complex(a))
+    __repr__ = _sync("repr(array)", lambda a: repr(a).replace("array(", "DeviceArray(", 1))
+    __str__ = _sync("str(array)", lambda a: str(a))
+    __format__ = _sync("format(array)", lambda a, spec: format(a, spec))
     item = _sync("array.item()", lambda a, *i: a.item(*i))
     tolist = _sync("array.tolist()", lambda a: a.tolist())
     del _sync
 
-    def get(self, stream=None):
+    def get(self, stream=None, order="C", out=None, blocking=True):
         _note("sync", "array.get() (device to host)")
-        return np.array(self.view(np.ndarray), copy=True)
+        if out is not None:
+            out[...] = self._a
+            return out
+        return np.array(self._a, copy=True, order=order)
 
-    def set(self, host, stream=None):
+    def set(self, arr, stream=None):
+        if not isinstance(arr, np.ndarray):
+            raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")                 # CuPy's checks
+        if arr.dtype != self.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        if arr.shape != self.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
         _note("copy", "array.set() (host to device)")
-        self.view(np.ndarray)[...] = host
+        self._a[...] = arr
+
+
+for _name, _method in _operators().items():
+    setattr(DeviceArray, _name, _method)
+del _name, _method
 
 
 #: NumPy functions that only make views or read metadata (no kernel on CuPy).
@@ -319,11 +486,11 @@ def _asarray(a, dtype=None, order=None, **kwargs):
 
 
 def _ascontiguousarray(a, dtype=None):
-    if isinstance(a, DeviceArray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
-        return a
     if isinstance(a, DeviceArray):
+        if a._c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
         _note("xp", "ascontiguousarray (copy)")
-        return _wrap(np.ascontiguousarray(a.view(np.ndarray), dtype=dtype))
+        return _wrap(np.ascontiguousarray(a._a, dtype=dtype))
     return _asarray(np.ascontiguousarray(a, dtype=dtype))
 
 
@@ -478,6 +645,8 @@ class _StandIn(types.ModuleType):
             runtime=runtime, Device=_Device, Stream=_Stream, using_allocator=_using_allocator,
             get_current_stream=_current_stream)
         self.random = types.SimpleNamespace(seed=lambda *a, **k: None)
+        self.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
+            as_strided=_function("as_strided", np.lib.stride_tricks.as_strided)))
         self.asarray = self.array = _asarray
         self.ascontiguousarray = _ascontiguousarray
         self.asnumpy = _asnumpy
@@ -487,22 +656,23 @@ class _StandIn(types.ModuleType):
     @staticmethod
     def empty(shape, dtype=float, order="C"):
         _note("alloc", "empty")
-        out = np.zeros(shape, dtype, order).view(DeviceArray)
+        out = DeviceArray(np.zeros(shape, dtype, order))
         _allocating(out.nbytes)
         return out
 
     @staticmethod
     def empty_like(a, dtype=None, order="K", shape=None):
         _note("alloc", "empty_like")
-        out = np.zeros_like(a.view(np.ndarray) if isinstance(a, DeviceArray) else a, dtype, order,
-                            shape=shape).view(DeviceArray)
+        out = DeviceArray(np.zeros_like(_plain(a), dtype, order, shape=shape))
         _allocating(out.nbytes)
         return out
 
     def __getattr__(self, name):
         attr = getattr(np, name)
-        if isinstance(attr, np.ufunc) or not callable(attr) or isinstance(attr, type):
-            value = attr                     # ufuncs dispatch through DeviceArray; dtypes pass through
+        if isinstance(attr, np.ufunc):
+            value = _Ufunc(attr)
+        elif not callable(attr) or isinstance(attr, type):
+            value = attr                     # dtypes, constants pass through
         else:
             value = _function(name, attr)
         setattr(self, name, value)           # looked up once
@@ -521,17 +691,25 @@ class _RecordingFunction:
     ``inner`` -- a stub, or e.g. the test emulator's function."""
 
     def __init__(self, name, inner):
-        self.name, self.inner = name, inner
+        self.name = name
+        self.run = inner if inner is _no_kernel else _on_host_arrays(inner)
 
     def __call__(self, grid, block, args, shared_mem=0, **kwargs):
         capture = getattr(_state, "capture", None)
         if capture is not None and capture.takes():
-            capture.launches.append((self.inner, grid, block, args, shared_mem))
+            capture.launches.append((self.run, grid, block, args, shared_mem))
             return
         r = getattr(_state, "recorder", None)
         if r is not None and not r.paused:
             r.events.append(Event("kernel", self.name, tuple(grid), tuple(block), int(shared_mem)))
-        self.inner(grid, block, args, shared_mem=shared_mem)
+        self.run(grid, block, args, shared_mem=shared_mem)
+
+
+def _on_host_arrays(inner):
+    """``inner`` (e.g. the emulator's kernel, which reads NumPy arrays) given the device arrays' memory."""
+    def run(grid, block, args, shared_mem=0):
+        inner(grid, block, _plain(tuple(args)), shared_mem=shared_mem)
+    return run
 
 
 class _RecordingModule:
@@ -563,16 +741,12 @@ def installed(recorder: Recorder, builder=None):
     from .. import backend
     from ..cuda import loader
 
-    saved_cupy, saved_device_of = backend.cupy, backend.device_of
-
-    def device_of(a, name="array"):
-        return "cuda" if isinstance(a, DeviceArray) else saved_device_of(a, name)
-
+    saved_cupy = backend.cupy
     _state.recorder = recorder
-    backend.cupy, backend.device_of = standin, device_of
+    backend.cupy = standin
     try:
         with loader.use_module_builder(stub_module_builder if builder is None else recording_builder(builder)):
             yield standin
     finally:
-        backend.cupy, backend.device_of = saved_cupy, saved_device_of
+        backend.cupy = saved_cupy
         _state.recorder = _state.capture = _state.capture_problem = _state.allocator = _state.stream = None
