@@ -173,3 +173,104 @@ def test_a_layer_computing_with_numpy_on_the_device_path_raises(cp, monkeypatch,
     monkeypatch.setattr(pooling, "avg_pool2d_forward", lambda x, k, s: (plant(real(x, k, s)[0]), tuple(x.shape)))
     with pytest.raises(TypeError, match="Implicit conversion|Unsupported type|was applied to a device array"):
         _avg_pool_forward(cp)
+
+
+# -- 3. every new device array comes from the allocator in use ----------------------------------------
+
+ALLOCATING = {
+    "empty": lambda cp, a: cp.empty((2, 3), np.float32),
+    "empty_like": lambda cp, a: cp.empty_like(a),
+    "zeros": lambda cp, a: cp.zeros(5, np.int32),
+    "full": lambda cp, a: cp.full((2,), 3.0),
+    "arange": lambda cp, a: cp.arange(7),
+    "asarray (host)": lambda cp, a: cp.asarray(np.ones(3)),
+    "ascontiguousarray (copy)": lambda cp, a: cp.ascontiguousarray(a.T),
+    "ufunc": lambda cp, a: cp.exp(a),
+    "operator": lambda cp, a: a + 1,
+    "reduction": lambda cp, a: a.sum(axis=0),
+    "0-d reduction": lambda cp, a: cp.max(a),
+    "astype": lambda cp, a: a.astype(np.float64),
+    "copy": lambda cp, a: a.copy(),
+    "fancy index": lambda cp, a: a[cp.asarray(np.array([1, 0]))],
+    "reshape (copy)": lambda cp, a: a.T.reshape(6),
+    "function": lambda cp, a: cp.concatenate([a, a]),
+    "where": lambda cp, a: cp.where(a > 2, a, 0),
+}
+
+
+@pytest.mark.parametrize("make", list(ALLOCATING))
+def test_every_new_device_array_goes_through_the_allocator(cp, make):
+    """Planted fault: an allocator that fails -- each way of making a new array must fail with it
+    (the old stand-in called the allocator from ``empty``/``zeros``... only)."""
+    a = cp.asarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    sizes, inner = [], cp.cuda.get_allocator()
+
+    def counting(size):
+        sizes.append(size)
+        return inner(size)
+
+    with cp.cuda.using_allocator(counting):
+        out = ALLOCATING[make](cp, a)
+    assert out.nbytes in sizes
+
+    class OutOfMemory(MemoryError):
+        pass
+
+    def exhausted(size):
+        raise OutOfMemory(f"Out of memory allocating {size} bytes")
+
+    with cp.cuda.using_allocator(exhausted), pytest.raises(OutOfMemory):
+        ALLOCATING[make](cp, a)
+
+
+def test_views_allocate_nothing(cp):
+    a = cp.zeros((4, 6), np.float32)
+
+    def refuse(size):
+        raise AssertionError(f"allocated {size} bytes")
+
+    with cp.cuda.using_allocator(refuse):
+        views = [a[1], a[1:3], a[:, ::2], a.T, a.reshape(24), a.ravel(), a.view(np.int32), a[0, 0],
+                 a.astype(np.float32, copy=False), cp.moveaxis(a, 0, 1), cp.asarray(a)]
+    assert all(np.shares_memory(v._a, a._a) for v in views)
+
+
+def test_the_array_lives_in_the_memory_its_allocator_returned(cp):
+    """Planted fault: an allocator whose return value matters -- here one that hands out the same
+    block twice (a pool that recycles memory still in use); the arrays then share it, as on CuPy."""
+    block = cp.cuda.alloc(64)
+    with cp.cuda.using_allocator(lambda size: block):
+        first = cp.zeros(4, np.float32)
+        second = cp.arange(4, dtype=np.float32) * 10
+    assert first.data.ptr == second.data.ptr == block.ptr
+    assert cp.asnumpy(first).tolist() == [0.0, 10.0, 20.0, 30.0]      # overwritten by the second
+
+
+@pytest.mark.parametrize("returned, error", [
+    (lambda size: None, r"^Cannot convert NoneType to cupy.cuda.memory.MemoryPointer$"),
+    (lambda size: standin._Memory(np.empty(size, np.uint8)), "host memory"),
+    (lambda size: standin._malloc(size // 2), "returned 12 bytes of device memory for 24 bytes"),
+], ids=["none", "host-memory", "too-small"])
+def test_an_allocator_returning_no_usable_memory_fails_the_allocation(cp, returned, error):
+    with cp.cuda.using_allocator(returned), pytest.raises((TypeError, ValueError), match=error):
+        cp.zeros(6, np.float32)
+
+
+def test_set_allocator_is_global_and_refused_inside_using_allocator(cp):
+    sizes = []
+    cp.cuda.set_allocator(lambda size: (sizes.append(size), standin._malloc(size))[1])
+    cp.ones(3, np.float64)
+    assert sizes == [24] and cp.cuda.get_allocator() is not standin._malloc
+    with cp.cuda.using_allocator(None), pytest.raises(ValueError, match="inside `using_allocator`"):
+        cp.cuda.set_allocator(None)
+    cp.cuda.set_allocator(None)
+    assert cp.cuda.get_allocator() is standin._malloc
+
+
+def test_an_allocation_inside_a_capture_fails_end_capture(cp):
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        cp.empty(3)
+        with pytest.raises(RuntimeError, match="a device allocation"):
+            stream.end_capture()

@@ -9,7 +9,9 @@ GPU through this module: while :func:`installed` is active,
   :class:`DeviceArray`, which the backend treats as a GPU array -- so every
   layer, loss and optimizer takes its kernel path.  Like CuPy's, they are not
   NumPy arrays: NumPy refuses them (``np.asarray(a)`` raises), and so does a
-  device operation given a NumPy array;
+  device operation given a NumPy array.  Every new one -- made by a
+  constructor, an operation, ``astype``, a copy -- lives in memory the
+  allocator in use handed out (``cuda.set_allocator``/``using_allocator``), as on CuPy;
 * the kernel loader builds modules whose functions record their launch
   (kernel, grid, block, dynamic shared memory) instead of running: outputs
   are left as they were allocated, which is fine for counting;
@@ -125,11 +127,12 @@ def _plain(v):
 
 
 def _wrap(v):
-    """A NumPy result as device arrays (recursively through tuples and lists)."""
+    """A NumPy result as device arrays (recursively through tuples and lists): a view of device
+    memory stays a view, anything else is a new array, in memory from the allocator."""
     if isinstance(v, np.ndarray):
-        return DeviceArray(v)
+        return DeviceArray(v) if _on_device(v) else _adopt(v)
     if isinstance(v, np.generic):          # CuPy reductions give 0-d device arrays, not host scalars
-        return DeviceArray(np.asarray(v))
+        return _adopt(np.asarray(v))
     if isinstance(v, tuple):
         return tuple(_wrap(x) for x in v)
     if isinstance(v, list):
@@ -137,8 +140,21 @@ def _wrap(v):
     return v
 
 
+# -- device memory ---------------------------------------------------------------------------
+# Contract: every DeviceArray lives in memory an allocator handed out, as on CuPy, which calls
+# the allocator in use (cupy.cuda.set_allocator / using_allocator) for every new array --
+# constructors, operation results, astype, copies, fancy indexing -- and builds the array on the
+# MemoryPointer it returns.  Views share their array's memory and allocate nothing.
+
+
+class _Raw(np.ndarray):
+    """A block of device memory (bytes); it owns its buffer, so every view's ``.base`` chain ends
+    at it: :func:`_on_device` tells device memory from host memory by that."""
+
+
 class _Memory:
-    """CuPy's MemoryPointer: the device (0) and the address (the NumPy buffer's)."""
+    """CuPy's MemoryPointer: the device (0) and the address (the NumPy buffer's).  An allocator
+    returns one over a block of device memory; ``array.data`` is one over the array's first byte."""
 
     __slots__ = ("_array",)
     device_id = 0
@@ -149,6 +165,75 @@ class _Memory:
     @property
     def ptr(self):
         return self._array.ctypes.data
+
+
+def _malloc(size):
+    """The default allocator: a fresh block of ``size`` bytes (what ``cupy.cuda.alloc`` gives)."""
+    return _Memory(_Raw((int(size),), np.uint8))
+
+
+_global_allocator = _malloc      # cupy.cuda.set_allocator; using_allocator's is thread-local (_state)
+
+
+def _get_allocator():
+    return getattr(_state, "allocator", None) or _global_allocator
+
+
+def _set_allocator(allocator=None):
+    global _global_allocator
+    if getattr(_state, "allocator", None) is not None:
+        raise ValueError("Can't change the global allocator inside `using_allocator` context manager")
+    _global_allocator = _malloc if allocator is None else allocator
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    outer = getattr(_state, "allocator", None)
+    _state.allocator = _malloc if allocator is None else allocator
+    try:
+        yield
+    finally:
+        _state.allocator = outer
+
+
+def _on_device(a) -> bool:
+    """Whether NumPy array ``a`` is (a view of) device memory."""
+    while a is not None:
+        if type(a) is _Raw:
+            return True
+        a = getattr(a, "base", None)      # also through as_strided's wrapper, which is no ndarray
+    return False
+
+
+def _alloc(nbytes: int) -> np.ndarray:
+    """``nbytes`` of device memory from the allocator in use; an allocator that raises fails the
+    allocation, one that returns no MemoryPointer (or too few bytes) too.  A capture in progress
+    is spoiled: its graph would keep pointing at memory the allocator may hand out again."""
+    mem = _get_allocator()(nbytes)
+    if type(mem) is not _Memory:
+        raise TypeError(f"Cannot convert {type(mem).__name__} to cupy.cuda.memory.MemoryPointer")
+    block = mem._array
+    if not _on_device(block) or block.nbytes < nbytes:
+        raise ValueError(f"stand-in: the allocator returned {block.nbytes} bytes of "
+                         f"{'device' if _on_device(block) else 'host'} memory for {nbytes} bytes")
+    _spoil_capture("a device allocation")
+    return block
+
+
+def _new(shape, dtype, order="C") -> DeviceArray:
+    """A new device array, its contents whatever its memory held."""
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(n) for n in shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return DeviceArray(np.ndarray(shape, dtype, buffer=_alloc(nbytes), order=order))
+
+
+def _adopt(host: np.ndarray) -> DeviceArray:
+    """A new device array holding a copy of ``host`` (in its layout when that is Fortran order)."""
+    fortran = host.flags.f_contiguous and not host.flags.c_contiguous
+    out = _new(host.shape, host.dtype, "F" if fortran else "C")
+    out._a[...] = host
+    return out
 
 
 class _Device:
@@ -289,6 +374,9 @@ class DeviceArray:
     __hash__ = None            # unhashable, as CuPy's (its == is elementwise: see _operators)
 
     def __init__(self, a: np.ndarray):
+        if not _on_device(a):
+            raise RuntimeError("stand-in: a device array made outside the allocator (a stand-in bug: "
+                               "new arrays go through _wrap or _new)")
         self._a = a
         # CuPy keeps contiguity as an attribute set when an array or view is made; so do we
         self._c_contiguous = a.flags.c_contiguous
@@ -360,13 +448,13 @@ class DeviceArray:
     def ravel(self, order="C"):
         if not self._a.flags.c_contiguous:
             _note("xp", "ravel (copy)")
-        return DeviceArray(self._a.ravel(order))
+        return _wrap(self._a.ravel(order))
 
     def reshape(self, *shape, **kwargs):
         out = self._a.reshape(*shape, **kwargs)
         if not np.shares_memory(out, self._a):
             _note("xp", "reshape (copy)")
-        return DeviceArray(out)
+        return _wrap(out)
 
     # -- methods that are CuPy kernels --------------------------------------------------
     def _kernel(name, label=None):  # noqa: N805 - a method factory
@@ -394,7 +482,8 @@ class DeviceArray:
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
         if np.dtype(dtype) != self.dtype or copy:
             _note("xp", "astype")
-        return _wrap(self._a.astype(dtype, order=order, copy=copy))
+        out = self._a.astype(dtype, order=order, copy=copy)
+        return self if out is self._a else _wrap(out)
 
     def __getitem__(self, index):
         index = _plain(index)
@@ -470,7 +559,6 @@ def _function(name, fn):
         if name in _WRITE:
             _note("alloc", name)
             _note("xp", name)
-            _allocating(getattr(out, "nbytes", 0))
         return out
     call.__name__ = name
     return call
@@ -611,23 +699,6 @@ def _copy_node(grid, block, args, shared_mem=0):
     ctypes.memmove(*args)
 
 
-@contextlib.contextmanager
-def _using_allocator(allocator=None):
-    outer = getattr(_state, "allocator", None)
-    _state.allocator = allocator
-    try:
-        yield
-    finally:
-        _state.allocator = outer
-
-
-def _allocating(nbytes):
-    allocator = getattr(_state, "allocator", None)
-    if allocator is not None:
-        allocator(int(nbytes))
-    _spoil_capture("a device allocation")
-
-
 class _StandIn(types.ModuleType):
     """``cupy``, as far as gpucnn uses it, on NumPy."""
 
@@ -642,8 +713,9 @@ class _StandIn(types.ModuleType):
             driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0, memcpyAsync=_memcpy_async,
             memcpyDeviceToDevice=3)
         self.cuda = types.SimpleNamespace(
-            runtime=runtime, Device=_Device, Stream=_Stream, using_allocator=_using_allocator,
-            get_current_stream=_current_stream)
+            runtime=runtime, Device=_Device, Stream=_Stream, get_current_stream=_current_stream,
+            alloc=lambda size: _get_allocator()(size), get_allocator=_get_allocator,
+            set_allocator=_set_allocator, using_allocator=_using_allocator)
         self.random = types.SimpleNamespace(seed=lambda *a, **k: None)
         self.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
             as_strided=_function("as_strided", np.lib.stride_tricks.as_strided)))
@@ -656,15 +728,17 @@ class _StandIn(types.ModuleType):
     @staticmethod
     def empty(shape, dtype=float, order="C"):
         _note("alloc", "empty")
-        out = DeviceArray(np.zeros(shape, dtype, order))
-        _allocating(out.nbytes)
+        out = _new(shape, dtype, order)
+        out._a[...] = 0
         return out
 
     @staticmethod
     def empty_like(a, dtype=None, order="K", shape=None):
         _note("alloc", "empty_like")
-        out = DeviceArray(np.zeros_like(_plain(a), dtype, order, shape=shape))
-        _allocating(out.nbytes)
+        a = _plain(a)
+        fortran = order == "F" or (order in "AK" and a.flags.f_contiguous and not a.flags.c_contiguous)
+        out = _new(a.shape if shape is None else shape, a.dtype if dtype is None else dtype, "F" if fortran else "C")
+        out._a[...] = 0
         return out
 
     def __getattr__(self, name):
@@ -741,12 +815,13 @@ def installed(recorder: Recorder, builder=None):
     from .. import backend
     from ..cuda import loader
 
-    saved_cupy = backend.cupy
+    global _global_allocator
+    saved_cupy, saved_allocator = backend.cupy, _global_allocator
     _state.recorder = recorder
     backend.cupy = standin
     try:
         with loader.use_module_builder(stub_module_builder if builder is None else recording_builder(builder)):
             yield standin
     finally:
-        backend.cupy = saved_cupy
+        backend.cupy, _global_allocator = saved_cupy, saved_allocator
         _state.recorder = _state.capture = _state.capture_problem = _state.allocator = _state.stream = None
