@@ -7,6 +7,8 @@ call on a device array -- and shows that it is now caught, as it would be on a G
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -274,3 +276,49 @@ def test_an_allocation_inside_a_capture_fails_end_capture(cp):
         cp.empty(3)
         with pytest.raises(RuntimeError, match="a device allocation"):
             stream.end_capture()
+
+
+# -- 4. empty memory holds garbage, as CuPy's recycled memory does ---------------------------------
+
+
+@pytest.mark.parametrize("dtype, garbage", [
+    (np.float32, np.nan), (np.float64, np.nan), (np.int32, 2**31 - 1), (np.int64, 2**63 - 1),
+    (np.uint8, 255), (np.bool_, True)])
+def test_empty_memory_holds_garbage(dtype, garbage):
+    """Planted fault: reading an ``empty`` array before writing it -- the old stand-in gave zeros."""
+    with standin.installed(standin.Recorder(), garbage=True) as cp:
+        for a in (cp.empty((2, 3), dtype), cp.empty_like(cp.zeros(4, dtype)), cp.empty_like(cp.zeros(4), dtype=dtype)):
+            np.testing.assert_array_equal(cp.asnumpy(a), np.full(a.shape, garbage, dtype))
+        partial = cp.empty(4, dtype)
+        partial[:3] = 1                              # the last element is never written ...
+        np.testing.assert_array_equal(cp.asnumpy(partial), np.array([1, 1, 1, garbage], dtype))  # ... and shows
+
+
+def test_empty_memory_is_zeroed_only_with_kernels_stubbed(cp):
+    """With kernels stubbed nothing writes their outputs: zeros keep the step on valid numbers."""
+    assert not cp.asnumpy(cp.empty(3)).any()
+
+
+def test_a_kernel_that_leaves_its_output_unwritten_shows():
+    """Planted fault in gpucnn: the dense layer's kernel does not write its output (a grid too
+    small, a missed launch); the step reads the output left as ``empty`` made it.  With zeros
+    (the old stand-in) training went on quietly; garbage makes the loss NaN, and training stops."""
+    import gpucnn as gc
+    from backends import emulator_builder, replay_data, replay_net, skip_without_emulator
+    from gpucnn import losses, optim
+    from gpucnn.train.config import NonFiniteLossError
+
+    skip_without_emulator()
+
+    def forgetful(code, name, options):
+        module = emulator_builder(code, name, options)
+        return types.SimpleNamespace(get_function=lambda k: (lambda *a, **kw: None) if k == "dense_forward"
+                                     else module.get_function(k))
+
+    x, y, orders = replay_data()
+    with standin.installed(standin.Recorder(), builder=forgetful) as cp:
+        model = replay_net().to("cuda")
+        trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(check_labels=False), optim.SGD(model, lr=0.1),
+                                   batch_size=5, sync_every=3, launch_plan=False)
+        with pytest.raises(NonFiniteLossError, match="training loss is nan"):
+            trainer.run_steps(cp.asarray(x), cp.asarray(y), cp.asarray(orders[0]), 0, range(4), 4)

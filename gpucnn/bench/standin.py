@@ -14,7 +14,9 @@ GPU through this module: while :func:`installed` is active,
   allocator in use handed out (``cuda.set_allocator``/``using_allocator``), as on CuPy;
 * the kernel loader builds modules whose functions record their launch
   (kernel, grid, block, dynamic shared memory) instead of running: outputs
-  are left as they were allocated, which is fine for counting;
+  are left as they were allocated (``empty`` memory is zeroed then, which is
+  fine for counting; when kernels do run, e.g. on the test emulator, it holds
+  garbage, as on CuPy);
 * every operation a CuPy array would turn into a GPU kernel or a transfer
   is recorded too: ufuncs and reductions, NumPy functions that compute,
   ``fill``/``copy``/``astype``, fancy indexing, slice assignment, creation
@@ -226,6 +228,25 @@ def _new(shape, dtype, order="C") -> DeviceArray:
     shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(n) for n in shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     return DeviceArray(np.ndarray(shape, dtype, buffer=_alloc(nbytes), order=order))
+
+
+def _uninitialised(a: DeviceArray) -> DeviceArray:
+    """``a`` as ``empty`` hands it out.  On CuPy that memory holds garbage (the pool recycles freed
+    blocks), so here it holds values chosen to be noticed when read before written: NaN (floats),
+    the largest value (integers: an index or a count out of any range), True (bools).  Only with
+    kernels stubbed (``installed(garbage=False)``, the default without a builder) is it zeroed:
+    nothing writes the kernels' outputs then, and zeros keep the step running on valid numbers
+    (labels 0, finite losses)."""
+    kind = a.dtype.kind
+    if not getattr(_state, "garbage", True):
+        a._a[...] = 0
+    elif kind in "fc":
+        a._a[...] = np.nan
+    elif kind in "iu":
+        a._a[...] = np.iinfo(a.dtype).max
+    else:
+        a._a[...] = kind == "b"
+    return a
 
 
 def _adopt(host: np.ndarray) -> DeviceArray:
@@ -723,23 +744,18 @@ class _StandIn(types.ModuleType):
         self.ascontiguousarray = _ascontiguousarray
         self.asnumpy = _asnumpy
 
-    # ``empty`` hands out zeroed memory (calloc: as cheap as empty for large arrays), so that
-    # outputs of stubbed kernels are valid numbers (labels 0, finite activations).
     @staticmethod
     def empty(shape, dtype=float, order="C"):
         _note("alloc", "empty")
-        out = _new(shape, dtype, order)
-        out._a[...] = 0
-        return out
+        return _uninitialised(_new(shape, dtype, order))
 
     @staticmethod
     def empty_like(a, dtype=None, order="K", shape=None):
         _note("alloc", "empty_like")
         a = _plain(a)
         fortran = order == "F" or (order in "AK" and a.flags.f_contiguous and not a.flags.c_contiguous)
-        out = _new(a.shape if shape is None else shape, a.dtype if dtype is None else dtype, "F" if fortran else "C")
-        out._a[...] = 0
-        return out
+        return _uninitialised(_new(a.shape if shape is None else shape, a.dtype if dtype is None else dtype,
+                                   "F" if fortran else "C"))
 
     def __getattr__(self, name):
         attr = getattr(np, name)
@@ -805,19 +821,20 @@ def recording_builder(inner):
 
 
 @contextlib.contextmanager
-def installed(recorder: Recorder, builder=None):
+def installed(recorder: Recorder, builder=None, *, garbage: bool | None = None):
     """Run gpucnn's CUDA path on the stand-in inside the block, recording into ``recorder``.
 
     ``builder``: a kernel-loader module builder whose functions really run the
     kernels on the stand-in's (NumPy) memory, e.g. the test emulator's; None
-    stubs them out.
+    stubs them out.  ``garbage``: whether ``empty`` memory holds garbage, as on
+    CuPy (default: when kernels run, i.e. with a ``builder``; see :func:`_uninitialised`).
     """
     from .. import backend
     from ..cuda import loader
 
     global _global_allocator
     saved_cupy, saved_allocator = backend.cupy, _global_allocator
-    _state.recorder = recorder
+    _state.recorder, _state.garbage = recorder, builder is not None if garbage is None else bool(garbage)
     backend.cupy = standin
     try:
         with loader.use_module_builder(stub_module_builder if builder is None else recording_builder(builder)):
@@ -825,3 +842,4 @@ def installed(recorder: Recorder, builder=None):
     finally:
         backend.cupy, _global_allocator = saved_cupy, saved_allocator
         _state.recorder = _state.capture = _state.capture_problem = _state.allocator = _state.stream = None
+        _state.garbage = True
