@@ -98,6 +98,19 @@ def test_a_sync_or_host_copy_inside_a_capture_fails_end_capture(cp, fault):
     assert isinstance(stream.end_capture(), standin._Graph)
 
 
+def test_a_cupy_function_inside_a_capture_fails_end_capture(cp):
+    """Planted fault: a CuPy function that writes in place (no allocation to give it away) inside
+    a capture -- the stand-in runs it at once and its graph would replay without it."""
+    dst, src = cp.zeros(4, np.float32), cp.arange(4, dtype=np.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        cp.copyto(dst, src)
+        with pytest.raises(RuntimeError, match=r"a CuPy operation \(copyto\)"):
+            stream.end_capture()
+    assert [e.name for e in standin._rec().events if e.kind == "xp"][-1] == "copyto"
+
+
 # -- 5. NumPy refuses a device array, as it refuses CuPy's -------------------------------------------
 
 NUMPY_ON_DEVICE = {

@@ -564,23 +564,25 @@ del _name, _method
 #: NumPy functions that only make views or read metadata (no kernel on CuPy).
 _FREE_FUNCTIONS = frozenset({
     "moveaxis", "swapaxes", "transpose", "reshape", "expand_dims", "squeeze", "broadcast_to",
-    "atleast_1d", "atleast_2d", "shape", "ndim", "size", "result_type", "may_share_memory",
-    "shares_memory", "empty_like", "ravel_multi_index", "iscomplexobj", "isrealobj",
+    "broadcast_arrays", "atleast_1d", "atleast_2d", "atleast_3d", "split", "array_split", "as_strided",
+    "shape", "ndim", "size", "result_type", "can_cast", "promote_types", "issubdtype", "isscalar",
+    "may_share_memory", "shares_memory", "ravel_multi_index", "iscomplexobj", "isrealobj",
 })
-#: stand-in functions that create memory without writing it
-_ALLOC = frozenset({"empty", "empty_like"})
-#: ... that write it (a memset or a fill kernel on CuPy)
+#: stand-in functions that allocate memory and write it (a memset or a fill kernel on CuPy)
 _WRITE = frozenset({"zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "arange", "eye",
                     "linspace"})
 
 
 def _function(name, fn):
+    """``cupy.<name>``: NumPy's function run on the device arrays' memory, recorded as the CuPy
+    kernel it is -- so that it counts as a launch and spoils a capture, which could not replay it
+    -- unless it only makes views or reads metadata."""
     def call(*args, **kwargs):
-        out = _wrap(fn(*_plain(args), **_plain(kwargs)))
         if name in _WRITE:
             _note("alloc", name)
+        if name not in _FREE_FUNCTIONS:
             _note("xp", name)
-        return out
+        return _wrap(fn(*_plain(args), **_plain(kwargs)))
     call.__name__ = name
     return call
 
