@@ -148,7 +148,8 @@ def test_a_capture_on_the_current_stream_is_refused(monkeypatch):
     """Planted fault: the step captured on the current stream -- the null stream, on which CuPy
     refuses to begin a capture -- instead of a stream of its own."""
     monkeypatch.setattr(standin.standin.cuda, "Stream", lambda **kw: standin.standin.cuda.get_current_stream())
-    with pytest.warns(RuntimeWarning, match=r"capture failed \(RuntimeError: cannot capture on the default \(legacy\) stream\)"):
+    refused = r"capture failed \(RuntimeError: cannot capture on the default \(legacy\) stream\)"
+    with pytest.warns(RuntimeWarning, match=refused):
         graphed = _train(OPTIMIZERS[0].values[0], True, steps=(0, 4))
     assert graphed[2] == 0
 

@@ -593,7 +593,7 @@ def _asarray(a, dtype=None, order=None, **kwargs):
             return a.astype(dtype)
         return a
     _note("copy", "asarray (host to device)")
-    return _wrap(np.array(a, dtype=dtype, copy=True))
+    return _adopt(np.asarray(a, dtype=dtype))
 
 
 def _ascontiguousarray(a, dtype=None):
