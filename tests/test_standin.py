@@ -111,85 +111,6 @@ def test_a_cupy_function_inside_a_capture_fails_end_capture(cp):
     assert [e.name for e in standin._rec().events if e.kind == "xp"][-1] == "copyto"
 
 
-# -- 5. NumPy refuses a device array, as it refuses CuPy's -------------------------------------------
-
-NUMPY_ON_DEVICE = {
-    "np.asarray": lambda a, host: np.asarray(a),
-    "np.array": lambda a, host: np.array(a, copy=True),
-    "np.ascontiguousarray": lambda a, host: np.ascontiguousarray(a),
-    "np.testing": lambda a, host: np.testing.assert_array_equal(a, a),
-    "np.float32(array)": lambda a, host: np.float32(a[0]),
-    "np.sum": lambda a, host: np.sum(a),
-    "np.concatenate": lambda a, host: np.concatenate([a, a]),
-    "np.exp": lambda a, host: np.exp(a),
-    "np.maximum out=": lambda a, host: np.maximum(a, 0, out=a),
-    "np.add.reduce": lambda a, host: np.add.reduce(a),
-    "device + host": lambda a, host: a + host,
-    "host + device": lambda a, host: host + a,
-    "device += host": lambda a, host: a.__iadd__(host),
-    "cp-module ufunc on host": lambda a, host: standin.standin.multiply(a, host),
-}
-
-
-@pytest.mark.parametrize("fault", list(NUMPY_ON_DEVICE))
-def test_numpy_on_a_device_array_raises_type_error(cp, fault):
-    """Planted faults: a NumPy call, an implicit conversion, or a host array mixed into a device
-    operation -- each raises TypeError (the old stand-in, a NumPy subclass, ran them all)."""
-    a, host = cp.arange(4, dtype=np.float32), np.ones(4, np.float32)
-    with pytest.raises(TypeError, match=r"Implicit conversion to a NumPy array is not allowed|"
-                                        r"Unsupported type <class 'numpy.ndarray'>|"
-                                        r"numpy\.\w+ was applied to a device array"):
-        NUMPY_ON_DEVICE[fault](a, host)
-
-
-def test_implicit_conversion_raises_cupys_type_error(cp):
-    with pytest.raises(TypeError) as info:
-        np.asarray(cp.zeros(3))
-    assert str(info.value) == ("Implicit conversion to a NumPy array is not allowed. "
-                               "Please use `.get()` to construct a NumPy array explicitly.")
-    assert not isinstance(cp.zeros(3), np.ndarray)
-
-
-def test_the_stand_in_module_methods_and_operators_work_on_device_arrays(cp):
-    rec = standin._rec()
-    a = cp.arange(6, dtype=np.float32).reshape(2, 3)
-    b = (a * 2 + 1) @ a.T
-    c = cp.maximum(cp.exp(a - a.max()), 0.5)
-    c -= np.float32(0.25) * a                    # a NumPy scalar on the left is CuPy's operator too
-    s = cp.add.reduce(c, axis=0).sum()
-    assert isinstance(b, standin.DeviceArray) and b.shape == (2, 2) and s.shape == ()
-    np.testing.assert_allclose(cp.asnumpy(b), (np.arange(6.0).reshape(2, 3) * 2 + 1) @ np.arange(6.0).reshape(2, 3).T)
-    assert a[1, 2].shape == () and float(a[1, 2]) == 5.0       # a[i, j] is a 0-d device view, as on CuPy
-    assert [e.name for e in rec.events if e.kind == "xp"] == [
-        "arange", "multiply", "add", "matmul", "maximum.reduce", "subtract", "exp", "maximum", "multiply",
-        "subtract", "add.reduce", "add.reduce"]
-
-
-def _avg_pool_forward(cp):
-    """A forward pass of a small AvgPool2D net on the stand-in (kernels stubbed)."""
-    from backends import replay_data, replay_net
-    from gpucnn.layers import AvgPool2D
-
-    model = replay_net(AvgPool2D).to("cuda")
-    return model.forward(cp.asarray(replay_data()[0][:5]))
-
-
-@pytest.mark.parametrize("plant", [
-    lambda y: np.maximum(y, 0),                          # NumPy's namespace instead of the array module
-    lambda y: y + np.zeros(y.shape, y.dtype),            # a host array in a device operation
-    lambda y: y if np.isfinite(np.asarray(y)).all() else y,   # a debug check reading the device array
-], ids=["np-ufunc", "host-operand", "np-asarray"])
-def test_a_layer_computing_with_numpy_on_the_device_path_raises(cp, monkeypatch, plant):
-    """Planted fault in gpucnn: average pooling's output passed through NumPy on the device path."""
-    from gpucnn.functional import pooling
-
-    real = pooling.avg_pool2d_forward
-    assert isinstance(_avg_pool_forward(cp), standin.DeviceArray)
-    monkeypatch.setattr(pooling, "avg_pool2d_forward", lambda x, k, s: (plant(real(x, k, s)[0]), tuple(x.shape)))
-    with pytest.raises(TypeError, match="Implicit conversion|Unsupported type|was applied to a device array"):
-        _avg_pool_forward(cp)
-
-
 # -- 3. every new device array comes from the allocator in use ----------------------------------------
 
 ALLOCATING = {
@@ -335,3 +256,82 @@ def test_a_kernel_that_leaves_its_output_unwritten_shows():
                                    batch_size=5, sync_every=3, launch_plan=False)
         with pytest.raises(NonFiniteLossError, match="training loss is nan"):
             trainer.run_steps(cp.asarray(x), cp.asarray(y), cp.asarray(orders[0]), 0, range(4), 4)
+
+
+# -- 5. NumPy refuses a device array, as it refuses CuPy's -------------------------------------------
+
+NUMPY_ON_DEVICE = {
+    "np.asarray": lambda a, host: np.asarray(a),
+    "np.array": lambda a, host: np.array(a, copy=True),
+    "np.ascontiguousarray": lambda a, host: np.ascontiguousarray(a),
+    "np.testing": lambda a, host: np.testing.assert_array_equal(a, a),
+    "np.float32(array)": lambda a, host: np.float32(a[0]),
+    "np.sum": lambda a, host: np.sum(a),
+    "np.concatenate": lambda a, host: np.concatenate([a, a]),
+    "np.exp": lambda a, host: np.exp(a),
+    "np.maximum out=": lambda a, host: np.maximum(a, 0, out=a),
+    "np.add.reduce": lambda a, host: np.add.reduce(a),
+    "device + host": lambda a, host: a + host,
+    "host + device": lambda a, host: host + a,
+    "device += host": lambda a, host: a.__iadd__(host),
+    "cp-module ufunc on host": lambda a, host: standin.standin.multiply(a, host),
+}
+
+
+@pytest.mark.parametrize("fault", list(NUMPY_ON_DEVICE))
+def test_numpy_on_a_device_array_raises_type_error(cp, fault):
+    """Planted faults: a NumPy call, an implicit conversion, or a host array mixed into a device
+    operation -- each raises TypeError (the old stand-in, a NumPy subclass, ran them all)."""
+    a, host = cp.arange(4, dtype=np.float32), np.ones(4, np.float32)
+    with pytest.raises(TypeError, match=r"Implicit conversion to a NumPy array is not allowed|"
+                                        r"Unsupported type <class 'numpy.ndarray'>|"
+                                        r"numpy\.\w+ was applied to a device array"):
+        NUMPY_ON_DEVICE[fault](a, host)
+
+
+def test_implicit_conversion_raises_cupys_type_error(cp):
+    with pytest.raises(TypeError) as info:
+        np.asarray(cp.zeros(3))
+    assert str(info.value) == ("Implicit conversion to a NumPy array is not allowed. "
+                               "Please use `.get()` to construct a NumPy array explicitly.")
+    assert not isinstance(cp.zeros(3), np.ndarray)
+
+
+def test_the_stand_in_module_methods_and_operators_work_on_device_arrays(cp):
+    rec = standin._rec()
+    a = cp.arange(6, dtype=np.float32).reshape(2, 3)
+    b = (a * 2 + 1) @ a.T
+    c = cp.maximum(cp.exp(a - a.max()), 0.5)
+    c -= np.float32(0.25) * a                    # a NumPy scalar on the left is CuPy's operator too
+    s = cp.add.reduce(c, axis=0).sum()
+    assert isinstance(b, standin.DeviceArray) and b.shape == (2, 2) and s.shape == ()
+    np.testing.assert_allclose(cp.asnumpy(b), (np.arange(6.0).reshape(2, 3) * 2 + 1) @ np.arange(6.0).reshape(2, 3).T)
+    assert a[1, 2].shape == () and float(a[1, 2]) == 5.0       # a[i, j] is a 0-d device view, as on CuPy
+    assert [e.name for e in rec.events if e.kind == "xp"] == [
+        "arange", "multiply", "add", "matmul", "maximum.reduce", "subtract", "exp", "maximum", "multiply",
+        "subtract", "add.reduce", "add.reduce"]
+
+
+def _avg_pool_forward(cp):
+    """A forward pass of a small AvgPool2D net on the stand-in (kernels stubbed)."""
+    from backends import replay_data, replay_net
+    from gpucnn.layers import AvgPool2D
+
+    model = replay_net(AvgPool2D).to("cuda")
+    return model.forward(cp.asarray(replay_data()[0][:5]))
+
+
+@pytest.mark.parametrize("plant", [
+    lambda y: np.maximum(y, 0),                          # NumPy's namespace instead of the array module
+    lambda y: y + np.zeros(y.shape, y.dtype),            # a host array in a device operation
+    lambda y: y if np.isfinite(np.asarray(y)).all() else y,   # a debug check reading the device array
+], ids=["np-ufunc", "host-operand", "np-asarray"])
+def test_a_layer_computing_with_numpy_on_the_device_path_raises(cp, monkeypatch, plant):
+    """Planted fault in gpucnn: average pooling's output passed through NumPy on the device path."""
+    from gpucnn.functional import pooling
+
+    real = pooling.avg_pool2d_forward
+    assert isinstance(_avg_pool_forward(cp), standin.DeviceArray)
+    monkeypatch.setattr(pooling, "avg_pool2d_forward", lambda x, k, s: (plant(real(x, k, s)[0]), tuple(x.shape)))
+    with pytest.raises(TypeError, match="Implicit conversion|Unsupported type|was applied to a device array"):
+        _avg_pool_forward(cp)
