@@ -132,6 +132,28 @@ def test_graphed_training_with_the_sync_check_on(monkeypatch):
     assert graphed[2] == 6 and graphed[0] == eager[0]
 
 
+def test_a_sync_check_that_ignores_the_capture_is_refused(monkeypatch):
+    """Planted fault: the loader's sync check no longer skips a capturing stream -- it syncs inside
+    the capture, which CUDA refuses; the stand-in fails the capture the same way."""
+    from gpucnn.cuda import loader
+
+    monkeypatch.setenv(loader.SYNC_CHECK_ENV, "1")
+    monkeypatch.setattr(standin._Stream, "is_capturing", lambda self: False)
+    with pytest.warns(RuntimeWarning, match=r"capture failed .*host synchronisation \(stream.synchronize\)"):
+        graphed = _train(OPTIMIZERS[0].values[0], True, steps=(0, 4))
+    assert graphed[2] == 0
+
+
+def test_a_capture_on_the_current_stream_is_refused(monkeypatch):
+    """Planted fault: the step captured on the current stream -- the null stream, on which CuPy
+    refuses to begin a capture -- instead of a stream of its own."""
+    monkeypatch.setattr(standin.standin.cuda, "Stream", lambda **kw: standin.standin.cuda.get_current_stream())
+    refused = r"capture failed \(RuntimeError: cannot capture on the default \(legacy\) stream\)"
+    with pytest.warns(RuntimeWarning, match=refused):
+        graphed = _train(OPTIMIZERS[0].values[0], True, steps=(0, 4))
+    assert graphed[2] == 0
+
+
 def test_the_stand_in_refuses_a_sync_inside_a_capture():
     """The planted fault behind the test above: a stream synchronize during capture."""
     with standin.installed(standin.Recorder()) as cp:

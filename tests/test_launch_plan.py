@@ -109,6 +109,12 @@ def _in_place_fault(trainer):
     _after_forward_backward(trainer, add)
 
 
+def _allocating_op(trainer):
+    """A device operation outside the launcher that allocates and changes nothing: a copy of the
+    gradients each step (for a norm, a log); a replay would skip it, and on CuPy it allocates."""
+    _after_forward_backward(trainer, lambda t: t.optimizer.groups[0].grads.copy())
+
+
 def _changing_scalar(trainer):
     """SGD's momentum changed every step: the optimizer kernel's scalar arguments differ."""
     opt = trainer.optimizer
@@ -128,9 +134,10 @@ def _host_draw(trainer):
 
 @pytest.mark.parametrize("plant, message", [
     (_in_place_fault, "did not reproduce the eager step bit for bit"),    # caught by the replay check
+    (_allocating_op, r"the step allocated device memory \(1 allocations"),  # by the allocator, as on CuPy
     (_changing_scalar, "two consecutive steps launched different"),
     (_host_draw, "changed gpucnn's random stream"),
-], ids=["device-work-outside-the-launcher", "changing-scalar", "host-state"])
+], ids=["device-work-outside-the-launcher", "allocating-op", "changing-scalar", "host-state"])
 def test_a_step_the_plan_cannot_replay_is_refused_and_training_is_unchanged(plant, message):
     eager = _train(_sgd, False, plant=plant)
     with pytest.warns(RuntimeWarning, match=message):
