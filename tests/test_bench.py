@@ -37,6 +37,26 @@ def test_time_to_accuracy_reports_each_seed(capsys):
     assert "seed 0: 50.00% after" in text and "seed 1:" in text and "mean" in text
 
 
+def test_time_to_accuracy_trains_with_the_shifts_gpucnn_train_uses(monkeypatch):
+    """The figure is for ``gpucnn train``'s recipe, its random shifts included (its first H200 runs
+    trained without them)."""
+    from gpucnn.bench import accuracy
+    from gpucnn.train import TrainConfig
+    from gpucnn.train.loop import augment_spec
+
+    class Seen(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        raise Seen(kwargs.get("augment"))
+
+    monkeypatch.setattr(accuracy, "Trainer", spy)
+    with pytest.raises(Seen) as got:
+        accuracy.time_to_accuracy(0.5, [3], "cpu", log=lambda s: None)
+    want = augment_spec(TrainConfig(model="lenet5", seed=3).resolved())
+    assert want is not None and got.value.args[0] == want
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-sizes", "0"], "--batch-sizes must be >= 1, got 0"),
     (["--repeats", "0"], "need --repeats >= 1"),

@@ -650,3 +650,21 @@ def test_maxpool_forward_never_modifies_its_input(kernel):
     before = x.copy()
     L.MaxPool2D(kernel).forward(x)
     np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.cudasim
+def test_a_batch_of_zero_samples_on_the_kernel_path():
+    """The same on the CUDA path (the stand-in for CuPy, the kernels on the emulator): on an H200
+    the dense kernel's wrapper refused the (400, 0) input of lenet5's first dense layer."""
+    from backends import emulator_builder, skip_without_emulator
+    from gpucnn.bench import standin
+
+    skip_without_emulator()
+    with standin.installed(standin.Recorder(), builder=emulator_builder) as cp:
+        gpucnn.seed(0)
+        model = models.build("lenet5", device="cuda")
+        y = model.forward(cp.zeros((0, 1, 28, 28), cp.float32))
+        assert y.shape == (0, 10) and isinstance(y, standin.DeviceArray)
+        dx = model.backward(cp.zeros((0, 10), cp.float32))
+        assert dx.shape == (0, 1, 28, 28) and isinstance(dx, standin.DeviceArray)
+        assert all(not bool(g.any()) for g in model.gradients())

@@ -6,6 +6,7 @@ from ..data import load_arrays
 from ..data.batching import epoch_permutation, steps_per_epoch
 from ..random import seed as _seed
 from ..train import Schedule, TrainConfig, Trainer, evaluate, make_optimizer
+from ..train.loop import augment_spec
 from .timing import Timer
 
 __all__ = ["time_to_accuracy"]
@@ -16,25 +17,25 @@ def time_to_accuracy(target, seeds, device, epochs=3, eval_every=200, batch_size
 
     The normalised MNIST arrays live on ``device``; the loop is
     ``gpucnn train``'s (:class:`~gpucnn.train.Trainer`, same defaults,
-    schedule and shuffling), but the test set is evaluated every
+    schedule, shuffling and random shifts), but the test set is evaluated every
     ``eval_every`` steps with the clock stopped, so only training time counts
     (CUDA events on the GPU; kernels are compiled before the clock starts).
 
     Returns a list of ``(seed, seconds or None, steps, accuracy)``.
     """
     x_tr, y_tr, x_te, y_te, _ = load_arrays("mnist", device=device)
-    cfg = TrainConfig(model="lenet5", epochs=epochs, batch_size=batch_size).resolved()
     n = int(x_tr.shape[0])
     spe = steps_per_epoch(n, batch_size)
     timer = Timer(device, 0, 1)
     rows = []
     for seed in seeds:
+        cfg = TrainConfig(model="lenet5", epochs=epochs, batch_size=batch_size, seed=seed).resolved()
         _seed(seed)
         model = models.build(cfg.model, device=device)
         loss = models.make_loss(cfg.model)
         loss.check_labels = False
         trainer = Trainer(model, loss, make_optimizer(cfg, model), batch_size=batch_size,
-                          schedule=Schedule(cfg, spe))
+                          schedule=Schedule(cfg, spe), augment=augment_spec(cfg))
         elapsed, steps, acc, reached = 0.0, 0, 0.0, None
         for epoch in range(cfg.epochs):
             order = backend.to_device(epoch_permutation(seed, epoch, n), device)

@@ -13,5 +13,8 @@ from .. import backend
 
 
 def use_kernels(*arrays) -> bool:
-    """True when the op should launch gpucnn's CUDA kernels on ``arrays``."""
-    return any(backend.is_cupy(a) for a in arrays if a is not None)
+    """True when the op should launch gpucnn's CUDA kernels on ``arrays``: some are CuPy arrays
+    and none is empty.  An empty one (a batch of 0 samples) takes the xp path, whose CuPy
+    operations give the empty results a kernel would need a grid of no blocks for."""
+    present = [a for a in arrays if a is not None]
+    return any(backend.is_cupy(a) for a in present) and all(a.size for a in present)

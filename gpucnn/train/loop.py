@@ -74,6 +74,15 @@ def _progress_bar(progress: bool, total: int, desc: str):
                 mininterval=0.5, leave=False)
 
 
+def augment_spec(cfg: TrainConfig):
+    """The trainer's augmentation for ``cfg`` (``Trainer(augment=...)``), as ``gpucnn train`` uses it:
+    shifts filled with the dataset's background, flips where they keep the class; None when
+    ``cfg.augment`` is off."""
+    if not cfg.augment:
+        return None
+    fill = float(normalize(np.zeros((1, 1, 1), np.uint8), cfg.dataset)[0, 0, 0, 0])
+    return {"seed": cfg.seed, "fill": fill, "flip": cfg.dataset in FLIP_DATASETS}
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns."""
@@ -438,15 +447,10 @@ class _Run:
         return self
 
     def _augment_spec(self):
-        """The trainer's augmentation: shifts filled with the dataset's background, flips where they
-        keep the class (None when ``augment`` is off)."""
-        cfg = self.cfg
-        if not cfg.augment:
-            return None
-        fill = float(normalize(np.zeros((1, 1, 1), np.uint8), cfg.dataset)[0, 0, 0, 0])
-        flip = cfg.dataset in FLIP_DATASETS
-        self.say(f"augment: random shifts of up to 2 pixels{' and left-right flips' if flip else ''}")
-        return {"seed": cfg.seed, "fill": fill, "flip": flip}
+        spec = augment_spec(self.cfg)
+        if spec is not None:
+            self.say(f"augment: random shifts of up to 2 pixels{' and left-right flips' if spec['flip'] else ''}")
+        return spec
 
     def _resume(self, ckpt):
         """Load the checkpoint (rank 0 when distributed, then broadcast to the other ranks)."""
