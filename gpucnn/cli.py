@@ -154,12 +154,12 @@ def _add_train(sub):
                         "process may use, at most 8); results are the same bits for any N")
     p.add_argument("--cuda-graph", action="store_true",
                    help="with --device cuda: replay each full-size train step as one CUDA graph (same numbers, "
-                        "far less host work; opt-in and not yet verified on a GPU; falls back to eager steps "
+                        "far less host work; opt-in; checked against eager steps on an H200; falls back to eager steps "
                         "with a warning when the step cannot be captured)")
     p.add_argument("--no-launch-plan", dest="launch_plan", action="store_false",
                    help="with --device cuda: run every step eagerly (by default, after a few eager steps "
                         "the trainer records one step's kernel launches, checks them against an eager step "
-                        "bit for bit, and replays just those launches; not yet verified on a GPU)")
+                        "bit for bit, and replays just those launches)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes of an MPI launch (mpiexec -n N gpucnn train "
                         "--distributed ...): --batch-size is the global batch, split over the ranks; rank 0 "

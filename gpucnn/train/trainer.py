@@ -90,12 +90,12 @@ class Trainer:
             and each example's position in the epoch's order, so runs, resumed
             runs and any number of ranks see the same batches.
         cuda_graph: on a GPU, replay full-size steps as one captured CUDA graph
-            (:mod:`gpucnn.train.graph`; opt-in, unverified on a GPU so far);
+            (:mod:`gpucnn.train.graph`; opt-in);
             falls back to eager steps with a warning when capture fails.
         launch_plan: on a GPU without ``cuda_graph``, record one full-size
             step's launches and issue just those for the following steps
             (:mod:`gpucnn.train.plan`: checked against an eager step bit for
-            bit before it is used; unverified on a GPU so far).  Default True;
+            bit before it is used).  Default True;
             a recorded step that fails those checks runs eagerly after a
             one-line warning; MSE steps, label-checking losses and anomaly
             detection stay eager without one.
