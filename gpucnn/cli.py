@@ -487,6 +487,19 @@ def stdout_gone() -> int:
     return EXIT_BROKEN_PIPE
 
 
+def stdout_closed() -> bool:
+    """Standard output is a pipe whose reader went away (poll reports an error on its write end).
+    True also when that cannot be told (no file descriptor, no poll): the old, quiet behaviour."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 def _warning_printer(show):
     """A ``warnings.showwarning`` printing warnings about the user's files (a damaged
     ``metrics.jsonl``) as one ``gpucnn: warning:`` line, and any other warning with ``show``."""
@@ -520,8 +533,11 @@ def main(argv=None) -> int:
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         _err(exc.describe() if isinstance(exc, TrainingInterrupted) else what)
         return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return stdout_gone()
+    except BrokenPipeError as exc:
+        if stdout_closed():
+            return stdout_gone()
+        _err(f"{type(exc).__name__}: {exc}")     # a pipe other than standard output: a real failure
+        return EXIT_FAILURE
     except FileNotFoundError as exc:
         _err(str(exc))
         return EXIT_FAILURE

@@ -383,9 +383,11 @@ def main(argv=None) -> int:
     try:
         return run(parser.parse_args(argv))
     except BrokenPipeError:
-        from .cli import stdout_gone
+        from .cli import stdout_closed, stdout_gone
 
-        return stdout_gone()
+        if stdout_closed():
+            return stdout_gone()
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -468,3 +468,21 @@ def test_sigterm_stops_like_ctrl_c_and_names_the_checkpoint(tmp_path):
     assert "gpucnn: error: stopped by SIGTERM during epoch " in err
     assert f"is kept: continue with gpucnn train --resume {out}" in err
     assert "Traceback" not in err
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(tmp_path):
+    """Only standard output's reader going away ends quietly; an EPIPE from any other pipe is a failure
+    and says so (a review found every BrokenPipeError turned into a silent exit 141)."""
+    code = ("import sys\nfrom gpucnn import cli\n"
+            "def broken(args, parser):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "cli._cmd_evaluate = broken\n"
+            "p = cli.build_parser\n"
+            "def build(argv):\n    parser = p(argv)\n    for a in parser._actions:\n"
+            "        if hasattr(a, 'choices') and isinstance(a.choices, dict) and 'evaluate' in a.choices:\n"
+            "            a.choices['evaluate'].set_defaults(func=broken)\n    return parser\n"
+            "cli.build_parser = build\n"
+            "sys.exit(cli.main(['evaluate', 'nowhere']))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "BrokenPipeError" in proc.stderr

@@ -2,6 +2,8 @@
 pass, the same bits for any thread count, and whole batches wherever samples meet."""
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 
@@ -311,26 +313,27 @@ class _DiesInWorkers(layers.ReLU):
 
     batch_independent = True
     parent = deaths = None
+    signum = signal.SIGKILL
 
     def forward_internal(self, x):
         import os
-        import signal
         if os.getpid() != self.parent:
             left = int(self.deaths.read_text())
             if left > 0:
                 self.deaths.write_text(str(left - 1))
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), self.signum)
         return super().forward_internal(x)
 
 
-def _train_with_deaths(deaths, kills, steps=3, batch=130):
+def _train_with_deaths(deaths, kills, steps=3, batch=130, signum=signal.SIGKILL):
     """Three SGD steps of a small net on two processes; before the second, ``kills`` workers are set to
-    die in the middle of it.  Returns the losses and the weights."""
+    die in the middle of it (by ``signum``).  Returns the losses and the weights."""
     import os
     threads.set_num_threads(2)
     gc.seed(0)
     model = layers.Sequential(layers.Flatten(), layers.Dense(784, 10), _DiesInWorkers())
     model.layers[2].parent, model.layers[2].deaths = os.getpid(), deaths
+    model.layers[2].signum = signum
     deaths.write_text("0")
     trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(), optim.SGD(model, lr=0.1, momentum=0.9),
                                batch_size=batch)
@@ -357,6 +360,21 @@ def test_a_worker_killed_mid_step_costs_a_warning_and_not_a_bit(restore_threads,
     assert all("ended in the middle of a step (killed by SIGKILL, as the out-of-memory killer does)" in m
                for m in said)
     assert said[-1].endswith(f"; the step runs again {then} (the same bits)")
+    assert got[0] == reference[0]
+    for key, value in reference[1].items():
+        np.testing.assert_array_equal(got[1][key], value, err_msg=key)
+
+
+@pytest.mark.skipif(not microbatch.forked.available(), reason="no fork on this system")
+def test_a_worker_sent_sigterm_dies_and_is_replaced_under_gpucnn_trains_handler(restore_threads, tmp_path):
+    """The OOM daemons (earlyoom, systemd-oomd) send SIGTERM first.  Under ``gpucnn train``'s
+    SIGTERM handler (stop like Ctrl-C), inherited at the fork, the worker raised instead of dying
+    and the run ended in a traceback; a worker must die of it and be replaced, the same bits."""
+    from gpucnn.train import loop
+
+    reference = _train_with_deaths(tmp_path / "deaths", 0)
+    with loop._sigterm_stops_like_ctrl_c(), pytest.warns(RuntimeWarning, match="killed by SIGTERM"):
+        got = _train_with_deaths(tmp_path / "deaths", 1, signum=signal.SIGTERM)
     assert got[0] == reference[0]
     for key, value in reference[1].items():
         np.testing.assert_array_equal(got[1][key], value, err_msg=key)

@@ -230,7 +230,10 @@ def read_idx(path: str | os.PathLike, *, expected: FileSpec | None = None,
         payload = read_payload(f, path, shape=None if expected is None else expected.shape)
         if expected is not None:
             f.seek(0)
-            file_digest = hashlib.file_digest(f, "sha256").hexdigest()
+            h = hashlib.sha256()           # hashlib.file_digest is Python 3.11+; we support 3.10
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            file_digest = h.hexdigest()
     arr = parse_idx(payload, path)
     if expected is not None:
         verify_digest(file_digest, payload, expected, path, dataset)

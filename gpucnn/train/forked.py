@@ -119,6 +119,10 @@ class ForkedRunner:
     def _serve(self, t, conn, parent_end):
         parent_end.close()
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle (it stops us)
+        # SIGTERM ends a worker as the kernel's default does: the parent's "stop like Ctrl-C" handler,
+        # inherited at the fork, would raise in the worker (a traceback when the whole process group
+        # is signalled; an error reply, not a dead worker to replace, when the OOM daemon signals it)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         threads._after_fork_in_child()
         parent = os.getppid()
         rep = self.micro.replica()
