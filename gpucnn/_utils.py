@@ -16,6 +16,12 @@ from .backend import check_same_device, device_of
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters with "..." (a bad value named in an error message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def pair(value, name: str, minimum: int) -> tuple[int, int]:
     """Normalise an int or an (h, w) pair to a tuple of two ints >= ``minimum``."""
     if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
@@ -129,3 +135,18 @@ def check_directory_path(path: str | os.PathLike, what: str) -> Path:
                                  f"{named} cannot be a directory: {q} is a file")
             break
     return p
+
+
+def inputs_for(model, x):
+    """``x`` (normalised float images) converted to ``model``'s parameter dtype, explicitly.
+
+    The boundary where prepared inputs meet a model (``gc.predict``, ``gpucnn
+    predict``, ``gpucnn evaluate``): images are prepared as float32 and a
+    float64 model gets float64 copies of them.  ``x`` is returned as it is when
+    the dtypes already match or the model has no floating parameters.  Inside
+    a network a dtype mismatch stays a ``TypeError`` (no silent casts).
+    """
+    dt = getattr(model, "dtype", None)
+    if dt is None or np.dtype(dt).kind != "f" or x.dtype == dt:
+        return x
+    return x.astype(dt)

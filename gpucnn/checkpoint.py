@@ -47,6 +47,7 @@ import numpy as np
 
 from ._io import atomic_open, json_depth, read_into
 from . import backend
+from ._utils import short_repr
 
 FORMAT = "gpucnn-checkpoint"
 FORMAT_VERSION = 1
@@ -185,8 +186,9 @@ def estimated_size(model, optimizer=None) -> int:
     """Bytes that :func:`save_checkpoint` of ``model`` and ``optimizer`` takes, at most about: every
     parameter and buffer, every slot the optimizer's type keeps (whether made yet or not), and room
     for the archive's headers and the metadata."""
-    state = model.state_dict()
-    size = sum(a.nbytes for a in state.values())
+    entries = getattr(model, "_state_entries", None)   # a container's live arrays: no host copies
+    state = [d[k] for d, k in entries().values()] if entries is not None else list(model.state_dict().values())
+    size = sum(int(a.nbytes) for a in state)
     tensors = len(state)
     if optimizer is not None:
         slots = len(getattr(optimizer, "SLOTS", ()))
@@ -354,7 +356,7 @@ def _parse_meta(path, raw: np.ndarray) -> dict:
     for key in ("config", "rng", "metrics"):
         if not isinstance(meta.get(key, {}), dict):
             raise CheckpointError(f"{path}: malformed checkpoint metadata: {key!r} must be a JSON object, "
-                                  f"got {type(meta[key]).__name__} {_short(meta[key])}")
+                                  f"got {type(meta[key]).__name__} {short_repr(meta[key])}")
     return meta
 
 
@@ -368,7 +370,7 @@ def _declared_tensors(path, meta: dict) -> dict:
         shape = entry.get("shape") if isinstance(entry, dict) else None
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(dtype, str)):
-            raise CheckpointError(f"{path}: malformed checkpoint metadata: tensor {name!r} is {_short(entry)}, "
+            raise CheckpointError(f"{path}: malformed checkpoint metadata: tensor {name!r} is {short_repr(entry)}, "
                                   f"expected {{\"shape\": [non-negative ints], \"dtype\": \"<f4\"}}")
         out[name] = (tuple(shape), dtype)
     return out
@@ -407,10 +409,6 @@ def _check_finite(path, files: dict) -> None:
                                   f"{a.size}; a gpucnn checkpoint never does (training stops at a non-finite "
                                   f"loss), so the file was edited: refusing to load it")
 
-
-def _short(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _checkpoint(path, meta: dict, files: dict) -> "Checkpoint":

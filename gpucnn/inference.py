@@ -50,6 +50,7 @@ import numpy as np
 
 from . import backend
 from ._io import atomic_open
+from ._utils import inputs_for
 from .images import INVERT_CHOICES, preprocess
 
 __all__ = ["load", "predict", "predict_images", "inputs_for", "probabilities", "class_label",
@@ -210,21 +211,6 @@ def _modules(model):
         if isinstance(inner, (list, tuple)):
             stack.extend(inner)
     return out
-
-
-def inputs_for(model, x):
-    """``x`` (normalised float images) converted to ``model``'s parameter dtype, explicitly.
-
-    The boundary where prepared inputs meet a model (``gc.predict``, ``gpucnn
-    predict``, ``gpucnn evaluate``): images are prepared as float32 and a
-    float64 model gets float64 copies of them.  ``x`` is returned as it is when
-    the dtypes already match or the model has no floating parameters.  Inside
-    a network a dtype mismatch stays a ``TypeError`` (no silent casts).
-    """
-    dt = getattr(model, "dtype", None)
-    if dt is None or np.dtype(dt).kind != "f" or x.dtype == dt:
-        return x
-    return x.astype(dt)
 
 
 def predict_images(model, images: np.ndarray, dataset: str = "mnist", loss_name: str = "softmax_cross_entropy",

@@ -19,6 +19,7 @@ import random as _pyrandom
 import numpy as np
 
 from . import backend
+from ._utils import short_repr
 
 __all__ = ["seed", "get_rng", "uniform", "hash_uniform", "hash_key", "get_state", "set_state", "check_state",
            "check_generator_state"]
@@ -142,7 +143,7 @@ def check_state(state) -> None:
     checkpoints); see :func:`check_generator_state`.
     """
     if not isinstance(state, dict):
-        raise ValueError(f"expected an object with 'numpy' and 'stream', got {_short(state)}")
+        raise ValueError(f"expected an object with 'numpy' and 'stream', got {short_repr(state)}")
     if "numpy" not in state and "bit_generator" in state:
         check_generator_state(state)
         return
@@ -154,7 +155,7 @@ def check_state(state) -> None:
         raise ValueError(f"'numpy': {exc}") from None
     stream = state["stream"]
     if not isinstance(stream, dict) or set(stream) != {"key", "counter"}:
-        raise ValueError(f"'stream': expected {{'key': int, 'counter': int}}, got {_short(stream)}")
+        raise ValueError(f"'stream': expected {{'key': int, 'counter': int}}, got {short_repr(stream)}")
     for key in ("key", "counter"):
         _check_uint(f"'stream'.{key!r}", stream[key], 64)
 
@@ -163,12 +164,12 @@ def check_generator_state(state) -> None:
     """Raise ``ValueError`` unless ``state`` is a PCG64 state as ``bit_generator.state`` gives it."""
     want = {"bit_generator", "state", "has_uint32", "uinteger"}
     if not isinstance(state, dict) or set(state) != want:
-        raise ValueError(f"expected a PCG64 generator state with keys {sorted(want)}, got {_short(state)}")
+        raise ValueError(f"expected a PCG64 generator state with keys {sorted(want)}, got {short_repr(state)}")
     if state["bit_generator"] != "PCG64":
-        raise ValueError(f"'bit_generator' must be 'PCG64', got {_short(state['bit_generator'])}")
+        raise ValueError(f"'bit_generator' must be 'PCG64', got {short_repr(state['bit_generator'])}")
     inner = state["state"]
     if not isinstance(inner, dict) or set(inner) != {"state", "inc"}:
-        raise ValueError(f"'state' must be {{'state': int, 'inc': int}}, got {_short(inner)}")
+        raise ValueError(f"'state' must be {{'state': int, 'inc': int}}, got {short_repr(inner)}")
     for key in ("state", "inc"):
         _check_uint(f"'state'.{key!r}", inner[key], 128)
     _check_uint("'has_uint32'", state["has_uint32"], 1)
@@ -177,9 +178,5 @@ def check_generator_state(state) -> None:
 
 def _check_uint(what: str, value, bits: int) -> None:
     if type(value) is not int or not 0 <= value < (1 << bits):
-        raise ValueError(f"{what} must be an integer in [0, 2**{bits}), got {_short(value)}")
+        raise ValueError(f"{what} must be an integer in [0, 2**{bits}), got {short_repr(value)}")
 
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -157,6 +157,7 @@ def test_cli_resume_and_plot_survive_a_cut_metrics_file(tmp_path, capsys):
     assert cli.main(["plot", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"gpucnn: warning: {metrics}, line 2: not a JSON object" in err and "left out" in err
+    assert err.count(f"{metrics}, line 2") == 1, err          # said once, not once per reading
     assert (out / "curves.png").stat().st_size > 0
     assert cli.main(["train", "--resume", str(out), "--stop-after", "2"] + args) == 0
     assert f"gpucnn: warning: {metrics}, line 2: not a JSON object" in capsys.readouterr().err

@@ -35,7 +35,7 @@ import numpy as np
 from .. import backend, checkpoint as ckpt_mod, debug as debug_mod, losses, models, nvtx, optim
 from .. import distributed as dist
 from .. import random as grandom
-from .._utils import check_directory_path
+from .._utils import check_directory_path, inputs_for
 from . import parallel
 from ..data import load_arrays, load_dataset, normalize
 from ..data.augment import FLIP_DATASETS
@@ -467,9 +467,7 @@ class _Run:
 
     def _inputs_to_model_dtype(self):
         """Images follow a floating model's dtype (float64 models; float32 data stay as they are)."""
-        dt = getattr(self.model, "dtype", None)
-        if dt is not None and np.dtype(dt).kind == "f" and self.x_tr.dtype != dt:
-            self.x_tr, self.x_te = self.x_tr.astype(dt), self.x_te.astype(dt)
+        self.x_tr, self.x_te = inputs_for(self.model, self.x_tr), inputs_for(self.model, self.x_te)
 
     def _model_and_loss(self, model, loss):
         cfg, dev = self.cfg, self.dev

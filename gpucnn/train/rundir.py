@@ -92,7 +92,7 @@ def _parse_metrics(path: Path) -> tuple[list[tuple[int, str, dict]], list[tuple[
             try:
                 row = json.loads(raw)
             except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError
-                where = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc
+                where = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else exc
                 why = f"not a JSON object ({where})"
                 bad.append((number, text, why if raw.endswith(b"\n") else why + ", the line is cut short"))
                 continue

@@ -348,7 +348,8 @@ class Trainer:
         steps = list(steps)
         lrs, tables = self._hyper_rows(epoch, steps)
         # where this rank's share of each step starts in the epoch's order: it keys the augmentation
-        starts = [batch_start(int(order.shape[0]), st, self.batch_size, *self._rank_world()) for st in steps]
+        starts = ([batch_start(int(order.shape[0]), st, self.batch_size, *self._rank_world()) for st in steps]
+                  if self.augment is not None else [None] * len(steps))
         aug_rows = self._augment_rows(x, y, epoch, starts)
         ring = self._metric_ring(x, min(self.sync_every, len(steps)))
         for i, step in enumerate(steps):
