@@ -70,8 +70,8 @@ def test_a_batch_augmented_in_pieces_is_the_batch_augmented_whole(batch):
 
 
 def test_bad_start_is_refused(batch):
-    for bad in (-1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match=r"start must be a non-negative int, got start="):
+    for bad in (-1, 1.5, True, "2", 2 ** 62, 2 ** 63):     # 2**63: an OverflowError in NumPy's uint64 before
+        with pytest.raises(ValueError, match=r"start must be an int in \[0, 2\*\*62\), got start="):
             augment_batch(batch, (0,), fill=FILL, start=bad)
 
 

@@ -753,8 +753,9 @@ def test_gather_batch_augment_invalid_indices_and_bad_arguments(device):
         batch.gather_batch_augment(put(images), put(labels), put(idx), put(np.zeros(2, np.int64)), fill=0.0)
     with pytest.raises(ValueError, match=r"key_words must be a \(4,\) int32"):   # the old (2,) layout
         batch.gather_batch_augment(put(images), put(labels), put(idx), put(np.zeros(2, np.int32)), fill=0.0)
-    with pytest.raises(ValueError, match="start must be a non-negative int, got start=-1"):
-        batch.augment_key_words((0, 0), -1)
+    for bad in (-1, 2 ** 62):
+        with pytest.raises(ValueError, match=rf"start must be an int in \[0, 2\*\*62\), got start={bad}"):
+            batch.augment_key_words((0, 0), bad)
     with pytest.raises(ValueError, match="max_shift=-1"):
         batch.gather_batch_augment(put(images), put(labels), put(idx), words, fill=0.0, max_shift=-1)
     with pytest.raises(TypeError, match="flip must be a bool, got flip=1"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -315,3 +317,18 @@ def test_subset_larger_than_the_dataset_is_an_error():
 
     with pytest.raises(ValueError, match="subset=70000 is larger than the mnist split it cuts"):
         load_arrays("mnist", subset=70000)
+
+
+def test_resume_under_another_augmentation_scheme_says_it_is_not_bit_for_bit(mnist, tmp_path):
+    """The shifts were re-keyed (by position in the epoch's order) in this version; a checkpoint written
+    before records no augment_scheme, and its resume cannot be the run it continues: said, not hidden."""
+    _run(mnist, tmp_path / "src", augment=True, stop_after=1)
+    rng = ck.load_checkpoint(tmp_path / "src").rng
+    assert rng["augment_scheme"]
+    old = _with_rng(tmp_path / "src" / "checkpoint.npz", tmp_path / "checkpoint.npz",
+                    {k: v for k, v in rng.items() if k != "augment_scheme"})
+    with pytest.warns(RuntimeWarning, match="another augment scheme .* not bit for bit"):
+        train(None, data=mnist, device="cpu", resume=old, progress=False, log=None, out_dir=tmp_path / "resumed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)       # the same scheme: no word
+        train(None, data=mnist, device="cpu", resume=tmp_path / "src", progress=False, log=None)

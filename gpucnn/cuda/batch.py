@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.augment import check_start
 from ..random import hash_key
 from . import loader
 from .elementwise import _contiguous, _dtype, _kernel, _out, _positive, _same_shape, _words, _xp
@@ -80,8 +81,7 @@ def augment_key_words(key, start: int = 0) -> np.ndarray:
     """The (4,) int32 words (low, high) of :func:`gpucnn.random.hash_key` of ``key`` and of
     ``start`` -- what :func:`gather_batch_augment` reads from device memory for a batch whose
     first sample is at position ``start`` of the stream ``key`` (e.g. ``(seed, epoch)``)."""
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
-        raise ValueError(f"start must be a non-negative int, got start={start!r}")
+    check_start(start)
     return np.array([hash_key(key), int(start)], np.uint64).view(np.int32)
 
 

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,7 @@ from .. import random as grandom
 from .._utils import check_directory_path, inputs_for
 from . import parallel
 from ..data import load_arrays, load_dataset, normalize
-from ..data.augment import FLIP_DATASETS
+from ..data.augment import AUGMENT_SCHEME, FLIP_DATASETS
 from ..data.batching import SHUFFLE_SCHEME, epoch_permutation, shuffle_generator, steps_per_epoch
 from .config import NonFiniteLossError, TrainConfig, resume_config
 from .rundir import RunDir
@@ -464,6 +465,12 @@ class _Run:
         self.start_epoch = ckpt.epoch
         grandom.set_state(ckpt.rng["gpucnn"])   # checked by _check_rng
         self.say(f"resumed from {ckpt.path} after epoch {ckpt.epoch}")
+        for key, scheme, on in (("shuffle_scheme", SHUFFLE_SCHEME, True),
+                                ("augment_scheme", AUGMENT_SCHEME, bool(self.cfg.augment))):
+            if on and ckpt.rng.get(key) != scheme:
+                warnings.warn(f"{ckpt.path} was written under another {key.replace('_', ' ')} "
+                              f"({ckpt.rng.get(key)!r}, this gpucnn: {scheme!r}): the resumed run goes on, "
+                              f"but not bit for bit the run it continues", RuntimeWarning, stacklevel=2)
 
     def _inputs_to_model_dtype(self):
         """Images follow a floating model's dtype (float64 models; float32 data stay as they are)."""
@@ -528,7 +535,7 @@ class _Run:
             row["ranks"] = comm.size
             parallel.check_in_sync(comm, self.opt, epoch + 1)
         rng = {"gpucnn": grandom.get_state(), "shuffle": shuffle_generator(cfg.seed, epoch + 1).bit_generator.state,
-               "shuffle_scheme": SHUFFLE_SCHEME}
+               "shuffle_scheme": SHUFFLE_SCHEME, "augment_scheme": AUGMENT_SCHEME}
         self.rundir.save_epoch(self.model, self.opt, config=cfg, epoch=epoch + 1, rng=rng, row=row)
         row["seconds"] = time.perf_counter() - t_epoch  # include the checkpoint write
         self.metrics.append(row)
