@@ -17,8 +17,9 @@ A :class:`Communicator` offers what data-parallel training needs:
 Implementations:
 
 * :class:`SingleProcess` -- size 1, every operation a no-op;
-* :class:`MPICommunicator` -- ``mpi4py``'s buffer methods (``Bcast``,
-  ``Allreduce``) on NumPy arrays; CuPy arrays go straight to MPI when it is
+* :class:`MPICommunicator` -- ``mpi4py``'s non-blocking buffer methods
+  (``Ibcast``, ``Iallreduce``, ``Ibarrier``), polled until they complete or the
+  collective timeout passes, on NumPy arrays; CuPy arrays go straight to MPI when it is
   CUDA-aware (MPI 4.1's ``mpi_memory_alloc_kinds`` info lists ``cuda``, or
   ``GPUCNN_MPI_CUDA_AWARE=1``), else they are staged through host memory;
 * :class:`NCCLCommunicator` -- ``cupy.cuda.nccl`` for CuPy buffers (one GPU

@@ -97,8 +97,8 @@ def dense_forward(x, W, b, act=None, *, y_out=None, z_out=None, write_z=None, k_
             the sums, as any other reduction order would).
     Returns:
         (y, z): z None unless written.
-    Launches: 1, ``dense_forward[_f64]``, grid (ceil(N/32), ceil(Fout/32), 1) (z > 1
-        only past 2,097,120 rows), block (64, KS, 1) (:func:`gemm_launch` (Fout, N, Fin)).
+    Launches: 1, ``dense_forward[_f64]``, grid (ceil(N/32), ceil(Fout/32), 1) (past 65535 row
+        tiles, i.e. 2,097,120 rows, the tiles fold over y and z: :func:`gemm_launch`), block (64, KS, 1) (:func:`gemm_launch` (Fout, N, Fin)).
     """
     func = "dense_forward"
     code = act_code(func, act)
@@ -177,7 +177,7 @@ def dense_weight_grad(dz, x, *, out=None, k_groups=None):
     Returns:
         dW (Fout, Fin).
     Launches: 1, ``gemm_nt[_f64]`` with M = Fout, Nc = Fin, K = N:
-        grid (ceil(Fin/32), ceil(Fout/32), 1) (z > 1 only past 2,097,120 rows),
+        grid (ceil(Fin/32), ceil(Fout/32), 1) (past 65535 row tiles folded over y and z),
         block (64, KS, 1) (:func:`gemm_launch`).
     """
     func = "dense_weight_grad"
@@ -202,7 +202,7 @@ def dense_input_grad(W, dz, *, out=None, k_groups=None):
     Returns:
         dx (Fin, N).
     Launches: 1, ``gemm_tn[_f64]`` with M = Fin, Nc = N, K = Fout:
-        grid (ceil(N/32), ceil(Fin/32), 1) (z > 1 only past 2,097,120 rows),
+        grid (ceil(N/32), ceil(Fin/32), 1) (past 65535 row tiles folded over y and z),
         block (64, KS, 1) (:func:`gemm_launch`).
     """
     func = "dense_input_grad"
