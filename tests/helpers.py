@@ -68,3 +68,18 @@ def assert_torch_close(actual, expected, what: str, rtol: float = TORCH_RTOL, at
     if not isinstance(expected, np.ndarray):
         expected = to_numpy(expected)
     np.testing.assert_allclose(np.asarray(actual), expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def peak_bytes(fn) -> int:
+    """The peak of Python/NumPy allocations (tracemalloc) while ``fn()`` runs (it may raise)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    except Exception:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak

@@ -11,6 +11,7 @@ import pytest
 import gpucnn as gc
 from gpucnn import checkpoint as ck
 from gpucnn import optim
+from helpers import peak_bytes
 
 
 def _trained(name="seed002_c1", opt_cls=optim.SGD, **kw):
@@ -228,21 +229,6 @@ def test_unreadable_files_say_what_they_are(tmp_path):
 _BOMB_BYTES = 64 * 1024 * 1024   # what a bomb below inflates to: harmless even if the checks regress
 
 
-def _peak_bytes(fn) -> int:
-    """The peak of Python/NumPy allocations (tracemalloc) while ``fn()`` runs (it may raise)."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        fn()
-    except Exception:
-        pass
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return peak
-
-
 def _npy_header(shape, descr="|u1") -> bytes:
     import io
 
@@ -301,7 +287,7 @@ def test_zip_bomb_member_is_refused_before_it_is_inflated(tmp_path):
         with pytest.raises(ck.CheckpointError, match=r"undeclared tensors \['junk'\]") as info:
             load(bomb)
         assert str(bomb) in str(info.value)
-        assert _peak_bytes(lambda: load(bomb)) < 4 * 1024 * 1024, load
+        assert peak_bytes(lambda: load(bomb)) < 4 * 1024 * 1024, load
 
 
 def test_zip_members_over_the_size_limit_are_refused_unread(tmp_path, monkeypatch):
@@ -312,7 +298,7 @@ def test_zip_members_over_the_size_limit_are_refused_unread(tmp_path, monkeypatc
     with pytest.raises(ck.CheckpointError, match=r"too large: .*'junk\.npy'.*limit") as info:
         ck.load_checkpoint(bomb)
     assert str(bomb) in str(info.value)
-    assert _peak_bytes(lambda: ck.load_checkpoint(bomb)) < 1024 * 1024
+    assert peak_bytes(lambda: ck.load_checkpoint(bomb)) < 1024 * 1024
     # a .npy header over the limit, in a member whose zip size is small
     small = _with_member(good, tmp_path / "hdr.npz", "junk.npy", _npy_header((2 * 1024 * 1024,)), 4096)
     with pytest.raises(ck.CheckpointError, match=r"too large: junk declares shape \(2097152,\)"):

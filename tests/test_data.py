@@ -10,7 +10,6 @@ import re
 import shutil
 import threading
 import time
-import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from gpucnn import data  # noqa: E402
 from gpucnn.data import DataError, DownloadError  # noqa: E402
+from helpers import peak_bytes  # noqa: E402
 
 SHIPPED = data.lookup.PACKAGE_DATA / "mnist"
 MNIST = data.DATASETS["mnist"]
@@ -190,19 +190,6 @@ def gzip_bomb(header: bytes, total: int = _BOMB_BYTES) -> bytes:
         parts.append(co.compress(zeros[: min(len(zeros), total - start)]))
     parts.append(co.flush())
     return b"".join(parts)
-
-
-def peak_bytes(fn) -> int:
-    """The peak of Python/NumPy allocations (tracemalloc) while ``fn()`` runs (it may raise)."""
-    tracemalloc.start()
-    try:
-        fn()
-    except Exception:
-        pass
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return peak
 
 
 def idx_header(shape, code: int = 0x08) -> bytes:
