@@ -1,14 +1,17 @@
 """File helpers shared by checkpoints, dataset files, exports and metrics.
 
 Atomic writes (:func:`atomic_open`), reading a stream no further than asked
-(:func:`read_into`) and the nesting depth of a JSON text, measured before it
-is parsed (:func:`json_depth`).
+(:func:`read_into`), the nesting depth of a JSON text, measured before it
+is parsed (:func:`json_depth`), and a standard output whose reader went away
+(:func:`stdout_closed`, :func:`stdout_gone`: ``gpucnn predict ... | head -1``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +20,9 @@ import numpy as np
 _CHUNK = 1 << 20
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+#: exit status when standard output's reader went away: 128 + SIGPIPE, as a Unix tool killed by it
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 @contextlib.contextmanager
@@ -94,3 +100,31 @@ def json_depth(text: str) -> int:
         levels = np.cumsum(np.where((codes == ord("[")) | (codes == ord("{")), 1, -1), dtype=np.int64) + depth
         deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
     return deepest
+
+
+def stdout_gone() -> int:
+    """The reader of standard output went away (``| head``): stop quietly, as Unix tools do.
+
+    Standard output is pointed at /dev/null so that the interpreter's final
+    flush raises nothing either; returns :data:`EXIT_BROKEN_PIPE`.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # pragma: no cover - stdout without a file descriptor
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def stdout_closed() -> bool:
+    """Standard output is a pipe whose reader went away (poll reports an error on its write end).
+    True also when that cannot be told (no file descriptor, no poll): the old, quiet behaviour."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True

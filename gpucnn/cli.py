@@ -45,9 +45,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import models
+from ._io import EXIT_BROKEN_PIPE, stdout_closed, stdout_gone  # noqa: F401 - EXIT_BROKEN_PIPE: exit statuses live here
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3, 130
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
 # -- argument types (argparse turns the ValueError/ArgumentTypeError into "argument --x: ...") --
@@ -470,34 +470,6 @@ def _cmd_plot(args, parser):
     for w in written:
         print(f"wrote {w}")
     return 0
-
-
-def stdout_gone() -> int:
-    """The reader of standard output went away (``| head``): stop quietly, as Unix tools do.
-
-    Standard output is pointed at /dev/null so that the interpreter's final
-    flush raises nothing either; returns :data:`EXIT_BROKEN_PIPE`.
-    """
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # pragma: no cover - stdout without a file descriptor
-        pass
-    return EXIT_BROKEN_PIPE
-
-
-def stdout_closed() -> bool:
-    """Standard output is a pipe whose reader went away (poll reports an error on its write end).
-    True also when that cannot be told (no file descriptor, no poll): the old, quiet behaviour."""
-    import select
-
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except (AttributeError, OSError, ValueError):
-        return True
 
 
 def _warning_printer(show):

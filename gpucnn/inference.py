@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
-from ._io import atomic_open
+from ._io import atomic_open, stdout_closed, stdout_gone
 from ._utils import inputs_for
 from .images import INVERT_CHOICES, preprocess
 
@@ -369,8 +369,6 @@ def main(argv=None) -> int:
     try:
         return run(parser.parse_args(argv))
     except BrokenPipeError:
-        from .cli import stdout_closed, stdout_gone
-
         if stdout_closed():
             return stdout_gone()
         raise

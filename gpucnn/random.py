@@ -22,7 +22,7 @@ from . import backend
 from ._utils import short_repr
 
 __all__ = ["seed", "get_rng", "uniform", "hash_uniform", "hash_key", "get_state", "set_state", "check_state",
-           "check_generator_state"]
+           "check_generator_state", "check_start", "MAX_START"]
 
 _rng = np.random.default_rng(0)
 _MASK64 = (1 << 64) - 1
@@ -72,6 +72,19 @@ def uniform(shape, xp=np, dtype=np.float32, low: float = 0.0, high: float = 1.0)
     start = _stream["counter"]
     _stream["counter"] = (start + n) & _MASK64
     return _hashed(_stream["key"], start, n, xp, dtype, low, high).reshape(shape)
+
+
+#: Sample positions past this are refused (:func:`check_start`): the augmentation's counters,
+#: 3 (start + n) + 2, must stay below 2**64 in NumPy's uint64 and in the kernel's (which would
+#: wrap) -- far beyond any dataset.
+MAX_START = 2 ** 62
+
+
+def check_start(start) -> None:
+    """``start`` (a sample's position in the epoch's order) is an int in [0, :data:`MAX_START`);
+    else ValueError naming it."""
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < MAX_START:
+        raise ValueError(f"start must be an int in [0, 2**62), got start={start!r}")
 
 
 def hash_uniform(key, shape, xp=np, dtype=np.float32, low: float = 0.0, high: float = 1.0, start: int = 0):

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.augment import check_start
-from ..random import hash_key
+from ..random import check_start, hash_key
 from . import loader
 from .elementwise import _contiguous, _dtype, _kernel, _out, _positive, _same_shape, _words, _xp
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..random import hash_uniform
+from ..random import check_start, hash_uniform
 
-__all__ = ["augment_batch", "check_start", "FLIP_DATASETS", "AUGMENT_SCHEME", "MAX_START"]
+__all__ = ["augment_batch", "FLIP_DATASETS", "AUGMENT_SCHEME"]
 
 #: Datasets whose images may be mirrored left-right without changing their class.
 FLIP_DATASETS = ("fashion-mnist",)
@@ -28,17 +28,6 @@ FLIP_DATASETS = ("fashion-mnist",)
 #: How the shifts are drawn, recorded in each checkpoint beside the shuffle's scheme: a resume
 #: under another scheme cannot continue the run bit for bit (and says so).
 AUGMENT_SCHEME = "hash_uniform((seed, epoch)), counters 3*position in the epoch's order"
-
-
-#: Positions past this are refused: the draws' counters, 3 (start + n) + 2, must stay below
-#: 2**64 in NumPy's uint64 and in the kernel's (which would wrap) -- far beyond any dataset.
-MAX_START = 2 ** 62
-
-
-def check_start(start) -> None:
-    """``start`` (a position in the epoch's order) is an int in [0, :data:`MAX_START`); else ValueError naming it."""
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < MAX_START:
-        raise ValueError(f"start must be an int in [0, 2**62), got start={start!r}")
 
 
 def augment_batch(x, key, *, fill, max_shift: int = 2, flip: bool = False, start: int = 0):
