@@ -317,12 +317,13 @@ def _cmd_train(args, parser):
     return 0
 
 
-def _set_threads(n: int, command: str) -> int:
-    """``--threads n``, capped at the cores this process may use with a one-line note; returns the count used."""
+def _set_threads(n: int, command: str, say: bool = True) -> int:
+    """``--threads n``, capped at the cores this process may use with a one-line note (when ``say``);
+    returns the count used."""
     from .functional import threads
 
     n, note = threads.cap_to_cores(n, "--threads")
-    if note is not None:
+    if note is not None and say:
         print(f"gpucnn {command}: note: {note}", file=sys.stderr, flush=True)
     threads.set_num_threads(n)
     return n
@@ -357,6 +358,8 @@ def _train_ranks(args, sp, comm):
     from .train import NonFiniteLossError, train
 
     root = comm.is_root
+    if args.threads is not None:    # every rank's NumPy path; the note once, by rank 0
+        _set_threads(args.threads, "train", say=root)
 
     def usage(msg):  # exit 2 on every rank, printed by rank 0
         sp.error(msg) if root else sys.exit(EXIT_USAGE)

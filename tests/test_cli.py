@@ -486,3 +486,19 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "BrokenPipeError" in proc.stderr
+
+
+def test_distributed_training_applies_threads(tmp_path, monkeypatch):
+    """`--threads` reached only the single-process path: with `--distributed` it was parsed and ignored."""
+    from gpucnn.functional import threads
+
+    before = threads.get_num_threads()
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    try:
+        threads.set_num_threads(1)
+        assert cli.main(["train", "--model", "seed002_c1", "--subset", "128", "--test-subset", "50", "--epochs", "1",
+                         "--no-progress", "--device", "cpu", "--distributed", "--threads", "3",
+                         "--out", str(tmp_path / "dist")]) == 0
+        assert threads.get_num_threads() == 3
+    finally:
+        threads.set_num_threads(before)
