@@ -318,15 +318,10 @@ def _cmd_train(args, parser):
 
 
 def _set_threads(n: int, command: str, say: bool = True) -> int:
-    """``--threads n``, capped at the cores this process may use with a one-line note (when ``say``);
-    returns the count used."""
+    """``--threads n`` (:func:`gpucnn.functional.threads.set_threads_option`); returns the count used."""
     from .functional import threads
 
-    n, note = threads.cap_to_cores(n, "--threads")
-    if note is not None and say:
-        print(f"gpucnn {command}: note: {note}", file=sys.stderr, flush=True)
-    threads.set_num_threads(n)
-    return n
+    return threads.set_threads_option(n, f"gpucnn {command}", say)
 
 
 def _cmd_train_distributed(args, sp):

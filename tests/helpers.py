@@ -83,3 +83,18 @@ def peak_bytes(fn) -> int:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     return peak
+
+
+def check_lenet5_on_a_batch_of_zero(cp, array_type):
+    """lenet5 on ``cp`` (CuPy or the stand-in) maps a (0, 1, 28, 28) batch to empty ``array_type``
+    results and zero gradients (an H200 run refused the first dense layer's (400, 0) input)."""
+    import gpucnn
+    from gpucnn import models
+
+    gpucnn.seed(0)
+    model = models.build("lenet5", device="cuda")
+    y = model.forward(cp.zeros((0, 1, 28, 28), cp.float32))
+    assert y.shape == (0, 10) and isinstance(y, array_type)
+    dx = model.backward(cp.zeros((0, 10), cp.float32))
+    assert dx.shape == (0, 1, 28, 28) and isinstance(dx, array_type)
+    assert all(not bool(g.any()) for g in model.gradients())

@@ -659,12 +659,8 @@ def test_a_batch_of_zero_samples_on_the_kernel_path():
     from backends import emulator_builder, skip_without_emulator
     from gpucnn.bench import standin
 
+    from helpers import check_lenet5_on_a_batch_of_zero
+
     skip_without_emulator()
     with standin.installed(standin.Recorder(), builder=emulator_builder) as cp:
-        gpucnn.seed(0)
-        model = models.build("lenet5", device="cuda")
-        y = model.forward(cp.zeros((0, 1, 28, 28), cp.float32))
-        assert y.shape == (0, 10) and isinstance(y, standin.DeviceArray)
-        dx = model.backward(cp.zeros((0, 10), cp.float32))
-        assert dx.shape == (0, 1, 28, 28) and isinstance(dx, standin.DeviceArray)
-        assert all(not bool(g.any()) for g in model.gradients())
+        check_lenet5_on_a_batch_of_zero(cp, standin.DeviceArray)

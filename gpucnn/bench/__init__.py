@@ -156,10 +156,7 @@ def _setup_torch(args, device):
     if args.threads:
         from ..functional import threads
 
-        n, note = threads.cap_to_cores(args.threads, "--threads")
-        if note is not None:
-            print(f"gpucnn bench: note: {note}", file=sys.stderr, flush=True)
-        threads.set_num_threads(n)
+        n = threads.set_threads_option(args.threads, "gpucnn bench")
         if torch is not None:
             torch.set_num_threads(n)
     if torch is not None and device == "cuda":

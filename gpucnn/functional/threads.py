@@ -38,7 +38,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["get_num_threads", "set_num_threads", "usable_cores", "cap_to_cores", "ThreadCountWarning",
+__all__ = ["get_num_threads", "set_num_threads", "set_threads_option", "usable_cores", "cap_to_cores", "ThreadCountWarning",
            "run_each", "map_each", "split", "pin_blas", "release_blas", "inline", "DEFAULT_MAX_THREADS"]
 
 ENV_VAR = "GPUCNN_NUM_THREADS"
@@ -69,6 +69,18 @@ def cap_to_cores(n: int, what: str = "num_threads") -> tuple[int, str | None]:
         return n, None
     return cores, (f"{what} {n} is more than the {cores} CPU core(s) this process may use; using {cores} "
                    f"thread(s) (more only slows the NumPy path down; results are the same for any count)")
+
+
+def set_threads_option(n: int, prog: str, say: bool = True) -> int:
+    """A command's ``--threads n``: capped at the usable cores, with a one-line note on stderr
+    (``"<prog>: note: ..."``, when ``say``), then set; returns the count used."""
+    import sys
+
+    n, note = cap_to_cores(n, "--threads")
+    if note is not None and say:
+        print(f"{prog}: note: {note}", file=sys.stderr, flush=True)
+    set_num_threads(n)
+    return n
 
 
 def _capped(n: int, what: str) -> int:
