@@ -497,11 +497,10 @@ def main(argv=None) -> int:
             warnings.showwarning = _warning_printer(warnings.showwarning)
             return int(args.func(args, parser) or 0)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during training (gpucnn.train.Terminated)
-        from .train.loop import TrainingInterrupted
+        from .train.loop import TrainingInterrupted, stopped_by
 
         signum = getattr(exc, "signum", signal.SIGINT)
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        _err(exc.describe() if isinstance(exc, TrainingInterrupted) else what)
+        _err(exc.describe() if isinstance(exc, TrainingInterrupted) else stopped_by(signum))
         return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
     except BrokenPipeError as exc:
         if stdout_closed():

@@ -84,6 +84,7 @@ def augment_spec(cfg: TrainConfig):
     fill = float(normalize(np.zeros((1, 1, 1), np.uint8), cfg.dataset)[0, 0, 0, 0])
     return {"seed": cfg.seed, "fill": fill, "flip": cfg.dataset in FLIP_DATASETS}
 
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns."""
@@ -206,6 +207,11 @@ def _cosine_note(cfg, old_epochs: int, done: int) -> str:
             f"same run as {cfg.epochs} epochs from the start")
 
 
+def stopped_by(signum: int) -> str:
+    """``"interrupted"`` (Ctrl-C, SIGINT) or ``"stopped by SIGTERM"``: how a stop is said."""
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM during :func:`train` (``timeout``, Slurm, systemd, ``docker stop``): the run stops as on Ctrl-C."""
 
@@ -226,7 +232,7 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum = signum
 
     def describe(self) -> str:
-        what = "interrupted" if self.signum == signal.SIGINT else f"stopped by {signal.Signals(self.signum).name}"
+        what = stopped_by(self.signum)
         if self.saved_epoch == 0:
             return (f"{what} during epoch {self.epoch}, before any checkpoint was written: "
                     "there is nothing to resume")
@@ -247,7 +253,7 @@ def _sigterm_stops_like_ctrl_c():
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated(f"stopped by {signal.Signals(signum).name}")
+        raise Terminated(stopped_by(signum))
 
     signal.signal(signal.SIGTERM, stop)
     try:
