@@ -48,19 +48,21 @@ def positive_int(value, name: str) -> int:
     return int(value)
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, axis: str = "H") -> int:
-    """Output length of a convolution or pooling window along one axis.
+def output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
+    """Output length of a convolution or pooling window along one axis, the one place it is written:
+    ``floor((size + 2 * padding - kernel) / stride) + 1`` (<= 0 when the kernel does not fit)."""
+    return (size + 2 * padding - kernel) // stride + 1
 
-    ``out = floor((size + 2 * padding - kernel) / stride) + 1``; raises when the
-    (padded) input is smaller than the kernel, naming all the numbers.
-    """
-    span = size + 2 * padding - kernel
-    if span < 0:
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, axis: str = "H") -> int:
+    """:func:`output_size`, raising when the (padded) input is smaller than the kernel, naming all
+    the numbers."""
+    if size + 2 * padding - kernel < 0:
         raise ValueError(
             f"output {axis} would be <= 0: input {axis}={size} with padding={padding} "
             f"is smaller than kernel={kernel} (need {axis} + 2*padding >= kernel)"
         )
-    return span // stride + 1
+    return output_size(size, kernel, stride, padding)
 
 
 def shown_shape(x, internal: bool = False) -> tuple:

@@ -75,7 +75,11 @@ def check_same_device(**arrays) -> str:
     ``None`` values are ignored.  Raises :class:`DeviceMismatchError` that
     names every argument and its device when they differ.
     """
-    where = {name: device_of(a, name) for name, a in arrays.items() if a is not None}
+    return check_devices(**{name: device_of(a, name) for name, a in arrays.items() if a is not None})
+
+
+def check_devices(**where) -> str:
+    """:func:`check_same_device` on device names (``"cpu"`` / ``"cuda"``) already known."""
     devices = set(where.values())
     if len(devices) > 1:
         desc = ", ".join(f"{name} on {dev}" for name, dev in where.items())

@@ -11,8 +11,8 @@ central differences of the scalar ``L = sum(forward(x) * dy)``:
   variant — one forward pair per direction, so large inputs stay cheap).
 
 It also holds ``backward`` to the Layer contract: it must return dL/dx
-(``None`` only from a layer that declares it has none: ``needs_input_grad =
-False``, or a Sequential asked with ``input_grad=False``), and a second
+(``None`` only from a layer that declares it has none: ``input_grad =
+False``, or one asked with ``backward(dy, input_grad=False)``), and a second
 forward + backward must give the same gradients as the first (parameter
 gradients are overwritten, never accumulated).
 
@@ -154,10 +154,10 @@ def check_backward(layer, x, dy=None, *, forward=None, eps=1e-6, atol=1e-7, rtol
     dx = run_backward(dy)
     dx = None if dx is None else dx.copy()
     analytic = {key: g.copy() for key, g in layer_grads(layer).items()}
-    if dx is None and input_grad and getattr(layer, "needs_input_grad", True):
+    if dx is None and input_grad and getattr(layer, "input_grad", True):
         raise AssertionError(
             f"{name}: backward returned None instead of dL/dx (a layer without an input gradient says so "
-            f"with needs_input_grad = False; check a Sequential without one with input_grad=False)")
+            f"with input_grad = False; check a layer without one with check_backward(..., input_grad=False))")
     fwd(x)
     _check_repeatable(name, dx, analytic, run_backward(dy), layer_grads(layer), atol, rtol)
 
@@ -178,8 +178,8 @@ def _backward_caller(layer, input_grad: bool):
     if input_grad:
         return layer.backward
     if "input_grad" not in inspect.signature(layer.backward).parameters:
-        raise TypeError(f"input_grad=False: {type(layer).__name__}.backward has no input_grad argument (a "
-                        f"Sequential's has); a layer without an input gradient sets needs_input_grad = False")
+        raise TypeError(f"input_grad=False: {type(layer).__name__}.backward has no input_grad argument (gpucnn's "
+                        f"layers' have); a layer without an input gradient sets input_grad = False")
     return lambda dy: layer.backward(dy, input_grad=False)
 
 

@@ -20,7 +20,7 @@ from backends import BACKENDS, KERNEL_BACKENDS, backend_fixture
 from cases import CONV_CASES, POOL_CASES, params
 from gpucnn.functional import activation as A
 from gpucnn.functional import conv as C
-from gpucnn.functional import linear as Lin
+from gpucnn.functional import dense as Lin
 from gpucnn.functional import loss as Loss
 from gpucnn.functional import pooling as P
 from references import (ref_avgpool_backward, ref_avgpool_forward, ref_conv_backward_input,
@@ -59,11 +59,11 @@ def _skip_big(case, backend):
 # --------------------------------------------------------------------------- #
 # conv2d
 # --------------------------------------------------------------------------- #
-def _conv(backend, case, dtype, *, need_input_grad=True, seed=0):
+def _conv(backend, case, dtype, *, input_grad=True, seed=0):
     x, W, b, dy = case.arrays(dtype, seed)
     put = backend.put
     y, saved = C.conv2d_forward(put(bl(x)), put(W), None if b is None else put(b), case.stride, case.padding)
-    dx, dW, db = C.conv2d_backward(put(bl(dy)), saved, need_input_grad=need_input_grad)
+    dx, dW, db = C.conv2d_backward(put(bl(dy)), saved, input_grad=input_grad)
     get = lambda a: None if a is None else nchw(backend.get(a))  # noqa: E731
     return (x, W, b, dy), (get(y), get(dx), dW, db)
 
@@ -122,7 +122,7 @@ def test_conv2d_fused_epilogue(case, act, pool, backend):
 
 
 def test_conv2d_first_layer_skips_input_gradient(backend):
-    _, (_, dx, dW, _) = _conv(backend, CONV_CASES[2], np.float64, need_input_grad=False)
+    _, (_, dx, dW, _) = _conv(backend, CONV_CASES[2], np.float64, input_grad=False)
     assert dx is None and dW.shape == (3, 2, 3, 2)
 
 
@@ -295,8 +295,8 @@ def test_linear(shape, dtype, act, backend):
     x, W = rng.standard_normal((N, fin)).astype(dtype), rng.standard_normal((fout, fin)).astype(dtype)
     b = rng.standard_normal(fout).astype(dtype) if bias else None
     dy = rng.standard_normal((N, fout)).astype(dtype)
-    y, saved = Lin.linear_forward(backend.put(bl(x)), backend.put(W), None if b is None else backend.put(b), act=act)
-    dx, dW, db = Lin.linear_backward(backend.put(bl(dy)), saved)
+    y, saved = Lin.dense_forward(backend.put(bl(x)), backend.put(W), None if b is None else backend.put(b), act=act)
+    dx, dW, db = Lin.dense_backward(backend.put(bl(dy)), saved)
     X, Wd, Dy = (a.astype(np.float64) for a in (x, W, dy))
     Z = X @ Wd.T + (0 if b is None else b)
     f, df = (lambda z: z, lambda z: np.ones_like(z)) if act is None else ACTIVATIONS[act][2:]

@@ -299,13 +299,26 @@ def test_check_backward_catches_accumulated_parameter_gradients():
 def test_check_backward_accepts_a_declared_missing_input_gradient():
     gpucnn.seed(43)
     conv = L.Conv2D(1, 2, 3, dtype=F64)
-    conv.needs_input_grad = False          # the layer says it has no dL/dx
+    conv.input_grad = False                # the layer says it has no dL/dx
     check_backward(conv, randn((1, 1, 5, 5), seed=44))
     model = models.build("lenet5", dtype=F64)   # a Sequential asked for none: its first layer skips it
     check_backward(model, np.random.default_rng(45).uniform(0, 1, (2, 1, 28, 28)), max_elements=0,
                    n_directions=4, input_grad=False)
-    with pytest.raises(TypeError, match=r"input_grad=False: Sigmoid.backward has no input_grad argument"):
-        check_backward(L.Sigmoid(), randn((2, 3), seed=46), input_grad=False)
+    check_backward(L.Sigmoid(), randn((2, 3), seed=46), input_grad=False)   # any built-in can be asked
+
+    class OwnSigmoid(L.Layer):      # a layer of one's own with backward(dy) only
+        def __init__(self):
+            super().__init__()
+            self.inner = L.Sigmoid()
+
+        def forward(self, x):
+            return self.inner.forward(x)
+
+        def backward(self, dy):
+            return self.inner.backward(dy)
+
+    with pytest.raises(TypeError, match=r"input_grad=False: OwnSigmoid.backward has no input_grad argument"):
+        check_backward(OwnSigmoid(), randn((2, 3), seed=46), input_grad=False)
 
 
 def test_check_loss_catches_wrong_gradient():

@@ -210,11 +210,11 @@ class _FailsInWorkers(layers.ReLU):
     batch_independent = True
     parent = None
 
-    def forward_internal(self, x):
+    def _forward(self, x, epilogue=None):
         import os
         if os.getpid() != self.parent:
             raise ValueError("planted failure in a worker")
-        return super().forward_internal(x)
+        return super()._forward(x, epilogue)
 
 
 @pytest.mark.skipif(not microbatch.forked.available(), reason="no fork on this system")
@@ -227,7 +227,7 @@ def test_a_failing_worker_raises_its_traceback_in_the_step(restore_threads):
     x, y = _batch(130, np.float32)
     # the worker's exception class, with where it was raised and its traceback
     with pytest.raises(ValueError, match="planted failure in a worker\n\\(raised in micro-batch worker 1 of 1; "
-                                         "its traceback:\\)\n(.|\n)*forward_internal"):
+                                         "its traceback:\\)\n(.|\n)*_forward"):
         trainer.step(x, y)
     trainer._micro.close()
 
@@ -315,14 +315,14 @@ class _DiesInWorkers(layers.ReLU):
     parent = deaths = None
     signum = signal.SIGKILL
 
-    def forward_internal(self, x):
+    def _forward(self, x, epilogue=None):
         import os
         if os.getpid() != self.parent:
             left = int(self.deaths.read_text())
             if left > 0:
                 self.deaths.write_text(str(left - 1))
                 os.kill(os.getpid(), self.signum)
-        return super().forward_internal(x)
+        return super()._forward(x, epilogue)
 
 
 def _train_with_deaths(deaths, kills, steps=3, batch=130, signum=signal.SIGKILL):

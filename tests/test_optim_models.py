@@ -276,7 +276,7 @@ def test_backward_without_input_grad_gives_same_parameter_gradients():
     full = [g.copy() for g in model.gradients()]
     model.forward(x)
     assert model.backward(dy, input_grad=False) is None
-    assert model[0].needs_input_grad is True  # restored afterwards
+    assert model[0].input_grad is True and model.input_grad is True  # the flags are left alone
     for name, g0, g1 in zip(model.state_dict(), full, model.gradients()):
         np.testing.assert_allclose(g1, g0, rtol=1e-12, atol=1e-14, err_msg=name)
 

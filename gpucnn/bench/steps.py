@@ -6,6 +6,7 @@ import numpy as np
 from .. import backend, layers, losses, models, optim
 from .._utils import shown_shape
 from ..functional.layout import from_internal, to_internal
+from ..layers.base import run_forward
 from ..random import seed
 from ..train import Trainer
 from .twin import torch_step, torch_twin
@@ -72,7 +73,7 @@ def layer_rows(name, batch, device, torch, timer, ttimer):
     """Forward and backward of every stage of the model, as the Sequential runs it.
 
     Each stage (a layer, or a convolution / dense layer with the activation
-    and pooling fused into it, :mod:`gpucnn.layers.plan`) is timed on its real
+    and pooling fused into it, :mod:`gpucnn.layers.fusion`) is timed on its real
     batch-last input; the PyTorch row is the same layers as one
     ``nn.Sequential`` on the NCHW tensor.
     """
@@ -159,5 +160,5 @@ def kernel_rows(name, batch, timer, ttimer, torch):
             rows += [(f"{kk} {tag}", v, ref.get(kk)) for kk, v in t.items()]
             x = y
         else:
-            x = layer.forward_internal(x)
+            x = run_forward(layer, x)
     return rows

@@ -54,6 +54,7 @@ import functools
 
 import numpy as np
 
+from .._utils import output_size
 from .._utils import pair as _pair
 from ..backend import get_array_module
 from . import loader
@@ -163,8 +164,7 @@ def _geometry(func, x_shape, w_shape, stride, padding):
     if KH > MAX_KERNEL or KW > MAX_KERNEL:
         raise ValueError(f"{func}: kernel {KH}x{KW} is larger than the kernels support "
                          f"({MAX_KERNEL}x{MAX_KERNEL})")
-    OH = (H + 2 * PH - KH) // SH + 1
-    OW = (Wd + 2 * PW - KW) // SW + 1
+    OH, OW = output_size(H, KH, SH, PH), output_size(Wd, KW, SW, PW)
     if OH < 1 or OW < 1:
         raise ValueError(f"{func}: kernel {KH}x{KW} does not fit the input {H}x{Wd} with padding "
                          f"{(PH, PW)} (output would be {OH}x{OW})")

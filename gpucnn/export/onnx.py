@@ -41,6 +41,7 @@ import numpy as np
 from .. import backend
 from .. import layers as L
 from .._io import atomic_open
+from .._utils import output_size
 from . import ExportError
 
 __all__ = ["DEFAULT_OPSET", "IR_VERSION_FOR_OPSET", "INSTALL_HINT", "register", "build_onnx", "to_onnx"]
@@ -139,7 +140,7 @@ def _conv(g: _Graph, s: _Step) -> tuple:
     if s.shape[0] != layer.in_channels:
         raise _fail(s, f"in_channels={layer.in_channels} but its input has {s.shape[0]} channels")
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-    ho, wo = (s.shape[1] + 2 * ph - kh) // sh + 1, (s.shape[2] + 2 * pw - kw) // sw + 1
+    ho, wo = output_size(s.shape[1], kh, sh, ph), output_size(s.shape[2], kw, sw, pw)
     if ho < 1 or wo < 1:
         raise _fail(s, f"kernel {layer.kernel_size} with padding {layer.padding} does not fit input {s.shape[1:]}")
     inputs = [s.x, g.weight(f"{s.prefix}.weight", layer.params["W"])]
@@ -153,7 +154,7 @@ def _conv(g: _Graph, s: _Step) -> tuple:
 def _pool(op: str, g: _Graph, s: _Step) -> tuple:
     _expect_rank(s, 3)
     (kh, kw), (sh, sw) = s.layer.kernel_size, s.layer.stride
-    ho, wo = (s.shape[1] - kh) // sh + 1, (s.shape[2] - kw) // sw + 1
+    ho, wo = output_size(s.shape[1], kh, sh), output_size(s.shape[2], kw, sw)
     if ho < 1 or wo < 1:
         raise _fail(s, f"kernel {s.layer.kernel_size} does not fit input {s.shape[1:]}")
     g.node(op, [s.x], s.out, f"{s.prefix}_{op}", kernel_shape=[kh, kw], strides=[sh, sw],

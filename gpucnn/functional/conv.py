@@ -44,6 +44,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
+from .._utils import output_size
 from . import _dispatch, threads
 from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
 from .pooling import MaxPool2dSaved, max_pool2d_backward, max_pool2d_forward, pool_output_hw
@@ -85,7 +86,7 @@ class Conv2dSaved(NamedTuple):
 def conv_output_hw(x_shape, w_shape, stride, padding):
     """``(Ho, Wo)`` for a batch-last input shape ``(C, H, W, N)``."""
     (H, W), (kh, kw) = x_shape[1:3], w_shape[2:]
-    return ((H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1)
+    return output_size(H, kh, stride[0], padding[0]), output_size(W, kw, stride[1], padding[1])
 
 
 def _check_fusion(act, pool):
@@ -135,13 +136,13 @@ def _empty_batch_forward(x, W, b, stride, padding, act, pool):
     return y, Conv2dSaved(x, W, None, stride, padding, b is not None, act, None, None, z_shape)
 
 
-def _empty_batch_backward(saved, need_input_grad, dW_out, db_out):
+def _empty_batch_backward(saved, input_grad, dW_out, db_out):
     """Backward of a batch of 0 samples: zero parameter gradients (a sum over no samples), an empty dL/dx."""
     xp = backend.get_array_module(saved.W)
     W = saved.W
     dW = _store(xp.zeros_like(W), W.shape, dW_out)
     db = _store(xp.zeros(W.shape[0], W.dtype), (W.shape[0],), db_out) if saved.has_bias else None
-    dx = xp.zeros(saved.x.shape, saved.x.dtype) if need_input_grad else None
+    dx = xp.zeros(saved.x.shape, saved.x.dtype) if input_grad else None
     return dx, dW, db
 
 
@@ -224,22 +225,22 @@ def _conv_numpy(x, W, b, stride, padding, ws):
     return cols, z
 
 
-def conv2d_backward(dy, saved: Conv2dSaved, *, need_input_grad=True, dW_out=None, db_out=None, ws=None):
+def conv2d_backward(dy, saved: Conv2dSaved, *, input_grad=True, dW_out=None, db_out=None, ws=None):
     """Gradients of :func:`conv2d_forward`: ``(dx, dW, db)``.
 
     Args:
         dy: the gradient of the forward output (after the fused activation and pooling).
         saved: what forward returned.
-        need_input_grad: False skips dL/dx (the first layer of a network)
+        input_grad: False skips dL/dx (the first layer of a network)
             and returns ``dx = None``.
         dW_out, db_out: arrays to write dW / db into (overwritten, in place);
             new arrays when None.  db is None without a bias.
         ws: the workspace forward used.
     """
     if saved.z_shape[3] == 0:
-        return _empty_batch_backward(saved, need_input_grad, dW_out, db_out)
+        return _empty_batch_backward(saved, input_grad, dW_out, db_out)
     if _dispatch.use_kernels(dy, saved.W):
-        return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, ws)
+        return _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws)
     dz = _pre_activation_grad(dy, saved, ws)
     W = saved.W
     O, C, kh, kw = W.shape
@@ -250,7 +251,7 @@ def conv2d_backward(dy, saved: Conv2dSaved, *, need_input_grad=True, dW_out=None
     dWbT = _weight_grad(saved.cols, dz2, [_span(b, Wo, N) for b in blocks])
     dW = _store(dWbT[:K].T, W.shape, dW_out)
     db = _store(dWbT[K], (O,), db_out) if saved.has_bias else None
-    if not need_input_grad:
+    if not input_grad:
         return None, dW, db
     return _input_grad(dz2, saved, blocks, ws), dW, db
 
@@ -346,7 +347,7 @@ def _forward_kernels(x, W, b, stride, padding, act, pool, ws):
     C, H, Wd, N = x.shape
     O, _, kh, kw = W.shape
     (sh, sw), (ph, pw) = stride, padding
-    z_shape = (O, (H + 2 * ph - kh) // sh + 1, (Wd + 2 * pw - kw) // sw + 1, N)
+    z_shape = (O, *conv_output_hw(x.shape, W.shape, stride, padding), N)
     y = get(ws, "k.y", z_shape, x.dtype, xp)
     z = get(ws, "k.z", z_shape, x.dtype, xp) if kernel_act == "relu" else None
     y, z = kconv.conv_forward(x, W, b, stride, padding, act=kernel_act, y_out=y, z_out=z)
@@ -361,7 +362,7 @@ def _forward_kernels(x, W, b, stride, padding, act, pool, ws):
     return y, Conv2dSaved(x, W, None, stride, padding, b is not None, act, act_saved, pool_saved, z_shape)
 
 
-def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, ws):
+def _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws):
     from ..cuda import conv as kconv
     from ..cuda import elementwise
 
@@ -381,7 +382,7 @@ def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, ws):
     kconv.conv_backward_weight(saved.x, dz, W.shape, saved.stride, saved.padding, dW_out=dW, db_out=db,
                                has_bias=saved.has_bias, workspace=get(ws, "k.wgrad", (need,), W.dtype, xp))
     dx = None
-    if need_input_grad:
+    if input_grad:
         dx = kconv.conv_backward_input(dz, W, saved.x.shape, saved.stride, saved.padding,
                                        out=get(ws, "k.dx", saved.x.shape, dz.dtype, xp))
     return dx, dW, db

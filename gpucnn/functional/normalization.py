@@ -1,4 +1,4 @@
-"""Batch normalisation, dropout and global average pooling, as function pairs (one ``xp`` path).
+"""Batch normalisation as a function pair (one ``xp`` path).
 
 All on batch-last arrays: the channel axis is 0 -- ``(C, H, W, N)`` images,
 ``(C, N)`` vectors -- and statistics are taken over every other axis (the
@@ -23,13 +23,6 @@ derived from ``dxhat = gamma g``, ``dvar = sum(dxhat (x - mu)) * (-1/2) s^-3``,
 move by ``momentum`` towards the batch's mean and its *unbiased* variance
 ``var * m / (m - 1)`` (as PyTorch).  Evaluation mode normalises with the
 running estimates, an affine map: ``dL/dx = gamma g / sqrt(running_var + eps)``.
-
-Dropout (inverted): while training ``y = x * mask / (1 - p)`` with ``mask``
-Bernoulli(1 - p) from gpucnn's counter stream (:func:`gpucnn.random.uniform`:
-the same masks on NumPy and CuPy, resumed exactly); identity in evaluation.
-
-Global average pooling: ``y[c, n] = mean_{h,w} x[c, h, w, n]``; backward
-spreads ``dy / (H W)`` over the plane.
 """
 from __future__ import annotations
 
@@ -38,12 +31,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
-from .. import random as grandom
 from . import threads
 from .workspace import get
 
-__all__ = ["BatchNormSaved", "batch_norm_forward", "batch_norm_backward", "dropout_forward",
-           "dropout_backward", "global_avg_pool_forward", "global_avg_pool_backward"]
+__all__ = ["BatchNormSaved", "batch_norm_forward", "batch_norm_backward"]
 
 
 class BatchNormSaved(NamedTuple):
@@ -152,38 +143,3 @@ def batch_norm_backward(dy, saved: BatchNormSaved, ws=None):
     sum_gx, sum_g = parts[0] if len(parts) == 1 else (xp.concatenate(v) for v in zip(*parts))
     dgamma, dbeta = (sum_gx, sum_g) if gamma is not None else (None, None)
     return dx.reshape(dy.shape), dgamma, dbeta
-
-
-def dropout_forward(x, p, training, mask=None):
-    """``(y, scale mask or None)``: inverted dropout while training, identity otherwise.
-
-    ``mask`` (same shape as x, 0/1) overrides the random draw (for tests).
-    """
-    if not training or p == 0:
-        return x, None
-    xp = backend.get_array_module(x)
-    t = x.dtype.type
-    if mask is None:
-        keep = grandom.uniform(x.shape, xp, x.dtype) >= t(p)
-    else:
-        keep = mask != 0
-    scale = keep.astype(x.dtype)
-    scale *= t(1 / (1 - p))
-    return x * scale, scale
-
-
-def dropout_backward(dy, scale):
-    return dy if scale is None else dy * scale
-
-
-def global_avg_pool_forward(x):
-    """``(C, H, W, N) -> (C, N)``: the mean of each plane."""
-    return x.mean(axis=(1, 2)), tuple(x.shape)
-
-
-def global_avg_pool_backward(dy, x_shape):
-    xp = backend.get_array_module(dy)
-    C, H, W, N = x_shape
-    out = xp.empty(x_shape, dtype=dy.dtype)
-    out[...] = (dy * dy.dtype.type(1.0 / (H * W)))[:, None, None, :]
-    return out

@@ -33,11 +33,13 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
+from .._utils import output_size
 from . import _dispatch
 from .workspace import get
 
 __all__ = ["MaxPool2dSaved", "max_pool2d_forward", "max_pool2d_backward",
-           "avg_pool2d_forward", "avg_pool2d_backward", "pool_output_hw"]
+           "avg_pool2d_forward", "avg_pool2d_backward", "global_avg_pool_forward",
+           "global_avg_pool_backward", "pool_output_hw"]
 
 #: Largest window whose taps fit the uint8 tap index.
 MAX_WINDOW = 256
@@ -56,7 +58,7 @@ class MaxPool2dSaved(NamedTuple):
 def pool_output_hw(x_shape, kernel, stride):
     """``(Ho, Wo)`` of a batch-last ``(C, H, W, N)`` input."""
     (H, W), (kh, kw), (sh, sw) = x_shape[1:3], kernel, stride
-    return (H - kh) // sh + 1, (W - kw) // sw + 1
+    return output_size(H, kh, sh), output_size(W, kw, sw)
 
 
 def _tap_view(x, u, v, out_hw, stride):
@@ -199,3 +201,16 @@ def avg_pool2d_backward(dy, x_shape, kernel, stride):
         for v in range(kw):
             _tap_view(dx, u, v, out_hw, stride)[...] += g
     return dx
+
+
+def global_avg_pool_forward(x):
+    """``(C, H, W, N) -> (C, N)``: the mean of each plane."""
+    return x.mean(axis=(1, 2)), tuple(x.shape)
+
+
+def global_avg_pool_backward(dy, x_shape):
+    xp = backend.get_array_module(dy)
+    C, H, W, N = x_shape
+    out = xp.empty(x_shape, dtype=dy.dtype)
+    out[...] = (dy * dy.dtype.type(1.0 / (H * W)))[:, None, None, :]
+    return out

@@ -1,39 +1,60 @@
-"""The :class:`Layer` protocol every layer, and :class:`Sequential`, follows.
+"""The :class:`Layer` contract: what every layer, and :class:`Sequential`, follows.
 
 A layer owns two dicts with the same keys: ``params`` (arrays, writable in
 place) and ``grads`` (filled by ``backward``).  ``forward(x)`` keeps only what
 ``backward`` needs; ``backward(dy)`` returns dL/dx and **overwrites**
 ``grads`` in place (gradients never accumulate across calls: one forward, one
-backward, one optimizer step).  ``training`` switches train/eval behaviour
-(RReLU).
+backward, one optimizer step).  ``training`` switches train/eval behaviour;
+``input_grad = False`` (the first layer of a network) lets ``backward`` skip
+dL/dx and return ``None``.
 
-Two entry points per pass:
+**What you override is what runs.**  ``forward(x)`` / ``backward(dy)`` on NCHW
+images and ``(N, F)`` vectors are the only methods a layer of your own
+defines, alone or inside a :class:`~gpucnn.layers.Sequential` or a
+:class:`~gpucnn.layers.Residual`.  gpucnn's own layers compute on the
+batch-last layout (:mod:`gpucnn.functional.layout`) in two private methods,
 
-* ``forward(x)`` / ``backward(dy)`` -- the public ones, NCHW images and
-  ``(N, F)`` vectors in and out, each wrapped in an NVTX range named
-  ``<Class>.forward`` / ``<Class>.backward`` (a no-op unless enabled);
-* ``forward_internal(x)`` / ``backward_internal(dy)`` -- the same pass on the
-  batch-last layout (:mod:`gpucnn.functional.layout`), which
-  :class:`Sequential` uses between its layers so that nothing is transposed
-  inside a network.
+* ``_forward(x, epilogue=None)`` -- ``epilogue`` an :class:`Epilogue`: the
+  activation and max pooling a container fuses into this call, or None;
+* ``_backward(dy, input_grad=True)`` -- dL/dx (None when not ``input_grad``),
 
-A layer of your own only needs ``forward`` and ``backward``: its internal
-versions convert around them.  gpucnn's layers implement the internal pair
-(:class:`InternalLayer`) and get the public one from it.  Whatever a public
-call returns is a new array; internal results may be the layer's reused
-buffers (:class:`~gpucnn.functional.workspace.Workspace`), valid until its
-next call.
+which the public methods here convert around and containers call directly, so
+that nothing is transposed inside a network.  A class that overrides
+``forward`` or ``backward`` *below* the class defining that compute (``class
+DoubleReLU(ReLU): def forward(self, x): return super().forward(x) * 2``) is
+run through its public methods -- converted at its boundary, neither fused
+nor split into micro-batches -- and a Sequential's ``repr`` says so
+(:func:`runs_batch_last`).  Containers call their members through
+:func:`run_forward` / :func:`run_backward`, the one place that choice is made.
+
+Public calls return new arrays; ``_forward``/``_backward`` results may be the
+layer's reused buffers (:class:`~gpucnn.functional.workspace.Workspace`),
+valid until its next call.  Public ``forward``/``backward`` run in NVTX ranges
+``<Class>.forward`` / ``<Class>.backward`` (free unless enabled).
 """
 from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import backend, nvtx
+from .._utils import check_array, check_param_match
 from ..functional.layout import from_internal, to_internal
 from ..functional.workspace import Workspace
+
+__all__ = ["Layer", "Epilogue", "runs_batch_last", "run_forward", "run_backward", "indent_repr"]
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What a container fuses into a layer's ``_forward``: an activation (``"relu"``, ``"sigmoid"``,
+    ``"tanh"``) and a max pooling ``((kh, kw), (sh, sw))`` applied last, each optional."""
+
+    act: str | None = None
+    pool: tuple | None = None
 
 
 def _ranged_method(fn, what: str):
@@ -50,13 +71,63 @@ def _ranged_method(fn, what: str):
     return wrapper
 
 
+def _owner(cls, name: str):
+    """The class in ``cls``'s MRO that defines ``name``."""
+    return next(k for k in cls.__mro__ if name in vars(k))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_runs_batch_last(cls) -> bool:
+    for public, private in (("forward", "_forward"), ("backward", "_backward")):
+        compute, api = _owner(cls, private), _owner(cls, public)
+        if compute is Layer or (api is not compute and issubclass(api, compute)):
+            return False
+    return True
+
+
+def runs_batch_last(layer) -> bool:
+    """Whether containers may call ``layer``'s batch-last compute directly: True for gpucnn's layers
+    and subclasses that leave ``forward``/``backward`` alone; False for a layer whose public methods
+    are its own (one of yours, or a built-in's subclass overriding them), which then runs through
+    them, converted at its boundary, unfused and never split into micro-batches."""
+    return _class_runs_batch_last(type(layer))
+
+
+def compute_class(layer):
+    """The class whose ``_forward`` and ``_backward`` a batch-last ``layer`` runs (what fusion and the
+    micro-batch split key on), or None when the layer runs through its public methods or its two
+    passes come from different classes."""
+    cls = type(layer)
+    if not _class_runs_batch_last(cls):
+        return None
+    owner = _owner(cls, "_forward")
+    return owner if _owner(cls, "_backward") is owner else None
+
+
+def run_forward(layer, x, epilogue: Epilogue | None = None):
+    """``layer``'s forward on the batch-last ``x``: its compute, or its public ``forward`` converted."""
+    if _class_runs_batch_last(type(layer)):
+        return layer._forward(x, epilogue)
+    if epilogue is not None:
+        raise ValueError(f"{type(layer).__name__} runs its own forward: nothing can be fused into it")
+    return to_internal(layer.forward(from_internal(x)))
+
+
+def run_backward(layer, dy, input_grad: bool = True):
+    """``layer``'s backward on the batch-last ``dy``; dL/dx batch-last, or None when not ``input_grad``."""
+    if _class_runs_batch_last(type(layer)):
+        return layer._backward(dy, input_grad)
+    dx = layer.backward(from_internal(dy))
+    return None if dx is None or not input_grad else to_internal(dx)
+
+
 class Layer:
-    """Base class: parameters, gradients, the training flag and device/dtype moves."""
+    """Base class of every layer: parameters, gradients, the training and input-gradient flags,
+    device and dtype moves, and the public passes of gpucnn's batch-last layers."""
 
     #: Whether each sample's output and input gradient depend on that sample alone and the
     #: parameter gradients are sums over the samples, so that a train step may split its batch
-    #: into micro-batches (:mod:`gpucnn.train.microbatch`).  Read from the layer's own class
-    #: only (a subclass may couple the samples): a layer that does not say so is never split.
+    #: into micro-batches.  Read from the layer's own class only.
     batch_independent = False
 
     def __init__(self):
@@ -64,6 +135,7 @@ class Layer:
         self.grads: dict = {}
         self.buffers: dict = {}     # state that is not trained (BatchNorm's running statistics)
         self.training = True
+        self.input_grad = True      # False: backward skips dL/dx and returns None
         self.workspace = Workspace()
 
     def __init_subclass__(cls, **kwargs):
@@ -73,21 +145,53 @@ class Layer:
             if fn is not None and not getattr(fn, "_nvtx_wrapped", False):
                 setattr(cls, method, _ranged_method(fn, method))
 
-    # -- the protocol ------------------------------------------------------
-    def forward(self, x):  # pragma: no cover - abstract
+    # -- the passes ----------------------------------------------------------
+    def forward(self, x):
+        """``y`` for a public ``x`` (NCHW images or ``(N, F)`` vectors).  Override it (and
+        :meth:`backward`) in a layer of your own; gpucnn's layers convert around ``_forward``."""
+        self._require_compute("forward")
+        self._check_public(x, "x")
+        self._public_device = backend.device_of(x)
+        return from_internal(self._forward(to_internal(x)))
+
+    def backward(self, dy, input_grad: bool | None = None):
+        """dL/dx for the public ``dy`` of the last forward; overwrites ``grads``.  ``input_grad``
+        (default: the layer's ``input_grad`` flag) False skips dL/dx and returns None."""
+        self._require_compute("backward")
+        self._check_public(dy, "dy")
+        want = self.input_grad if input_grad is None else bool(input_grad)
+        dx = self._backward(to_internal(dy), want)
+        return None if dx is None or not want else from_internal(dx)
+
+    def _require_compute(self, what: str) -> None:
+        if _owner(type(self), "_" + what) is Layer:
+            raise NotImplementedError(f"{type(self).__name__} must define {what}(self, "
+                                      f"{'x' if what == 'forward' else 'dy'}) (gpucnn.layers.Layer's contract)")
+
+    def _check_public(self, a, name: str) -> None:
+        """What a public array must pass before it is converted: an array with a batch axis, on the
+        device (and of the dtype) of the layer's parameters, or ``dy`` on the device of the forward."""
+        layer = type(self).__name__
+        check_array(a, name, None, layer if name == "x" else f"{layer}.backward")
+        if a.ndim == 0:
+            raise ValueError(f"{layer}: {name} must have a batch axis first, got a 0-d array")
+        ref = next(iter(self.params.values()), None)
+        if ref is not None and name == "x":
+            check_param_match(a, ref, name, layer)
+        elif ref is not None:
+            backend.check_same_device(dy=a, **{f"{layer} parameters": ref})
+        elif name == "dy" and getattr(self, "_public_device", None) is not None:
+            backend.check_devices(dy=backend.device_of(a), saved=self._public_device)
+
+    def _forward(self, x, epilogue: Epilogue | None = None):  # pragma: no cover - gpucnn's layers define it
         raise NotImplementedError
 
-    def backward(self, dy):  # pragma: no cover - abstract
+    def _backward(self, dy, input_grad: bool = True):  # pragma: no cover - gpucnn's layers define it
         raise NotImplementedError
 
-    def forward_internal(self, x):
-        """``forward`` on the batch-last layout (converting around the public one)."""
-        return to_internal(self.forward(from_internal(x)))
-
-    def backward_internal(self, dy, need_input_grad: bool = True):
-        """``backward`` on the batch-last layout; ``None`` when ``need_input_grad`` is False."""
-        dx = self.backward(from_internal(dy))
-        return None if dx is None or not need_input_grad else to_internal(dx)
+    def _no_epilogue(self, epilogue) -> None:
+        if epilogue is not None:
+            raise ValueError(f"{type(self).__name__} fuses nothing into its forward, got {epilogue!r}")
 
     def __call__(self, x):
         return self.forward(x)
@@ -171,31 +275,6 @@ class Layer:
     def _check_forward_called(self, *cached):
         if any(c is None for c in cached):
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-
-
-class InternalLayer(Layer):
-    """A layer written on the batch-last layout: the public passes convert around the internal ones."""
-
-    def forward(self, x):
-        self._check_public_input(x)
-        return from_internal(self.forward_internal(to_internal(x)))
-
-    def backward(self, dy):
-        dx = self.backward_internal(to_internal(self._check_public_grad(dy)),
-                                    need_input_grad=getattr(self, "needs_input_grad", True))
-        return None if dx is None else from_internal(dx)
-
-    def _check_public_input(self, x):
-        """Checks a public input must pass before it is converted (rank, dtype)."""
-
-    def _check_public_grad(self, dy):
-        return dy
-
-    def forward_internal(self, x):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def backward_internal(self, dy, need_input_grad: bool = True):  # pragma: no cover - abstract
-        raise NotImplementedError
 
 
 def indent_repr(obj, by: str = "  ") -> str:

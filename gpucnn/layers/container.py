@@ -4,10 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, debug, nvtx
-from .._utils import check_array
-from ..functional.layout import from_internal, to_internal
 from .base import Layer, indent_repr
-from .plan import plan
+from .fusion import stages_of
 
 
 class Sequential(Layer):
@@ -15,13 +13,15 @@ class Sequential(Layer):
 
     Parameters are named ``"<index>.<key>"`` (``"0.W"``, ``"0.b"``, ...), as in
     ``state_dict()``.  The input is converted once to the batch-last layout
-    (:mod:`gpucnn.functional.layout`), the layers run on it in stages -- a
+    (:mod:`gpucnn.functional.layout`) and the layers run on it in stages -- a
     convolution or dense layer with the activation and pooling that follow it
-    fused into one call (:mod:`gpucnn.layers.plan`) -- and the output is
-    converted back; ``forward`` and ``backward`` return new arrays.  With
-    anomaly detection on (:mod:`gpucnn.debug`) nothing is fused, and every
-    layer's output and input gradient is checked for NaN/Inf and the first
-    offender is named.
+    fused into one call (:mod:`gpucnn.layers.fusion`; ``fuse=False`` turns
+    that off) -- and the output is converted back; ``forward`` and
+    ``backward`` return new arrays.  A layer that defines its own ``forward``
+    / ``backward`` runs through them (:func:`~gpucnn.layers.base.runs_batch_last`).
+    ``repr`` shows both.  With anomaly detection on (:mod:`gpucnn.debug`)
+    nothing is fused, and every layer's output and input gradient is checked
+    for NaN/Inf and the first offender is named.
 
     >>> import gpucnn as gc
     >>> net = gc.layers.Sequential(gc.layers.Flatten(), gc.layers.Dense(4, 2))
@@ -29,13 +29,16 @@ class Sequential(Layer):
     ['1.W', '1.b']
     """
 
-    def __init__(self, *layers, name: str | None = None):
+    def __init__(self, *layers, name: str | None = None, fuse: bool = True):
         super().__init__()
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential: item {i} is {type(layer).__name__}, not a gpucnn Layer")
+        if not isinstance(fuse, bool):
+            raise TypeError(f"Sequential: fuse must be True or False, got fuse={fuse!r}")
         self.layers = list(layers)
         self.name = name
+        self.fuse = fuse
 
     def __len__(self):
         return len(self.layers)
@@ -47,8 +50,21 @@ class Sequential(Layer):
         return iter(self.layers)
 
     def __repr__(self):
-        inner = "\n".join(f"  ({i}) " + indent_repr(layer) for i, layer in enumerate(self.layers))
-        return f"Sequential(\n{inner}\n)"
+        notes = {}
+        for stage in self.stages():
+            if len(stage.layers) > 1:
+                notes[stage.start] = f"fused: {stage.name}"
+                for k in range(1, len(stage.layers)):
+                    notes[stage.start + k] = f"in ({stage.start})"
+            elif stage.own_passes:
+                notes[stage.start] = "its own forward/backward: not fused, not split into micro-batches"
+        lines = []
+        for i, layer in enumerate(self.layers):
+            line = f"  ({i}) " + indent_repr(layer)
+            lines.append(line + (f"  # {notes[i]}" if i in notes else ""))
+        if not self.fuse:
+            lines.append("  fuse=False")
+        return "Sequential(\n" + "\n".join(lines) + "\n)"
 
     batch_independent = True     # when every member is (gpucnn.train.microbatch checks them)
 
@@ -62,22 +78,16 @@ class Sequential(Layer):
         return twin
 
     def stages(self):
-        """How :meth:`forward` runs the layers: a list of :class:`~gpucnn.layers.plan.Stage`
-        (fused unless anomaly detection is on)."""
-        fuse = not debug.is_enabled()
+        """How :meth:`forward` runs the layers: a list of :class:`~gpucnn.layers.fusion.Stage`
+        (fused when ``fuse`` and anomaly detection is off)."""
+        fuse = self.fuse and not debug.is_enabled()
         key = (tuple(map(id, self.layers)), fuse)
         if getattr(self, "_plan_key", None) != key:
-            self._plan, self._plan_key = plan(self.layers, fuse=fuse), key
+            self._plan, self._plan_key = stages_of(self.layers, fuse=fuse), key
         return self._plan
 
-    def forward(self, x):
-        """Public forward: NCHW (or (N, F)) in and out, batch-last between the layers."""
-        check_array(x, "x", None, "Sequential")
-        if not self.layers:
-            return x.copy()
-        return from_internal(self.forward_internal(to_internal(x)))
-
-    def forward_internal(self, x):
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
         check = debug.is_enabled()
         if check:
             debug.check_finite(x, "Sequential input")
@@ -89,19 +99,9 @@ class Sequential(Layer):
         self._forwarded = True
         return x
 
-    def backward(self, dy, input_grad: bool = True):
-        """Backpropagate ``dy``; returns dL/dx (``None`` when ``input_grad=False``).
-
-        ``input_grad=False`` lets the first layer skip dL/dx (nothing upstream
-        needs it), which saves a whole convolution when training.
-        """
-        check_array(dy, "dy", None, "Sequential.backward")
+    def _backward(self, dy, input_grad=True):
         if not self.layers:
-            return dy.copy() if input_grad else None
-        dx = self.backward_internal(to_internal(dy), need_input_grad=input_grad)
-        return from_internal(dx) if input_grad else None
-
-    def backward_internal(self, dy, need_input_grad: bool = True):
+            return dy if input_grad else None
         check = debug.is_enabled()
         stages = self.stages()
         if not getattr(self, "_forwarded", False):
@@ -109,7 +109,7 @@ class Sequential(Layer):
                                f"(layer {stages[-1].start} of the Sequential)")
         for stage in reversed(stages):
             with nvtx.nvtx_range(f"{stage.name}.backward"):
-                dy = stage.backward(dy, need_input_grad or stage is not stages[0])
+                dy = stage.backward(dy, input_grad or stage is not stages[0])
             where = f"layer {stage.start} ({stage.name})"
             if check and dy is not None:
                 debug.check_finite(dy, f"{where} backward")

@@ -5,8 +5,8 @@ activation and pooling epilogue, and where it runs (im2col GEMMs on NumPy,
 the CUDA kernels on CuPy) -- lives in :mod:`gpucnn.functional.conv`; this
 layer holds the parameters and gradients, checks shapes and calls it once per
 pass.  Inside a :class:`~gpucnn.layers.Sequential` a following ReLU / Sigmoid
-/ Tanh and MaxPool2D run in this layer's call (``forward_internal(x,
-act=..., pool=...)``).
+/ Tanh and MaxPool2D run in this layer's call (its ``_forward`` with an
+:class:`~gpucnn.layers.base.Epilogue`).
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import numpy as np
 from .. import init as _init
 from ..functional import conv as F
 from .._utils import check_array, check_param_match, conv_output_size, pair, positive_int, shown_shape
-from .base import InternalLayer
+from .base import Epilogue, Layer
 
 
-class Conv2D(InternalLayer):
+class Conv2D(Layer):
     """2-D convolution over NCHW input with OIHW weights (PyTorch layout).
 
     Args:
@@ -35,7 +35,7 @@ class Conv2D(InternalLayer):
         ``Ho = floor((H + 2*ph - kh) / sh) + 1`` (same for W).
 
     ``backward`` returns dL/dx and *overwrites* ``grads["W"]`` and
-    ``grads["b"]``.  Setting ``needs_input_grad = False`` (first layer of a
+    ``grads["b"]``.  Setting ``input_grad = False`` (first layer of a
     network) skips dL/dx and returns ``None``.
 
     >>> import numpy as np, gpucnn as gc
@@ -54,7 +54,6 @@ class Conv2D(InternalLayer):
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
         self.stride = pair(stride, "stride", 1)
         self.padding = pair(padding, "padding", 0)
-        self.needs_input_grad = True
         kh, kw = self.kernel_size
         shape = (self.out_channels, self.in_channels, kh, kw)
         fan_in, fan_out = self.in_channels * kh * kw, self.out_channels * kh * kw
@@ -74,12 +73,8 @@ class Conv2D(InternalLayer):
         return (N, self.out_channels, conv_output_size(H, kh, sh, ph, "H"),
                 conv_output_size(W, kw, sw, pw, "W"))
 
-    def _check_public_input(self, x):
-        check_array(x, "x", 4, "Conv2D")
-        check_param_match(x, self.params["W"], "x", "Conv2D")
-
-    def forward_internal(self, x, act=None, pool=None):
-        """The pass on batch-last ``x (C, H, W, N)``, with an optional fused activation and max pool."""
+    def _forward(self, x, epilogue: Epilogue | None = None):
+        """The pass on batch-last ``x (C, H, W, N)``, with the fused activation and max pool of ``epilogue``."""
         check_array(x, "x", 4, "Conv2D", internal=True)
         W, b = self.params["W"], self.params.get("b")
         check_param_match(x, W, "x", "Conv2D")
@@ -89,19 +84,19 @@ class Conv2D(InternalLayer):
                 f"expects in_channels={self.in_channels}"
             )
         self.output_shape(shown_shape(x, True))  # raises, naming the numbers, when the kernel does not fit
+        act, pool = (None, None) if epilogue is None else (epilogue.act, epilogue.pool)
         y, self._saved = F.conv2d_forward(x, W, b, self.stride, self.padding, act=act, pool=pool,
                                           ws=self.workspace)
         self._out_shape = tuple(y.shape)
         return y
 
-    def backward_internal(self, dy, need_input_grad=True):
+    def _backward(self, dy, input_grad=True):
         self._check_forward_called(self._saved)
         check_array(dy, "dy", 4, "Conv2D.backward", internal=True)
         check_param_match(dy, self.params["W"], "dy", "Conv2D")
         if tuple(dy.shape) != self._out_shape:
             raise ValueError(f"Conv2D.backward: dy has shape {shown_shape(dy, True)}, expected "
                              f"{shown_shape(self._out_shape, True)}")
-        dx, _, _ = F.conv2d_backward(dy, self._saved, need_input_grad=need_input_grad,
+        dx, _, _ = F.conv2d_backward(dy, self._saved, input_grad=input_grad,
                                      dW_out=self.grads["W"], db_out=self.grads.get("b"), ws=self.workspace)
         return dx
-

@@ -3,7 +3,7 @@
 Dense (PyTorch layout, ``W`` is (out, in)): ``y = x W^T + b`` in public
 ``(N, F)`` terms, ``W x + b`` on the batch-last ``(F, N)`` arrays a network
 passes between its layers; the gradients are derived in
-:mod:`gpucnn.functional.linear`.
+:mod:`gpucnn.functional.dense`.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 
 from .. import init as _init
 from .._utils import check_array, check_param_match, positive_int, shown_shape
-from ..functional import linear as F
-from .base import InternalLayer
+from ..functional import dense as F
+from .base import Epilogue, Layer
 
 
-class Flatten(InternalLayer):
+class Flatten(Layer):
     """(N, d1, d2, ...) -> (N, d1*d2*...), row-major (C, H, W order for NCHW).
 
     Keeps only the input shape; ``backward`` reshapes dy back.  On batch-last
@@ -28,19 +28,15 @@ class Flatten(InternalLayer):
         super().__init__()
         self._x_shape = None   # batch-last
 
-    def _check_public_input(self, x):
-        check_array(x, "x", None, "Flatten")
-        if x.ndim < 2:
-            raise ValueError(f"Flatten: x must have rank >= 2 (batch first), got shape {tuple(x.shape)}")
-
-    def forward_internal(self, x):
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
         check_array(x, "x", None, "Flatten", internal=True)
         if x.ndim < 2:
             raise ValueError(f"Flatten: x must have rank >= 2 (batch first), got shape {shown_shape(x, True)}")
         self._x_shape = tuple(x.shape)
         return x.reshape(int(np.prod(x.shape[:-1])), x.shape[-1])   # not -1: a batch of 0 has no size to infer from
 
-    def backward_internal(self, dy, need_input_grad=True):
+    def _backward(self, dy, input_grad=True):
         self._check_forward_called(self._x_shape)
         expected = (int(np.prod(self._x_shape[:-1])), self._x_shape[-1])
         if tuple(dy.shape) != expected:
@@ -49,7 +45,7 @@ class Flatten(InternalLayer):
         return dy.reshape(self._x_shape)
 
 
-class Dense(InternalLayer):
+class Dense(Layer):
     """Affine layer ``y = x @ W.T + b`` with ``W`` of shape (out_features, in_features).
 
     Args:
@@ -64,7 +60,7 @@ class Dense(InternalLayer):
     ``backward`` returns dL/dx and *overwrites* ``grads["W"]``, ``grads["b"]``.
     Forward keeps x (needed for dL/dW).  Inside a
     :class:`~gpucnn.layers.Sequential` a following ReLU / Sigmoid / Tanh runs
-    in this layer's call (``forward_internal(x, act=...)``).
+    in this layer's call (its ``_forward`` with an :class:`~gpucnn.layers.base.Epilogue`).
     """
 
     batch_independent = True
@@ -74,22 +70,19 @@ class Dense(InternalLayer):
         super().__init__()
         self.in_features = positive_int(in_features, "in_features")
         self.out_features = positive_int(out_features, "out_features")
-        self.needs_input_grad = True
         shape = (self.out_features, self.in_features)
         self._add_param("W", _init.initialize(weight_init, shape, self.in_features,
                                               self.out_features, dtype))
         if bias:
             self._add_param("b", np.zeros(self.out_features, dtype=dtype))
-        self._saved = None  # forward keeps functional.linear.LinearSaved (x)
+        self._saved = None  # forward keeps functional.dense.DenseSaved (x)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={'b' in self.params}"
 
-    def _check_public_input(self, x):
-        check_array(x, "x", 2, "Dense")
-        check_param_match(x, self.params["W"], "x", "Dense")
-
-    def forward_internal(self, x, act=None):
+    def _forward(self, x, epilogue: Epilogue | None = None):
+        if epilogue is not None and epilogue.pool is not None:
+            raise ValueError(f"Dense fuses an activation, not a pooling, got {epilogue!r}")
         check_array(x, "x", 2, "Dense", internal=True)
         W = self.params["W"]
         check_param_match(x, W, "x", "Dense")
@@ -98,10 +91,11 @@ class Dense(InternalLayer):
                 f"Dense: x has {x.shape[0]} features (shape {shown_shape(x, True)}) but the layer "
                 f"expects in_features={self.in_features}"
             )
-        y, self._saved = F.linear_forward(x, W, self.params.get("b"), act=act, ws=self.workspace)
+        act = None if epilogue is None else epilogue.act
+        y, self._saved = F.dense_forward(x, W, self.params.get("b"), act=act, ws=self.workspace)
         return y
 
-    def backward_internal(self, dy, need_input_grad=True):
+    def _backward(self, dy, input_grad=True):
         self._check_forward_called(self._saved)
         check_array(dy, "dy", 2, "Dense.backward", internal=True)
         check_param_match(dy, self.params["W"], "dy", "Dense")
@@ -109,6 +103,6 @@ class Dense(InternalLayer):
         if tuple(dy.shape) != expected:
             raise ValueError(f"Dense.backward: dy has shape {shown_shape(dy, True)}, expected "
                              f"{shown_shape(expected, True)}")
-        dx, _, _ = F.linear_backward(dy, self._saved, need_input_grad=need_input_grad,
+        dx, _, _ = F.dense_backward(dy, self._saved, input_grad=input_grad,
                                      dW_out=self.grads["W"], db_out=self.grads.get("b"), ws=self.workspace)
         return dx

@@ -1,4 +1,4 @@
-"""Batch normalisation and dropout layers; global average pooling.
+"""Batch normalisation layers: BatchNorm2d, BatchNorm1d.
 
 The maths, with the batch-norm backward derived in closed form, is in
 :mod:`gpucnn.functional.normalization`.  Running statistics are *buffers*
@@ -11,10 +11,10 @@ import numpy as np
 
 from .._utils import check_array, check_param_match, positive_int, shown_shape
 from ..functional import normalization as F
-from .base import InternalLayer
+from .base import Layer
 
 
-class _BatchNorm(InternalLayer):
+class _BatchNorm(Layer):
     RANKS: tuple = ()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, dtype=np.float32):
@@ -36,14 +36,8 @@ class _BatchNorm(InternalLayer):
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
 
-    def _check_public_input(self, x):
-        name = type(self).__name__
-        check_array(x, "x", None, name)
-        if x.ndim not in self.RANKS:
-            raise ValueError(f"{name}: x must have rank {' or '.join(map(str, self.RANKS))}, "
-                             f"got shape {tuple(x.shape)}")
-
-    def forward_internal(self, x):
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
         name = type(self).__name__
         check_array(x, "x", None, name, internal=True)
         if x.ndim not in self.RANKS:
@@ -62,7 +56,7 @@ class _BatchNorm(InternalLayer):
             self.buffers["num_batches_tracked"] += 1
         return y
 
-    def backward_internal(self, dy, need_input_grad=True):
+    def _backward(self, dy, input_grad=True):
         self._check_forward_called(self._saved)
         name = type(self).__name__
         check_array(dy, "dy", None, f"{name}.backward", internal=True)
@@ -99,67 +93,3 @@ class BatchNorm1d(_BatchNorm):
     """Batch normalisation over (N, C) or (N, C, L): per feature over the other axes.  As :class:`BatchNorm2d`."""
 
     RANKS = (2, 3)
-
-
-class Dropout(InternalLayer):
-    """Inverted dropout: while training each element is zeroed with probability ``p`` and the rest
-    scaled by ``1 / (1 - p)``; the identity in eval mode.
-
-    The masks come from gpucnn's counter stream (:func:`gpucnn.random.uniform`):
-    fixed by ``gpucnn.seed``, the same on NumPy and CuPy, saved in checkpoints
-    and continued exactly on resume.  Keeps the scale mask.
-    """
-
-    def __init__(self, p=0.5):
-        super().__init__()
-        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1):
-            raise ValueError(f"p must be in [0, 1), got p={p!r}")
-        self.p = float(p)
-        self._scale = None
-        self._shape = None
-
-    def extra_repr(self):
-        return f"p={self.p}"
-
-    def _check_public_input(self, x):
-        check_array(x, "x", None, "Dropout")
-
-    def forward_internal(self, x, mask=None):
-        """Apply dropout; ``mask`` (0/1, the shape of x) overrides the random draw (for tests)."""
-        check_array(x, "x", None, "Dropout", internal=True)
-        self._shape = tuple(x.shape)
-        y, self._scale = F.dropout_forward(x, self.p, self.training, mask)
-        return y
-
-    def backward_internal(self, dy, need_input_grad=True):
-        self._check_forward_called(self._shape)
-        if tuple(dy.shape) != self._shape:
-            raise ValueError(f"Dropout.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(self._shape, True)}")
-        return F.dropout_backward(dy, self._scale)
-
-
-class GlobalAvgPool2D(InternalLayer):
-    """(N, C, H, W) -> (N, C): the mean of each channel's plane.  Keeps only the input shape."""
-
-    batch_independent = True
-
-    def __init__(self):
-        super().__init__()
-        self._x_shape = None
-
-    def _check_public_input(self, x):
-        check_array(x, "x", 4, "GlobalAvgPool2D")
-
-    def forward_internal(self, x):
-        check_array(x, "x", 4, "GlobalAvgPool2D", internal=True)
-        y, self._x_shape = F.global_avg_pool_forward(x)
-        return y
-
-    def backward_internal(self, dy, need_input_grad=True):
-        self._check_forward_called(self._x_shape)
-        expected = (self._x_shape[0], self._x_shape[3])
-        if tuple(dy.shape) != expected:
-            raise ValueError(f"GlobalAvgPool2D.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(expected, True)}")
-        return F.global_avg_pool_backward(dy, self._x_shape)

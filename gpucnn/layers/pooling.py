@@ -1,4 +1,4 @@
-"""Max and average pooling layers (no padding), NCHW in public, batch-last inside a network.
+"""Max, average and global average pooling layers (no padding), NCHW in public, batch-last inside.
 
 ``Ho = floor((H - kh) / sh) + 1`` (same for W); ``stride`` defaults to
 ``kernel_size``; windows may overlap.  The math (first-max ties, NaN
@@ -12,7 +12,7 @@ import numpy as np
 from .. import backend
 from .._utils import check_array, conv_output_size, pair, shown_shape
 from ..functional import pooling as F
-from .base import InternalLayer
+from .base import Layer
 
 
 def _pool_output_hw(hw, kernel, stride):
@@ -21,7 +21,7 @@ def _pool_output_hw(hw, kernel, stride):
             conv_output_size(W, kernel[1], stride[1], 0, "W"))
 
 
-class _Pool2D(InternalLayer):
+class _Pool2D(Layer):
     def __init__(self, kernel_size, stride=None):
         super().__init__()
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
@@ -35,9 +35,6 @@ class _Pool2D(InternalLayer):
     def output_shape(self, x_shape):
         """Public (N, C, H, W) -> (N, C, Ho, Wo)."""
         return tuple(x_shape[:2]) + _pool_output_hw(x_shape[2:], self.kernel_size, self.stride)
-
-    def _check_public_input(self, x):
-        check_array(x, "x", 4, type(self).__name__)
 
     def _check_x(self, x):
         check_array(x, "x", 4, type(self).__name__, internal=True)
@@ -94,12 +91,13 @@ class MaxPool2D(_Pool2D):
         cols = (np.arange(Wo, dtype=np.int32) * sw)[None, None, :, None] + tap % kw
         return np.ascontiguousarray(np.moveaxis(rows * W + cols, -1, 0))
 
-    def forward_internal(self, x, relu=False):
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
         self._check_x(x)
-        y, self._saved = F.max_pool2d_forward(x, self.kernel_size, self.stride, relu=relu, ws=self.workspace)
+        y, self._saved = F.max_pool2d_forward(x, self.kernel_size, self.stride, ws=self.workspace)
         return y
 
-    def backward_internal(self, dy, need_input_grad=True):
+    def _backward(self, dy, input_grad=True):
         self._check_dy(dy)
         return F.max_pool2d_backward(dy, self._saved, ws=self.workspace)
 
@@ -117,11 +115,36 @@ class AvgPool2D(_Pool2D):
 
     batch_independent = True
 
-    def forward_internal(self, x):
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
         self._check_x(x)
         y, _ = F.avg_pool2d_forward(x, self.kernel_size, self.stride)
         return y
 
-    def backward_internal(self, dy, need_input_grad=True):
+    def _backward(self, dy, input_grad=True):
         self._check_dy(dy)
         return F.avg_pool2d_backward(dy, self._x_shape, self.kernel_size, self.stride)
+
+
+class GlobalAvgPool2D(Layer):
+    """(N, C, H, W) -> (N, C): the mean of each channel's plane.  Keeps only the input shape."""
+
+    batch_independent = True
+
+    def __init__(self):
+        super().__init__()
+        self._x_shape = None
+
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
+        check_array(x, "x", 4, "GlobalAvgPool2D", internal=True)
+        y, self._x_shape = F.global_avg_pool_forward(x)
+        return y
+
+    def _backward(self, dy, input_grad=True):
+        self._check_forward_called(self._x_shape)
+        expected = (self._x_shape[0], self._x_shape[3])
+        if tuple(dy.shape) != expected:
+            raise ValueError(f"GlobalAvgPool2D.backward: dy has shape {shown_shape(dy, True)}, expected "
+                             f"{shown_shape(expected, True)}")
+        return F.global_avg_pool_backward(dy, self._x_shape)

@@ -15,13 +15,13 @@ from __future__ import annotations
 from .. import backend
 from .._utils import check_array, shown_shape
 from ..functional.workspace import get
-from .base import InternalLayer, Layer, indent_repr
+from .base import Layer, indent_repr, run_backward, run_forward
 from .container import Sequential
 
 __all__ = ["Residual", "basic_block"]
 
 
-class Residual(InternalLayer):
+class Residual(Layer):
     """``y = block(x) + shortcut(x)``; ``shortcut=None`` is the identity.
 
     Args:
@@ -51,10 +51,11 @@ class Residual(InternalLayer):
         twin.shortcut = None if self.shortcut is None else self.shortcut.replica()
         return twin
 
-    def forward_internal(self, x):
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
         check_array(x, "x", None, "Residual", internal=True)
-        y = self.block.forward_internal(x)
-        s = x if self.shortcut is None else self.shortcut.forward_internal(x)
+        y = run_forward(self.block, x)
+        s = x if self.shortcut is None else run_forward(self.shortcut, x)
         if tuple(y.shape) != tuple(s.shape):
             raise ValueError(f"Residual: the block gives shape {shown_shape(y, True)} but the shortcut "
                              f"{shown_shape(s, True)}; give a shortcut that changes the shape too "
@@ -65,13 +66,13 @@ class Residual(InternalLayer):
         self._out_shape = tuple(out.shape)
         return out
 
-    def backward_internal(self, dy, need_input_grad=True):
+    def _backward(self, dy, input_grad=True):
         self._check_forward_called(self._out_shape)
         if tuple(dy.shape) != self._out_shape:
             raise ValueError(f"Residual.backward: dy has shape {shown_shape(dy, True)}, expected "
                              f"{shown_shape(self._out_shape, True)}")
-        dx = self.block.backward_internal(dy, need_input_grad=True)
-        ds = dy if self.shortcut is None else self.shortcut.backward_internal(dy, need_input_grad=True)
+        dx = run_backward(self.block, dy)
+        ds = dy if self.shortcut is None else run_backward(self.shortcut, dy)
         xp = backend.get_array_module(dx)
         return xp.add(dx, ds, out=get(self.workspace, "dsum", dx.shape, dx.dtype, xp))
 
@@ -115,7 +116,7 @@ def basic_block(in_channels: int, out_channels: int, stride: int = 1, dtype=None
     1x1-conv(stride)-BN projection when the shape changes.  Follow it with a ReLU."""
     import numpy as np
 
-    from .activations import ReLU
+    from .activation import ReLU
     from .conv import Conv2D
     from .normalization import BatchNorm2d
 

@@ -54,6 +54,7 @@ import numpy as np
 from .. import backend, debug, losses
 from ..functional import threads
 from ..functional.workspace import Workspace
+from ..layers.base import run_backward, run_forward
 from . import forked
 
 __all__ = ["MICRO_BATCH", "micro_bounds", "why_whole", "describe", "forward_backward", "MicroBatches"]
@@ -119,7 +120,7 @@ def forward_backward(model, loss, x, y, scale, slot=None):
     The gradients written (overwritten) are those of ``scale`` times the batch-mean loss;
     ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into.
     """
-    out = model.forward_internal(x)
+    out = run_forward(model, x)
     if isinstance(loss, losses.MSE):
         value = loss.forward_internal(out, losses.one_hot_internal(y, out.shape[0], out.dtype))
         correct = (out.argmax(axis=0) == y).sum()
@@ -129,7 +130,7 @@ def forward_backward(model, loss, x, y, scale, slot=None):
     else:
         value = loss.forward_internal(out, y)
         correct = loss.correct
-    model.backward_internal(loss.backward_internal(scale), need_input_grad=False)
+    run_backward(model, loss.backward_internal(scale), input_grad=False)
     return value, correct
 
 

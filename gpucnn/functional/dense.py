@@ -21,10 +21,10 @@ from . import _dispatch, threads
 from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
 from .workspace import get
 
-__all__ = ["LinearSaved", "linear_forward", "linear_backward"]
+__all__ = ["DenseSaved", "dense_forward", "dense_backward"]
 
 
-class LinearSaved(NamedTuple):
+class DenseSaved(NamedTuple):
     """The input x (needed for dL/dW), the weights (a reference), and the activation's saved state."""
 
     x: object
@@ -34,7 +34,7 @@ class LinearSaved(NamedTuple):
     act_saved: object
 
 
-def linear_forward(x, W, b, *, act=None, ws=None):
+def dense_forward(x, W, b, *, act=None, ws=None):
     """``y = act(W @ x + b)`` for x (in, N), W (out, in), b (out,) or None; returns ``(y, saved)``."""
     if act is not None and act not in FUSED_ACTIVATIONS:
         raise ValueError(f"act must be None or one of {FUSED_ACTIVATIONS}, got act={act!r}")
@@ -46,7 +46,7 @@ def linear_forward(x, W, b, *, act=None, ws=None):
         y, z = dense.dense_forward(x, W, b, act=act, y_out=get(ws, "k.y", shape, x.dtype, xp),
                                    z_out=get(ws, "k.z", shape, x.dtype, xp) if act == "relu" else None)
         saved = z if act == "relu" else (y if act is not None else None)
-        return y, LinearSaved(x, W, b is not None, act, saved)
+        return y, DenseSaved(x, W, b is not None, act, saved)
     xp = backend.get_array_module(x)
     threads.pin_blas()                    # BLAS on one thread: the same bits for any thread count
     z = get(ws, "z", (W.shape[0], x.shape[1]), x.dtype, xp)
@@ -54,15 +54,15 @@ def linear_forward(x, W, b, *, act=None, ws=None):
     if b is not None:
         z += b[:, None]
     y, act_saved = act_forward(act, z, get(ws, "act", z.shape, z.dtype, xp) if act else None)
-    return y, LinearSaved(x, W, b is not None, act, act_saved)
+    return y, DenseSaved(x, W, b is not None, act, act_saved)
 
 
-def linear_backward(dy, saved: LinearSaved, *, need_input_grad=True, dW_out=None, db_out=None, ws=None):
+def dense_backward(dy, saved: DenseSaved, *, input_grad=True, dW_out=None, db_out=None, ws=None):
     """``(dx, dW, db)``; dW/db are written into ``dW_out``/``db_out`` when given (overwritten)."""
     W, x = saved.W, saved.x
     xp = backend.get_array_module(dy)
     if _dispatch.use_kernels(dy, W):
-        return _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp, ws)
+        return _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws)
     dz = dy if saved.act is None else act_backward(saved.act, dy, saved.act_saved,
                                                    get(ws, "dz", dy.shape, dy.dtype, xp))
     dW = dW_out if dW_out is not None else xp.empty(W.shape, W.dtype)
@@ -72,12 +72,12 @@ def linear_backward(dy, saved: LinearSaved, *, need_input_grad=True, dW_out=None
         db = db_out if db_out is not None else xp.empty((W.shape[0],), W.dtype)
         dz.sum(axis=1, out=db)
     dx = None
-    if need_input_grad:
+    if input_grad:
         dx = xp.matmul(W.T, dz, out=get(ws, "dx", x.shape, dy.dtype, xp))
     return dx, dW, db
 
 
-def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp, ws):
+def _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws):
     from ..cuda import dense
 
     W, x = saved.W, saved.x
@@ -87,5 +87,5 @@ def _backward_kernels(dy, saved, need_input_grad, dW_out, db_out, xp, ws):
     dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db, has_bias=saved.has_bias,
                                       dz_out=get(ws, "k.dz", dy.shape, dy.dtype, xp))
     dW = dense.dense_weight_grad(dz, x, out=dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp))
-    dx = dense.dense_input_grad(W, dz, out=get(ws, "k.dx", x.shape, dy.dtype, xp)) if need_input_grad else None
+    dx = dense.dense_input_grad(W, dz, out=get(ws, "k.dx", x.shape, dy.dtype, xp)) if input_grad else None
     return dx, dW, db

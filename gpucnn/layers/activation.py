@@ -3,94 +3,75 @@
 Each is a thin layer around one function pair of
 :mod:`gpucnn.functional.activation` (which has the table of f and f'); the
 layer keeps what the pair returns as ``saved`` and checks ``dy`` against the
-forward's shape, dtype and device.  Being element-wise they run unchanged on
-public and batch-last arrays; PReLU and Softmax map their channel axis
-(public axis 1 is batch-last axis 0).
+forward's shape, dtype and device.  Like every built-in layer they compute on
+the batch-last layout; PReLU and Softmax map their channel axis (public axis
+1 is batch-last axis 0).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import backend
-from .._utils import check_array, check_param_match, positive_int
+from .._utils import check_array, check_param_match, positive_int, shown_shape
 from ..functional import activation as F
 from ..functional.activation import sigmoid
+from ..functional.layout import to_internal
 from ..random import uniform
-from .._utils import shown_shape
 from .base import Layer
 
 
-class _Elementwise(Layer):
-    """Public and internal passes are the same element-wise op (``_forward`` / ``_backward``)."""
-
-    def __init__(self):
-        super().__init__()
-        self._saved = None
-        self._shape = None
-        self._dtype = None
-        self._internal = False
-
-    def forward(self, x, **kwargs):
-        self._internal = False
-        return self._forward(x, **kwargs)
-
-    def backward(self, dy):
-        return self._backward(dy)
-
-    def forward_internal(self, x):
-        self._internal = True
-        return self._forward(x)
-
-    def backward_internal(self, dy, need_input_grad=True):
-        return self._backward(dy)
-
-    def _check_x(self, x):
-        check_array(x, "x", None, type(self).__name__, internal=self._internal)
-        self._shape, self._dtype = x.shape, x.dtype
-
-    def _check_dy(self, dy):
-        self._check_forward_called(self._saved)
-        name = type(self).__name__
-        check_array(dy, "dy", None, f"{name}.backward")
-        backend.check_same_device(dy=dy, saved=self._saved)
-        if tuple(dy.shape) != tuple(self._shape):
-            raise ValueError(f"{name}.backward: dy has shape {shown_shape(dy, self._internal)}, expected "
-                             f"{shown_shape(self._shape, self._internal)}")
-        if dy.dtype != self._dtype:
-            raise TypeError(f"{name}.backward: dy has dtype {dy.dtype} but forward ran in {self._dtype}")
+def _remember(layer, x) -> None:
+    """Check a batch-last input and keep its shape and dtype for :func:`_check_dy`."""
+    check_array(x, "x", None, type(layer).__name__, internal=True)
+    layer._shape, layer._dtype = x.shape, x.dtype
 
 
-class Sigmoid(_Elementwise):
+def _check_dy(layer, dy) -> None:
+    """``dy`` must match the last forward's output: shape, dtype, device."""
+    layer._check_forward_called(getattr(layer, "_saved", None))
+    name = type(layer).__name__
+    check_array(dy, "dy", None, f"{name}.backward", internal=True)
+    backend.check_same_device(dy=dy, saved=layer._saved)
+    if tuple(dy.shape) != tuple(layer._shape):
+        raise ValueError(f"{name}.backward: dy has shape {shown_shape(dy, True)}, expected "
+                         f"{shown_shape(layer._shape, True)}")
+    if dy.dtype != layer._dtype:
+        raise TypeError(f"{name}.backward: dy has dtype {dy.dtype} but forward ran in {layer._dtype}")
+
+
+class Sigmoid(Layer):
     """Logistic sigmoid; keeps its output y, dL/dx = dy * y * (1 - y)."""
 
     batch_independent = True
 
-    def _forward(self, x):
-        self._check_x(x)
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
+        _remember(self, x)
         y, self._saved = F.sigmoid_forward(x)
         return y
 
-    def _backward(self, dy):
-        self._check_dy(dy)
+    def _backward(self, dy, input_grad=True):
+        _check_dy(self, dy)
         return F.sigmoid_backward(dy, self._saved)
 
 
-class Tanh(_Elementwise):
+class Tanh(Layer):
     """Hyperbolic tangent; keeps y, dL/dx = dy * (1 - y^2)."""
 
     batch_independent = True
 
-    def _forward(self, x):
-        self._check_x(x)
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
+        _remember(self, x)
         y, self._saved = F.tanh_forward(x)
         return y
 
-    def _backward(self, dy):
-        self._check_dy(dy)
+    def _backward(self, dy, input_grad=True):
+        _check_dy(self, dy)
         return F.tanh_backward(dy, self._saved)
 
 
-class ScaledTanh(_Elementwise):
+class ScaledTanh(Layer):
     """LeCun's scaled tanh ``A * tanh(B * x)``, A=1.7159, B=0.6666 (seed 002).
 
     Keeps t = tanh(B x); dL/dx = dy * A * B * (1 - t^2).
@@ -105,17 +86,18 @@ class ScaledTanh(_Elementwise):
     def extra_repr(self):
         return f"A={self.A}, B={self.B}"
 
-    def _forward(self, x):
-        self._check_x(x)
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
+        _remember(self, x)
         y, self._saved = F.scaled_tanh_forward(x, self.A, self.B)
         return y
 
-    def _backward(self, dy):
-        self._check_dy(dy)
+    def _backward(self, dy, input_grad=True):
+        _check_dy(self, dy)
         return F.scaled_tanh_backward(dy, self._saved, self.A, self.B)
 
 
-class ReLU(_Elementwise):
+class ReLU(Layer):
     """max(0, x); subgradient 1/2 at exactly 0, as seed 001 (eq. 10) takes it.
 
     Keeps x; its derivative ``heaviside(x, 1/2)`` (0, 1/2 or 1) is taken in backward.
@@ -123,29 +105,21 @@ class ReLU(_Elementwise):
 
     batch_independent = True
 
-    def _forward(self, x):
-        self._check_x(x)
-        y, self._saved = F.relu_forward(x)
-        return y
-
-    def _backward(self, dy):
-        self._check_dy(dy)
-        return F.relu_backward(dy, self._saved)
-
-    # Inside a network: the output and the input gradient in reused buffers (no allocation)
-    def forward_internal(self, x):
-        self._check_x(x)
+    def _forward(self, x, epilogue=None):
+        """The output in a reused buffer (no allocation inside a network)."""
+        self._no_epilogue(epilogue)
+        _remember(self, x)
         xp = backend.get_array_module(x)
         y, self._saved = F.relu_forward(x, self.workspace.get("y", x.shape, x.dtype, xp))
         return y
 
-    def backward_internal(self, dy, need_input_grad=True):
-        self._check_dy(dy)
+    def _backward(self, dy, input_grad=True):
+        _check_dy(self, dy)
         xp = backend.get_array_module(dy)
         return F.relu_backward(dy, self._saved, self.workspace.get("dx", dy.shape, dy.dtype, xp))
 
 
-class LeakyReLU(_Elementwise):
+class LeakyReLU(Layer):
     """x for x >= 0, ``negative_slope * x`` below (seed 002's z/a with a = 1/negative_slope).
 
     Keeps the per-element slope (1 or negative_slope).
@@ -162,17 +136,18 @@ class LeakyReLU(_Elementwise):
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}"
 
-    def _forward(self, x):
-        self._check_x(x)
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
+        _remember(self, x)
         y, self._saved = F.slope_forward(x, self.negative_slope)
         return y
 
-    def _backward(self, dy):
-        self._check_dy(dy)
+    def _backward(self, dy, input_grad=True):
+        _check_dy(self, dy)
         return F.slope_backward(dy, self._saved)
 
 
-class PReLU(_Elementwise):
+class PReLU(Layer):
     """Parametric ReLU: x for x > 0, ``a * x`` otherwise, with ``a`` learned.
 
     Args:
@@ -196,38 +171,35 @@ class PReLU(_Elementwise):
     def extra_repr(self):
         return f"num_parameters={self.num_parameters}"
 
-    def _axis(self):
-        return 0 if self._internal else 1
-
     def _a(self, x):
+        """``a`` broadcast against the batch-last ``x`` (channel axis 0)."""
         a = self.params["a"]
         if self.num_parameters == 1:
             return a.reshape((1,) * x.ndim)
-        shape = [1] * x.ndim
-        shape[self._axis()] = -1
-        return a.reshape(shape)
+        return a.reshape((-1,) + (1,) * (x.ndim - 1))
 
-    def _forward(self, x):
-        self._check_x(x)
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
+        _remember(self, x)
         check_param_match(x, self.params["a"], "x", "PReLU")
-        if self.num_parameters > 1 and (x.ndim < 2 or x.shape[self._axis()] != self.num_parameters):
+        if self.num_parameters > 1 and (x.ndim < 2 or x.shape[0] != self.num_parameters):
             raise ValueError(
                 f"PReLU: num_parameters={self.num_parameters} needs x with that many channels "
-                f"on axis 1, got shape {shown_shape(x, self._internal)}"
+                f"on axis 1, got shape {shown_shape(x, True)}"
             )
         y, self._saved = F.prelu_forward(x, self._a(x))
         return y
 
-    def _backward(self, dy):
-        self._check_dy(dy)
+    def _backward(self, dy, input_grad=True):
+        _check_dy(self, dy)
         x = self._saved
-        axes = None if self.num_parameters == 1 else tuple(i for i in range(x.ndim) if i != self._axis())
+        axes = None if self.num_parameters == 1 else tuple(range(1, x.ndim))
         dx, da = F.prelu_backward(dy, x, self._a(x), axes)
         self._set_grad("a", da.reshape(self.num_parameters))
         return dx
 
 
-class RReLU(_Elementwise):
+class RReLU(Layer):
     """Randomized leaky ReLU (seed 002): x >= 0 -> x, else r * x.
 
     While training, ``r ~ U(lower, upper)`` is drawn per element from gpucnn's
@@ -248,13 +220,24 @@ class RReLU(_Elementwise):
     def extra_repr(self):
         return f"lower={self.lower}, upper={self.upper}"
 
-    def _forward(self, x, slopes=None):
-        """Apply RReLU; ``slopes`` (same shape as x) overrides the random draw (for tests)."""
-        self._check_x(x)
+    def forward(self, x, slopes=None):
+        """Apply RReLU to a public ``x``; ``slopes`` (the shape of x) replaces the random draw (for tests)."""
         if slopes is not None:
             backend.check_same_device(x=x, slopes=slopes)
             if slopes.shape != x.shape:
                 raise ValueError(f"RReLU: slopes shape {slopes.shape} != x shape {x.shape}")
+            slopes = to_internal(slopes)
+        self._slopes = slopes
+        try:
+            return super().forward(x)
+        finally:
+            self._slopes = None
+
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
+        _remember(self, x)
+        slopes = getattr(self, "_slopes", None)
+        if slopes is not None:
             r = slopes.astype(x.dtype, copy=False)
         elif self.training:
             r = uniform(x.shape, backend.get_array_module(x), x.dtype, self.lower, self.upper)
@@ -263,12 +246,12 @@ class RReLU(_Elementwise):
         y, self._saved = F.slope_forward(x, r)
         return y
 
-    def _backward(self, dy):
-        self._check_dy(dy)
+    def _backward(self, dy, input_grad=True):
+        _check_dy(self, dy)
         return F.slope_backward(dy, self._saved)
 
 
-class Softmax(_Elementwise):
+class Softmax(Layer):
     """Softmax over ``axis`` (default 1, the class axis); keeps y.
 
     dL/dx = y * (dy - sum(dy * y, axis)).  For training use
@@ -279,20 +262,19 @@ class Softmax(_Elementwise):
         super().__init__()
         self.axis = int(axis)
 
-    def _forward(self, x):
-        self._check_x(x)
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
+        _remember(self, x)
         y, self._saved = F.softmax_forward(x, self._axis(x.ndim))
         return y
 
     def _axis(self, ndim):
-        """The class axis on the array at hand: public axis a is batch-last axis a - 1 (0 -> last)."""
+        """The class axis on the batch-last array: public axis a is batch-last axis a - 1 (0 -> last)."""
         a = self.axis % ndim
-        if not self._internal:
-            return a
         return ndim - 1 if a == 0 else a - 1
 
-    def _backward(self, dy):
-        self._check_dy(dy)
+    def _backward(self, dy, input_grad=True):
+        _check_dy(self, dy)
         return F.softmax_backward(dy, self._saved, self._axis(dy.ndim))
 
 

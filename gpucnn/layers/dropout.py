@@ -1,0 +1,59 @@
+"""Inverted dropout; the maths is in :mod:`gpucnn.functional.dropout`."""
+from __future__ import annotations
+
+from .. import backend
+from .._utils import check_array, shown_shape
+from ..functional import dropout as F
+from ..functional.layout import to_internal
+from .base import Layer
+
+__all__ = ["Dropout"]
+
+
+class Dropout(Layer):
+    """Inverted dropout: while training each element is zeroed with probability ``p`` and the rest
+    scaled by ``1 / (1 - p)``; the identity in eval mode.
+
+    The masks come from gpucnn's counter stream (:func:`gpucnn.random.uniform`):
+    fixed by ``gpucnn.seed``, the same on NumPy and CuPy, saved in checkpoints
+    and continued exactly on resume.  Keeps the scale mask.
+    """
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1):
+            raise ValueError(f"p must be in [0, 1), got p={p!r}")
+        self.p = float(p)
+        self._scale = None
+        self._shape = None
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+    def forward(self, x, mask=None):
+        """Apply dropout to a public ``x``; ``mask`` (0/1, the shape of x) replaces the random draw
+        (for tests)."""
+        if mask is not None:
+            backend.check_same_device(x=x, mask=mask)
+            if mask.shape != x.shape:
+                raise ValueError(f"Dropout: mask shape {mask.shape} != x shape {x.shape}")
+            mask = to_internal(mask)
+        self._mask = mask
+        try:
+            return super().forward(x)
+        finally:
+            self._mask = None
+
+    def _forward(self, x, epilogue=None):
+        self._no_epilogue(epilogue)
+        check_array(x, "x", None, "Dropout", internal=True)
+        self._shape = tuple(x.shape)
+        y, self._scale = F.dropout_forward(x, self.p, self.training, getattr(self, "_mask", None))
+        return y
+
+    def _backward(self, dy, input_grad=True):
+        self._check_forward_called(self._shape)
+        if tuple(dy.shape) != self._shape:
+            raise ValueError(f"Dropout.backward: dy has shape {shown_shape(dy, True)}, expected "
+                             f"{shown_shape(self._shape, True)}")
+        return F.dropout_backward(dy, self._scale)
