@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import backend, nvtx
-from .._utils import check_array, check_param_match
+from .._utils import check_array
 from ..functional.layout import from_internal, to_internal
 from ..functional.workspace import Workspace
 
@@ -170,16 +170,15 @@ class Layer:
 
     def _check_public(self, a, name: str) -> None:
         """What a public array must pass before it is converted: an array with a batch axis, on the
-        device (and of the dtype) of the layer's parameters, or ``dy`` on the device of the forward."""
+        device of the layer's parameters (``dy``: of the forward).  Ranks, dtypes and shapes are the
+        layer's ``_forward``/``_backward``'s to check, in its own terms, once per pass."""
         layer = type(self).__name__
         check_array(a, name, None, layer if name == "x" else f"{layer}.backward")
         if a.ndim == 0:
             raise ValueError(f"{layer}: {name} must have a batch axis first, got a 0-d array")
         ref = next(iter(self.params.values()), None)
-        if ref is not None and name == "x":
-            check_param_match(a, ref, name, layer)
-        elif ref is not None:
-            backend.check_same_device(dy=a, **{f"{layer} parameters": ref})
+        if ref is not None:
+            backend.check_same_device(**{name: a, f"{layer} parameters": ref})
         elif name == "dy" and getattr(self, "_public_device", None) is not None:
             backend.check_devices(dy=backend.device_of(a), saved=self._public_device)
 
