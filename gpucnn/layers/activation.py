@@ -15,7 +15,6 @@ from .. import backend
 from .._utils import check_array, check_param_match, positive_int, shown_shape
 from ..functional import activation as F
 from ..functional.activation import sigmoid
-from ..functional.layout import to_internal
 from ..random import uniform
 from .base import Layer
 
@@ -222,23 +221,13 @@ class RReLU(Layer):
 
     def forward(self, x, slopes=None):
         """Apply RReLU to a public ``x``; ``slopes`` (the shape of x) replaces the random draw (for tests)."""
-        if slopes is not None:
-            backend.check_same_device(x=x, slopes=slopes)
-            if slopes.shape != x.shape:
-                raise ValueError(f"RReLU: slopes shape {slopes.shape} != x shape {x.shape}")
-            slopes = to_internal(slopes)
-        self._slopes = slopes
-        try:
-            return super().forward(x)
-        finally:
-            self._slopes = None
+        return self._forward_fixing(x, slopes, "slopes")
 
     def _forward(self, x, epilogue=None):
         self._no_epilogue(epilogue)
         _remember(self, x)
-        slopes = getattr(self, "_slopes", None)
-        if slopes is not None:
-            r = slopes.astype(x.dtype, copy=False)
+        if self._fixed is not None:
+            r = self._fixed.astype(x.dtype, copy=False)
         elif self.training:
             r = uniform(x.shape, backend.get_array_module(x), x.dtype, self.lower, self.upper)
         else:

@@ -163,6 +163,22 @@ class Layer:
         dx = self._backward(to_internal(dy), want)
         return None if dx is None or not want else from_internal(dx)
 
+    #: A stochastic layer's draw fixed by a public ``forward(x, <name>=...)`` (tests), batch-last.
+    _fixed = None
+
+    def _forward_fixing(self, x, draw, name: str):
+        """:meth:`forward` with ``draw`` (the shape of ``x``, on its device) in place of the random one."""
+        if draw is not None:
+            backend.check_same_device(x=x, **{name: draw})
+            if draw.shape != x.shape:
+                raise ValueError(f"{type(self).__name__}: {name} shape {draw.shape} != x shape {x.shape}")
+            draw = to_internal(draw)
+        self._fixed = draw
+        try:
+            return Layer.forward(self, x)
+        finally:
+            self._fixed = None
+
     def _require_compute(self, what: str) -> None:
         if _owner(type(self), "_" + what) is Layer:
             raise NotImplementedError(f"{type(self).__name__} must define {what}(self, "

@@ -1,10 +1,8 @@
 """Inverted dropout; the maths is in :mod:`gpucnn.functional.dropout`."""
 from __future__ import annotations
 
-from .. import backend
 from .._utils import check_array, shown_shape
 from ..functional import dropout as F
-from ..functional.layout import to_internal
 from .base import Layer
 
 __all__ = ["Dropout"]
@@ -33,22 +31,13 @@ class Dropout(Layer):
     def forward(self, x, mask=None):
         """Apply dropout to a public ``x``; ``mask`` (0/1, the shape of x) replaces the random draw
         (for tests)."""
-        if mask is not None:
-            backend.check_same_device(x=x, mask=mask)
-            if mask.shape != x.shape:
-                raise ValueError(f"Dropout: mask shape {mask.shape} != x shape {x.shape}")
-            mask = to_internal(mask)
-        self._mask = mask
-        try:
-            return super().forward(x)
-        finally:
-            self._mask = None
+        return self._forward_fixing(x, mask, "mask")
 
     def _forward(self, x, epilogue=None):
         self._no_epilogue(epilogue)
         check_array(x, "x", None, "Dropout", internal=True)
         self._shape = tuple(x.shape)
-        y, self._scale = F.dropout_forward(x, self.p, self.training, getattr(self, "_mask", None))
+        y, self._scale = F.dropout_forward(x, self.p, self.training, self._fixed)
         return y
 
     def _backward(self, dy, input_grad=True):
