@@ -53,7 +53,7 @@ from .workspace import get
 __all__ = ["Conv2dSaved", "conv2d_forward", "conv2d_backward", "conv_output_hw"]
 
 #: Target size of one column chunk of the im2col matrix: GEMMs this skinny (6 or 16 output
-#: channels) run 2-3x faster on blocks that stay in the L2 cache than on the whole matrix.
+#: channels) run faster on blocks that stay in the L2 cache than on the whole matrix.
 CHUNK_BYTES = 512 * 1024
 #: Column chunks are at least this wide (narrower ones cost more Python than they save).
 MIN_CHUNK_COLUMNS = 2048
@@ -167,8 +167,8 @@ def _span(chunk, Wo, N):
 def _strided(a, offset, shape, strides, writeable=True):
     """The view of the C-contiguous ``a``'s memory from ``offset`` bytes on, with ``shape`` and
     ``strides`` (bytes): built by the ndarray constructor, which checks that it stays inside
-    ``a`` -- about 1.5 us against ``as_strided``'s 12, and these views are taken twice per
-    column chunk of every convolution pass."""
+    ``a`` -- far cheaper than ``as_strided``, and these views are taken twice per column chunk
+    of every convolution pass."""
     view = np.ndarray(shape, a.dtype, buffer=a, offset=offset, strides=strides)
     if not writeable:
         view.flags.writeable = False

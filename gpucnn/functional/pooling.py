@@ -93,7 +93,7 @@ def max_pool2d_forward(x, kernel, stride, *, relu=False, ws=None):
     first = _tap_view(x, 0, 0, out_hw, stride)
     np.copyto(m, first)
     tap.fill(0)
-    # Arithmetic only (masked assignments are ~15x slower): taps are scanned in increasing
+    # Arithmetic only (masked assignments are far slower): taps are scanned in increasing
     # code order, so "take this tap" is tap = max(tap, take * code).
     for code in range(1, kh * kw):
         t = _tap_view(x, code // kw, code % kw, out_hw, stride)
