@@ -3,8 +3,9 @@
 //
 // Included (#include "activation.cuh") by conv_forward.cu (the epilogue),
 // dense.cu (dense_forward's epilogue, dense_backward_act), elementwise.cu
-// (act_backward) and pool.cu (the relu factor of the fused pool).  gpucnn/cuda/sources.py expands the #include in place, with
-// #line directives, before a source reaches NVRTC / CuPy or the CPU emulator
+// (act_backward) and pool.cu (the relu factor of the fused pool).
+// gpucnn/cuda/sources.py expands the #include in place, with #line
+// directives, before a source reaches NVRTC / CuPy or the CPU emulator
 // (tests/cudasim): the compiled text and CuPy's cache key then hold this file,
 // and nvcc run on a .cu file directly finds it beside the file.  Device code
 // only: no __global__ entry points, no shared memory, no synchronisation.
@@ -31,8 +32,8 @@
 //
 // T is float or double: the float overloads below call expf/fabsf/tanhf, the
 // double ones exp/fabs/tanh, so a float kernel never computes in double.  The
-// expressions and their order are the numerical contract: the NumPy activations
-// (gpucnn/functional) and the parity tests match them, so change
+// expressions and their order are the numerical contract: the NumPy
+// activations (gpucnn/functional) and the parity tests match them, so change
 // them only together.
 #ifndef GPUCNN_ACTIVATION_CUH
 #define GPUCNN_ACTIVATION_CUH

@@ -15,7 +15,7 @@
   declares with ``__launch_bounds__``, which the launcher also enforces.
 
 Shared device code lives in ``kernels/*.cuh`` (``activation.cuh``: the
-activation rules of conv_forward.cu, dense.cu and elementwise.cu).  The
+activation rules of conv_forward.cu, dense.cu, elementwise.cu and pool.cu).  The
 includes are expanded here rather than left to the compiler's ``-I``, so that
 every consumer sees one self-contained text: NVRTC through CuPy (whose on-disk
 cache is keyed on the code string, so an edited header is a new key), the SASS
