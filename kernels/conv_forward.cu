@@ -5,7 +5,8 @@
 // template instantiated twice; T below is float or double.  Host wrapper:
 // gpucnn/cuda/conv.py (conv_forward).  Compiled at run time by
 // gpucnn/cuda/loader.py (CuPy RawModule / NVRTC) and, in the tests, run
-// unchanged on the CPU by tests/cudasim.  No #includes.
+// unchanged on the CPU by tests/cudasim.  Includes activation.cuh (the act
+// codes; gpucnn/cuda/sources.py expands it in place).
 //
 // ---------------------------------------------------------------------------
 // Formula (the seeds' cross-correlation; W is the seeds' rot180(k)):
@@ -14,8 +15,9 @@
 //   y[o,i,j,n] = act(z[o,i,j,n])
 //
 // xpad is x with PH rows / PW columns of zeros on each side; the b[o] term only
-// when has_bias != 0.  act codes: 0 none (y = z), 1 relu (NaN in, NaN out),
-// 2 sigmoid (stable: e = exp(-|z|), z >= 0 ? 1/(1+e) : e/(1+e)), 3 tanh.
+// when has_bias != 0.  act codes (kernels/activation.cuh): 0 none (y = z),
+// 1 relu (NaN in, NaN out), 2 sigmoid (stable: e = exp(-|z|),
+// z >= 0 ? 1/(1+e) : e/(1+e)), 3 tanh.
 // When write_z != 0, z is written as well (relu without a following pool keeps
 // it for its backward pass).
 //
@@ -64,6 +66,8 @@
 //   neither x, W nor b.
 // ---------------------------------------------------------------------------
 
+#include "activation.cuh"   // activation(z, act): the epilogue's act
+
 #define CF_BM 16          // output channels per block (GEMM rows)
 #define CF_TM 4           // rows per thread
 #define CF_TY 4           // threads along M (blockDim.y == CF_BM / CF_TM)
@@ -73,31 +77,6 @@
 #define CF_BK 16          // reduction rows per slice
 #define CF_RPT 4          // gathered rows per thread per slice (CF_BK / CF_TY)
 #define CF_KC 160         // reduction rows per chunk (a multiple of CF_BK)
-
-template <typename T> struct ConvFwdMath;
-template <> struct ConvFwdMath<float> {
-    static __device__ __forceinline__ float ex(float v) { return expf(v); }
-    static __device__ __forceinline__ float ab(float v) { return fabsf(v); }
-    static __device__ __forceinline__ float th(float v) { return tanhf(v); }
-};
-template <> struct ConvFwdMath<double> {
-    static __device__ __forceinline__ double ex(double v) { return exp(v); }
-    static __device__ __forceinline__ double ab(double v) { return fabs(v); }
-    static __device__ __forceinline__ double th(double v) { return tanh(v); }
-};
-
-// The shared activation rules (act codes 0 none, 1 relu, 2 sigmoid, 3 tanh).
-template <typename T>
-__device__ __forceinline__ T conv_fwd_act(T v, int act)
-{
-    if (act == 1) return v > T(0) ? v : (v == v ? T(0) : v);
-    if (act == 2) {
-        const T e = ConvFwdMath<T>::ex(-ConvFwdMath<T>::ab(v));
-        return v >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
-    }
-    if (act == 3) return ConvFwdMath<T>::th(v);
-    return v;
-}
 
 // "Bad tap" mask: bit t clear iff lo <= t < hi (hi <= 31), every other bit set.
 __device__ __forceinline__ unsigned conv_fwd_bad_bits(int lo, int hi)
@@ -236,7 +215,7 @@ __device__ __forceinline__ void conv_forward_impl(
             if (p < P) {
                 const T zv = acc[i][j] + bias;
                 if (write_z != 0) z[o * P + p] = zv;
-                y[o * P + p] = conv_fwd_act(zv, act);
+                y[o * P + p] = activation(zv, act);
             }
         }
     }

@@ -4,18 +4,15 @@
 //
 // Entry points (float32; the _f64 twins take double): dense_forward,
 // dense_backward_act, gemm_nt, gemm_tn.  One template body each, instantiated
-// twice; T below is float or double.  No #includes.  Host wrappers:
-// gpucnn/cuda/dense.py.
+// twice; T below is float or double.  Host wrappers: gpucnn/cuda/dense.py.
+// Includes activation.cuh (gpucnn/cuda/sources.py expands it in place).
 //
 // Layouts (all C-contiguous): x (Fin, N), W (Fout, Fin), b (Fout,),
 // y / z / dy / dz (Fout, N), dW (Fout, Fin), dx (Fin, N).
 //
-// Activation codes (int act): 0 none, 1 relu, 2 sigmoid, 3 tanh.
-//   relu(z)    = z > 0 ? z : (z == z ? 0 : z)            (NaN in, NaN out)
-//   sigmoid(z) = e = exp(-|z|); z >= 0 ? 1/(1+e) : e/(1+e)
-//   tanh(z)    = tanh(z)
-//   relu'(z)   = 1 (z > 0), 1/2 (z == 0 exactly), 0 (z < 0), NaN (NaN)   -- from z
-//   sigmoid'   = y (1 - y), tanh' = 1 - y^2                              -- from y
+// Activation codes (int act): 0 none, 1 relu, 2 sigmoid, 3 tanh; the rules
+// (activation(z, act) forward, activation_backward(dy, saved, act) with relu'
+// from z and sigmoid' / tanh' from y) are kernels/activation.cuh's.
 //
 // ===========================================================================
 // The tiled GEMM core (dense_forward, gemm_nt, gemm_tn)
@@ -58,6 +55,8 @@
 //   int); every array < 2^31 elements; outputs do not alias inputs.
 // ===========================================================================
 
+#include "activation.cuh"   // activation, activation_backward
+
 #define DG_BM 32
 #define DG_BN 32
 #define DG_BK 16
@@ -78,43 +77,6 @@ __device__ __forceinline__ int dg_row_tile() { return (int)(blockIdx.y + gridDim
 
 // True for a block past the last row tile of an M-row result (it must exit).
 __device__ __forceinline__ bool dg_past_rows(int M) { return dg_row_tile() > (M - 1) / DG_BM; }
-
-template <typename T> struct DgMath;
-template <> struct DgMath<float> {
-    static __device__ __forceinline__ float ex(float v) { return expf(v); }
-    static __device__ __forceinline__ float th(float v) { return tanhf(v); }
-    static __device__ __forceinline__ float ab(float v) { return fabsf(v); }
-};
-template <> struct DgMath<double> {
-    static __device__ __forceinline__ double ex(double v) { return exp(v); }
-    static __device__ __forceinline__ double th(double v) { return tanh(v); }
-    static __device__ __forceinline__ double ab(double v) { return fabs(v); }
-};
-
-template <typename T>
-__device__ __forceinline__ T dg_act(T z, int act)
-{
-    if (act == 1) return z > (T)0 ? z : (z == z ? (T)0 : z);
-    if (act == 2) {
-        const T e = DgMath<T>::ex(-DgMath<T>::ab(z));
-        return z >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e);
-    }
-    if (act == 3) return DgMath<T>::th(z);
-    return z;
-}
-
-// dz = dy * act'(saved); saved is z for relu, y for sigmoid / tanh.
-template <typename T>
-__device__ __forceinline__ T dg_act_backward(T dy, T s, int act)
-{
-    if (act == 1) {
-        const T d = s > (T)0 ? (T)1 : (s == (T)0 ? (T)0.5 : (s < (T)0 ? (T)0 : s));
-        return dy * d;
-    }
-    if (act == 2) return dy * (s * ((T)1 - s));
-    if (act == 3) return dy * ((T)1 - s * s);
-    return dy;
-}
 
 // Stored-matrix layouts of the GEMM core, as a tag argument (deduced, so the
 // syncing helper below is called without explicit template arguments).
@@ -294,7 +256,7 @@ __device__ __forceinline__ void dense_forward_impl(
             const int n = n0 + tx * DG_TN + j;
             if (n >= N) continue;
             const T zz = has_bias ? acc[i * DG_TN + j] + bias : acc[i * DG_TN + j];
-            y[f * N + n] = dg_act(zz, act);
+            y[f * N + n] = activation(zz, act);
             if (write_z) z[f * N + n] = zz;
         }
     }
@@ -402,7 +364,7 @@ __device__ __forceinline__ void dense_backward_act_impl(
     const int row = f * N;
     T acc = (T)0;
     for (int n = t; n < N; n += B) {
-        const T d = dg_act_backward(dy[row + n], saved[row + n], act);
+        const T d = activation_backward(dy[row + n], saved[row + n], act);
         dz[row + n] = d;
         acc += d;
     }

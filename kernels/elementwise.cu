@@ -2,10 +2,12 @@
 // followed by an activation without a fused pool (any layout: flat arrays).
 //
 // Entry points: act_backward (float32) and act_backward_f64 (float64), one
-// template body instantiated twice; T below is float or double.  No
-// #includes.  Host wrapper: gpucnn/cuda/elementwise.py.
+// template body instantiated twice; T below is float or double.  Host
+// wrapper: gpucnn/cuda/elementwise.py.  Includes activation.cuh
+// (gpucnn/cuda/sources.py expands it in place).
 //
-// Activation codes (int act): 0 none, 1 relu, 2 sigmoid, 3 tanh.
+// Activation codes (int act): 0 none, 1 relu, 2 sigmoid, 3 tanh; dz =
+// activation_backward(dy, saved, act) of kernels/activation.cuh:
 //   relu:    saved = z (the pre-activation): act'(z) = 1 (z > 0), 1/2 (z == 0
 //            exactly), 0 (z < 0), NaN (z NaN)
 //   sigmoid: saved = y (the output): act' = y (1 - y)
@@ -23,6 +25,9 @@
 // Preconditions: 0 < n < 2^31; dz may alias dy (each thread reads dy[t]
 //   before writing dz[t]) but not saved.
 // ---------------------------------------------------------------------------
+
+#include "activation.cuh"   // activation_backward
+
 template <typename T>
 __device__ __forceinline__ void act_backward_impl(const T* dy, const T* __restrict__ saved, T* dz, int n, int act)
 {
@@ -30,18 +35,7 @@ __device__ __forceinline__ void act_backward_impl(const T* dy, const T* __restri
     if (t >= n) return;
     const T g = dy[t];
     const T s = saved[t];
-    T out;
-    if (act == 1) {
-        const T d = s > (T)0 ? (T)1 : (s == (T)0 ? (T)0.5 : (s < (T)0 ? (T)0 : s));
-        out = g * d;
-    } else if (act == 2) {
-        out = g * (s * ((T)1 - s));
-    } else if (act == 3) {
-        out = g * ((T)1 - s * s);
-    } else {
-        out = g;
-    }
-    dz[t] = out;
+    dz[t] = activation_backward(g, s, act);
 }
 
 extern "C" __global__ void act_backward(const float* dy, const float* __restrict__ saved, float* dz, int n, int act)

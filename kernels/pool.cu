@@ -3,8 +3,9 @@
 //
 // Entry points: pool_max_forward / pool_max_backward (float32) and
 // pool_max_forward_f64 / pool_max_backward_f64 (float64): one template body
-// each, instantiated twice; T below is float or double.  No #includes.
-// Host wrappers: gpucnn/cuda/pool.py.
+// each, instantiated twice; T below is float or double.  Host wrappers:
+// gpucnn/cuda/pool.py.  Includes activation.cuh (relu_grad; expanded in place
+// by gpucnn/cuda/sources.py).
 //
 // Geometry: kernel (KH, KW), stride (SH, SW), no padding, floor output size
 //   OH = (H - KH) / SH + 1,  OW = (W - KW) / SW + 1,
@@ -22,6 +23,8 @@
 // exactly once by one thread; the backward sum runs in increasing window order
 // (i, then j), independent of the launch shape.
 
+#include "activation.cuh"   // relu_grad
+
 // ---------------------------------------------------------------------------
 // pool_max_forward / pool_max_forward_f64
 //
@@ -34,7 +37,8 @@
 //   relu != 0:  the fused pool + relu (equal to relu-then-maxpool's forward):
 //          m > 0        : y = m,              tap = k, factor = 1
 //          m <= 0       : y = max(z[0], 0)=0, tap = 0, factor = relu'(z[0])
-//                         (1/2 when z[0] == 0 exactly, else 0)
+//                         (activation.cuh's relu_grad: 1/2 when z[0] == 0
+//                         exactly, else 0)
 //          m is NaN     : y = m (NaN),        tap = k (the first NaN), factor = NaN
 //
 // Thread mapping: ONE THREAD PER OUTPUT ELEMENT.  The flat thread index
@@ -94,7 +98,7 @@ __device__ __forceinline__ void pool_max_forward_impl(
         } else if (best == best) {                      // every tap <= 0: relu-then-pool picks tap 0
             best = (T)0;
             best_tap = 0;
-            f = first == (T)0 ? (T)0.5 : (T)0;
+            f = relu_grad(first);                       // first <= 0, not NaN: 1/2 or 0
         } else {                                        // NaN: y NaN, tap = first NaN, factor NaN
             f = best;
         }

@@ -36,7 +36,9 @@ So the option tuples are :func:`cupy_options` below, ``DEFAULT_OPTIONS`` and
 then, per version, ``--std=c++11`` (13.x) or ``--std=c++17`` (14.x),
 ``-ftz=true``, ``-arch=sm_XX``, ``--device-as-default-execution-space``.  The
 ``-I`` paths are left out: they only matter to ``#include``, and
-:func:`test_kernels_include_no_headers` keeps the kernels free of it.
+:func:`test_kernels_include_no_headers` keeps the compiled text free of it (the
+kernels' own ``kernels/*.cuh`` are expanded in place by gpucnn/cuda/sources.py,
+so the text compiled here, by CuPy and by the emulator is one and the same).
 :func:`test_compiles_like_cupy` compiles every file with both tuples for
 sm_80 and sm_90 and fails on any error or warning.
 
@@ -121,7 +123,8 @@ def test_compiles_like_cupy(filename, arch, cupy):
 
 @pytest.mark.parametrize("filename", sorted(loader.KERNEL_FILES))
 def test_kernels_include_no_headers(filename):
-    """The gate leaves CuPy's -I paths out; that is exact only while no kernel #includes."""
+    """The gate leaves CuPy's -I paths out; that is exact only while the text the loader hands
+    the compiler #includes nothing (kernels/*.cuh are expanded into it by sources.py)."""
     includes = re.findall(r"^[ \t]*#[ \t]*include\b.*$", loader.read_source(filename), re.M)
     assert not includes, f"kernels/{filename} includes {includes}; add CuPy's -I paths to cupy_options"
 

@@ -80,8 +80,9 @@ __all__ = [
 #: ``-arch=sm_XX`` for the current device, ``--device-as-default-execution-space``
 #: and ``-I`` for its headers and the CUDA headers); tests/test_kernel_compile.py
 #: compiles every kernel with both versions' sets through NVRTC (its docstring
-#: cites the CuPy functions).  The kernels include no headers, need no particular
-#: C++ standard and mark every function ``__global__``/``__device__``.
+#: cites the CuPy functions).  The code handed to CuPy includes no headers (the
+#: kernels' own ``kernels/*.cuh`` are expanded in place by :mod:`.sources`), needs
+#: no particular C++ standard and marks every function ``__global__``/``__device__``.
 DEFAULT_OPTIONS: tuple[str, ...] = ()
 
 #: Threads per block for the one-thread-per-element kernels.

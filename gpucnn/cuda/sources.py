@@ -6,11 +6,20 @@
   points it defines, discovered when this module is imported (entry-point
   names are unique across files);
 * :func:`read_source` returns a file's text with ``#line 1 "kernels/<file>"``
-  prepended, so compiler errors name the real file;
+  prepended, so compiler errors name the real file, and each
+  ``#include "<header>.cuh"`` of a header beside it expanded in place between
+  ``#line`` directives (see :func:`expand_includes`);
 * :func:`kernel_signature` parses an entry point's parameter list, which the
   launcher (:mod:`gpucnn.cuda.loader`) checks every launch against;
 * :func:`kernel_launch_bounds` reads the threads per block an entry point
   declares with ``__launch_bounds__``, which the launcher also enforces.
+
+Shared device code lives in ``kernels/*.cuh`` (``activation.cuh``: the
+activation rules of conv_forward.cu, dense.cu, elementwise.cu and pool.cu).  The
+includes are expanded here rather than left to the compiler's ``-I``, so that
+every consumer sees one self-contained text: NVRTC through CuPy (whose on-disk
+cache is keyed on the code string, so an edited header is a new key), the SASS
+report, the CPU emulator (tests/cudasim), and the signature parsers.
 """
 from __future__ import annotations
 
@@ -22,8 +31,8 @@ import threading
 
 import numpy as np
 
-__all__ = ["KERNEL_FILES", "KernelParam", "kernel_dir", "list_sources", "read_source", "kernel_signature",
-           "kernel_launch_bounds", "kernel_file_of", "clear"]
+__all__ = ["KERNEL_FILES", "KernelParam", "kernel_dir", "list_sources", "read_source", "expand_includes",
+           "included_headers", "kernel_signature", "kernel_launch_bounds", "kernel_file_of", "clear"]
 
 _SIGNATURE_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
 _LAUNCH_BOUNDS_RE = re.compile(r"__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)")
@@ -33,6 +42,8 @@ _BOUNDED_ENTRY_RE = re.compile(
     r'extern\s+"C"\s+__global__\s+(?:void\s+)?__launch_bounds__\s*\(\s*([^,()]*?)\s*(?:,[^()]*)?\)'
     r'\s*(?:void\s+)?(\w+)\s*\(')
 _INT_DEFINE_RE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(\d+)[ \t]*$", re.M)
+# A quoted include, the form a kernel uses for its own headers: #include "activation.cuh".
+_INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]*)"[ \t]*(?://[^\n]*)?$')
 
 
 def _declarations(text: str) -> str:
@@ -80,6 +91,42 @@ def kernel_dir() -> pathlib.Path:
     )
 
 
+def expand_includes(filename: str, text: str, directory: pathlib.Path,
+                    _seen: set[str] | None = None) -> str:
+    """``text`` (the file ``kernels/<filename>``) with every ``#include "<header>"`` replaced by
+    the header's own text, itself expanded, between ``#line`` directives.
+
+    The header must be a ``.cuh`` file in ``directory`` (the kernel directory): a kernel's
+    includes are its own.  ``#line 1 "kernels/<header>"`` opens the header and
+    ``#line <n+1> "kernels/<filename>"`` resumes the includer after its line ``n``, so a
+    compiler error names the file and line it is on.  Each header is expanded once per
+    source (as ``#pragma once``); a repeated include becomes a blank line.  Other lines,
+    ``#include <...>`` among them, are left as they are.
+    """
+    seen = set() if _seen is None else _seen
+    out = []
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        match = _INCLUDE_RE.match(line.rstrip("\r\n"))
+        if match is None:
+            out.append(line)
+            continue
+        header = match.group(1)
+        path = directory / header
+        if "/" in header or "\\" in header or not header.endswith(".cuh") or not path.is_file():
+            raise ValueError(f"kernels/{filename}:{number}: #include \"{header}\" names no header of "
+                             f"{directory}; a kernel includes only kernels/*.cuh, by bare file name")
+        if header in seen:
+            out.append("\n")
+            continue
+        seen.add(header)
+        body = expand_includes(header, path.read_text(encoding="utf-8"), directory, seen)
+        out.append(f'#line 1 "kernels/{header}"\n{body}')
+        if body and not body.endswith("\n"):
+            out.append("\n")
+        out.append(f'#line {number + 1} "kernels/{filename}"\n')
+    return "".join(out)
+
+
 def _discover() -> dict[str, tuple[str, ...]]:
     """``{file name: extern "C" __global__ entry points}`` of every ``kernels/*.cu``."""
     try:
@@ -88,7 +135,7 @@ def _discover() -> dict[str, tuple[str, ...]]:
         return {}
     found, owner = {}, {}
     for path in sorted(directory.glob("*.cu")):
-        text = _declarations(path.read_text(encoding="utf-8"))
+        text = _declarations(expand_includes(path.name, path.read_text(encoding="utf-8"), directory))
         names = tuple(m.group(1) for m in _SIGNATURE_RE.finditer(text))
         for name in names:
             if name in owner:
@@ -119,14 +166,21 @@ def check_file(filename: str) -> None:
         )
 
 
+def included_headers(filename: str) -> tuple[str, ...]:
+    """The ``kernels/*.cuh`` headers ``filename`` includes (directly or through another header)."""
+    return tuple(re.findall(r'^#line 1 "kernels/([^"]+\.cuh)"$', read_source(filename), re.M))
+
+
 def read_source(filename: str) -> str:
-    """Source text of ``filename`` with ``#line 1 "kernels/<file>"`` prepended."""
+    """Source text of ``filename`` with ``#line 1 "kernels/<file>"`` prepended and its headers
+    expanded in place (:func:`expand_includes`): the text every compiler of it receives."""
     check_file(filename)
     with _lock:
         text = _source_cache.get(filename)
         if text is None:
-            raw = list_sources()[filename].read_text(encoding="utf-8")
-            text = f'#line 1 "kernels/{filename}"\n' + raw
+            path = list_sources()[filename]
+            raw = path.read_text(encoding="utf-8")
+            text = f'#line 1 "kernels/{filename}"\n' + expand_includes(filename, raw, path.parent)
             _source_cache[filename] = text
         return text
 

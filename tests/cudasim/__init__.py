@@ -24,7 +24,9 @@ Design
   shared-memory buffer.  For every ``__global__`` kernel a generated
   ``extern "C" sim_launch_<name>`` unpacks ``void** args`` with the parameter
   types parsed from the kernel's signature.  The ``.so`` is cached by a hash
-  of (source, included headers, options, shim, flags, compiler).
+  of (source, included headers, options, shim, flags, compiler); gpucnn's
+  loader hands over a source with its ``kernels/*.cuh`` already expanded
+  (gpucnn/cuda/sources.py), so a header edit changes the source itself.
 * Run: blocks run one after another.  Inside a block the CUDA threads run as a
   plain loop, or -- when the kernel (or a function it calls) uses
   ``__syncthreads``/``__syncwarp``/``__shfl*`` -- as one ``std::thread`` each,
