@@ -292,6 +292,11 @@ class Layer:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
 
 
+# the base class's own public passes get their NVTX ranges too (__init_subclass__ wraps subclasses')
+Layer.forward = _ranged_method(Layer.forward, "forward")
+Layer.backward = _ranged_method(Layer.backward, "backward")
+
+
 def indent_repr(obj, by: str = "  ") -> str:
     """``repr(obj)`` with every line after the first indented, for nesting inside a container's repr."""
     return repr(obj).replace("\n", "\n" + by)
