@@ -1,5 +1,10 @@
 """Bad input fails loudly, with the offending value named in the message.
 
+Each row of the layer registry (tests/layer_cases.py) brings its own bad
+inputs (``LayerCase.rejects``), and every row goes through the checks that
+hold for any layer: non-array and unsupported-dtype input, a parameter dtype
+or device mismatch, backward before forward, dy of another dtype.
+
 Covers: rank, channels, output size, kernel/stride/padding, labels, batch and
 shape mismatches, NumPy/CuPy mixing (through a stub CuPy), unsupported and
 mismatched dtypes, backward before forward, strict ``load_state_dict``,
@@ -18,6 +23,8 @@ import gpucnn
 from gpucnn import backend, debug, losses, models, optim
 from gpucnn import layers as L
 from gpucnn.backend import DeviceMismatchError
+from layer_cases import CASES
+from layer_cases import params as layer_params
 
 F64 = np.float64
 
@@ -31,32 +38,13 @@ def esc(s):
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("layer,x,pattern", [
-    pytest.param(L.Conv2D(1, 2, 3), np.zeros((1, 5, 5), np.float32),
-                 esc("Conv2D: x must have rank 4, got shape (1, 5, 5) (rank 3)"), id="conv-rank3"),
-    pytest.param(L.MaxPool2D(2), np.zeros((4, 4), np.float32),
-                 esc("MaxPool2D: x must have rank 4, got shape (4, 4) (rank 2)"), id="maxpool-rank2"),
-    pytest.param(L.AvgPool2D(2), np.zeros((1, 1, 1, 4, 4), np.float32),
-                 esc("AvgPool2D: x must have rank 4, got shape (1, 1, 1, 4, 4) (rank 5)"), id="avgpool-rank5"),
-    pytest.param(L.Dense(4, 2), np.zeros((1, 1, 2, 2), np.float32),
-                 esc("Dense: x must have rank 2, got shape (1, 1, 2, 2) (rank 4)"), id="dense-rank4"),
-    pytest.param(L.Flatten(), np.zeros(3, np.float32),
-                 esc("Flatten: x must have rank >= 2 (batch first), got shape (3,)"), id="flatten-rank1"),
-])
-def test_wrong_rank(layer, x, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        layer.forward(x)
-
-
-def test_channel_mismatch():
-    msg = "x has 2 channels (shape (1, 2, 5, 5)) but the layer expects in_channels=3"
-    with pytest.raises(ValueError, match=esc(msg)):
-        L.Conv2D(3, 4, 3).forward(np.zeros((1, 2, 5, 5), np.float32))
-    with pytest.raises(ValueError, match=esc("x has 5 features (shape (2, 5)) but the layer expects in_features=4")):
-        L.Dense(4, 2).forward(np.zeros((2, 5), np.float32))
-    msg = "num_parameters=3 needs x with that many channels on axis 1, got shape (2, 4)"
-    with pytest.raises(ValueError, match=esc(msg)):
-        L.PReLU(3).forward(np.zeros((2, 4), np.float32))
+@pytest.mark.parametrize("case,reject", [
+    pytest.param(case, reject, id=f"{case.id}-{reject.id}") for case in CASES for reject in case.rejects])
+def test_layer_case_rejects(case, reject):
+    """Each registry row's bad inputs (rank, channels, output size <= 0, constructor arguments, a
+    fixed draw of the wrong shape) fail with the row's message, exact."""
+    with pytest.raises(reject.error, match=esc(reject.message)):
+        reject.call(case.make())
 
 
 def test_a_batch_of_zero_samples_gives_empty_outputs_as_in_pytorch():
@@ -76,74 +64,6 @@ def test_a_batch_of_zero_samples_gives_empty_outputs_as_in_pytorch():
     assert y.shape == (0, 10)
     assert model.backward(np.zeros((0, 10), np.float32)).shape == (0, 1, 28, 28)
     assert all(not g.any() for g in model.gradients())
-
-
-@pytest.mark.parametrize("layer,shape,pattern", [
-    pytest.param(L.Conv2D(1, 1, 5), (1, 1, 3, 8),
-                 esc("output H would be <= 0: input H=3 with padding=0 is smaller than kernel=5"), id="conv-H"),
-    pytest.param(L.Conv2D(1, 1, (3, 7), padding=1), (1, 1, 8, 4),
-                 esc("output W would be <= 0: input W=4 with padding=1 is smaller than kernel=7"), id="conv-W-padded"),
-    pytest.param(L.MaxPool2D(3), (1, 1, 2, 9),
-                 esc("output H would be <= 0: input H=2 with padding=0 is smaller than kernel=3"), id="maxpool"),
-    pytest.param(L.AvgPool2D((2, 4)), (1, 1, 4, 3),
-                 esc("output W would be <= 0: input W=3 with padding=0 is smaller than kernel=4"), id="avgpool"),
-])
-def test_output_size_not_positive(layer, shape, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        layer.forward(np.zeros(shape, np.float32))
-
-
-@pytest.mark.parametrize("make,pattern", [
-    pytest.param(lambda: L.Conv2D(1, 1, 0), esc("kernel_size must be >= 1, got kernel_size=0"), id="conv-kernel0"),
-    pytest.param(lambda: L.Conv2D(1, 1, (3, -1)), esc("kernel_size must be >= 1, got kernel_size=(3, -1)"),
-                 id="conv-kernel-neg"),
-    pytest.param(lambda: L.Conv2D(1, 1, 3, stride=0), esc("stride must be >= 1, got stride=0"), id="conv-stride0"),
-    pytest.param(lambda: L.Conv2D(1, 1, 3, stride=(1, 0)), esc("stride must be >= 1, got stride=(1, 0)"),
-                 id="conv-stride-pair"),
-    pytest.param(lambda: L.Conv2D(1, 1, 3, padding=-1), esc("padding must be >= 0, got padding=-1"), id="conv-pad-neg"),
-    pytest.param(lambda: L.Conv2D(1, 1, 3, padding=(0, -2)), esc("padding must be >= 0, got padding=(0, -2)"),
-                 id="conv-pad-pair"),
-    pytest.param(lambda: L.Conv2D(0, 1, 3), esc("in_channels must be a positive int, got in_channels=0"),
-                 id="conv-in0"),
-    pytest.param(lambda: L.Conv2D(1, -4, 3), esc("out_channels must be a positive int, got out_channels=-4"),
-                 id="conv-out-neg"),
-    pytest.param(lambda: L.MaxPool2D(0), esc("kernel_size must be >= 1, got kernel_size=0"), id="maxpool-kernel0"),
-    pytest.param(lambda: L.MaxPool2D(2, stride=0), esc("stride must be >= 1, got stride=0"), id="maxpool-stride0"),
-    pytest.param(lambda: L.AvgPool2D(-2), esc("kernel_size must be >= 1, got kernel_size=-2"), id="avgpool-kernel-neg"),
-    pytest.param(lambda: L.AvgPool2D(2, stride=(0, 1)), esc("stride must be >= 1, got stride=(0, 1)"),
-                 id="avgpool-stride0"),
-    pytest.param(lambda: L.Dense(0, 3), esc("in_features must be a positive int, got in_features=0"), id="dense-in0"),
-    pytest.param(lambda: L.LeakyReLU(1.5), esc("negative_slope must be in [0, 1), got negative_slope=1.5"),
-                 id="leaky-slope"),
-    pytest.param(lambda: L.RReLU(0.5, 0.2), esc("need 0 <= lower <= upper < 1, got lower=0.5, upper=0.2"),
-                 id="rrelu-bounds"),
-    pytest.param(lambda: L.PReLU(0), esc("num_parameters must be a positive int, got num_parameters=0"),
-                 id="prelu-num0"),
-])
-def test_bad_layer_arguments(make, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        make()
-
-
-@pytest.mark.parametrize("make,pattern", [
-    pytest.param(lambda: L.Conv2D(1, 1, 2.5),
-                 esc("kernel_size must be an int or a pair of ints (h, w), got kernel_size=2.5"),
-                 id="conv-kernel-float"),
-    pytest.param(lambda: L.MaxPool2D((2, 2, 2)),
-                 esc("kernel_size must be an int or a pair of ints (h, w), got kernel_size=(2, 2, 2)"),
-                 id="pool-kernel-triple"),
-    pytest.param(lambda: L.Conv2D(1, 1, 3, stride=True),
-                 esc("stride must be an int or a pair of ints (h, w), got stride=True"),
-                 id="conv-stride-bool"),
-])
-def test_bad_layer_argument_types(make, pattern):
-    with pytest.raises(TypeError, match=pattern):
-        make()
-
-
-def test_rrelu_slopes_shape_mismatch():
-    with pytest.raises(ValueError, match=esc("RReLU: slopes shape (3,) != x shape (2, 3)")):
-        L.RReLU().forward(np.zeros((2, 3)), slopes=np.full(3, 0.2))
 
 
 def test_backward_dy_shape_mismatch_is_named():
@@ -246,17 +166,12 @@ def test_fake_cupy_is_recognized(fake_cupy):
     assert backend.device_of(np.zeros(2)) == "cpu"
 
 
-def test_device_mismatch_conv_input_vs_parameters(fake_cupy):
-    x = FakeCupyArray((1, 1, 5, 5))
-    with pytest.raises(DeviceMismatchError, match=esc("x on cuda, Conv2D parameters on cpu")):
-        L.Conv2D(1, 1, 3).forward(x)
-
-
-def test_device_mismatch_dense_and_prelu(fake_cupy):
-    with pytest.raises(DeviceMismatchError, match=esc("x on cuda, Dense parameters on cpu")):
-        L.Dense(3, 2).forward(FakeCupyArray((2, 3)))
-    with pytest.raises(DeviceMismatchError, match=esc("x on cuda, PReLU parameters on cpu")):
-        L.PReLU(1).forward(FakeCupyArray((2, 3)))
+@pytest.mark.parametrize("case", layer_params(where=lambda c: c.make().params))
+def test_device_mismatch_input_vs_parameters(case, fake_cupy):
+    """Every layer holding parameters (Conv2D, Dense, PReLU) names both devices."""
+    layer = case.make()
+    with pytest.raises(DeviceMismatchError, match=esc(f"x on cuda, {type(layer).__name__} parameters on cpu")):
+        layer.forward(FakeCupyArray(case.shapes[0], layer.dtype))
 
 
 def test_device_mismatch_loss_arguments(fake_cupy):
@@ -294,9 +209,11 @@ def test_to_device_cuda_without_cupy(monkeypatch):
         backend.to_device(np.zeros(2), "tpu")
 
 
-def test_non_array_input():
-    with pytest.raises(TypeError, match="ReLU: x must be a numpy or cupy ndarray, got list"):
-        L.ReLU().forward([[1.0, -1.0]])
+@pytest.mark.parametrize("case", layer_params())
+def test_non_array_input(case):
+    layer = case.make()
+    with pytest.raises(TypeError, match=esc(f"{type(layer).__name__}: x must be a numpy or cupy ndarray, got list")):
+        layer.forward(case.x(case.shapes[0]).tolist())
 
 
 # --------------------------------------------------------------------------- #
@@ -306,20 +223,12 @@ def test_non_array_input():
 
 @pytest.mark.parametrize("dtype", [pytest.param(np.float16, id="float16"), pytest.param(np.int32, id="int32"),
                                    pytest.param(np.int64, id="int64")])
-@pytest.mark.parametrize("make,shape,name", [
-    pytest.param(lambda: L.Conv2D(1, 1, 3), (1, 1, 4, 4), "Conv2D", id="Conv2D"),
-    pytest.param(lambda: L.MaxPool2D(2), (1, 1, 4, 4), "MaxPool2D", id="MaxPool2D"),
-    pytest.param(lambda: L.AvgPool2D(2), (1, 1, 4, 4), "AvgPool2D", id="AvgPool2D"),
-    pytest.param(lambda: L.Dense(4, 2), (2, 4), "Dense", id="Dense"),
-    pytest.param(L.ReLU, (2, 4), "ReLU", id="ReLU"),
-    pytest.param(L.Sigmoid, (2, 4), "Sigmoid", id="Sigmoid"),
-    pytest.param(L.Flatten, (2, 4), "Flatten", id="Flatten"),
-])
-def test_unsupported_input_dtype(make, shape, name, dtype):
-    x = np.ones(shape, dtype=dtype)
-    msg = f"{name}: x has dtype {np.dtype(dtype)}; supported dtypes are float32 and float64"
+@pytest.mark.parametrize("case", layer_params())
+def test_unsupported_input_dtype(case, dtype):
+    layer = case.make()
+    msg = f"{type(layer).__name__}: x has dtype {np.dtype(dtype)}; supported dtypes are float32 and float64"
     with pytest.raises(TypeError, match=esc(msg)):
-        make().forward(x)
+        layer.forward(np.ones(case.shapes[0], dtype=dtype))
 
 
 def test_unsupported_loss_dtype():
@@ -329,18 +238,15 @@ def test_unsupported_loss_dtype():
         losses.MSE().forward(np.zeros((2, 3), np.int64), np.zeros((2, 3), np.int64))
 
 
-@pytest.mark.parametrize("make,shape,name", [
-    pytest.param(lambda: L.Conv2D(1, 1, 3), (1, 1, 4, 4), "Conv2D", id="Conv2D"),
-    pytest.param(lambda: L.Dense(4, 2), (2, 4), "Dense", id="Dense"),
-    pytest.param(lambda: L.PReLU(1), (2, 4), "PReLU", id="PReLU"),
-])
-def test_param_dtype_mismatch_is_not_cast(make, shape, name):
-    layer = make()  # float32 parameters
-    with pytest.raises(TypeError, match=f"{name}: x has dtype float64 but the layer's parameters are float32"):
-        layer.forward(np.ones(shape, np.float64))
-    layer.astype(F64)
+@pytest.mark.parametrize("case", layer_params(where=lambda c: c.make().params))
+def test_param_dtype_mismatch_is_not_cast(case):
+    layer = case.make()  # float64 parameters
+    name, x = type(layer).__name__, case.x(case.shapes[0])
     with pytest.raises(TypeError, match=f"{name}: x has dtype float32 but the layer's parameters are float64"):
-        layer.forward(np.ones(shape, np.float32))
+        layer.forward(x.astype(np.float32))
+    layer.astype(np.float32)
+    with pytest.raises(TypeError, match=f"{name}: x has dtype float64 but the layer's parameters are float32"):
+        layer.forward(x)
 
 
 def test_unsupported_parameter_dtype():
@@ -355,22 +261,13 @@ def test_unsupported_parameter_dtype():
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("make,dy", [
-    pytest.param(lambda: L.Conv2D(1, 1, 3), np.zeros((1, 1, 2, 2), np.float32), id="Conv2D"),
-    pytest.param(lambda: L.MaxPool2D(2), np.zeros((1, 1, 2, 2), np.float32), id="MaxPool2D"),
-    pytest.param(lambda: L.AvgPool2D(2), np.zeros((1, 1, 2, 2), np.float32), id="AvgPool2D"),
-    pytest.param(lambda: L.Dense(2, 2), np.zeros((1, 2), np.float32), id="Dense"),
-    pytest.param(L.Flatten, np.zeros((1, 2), np.float32), id="Flatten"),
-    pytest.param(L.Sigmoid, np.zeros((1, 2), np.float32), id="Sigmoid"),
-    pytest.param(L.ReLU, np.zeros((1, 2), np.float32), id="ReLU"),
-    pytest.param(lambda: L.PReLU(1), np.zeros((1, 2), np.float32), id="PReLU"),
-    pytest.param(L.RReLU, np.zeros((1, 2), np.float32), id="RReLU"),
-    pytest.param(L.Softmax, np.zeros((1, 2), np.float32), id="Softmax"),
-])
-def test_backward_before_forward(make, dy):
-    layer = make()
-    with pytest.raises(RuntimeError, match=f"{type(layer).__name__}.backward called before forward"):
-        layer.backward(dy)
+@pytest.mark.parametrize("case", layer_params())
+def test_backward_before_forward(case):
+    """A layer names itself; a Sequential names the stage and its index (see the test after the next)."""
+    layer = case.make()
+    name = re.escape(type(layer).__name__) if type(layer) is not L.Sequential else r"[\w+]+"
+    with pytest.raises(RuntimeError, match=name + r"\.backward called before forward"):
+        layer.backward(np.zeros((1, 2), layer.dtype or np.float64))
 
 
 def test_loss_backward_before_forward():
@@ -590,14 +487,16 @@ def test_negative_label_is_an_error_on_numpy_even_without_check_labels():
         losses.SoftmaxCrossEntropy(check_labels=False).forward(z, np.array([-1, 0]))
 
 
-@pytest.mark.parametrize("layer", [
-    pytest.param(L.MaxPool2D(2), id="maxpool"), pytest.param(L.AvgPool2D(2), id="avgpool"),
-    pytest.param(L.ReLU(), id="relu"), pytest.param(L.PReLU(), id="prelu"),
-    pytest.param(L.Sigmoid(), id="sigmoid"),
-])
-def test_backward_rejects_dy_of_another_dtype(layer):
-    y = layer.forward(np.ones((1, 1, 4, 4), np.float32))
-    with pytest.raises(TypeError, match="dy has dtype float64 but forward ran in float32"):
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.id, marks=() if c.dy_dtype_checked else pytest.mark.xfail(
+        strict=True, raises=pytest.fail.Exception, reason="known gap: this backward casts dy silently"))
+    for c in CASES])
+def test_backward_rejects_dy_of_another_dtype(case):
+    layer = case.make().astype(np.float32)
+    shape = case.shapes[0]
+    fixed = {k: v.astype(np.float32) for k, v in case.forward_kwargs(shape).items()}
+    y = layer.forward(case.x(shape).astype(np.float32), **fixed)
+    with pytest.raises(TypeError, match="dy has dtype float64 but (forward ran in|the layer's parameters are) float32"):
         layer.backward(np.ones(y.shape, np.float64))
 
 

@@ -1,6 +1,7 @@
 """gpucnn.export: ONNX (onnxruntime as the oracle) and safetensors (PyTorch as the oracle), and the CLI.
 
-Every model runs on real MNIST test images.  onnx/onnxruntime/torch/safetensors
+Every model runs on real MNIST test images; every row of the layer registry
+(tests/layer_cases.py) is exported alone, to ONNX and through its PyTorch twin.  onnx/onnxruntime/torch/safetensors
 are optional: the tests that need one skip cleanly without it.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from gpucnn.export import ExportError, SafetensorsError
 from gpucnn.export import cli as export_cli
 from gpucnn.export import (build_onnx, load_safetensors, read_safetensors, to_onnx, to_safetensors,
                            torch_state_dict, write_safetensors)
+from layer_cases import params as layer_params
+from layer_cases import randomize, torch_twin
 
 N_IMAGES = 300
 RTOL, ATOL = 1e-4, 2e-5  # float32: gpucnn's im2col GEMMs vs the runtime's kernels
@@ -186,47 +189,10 @@ def test_onnx_missing_package_gives_install_hint(monkeypatch):
 
 
 def _torch_sequential(model):
-    """The same architecture as ``model``, built independently as torch.nn.Sequential."""
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-
-    class ScaledTanh(nn.Module):
-        def __init__(self, A, B):
-            super().__init__()
-            self.A, self.B = A, B
-
-        def forward(self, x):
-            return self.A * torch.tanh(self.B * x)
-
-    build = {
-        L.Conv2D: lambda l: nn.Conv2d(l.in_channels, l.out_channels, l.kernel_size, l.stride, l.padding,
-                                      bias="b" in l.params),
-        L.Dense: lambda l: nn.Linear(l.in_features, l.out_features, bias="b" in l.params),
-        L.MaxPool2D: lambda l: nn.MaxPool2d(l.kernel_size, l.stride),
-        L.AvgPool2D: lambda l: nn.AvgPool2d(l.kernel_size, l.stride),
-        L.Flatten: lambda l: nn.Flatten(), L.ReLU: lambda l: nn.ReLU(), L.Sigmoid: lambda l: nn.Sigmoid(),
-        L.Tanh: lambda l: nn.Tanh(), L.ScaledTanh: lambda l: ScaledTanh(l.A, l.B),
-        L.LeakyReLU: lambda l: nn.LeakyReLU(l.negative_slope), L.PReLU: lambda l: nn.PReLU(l.num_parameters),
-        L.RReLU: lambda l: nn.RReLU(l.lower, l.upper), L.Softmax: lambda l: nn.Softmax(dim=l.axis),
-        L.BatchNorm2d: lambda l: nn.BatchNorm2d(l.num_features, l.eps, l.momentum, l.affine),
-        L.BatchNorm1d: lambda l: nn.BatchNorm1d(l.num_features, l.eps, l.momentum, l.affine),
-        L.Dropout: lambda l: nn.Dropout(l.p), L.GlobalAvgPool2D: lambda l: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-        L.Sequential: lambda l: twin(l), L.Residual: lambda l: Residual(l),
-    }
-
-    class Residual(nn.Module):
-        def __init__(self, layer):
-            super().__init__()
-            self.block = twin(layer.block)
-            self.shortcut = None if layer.shortcut is None else twin(layer.shortcut)
-
-        def forward(self, x):
-            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
-
-    def twin(seq):
-        return nn.Sequential(*[build[type(layer)](layer) for layer in seq.layers])
-
-    return twin(model).eval()
+    """The same architecture as ``model``, built independently as torch.nn.Sequential (the
+    registry's PyTorch twins, tests/layer_cases.py), weights left to load."""
+    pytest.importorskip("torch")
+    return torch_twin(model, copy=False).eval()
 
 
 def _torch_forward(tm, x):
@@ -382,6 +348,58 @@ def test_unknown_layer_refused_by_safetensors(tmp_path):
     with pytest.raises(ExportError, match=r"layer 1 \(Weird\) has no safetensors naming"):
         to_safetensors(net, tmp_path / "w.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- every row of the layer registry (tests/layer_cases.py) ------------------------------------
+
+
+def _row_net(case, seed=0):
+    """The row's layer (random parameters and statistics) in a Sequential, in evaluation mode."""
+    layer = randomize(case.make(), np.random.default_rng(seed))
+    return (layer if isinstance(layer, L.Sequential) else L.Sequential(layer)).eval()
+
+
+@pytest.mark.parametrize("case", layer_params())
+def test_layer_case_onnx(tmp_path, case):
+    """Each row exports (float32) and runs in onnxruntime as its float64 forward does; a row that
+    says it has no mapping is refused by name."""
+    onnx = pytest.importorskip("onnx")
+    net, shape = _row_net(case), case.shapes[0]
+    path = tmp_path / "m.onnx"
+    if not case.onnx:
+        with pytest.raises(ExportError, match="has no ONNX mapping"):
+            to_onnx(net, path, input_shape=shape[1:])
+        return
+    to_onnx(net, path, input_shape=shape[1:])
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    x = case.x(shape, seed=3)
+    np.testing.assert_allclose(_ort_run(path, x.astype(np.float32)), net.forward(x), rtol=RTOL, atol=ATOL,
+                               err_msg=case.id)
+
+
+@pytest.mark.parametrize("case", layer_params())
+def test_layer_case_safetensors_through_torch(tmp_path, case):
+    """Each row's tensors load strictly into its PyTorch twin, which then computes the same (float64);
+    the file torch writes back loads into gpucnn bit for bit."""
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    net, shape = _row_net(case), case.shapes[0]
+    if not case.safetensors:
+        with pytest.raises(ExportError, match="has no safetensors naming"):
+            to_safetensors(net, tmp_path / "g.safetensors")
+        return
+    to_safetensors(net, tmp_path / "g.safetensors")
+    tm = torch_twin(net, copy=False)
+    tm.load_state_dict(st.load_file(str(tmp_path / "g.safetensors")), strict=True)
+    x = case.x(shape, seed=4)
+    with torch.no_grad():
+        np.testing.assert_allclose(tm(torch.from_numpy(x)).numpy(), net.forward(x), rtol=1e-10, atol=1e-12,
+                                   err_msg=case.id)
+    st.save_file(tm.state_dict(), str(tmp_path / "t.safetensors"))
+    back = _row_net(case, seed=1)
+    load_safetensors(back, tmp_path / "t.safetensors")
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(back.state_dict()[k], v, err_msg=f"{case.id} {k}")
 
 
 # -- the CLI -----------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Float64 gradient checks of every layer, activation, loss and named model.
 
+Every layer configuration of the registry (tests/layer_cases.py) is checked at
+each of its input shapes; convolution and pooling also over the shared shape
+table (tests/cases.py) and random shapes.
+
 Everything goes through the public checker :func:`gpucnn.testing.check_backward`
 (``check_loss`` for losses), which compares the hand-derived backward with
 central differences and raises ``AssertionError`` on disagreement.  The last
@@ -17,7 +21,8 @@ from cases import CONV_CASES, POOL_CASES, params  # noqa: E402
 from gpucnn import layers as L  # noqa: E402
 from gpucnn import losses, models  # noqa: E402
 from gpucnn.testing import assert_allclose_grad, check_backward, check_loss  # noqa: E402
-from helpers import away_from_kinks, shuffled_arange  # noqa: E402
+from helpers import shuffled_arange  # noqa: E402
+from layer_cases import shape_params  # noqa: E402
 from strategies import conv_configs, hyp, pool_configs  # noqa: E402
 
 F64 = np.float64
@@ -86,82 +91,19 @@ def test_pool_gradients_random_shapes(cfg):
 
 
 # --------------------------------------------------------------------------- #
-# Dense, Flatten
+# every row of the layer registry (tests/layer_cases.py), at each of its input shapes
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("N,fin,fout", [
-    pytest.param(1, 1, 1, id="1x1-batch1"),
-    pytest.param(4, 7, 3, id="7to3"),
-    pytest.param(3, 5, 11, id="5to11"),
-])
-@pytest.mark.parametrize("bias", [pytest.param(True, id="bias"), pytest.param(False, id="nobias")])
-def test_dense_gradients(N, fin, fout, bias):
-    gpucnn.seed(2)
-    dense = L.Dense(fin, fout, bias=bias, dtype=F64)
-    check_backward(dense, randn((N, fin), seed=8))
-
-
-@pytest.mark.parametrize("shape", [
-    pytest.param((2, 3, 4, 5), id="nchw"), pytest.param((3, 4), id="already-flat"),
-    pytest.param((1, 2, 3), id="rank3"),
-])
-def test_flatten_gradients(shape):
-    check_backward(L.Flatten(), randn(shape, seed=9))
-
-
-# --------------------------------------------------------------------------- #
-# activations
-# --------------------------------------------------------------------------- #
-
-ACT_SHAPES = [pytest.param((3, 4), id="NxD"), pytest.param((2, 3, 4, 5), id="NCHW")]
-
-
-@pytest.mark.parametrize("shape", ACT_SHAPES)
-@pytest.mark.parametrize("make", [
-    pytest.param(L.Sigmoid, id="Sigmoid"),
-    pytest.param(L.Tanh, id="Tanh"),
-    pytest.param(L.ScaledTanh, id="ScaledTanh"),
-    pytest.param(lambda: L.Softmax(axis=1), id="Softmax"),
-])
-def test_smooth_activation_gradients(make, shape):
-    check_backward(make(), 2 * randn(shape, seed=10))
-
-
-@pytest.mark.parametrize("shape", ACT_SHAPES)
-@pytest.mark.parametrize("make", [
-    pytest.param(L.ReLU, id="ReLU"),
-    pytest.param(lambda: L.LeakyReLU(0.01), id="LeakyReLU-0.01"),
-    pytest.param(lambda: L.LeakyReLU(0.3), id="LeakyReLU-0.3"),
-    pytest.param(lambda: L.PReLU(1, init=0.25, dtype=F64), id="PReLU-shared"),
-])
-def test_relu_family_gradients(make, shape):
-    x = away_from_kinks(randn(shape, seed=11))
-    check_backward(make(), x)
-
-
-@pytest.mark.parametrize("shape", [pytest.param((4, 3), id="NxC"), pytest.param((2, 3, 4, 4), id="NCHW")])
-def test_prelu_per_channel_gradients(shape):
-    prelu = L.PReLU(3, init=0.25, dtype=F64)
-    prelu.params["a"][...] = [0.1, -0.2, 0.4]  # distinct per channel (negative allowed)
-    check_backward(prelu, away_from_kinks(randn(shape, seed=12)))
-
-
-def test_softmax_other_axis_gradients():
-    check_backward(L.Softmax(axis=-1), randn((2, 3, 5), seed=13))
-
-
-@pytest.mark.parametrize("shape", ACT_SHAPES)
-def test_rrelu_gradients_with_fixed_slopes(shape):
-    layer = L.RReLU(0.1, 0.4)
-    s = np.random.default_rng(14).uniform(0.1, 0.4, shape)
-    x = away_from_kinks(randn(shape, seed=15))
-    check_backward(layer, x, forward=lambda x: layer.forward(x, slopes=s))
-
-
-def test_rrelu_gradients_eval_mode():
-    layer = L.RReLU(0.1, 0.4).eval()
-    check_backward(layer, away_from_kinks(randn((3, 5), seed=16)))
+@pytest.mark.parametrize("case,shape", shape_params())
+def test_layer_case_gradients(case, shape):
+    """Dense, Flatten, every activation (PReLU shared and per channel, RReLU and Dropout with their
+    fixed draws), BatchNorm, global pooling, Sequential and Residual: one check per row and shape."""
+    layer = case.make()
+    x = case.x(shape, seed=11)
+    fixed = case.forward_kwargs(shape, seed=11)
+    forward = (lambda v: layer.forward(v, **fixed)) if fixed else None
+    check_backward(layer, x, forward=forward, **case.grad)
 
 
 # --------------------------------------------------------------------------- #

@@ -23,6 +23,7 @@ from gpucnn.cuda import conv as kconv
 from gpucnn.cuda import loader
 from gpucnn.functional import _dispatch
 from gpucnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid
+from layer_cases import params as layer_params
 
 backend = backend_fixture(KERNEL_BACKENDS)
 
@@ -136,6 +137,38 @@ def test_comparison_catches_a_dropped_padding_argument(backend, monkeypatch):
     monkeypatch.setattr(kconv, "conv_forward", planted)
     with pytest.raises(AssertionError):
         _compare_small_net(backend)
+
+
+# --------------------------------------------------------------------------- #
+# Every row of the layer registry (tests/layer_cases.py), alone
+# --------------------------------------------------------------------------- #
+def _pass(layer, x, fixed, put=np.asarray):
+    """Forward + backward of ``layer`` on ``put(x)``: (y, dL/dx, parameter gradients, buffers after)."""
+    y = layer.forward(put(x), **{k: put(v) for k, v in fixed.items()})
+    dx = layer.backward(put(np.random.default_rng(7).standard_normal(tuple(y.shape))))
+    return (y, dx, {n: o.grads[k] for n, o, k in layer.named_parameters()},
+            {n: o.buffers[k] for n, o, k in layer.named_buffers()})
+
+
+@pytest.mark.parametrize("case", layer_params())
+def test_layer_case_matches_numpy(case, backend):
+    """Output, dL/dx, parameter gradients and buffers of each row's layer on the kernel path (its own
+    kernels where it has them) equal the NumPy path's, on every input shape of the row."""
+    for shape in case.shapes:
+        x, fixed = case.x(shape, seed=5), case.forward_kwargs(shape, seed=5)
+        want = _on_numpy(lambda: _pass(case.make(), x, fixed))
+        layer = case.make()
+        if backend.name == "cupy":
+            layer.to("cuda")
+        got = _pass(layer, x, fixed, backend.put)
+        what = f"{case.id} {shape}"
+        for name, g, w in (("y", got[0], want[0]), ("dx", got[1], want[1])):
+            np.testing.assert_allclose(backend.get(g), w, rtol=1e-10, atol=1e-12, err_msg=f"{what} {name}")
+        for part in (2, 3):
+            assert got[part].keys() == want[part].keys()
+            for name in want[part]:
+                np.testing.assert_allclose(backend.get(got[part][name]), want[part][name], rtol=1e-10, atol=1e-12,
+                                           err_msg=f"{what} {name}")
 
 
 # --------------------------------------------------------------------------- #

@@ -1,9 +1,13 @@
 """Forward and backward parity with PyTorch (CPU, float64) on randomized shapes.
 
-Weights are copied into ``torch.nn.functional`` calls; the backward is torch
-autograd of ``sum(y * dy)``, so dx and the parameter gradients are compared
-for the same upstream gradient.  Tolerances (helpers.TORCH_RTOL/ATOL =
-1e-10/1e-12) allow only for a different summation order.
+Every row of the layer registry (tests/layer_cases.py) is compared with its
+PyTorch twin (``layer_cases.TWINS``); convolution, pooling and dense layers
+also on random configurations, with weights copied into
+``torch.nn.functional`` calls.  The backward is torch autograd of
+``sum(y * dy)``, so dx and the parameter gradients are compared for the same
+upstream gradient.  Tolerances (helpers.TORCH_RTOL/ATOL =
+1e-10/1e-12) allow only for a different summation order; batch normalisation
+rows state their own (1e-9/1e-11: a variance's square root in the chain).
 Also: max-pool tie rule and its int32 plane-index argmax.
 """
 from __future__ import annotations
@@ -20,7 +24,9 @@ import torch.nn.functional as F  # noqa: E402
 import gpucnn  # noqa: E402
 from gpucnn import layers as L  # noqa: E402
 from gpucnn import losses, models  # noqa: E402
-from helpers import assert_torch_close, away_from_kinks, shuffled_arange, to_torch  # noqa: E402
+from helpers import assert_torch_close, shuffled_arange, to_torch  # noqa: E402
+from layer_cases import params as layer_params  # noqa: E402
+from layer_cases import randomize, torch_name, torch_twin  # noqa: E402
 from strategies import conv_configs, hyp, pool_configs  # noqa: E402
 
 F64 = np.float64
@@ -120,74 +126,36 @@ def test_dense_parity(N, fin, fout, bias, seed):
 
 
 # --------------------------------------------------------------------------- #
-# activations
+# every row of the layer registry (tests/layer_cases.py) against its PyTorch twin
 # --------------------------------------------------------------------------- #
 
-SMOOTH = [
-    pytest.param(L.Sigmoid, torch.sigmoid, id="Sigmoid"),
-    pytest.param(L.Tanh, torch.tanh, id="Tanh"),
-    pytest.param(L.ScaledTanh, lambda t: 1.7159 * torch.tanh(0.6666 * t), id="ScaledTanh"),
-    pytest.param(L.Softmax, lambda t: F.softmax(t, dim=1), id="Softmax"),
-    pytest.param(L.ReLU, F.relu, id="ReLU"),
-    pytest.param(lambda: L.LeakyReLU(0.01), lambda t: F.leaky_relu(t, 0.01), id="LeakyReLU-0.01"),
-    pytest.param(lambda: L.LeakyReLU(0.2), lambda t: F.leaky_relu(t, 0.2), id="LeakyReLU-0.2"),
-    pytest.param(lambda: L.RReLU(0.1, 0.3).eval(),
-                 lambda t: F.rrelu(t, 0.1, 0.3, training=False), id="RReLU-eval"),
-]
 
-shapes = st.sampled_from([(3, 5), (1, 1), (2, 3, 4, 4), (2, 4, 1, 3), (1, 10)])
-
-
-@pytest.mark.parametrize("make,torch_fn", SMOOTH)
+@pytest.mark.parametrize("case", layer_params(where=lambda c: c.torch))
 @hyp(25)
-@given(shape=shapes, seed=st.integers(0, 2**16))
-def test_activation_parity(make, torch_fn, shape, seed):
-    rng = np.random.default_rng(seed)
-    x = away_from_kinks(3 * rng.standard_normal(shape))  # ReLU family: nothing at the kink
-    layer = make()
-    y = layer.forward(x)
+@given(data=st.data())
+def test_layer_case_parity(case, data):
+    """Output, dL/dx, every parameter gradient and every running buffer after the forward, for a
+    row's layer with random parameters (its fixed draw, if stochastic) on one of its shapes."""
+    shape = data.draw(st.sampled_from(case.shapes), label="shape")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    layer = randomize(case.make(), rng)
+    x = case.draw(rng, shape, case.scale)
+    fixed = case.fixed(rng, shape) if case.fixed else {}
+    twin = torch_twin(layer, **fixed)            # parameters and buffers as they are before the forward
+    y = layer.forward(x, **fixed)
     dy = rng.standard_normal(y.shape)
     dx = layer.backward(dy)
+    names = [n for n, _, _ in layer.named_parameters()]
     x_t = to_torch(x, True)
-    y_t = torch_fn(x_t)
-    assert_torch_close(y, y_t, f"{type(layer).__name__} y")
-    assert_torch_close(dx, torch_backward(y_t, dy, x_t)[0], f"{type(layer).__name__} dx")
-
-
-@pytest.mark.parametrize("per_channel", [pytest.param(False, id="shared"), pytest.param(True, id="per-channel")])
-@hyp(25)
-@given(shape=st.sampled_from([(3, 4), (2, 4, 3, 3), (1, 4, 1, 2)]), seed=st.integers(0, 2**16))
-def test_prelu_parity(per_channel, shape, seed):
-    rng = np.random.default_rng(seed)
-    C = shape[1]
-    prelu = L.PReLU(C if per_channel else 1, dtype=F64)
-    prelu.params["a"][...] = rng.uniform(-0.5, 0.5, prelu.params["a"].shape)
-    x = away_from_kinks(rng.standard_normal(shape))
-    y = prelu.forward(x)
-    dy = rng.standard_normal(y.shape)
-    dx = prelu.backward(dy)
-    x_t, a_t = to_torch(x, True), to_torch(prelu.params["a"], True)
-    y_t = F.prelu(x_t, a_t)
-    assert_torch_close(y, y_t, "PReLU y")
-    g_x, g_a = torch_backward(y_t, dy, x_t, a_t)
-    assert_torch_close(dx, g_x, "PReLU dx")
-    assert_torch_close(prelu.grads["a"], g_a, "PReLU da")
-
-
-@hyp(25)
-@given(shape=shapes, seed=st.integers(0, 2**16))
-def test_rrelu_fixed_slopes_parity(shape, seed):
-    rng = np.random.default_rng(seed)
-    layer = L.RReLU(0.1, 0.3)
-    x = away_from_kinks(rng.standard_normal(shape))
-    s = rng.uniform(0.1, 0.3, shape)
-    y = layer.forward(x, slopes=s)
-    dy = rng.standard_normal(shape)
-    dx = layer.backward(dy)
-    x_t = to_torch(x, True)
-    y_t = torch.where(x_t >= 0, x_t, x_t * to_torch(s))
-    assert_torch_close(y, y_t, "RReLU y")
-    assert_torch_close(dx, torch_backward(y_t, dy, x_t)[0], "RReLU dx")
+    y_t = twin(x_t)
+    grads = torch_backward(y_t, dy, x_t, *[twin.get_parameter(torch_name(n)) for n in names])
+    rtol, atol = case.parity_tol
+    assert_torch_close(y, y_t, f"{case.id} y", rtol, atol)
+    assert_torch_close(dx, grads[0], f"{case.id} dx", rtol, atol)
+    for (name, owner, key), g_t in zip(layer.named_parameters(), grads[1:]):
+        assert_torch_close(owner.grads[key], g_t, f"{case.id} d{name}", rtol, atol)
+    for name, owner, key in layer.named_buffers():
+        assert_torch_close(owner.buffers[key], twin.get_buffer(name), f"{case.id} buffer {name}", rtol, atol)
 
 
 def test_rrelu_training_draws_within_bounds_and_backward_uses_them():
