@@ -15,9 +15,7 @@ check_backward options and parity tolerances, the fixed-draw hook of a
 stochastic layer (``RReLU.forward(x, slopes=...)``, ``Dropout.forward(x,
 mask=...)``), whether the micro-batch split may assume it batch-independent,
 whether it exports to ONNX and safetensors, and the bad inputs it must reject
-with their exact messages.  ``dy_dtype_checked=False`` marks a known gap (the
-layer's backward takes a float64 dy after a float32 forward without a word):
-the error test expects that failure strictly, so fixing it flips the row.  The shape sweeps of tests/cases.py (the table
+with their exact messages.  The shape sweeps of tests/cases.py (the table
 kernels are tested on) stay there.
 
 Imported as ``from layer_cases import ...`` (tests/ is on sys.path); torch is
@@ -99,7 +97,6 @@ class LayerCase:
     onnx: bool = True                     # to_onnx maps it
     safetensors: bool = True              # to_safetensors names its tensors
     rejects: tuple = ()                   # Reject rows: bad inputs and their messages
-    dy_dtype_checked: bool = True         # backward refuses a dy of another dtype than the forward's
 
     def x(self, shape, seed=0):
         return self.draw(np.random.default_rng(seed), shape, self.scale)
@@ -321,7 +318,7 @@ _CONV_ARGS = (
 _ACT_SHAPES = ((3, 4), (2, 3, 4, 5), (1, 1), (2, 4, 1, 3), (1, 10))
 # batch normalisation: parity to 1e-9/1e-11 (a variance's square root in the chain, as in
 # tests/test_beyond_lenet.py); couples the samples; its backward does not check dy's dtype (yet)
-_BN = dict(parity_tol=(1e-9, 1e-11), batch_independent=False, dy_dtype_checked=False)
+_BN = dict(parity_tol=(1e-9, 1e-11), batch_independent=False)
 
 CASES = [
     # -- convolution ---------------------------------------------------------
@@ -362,7 +359,7 @@ CASES = [
                                 "stride must be >= 1, got stride=(0, 1)"))),
     LayerCase("AvgPool2D-overlapping-nonsquare", lambda: L.AvgPool2D((2, 3), stride=(1, 2)),
               shapes=((2, 2, 5, 8),)),
-    LayerCase("GlobalAvgPool2D", L.GlobalAvgPool2D, dy_dtype_checked=False, shapes=((3, 4, 5, 2), (2, 1, 1, 1))),
+    LayerCase("GlobalAvgPool2D", L.GlobalAvgPool2D, shapes=((3, 4, 5, 2), (2, 1, 1, 1))),
     # -- dense, flatten ----------------------------------------------------------
     LayerCase("Dense-7to3", _seeded(lambda: L.Dense(7, 3, dtype=F64)), shapes=((4, 7), (1, 7)),
               rejects=(_rank("Dense", (1, 1, 2, 2), 2),
@@ -375,7 +372,7 @@ CASES = [
                 shapes=((N, fin),))
       for N, fin, fout, bias in ((4, 7, 3, False), (3, 5, 11, True), (3, 5, 11, False),
                                  (1, 1, 1, True), (1, 1, 1, False))],
-    LayerCase("Flatten", L.Flatten, dy_dtype_checked=False, shapes=((2, 3, 4, 5), (3, 4), (1, 2, 3)),
+    LayerCase("Flatten", L.Flatten, shapes=((2, 3, 4, 5), (3, 4), (1, 2, 3)),
               rejects=(bad_x("rank1", (3,), ValueError,
                              "Flatten: x must have rank >= 2 (batch first), got shape (3,)"),)),
     # -- activations -------------------------------------------------------------
@@ -421,12 +418,11 @@ CASES = [
                        _rank("BatchNorm1d", (2, 4, 1, 1), "rank 2 or 3"))),
     LayerCase("BatchNorm1d-eval", _bn(L.BatchNorm1d, 4, training=False), shapes=((2, 4), (3, 4, 6)), **_BN),
     LayerCase("Dropout-fixed-mask", lambda: L.Dropout(0.4), shapes=((3, 2, 4, 4), (5, 6)), fixed=_mask(0.4),
-              batch_independent=False, dy_dtype_checked=False,
+              batch_independent=False,
               rejects=(bad_x("mask-shape", (2, 3), ValueError, "Dropout: mask shape (3,) != x shape (2, 3)",
                              mask=np.ones(3)),
                        bad_args("p1", lambda: L.Dropout(1.0), ValueError, "p must be in [0, 1), got p=1.0"))),
-    LayerCase("Dropout-eval", lambda: L.Dropout(0.4).eval(), shapes=((3, 5),), batch_independent=False,
-              dy_dtype_checked=False),
+    LayerCase("Dropout-eval", lambda: L.Dropout(0.4).eval(), shapes=((3, 5),), batch_independent=False),
     # -- containers ---------------------------------------------------------------
     LayerCase("Sequential-fused-conv-relu-maxpool",
               _seeded(lambda: L.Sequential(L.Conv2D(2, 3, 3, padding=1, dtype=F64), L.ReLU(), L.MaxPool2D(2))),

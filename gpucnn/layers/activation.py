@@ -20,22 +20,9 @@ from .base import Layer
 
 
 def _remember(layer, x) -> None:
-    """Check a batch-last input and keep its shape and dtype for :func:`_check_dy`."""
+    """Check a batch-last input (its output has its shape, dtype and device: what backward accepts)."""
     check_array(x, "x", None, type(layer).__name__, internal=True)
-    layer._shape, layer._dtype = x.shape, x.dtype
-
-
-def _check_dy(layer, dy) -> None:
-    """``dy`` must match the last forward's output: shape, dtype, device."""
-    layer._check_forward_called(getattr(layer, "_saved", None))
-    name = type(layer).__name__
-    check_array(dy, "dy", None, f"{name}.backward", internal=True)
-    backend.check_same_device(dy=dy, saved=layer._saved)
-    if tuple(dy.shape) != tuple(layer._shape):
-        raise ValueError(f"{name}.backward: dy has shape {shown_shape(dy, True)}, expected "
-                         f"{shown_shape(layer._shape, True)}")
-    if dy.dtype != layer._dtype:
-        raise TypeError(f"{name}.backward: dy has dtype {dy.dtype} but forward ran in {layer._dtype}")
+    layer._expect(x)
 
 
 class Sigmoid(Layer):
@@ -50,7 +37,7 @@ class Sigmoid(Layer):
         return y
 
     def _backward(self, dy, input_grad=True):
-        _check_dy(self, dy)
+        self._check_dy(dy)
         return F.sigmoid_backward(dy, self._saved)
 
 
@@ -66,7 +53,7 @@ class Tanh(Layer):
         return y
 
     def _backward(self, dy, input_grad=True):
-        _check_dy(self, dy)
+        self._check_dy(dy)
         return F.tanh_backward(dy, self._saved)
 
 
@@ -92,7 +79,7 @@ class ScaledTanh(Layer):
         return y
 
     def _backward(self, dy, input_grad=True):
-        _check_dy(self, dy)
+        self._check_dy(dy)
         return F.scaled_tanh_backward(dy, self._saved, self.A, self.B)
 
 
@@ -113,7 +100,7 @@ class ReLU(Layer):
         return y
 
     def _backward(self, dy, input_grad=True):
-        _check_dy(self, dy)
+        self._check_dy(dy)
         xp = backend.get_array_module(dy)
         return F.relu_backward(dy, self._saved, self.workspace.get("dx", dy.shape, dy.dtype, xp))
 
@@ -142,7 +129,7 @@ class LeakyReLU(Layer):
         return y
 
     def _backward(self, dy, input_grad=True):
-        _check_dy(self, dy)
+        self._check_dy(dy)
         return F.slope_backward(dy, self._saved)
 
 
@@ -190,7 +177,7 @@ class PReLU(Layer):
         return y
 
     def _backward(self, dy, input_grad=True):
-        _check_dy(self, dy)
+        self._check_dy(dy)
         x = self._saved
         axes = None if self.num_parameters == 1 else tuple(range(1, x.ndim))
         dx, da = F.prelu_backward(dy, x, self._a(x), axes)
@@ -236,7 +223,7 @@ class RReLU(Layer):
         return y
 
     def _backward(self, dy, input_grad=True):
-        _check_dy(self, dy)
+        self._check_dy(dy)
         return F.slope_backward(dy, self._saved)
 
 
@@ -263,7 +250,7 @@ class Softmax(Layer):
         return ndim - 1 if a == 0 else a - 1
 
     def _backward(self, dy, input_grad=True):
-        _check_dy(self, dy)
+        self._check_dy(dy)
         return F.softmax_backward(dy, self._saved, self._axis(dy.ndim))
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import backend, nvtx
-from .._utils import check_array
+from .._utils import check_array, shown_shape
 from ..functional.layout import from_internal, to_internal
 from ..functional.workspace import Workspace
 
@@ -290,6 +290,28 @@ class Layer:
     def _check_forward_called(self, *cached):
         if any(c is None for c in cached):
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+
+    # -- what backward accepts: the one check of dy, in the layer's terms ------
+    _expected = None
+
+    def _expect(self, y):
+        """Record the forward's output ``y`` (shape, dtype, device): what :meth:`_check_dy` holds dy to."""
+        self._expected = (tuple(y.shape), y.dtype, backend.device_of(y))
+        return y
+
+    def _check_dy(self, dy) -> None:
+        """``dy`` must be an array of the last forward's output shape, dtype and device (batch-last;
+        messages show shapes batch-first)."""
+        if self._expected is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        shape, dtype, device = self._expected
+        name = f"{type(self).__name__}.backward"
+        check_array(dy, "dy", None, name, internal=True)
+        backend.check_devices(dy=backend.device_of(dy), saved=device)
+        if tuple(dy.shape) != shape:
+            raise ValueError(f"{name}: dy has shape {shown_shape(dy, True)}, expected {shown_shape(shape, True)}")
+        if dy.dtype != dtype:
+            raise TypeError(f"{name}: dy has dtype {dy.dtype} but forward ran in {dtype}")
 
 
 # the base class's own public passes get their NVTX ranges too (__init_subclass__ wraps subclasses')

@@ -61,7 +61,6 @@ class Conv2D(Layer):
         if bias:
             self._add_param("b", np.zeros(self.out_channels, dtype=dtype))
         self._saved = None  # forward keeps functional.conv.Conv2dSaved
-        self._out_shape = None
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -87,16 +86,10 @@ class Conv2D(Layer):
         act, pool = (None, None) if epilogue is None else (epilogue.act, epilogue.pool)
         y, self._saved = F.conv2d_forward(x, W, b, self.stride, self.padding, act=act, pool=pool,
                                           ws=self.workspace)
-        self._out_shape = tuple(y.shape)
-        return y
+        return self._expect(y)
 
     def _backward(self, dy, input_grad=True):
-        self._check_forward_called(self._saved)
-        check_array(dy, "dy", 4, "Conv2D.backward", internal=True)
-        check_param_match(dy, self.params["W"], "dy", "Conv2D")
-        if tuple(dy.shape) != self._out_shape:
-            raise ValueError(f"Conv2D.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(self._out_shape, True)}")
+        self._check_dy(dy)
         dx, _, _ = F.conv2d_backward(dy, self._saved, input_grad=input_grad,
                                      dW_out=self.grads["W"], db_out=self.grads.get("b"), ws=self.workspace)
         return dx

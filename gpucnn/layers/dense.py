@@ -34,14 +34,11 @@ class Flatten(Layer):
         if x.ndim < 2:
             raise ValueError(f"Flatten: x must have rank >= 2 (batch first), got shape {shown_shape(x, True)}")
         self._x_shape = tuple(x.shape)
-        return x.reshape(int(np.prod(x.shape[:-1])), x.shape[-1])   # not -1: a batch of 0 has no size to infer from
+        # not -1: a batch of 0 has no size to infer from
+        return self._expect(x.reshape(int(np.prod(x.shape[:-1])), x.shape[-1]))
 
     def _backward(self, dy, input_grad=True):
-        self._check_forward_called(self._x_shape)
-        expected = (int(np.prod(self._x_shape[:-1])), self._x_shape[-1])
-        if tuple(dy.shape) != expected:
-            raise ValueError(f"Flatten.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(expected, True)}")
+        self._check_dy(dy)
         return dy.reshape(self._x_shape)
 
 
@@ -93,16 +90,10 @@ class Dense(Layer):
             )
         act = None if epilogue is None else epilogue.act
         y, self._saved = F.dense_forward(x, W, self.params.get("b"), act=act, ws=self.workspace)
-        return y
+        return self._expect(y)
 
     def _backward(self, dy, input_grad=True):
-        self._check_forward_called(self._saved)
-        check_array(dy, "dy", 2, "Dense.backward", internal=True)
-        check_param_match(dy, self.params["W"], "dy", "Dense")
-        expected = (self.out_features, self._saved.x.shape[1])
-        if tuple(dy.shape) != expected:
-            raise ValueError(f"Dense.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(expected, True)}")
+        self._check_dy(dy)
         dx, _, _ = F.dense_backward(dy, self._saved, input_grad=input_grad,
                                      dW_out=self.grads["W"], db_out=self.grads.get("b"), ws=self.workspace)
         return dx

@@ -1,7 +1,7 @@
 """Inverted dropout; the maths is in :mod:`gpucnn.functional.dropout`."""
 from __future__ import annotations
 
-from .._utils import check_array, shown_shape
+from .._utils import check_array
 from ..functional import dropout as F
 from .base import Layer
 
@@ -23,7 +23,6 @@ class Dropout(Layer):
             raise ValueError(f"p must be in [0, 1), got p={p!r}")
         self.p = float(p)
         self._scale = None
-        self._shape = None
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -36,13 +35,9 @@ class Dropout(Layer):
     def _forward(self, x, epilogue=None):
         self._no_epilogue(epilogue)
         check_array(x, "x", None, "Dropout", internal=True)
-        self._shape = tuple(x.shape)
         y, self._scale = F.dropout_forward(x, self.p, self.training, self._fixed)
-        return y
+        return self._expect(y)
 
     def _backward(self, dy, input_grad=True):
-        self._check_forward_called(self._shape)
-        if tuple(dy.shape) != self._shape:
-            raise ValueError(f"Dropout.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(self._shape, True)}")
+        self._check_dy(dy)
         return F.dropout_backward(dy, self._scale)

@@ -51,18 +51,12 @@ class _BatchNorm(Layer):
             x, self.params.get("gamma"), self.params.get("beta"), self.buffers["running_mean"],
             self.buffers["running_var"], training=self.training, momentum=self.momentum, eps=self.eps,
             ws=self.workspace)
-        self._x_shape = tuple(x.shape)
         if self.training:
             self.buffers["num_batches_tracked"] += 1
-        return y
+        return self._expect(y)
 
     def _backward(self, dy, input_grad=True):
-        self._check_forward_called(self._saved)
-        name = type(self).__name__
-        check_array(dy, "dy", None, f"{name}.backward", internal=True)
-        if tuple(dy.shape) != self._x_shape:
-            raise ValueError(f"{name}.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(self._x_shape, True)}")
+        self._check_dy(dy)
         dx, dgamma, dbeta = F.batch_norm_backward(dy, self._saved, ws=self.workspace)
         if self.affine:
             self._set_grad("gamma", dgamma)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from .._utils import check_array, conv_output_size, pair, shown_shape
+from .._utils import check_array, conv_output_size, pair
 from ..functional import pooling as F
 from .base import Layer
 
@@ -27,7 +27,6 @@ class _Pool2D(Layer):
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
         self.stride = self.kernel_size if stride is None else pair(stride, "stride", 1)
         self._x_shape = None       # batch-last
-        self._dtype = None
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
@@ -39,19 +38,7 @@ class _Pool2D(Layer):
     def _check_x(self, x):
         check_array(x, "x", 4, type(self).__name__, internal=True)
         _pool_output_hw(x.shape[1:3], self.kernel_size, self.stride)  # raises when the window does not fit
-        self._x_shape, self._dtype = tuple(x.shape), x.dtype
-
-    def _check_dy(self, dy):
-        self._check_forward_called(self._x_shape)
-        name = type(self).__name__
-        check_array(dy, "dy", 4, f"{name}.backward", internal=True)
-        expected = (self._x_shape[0],) + _pool_output_hw(self._x_shape[1:3], self.kernel_size,
-                                                         self.stride) + (self._x_shape[3],)
-        if tuple(dy.shape) != expected:
-            raise ValueError(f"{name}.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(expected, True)}")
-        if dy.dtype != self._dtype:
-            raise TypeError(f"{name}.backward: dy has dtype {dy.dtype} but forward ran in {self._dtype}")
+        self._x_shape = tuple(x.shape)
 
 
 class MaxPool2D(_Pool2D):
@@ -95,7 +82,7 @@ class MaxPool2D(_Pool2D):
         self._no_epilogue(epilogue)
         self._check_x(x)
         y, self._saved = F.max_pool2d_forward(x, self.kernel_size, self.stride, ws=self.workspace)
-        return y
+        return self._expect(y)
 
     def _backward(self, dy, input_grad=True):
         self._check_dy(dy)
@@ -119,7 +106,7 @@ class AvgPool2D(_Pool2D):
         self._no_epilogue(epilogue)
         self._check_x(x)
         y, _ = F.avg_pool2d_forward(x, self.kernel_size, self.stride)
-        return y
+        return self._expect(y)
 
     def _backward(self, dy, input_grad=True):
         self._check_dy(dy)
@@ -139,12 +126,8 @@ class GlobalAvgPool2D(Layer):
         self._no_epilogue(epilogue)
         check_array(x, "x", 4, "GlobalAvgPool2D", internal=True)
         y, self._x_shape = F.global_avg_pool_forward(x)
-        return y
+        return self._expect(y)
 
     def _backward(self, dy, input_grad=True):
-        self._check_forward_called(self._x_shape)
-        expected = (self._x_shape[0], self._x_shape[3])
-        if tuple(dy.shape) != expected:
-            raise ValueError(f"GlobalAvgPool2D.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(expected, True)}")
+        self._check_dy(dy)
         return F.global_avg_pool_backward(dy, self._x_shape)

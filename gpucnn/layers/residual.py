@@ -35,7 +35,6 @@ class Residual(Layer):
             if layer is not None and not isinstance(layer, Layer):
                 raise TypeError(f"Residual: {what} is {type(layer).__name__}, not a gpucnn Layer")
         self.block, self.shortcut = block, shortcut
-        self._out_shape = None
 
     def __repr__(self):
         return f"Residual(\n  block={indent_repr(self.block)},\n  shortcut={indent_repr(self.shortcut)}\n)"
@@ -63,14 +62,10 @@ class Residual(Layer):
         xp = backend.get_array_module(y)
         out = get(self.workspace, "sum", y.shape, y.dtype, xp)
         xp.add(y, s, out=out)
-        self._out_shape = tuple(out.shape)
-        return out
+        return self._expect(out)
 
     def _backward(self, dy, input_grad=True):
-        self._check_forward_called(self._out_shape)
-        if tuple(dy.shape) != self._out_shape:
-            raise ValueError(f"Residual.backward: dy has shape {shown_shape(dy, True)}, expected "
-                             f"{shown_shape(self._out_shape, True)}")
+        self._check_dy(dy)
         dx = run_backward(self.block, dy)
         ds = dy if self.shortcut is None else run_backward(self.shortcut, dy)
         xp = backend.get_array_module(dx)
