@@ -152,14 +152,10 @@ def _add_train(sub):
                    help="threads of the NumPy path, at most the cores this process may use (a larger N is "
                         "capped, with a note) (default: $GPUCNN_NUM_THREADS, else the cores this "
                         "process may use, at most 8); results are the same bits for any N")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="with --device cuda: replay each full-size train step as one CUDA graph (same numbers, "
-                        "far less host work; opt-in; checked against eager steps on an H200; falls back to eager steps "
-                        "with a warning when the step cannot be captured)")
-    p.add_argument("--no-launch-plan", dest="launch_plan", action="store_false",
-                   help="with --device cuda: run every step eagerly (by default, after a few eager steps "
-                        "the trainer records one step's kernel launches, checks them against an eager step "
-                        "bit for bit, and replays just those launches)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="with --device cuda: run every step eagerly (by default, after a few eager steps the "
+                        "trainer captures one full-size step as a CUDA graph, checks it against an eager step "
+                        "bit for bit, and replays it)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes of an MPI launch (mpiexec -n N gpucnn train "
                         "--distributed ...): --batch-size is the global batch, split over the ranks; rank 0 "
@@ -301,8 +297,7 @@ def _cmd_train(args, parser):
     try:
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
-                       progress=not args.no_progress, overwrite=args.overwrite, cuda_graph=args.cuda_graph,
-                       launch_plan=args.launch_plan)
+                       progress=not args.no_progress, overwrite=args.overwrite, cuda_graph=args.cuda_graph)
     except NonFiniteLossError as exc:
         _err(str(exc))
         return EXIT_NONFINITE
@@ -318,8 +313,8 @@ def _cmd_train(args, parser):
 
 
 def _set_threads(n: int, command: str, say: bool = True) -> int:
-    """``--threads n`` (:func:`gpucnn.functional.threads.set_threads_option`); returns the count used."""
-    from .functional import threads
+    """``--threads n`` (:func:`gpucnn.threads.set_threads_option`); returns the count used."""
+    from . import threads
 
     return threads.set_threads_option(n, f"gpucnn {command}", say)
 
@@ -378,7 +373,7 @@ def _train_ranks(args, sp, comm):
         result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
                        resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
                        progress=not args.no_progress, overwrite=args.overwrite, distributed=comm,
-                       log=print if root else None, cuda_graph=args.cuda_graph, launch_plan=args.launch_plan)
+                       log=print if root else None, cuda_graph=args.cuda_graph)
     except NonFiniteLossError as exc:
         return failure(str(exc), EXIT_NONFINITE)
     except (DataError, FileNotFoundError) as exc:

@@ -366,17 +366,9 @@ def test_distributed_without_mpiexec_is_one_process_bit_for_bit(tmp_path, capsys
                 assert a[k].tobytes() == b[k].tobytes(), k
 
 
-def test_cuda_graph_needs_the_gpu(capsys, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        cli.main(["train", "--device", "cpu", "--cuda-graph", "--subset", "64", "--epochs", "1",
-                  "--out", str(tmp_path / "run")])
-    assert info.value.code == 2
-    assert "--cuda-graph) needs the GPU (device cuda); this run is on cpu" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flags, expected", [([], True), (["--no-launch-plan"], False)])
-def test_launch_plan_flag_reaches_the_trainer(flags, expected, monkeypatch, tmp_path):
-    """The launch plan is on unless --no-launch-plan (it matters on a GPU; the CPU steps are eager anyway)."""
+@pytest.mark.parametrize("flags, expected", [([], True), (["--no-cuda-graph"], False)])
+def test_cuda_graph_flag_reaches_the_trainer(flags, expected, monkeypatch, tmp_path):
+    """CUDA graphs are on unless --no-cuda-graph (they matter on a GPU; the CPU steps are eager anyway)."""
     from gpucnn.train import trainer as trainer_mod
 
     seen = []
@@ -384,12 +376,19 @@ def test_launch_plan_flag_reaches_the_trainer(flags, expected, monkeypatch, tmp_
 
     def init(self, *a, **k):
         real_init(self, *a, **k)
-        seen.append(self.launch_plan)
+        seen.append(self.cuda_graph)
 
     monkeypatch.setattr(trainer_mod.Trainer, "__init__", init)
     assert cli.main(["train", "--device", "cpu", "--subset", "64", "--test-subset", "64", "--epochs", "1",
                      "--no-progress", "--out", str(tmp_path / "run")] + flags) == 0
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("old", ["--cuda-graph", "--no-launch-plan"])
+def test_the_old_replay_flags_are_gone(old, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", old])
+    assert info.value.code == 2 and f"unrecognized arguments: {old}" in capsys.readouterr().err
 
 
 def _interrupt_at_epoch(monkeypatch, which):
@@ -490,7 +489,7 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error(tmp_path):
 
 def test_distributed_training_applies_threads(tmp_path, monkeypatch):
     """`--threads` reached only the single-process path: with `--distributed` it was parsed and ignored."""
-    from gpucnn.functional import threads
+    from gpucnn import threads
 
     before = threads.get_num_threads()
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)

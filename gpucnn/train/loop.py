@@ -266,8 +266,8 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
           device: str = "auto", data_dir=None, out_dir=None, resume=None,
           stop_after: int | None = None, nvtx: bool = False, debug: bool = False,
           progress: bool = True, overwrite: bool = False,
-          log: Callable[[str], None] | None = print, distributed=None, cuda_graph: bool = False,
-          launch_plan: bool = True, collective_timeout: float | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = print, distributed=None, cuda_graph: bool = True,
+          collective_timeout: float | None = None) -> TrainResult:
     """Train, evaluating and checkpointing every epoch.
 
     Args:
@@ -304,12 +304,8 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
             -- ends the job, named (:class:`gpucnn.distributed.CollectiveTimeout`).
         cuda_graph: on a GPU, replay each full-size step as one captured CUDA
             graph (:mod:`gpucnn.train.graph`): the same numbers as the eager
-            step, far less host work.  Opt-in (equal to eager steps bit for bit
-            on an H200); a step that cannot be captured runs eagerly after a warning.
-        launch_plan: on a GPU (without ``cuda_graph``), replay each full-size
-            step's recorded kernel launches once they have been checked
-            against an eager step bit for bit (:mod:`gpucnn.train.plan`);
-            False: every step eager.
+            step, far less host work; a step that fails the capture checks
+            runs eagerly after a one-line warning.  False: every step eager.
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf; the last good checkpoint
@@ -325,7 +321,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
     say = log or (lambda s: None)
     t_start = time.perf_counter()
     opts = dict(model=model, loss=loss, data=data, data_dir=data_dir, nvtx=nvtx, debug=debug,
-                cuda_graph=bool(cuda_graph), launch_plan=bool(launch_plan))
+                cuda_graph=bool(cuda_graph))
     if collective_timeout is not None:
         dist.check_timeout(collective_timeout)
     if distributed is None or distributed is False:
@@ -414,12 +410,9 @@ class _Run:
     """The state of one :func:`train` call between preparation and the result."""
 
     @classmethod
-    def prepare(cls, cfg, ckpt, dev, say, comm, make_rundir, metrics, *, model, loss, data, data_dir, cuda_graph,
-                launch_plan=True):
+    def prepare(cls, cfg, ckpt, dev, say, comm, make_rundir, metrics, *, model, loss, data, data_dir, cuda_graph):
         """Load the data and build the model, then create the run directory (``make_rundir()``): a run
         refused on the way (a bad ``subset``, a missing dataset) leaves no empty directory behind."""
-        if cuda_graph and dev != "cuda":
-            raise ValueError(f"cuda_graph=True (--cuda-graph) needs the GPU (device cuda); this run is on {dev}")
         self = cls()
         self.cfg, self.ckpt, self.dev, self.say, self.comm = cfg, ckpt, dev, say, comm
         ds = data if data is not None else load_dataset(cfg.dataset, data_dir)
@@ -449,7 +442,7 @@ class _Run:
               f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
-                               cuda_graph=cuda_graph, augment=self._augment_spec(), launch_plan=launch_plan)
+                               cuda_graph=cuda_graph, augment=self._augment_spec())
         self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
         return self
 
