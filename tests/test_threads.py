@@ -1,4 +1,4 @@
-"""The NumPy path's own threads (gpucnn/functional/threads.py): same bits for any thread count."""
+"""The NumPy path's own threads (gpucnn/threads.py): same bits for any thread count."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 import gpucnn as gc
 from gpucnn import losses, models, optim
-from gpucnn.functional import threads
+from gpucnn import threads
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import backend
 from .. import random as grandom
-from . import threads
+from .. import threads
 from .workspace import get
 
 __all__ = ["BatchNormSaved", "batch_norm_forward", "batch_norm_backward", "dropout_forward",
