@@ -289,15 +289,14 @@ def _cmd_train(args, parser):
         sp.error("argument --comm: needs --distributed")
     if args.collective_timeout is not None and not args.distributed:
         sp.error("argument --collective-timeout: needs --distributed")
+    options = _run_options(args)
     if args.distributed:
-        return _cmd_train_distributed(args, sp)
+        return _cmd_train_distributed(args, sp, options)
     config = _train_config(args, sp)
-    if args.threads is not None:
-        _set_threads(args.threads, "train")
     try:
-        result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
-                       resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
-                       progress=not args.no_progress, overwrite=args.overwrite, cuda_graph=args.cuda_graph)
+        result = train(config, data_dir=args.data_dir, out_dir=args.out, resume=args.resume,
+                       stop_after=args.stop_after, progress=not args.no_progress, overwrite=args.overwrite,
+                       options=options)
     except NonFiniteLossError as exc:
         _err(str(exc))
         return EXIT_NONFINITE
@@ -312,14 +311,16 @@ def _cmd_train(args, parser):
     return 0
 
 
-def _set_threads(n: int, command: str, say: bool = True) -> int:
-    """``--threads n`` (:func:`gpucnn.threads.set_threads_option`); returns the count used."""
-    from . import threads
+def _run_options(args):
+    """How the run runs (:class:`~gpucnn.train.options.RunOptions`), from the flags, built once."""
+    from .train.options import RunOptions
 
-    return threads.set_threads_option(n, f"gpucnn {command}", say)
+    return RunOptions(device=args.device, threads=args.threads, nvtx=args.nvtx, debug=args.debug,
+                      cuda_graph=args.cuda_graph, distributed=(args.comm or "auto") if args.distributed else None,
+                      collective_timeout=args.collective_timeout)
 
 
-def _cmd_train_distributed(args, sp):
+def _cmd_train_distributed(args, sp, options):
     """``gpucnn train --distributed``: rank 0 checks the arguments, prints and writes; errors end every rank.
 
     An error every rank meets alike (bad arguments, an unusable checkpoint,
@@ -327,29 +328,27 @@ def _cmd_train_distributed(args, sp):
     rank 0; any other error on one rank aborts the job (``MPI_Abort``),
     naming the rank.
     """
-    from . import distributed
     from .backend import resolve_device
     from .train import parallel
 
     try:
-        comm = distributed.init(args.comm or "auto", resolve_device(args.device)[0])
+        comm = parallel.communicator(options.distributed, resolve_device(options.device)[0])
     except (ValueError, ImportError) as exc:
         flag = "--device" if "CUDA" in str(exc) else ("--comm" if args.comm else "--distributed")
         sp.error(f"argument {flag}: {exc}")
-    if args.collective_timeout is not None:
-        comm.timeout = args.collective_timeout
-    return parallel.guarded(comm, lambda: _train_ranks(args, sp, comm))
+    if options.collective_timeout is not None:
+        comm.timeout = options.collective_timeout
+    return parallel.guarded(comm, lambda: _train_ranks(args, sp, options.replace(distributed=comm)))
 
 
-def _train_ranks(args, sp, comm):
+def _train_ranks(args, sp, options):
     import numpy as np
 
     from .data import DataError
     from .train import NonFiniteLossError, train
 
+    comm = options.distributed
     root = comm.is_root
-    if args.threads is not None:    # every rank's NumPy path; the note once, by rank 0
-        _set_threads(args.threads, "train", say=root)
 
     def usage(msg):  # exit 2 on every rank, printed by rank 0
         sp.error(msg) if root else sys.exit(EXIT_USAGE)
@@ -370,10 +369,9 @@ def _train_ranks(args, sp, comm):
     if code[0]:
         sys.exit(int(code[0]))
     try:
-        result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
-                       resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
-                       progress=not args.no_progress, overwrite=args.overwrite, distributed=comm,
-                       log=print if root else None, cuda_graph=args.cuda_graph)
+        result = train(config, data_dir=args.data_dir, out_dir=args.out, resume=args.resume,
+                       stop_after=args.stop_after, progress=not args.no_progress, overwrite=args.overwrite,
+                       log=print if root else None, options=options)
     except NonFiniteLossError as exc:
         return failure(str(exc), EXIT_NONFINITE)
     except (DataError, FileNotFoundError) as exc:

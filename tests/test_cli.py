@@ -487,17 +487,28 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error(tmp_path):
     assert "BrokenPipeError" in proc.stderr
 
 
-def test_distributed_training_applies_threads(tmp_path, monkeypatch):
-    """`--threads` reached only the single-process path: with `--distributed` it was parsed and ignored."""
+@pytest.mark.parametrize("distributed", [[], ["--distributed"]], ids=["single", "distributed"])
+def test_threads_apply_to_the_run_and_are_put_back(tmp_path, monkeypatch, distributed):
+    """`--threads` sets the NumPy path's threads for the run (with `--distributed` too: it was once
+    parsed and ignored there), and the run puts the previous count back when it ends."""
     from gpucnn import threads
+    from gpucnn.train import Trainer
 
     before = threads.get_num_threads()
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    seen = []
+    real = Trainer.run_steps
+
+    def run_steps(self, *a, **k):
+        seen.append(threads.get_num_threads())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "run_steps", run_steps)
     try:
         threads.set_num_threads(1)
         assert cli.main(["train", "--model", "seed002_c1", "--subset", "128", "--test-subset", "50", "--epochs", "1",
-                         "--no-progress", "--device", "cpu", "--distributed", "--threads", "3",
-                         "--out", str(tmp_path / "dist")]) == 0
-        assert threads.get_num_threads() == 3
+                         "--no-progress", "--device", "cpu", "--threads", "3",
+                         "--out", str(tmp_path / "run")] + distributed) == 0
+        assert seen == [3] and threads.get_num_threads() == 1
     finally:
         threads.set_num_threads(before)

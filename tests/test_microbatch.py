@@ -95,8 +95,8 @@ def test_micro_batches_give_the_one_pass_gradient(name, n, restore_threads):
     xi = to_internal(x)
     one_value, one_correct = forward_backward(model, loss, xi, y, 0.5)
     one = [g.copy() for g in model.gradients()]
-    trainer._micro = workers.MicroBatches(model, loss, trainer.optimizer, forward_backward)
-    assert trainer._micro.usable(xi)
+    trainer._runner = workers.MicroBatches(model, loss, trainer.optimizer, forward_backward)
+    assert trainer._runner.usable(xi)
     for g in model.gradients():
         g.fill(np.nan)                      # the micro path must overwrite every gradient
     value, correct = trainer._forward_backward(xi, y, 0.5)
@@ -141,13 +141,13 @@ def test_replicas_follow_the_optimizer_and_the_train_flag(restore_threads):
         trainer = gc.train.Trainer(model, models.make_loss("lenet5"), optim.SGD(model, lr=0.1, momentum=0.9),
                                    batch_size=130)
         if not split:
-            trainer._micro = workers.MicroBatches(model, trainer.loss, trainer.optimizer, forward_backward)
-            trainer._micro.usable = lambda x: False
+            trainer._runner = workers.MicroBatches(model, trainer.loss, trainer.optimizer, forward_backward)
+            trainer._runner.usable = lambda x: False
         trainer.run_steps(x, y, np.arange(3 * 130), 0, range(3), 3)
         states.append(model.state_dict())
         if split:
-            micro = trainer._micro
-            reps = [micro._runner.local] if micro._runner is not None else micro._replicas
+            micro = trainer._runner
+            reps = [micro.forked.local] if micro.forked is not None else micro._replicas
             assert reps and all(r.model.training for r in reps)
             for r in reps:
                 for (name, layer, key), (_, rlayer, rkey) in zip(model.named_parameters(),
@@ -166,7 +166,7 @@ def test_models_that_mix_samples_run_whole(restore_threads):
                                batch_size=130)
     x, y = _batch(130, np.float32)
     trainer.step(x, y)
-    assert trainer._micro is not None and not trainer._micro._replicas
+    assert trainer._runner is not None and not trainer._runner._replicas
 
 
 def test_describe_says_how_a_step_runs(restore_threads, monkeypatch):
@@ -199,7 +199,7 @@ def test_forked_workers_give_the_threads_bits_and_stop_when_closed(restore_threa
     trainer = gc.train.Trainer(model, models.make_loss("lenet5"), optim.SGD(model, lr=0.1), batch_size=130)
     x, y = _batch(130, np.float32)
     trainer.step(x, y)
-    runner = trainer._micro._runner
+    runner = trainer._runner.forked
     assert runner is not None and all(p.is_alive() for p in runner.procs)
     for _, layer, key in model.named_parameters():
         assert threads.is_shared(layer.params[key])     # what the workers read, from the start
@@ -230,7 +230,7 @@ def test_a_failing_worker_raises_its_traceback_in_the_step(restore_threads):
     with pytest.raises(ValueError, match="planted failure in a worker\n\\(raised in micro-batch worker 1 of 1; "
                                          "its traceback:\\)\n(.|\n)*forward_internal"):
         trainer.step(x, y)
-    trainer._micro.close()
+    trainer._runner.close()
 
 
 @pytest.mark.skipif(not threads.can_fork(), reason="no fork on this system")
@@ -245,7 +245,7 @@ def test_a_reply_to_an_abandoned_step_is_not_taken_for_the_next(restore_threads)
     xi = to_internal(x)
     trainer._forward_backward(xi, y, 1.0)
     first = [g.copy() for g in model.gradients()]
-    runner = trainer._micro._runner
+    runner = trainer._runner.forked
     runner._seq += 1                                 # a step whose replies nobody reads, at another scale
     np.copyto(runner.x[..., :256], xi)
     runner.y[:256] = y
@@ -289,23 +289,23 @@ def test_workers_follow_a_new_optimizer_a_smaller_batch_and_a_dead_worker(restor
 
     trainer.step(x, y)
     assert model[0].params["W"] is W and not np.array_equal(W, W0)    # the same array, trained
-    first = trainer._micro._runner
+    first = trainer._runner.forked
     check(200)
     check(100)                                              # fewer samples: the same workers
-    assert trainer._micro._runner is first
+    assert trainer._runner.forked is first
     trainer.optimizer = optim.Adam(model, lr=1e-3)           # new flat buffers: new workers
     trainer.step(x, y)
-    assert trainer._micro._runner is not first and first.closed
+    assert trainer._runner.forked is not first and first.closed
     check(200)
-    runner = trainer._micro._runner
+    runner = trainer._runner.forked
     runner.procs[0].kill()
     runner.procs[0].join()
     with pytest.warns(RuntimeWarning, match="micro-batch worker 1 of 1 .* ended in the middle of a step "
                                             r"\(killed by SIGKILL.*\); the step runs again on new workers"):
         trainer.step(x, y)
-    assert trainer._micro._runner is not runner              # forked again
+    assert trainer._runner.forked is not runner              # forked again
     check(200)
-    trainer._micro.close()
+    trainer._runner.close()
 
 
 class _DiesInWorkers(layers.ReLU):
@@ -391,7 +391,7 @@ def test_a_worker_whose_parent_is_gone_mid_step_exits_quietly(restore_threads, c
     trainer = gc.train.Trainer(model, models.make_loss("lenet5"), optim.SGD(model, lr=0.1), batch_size=256)
     x, y = _batch(256, np.float32)
     trainer.step(x, y)                                         # forks the worker
-    runner = trainer._micro._runner
+    runner = trainer._runner.forked
     runner._seq += 1
     np.copyto(runner.x[..., :256], to_internal(x))
     runner.y[:256] = y

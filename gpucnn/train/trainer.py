@@ -1,5 +1,10 @@
 """One train step and one epoch loop: what ``gpucnn train``, ``gpucnn bench`` and the tests run.
 
+Read :meth:`Trainer._train_step` first: gather, forward + loss + backward
+(:func:`forward_backward`, through the runner the trainer picked once:
+CPU workers on NumPy, one pass on a GPU), update.  On a GPU the full-size
+steps are then replayed as CUDA graphs (:mod:`gpucnn.train.graph`).
+
 A step is forward, loss, backward (without the first layer's input gradient)
 and one optimizer step, in an NVTX range ``train_step``, all on the internal
 batch-last layout (:mod:`gpucnn.functional.layout`): the batch is gathered
@@ -68,6 +73,31 @@ def forward_backward(model, loss, x, y, scale=1.0, slot=None):
     return value, correct
 
 
+class _OnePass:
+    """The runner of a batch in one pass (a GPU's eager steps): :func:`forward_backward`."""
+
+    def __init__(self, model, loss):
+        self.model, self.loss = model, loss
+
+    def forward_backward(self, x, y, scale, slot=None):
+        return forward_backward(self.model, self.loss, x, y, scale, slot)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class PendingStep:
+    """A step run but not read back yet (:meth:`Trainer.run_steps` reads every ``sync_every``)."""
+
+    step: int               #: the step's number in the epoch (0-based)
+    loss: object            #: its loss, a 0-d device array, or None (in the trainer's ring; an empty shard)
+    correct: object         #: its count of correct predictions, likewise
+    n: int                  #: this rank's examples in it
+    lr: float               #: its learning rate
+    n_global: int           #: the examples of the global batch (all ranks)
+
+
 @dataclass
 class EpochStats:
     """Running totals of the steps run so far in one epoch (over all ranks when data-parallel)."""
@@ -118,7 +148,8 @@ class Trainer:
 
     def __init__(self, model, loss, optimizer, *, batch_size: int, schedule=None, num_classes: int = 10,
                  sync_every: int | None = None, comm=None, cuda_graph: bool = True, augment=None):
-        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self._model, self._loss, self._optimizer = model, loss, optimizer
+        self._runner = None              # forward, loss and backward: picked at the first step (_passes)
         self.comm = comm
         self.batch_size = int(batch_size)
         self.schedule = schedule
@@ -131,13 +162,35 @@ class Trainer:
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict = {}          # (id(x), id(y), n) -> GraphedStep, or None: eager
         self._eager_steps: dict = {}     # the same key -> eager steps run (capture waits for WARMUP_STEPS)
-        self._micro = None               # the NumPy path's micro-batch runner, made at the first step
+
+    # model, loss and optimizer may be replaced between steps; the runner made for them goes with them
+    def _replace(name):  # noqa: N805 - a property factory
+        def set_(self, value):
+            setattr(self, "_" + name, value)
+            self.close()
+            self._runner = None
+        return property(lambda self: getattr(self, "_" + name), set_)
+
+    model, loss, optimizer = _replace("model"), _replace("loss"), _replace("optimizer")
 
     def close(self) -> None:
         """Stop this trainer's micro-batch worker processes, if it forked any (they also stop when the
         trainer is collected or the process exits; a later step forks new ones)."""
-        if self._micro is not None:
-            self._micro.close()
+        if self._runner is not None:
+            self._runner.close()
+
+    def _passes(self, x):
+        """The runner of forward, loss and backward, picked once (again only after the model, the loss
+        or the optimizer is replaced): CPU workers for NumPy arrays (:mod:`gpucnn.train.workers`:
+        micro-batches where the model allows, else one pass), one pass on a GPU (whose full-size steps
+        are replayed as CUDA graphs above it, :meth:`_graphed_step`)."""
+        if self._runner is None:
+            if backend.is_cupy(x):
+                self._runner = _OnePass(self._model, self._loss)
+            else:   # no forked workers beside a communicator: MPI libraries do not survive a fork
+                self._runner = workers.MicroBatches(self._model, self._loss, self._optimizer, forward_backward,
+                                                    processes=self.comm is None)
+        return self._runner
 
     def step(self, xb, yb):
         """One training step on a public batch ``xb`` (N, ...) / ``yb`` (N,); returns
@@ -155,17 +208,7 @@ class Trainer:
         On NumPy a batch of a model whose layers never mix samples runs as
         micro-batches in forked workers or on threads (:mod:`gpucnn.train.workers`).
         """
-        micro = self._micro
-        if micro is None or micro.optimizer is not self.optimizer or micro.loss is not self.loss \
-                or micro.model is not self.model:
-            if micro is not None:
-                micro.close()
-            # no forked workers beside a communicator: MPI libraries do not survive a fork
-            self._micro = workers.MicroBatches(self.model, self.loss, self.optimizer, forward_backward,
-                                               processes=self.comm is None)
-        if slot is None and self._micro.usable(x):
-            return self._micro.run(x, y, scale)
-        return forward_backward(self.model, self.loss, x, y, scale, slot)
+        return self._passes(x).forward_backward(x, y, scale, slot)
 
     @staticmethod
     def _gather_kernel(x, y) -> bool:
@@ -310,7 +353,7 @@ class Trainer:
         return value, correct
 
     def _one_step(self, x, y, idx, n_global, hyper, slot, ring, key, aug_rows=None, i=0):
-        """One step of :meth:`run_steps`: a CUDA-graph replay, or gather + the eager step."""
+        """One step of :meth:`run_steps`: a CUDA-graph replay, or :meth:`_train_step`."""
         aug_words = None if aug_rows is None else aug_rows[i]
         graphed = self._graphed_step(x, y, idx, ring, aug_rows)
         if graphed is not None:
@@ -321,12 +364,16 @@ class Trainer:
                     self._graphs[(id(x), id(y), int(idx.shape[0]))] = None
                     graph_mod.warn_refused(exc)
             return slot
-        xb, yb = self._gather(x, y, idx, key, aug_words) if idx.shape[0] else (None, y[idx])
+        return self._train_step(x, y, idx, n_global, hyper, slot, key, aug_words)
+
+    def _train_step(self, x, y, idx, n_global, hyper, slot, key, aug_words):
+        """One eager train step, top to bottom: gather, forward + loss + backward, update."""
+        xb, yb = self._gather(x, y, idx, key, aug_words) if idx.shape[0] else (None, y[idx])   # gather
         if self.comm is not None:
-            return self.step_shard(xb, yb, n_global, hyper, slot)
+            return self.step_shard(xb, yb, n_global, hyper, slot)      # the same, gradients summed over ranks
         with nvtx_range("train_step"):
-            value, correct = self._forward_backward(xb, yb, 1.0, slot)
-            self.optimizer.step(hyper)
+            value, correct = self._forward_backward(xb, yb, 1.0, slot)    # forward, loss, backward
+            self.optimizer.step(hyper)                                    # update
         return value, correct
 
     def _rank_world(self):
@@ -370,7 +417,7 @@ class Trainer:
             except debug_mod.NonFiniteError as exc:  # anomaly detection named a layer
                 raise NonFiniteLossError(f"{exc} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
                                          f"(lr {lr:g})", epoch=epoch + 1, step=step + 1) from None
-            pending.append((step, value, correct, int(idx.shape[0]), lr, n_global))
+            pending.append(PendingStep(step, value, correct, int(idx.shape[0]), lr, n_global))
             if len(pending) >= self.sync_every or step == steps[-1]:
                 values, counts = self._read(pending, ring)
                 if self.comm is None:
@@ -389,39 +436,39 @@ class Trainer:
         if ring is not None:
             values = backend.asnumpy(ring[0][:k]).ravel().tolist()
             counts = backend.asnumpy(ring[1][:k]).ravel().tolist()
-            return ([v if p[3] else None for v, p in zip(values, pending)],
-                    [c if p[3] else None for c, p in zip(counts, pending)])
-        return ([None if p[1] is None else float(p[1]) for p in pending],
-                [None if p[2] is None else int(p[2]) for p in pending])
+            return ([v if p.n else None for v, p in zip(values, pending)],
+                    [c if p.n else None for c, p in zip(counts, pending)])
+        return ([None if p.loss is None else float(p.loss) for p in pending],
+                [None if p.correct is None else int(p.correct) for p in pending])
 
     @staticmethod
     def _drain(pending, values, counts, stats, epoch, steps_per_epoch):
-        for (step, _, _, n, lr, _), v, c in zip(pending, values, counts):
+        for p, v, c in zip(pending, values, counts):
             if not math.isfinite(v):
-                raise NonFiniteLossError(f"training loss is {v} at epoch {epoch + 1}, step {step + 1}/"
-                                         f"{steps_per_epoch} (lr {lr:g})", epoch=epoch + 1, step=step + 1)
-            stats.loss_sum += v * n
+                raise NonFiniteLossError(f"training loss is {v} at epoch {epoch + 1}, step {p.step + 1}/"
+                                         f"{steps_per_epoch} (lr {p.lr:g})", epoch=epoch + 1, step=p.step + 1)
+            stats.loss_sum += v * p.n
             stats.correct += c
-            stats.seen += n
+            stats.seen += p.n
             stats.steps += 1
 
     def _drain_reduced(self, pending, values, counts, stats, epoch, steps_per_epoch):
         """:meth:`_drain` with each step's loss sum and correct count summed over the ranks."""
         k = len(pending)
         local = np.zeros(2 * k, dtype=np.float64)
-        for i, (_, _, _, n, _, _) in enumerate(pending):
-            if n:
-                local[i] = values[i] * n
+        for i, p in enumerate(pending):
+            if p.n:
+                local[i] = values[i] * p.n
                 local[k + i] = counts[i]
         total = self.comm.allreduce_scalars(local)
-        for i, (step, _, _, _, lr, n_global) in enumerate(pending):
+        for i, p in enumerate(pending):
             if not math.isfinite(total[i]):
-                raise NonFiniteLossError(f"training loss is {total[i] / n_global} at epoch {epoch + 1}, step "
-                                         f"{step + 1}/{steps_per_epoch} (lr {lr:g})", epoch=epoch + 1,
-                                         step=step + 1, collective=True)
+                raise NonFiniteLossError(f"training loss is {total[i] / p.n_global} at epoch {epoch + 1}, step "
+                                         f"{p.step + 1}/{steps_per_epoch} (lr {p.lr:g})", epoch=epoch + 1,
+                                         step=p.step + 1, collective=True)
             stats.loss_sum += float(total[i])
             stats.correct += int(total[k + i])
-            stats.seen += n_global
+            stats.seen += p.n_global
             stats.steps += 1
 
     def evaluate(self, x, y, batch_size: int = 1000) -> dict:

@@ -213,11 +213,11 @@ class MicroBatches:
 
     def __init__(self, model, loss, optimizer, forward_backward, processes: bool = True):
         self.model, self.loss, self.optimizer, self.groups = model, loss, optimizer, optimizer.groups
-        self.forward_backward = forward_backward
+        self._pass = forward_backward
         self.processes = bool(processes)        # False: threads only (e.g. inside an MPI rank)
         self._replicas: list[_Replica] = []
         self._flats, self._views = [], []       # the threads' per-micro-batch gradient buffers
-        self._runner = None                     # a ForkedRunner, once made
+        self.forked = None                      # a ForkedRunner, once made
 
     def usable(self, x) -> bool:
         """Whether a batch-last batch ``x`` is split: NumPy arrays, big enough, a splittable model."""
@@ -227,7 +227,7 @@ class MicroBatches:
 
     # -- what the threads and the forked runner share ---------------------------
     def replica(self) -> _Replica:
-        return _Replica(self.model, self.loss, self.forward_backward)
+        return _Replica(self.model, self.loss, self._pass)
 
     def gradient_buffers(self, parts, new=np.zeros_like):
         """``parts`` sets of per-group flat gradient buffers made by ``new``, and their views."""
@@ -253,20 +253,27 @@ class MicroBatches:
         another thread count), or None when the micro-batches run on threads."""
         T = threads.get_num_threads()
         use = PROCESSES and self.processes and T >= 2 and usable_groups(self.groups)
-        runner = self._runner
+        runner = self.forked
         if runner is not None and (not use or runner.closed or runner.T != T or runner.key[3] < n
                                    or runner.key[:3] != (tuple(x.shape[:-1]), x.dtype, y.dtype)):
             runner.close()
-            runner = self._runner = None
+            runner = self.forked = None
         if use and runner is None:
-            runner = self._runner = ForkedRunner(self, T - 1, x, y, n)
+            runner = self.forked = ForkedRunner(self, T - 1, x, y, n)
         return runner
 
     def close(self) -> None:
         """Stop the forked workers, if any (the next split step forks new ones)."""
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
+        if self.forked is not None:
+            self.forked.close()
+            self.forked = None
+
+    def forward_backward(self, x, y, scale, slot=None):
+        """Forward, loss and backward of a batch-last batch: in micro-batches where :meth:`usable`,
+        else in one pass; ``(loss, correct)`` as 0-d arrays."""
+        if slot is None and self.usable(x):
+            return self.run(x, y, scale)
+        return self._pass(self.model, self.loss, x, y, scale, slot)
 
     def run(self, x, y, scale):
         """The pass of the batch-last ``x`` / ``y`` in micro-batches (module docstring); ``(loss, correct)``."""
