@@ -323,16 +323,8 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
     are those every rank raised alike (``exc.collective``); any other error
     on a rank ends the whole job (``MPI_Abort``) with ``gpucnn: rank R: ...``.
     """
-    given = dict(device=device, nvtx=nvtx, debug=debug, distributed=distributed, cuda_graph=cuda_graph,
-                 collective_timeout=collective_timeout)
-    if options is None:
-        options = RunOptions(**given)
-    else:
-        defaults = RunOptions()
-        extra = sorted(k for k, v in given.items() if v != getattr(defaults, k))
-        if extra:
-            raise ValueError(f"train(options=...) takes the run options in one object; got {', '.join(extra)} "
-                             "beside it (set them in the RunOptions)")
+    options = RunOptions.resolve(options, device=device, nvtx=nvtx, debug=debug, distributed=distributed,
+                                 cuda_graph=cuda_graph, collective_timeout=collective_timeout)
     say = log or (lambda s: None)
     t_start = time.perf_counter()
     opts = dict(model=model, loss=loss, data=data, data_dir=data_dir)

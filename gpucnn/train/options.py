@@ -74,6 +74,18 @@ class RunOptions:
     def is_distributed(self) -> bool:
         return self.distributed is not None and self.distributed is not False
 
+    @classmethod
+    def resolve(cls, options: "RunOptions | None", **shorthands) -> "RunOptions":
+        """``options``, or one built from ``shorthands`` (keyword arguments named as the fields, as
+        :func:`~gpucnn.train.train` takes them); a shorthand set beside ``options`` is refused."""
+        if options is None:
+            return cls(**shorthands)
+        extra = sorted(k for k, v in shorthands.items() if v != getattr(cls, k))
+        if extra:
+            raise ValueError(f"train(options=...) takes the run options in one object; got {', '.join(extra)} "
+                             "beside it (set them in the RunOptions)")
+        return options
+
     def replace(self, **changes) -> "RunOptions":
         return dataclasses.replace(self, **changes)
 
