@@ -152,14 +152,10 @@ def _add_train(sub):
                    help="threads of the NumPy path, at most the cores this process may use (a larger N is "
                         "capped, with a note) (default: $GPUCNN_NUM_THREADS, else the cores this "
                         "process may use, at most 8); results are the same bits for any N")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="with --device cuda: replay each full-size train step as one CUDA graph (same numbers, "
-                        "far less host work; opt-in; checked against eager steps on an H200; falls back to eager steps "
-                        "with a warning when the step cannot be captured)")
-    p.add_argument("--no-launch-plan", dest="launch_plan", action="store_false",
-                   help="with --device cuda: run every step eagerly (by default, after a few eager steps "
-                        "the trainer records one step's kernel launches, checks them against an eager step "
-                        "bit for bit, and replays just those launches)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="with --device cuda: run every step eagerly (by default, after a few eager steps the "
+                        "trainer captures one full-size step as a CUDA graph, checks it against an eager step "
+                        "bit for bit, and replays it)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes of an MPI launch (mpiexec -n N gpucnn train "
                         "--distributed ...): --batch-size is the global batch, split over the ranks; rank 0 "
@@ -293,16 +289,14 @@ def _cmd_train(args, parser):
         sp.error("argument --comm: needs --distributed")
     if args.collective_timeout is not None and not args.distributed:
         sp.error("argument --collective-timeout: needs --distributed")
+    options = _run_options(args)
     if args.distributed:
-        return _cmd_train_distributed(args, sp)
+        return _cmd_train_distributed(args, sp, options)
     config = _train_config(args, sp)
-    if args.threads is not None:
-        _set_threads(args.threads, "train")
     try:
-        result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
-                       resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
-                       progress=not args.no_progress, overwrite=args.overwrite, cuda_graph=args.cuda_graph,
-                       launch_plan=args.launch_plan)
+        result = train(config, data_dir=args.data_dir, out_dir=args.out, resume=args.resume,
+                       stop_after=args.stop_after, progress=not args.no_progress, overwrite=args.overwrite,
+                       options=options)
     except NonFiniteLossError as exc:
         _err(str(exc))
         return EXIT_NONFINITE
@@ -317,14 +311,16 @@ def _cmd_train(args, parser):
     return 0
 
 
-def _set_threads(n: int, command: str, say: bool = True) -> int:
-    """``--threads n`` (:func:`gpucnn.functional.threads.set_threads_option`); returns the count used."""
-    from .functional import threads
+def _run_options(args):
+    """How the run runs (:class:`~gpucnn.train.options.RunOptions`), from the flags, built once."""
+    from .train.options import RunOptions
 
-    return threads.set_threads_option(n, f"gpucnn {command}", say)
+    return RunOptions(device=args.device, threads=args.threads, nvtx=args.nvtx, debug=args.debug,
+                      cuda_graph=args.cuda_graph, distributed=(args.comm or "auto") if args.distributed else None,
+                      collective_timeout=args.collective_timeout)
 
 
-def _cmd_train_distributed(args, sp):
+def _cmd_train_distributed(args, sp, options):
     """``gpucnn train --distributed``: rank 0 checks the arguments, prints and writes; errors end every rank.
 
     An error every rank meets alike (bad arguments, an unusable checkpoint,
@@ -332,29 +328,27 @@ def _cmd_train_distributed(args, sp):
     rank 0; any other error on one rank aborts the job (``MPI_Abort``),
     naming the rank.
     """
-    from . import distributed
     from .backend import resolve_device
     from .train import parallel
 
     try:
-        comm = distributed.init(args.comm or "auto", resolve_device(args.device)[0])
+        comm = parallel.communicator(options.distributed, resolve_device(options.device)[0])
     except (ValueError, ImportError) as exc:
         flag = "--device" if "CUDA" in str(exc) else ("--comm" if args.comm else "--distributed")
         sp.error(f"argument {flag}: {exc}")
-    if args.collective_timeout is not None:
-        comm.timeout = args.collective_timeout
-    return parallel.guarded(comm, lambda: _train_ranks(args, sp, comm))
+    if options.collective_timeout is not None:
+        comm.timeout = options.collective_timeout
+    return parallel.guarded(comm, lambda: _train_ranks(args, sp, options.replace(distributed=comm)))
 
 
-def _train_ranks(args, sp, comm):
+def _train_ranks(args, sp, options):
     import numpy as np
 
     from .data import DataError
     from .train import NonFiniteLossError, train
 
+    comm = options.distributed
     root = comm.is_root
-    if args.threads is not None:    # every rank's NumPy path; the note once, by rank 0
-        _set_threads(args.threads, "train", say=root)
 
     def usage(msg):  # exit 2 on every rank, printed by rank 0
         sp.error(msg) if root else sys.exit(EXIT_USAGE)
@@ -375,10 +369,9 @@ def _train_ranks(args, sp, comm):
     if code[0]:
         sys.exit(int(code[0]))
     try:
-        result = train(config, device=args.device, data_dir=args.data_dir, out_dir=args.out,
-                       resume=args.resume, stop_after=args.stop_after, nvtx=args.nvtx, debug=args.debug,
-                       progress=not args.no_progress, overwrite=args.overwrite, distributed=comm,
-                       log=print if root else None, cuda_graph=args.cuda_graph, launch_plan=args.launch_plan)
+        result = train(config, data_dir=args.data_dir, out_dir=args.out, resume=args.resume,
+                       stop_after=args.stop_after, progress=not args.no_progress, overwrite=args.overwrite,
+                       log=print if root else None, options=options)
     except NonFiniteLossError as exc:
         return failure(str(exc), EXIT_NONFINITE)
     except (DataError, FileNotFoundError) as exc:

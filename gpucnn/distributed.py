@@ -503,7 +503,7 @@ def limit_blas_threads(local_size: int, env=None) -> int | None:
     if hasattr(os, "sched_getaffinity"):
         n = min(n, max(1, len(os.sched_getaffinity(0))))
     threadpool_limits(limits=n, user_api="blas")
-    from .functional import threads
+    from . import threads
 
     if not env.get(threads.ENV_VAR):       # the NumPy path's own threads share the cores the same way
         threads.set_num_threads(n)

@@ -11,7 +11,6 @@ returns the gradient with respect to the first forward argument.
 """
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 
@@ -52,7 +51,7 @@ class SoftmaxCrossEntropy:
             makes the loss NaN (and that sample's gradient NaN).
 
     ``forward(logits (N, K), labels (N,))`` is the public pass;
-    ``forward_internal`` takes the batch-last logits ``(K, N)`` a network
+    ``_forward`` takes the batch-last logits ``(K, N)`` a network
     produces inside (no transpose).  On CuPy the passes run the fused kernels
     of ``kernels/loss.cu``; labels of an integer dtype other than int32/int64
     are converted to int64 on the device.  ``correct`` (after a forward) is the
@@ -66,12 +65,6 @@ class SoftmaxCrossEntropy:
         self.check_labels = check_labels
         self._saved = None  # forward keeps functional.loss.SoftmaxXentSaved (probs, labels, correct)
         self.workspace = Workspace()  # the kernel path's probabilities and scratch, reused
-
-    def replica(self):
-        """A twin with the same settings and its own forward state, for another thread."""
-        twin = copy.copy(self)
-        twin._saved, twin.workspace = None, Workspace()
-        return twin
 
     def _check(self, logits, labels, N, K, shown):
         backend.check_same_device(logits=logits, labels=labels)
@@ -94,9 +87,9 @@ class SoftmaxCrossEntropy:
     def forward(self, logits, labels):
         """The mean loss of ``logits (N, K)`` against ``labels (N,)``, a 0-d array."""
         check_array(logits, "logits", 2, "SoftmaxCrossEntropy")
-        return self.forward_internal(to_internal(logits), labels)
+        return self._forward(to_internal(logits), labels)
 
-    def forward_internal(self, logits, labels, *, loss_out=None, correct_out=None):
+    def _forward(self, logits, labels, *, loss_out=None, correct_out=None):
         """As :meth:`forward`, on batch-last ``logits (K, N)``.
 
         On a GPU, ``loss_out`` / ``correct_out`` ((1,) arrays of the logits' dtype
@@ -123,9 +116,9 @@ class SoftmaxCrossEntropy:
     @ranged("SoftmaxCrossEntropy.backward")
     def backward(self, scale=1.0):
         """dL/dlogits (N, K) of the last forward, times ``scale``."""
-        return from_internal(self.backward_internal(scale))
+        return from_internal(self._backward(scale))
 
-    def backward_internal(self, scale=1.0):
+    def _backward(self, scale=1.0):
         """dL/dlogits as batch-last (K, N)."""
         if self._saved is None:
             raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
@@ -136,7 +129,7 @@ class MSE:
     """Euclidean loss ``(1/N) sum_n 1/2 ||pred_n - target_n||^2``.
 
     ``forward(pred, target)`` on public arrays (batch first);
-    ``forward_internal`` on batch-last ones (the same element-wise maths, N
+    ``_forward`` on batch-last ones (the same element-wise maths, N
     read from the last axis).
 
     Shape:
@@ -147,12 +140,6 @@ class MSE:
         self._diff = None  # forward keeps pred - target
         self._n = None
         self._internal = False
-
-    def replica(self):
-        """A twin with its own forward state, for another thread."""
-        twin = copy.copy(self)
-        twin._diff = twin._n = None
-        return twin
 
     def _check(self, pred, target, internal):
         check_array(pred, "pred", None, "MSE", internal=internal)
@@ -171,7 +158,7 @@ class MSE:
         loss, self._diff = F.mse_forward(pred, target, self._n)
         return loss
 
-    def forward_internal(self, pred, target):
+    def _forward(self, pred, target):
         self._check(pred, target, True)
         self._internal, self._n = True, pred.shape[-1]
         loss, self._diff = F.mse_forward(pred, target, self._n)
@@ -183,7 +170,7 @@ class MSE:
             raise RuntimeError("MSE.backward called before forward")
         return F.mse_backward(self._diff, self._n, scale)
 
-    def backward_internal(self, scale=1.0):
+    def _backward(self, scale=1.0):
         return self.backward(scale)
 
 

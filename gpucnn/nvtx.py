@@ -17,20 +17,6 @@ import os
 
 _enabled = os.environ.get("GPUCNN_NVTX", "").strip().lower() in ("1", "true", "yes", "on")
 _push = _pop = None
-_recording: list | None = None   # while recording_into(): every push/pop, as a launch plan entry
-
-
-@contextlib.contextmanager
-def recording_into(entries: list):
-    """Append every range emitted inside the block to ``entries`` as ``(fn, None, None, args, 0)``
-    -- the form of :func:`gpucnn.cuda.loader.recording`'s launches, so a launch plan
-    (:mod:`gpucnn.train.plan`) replays the ranges in their place among the kernels."""
-    global _recording
-    outer, _recording = _recording, entries
-    try:
-        yield entries
-    finally:
-        _recording = outer
 
 
 def _bind():
@@ -99,16 +85,12 @@ class nvtx_range(contextlib.ContextDecorator):
         if _enabled and _bind():
             _push(self.name)
             self._pushed = True
-            if _recording is not None:
-                _recording.append((_push, None, None, (self.name,), 0))
         return self
 
     def __exit__(self, *exc):
         if self._pushed:
             _pop()
             self._pushed = False
-            if _recording is not None:
-                _recording.append((_pop, None, None, (), 0))
         return False
 
 

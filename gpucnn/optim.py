@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend
+from . import backend, threads
 from .functional import _dispatch
 from .layers.flat import flatten
 from .nvtx import ranged
@@ -37,6 +37,10 @@ class Optimizer:
     is a few whole-buffer operations on NumPy and one kernel per buffer on a
     GPU.  Slots (momentum, Adam's moments) are flat buffers too;
     :meth:`state_dict` names them per parameter, as ``"<name>/<slot>"``.
+    Where worker processes can be forked, a CPU group's parameters live in
+    shared memory (:func:`gpucnn.threads.shared_empty`) from the start, so the
+    micro-batch workers of :mod:`gpucnn.train.workers` read every update and
+    no array handed out is ever swapped for a shared one later.
     """
 
     SLOTS: tuple = ()
@@ -48,7 +52,7 @@ class Optimizer:
         if not params:
             raise ValueError("optimizer got no parameters")
         self.params = params
-        self.groups = flatten(params)
+        self.groups = flatten(params, alloc=threads.shared_empty if threads.can_fork() else None)
         self.lr = float(lr)
         self.step_count = 0
         self.slots: list[dict] = [{} for _ in self.groups]   # per group: slot -> flat buffer

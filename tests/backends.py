@@ -167,7 +167,7 @@ def recording_fixture(shared_mem: bool = False):
 
 
 def replay_net(pool=None):
-    """The small network of the replayed-step tests (test_cuda_graph.py, test_launch_plan.py):
+    """The small network of the replayed-step tests (test_cuda_graph.py):
     conv 2->3 (3x3, pad 1) + ReLU + 2x2 pooling (max unless ``pool``), dense 36 -> 4; seeded."""
     import gpucnn as gc
     from gpucnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential

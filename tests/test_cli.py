@@ -366,17 +366,9 @@ def test_distributed_without_mpiexec_is_one_process_bit_for_bit(tmp_path, capsys
                 assert a[k].tobytes() == b[k].tobytes(), k
 
 
-def test_cuda_graph_needs_the_gpu(capsys, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        cli.main(["train", "--device", "cpu", "--cuda-graph", "--subset", "64", "--epochs", "1",
-                  "--out", str(tmp_path / "run")])
-    assert info.value.code == 2
-    assert "--cuda-graph) needs the GPU (device cuda); this run is on cpu" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flags, expected", [([], True), (["--no-launch-plan"], False)])
-def test_launch_plan_flag_reaches_the_trainer(flags, expected, monkeypatch, tmp_path):
-    """The launch plan is on unless --no-launch-plan (it matters on a GPU; the CPU steps are eager anyway)."""
+@pytest.mark.parametrize("flags, expected", [([], True), (["--no-cuda-graph"], False)])
+def test_cuda_graph_flag_reaches_the_trainer(flags, expected, monkeypatch, tmp_path):
+    """CUDA graphs are on unless --no-cuda-graph (they matter on a GPU; the CPU steps are eager anyway)."""
     from gpucnn.train import trainer as trainer_mod
 
     seen = []
@@ -384,12 +376,19 @@ def test_launch_plan_flag_reaches_the_trainer(flags, expected, monkeypatch, tmp_
 
     def init(self, *a, **k):
         real_init(self, *a, **k)
-        seen.append(self.launch_plan)
+        seen.append(self.cuda_graph)
 
     monkeypatch.setattr(trainer_mod.Trainer, "__init__", init)
     assert cli.main(["train", "--device", "cpu", "--subset", "64", "--test-subset", "64", "--epochs", "1",
                      "--no-progress", "--out", str(tmp_path / "run")] + flags) == 0
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("old", ["--cuda-graph", "--no-launch-plan"])
+def test_the_old_replay_flags_are_gone(old, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", old])
+    assert info.value.code == 2 and f"unrecognized arguments: {old}" in capsys.readouterr().err
 
 
 def _interrupt_at_epoch(monkeypatch, which):
@@ -488,17 +487,28 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error(tmp_path):
     assert "BrokenPipeError" in proc.stderr
 
 
-def test_distributed_training_applies_threads(tmp_path, monkeypatch):
-    """`--threads` reached only the single-process path: with `--distributed` it was parsed and ignored."""
-    from gpucnn.functional import threads
+@pytest.mark.parametrize("distributed", [[], ["--distributed"]], ids=["single", "distributed"])
+def test_threads_apply_to_the_run_and_are_put_back(tmp_path, monkeypatch, distributed):
+    """`--threads` sets the NumPy path's threads for the run (with `--distributed` too: it was once
+    parsed and ignored there), and the run puts the previous count back when it ends."""
+    from gpucnn import threads
+    from gpucnn.train import Trainer
 
     before = threads.get_num_threads()
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    seen = []
+    real = Trainer.run_steps
+
+    def run_steps(self, *a, **k):
+        seen.append(threads.get_num_threads())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "run_steps", run_steps)
     try:
         threads.set_num_threads(1)
         assert cli.main(["train", "--model", "seed002_c1", "--subset", "128", "--test-subset", "50", "--epochs", "1",
-                         "--no-progress", "--device", "cpu", "--distributed", "--threads", "3",
-                         "--out", str(tmp_path / "dist")]) == 0
-        assert threads.get_num_threads() == 3
+                         "--no-progress", "--device", "cpu", "--threads", "3",
+                         "--out", str(tmp_path / "run")] + distributed) == 0
+        assert seen == [3] and threads.get_num_threads() == 1
     finally:
         threads.set_num_threads(before)

@@ -3,9 +3,8 @@
 * every class in ``gpucnn.layers.__all__`` (containers too) has a row, and a
   PyTorch twin unless its rows say it has none, so a new layer cannot skip the
   cross-cutting tests;
-* a row's ``batch_independent`` is what the micro-batch split in
-  gpucnn/train reads (every layer in it declares ``batch_independent`` in its
-  own class), and it holds: the batch cut in two gives the same outputs and
+* a row's ``batch_independent`` is what the micro-batch split rule
+  (:func:`gpucnn.train.workers.may_split`) says of every layer in it, and it holds: the batch cut in two gives the same outputs and
   input gradients, and parameter gradients that sum to the whole batch's.
 """
 from __future__ import annotations
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 import gpucnn.layers
+from gpucnn.train import workers
 from layer_cases import CASES, TORCH_KEY, params, walk
 
 PUBLIC = [getattr(gpucnn.layers, name) for name in gpucnn.layers.__all__]
@@ -53,17 +53,13 @@ def test_the_registry_itself():
     assert gpucnn.layers.Layer not in _row_classes()
 
 
-def _declared(layer) -> bool:
-    return bool(vars(type(layer)).get("batch_independent", False))
-
-
 @pytest.mark.parametrize("case", params())
-def test_batch_independent_matches_what_the_classes_declare(case):
-    """The flag the micro-batch split reads: every layer of the row declares it in its own class."""
+def test_batch_independent_matches_the_split_rule(case):
+    """The rule the micro-batch split applies (gpucnn.train.workers.may_split) to every layer of the row."""
     layer = case.make()
-    assert all(_declared(lay) for lay in walk(layer)) == case.batch_independent, (
-        f"{case.id}: the row says batch_independent={case.batch_independent}, the classes "
-        f"{[(type(lay).__name__, _declared(lay)) for lay in walk(layer)]}")
+    why = {type(lay).__name__: workers.may_split(lay) for lay in walk(layer)}
+    assert all(w is None for w in why.values()) == case.batch_independent, (
+        f"{case.id}: the row says batch_independent={case.batch_independent}, the split rule says {why}")
 
 
 def _pass(layer, x, dy):

@@ -1,5 +1,5 @@
-"""The CuPy stand-in (gpucnn/bench/standin.py) is at least as strict as CuPy where the launch-plan and
-CUDA-graph checks rest on it.
+"""The CuPy stand-in (gpucnn/bench/standin.py) is at least as strict as CuPy where the CUDA-graph
+checks rest on it.
 
 Each test plants a fault the old, looser stand-in let through -- a capture on the null stream, a
 sync inside a capture, an allocation its allocator never saw, a read of ``empty`` memory, a NumPy
@@ -253,7 +253,7 @@ def test_a_kernel_that_leaves_its_output_unwritten_shows():
     with standin.installed(standin.Recorder(), builder=forgetful) as cp:
         model = replay_net().to("cuda")
         trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(check_labels=False), optim.SGD(model, lr=0.1),
-                                   batch_size=5, sync_every=3, launch_plan=False)
+                                   batch_size=5, sync_every=3, cuda_graph=False)
         with pytest.raises(NonFiniteLossError, match="training loss is nan"):
             trainer.run_steps(cp.asarray(x), cp.asarray(y), cp.asarray(orders[0]), 0, range(4), 4)
 

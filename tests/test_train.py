@@ -199,7 +199,7 @@ def test_set_state_refuses_a_bad_state_and_changes_nothing():
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist, tmp_path, monkeypatch):
-    real = losses.SoftmaxCrossEntropy.forward_internal   # what training and evaluation both call
+    real = losses.SoftmaxCrossEntropy._forward   # what training and evaluation both call
     calls = {"n": 0}
 
     def poisoned(self, logits, labels):
@@ -208,7 +208,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist, tmp_path, monkeypa
         # epoch 1: 8 train steps + 1 eval batch; poison epoch 2's third step
         return out * np.float32("nan") if calls["n"] == 12 else out
 
-    monkeypatch.setattr(losses.SoftmaxCrossEntropy, "forward_internal", poisoned)
+    monkeypatch.setattr(losses.SoftmaxCrossEntropy, "_forward", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as info:
         _run(mnist, out)
@@ -332,3 +332,16 @@ def test_resume_under_another_augmentation_scheme_says_it_is_not_bit_for_bit(mni
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)       # the same scheme: no word
         train(None, data=mnist, device="cpu", resume=tmp_path / "src", progress=False, log=None)
+
+
+def test_run_options_name_a_bad_precision_and_travel_as_one_object(tmp_path):
+    """How a run runs is one RunOptions; precision takes only "fp32" for now, and a shorthand beside
+    options= is refused rather than silently dropped."""
+    from gpucnn.train.options import RunOptions
+
+    with pytest.raises(ValueError, match=r"precision must be one of 'fp32' for now, got precision='bf16'"):
+        RunOptions(precision="bf16")
+    with pytest.raises(ValueError, match=r"collective_timeout=5 needs distributed=True"):
+        RunOptions(collective_timeout=5)
+    with pytest.raises(ValueError, match=r"got debug beside it"):
+        train(None, options=RunOptions(device="cpu"), debug=True, out_dir=tmp_path / "r")

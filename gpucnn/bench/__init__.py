@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend, models
-from ..train import microbatch
+from ..train import workers
 from .accuracy import time_to_accuracy
 from .steps import check_step, kernel_rows, layer_rows, step_pair
 from .timing import Timer, TorchTimer
@@ -70,7 +70,7 @@ def environment(device: str, torch) -> dict:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
     if device == "cpu":
-        from ..functional import threads
+        from .. import threads
 
         info["gpucnn_threads"] = threads.get_num_threads()
     if device == "cuda":
@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--static", action="store_true",
-                   help="no GPU needed: the launch plan of one CUDA train step (every launch with grid, block, "
+                   help="no GPU needed: the launches of one CUDA train step (every launch with grid, block, "
                         "registers, spills, shared memory and SASS loop figures for sm_90), the launch count "
                         "and the host microseconds per step and per launch, kernels stubbed")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="--static: the optimizer")
@@ -154,7 +154,7 @@ def _setup_torch(args, device):
         print(f"gpucnn bench: note: PyTorch's columns show '-': it cannot be imported ({why}); install it "
               f"to compare, or pass --no-torch", file=sys.stderr, flush=True)
     if args.threads:
-        from ..functional import threads
+        from .. import threads
 
         n = threads.set_threads_option(args.threads, "gpucnn bench")
         if torch is not None:
@@ -197,17 +197,13 @@ def _step_table(args, batch, device, torch, timer, ttimer, results):
     ref = ttimer(pair.torch) if pair.torch is not None else None
     print(f"\n[{args.model} train step, batch {batch}, {device}]  first loss gpucnn {l0:.5f}"
           + (f" / torch {t0:.5f}" if t0 is not None else ""))
-    print(f"  gpucnn's step: {microbatch.describe(pair.model, pair.trainer.loss, batch, device)}")
+    print(f"  gpucnn's step: {workers.describe(pair.model, pair.trainer.loss, batch, device)}")
     print(f"  {'':34s} {'gpucnn ms':>9s} {'torch ms':>9s}  ratio  gpucnn img/s")
     print(f"  {'forward+loss+backward+SGD':34s} {_ms(mine)} {_ms(ref)}  {_ratio(mine, ref)}  {batch / mine:10.0f}")
-    graphed = mine_graph = mine_loop = mine_plan = ref_tf32 = None
+    graphed = mine_graph = mine_loop = ref_tf32 = None
     if device == "cuda":
         k = GRAPH_STEPS
         mine_loop = timer(pair.steps(k, cuda_graph=False)) / k
-        try:
-            mine_plan = timer(pair.steps(k, cuda_graph=False, launch_plan=True)) / k
-        except Exception as exc:  # report, don't hide the other figures
-            print(f"  gpucnn launch-plan steps failed: {type(exc).__name__}: {exc}")
         try:
             mine_graph = timer(pair.steps(k, cuda_graph=True)) / k
         except Exception as exc:  # report, don't hide the other figures
@@ -223,12 +219,11 @@ def _step_table(args, batch, device, torch, timer, ttimer, results):
             finally:
                 _torch_fp32(torch, True)
         print(f"  {'the train loop (run_steps), eager':34s} {_ms(mine_loop)} {_ms(ref)}  {_ratio(mine_loop, ref)}")
-        print(f"  {'the train loop, launch plan':34s} {_ms(mine_plan)} {_ms(ref)}  {_ratio(mine_plan, ref)}")
         if mine_graph is not None or graphed is not None:
             print(f"  {'both as CUDA graphs':34s} {_ms(mine_graph)} {_ms(graphed)}  {_ratio(mine_graph, graphed)}")
         if ref_tf32 is not None:
             print(f"  {'eager vs PyTorch default (TF32)':34s} {_ms(mine)} {_ms(ref_tf32)}  {_ratio(mine, ref_tf32)}")
-    results["steps"].append({"batch": batch, "gpucnn_s": mine, "gpucnn_loop_s": mine_loop, "gpucnn_plan_s": mine_plan,
+    results["steps"].append({"batch": batch, "gpucnn_s": mine, "gpucnn_loop_s": mine_loop,
                              "gpucnn_graph_s": mine_graph, "torch_s": ref, "torch_graph_s": graphed,
                              "torch_tf32_s": ref_tf32})
 

@@ -1,4 +1,4 @@
-"""``gpucnn bench --static``: the launch plan of one train step, measured without a GPU.
+"""``gpucnn bench --static``: the launches of one train step, measured without a GPU.
 
 For each model and batch size, one steady-state training step -- exactly what
 ``gpucnn train --device cuda`` runs per step (:meth:`gpucnn.train.Trainer.run_steps`:
@@ -41,7 +41,7 @@ STEP_LAUNCH_BUDGET = {"launches": 30, "host_us_per_launch": 10.0}
 DATASET_SIZE = 4096
 
 
-def _trainer(name, batch, optimizer, cuda_graph=False, launch_plan=False):
+def _trainer(name, batch, optimizer, cuda_graph=False):
     """The trainer ``gpucnn train --model name`` builds on a GPU, with the model's default recipe's
     augmentation (MNIST's background as the fill)."""
     seed_all(0)
@@ -54,8 +54,7 @@ def _trainer(name, batch, optimizer, cuda_graph=False, launch_plan=False):
     if MODEL_DEFAULTS.get(name, {}).get("augment"):
         fill = float(normalize(np.zeros((1, 1, 1), np.uint8), "mnist")[0, 0, 0, 0])
         augment = {"seed": 0, "fill": fill, "flip": False}
-    return Trainer(model, loss, opt, batch_size=batch, sync_every=10**9, cuda_graph=cuda_graph, augment=augment,
-                   launch_plan=launch_plan)
+    return Trainer(model, loss, opt, batch_size=batch, sync_every=10**9, cuda_graph=cuda_graph, augment=augment)
 
 
 def _dataset(cp, batch, steps):
@@ -156,25 +155,22 @@ def _timed_launches(run, rec, repeats) -> float:
     return statistics.median(per_rep) * 1e6
 
 
-def replayed_step(name: str, batch: int, mode: str, *, optimizer: str = "sgd", steps: int = 20,
-                  repeats: int = 5) -> dict:
-    """The same step replayed, ``mode`` ``"graph"`` (``--cuda-graph``) or ``"plan"`` (the launch
-    plan, the default on a GPU), on the stand-in: what the host does per replayed step.
+def graph_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 20, repeats: int = 5) -> dict:
+    """The same step replayed as a CUDA graph (the default on a GPU), on the stand-in: what the
+    host does per replayed step.
 
-    Returns ``{"replayed": bool, "graph_launches", "copies", "launches", "syncs", "host_us",
-    "host_us_per_launch"}`` per step (``replayed`` False: the step could not be captured or
-    planned -- see the warning -- and runs eagerly).
+    Returns ``{"captured": bool, "graph_launches", "copies", "launches", "syncs", "host_us",
+    "host_us_per_launch"}`` per step (``captured`` False: the step could not be captured -- see
+    the warning -- and runs eagerly).
     """
     import warnings
 
-    if mode not in ("graph", "plan"):
-        raise ValueError(f"mode must be 'graph' or 'plan', got {mode!r}")
     rec = standin.Recorder()
     with standin.installed(rec) as cp, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        trainer = _trainer(name, batch, optimizer, cuda_graph=mode == "graph", launch_plan=mode == "plan")
+        trainer = _trainer(name, batch, optimizer, cuda_graph=True)
         x, y, order, spe = _dataset(cp, batch, steps + 4)
-        trainer.run_steps(x, y, order, 0, range(4), spe)   # 2 eager warm-ups; capture + 1 replay, or record + validate
+        trainer.run_steps(x, y, order, 0, range(4), spe)   # 2 eager warm-ups, 2 captures checked
         rec.take()
         trainer.run_steps(x, y, order, 0, range(4, 4 + steps), spe)
         # per step: kernels, CuPy ops, syncs, device-to-device copies (not the per-call table uploads)
@@ -185,22 +181,15 @@ def replayed_step(name: str, batch: int, mode: str, *, optimizer: str = "sgd", s
                 t0 = time.perf_counter()
                 trainer.run_steps(x, y, order, 0, range(4, 4 + steps), spe)
                 times.append((time.perf_counter() - t0) / steps)
-        replayed = any(g is not None for g in trainer._graphs.values())
+        replayed = any(g is not None and g.validated for g in trainer._graphs.values())
     last = max((i for i, e in enumerate(events) if e.kind in ("kernel", "graph", "xp")), default=-1)
     events = [e for i, e in enumerate(events) if i <= last or e.kind != "sync"]   # not the one read at the end
     per = lambda kind: sum(e.kind == kind for e in events) / steps  # noqa: E731
     host_us = statistics.median(times) * 1e6
     launches = per("kernel") + per("xp")
-    return {"model": name, "batch": batch, "mode": mode, "replayed": replayed,
+    return {"model": name, "batch": batch, "captured": replayed and per("graph") == 1,
             "graph_launches": per("graph"), "copies": per("copy"), "launches": launches, "syncs": per("sync"),
             "host_us": host_us, "host_us_per_launch": host_us / max(1.0, launches + per("copy") + per("graph"))}
-
-
-def graph_step(name: str, batch: int, **kwargs) -> dict:
-    """:func:`replayed_step` with ``--cuda-graph``, with ``captured`` for ``replayed``."""
-    row = replayed_step(name, batch, "graph", **kwargs)
-    row["captured"] = row["replayed"] and row["graph_launches"] == 1
-    return row
 
 
 def kernel_resources(names, arch: str = "sm_90") -> tuple[dict, str | None]:
@@ -251,22 +240,14 @@ def _print_step(row, resources):
         print(f"  inside the step: syncs {row['syncs']}, copies {row['copies']}")
     if row["per_epoch"]:
         print(f"  once per run_steps call, not per step: {', '.join(row['per_epoch'])}")
-    p = row.get("plan")
-    if p is not None:
-        if p["replayed"]:
-            print(f"  with the launch plan (the default on a GPU): per step {p['launches']:.0f} kernel launches "
-                  f"replayed + {p['copies']:.0f} device-to-device copies, host {p['host_us']:.0f} us/step = "
-                  f"{p['host_us_per_launch']:.1f} us per launch or copy")
-        else:
-            print("  the launch plan is refused (CuPy operations or allocations in the step); it runs eagerly")
     g = row.get("graph")
     if g is not None:
         if g["captured"]:
-            print(f"  with --cuda-graph: per step {g['graph_launches']:.0f} graph launch + {g['copies']:.0f} "
+            print(f"  as a CUDA graph (the default on a GPU): per step {g['graph_launches']:.0f} graph launch + {g['copies']:.0f} "
                   f"device-to-device copies, {g['launches']:.0f} kernel launches from Python, host "
                   f"{g['host_us']:.0f} us/step")
         else:
-            print("  with --cuda-graph: the step is not captured (CuPy operations or allocations in it); "
+            print("  as a CUDA graph: the step is not captured (CuPy operations or allocations in it); "
                   "it runs eagerly")
 
 
@@ -281,8 +262,6 @@ def run_static(model_names, batches, *, optimizer="sgd", steps=20, repeats=5, ar
     if note:
         print(f"  ({note})")
     for row in rows:
-        row["plan"] = replayed_step(row["model"], row["batch"], "plan", optimizer=optimizer, steps=steps,
-                                    repeats=repeats)
         row["graph"] = graph_step(row["model"], row["batch"], optimizer=optimizer, steps=steps, repeats=repeats)
         _print_step(row, resources)
         for k in row["kernels"]:
@@ -293,12 +272,12 @@ def run_static(model_names, batches, *, optimizer="sgd", steps=20, repeats=5, ar
     budget = STEP_LAUNCH_BUDGET
     for row in rows:
         if row["model"] == "lenet5" and row["batch"] == 64:
-            plan = row["plan"]
-            per_launch = plan["host_us_per_launch"] if plan["replayed"] else row["host_us_per_launch"]
+            graph = row["graph"]
+            per_launch = graph["host_us"] / row["launches"] if graph["captured"] else row["host_us_per_launch"]
             ok = row["launches"] <= budget["launches"] and per_launch <= budget["host_us_per_launch"]
             print(f"\nlenet5 batch 64: {row['launches']} launches (budget {budget['launches']}); host work per "
-                  f"launch {per_launch:.1f} us with the launch plan (budget {budget['host_us_per_launch']:g}): "
-                  f"{'within budget' if ok else 'OVER BUDGET'}.  Eager (--no-launch-plan) "
+                  f"launch {per_launch:.1f} us with the CUDA graph (budget {budget['host_us_per_launch']:g}): "
+                  f"{'within budget' if ok else 'OVER BUDGET'}.  Eager (--no-cuda-graph) "
                   f"{row['host_us_per_launch']:.1f} us/launch, of which the launcher "
-                  f"{row['launcher_us_per_launch']:.1f}; --cuda-graph {row['graph']['host_us']:.0f} us/step")
+                  f"{row['launcher_us_per_launch']:.1f}; as a CUDA graph {graph['host_us']:.0f} us/step")
     return {"arch": arch, "note": note, "steps": rows}

@@ -23,7 +23,8 @@ class StepPair:
         loss = models.make_loss(name)
         if isinstance(loss, losses.SoftmaxCrossEntropy):
             loss.check_labels = False  # no host sync inside the timed step
-        self.trainer = Trainer(self.model, loss, optim.SGD(self.model, lr=lr, momentum=momentum), batch_size=batch)
+        self.trainer = Trainer(self.model, loss, optim.SGD(self.model, lr=lr, momentum=momentum), batch_size=batch,
+                               cuda_graph=False)
         rng = np.random.default_rng(0)
         x_np = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
         y_np = rng.integers(0, 10, batch).astype(np.int64)
@@ -35,14 +36,13 @@ class StepPair:
     def gpucnn(self):
         return self.trainer.step(self.x, self.y)[0]
 
-    def steps(self, k: int, cuda_graph: bool, launch_plan: bool = False):
+    def steps(self, k: int, cuda_graph: bool):
         """``k`` train steps the way ``gpucnn train`` runs them (:meth:`Trainer.run_steps` over a
-        dataset of this one batch; ``cuda_graph``: replayed as a CUDA graph once captured;
-        ``launch_plan``: replayed from the recorded launches once validated).
+        dataset of this one batch; ``cuda_graph``: replayed as a CUDA graph once captured and checked).
         Returns a function running them; time it and divide by ``k``."""
         model = self.model
         trainer = Trainer(model, self.trainer.loss, self.trainer.optimizer, batch_size=self.x.shape[0],
-                          sync_every=k, cuda_graph=cuda_graph, launch_plan=launch_plan)
+                          sync_every=k, cuda_graph=cuda_graph)
         xp = backend.get_array_module(self.x)
         order = xp.arange(self.x.shape[0], dtype=xp.int64)
         orders = [order] * k        # every step the same batch (what the single-step figure times too)

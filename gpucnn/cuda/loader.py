@@ -473,21 +473,6 @@ def _prepare(kernel, args, n_threads, n_blocks, grid, block, shared_mem) -> _Pre
     return _Prepared(kernel, params, args, grid3, block3, int(shared_mem))
 
 
-_recording: list | None = None   # while recording(): every launch, as (function, grid, block, args, shared_mem)
-
-
-@contextlib.contextmanager
-def recording():
-    """Collect every launch inside the block as ``(function, grid, block, args, shared_mem)`` --
-    the checked, prepared call, ready to be issued again (:mod:`gpucnn.train.plan`)."""
-    global _recording
-    outer, _recording = _recording, []
-    try:
-        yield _recording
-    finally:
-        _recording = outer
-
-
 def launch(kernel: str, args: Sequence, *, n_threads: int | None = None,
            n_blocks: int | None = None, grid=None, block=None, shared_mem: int = 0,
            options: Sequence[str] | None = None) -> None:
@@ -534,8 +519,6 @@ def launch(kernel: str, args: Sequence, *, n_threads: int | None = None,
     function = prep.functions.get(fkey)
     if function is None:
         function = prep.functions[fkey] = get_function(kernel, options)
-    if _recording is not None:
-        _recording.append((function, prep.grid, prep.block, call, prep.shared_mem))
     if prep.shared_mem:
         function(prep.grid, prep.block, call, shared_mem=prep.shared_mem)
     else:

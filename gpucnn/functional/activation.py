@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from . import threads
+from .. import threads
 
 __all__ = [
     "FUSED_ACTIVATIONS", "act_forward", "act_backward",

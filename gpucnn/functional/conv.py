@@ -24,7 +24,7 @@ Where it runs (decided once, by :func:`~gpucnn.functional._dispatch.use_kernels`
   Ho*Wo*N)`` -- its last row is ones, so the bias is inside the forward GEMM
   and ``db`` comes out of the weight-gradient GEMM -- in fixed column chunks
   (cache-sized blocks of output rows, the same for any thread count, spread
-  over :mod:`gpucnn.functional.threads`); dL/dx is the scatter (col2im) form
+  over :mod:`gpucnn.threads`); dL/dx is the scatter (col2im) form
   of the seeds' linear map.  Buffers come from the layer's
   :class:`~gpucnn.functional.workspace.Workspace`.
 * CUDA: the tiled kernels of ``kernels/conv_*.cu`` through
@@ -44,8 +44,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
+from .. import threads
 from .._utils import output_size
-from . import _dispatch, threads
+from . import _dispatch
 from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
 from .pooling import MaxPool2dSaved, max_pool2d_backward, max_pool2d_forward, pool_output_hw
 from .workspace import get

@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import backend
-from . import _dispatch, threads
+from .. import threads
+from . import _dispatch
 from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
 from .workspace import get
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
-from . import threads
+from .. import threads
 from .workspace import get
 
 __all__ = ["BatchNormSaved", "batch_norm_forward", "batch_norm_backward"]

@@ -28,7 +28,6 @@ def _remember(layer, x) -> None:
 class Sigmoid(Layer):
     """Logistic sigmoid; keeps its output y, dL/dx = dy * y * (1 - y)."""
 
-    batch_independent = True
 
     def _forward(self, x, epilogue=None):
         self._no_epilogue(epilogue)
@@ -44,7 +43,6 @@ class Sigmoid(Layer):
 class Tanh(Layer):
     """Hyperbolic tangent; keeps y, dL/dx = dy * (1 - y^2)."""
 
-    batch_independent = True
 
     def _forward(self, x, epilogue=None):
         self._no_epilogue(epilogue)
@@ -63,7 +61,6 @@ class ScaledTanh(Layer):
     Keeps t = tanh(B x); dL/dx = dy * A * B * (1 - t^2).
     """
 
-    batch_independent = True
 
     def __init__(self, A=1.7159, B=0.6666):
         super().__init__()
@@ -89,7 +86,6 @@ class ReLU(Layer):
     Keeps x; its derivative ``heaviside(x, 1/2)`` (0, 1/2 or 1) is taken in backward.
     """
 
-    batch_independent = True
 
     def _forward(self, x, epilogue=None):
         """The output in a reused buffer (no allocation inside a network)."""
@@ -111,7 +107,6 @@ class LeakyReLU(Layer):
     Keeps the per-element slope (1 or negative_slope).
     """
 
-    batch_independent = True
 
     def __init__(self, negative_slope=0.01):
         super().__init__()
@@ -147,7 +142,6 @@ class PReLU(Layer):
     Keeps x.
     """
 
-    batch_independent = True
 
     def __init__(self, num_parameters=1, init=0.25, dtype=np.float32):
         super().__init__()

@@ -34,7 +34,6 @@ valid until its next call.  Public ``forward``/``backward`` run in NVTX ranges
 """
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass
 
@@ -94,14 +93,14 @@ def runs_batch_last(layer) -> bool:
 
 
 def compute_class(layer):
-    """The class whose ``_forward`` and ``_backward`` a batch-last ``layer`` runs (what fusion and the
-    micro-batch split key on), or None when the layer runs through its public methods or its two
-    passes come from different classes."""
+    """The most derived class defining the ``_forward`` / ``_backward`` a batch-last ``layer`` runs
+    (what fusion and the micro-batch split key on: a subclass redefining either is its own
+    computation), or None when the layer runs through its public methods."""
     cls = type(layer)
     if not _class_runs_batch_last(cls):
         return None
-    owner = _owner(cls, "_forward")
-    return owner if _owner(cls, "_backward") is owner else None
+    fwd, bwd = _owner(cls, "_forward"), _owner(cls, "_backward")
+    return fwd if issubclass(fwd, bwd) else bwd
 
 
 def run_forward(layer, x, epilogue: Epilogue | None = None):
@@ -124,11 +123,6 @@ def run_backward(layer, dy, input_grad: bool = True):
 class Layer:
     """Base class of every layer: parameters, gradients, the training and input-gradient flags,
     device and dtype moves, and the public passes of gpucnn's batch-last layers."""
-
-    #: Whether each sample's output and input gradient depend on that sample alone and the
-    #: parameter gradients are sums over the samples, so that a train step may split its batch
-    #: into micro-batches.  Read from the layer's own class only.
-    batch_independent = False
 
     def __init__(self):
         self.params: dict = {}
@@ -214,17 +208,6 @@ class Layer:
     def children(self) -> list:
         """The layers this one runs (a container's members; none for a plain layer)."""
         return []
-
-    def replica(self):
-        """A twin for another worker: the same parameter arrays (never written by a pass), its own
-        gradient arrays, workspace and forward state; other attributes copied as they are now.  A
-        layer holding layers must replicate them (Sequential and Residual do; the micro-batch split
-        refuses a container whose own class does not define ``replica``).  Used by
-        :mod:`gpucnn.train.microbatch`."""
-        twin = copy.copy(self)
-        twin.grads = {k: backend.get_array_module(g).zeros_like(g) for k, g in self.grads.items()}
-        twin.workspace = Workspace()
-        return twin
 
     # -- parameters --------------------------------------------------------
     def _add_param(self, name: str, value) -> None:

@@ -66,16 +66,8 @@ class Sequential(Layer):
             lines.append("  fuse=False")
         return "Sequential(\n" + "\n".join(lines) + "\n)"
 
-    batch_independent = True     # when every member is (gpucnn.train.microbatch checks them)
-
     def children(self) -> list:
         return list(self.layers)
-
-    def replica(self):
-        twin = super().replica()
-        twin.layers = [layer.replica() for layer in self.layers]
-        twin._plan_key = None
-        return twin
 
     def stages(self):
         """How :meth:`forward` runs the layers: a list of :class:`~gpucnn.layers.fusion.Stage`

@@ -44,7 +44,6 @@ class Conv2D(Layer):
     (2, 6, 28, 28)
     """
 
-    batch_independent = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  bias=True, weight_init="he_uniform", dtype=np.float32):

@@ -22,7 +22,6 @@ class Flatten(Layer):
     arrays it is a free reshape, ``(C, H, W, N) -> (C*H*W, N)``.
     """
 
-    batch_independent = True
 
     def __init__(self):
         super().__init__()
@@ -60,7 +59,6 @@ class Dense(Layer):
     in this layer's call (its ``_forward`` with an :class:`~gpucnn.layers.base.Epilogue`).
     """
 
-    batch_independent = True
 
     def __init__(self, in_features, out_features, bias=True, weight_init="he_uniform",
                  dtype=np.float32):

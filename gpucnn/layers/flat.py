@@ -8,9 +8,10 @@ passes write gradients into them in place), while an optimizer updates all
 parameters with one operation (one kernel on a GPU) and a distributed run
 allreduces all gradients as one buffer, with no packing.
 
-On Linux a CPU group's parameter buffer is anonymous shared memory
-(:mod:`gpucnn._shm`), so the micro-batch workers that
-:mod:`gpucnn.train.forked` forks read every update.
+A CPU group's parameter buffer comes from the allocator the caller passes:
+the optimizer passes :func:`gpucnn.threads.shared_empty` where workers can
+be forked, so the micro-batch workers of :mod:`gpucnn.train.workers` read
+every update.
 
 Views stay views as long as nobody *replaces* an array (``layer.to`` /
 ``layer.astype`` do, on purpose); :meth:`FlatGroup.check` says so cheaply, and
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import _shm, backend
+from .. import backend
 
 __all__ = ["FlatGroup", "flatten"]
 
@@ -60,12 +61,13 @@ class FlatGroup:
                     f"moving or converting the model, and change parameters in place (p[...] = value)")
 
 
-def flatten(named_parameters) -> list[FlatGroup]:
+def flatten(named_parameters, alloc=None) -> list[FlatGroup]:
     """Group ``(name, layer, key)`` triples by dtype and device into :class:`FlatGroup` s.
 
     Values are copied into the new buffers; the gradients start as copies of
     the current ones.  Parameters already flattened together are re-flattened
-    (cheap: a copy of each array).
+    (cheap: a copy of each array).  ``alloc(size, dtype)`` makes the parameter
+    buffer of a CPU group (None: ``numpy.empty``); GPU groups use CuPy's.
     """
     groups: dict[tuple, list] = {}
     for name, layer, key in named_parameters:
@@ -75,9 +77,7 @@ def flatten(named_parameters) -> list[FlatGroup]:
     for (dtype, device), members in groups.items():
         xp = backend.cupy if device == "cuda" else np
         total = sum(int(layer.params[key].size) for _, layer, key in members)
-        # CPU parameters live in shared memory where workers can be forked (gpucnn.train.forked):
-        # they read what the optimizer writes, and no array is swapped for a shared one later
-        params = _shm.empty(total, dtype) if xp is np and _shm.available() else xp.empty(total, dtype=dtype)
+        params = alloc(total, dtype) if xp is np and alloc is not None else xp.empty(total, dtype=dtype)
         grads = xp.empty(total, dtype=dtype)
         group = FlatGroup(dtype, device, params, grads)
         offset = 0

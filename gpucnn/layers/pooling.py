@@ -57,7 +57,6 @@ class MaxPool2D(_Pool2D):
     maximum in row-major window order.
     """
 
-    batch_independent = True
 
     def __init__(self, kernel_size, stride=None):
         super().__init__(kernel_size, stride)
@@ -100,7 +99,6 @@ class AvgPool2D(_Pool2D):
         ``dy / (kh * kw)``.
     """
 
-    batch_independent = True
 
     def _forward(self, x, epilogue=None):
         self._no_epilogue(epilogue)
@@ -116,7 +114,6 @@ class AvgPool2D(_Pool2D):
 class GlobalAvgPool2D(Layer):
     """(N, C, H, W) -> (N, C): the mean of each channel's plane.  Keeps only the input shape."""
 
-    batch_independent = True
 
     def __init__(self):
         super().__init__()

@@ -39,16 +39,8 @@ class Residual(Layer):
     def __repr__(self):
         return f"Residual(\n  block={indent_repr(self.block)},\n  shortcut={indent_repr(self.shortcut)}\n)"
 
-    batch_independent = True     # when its block and shortcut are (gpucnn.train.microbatch checks them)
-
     def children(self):
         return [self.block] + ([self.shortcut] if self.shortcut is not None else [])
-
-    def replica(self):
-        twin = super().replica()
-        twin.block = self.block.replica()
-        twin.shortcut = None if self.shortcut is None else self.shortcut.replica()
-        return twin
 
     def _forward(self, x, epilogue=None):
         self._no_epilogue(epilogue)

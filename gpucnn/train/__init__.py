@@ -51,11 +51,12 @@ With them LeNet-5 reaches 99.04% / 99.19% / 99.18% MNIST test accuracy after
 The sigmoid networks get their own SGD defaults (:data:`MODEL_DEFAULTS`):
 3 epochs give zhang2016 97.65%, seed002_c1 98.23%, seed002_c2 98.37%.
 """
-from . import config, evaluation, loop, parallel, rundir, schedule, trainer
+from . import config, evaluation, loop, options, parallel, rundir, schedule, trainer
 from .config import (MODEL_DEFAULTS, OPTIMIZER_DEFAULTS, SCHEDULES, NonFiniteLossError, ResumeConflictError,
                      TrainConfig, resume_config)
 from .evaluation import confusion_matrix, evaluate, evaluate_sums
 from .loop import Terminated, TrainingInterrupted, TrainResult, make_optimizer, train
+from .options import RunOptions
 from .rundir import (METRICS_NAME, MetricsWarning, RunDir, RunDirInUse, RunDirWriteError, default_out_dir,
                      read_metrics)
 from .schedule import Schedule, learning_rate
@@ -66,4 +67,5 @@ __all__ = [
     "MODEL_DEFAULTS", "SCHEDULES", "train", "evaluate", "evaluate_sums", "confusion_matrix", "learning_rate", "Schedule",
     "Trainer", "EpochStats", "RunDir", "default_out_dir", "read_metrics", "resume_config", "make_optimizer",
     "METRICS_NAME", "TrainingInterrupted", "Terminated", "RunDirInUse", "RunDirWriteError", "MetricsWarning",
+    "RunOptions",
 ]

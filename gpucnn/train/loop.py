@@ -33,8 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import backend, checkpoint as ckpt_mod, debug as debug_mod, losses, models, nvtx, optim
-from .. import distributed as dist
+from .. import backend, checkpoint as ckpt_mod, losses, models, optim
 from .. import random as grandom
 from .._utils import check_directory_path, inputs_for
 from . import parallel
@@ -42,6 +41,7 @@ from ..data import load_arrays, load_dataset, normalize
 from ..data.augment import AUGMENT_SCHEME, FLIP_DATASETS
 from ..data.batching import SHUFFLE_SCHEME, epoch_permutation, shuffle_generator, steps_per_epoch
 from .config import NonFiniteLossError, TrainConfig, resume_config
+from .options import RunOptions
 from .rundir import RunDir
 from .schedule import Schedule
 from .trainer import EpochStats, Trainer
@@ -266,8 +266,8 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
           device: str = "auto", data_dir=None, out_dir=None, resume=None,
           stop_after: int | None = None, nvtx: bool = False, debug: bool = False,
           progress: bool = True, overwrite: bool = False,
-          log: Callable[[str], None] | None = print, distributed=None, cuda_graph: bool = False,
-          launch_plan: bool = True, collective_timeout: float | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = print, distributed=None, cuda_graph: bool = True,
+          collective_timeout: float | None = None, options: RunOptions | None = None) -> TrainResult:
     """Train, evaluating and checkpointing every epoch.
 
     Args:
@@ -304,12 +304,13 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
             -- ends the job, named (:class:`gpucnn.distributed.CollectiveTimeout`).
         cuda_graph: on a GPU, replay each full-size step as one captured CUDA
             graph (:mod:`gpucnn.train.graph`): the same numbers as the eager
-            step, far less host work.  Opt-in (equal to eager steps bit for bit
-            on an H200); a step that cannot be captured runs eagerly after a warning.
-        launch_plan: on a GPU (without ``cuda_graph``), replay each full-size
-            step's recorded kernel launches once they have been checked
-            against an eager step bit for bit (:mod:`gpucnn.train.plan`);
-            False: every step eager.
+            step, far less host work; a step that fails the capture checks
+            runs eagerly after a one-line warning.  False: every step eager.
+        options: all of how the run runs as one
+            :class:`~gpucnn.train.options.RunOptions` (``gpucnn train`` passes
+            one, with ``threads`` too); ``device``, ``nvtx``, ``debug``,
+            ``distributed``, ``cuda_graph`` and ``collective_timeout`` are
+            shorthands for its fields and must be left out when it is given.
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf; the last good checkpoint
@@ -322,56 +323,51 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
     are those every rank raised alike (``exc.collective``); any other error
     on a rank ends the whole job (``MPI_Abort``) with ``gpucnn: rank R: ...``.
     """
+    options = RunOptions.resolve(options, device=device, nvtx=nvtx, debug=debug, distributed=distributed,
+                                 cuda_graph=cuda_graph, collective_timeout=collective_timeout)
     say = log or (lambda s: None)
     t_start = time.perf_counter()
-    opts = dict(model=model, loss=loss, data=data, data_dir=data_dir, nvtx=nvtx, debug=debug,
-                cuda_graph=bool(cuda_graph), launch_plan=bool(launch_plan))
-    if collective_timeout is not None:
-        dist.check_timeout(collective_timeout)
-    if distributed is None or distributed is False:
-        if collective_timeout is not None:
-            raise ValueError(f"collective_timeout={collective_timeout!r} needs distributed=True (or a backend)")
+    opts = dict(model=model, loss=loss, data=data, data_dir=data_dir)
+    if not options.is_distributed:
         cfg, ckpt = _run_config(config, resume, say)
         _check_stop_after(stop_after)
         _check_out_dir(out_dir)
-        dev, why = backend.resolve_device(device)
+        dev, why = backend.resolve_device(options.device)
         say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
-        run = _run(cfg, ckpt, dev, say, None, stop_after, progress,
+        run = _run(cfg, ckpt, dev, say, None, stop_after, progress, options,
                    lambda: RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite, log=say), **opts)
         return run.result(time.perf_counter() - t_start)
     _check_stop_after(stop_after)
-    dev, why = backend.resolve_device(device)
-    comm = parallel.communicator(distributed, dev)
+    dev, why = backend.resolve_device(options.device)
+    comm = parallel.communicator(options.distributed, dev)
     say = say if comm.is_root else (lambda s: None)
 
     def body():
         cfg, ckpt, rundir, metrics = _shared_start(comm, config, resume, out_dir, overwrite, say)
         say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
         say(f"distributed: {comm.describe()}; global batch {cfg.batch_size}")
-        run = _run(cfg, ckpt, dev, say, comm, stop_after, progress and comm.is_root, lambda: rundir,
+        run = _run(cfg, ckpt, dev, say, comm, stop_after, progress and comm.is_root, options, lambda: rundir,
                    metrics=metrics, **opts)
         return run.result(time.perf_counter() - t_start)
 
-    if collective_timeout is None:
+    if options.collective_timeout is None:
         return parallel.guarded(comm, body)
-    previous, comm.timeout = comm.timeout, collective_timeout
+    previous, comm.timeout = comm.timeout, options.collective_timeout
     try:                                   # for this run: the communicator may be used again
         return parallel.guarded(comm, body)
     finally:
         comm.timeout = previous
 
 
-def _run(cfg, ckpt, dev, say, comm, stop_after, progress, make_rundir, *, nvtx, debug, metrics=None,
+def _run(cfg, ckpt, dev, say, comm, stop_after, progress, options, make_rundir, *, metrics=None,
          **opts) -> "_Run":
     with contextlib.ExitStack() as stack:
         stack.enter_context(_sigterm_stops_like_ctrl_c())
-        if nvtx and not stack.enter_context(_nvtx_on()):
-            say("note: --nvtx: no NVTX implementation importable (pip install nvtx, or CuPy); ranges are no-ops")
-        if debug:
-            stack.enter_context(debug_mod.detect_anomaly())
+        stack.enter_context(options.applied(say, note=comm is None or comm.is_root))
         # the directory is claimed once the data and the model are there (a refused run leaves
         # none behind), and owned until the run ends
-        run = _Run.prepare(cfg, ckpt, dev, say, comm, lambda: stack.enter_context(make_rundir()), metrics, **opts)
+        run = _Run.prepare(cfg, ckpt, dev, say, comm, lambda: stack.enter_context(make_rundir()), metrics,
+                           cuda_graph=options.cuda_graph, **opts)
         run.epochs(stop_after, progress)
     return run
 
@@ -406,20 +402,13 @@ def _shared_start(comm, config, resume, out_dir, overwrite, say):
     return TrainConfig(**plan["config"]), ckpt, rundir, plan["metrics"]
 
 
-def _nvtx_on():
-    return nvtx.enabled(True)
-
-
 class _Run:
     """The state of one :func:`train` call between preparation and the result."""
 
     @classmethod
-    def prepare(cls, cfg, ckpt, dev, say, comm, make_rundir, metrics, *, model, loss, data, data_dir, cuda_graph,
-                launch_plan=True):
+    def prepare(cls, cfg, ckpt, dev, say, comm, make_rundir, metrics, *, model, loss, data, data_dir, cuda_graph):
         """Load the data and build the model, then create the run directory (``make_rundir()``): a run
         refused on the way (a bad ``subset``, a missing dataset) leaves no empty directory behind."""
-        if cuda_graph and dev != "cuda":
-            raise ValueError(f"cuda_graph=True (--cuda-graph) needs the GPU (device cuda); this run is on {dev}")
         self = cls()
         self.cfg, self.ckpt, self.dev, self.say, self.comm = cfg, ckpt, dev, say, comm
         ds = data if data is not None else load_dataset(cfg.dataset, data_dir)
@@ -449,7 +438,7 @@ class _Run:
               f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
-                               cuda_graph=cuda_graph, augment=self._augment_spec(), launch_plan=launch_plan)
+                               cuda_graph=cuda_graph, augment=self._augment_spec())
         self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
         return self
 

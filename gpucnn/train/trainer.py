@@ -1,5 +1,10 @@
 """One train step and one epoch loop: what ``gpucnn train``, ``gpucnn bench`` and the tests run.
 
+Read :meth:`Trainer._train_step` first: gather, forward + loss + backward
+(:func:`forward_backward`, through the runner the trainer picked once:
+CPU workers on NumPy, one pass on a GPU), update.  On a GPU the full-size
+steps are then replayed as CUDA graphs (:mod:`gpucnn.train.graph`).
+
 A step is forward, loss, backward (without the first layer's input gradient)
 and one optimizer step, in an NVTX range ``train_step``, all on the internal
 batch-last layout (:mod:`gpucnn.functional.layout`): the batch is gathered
@@ -27,7 +32,6 @@ every rank sees the same metrics and stops at the same NaN/Inf step.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,14 +43,60 @@ from ..data.augment import augment_batch
 from ..data.batching import batch_indices, batch_start, shard_bounds
 from ..functional import _dispatch
 from ..functional.layout import to_internal
+from ..layers.base import run_backward, run_forward
 from ..nvtx import nvtx_range
 from . import graph as graph_mod
-from . import microbatch
-from . import plan as plan_mod
+from . import workers
 from .config import NonFiniteLossError
 from .evaluation import evaluate, evaluate_sums, loss_targets
 
-__all__ = ["Trainer", "EpochStats"]
+__all__ = ["Trainer", "EpochStats", "forward_backward"]
+
+
+def forward_backward(model, loss, x, y, scale=1.0, slot=None):
+    """Forward, loss and backward of one batch-last batch in one pass; ``(loss, correct)`` as 0-d arrays.
+
+    The gradients written (overwritten) are those of ``scale`` times the batch-mean loss;
+    ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into.  The one place
+    the train step calls the model's and the loss's batch-last passes.
+    """
+    out = run_forward(model, x)                                         # forward
+    if isinstance(loss, losses.MSE):                                    # loss
+        value = loss._forward(out, losses.one_hot_internal(y, out.shape[0], out.dtype))
+        correct = (out.argmax(axis=0) == y).sum()
+    elif slot is not None:
+        value = loss._forward(out, y, loss_out=slot[0], correct_out=slot[1])
+        correct = loss.correct
+    else:
+        value = loss._forward(out, y)
+        correct = loss.correct
+    run_backward(model, loss._backward(scale), input_grad=False)        # backward
+    return value, correct
+
+
+class _OnePass:
+    """The runner of a batch in one pass (a GPU's eager steps): :func:`forward_backward`."""
+
+    def __init__(self, model, loss):
+        self.model, self.loss = model, loss
+
+    def forward_backward(self, x, y, scale, slot=None):
+        return forward_backward(self.model, self.loss, x, y, scale, slot)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class PendingStep:
+    """A step run but not read back yet (:meth:`Trainer.run_steps` reads every ``sync_every``)."""
+
+    step: int               #: the step's number in the epoch (0-based)
+    loss: object            #: its loss, a 0-d device array, or None (in the trainer's ring; an empty shard)
+    correct: object         #: its count of correct predictions, likewise
+    n: int                  #: this rank's examples in it
+    lr: float               #: its learning rate
+    n_global: int           #: the examples of the global batch (all ranks)
 
 
 @dataclass
@@ -90,21 +140,17 @@ class Trainer:
             and each example's position in the epoch's order, so runs, resumed
             runs and any number of ranks see the same batches.
         cuda_graph: on a GPU, replay full-size steps as one captured CUDA graph
-            (:mod:`gpucnn.train.graph`; opt-in);
-            falls back to eager steps with a warning when capture fails.
-        launch_plan: on a GPU without ``cuda_graph``, record one full-size
-            step's launches and issue just those for the following steps
-            (:mod:`gpucnn.train.plan`: checked against an eager step bit for
-            bit before it is used).  Default True;
-            a recorded step that fails those checks runs eagerly after a
-            one-line warning; MSE steps, label-checking losses and anomaly
-            detection stay eager without one.
+            (:mod:`gpucnn.train.graph`: two captures checked against each other
+            and against an eager step bit for bit before they are used).
+            Default True; a step that fails those checks runs eagerly after a
+            one-line warning; steps that are never captured run eagerly
+            without one (see :meth:`why_eager`).
     """
 
     def __init__(self, model, loss, optimizer, *, batch_size: int, schedule=None, num_classes: int = 10,
-                 sync_every: int | None = None, comm=None, cuda_graph: bool = False, augment=None,
-                 launch_plan: bool = True):
-        self.model, self.loss, self.optimizer = model, loss, optimizer
+                 sync_every: int | None = None, comm=None, cuda_graph: bool = True, augment=None):
+        self._model, self._loss, self._optimizer = model, loss, optimizer
+        self._runner = None              # forward, loss and backward: picked at the first step (_passes)
         self.comm = comm
         self.batch_size = int(batch_size)
         self.schedule = schedule
@@ -115,19 +161,37 @@ class Trainer:
         self._ring = None
         self.augment = augment
         self.cuda_graph = bool(cuda_graph)
-        self.launch_plan = bool(launch_plan)
-        if self.cuda_graph and comm is not None and comm.size > 1:
-            raise ValueError("cuda_graph=True is not supported for data-parallel training yet (the allreduce "
-                             "is not captured); leave it off with --distributed")
-        self._graphs: dict = {}          # (id(x), id(y), n) -> StepGraph / StepPlan, or None: eager
+        self._graphs: dict = {}          # (id(x), id(y), n) -> GraphedStep, or None: eager
         self._eager_steps: dict = {}     # the same key -> eager steps run (capture waits for WARMUP_STEPS)
-        self._micro = None               # the NumPy path's micro-batch runner, made at the first step
+
+    # model, loss and optimizer may be replaced between steps; the runner made for them goes with them
+    def _replace(name):  # noqa: N805 - a property factory
+        def set_(self, value):
+            setattr(self, "_" + name, value)
+            self.close()
+            self._runner = None
+        return property(lambda self: getattr(self, "_" + name), set_)
+
+    model, loss, optimizer = _replace("model"), _replace("loss"), _replace("optimizer")
 
     def close(self) -> None:
         """Stop this trainer's micro-batch worker processes, if it forked any (they also stop when the
         trainer is collected or the process exits; a later step forks new ones)."""
-        if self._micro is not None:
-            self._micro.close()
+        if self._runner is not None:
+            self._runner.close()
+
+    def _passes(self, x):
+        """The runner of forward, loss and backward, picked once (again only after the model, the loss
+        or the optimizer is replaced): CPU workers for NumPy arrays (:mod:`gpucnn.train.workers`:
+        micro-batches where the model allows, else one pass), one pass on a GPU (whose full-size steps
+        are replayed as CUDA graphs above it, :meth:`_graphed_step`)."""
+        if self._runner is None:
+            if backend.is_cupy(x):
+                self._runner = _OnePass(self._model, self._loss)
+            else:   # no forked workers beside a communicator: MPI libraries do not survive a fork
+                self._runner = workers.MicroBatches(self._model, self._loss, self._optimizer, forward_backward,
+                                                    processes=self.comm is None)
+        return self._runner
 
     def step(self, xb, yb):
         """One training step on a public batch ``xb`` (N, ...) / ``yb`` (N,); returns
@@ -143,19 +207,9 @@ class Trainer:
         The gradients written are those of ``scale`` times the batch-mean loss.
         ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into.
         On NumPy a batch of a model whose layers never mix samples runs as
-        micro-batches in forked workers or on threads (:mod:`gpucnn.train.microbatch`).
+        micro-batches in forked workers or on threads (:mod:`gpucnn.train.workers`).
         """
-        micro = self._micro
-        if micro is None or micro.optimizer is not self.optimizer or micro.loss is not self.loss \
-                or micro.model is not self.model:
-            if micro is not None:
-                micro.close()
-            # no forked workers beside a communicator: MPI libraries do not survive a fork
-            self._micro = microbatch.MicroBatches(self.model, self.loss, self.optimizer,
-                                                  processes=self.comm is None)
-        if slot is None and self._micro.usable(x):
-            return self._micro.run(x, y, scale)
-        return microbatch.forward_backward(self.model, self.loss, x, y, scale, slot)
+        return self._passes(x).forward_backward(x, y, scale, slot)
 
     @staticmethod
     def _gather_kernel(x, y) -> bool:
@@ -214,49 +268,47 @@ class Trainer:
         """The key of :attr:`_graphs`: the dataset and the batch size."""
         return id(x), id(y), n
 
-    def _static_step(self, x, y, idx, ring, augment_rows):
-        """The replayable step for this dataset and batch size -- a :class:`~gpucnn.train.graph.StepGraph`
-        (``cuda_graph``) or a :class:`~gpucnn.train.plan.StepPlan` (``launch_plan``) -- made once
-        the step has warmed up; None while warming up or when the step runs eagerly."""
-        if not self.cuda_graph and debug_mod.is_enabled():
-            return None                               # anomaly detection checks every layer: eager, not cached
+    def why_eager(self, x, n: int, replayable_loss: bool = True, augment_kernel: bool = True) -> str | None:
+        """Why a step of ``n`` samples of ``x`` runs eagerly rather than as a CUDA graph; None: it may
+        be captured.  No warning is given for these: they are what the step is, not failures."""
+        if not self.cuda_graph:
+            return "cuda_graph=False (--no-cuda-graph)"
+        if not backend.is_cupy(x):
+            return "the CPU: NumPy steps are eager"
+        if debug_mod.is_enabled():
+            return "anomaly detection checks every layer on the host"
+        if n != self.batch_size:
+            return "the epoch's last, smaller batch (only the full batch size is captured)"
+        if self.comm is not None and self.comm.size > 1:
+            return "several ranks: the gradient allreduce is not captured"
+        if not augment_kernel:
+            return ("the augmented batches of this dataset are gathered by CuPy operations, not the augmented "
+                    "gather kernel")
+        if not replayable_loss:
+            return f"only softmax cross-entropy steps are captured, not {type(self.loss).__name__}"
+        if getattr(self.loss, "check_labels", False):
+            return ("the loss checks the labels on the host every step (SoftmaxCrossEntropy(check_labels=True)); "
+                    "gpucnn train turns that off on a GPU")
+        return None
+
+    def _graphed_step(self, x, y, idx, ring, augment_rows):
+        """The :class:`~gpucnn.train.graph.GraphedStep` for this dataset and batch size, made once the
+        step has warmed up; None while warming up or when the step runs eagerly (:meth:`why_eager`)."""
         n = int(idx.shape[0])
-        key = self._static_key(x, y, n)
+        if self.why_eager(x, n, ring is not None, self.augment is None or augment_rows is not None):
+            return None
+        key = (id(x), id(y), n)
         if key in self._graphs:
             g = self._graphs[key]
             if g is not None:
                 for group in self.optimizer.groups:   # a replaced parameter would leave the step behind
                     group.check(type(self.optimizer).__name__)
             return g
-        if not backend.is_cupy(x) or n != self.batch_size or (self.comm is not None and self.comm.size > 1):
-            return None                               # the CPU, the last partial batch, several ranks: eager
-        what = "--cuda-graph: the step is not captured" if self.cuda_graph else "the launch plan is not used"
-        reason = None
-        if self.augment is not None and augment_rows is None:
-            reason = ("the augmented batches of this dataset are gathered by CuPy operations, not the augmented "
-                      "gather kernel")
-        elif ring is None:
-            reason = f"only softmax cross-entropy steps are replayed, not {type(self.loss).__name__}"
-        elif getattr(self.loss, "check_labels", False):
-            reason = ("the loss checks the labels on the host every step (SoftmaxCrossEntropy(check_labels=True)); "
-                      "gpucnn train turns that off on a GPU")
-        if reason is not None:
-            if self.cuda_graph:                       # asked for explicitly: say why not
-                warnings.warn(f"{what} ({reason}); training continues with eager steps", RuntimeWarning,
-                              stacklevel=4)
-            self._graphs[key] = None
-            return None
         seen = self._eager_steps.get(key, 0)
         if seen < graph_mod.WARMUP_STEPS:
             self._eager_steps[key] = seen + 1         # this step runs eagerly
             return None
-        if self.cuda_graph:
-            g = graph_mod.try_capture(self, x, y, n, idx.dtype, augmented=augment_rows is not None)
-        else:
-            g = plan_mod.StepPlan(self, x, y, n, idx.dtype, augmented=augment_rows is not None)
-        if g is not None:
-            g.dataset = (x, y)                        # keeps the ids of the key valid
-        self._graphs[key] = g
+        g = self._graphs[key] = graph_mod.GraphedStep(self, x, y, n, idx.dtype, augmented=augment_rows is not None)
         return g
 
     def _metric_ring(self, x, size):
@@ -302,28 +354,27 @@ class Trainer:
         return value, correct
 
     def _one_step(self, x, y, idx, n_global, hyper, slot, ring, key, aug_rows=None, i=0):
-        """One step of :meth:`run_steps`: a CUDA-graph replay, or gather + the eager step."""
+        """One step of :meth:`run_steps`: a CUDA-graph replay, or :meth:`_train_step`."""
         aug_words = None if aug_rows is None else aug_rows[i]
-        static = self._static_step(x, y, idx, ring, aug_rows) if self.cuda_graph or self.launch_plan else None
-        if static is not None and self.cuda_graph:
+        graphed = self._graphed_step(x, y, idx, ring, aug_rows)
+        if graphed is not None:
             with nvtx_range("train_step (CUDA graph)"):
-                static.replay(idx, hyper, slot, aug_words)
-            self.optimizer.step_count += 1
-            return slot
-        if static is not None:
-            with nvtx_range("train_step (launch plan)"):
                 try:
-                    static.step(idx, hyper, slot, aug_words)
-                except plan_mod.PlanRefused as exc:   # the step ran eagerly; so will the next ones
-                    self._graphs[self._static_key(x, y, int(idx.shape[0]))] = None
-                    plan_mod.warn_refused(exc)
+                    graphed.step(idx, hyper, slot, aug_words)
+                except graph_mod.GraphCaptureError as exc:   # the step ran eagerly; so will the next ones
+                    self._graphs[(id(x), id(y), int(idx.shape[0]))] = None
+                    graph_mod.warn_refused(exc)
             return slot
-        xb, yb = self._gather(x, y, idx, key, aug_words) if idx.shape[0] else (None, y[idx])
+        return self._train_step(x, y, idx, n_global, hyper, slot, key, aug_words)
+
+    def _train_step(self, x, y, idx, n_global, hyper, slot, key, aug_words):
+        """One eager train step, top to bottom: gather, forward + loss + backward, update."""
+        xb, yb = self._gather(x, y, idx, key, aug_words) if idx.shape[0] else (None, y[idx])   # gather
         if self.comm is not None:
-            return self.step_shard(xb, yb, n_global, hyper, slot)
+            return self.step_shard(xb, yb, n_global, hyper, slot)      # the same, gradients summed over ranks
         with nvtx_range("train_step"):
-            value, correct = self._forward_backward(xb, yb, 1.0, slot)
-            self.optimizer.step(hyper)
+            value, correct = self._forward_backward(xb, yb, 1.0, slot)    # forward, loss, backward
+            self.optimizer.step(hyper)                                    # update
         return value, correct
 
     def _rank_world(self):
@@ -367,7 +418,7 @@ class Trainer:
             except debug_mod.NonFiniteError as exc:  # anomaly detection named a layer
                 raise NonFiniteLossError(f"{exc} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
                                          f"(lr {lr:g})", epoch=epoch + 1, step=step + 1) from None
-            pending.append((step, value, correct, int(idx.shape[0]), lr, n_global))
+            pending.append(PendingStep(step, value, correct, int(idx.shape[0]), lr, n_global))
             if len(pending) >= self.sync_every or step == steps[-1]:
                 values, counts = self._read(pending, ring)
                 if self.comm is None:
@@ -386,39 +437,39 @@ class Trainer:
         if ring is not None:
             values = backend.asnumpy(ring[0][:k]).ravel().tolist()
             counts = backend.asnumpy(ring[1][:k]).ravel().tolist()
-            return ([v if p[3] else None for v, p in zip(values, pending)],
-                    [c if p[3] else None for c, p in zip(counts, pending)])
-        return ([None if p[1] is None else float(p[1]) for p in pending],
-                [None if p[2] is None else int(p[2]) for p in pending])
+            return ([v if p.n else None for v, p in zip(values, pending)],
+                    [c if p.n else None for c, p in zip(counts, pending)])
+        return ([None if p.loss is None else float(p.loss) for p in pending],
+                [None if p.correct is None else int(p.correct) for p in pending])
 
     @staticmethod
     def _drain(pending, values, counts, stats, epoch, steps_per_epoch):
-        for (step, _, _, n, lr, _), v, c in zip(pending, values, counts):
+        for p, v, c in zip(pending, values, counts):
             if not math.isfinite(v):
-                raise NonFiniteLossError(f"training loss is {v} at epoch {epoch + 1}, step {step + 1}/"
-                                         f"{steps_per_epoch} (lr {lr:g})", epoch=epoch + 1, step=step + 1)
-            stats.loss_sum += v * n
+                raise NonFiniteLossError(f"training loss is {v} at epoch {epoch + 1}, step {p.step + 1}/"
+                                         f"{steps_per_epoch} (lr {p.lr:g})", epoch=epoch + 1, step=p.step + 1)
+            stats.loss_sum += v * p.n
             stats.correct += c
-            stats.seen += n
+            stats.seen += p.n
             stats.steps += 1
 
     def _drain_reduced(self, pending, values, counts, stats, epoch, steps_per_epoch):
         """:meth:`_drain` with each step's loss sum and correct count summed over the ranks."""
         k = len(pending)
         local = np.zeros(2 * k, dtype=np.float64)
-        for i, (_, _, _, n, _, _) in enumerate(pending):
-            if n:
-                local[i] = values[i] * n
+        for i, p in enumerate(pending):
+            if p.n:
+                local[i] = values[i] * p.n
                 local[k + i] = counts[i]
         total = self.comm.allreduce_scalars(local)
-        for i, (step, _, _, _, lr, n_global) in enumerate(pending):
+        for i, p in enumerate(pending):
             if not math.isfinite(total[i]):
-                raise NonFiniteLossError(f"training loss is {total[i] / n_global} at epoch {epoch + 1}, step "
-                                         f"{step + 1}/{steps_per_epoch} (lr {lr:g})", epoch=epoch + 1,
-                                         step=step + 1, collective=True)
+                raise NonFiniteLossError(f"training loss is {total[i] / p.n_global} at epoch {epoch + 1}, step "
+                                         f"{p.step + 1}/{steps_per_epoch} (lr {p.lr:g})", epoch=epoch + 1,
+                                         step=p.step + 1, collective=True)
             stats.loss_sum += float(total[i])
             stats.correct += int(total[k + i])
-            stats.seen += n_global
+            stats.seen += p.n_global
             stats.steps += 1
 
     def evaluate(self, x, y, batch_size: int = 1000) -> dict:

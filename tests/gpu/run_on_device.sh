@@ -18,8 +18,8 @@
 #   kernels    every gpucnn kernel against the NumPy path on odd shapes: the cupy legs
 #              of tests/test_kernels_conv.py, tests/test_kernels_step.py, tests/test_functional.py
 #   gpu-tests  python3 -m pytest -m gpu --timeout=60 (everything else marked gpu)
-#   bench      gpucnn bench --device cuda, batch 64/256/1024: gpucnn eager, its train loop (eager,
-#              launch plan) and its CUDA graph against PyTorch eager (FP32 and its TF32 default)
+#   bench      gpucnn bench --device cuda, batch 64/256/1024: gpucnn eager, its train loop (eager)
+#              and its CUDA graph against PyTorch eager (FP32 and its TF32 default)
 #              and PyTorch as a CUDA graph; each conv kernel against cuDNN on the same shape
 #   tta        gpucnn bench --time-to-accuracy 0.99: lenet5 on MNIST, the data on the GPU, 3 seeds
 #   ncu        ncu --clock-control none on the conv kernels of a lenet5 step at batch 1024

@@ -1,4 +1,6 @@
-"""Intra-op parallelism of the NumPy path: fixed work blocks spread over a few threads.
+"""The NumPy path's threads and worker processes: how many, and what forked workers share.
+
+Intra-op parallelism: fixed work blocks spread over a few threads.
 
 The NumPy convolutions cut their work into blocks that depend on the shapes
 only (column chunks of the im2col matrix, groups of channels), so the result
@@ -14,9 +16,13 @@ would fight over the same cores.  :func:`release_blas` gives BLAS its threads
 back (for other code in the process).
 
 A whole train step can use the threads a level up instead:
-:mod:`gpucnn.train.microbatch` runs a batch's micro-batches (whole passes of
-a model replica) on these threads, and an op called inside one runs its
-blocks in that thread (a block never waits on the pool it runs in).
+:mod:`gpucnn.train.workers` runs a batch's micro-batches (whole passes of
+a model replica) on these threads, or in forked worker processes, and an op
+called inside one runs its blocks in that thread (a block never waits on the
+pool it runs in).  Fork handling lives here, in one place:
+:func:`can_fork`, :func:`shared_empty` (anonymous shared memory that forked
+workers read and write; a CPU optimizer keeps its flat parameters there) and
+:func:`after_fork_in_worker`.
 
 The number of threads: :func:`set_num_threads` (``gpucnn train --threads
 N``), else the ``GPUCNN_NUM_THREADS`` environment variable, else the number
@@ -33,13 +39,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import mmap
+import multiprocessing
 import os
+import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 __all__ = ["get_num_threads", "set_num_threads", "set_threads_option", "usable_cores", "cap_to_cores", "ThreadCountWarning",
-           "run_each", "map_each", "split", "pin_blas", "release_blas", "inline", "DEFAULT_MAX_THREADS"]
+           "run_each", "map_each", "split", "pin_blas", "release_blas", "inline", "DEFAULT_MAX_THREADS",
+           "can_fork", "shared_empty", "is_shared", "after_fork_in_worker"]
 
 ENV_VAR = "GPUCNN_NUM_THREADS"
 DEFAULT_MAX_THREADS = 8
@@ -244,11 +256,38 @@ def _reset_after_fork() -> None:
     _pool, _lock = None, threading.Lock()
 
 
-def _after_fork_in_child() -> None:
-    """In a micro-batch worker: that reset, and one thread (the cores are the workers')."""
+def after_fork_in_worker() -> None:
+    """In a forked micro-batch worker (:mod:`gpucnn.train.workers`): no pool, a fresh lock, and one
+    thread (the cores are the workers')."""
     global _num_threads
     _reset_after_fork()
     _num_threads = 1
+
+
+# -- worker processes: where they can be forked, and the memory they share ---------------------
+
+
+def can_fork() -> bool:
+    """Whether worker processes can be forked here: Linux (macOS frameworks are not fork-safe)."""
+    return (sys.platform.startswith("linux") and hasattr(os, "fork")
+            and "fork" in multiprocessing.get_all_start_methods())
+
+
+def shared_empty(shape, dtype) -> np.ndarray:
+    """A zeroed array in anonymous shared memory (inherited, shared, by forked children)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    buf = mmap.mmap(-1, max(1, size * np.dtype(dtype).itemsize))
+    return np.frombuffer(buf, dtype=dtype, count=size).reshape(shape)
+
+
+def is_shared(a) -> bool:
+    """Whether ``a`` is (a view of) a :func:`shared_empty` array."""
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)
 
 
 if hasattr(os, "register_at_fork"):

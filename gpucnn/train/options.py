@@ -1,0 +1,106 @@
+"""How a run runs, as one object: :class:`RunOptions`.
+
+What a run computes is its :class:`~gpucnn.train.TrainConfig` (stored in
+checkpoints); how it runs -- where, on how many threads, profiled or checked,
+replayed as CUDA graphs, over how many ranks, at which precision -- is a
+``RunOptions``, built once (by ``gpucnn train`` from its flags, or by a
+caller of :func:`~gpucnn.train.train`) and handed to the loop and the
+trainer as it is.  Nothing in it changes the numbers of a run, except
+``precision``, which accepts only ``"fp32"`` for now.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+from .. import debug as debug_mod
+from .. import distributed as dist
+from .. import nvtx as nvtx_mod
+from .. import threads as threads_mod
+
+__all__ = ["RunOptions", "PRECISIONS"]
+
+#: the precisions a run may ask for (the arithmetic of every layer and kernel)
+PRECISIONS = ("fp32",)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run runs.
+
+    Args:
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        threads: threads of the NumPy path for this run (None: as they are,
+            :mod:`gpucnn.threads`); capped at the usable cores with a note,
+            and put back when the run ends.
+        nvtx: NVTX ranges for Nsight Systems.
+        debug: anomaly detection (name the first layer producing NaN/Inf).
+        cuda_graph: on a GPU, replay full-size steps as CUDA graphs
+            (:mod:`gpucnn.train.graph`); False: every step eager.
+        distributed: None (this process alone), True (``"auto"``), a backend
+            name of :data:`gpucnn.distributed.BACKENDS` or a
+            :class:`~gpucnn.distributed.Communicator`.
+        collective_timeout: with ``distributed``, seconds a collective waits
+            for every rank (None: the communicator's).
+        precision: ``"fp32"`` (the only one for now).
+    """
+
+    device: str = "auto"
+    threads: int | None = None
+    nvtx: bool = False
+    debug: bool = False
+    cuda_graph: bool = True
+    distributed: object = None
+    collective_timeout: float | None = None
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))} for now, "
+                             f"got precision={self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got device={self.device!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got threads={self.threads!r}")
+        if self.collective_timeout is not None:
+            if not self.is_distributed:
+                raise ValueError(f"collective_timeout={self.collective_timeout!r} needs distributed=True "
+                                 "(or a backend)")
+            dist.check_timeout(self.collective_timeout)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.distributed is not None and self.distributed is not False
+
+    @classmethod
+    def resolve(cls, options: "RunOptions | None", **shorthands) -> "RunOptions":
+        """``options``, or one built from ``shorthands`` (keyword arguments named as the fields, as
+        :func:`~gpucnn.train.train` takes them); a shorthand set beside ``options`` is refused."""
+        if options is None:
+            return cls(**shorthands)
+        extra = sorted(k for k, v in shorthands.items() if v != getattr(cls, k))
+        if extra:
+            raise ValueError(f"train(options=...) takes the run options in one object; got {', '.join(extra)} "
+                             "beside it (set them in the RunOptions)")
+        return options
+
+    def replace(self, **changes) -> "RunOptions":
+        return dataclasses.replace(self, **changes)
+
+    @contextlib.contextmanager
+    def applied(self, say=None, prog: str = "gpucnn train", note: bool = True):
+        """Apply the options that are process state for the run -- threads, NVTX, anomaly detection
+        -- and put them back afterwards.  ``say(line)`` is told when NVTX has no implementation;
+        the threads' cap note goes to stderr as ``"<prog>: note: ..."`` when ``note``."""
+        with contextlib.ExitStack() as stack:
+            if self.threads is not None:
+                before = threads_mod.get_num_threads()
+                threads_mod.set_threads_option(self.threads, prog, note)
+                stack.callback(threads_mod.set_num_threads, before)
+            if self.nvtx and not stack.enter_context(nvtx_mod.enabled(True)) and say is not None:
+                say("note: --nvtx: no NVTX implementation importable (pip install nvtx, or CuPy); ranges are no-ops")
+            if self.debug:
+                stack.enter_context(debug_mod.detect_anomaly())
+            yield self
