@@ -281,8 +281,15 @@ def _train_config(args, sp):
 
 
 def _cmd_train(args, parser):
+    """``gpucnn train``, one process or every rank of ``--distributed`` alike: rank 0 checks the
+    arguments, prints and writes; an error every rank meets alike (bad arguments, an unusable
+    checkpoint, a NaN/Inf loss) exits every rank with the usual status, printed once by rank 0.
+    Running the ranks (the job's guard against one rank's failure, the collective timeout) is
+    :func:`gpucnn.train.train`'s: the command only opens the communicator, to name the flag at fault."""
+    import numpy as np
+
     from .data import DataError
-    from .train import NonFiniteLossError, RunDirWriteError, train
+    from .train import NonFiniteLossError, parallel, train
 
     sp = parser._gpucnn_sub["train"]
     if args.comm is not None and not args.distributed:
@@ -290,24 +297,51 @@ def _cmd_train(args, parser):
     if args.collective_timeout is not None and not args.distributed:
         sp.error("argument --collective-timeout: needs --distributed")
     options = _run_options(args)
-    if args.distributed:
-        return _cmd_train_distributed(args, sp, options)
-    config = _train_config(args, sp)
+    comm = _communicator(sp, options, args) if args.distributed else None
+    root = comm is None or comm.is_root
+    if comm is not None:
+        options = options.replace(distributed=comm)
+
+    def usage(msg):  # exit 2 on every rank, printed by rank 0
+        if root:
+            flag = "--device" if args.device == "cuda" and "CUDA" in msg else None
+            sp.error(f"argument {flag}: {msg}" if flag else msg)
+        sys.exit(EXIT_USAGE)
+
+    def failure(msg, code):
+        if root:
+            _err(msg)
+        return code
+
+    def root_config():  # the configuration, read by rank 0; a bad one exits every rank
+        code, config = np.zeros(1, dtype=np.int64), None
+        if root:
+            try:
+                config = _train_config(args, sp)
+            except SystemExit as exc:
+                code[0] = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        if comm is not None:
+            comm.broadcast(code)
+        if code[0]:
+            sys.exit(int(code[0]))
+        return config
+
+    config = root_config() if comm is None else parallel.guarded(comm, root_config)
     try:
         result = train(config, data_dir=args.data_dir, out_dir=args.out, resume=args.resume,
                        stop_after=args.stop_after, progress=not args.no_progress, overwrite=args.overwrite,
-                       options=options)
+                       log=print if root else None, options=options)
     except NonFiniteLossError as exc:
-        _err(str(exc))
-        return EXIT_NONFINITE
-    except (DataError, RunDirWriteError) as exc:
-        _err(str(exc))
-        return EXIT_FAILURE
+        return failure(str(exc), EXIT_NONFINITE)
+    except (DataError, FileNotFoundError) as exc:
+        return failure(str(exc), EXIT_FAILURE)
     except ValueError as exc:  # configuration / checkpoint / device / run directory problems
-        if args.device == "cuda" and "CUDA" in str(exc):
-            sp.error(f"argument --device: {exc}")
-        sp.error(str(exc))
-    print(result.summary(), flush=True)
+        usage(str(exc))
+    except OSError as exc:     # a run directory that cannot be written (RunDirWriteError says what was kept)
+        return failure(str(exc) if type(exc).__name__ == "RunDirWriteError" else f"{type(exc).__name__}: {exc}",
+                       EXIT_FAILURE)
+    if root:
+        print(result.summary(), flush=True)
     return 0
 
 
@@ -320,69 +354,16 @@ def _run_options(args):
                       collective_timeout=args.collective_timeout)
 
 
-def _cmd_train_distributed(args, sp, options):
-    """``gpucnn train --distributed``: rank 0 checks the arguments, prints and writes; errors end every rank.
-
-    An error every rank meets alike (bad arguments, an unusable checkpoint,
-    a NaN/Inf loss) exits every rank with the usual status, printed once, by
-    rank 0; any other error on one rank aborts the job (``MPI_Abort``),
-    naming the rank.
-    """
+def _communicator(sp, options, args):
+    """The communicator of ``--distributed``, or a usage error naming the flag at fault."""
     from .backend import resolve_device
     from .train import parallel
 
     try:
-        comm = parallel.communicator(options.distributed, resolve_device(options.device)[0])
+        return parallel.communicator(options.distributed, resolve_device(options.device)[0])
     except (ValueError, ImportError) as exc:
         flag = "--device" if "CUDA" in str(exc) else ("--comm" if args.comm else "--distributed")
         sp.error(f"argument {flag}: {exc}")
-    if options.collective_timeout is not None:
-        comm.timeout = options.collective_timeout
-    return parallel.guarded(comm, lambda: _train_ranks(args, sp, options.replace(distributed=comm)))
-
-
-def _train_ranks(args, sp, options):
-    import numpy as np
-
-    from .data import DataError
-    from .train import NonFiniteLossError, train
-
-    comm = options.distributed
-    root = comm.is_root
-
-    def usage(msg):  # exit 2 on every rank, printed by rank 0
-        sp.error(msg) if root else sys.exit(EXIT_USAGE)
-
-    def failure(msg, code):
-        if root:
-            _err(msg)
-        return code
-
-    code = np.zeros(1, dtype=np.int64)
-    config = None
-    if root:
-        try:
-            config = _train_config(args, sp)
-        except SystemExit as exc:
-            code[0] = exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    comm.broadcast(code)
-    if code[0]:
-        sys.exit(int(code[0]))
-    try:
-        result = train(config, data_dir=args.data_dir, out_dir=args.out, resume=args.resume,
-                       stop_after=args.stop_after, progress=not args.no_progress, overwrite=args.overwrite,
-                       log=print if root else None, options=options)
-    except NonFiniteLossError as exc:
-        return failure(str(exc), EXIT_NONFINITE)
-    except (DataError, FileNotFoundError) as exc:
-        return failure(str(exc), EXIT_FAILURE)
-    except ValueError as exc:  # configuration / checkpoint problems
-        usage(str(exc))
-    except OSError as exc:
-        return failure(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
-    if root:
-        print(result.summary(), flush=True)
-    return 0
 
 
 def _device_or_error(p, device):
