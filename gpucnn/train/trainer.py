@@ -88,6 +88,18 @@ class _OnePass:
 
 
 @dataclass
+class StepInputs:
+    """What one step of :meth:`Trainer.run_steps` reads besides the dataset."""
+
+    idx: object             #: this rank's sample indices into the dataset
+    n_global: int           #: the examples of the global batch (all ranks)
+    hyper: dict             #: per optimizer dtype, the step's device hyper row (kernel path; else empty)
+    slot: object            #: ``(loss_out, correct_out)`` in the metric ring, or None
+    key: tuple              #: ``(epoch, start)``: the augmentation's key (start None without augmentation)
+    aug_words: object       #: the step's row of the device augmentation-key table, or None
+
+
+@dataclass
 class PendingStep:
     """A step run but not read back yet (:meth:`Trainer.run_steps` reads every ``sync_every``)."""
 
@@ -263,11 +275,6 @@ class Trainer:
         host = np.stack([augment_key_words((self.augment["seed"], epoch), start) for start in starts])
         return backend.to_device(host, backend.device_of(x))
 
-    @staticmethod
-    def _static_key(x, y, n):
-        """The key of :attr:`_graphs`: the dataset and the batch size."""
-        return id(x), id(y), n
-
     def why_eager(self, x, n: int, replayable_loss: bool = True, augment_kernel: bool = True) -> str | None:
         """Why a step of ``n`` samples of ``x`` runs eagerly rather than as a CUDA graph; None: it may
         be captured.  No warning is given for these: they are what the step is, not failures."""
@@ -353,28 +360,27 @@ class Trainer:
             self.optimizer.step(hyper)
         return value, correct
 
-    def _one_step(self, x, y, idx, n_global, hyper, slot, ring, key, aug_rows=None, i=0):
+    def _one_step(self, x, y, s: StepInputs, ring, aug_rows):
         """One step of :meth:`run_steps`: a CUDA-graph replay, or :meth:`_train_step`."""
-        aug_words = None if aug_rows is None else aug_rows[i]
-        graphed = self._graphed_step(x, y, idx, ring, aug_rows)
+        graphed = self._graphed_step(x, y, s.idx, ring, aug_rows)
         if graphed is not None:
             with nvtx_range("train_step (CUDA graph)"):
                 try:
-                    graphed.step(idx, hyper, slot, aug_words)
+                    graphed.step(s.idx, s.hyper, s.slot, s.aug_words)
                 except graph_mod.GraphCaptureError as exc:   # the step ran eagerly; so will the next ones
-                    self._graphs[(id(x), id(y), int(idx.shape[0]))] = None
+                    self._graphs[(id(x), id(y), int(s.idx.shape[0]))] = None
                     graph_mod.warn_refused(exc)
-            return slot
-        return self._train_step(x, y, idx, n_global, hyper, slot, key, aug_words)
+            return s.slot
+        return self._train_step(x, y, s)
 
-    def _train_step(self, x, y, idx, n_global, hyper, slot, key, aug_words):
+    def _train_step(self, x, y, s: StepInputs):
         """One eager train step, top to bottom: gather, forward + loss + backward, update."""
-        xb, yb = self._gather(x, y, idx, key, aug_words) if idx.shape[0] else (None, y[idx])   # gather
+        xb, yb = self._gather(x, y, s.idx, s.key, s.aug_words) if s.idx.shape[0] else (None, y[s.idx])  # gather
         if self.comm is not None:
-            return self.step_shard(xb, yb, n_global, hyper, slot)      # the same, gradients summed over ranks
+            return self.step_shard(xb, yb, s.n_global, s.hyper, s.slot)   # the same, gradients summed over ranks
         with nvtx_range("train_step"):
-            value, correct = self._forward_backward(xb, yb, 1.0, slot)    # forward, loss, backward
-            self.optimizer.step(hyper)                                    # update
+            value, correct = self._forward_backward(xb, yb, 1.0, s.slot)  # forward, loss, backward
+            self.optimizer.step(s.hyper)                                  # update
         return value, correct
 
     def _rank_world(self):
@@ -410,11 +416,11 @@ class Trainer:
                 stats.lr_first = lr
             stats.lr_last = lr
             idx, n_global = self._batch(order, step)
-            hyper = {dtype: table[i] for dtype, table in tables.items()}
-            slot = None if ring is None else (ring[0][len(pending)], ring[1][len(pending)])
+            s = StepInputs(idx, n_global, hyper={dtype: table[i] for dtype, table in tables.items()},
+                           slot=None if ring is None else (ring[0][len(pending)], ring[1][len(pending)]),
+                           key=(epoch, starts[i]), aug_words=None if aug_rows is None else aug_rows[i])
             try:
-                value, correct = self._one_step(x, y, idx, n_global, hyper, slot, ring, (epoch, starts[i]), aug_rows,
-                                                i)
+                value, correct = self._one_step(x, y, s, ring, aug_rows)
             except debug_mod.NonFiniteError as exc:  # anomaly detection named a layer
                 raise NonFiniteLossError(f"{exc} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
                                          f"(lr {lr:g})", epoch=epoch + 1, step=step + 1) from None
