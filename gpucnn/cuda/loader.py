@@ -324,7 +324,7 @@ _sync_check = _read_sync_check()
 
 def _sync_check_enabled() -> bool:
     """``GPUCNN_CUDA_SYNC_CHECK`` is set: read at import, and again whenever the module
-    builder is set or the cache cleared (not per launch: an environment read costs ~1 us)."""
+    builder is set or the cache cleared (not per launch: an environment read is not free)."""
     return _sync_check
 
 
