@@ -150,3 +150,75 @@ def test_one_input_grad_flag():
     assert conv.backward(np.ones((1, 2, 3, 3))) is None
     for name in ("needs_input_grad", "need_input_grad"):
         assert not hasattr(conv, name)
+
+
+class OwnHelpers(L.Layer):
+    """A layer of one's own whose helpers happen to be named _forward/_backward."""
+
+    def __init__(self, features):
+        super().__init__()
+        self._add_param("b", np.arange(features, dtype=F64))
+
+    def _forward(self, x, *args):
+        return x + self.params["b"]
+
+    def _backward(self, dy, *args):
+        return dy
+
+    def forward(self, x):
+        return self._forward(x)
+
+    def backward(self, dy):
+        return self._backward(dy)
+
+
+class Patched(DoubleReLU):
+    """Redefines the compute below an override of forward: DoubleReLU's forward still runs."""
+
+    def _forward(self, x, epilogue=None):
+        return super()._forward(x, epilogue)
+
+
+def test_what_runs_is_what_forward_resolves_to():
+    x = np.zeros((4, 4))
+    np.testing.assert_array_equal(L.Sequential(OwnHelpers(4)).forward(x), OwnHelpers(4).forward(x))
+    one = np.ones((2, 3))
+    np.testing.assert_array_equal(L.Sequential(Patched()).forward(one), Patched().forward(one))
+    relu = L.ReLU()
+    relu.forward = lambda v: 5 * v                   # an instance's own forward
+    np.testing.assert_array_equal(L.Sequential(relu).forward(one), 5 * one)
+    assert not runs_batch_last(OwnHelpers(4)) and not runs_batch_last(Patched()) and not runs_batch_last(relu)
+    assert runs_batch_last(L.RReLU()) and runs_batch_last(L.Dropout())      # their forward(x, draw) is gpucnn's
+
+
+class NoInputGrad(Doubled):
+    def backward(self, dy):
+        return None
+
+
+class WrongShape(Doubled):
+    def backward(self, dy):
+        return dy[:, :2]
+
+
+def test_a_wrong_backward_of_ones_own_is_named_not_the_layer_below():
+    net = L.Sequential(L.Dense(3, 3, dtype=F64), NoInputGrad())
+    net.forward(np.ones((2, 3)))
+    with pytest.raises(TypeError, match=r"NoInputGrad.backward returned NoneType instead of dL/dx, an array of "
+                                        r"shape \(2, 3\)"):
+        net.backward(np.ones((2, 3)))
+    net = L.Sequential(L.Dense(3, 3, dtype=F64), WrongShape())
+    net.forward(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"WrongShape.backward returned dL/dx of shape \(2, 2\), expected \(2, 3\)"):
+        net.backward(np.ones((2, 3)))
+
+
+def test_one_nvtx_range_per_pass_of_an_override(monkeypatch):
+    from gpucnn import nvtx
+    pushed = []
+    monkeypatch.setattr(nvtx, "_push", lambda name: pushed.append(name))
+    monkeypatch.setattr(nvtx, "_pop", lambda: None)
+    monkeypatch.setattr(nvtx, "_enabled", True)
+    net = L.Sequential(DoubleReLU())
+    net.forward(np.ones((2, 3)))
+    assert pushed == ["Sequential.forward", "DoubleReLU.forward"]

@@ -345,3 +345,14 @@ def test_run_options_name_a_bad_precision_and_travel_as_one_object(tmp_path):
         RunOptions(collective_timeout=5)
     with pytest.raises(ValueError, match=r"got debug beside it"):
         train(None, options=RunOptions(device="cpu"), debug=True, out_dir=tmp_path / "r")
+
+
+def test_replacing_the_model_loss_or_optimizer_drops_what_was_made_for_the_old_ones():
+    """A captured CUDA graph points into the old model's and optimizer's buffers: it must go with them."""
+    model = gc.models.build("lenet5")
+    trainer = gc.train.Trainer(model, losses.SoftmaxCrossEntropy(), gc.optim.SGD(model, lr=0.1), batch_size=8)
+    for attr, value in (("model", gc.models.build("lenet5")), ("loss", losses.SoftmaxCrossEntropy()),
+                        ("optimizer", gc.optim.SGD(model, lr=0.2))):
+        trainer._graphs[(1, 2, 8)], trainer._eager_steps[(1, 2, 8)] = object(), 2
+        setattr(trainer, attr, value)
+        assert getattr(trainer, attr) is value and not trainer._graphs and not trainer._eager_steps

@@ -16,7 +16,7 @@ from .._utils import check_array, check_param_match, positive_int, shown_shape
 from ..functional import activation as F
 from ..functional.activation import sigmoid
 from ..random import uniform
-from .base import Layer
+from .base import Layer, builtin_pass
 
 
 def _remember(layer, x) -> None:
@@ -200,6 +200,7 @@ class RReLU(Layer):
     def extra_repr(self):
         return f"lower={self.lower}, upper={self.upper}"
 
+    @builtin_pass
     def forward(self, x, slopes=None):
         """Apply RReLU to a public ``x``; ``slopes`` (the shape of x) replaces the random draw (for tests)."""
         return self._forward_fixing(x, slopes, "slopes")

@@ -19,12 +19,12 @@ batch-last layout (:mod:`gpucnn.functional.layout`) in two private methods,
 * ``_backward(dy, input_grad=True)`` -- dL/dx (None when not ``input_grad``),
 
 which the public methods here convert around and containers call directly, so
-that nothing is transposed inside a network.  A class that overrides
-``forward`` or ``backward`` *below* the class defining that compute (``class
-DoubleReLU(ReLU): def forward(self, x): return super().forward(x) * 2``) is
-run through its public methods -- converted at its boundary, neither fused
-nor split into micro-batches -- and a Sequential's ``repr`` says so
-(:func:`runs_batch_last`).  Containers call their members through
+that nothing is transposed inside a network.  A layer whose ``forward`` or
+``backward`` is not gpucnn's own -- one of yours, or a built-in's subclass
+overriding them (``class DoubleReLU(ReLU): def forward(self, x): return
+super().forward(x) * 2``) -- is run through its public methods: converted at
+its boundary, neither fused nor split into micro-batches, and a Sequential's
+``repr`` says so (:func:`runs_batch_last`).  Containers call their members through
 :func:`run_forward` / :func:`run_backward`, the one place that choice is made.
 
 Public calls return new arrays; ``_forward``/``_backward`` results may be the
@@ -44,7 +44,8 @@ from .._utils import check_array, shown_shape
 from ..functional.layout import from_internal, to_internal
 from ..functional.workspace import Workspace
 
-__all__ = ["Layer", "Epilogue", "runs_batch_last", "run_forward", "run_backward", "indent_repr"]
+__all__ = ["Layer", "Epilogue", "builtin_pass", "runs_batch_last", "compute_class", "run_forward", "run_backward",
+           "indent_repr"]
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,18 @@ class Epilogue:
 def _ranged_method(fn, what: str):
     """Wrap a forward/backward in an NVTX range named after the concrete class (free when off)."""
 
+    inside = f"_nvtx_in_{what}"
+
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
-        if not nvtx._enabled:
+        if not nvtx._enabled or self.__dict__.get(inside):   # one range per call, not one per super()
             return fn(self, *args, **kwargs)
-        with nvtx.nvtx_range(f"{type(self).__name__}.{what}"):
-            return fn(self, *args, **kwargs)
+        self.__dict__[inside] = True
+        try:
+            with nvtx.nvtx_range(f"{type(self).__name__}.{what}"):
+                return fn(self, *args, **kwargs)
+        finally:
+            self.__dict__[inside] = False
 
     wrapper._nvtx_wrapped = True
     return wrapper
@@ -75,49 +82,68 @@ def _owner(cls, name: str):
     return next(k for k in cls.__mro__ if name in vars(k))
 
 
+def builtin_pass(fn):
+    """Mark a public ``forward``/``backward`` as gpucnn's own: it only checks, converts and calls the
+    layer's batch-last ``_forward``/``_backward``, so a container may call those directly."""
+    fn._gpucnn_pass = True
+    return fn
+
+
 @functools.lru_cache(maxsize=None)
-def _class_runs_batch_last(cls) -> bool:
-    for public, private in (("forward", "_forward"), ("backward", "_backward")):
-        compute, api = _owner(cls, private), _owner(cls, public)
-        if compute is Layer or (api is not compute and issubclass(api, compute)):
-            return False
-    return True
+def _class_runs_batch_last(cls, forward, backward) -> bool:
+    if _owner(cls, "_forward") is Layer or _owner(cls, "_backward") is Layer:
+        return False
+    return getattr(forward, "_gpucnn_pass", False) and getattr(backward, "_gpucnn_pass", False)
 
 
 def runs_batch_last(layer) -> bool:
-    """Whether containers may call ``layer``'s batch-last compute directly: True for gpucnn's layers
-    and subclasses that leave ``forward``/``backward`` alone; False for a layer whose public methods
-    are its own (one of yours, or a built-in's subclass overriding them), which then runs through
-    them, converted at its boundary, unfused and never split into micro-batches."""
-    return _class_runs_batch_last(type(layer))
+    """Whether containers may call ``layer``'s batch-last compute directly: True when the
+    ``forward`` and ``backward`` it resolves to are gpucnn's own (:func:`builtin_pass`) -- its layers
+    and subclasses that leave those two alone; False for anything else (a layer of yours, a
+    built-in's subclass or instance with ``forward``/``backward`` replaced, at any depth), which
+    then runs through its public methods, converted at its boundary, unfused and never split into
+    micro-batches.  Names such as ``_forward`` in a layer of yours change nothing."""
+    cls = type(layer)
+    return (_class_runs_batch_last(cls, cls.forward, cls.backward)
+            and "forward" not in layer.__dict__ and "backward" not in layer.__dict__)
 
 
 def compute_class(layer):
     """The most derived class defining the ``_forward`` / ``_backward`` a batch-last ``layer`` runs
     (what fusion and the micro-batch split key on: a subclass redefining either is its own
     computation), or None when the layer runs through its public methods."""
-    cls = type(layer)
-    if not _class_runs_batch_last(cls):
+    if not runs_batch_last(layer):
         return None
+    cls = type(layer)
     fwd, bwd = _owner(cls, "_forward"), _owner(cls, "_backward")
     return fwd if issubclass(fwd, bwd) else bwd
 
 
 def run_forward(layer, x, epilogue: Epilogue | None = None):
     """``layer``'s forward on the batch-last ``x``: its compute, or its public ``forward`` converted."""
-    if _class_runs_batch_last(type(layer)):
+    if runs_batch_last(layer):
         return layer._forward(x, epilogue)
     if epilogue is not None:
         raise ValueError(f"{type(layer).__name__} runs its own forward: nothing can be fused into it")
+    layer.__dict__["_own_pass_input"] = shown_shape(x, True)   # what its backward must give back
     return to_internal(layer.forward(from_internal(x)))
 
 
 def run_backward(layer, dy, input_grad: bool = True):
     """``layer``'s backward on the batch-last ``dy``; dL/dx batch-last, or None when not ``input_grad``."""
-    if _class_runs_batch_last(type(layer)):
+    if runs_batch_last(layer):
         return layer._backward(dy, input_grad)
     dx = layer.backward(from_internal(dy))
-    return None if dx is None or not input_grad else to_internal(dx)
+    if not input_grad:
+        return None
+    name, expected = type(layer).__name__, layer.__dict__.get("_own_pass_input")
+    if dx is None or not hasattr(dx, "shape"):
+        raise TypeError(f"{name}.backward returned {type(dx).__name__} instead of dL/dx, an array of shape "
+                        f"{expected} (its forward's input)")
+    if expected is not None and tuple(dx.shape) != expected:
+        raise ValueError(f"{name}.backward returned dL/dx of shape {tuple(dx.shape)}, expected {expected} "
+                         f"(its forward's input)")
+    return to_internal(dx)
 
 
 class Layer:
@@ -140,6 +166,7 @@ class Layer:
                 setattr(cls, method, _ranged_method(fn, method))
 
     # -- the passes ----------------------------------------------------------
+    @builtin_pass
     def forward(self, x):
         """``y`` for a public ``x`` (NCHW images or ``(N, F)`` vectors).  Override it (and
         :meth:`backward`) in a layer of your own; gpucnn's layers convert around ``_forward``."""
@@ -148,6 +175,7 @@ class Layer:
         self._public_device = backend.device_of(x)
         return from_internal(self._forward(to_internal(x)))
 
+    @builtin_pass
     def backward(self, dy, input_grad: bool | None = None):
         """dL/dx for the public ``dy`` of the last forward; overwrites ``grads``.  ``input_grad``
         (default: the layer's ``input_grad`` flag) False skips dL/dx and returns None."""
@@ -162,6 +190,7 @@ class Layer:
 
     def _forward_fixing(self, x, draw, name: str):
         """:meth:`forward` with ``draw`` (the shape of ``x``, on its device) in place of the random one."""
+        self._check_public(x, "x")
         if draw is not None:
             backend.check_same_device(x=x, **{name: draw})
             if draw.shape != x.shape:

@@ -1,11 +1,18 @@
 """Sequential: a chain of layers that is itself a layer."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .. import backend, debug, nvtx
 from .base import Layer, indent_repr
 from .fusion import stages_of
+
+
+def _range(stage, what: str):
+    """The stage's NVTX range; none for a layer running its own passes (they open their own)."""
+    return contextlib.nullcontext() if stage.own_passes else nvtx.nvtx_range(f"{stage.name}.{what}")
 
 
 class Sequential(Layer):
@@ -74,9 +81,9 @@ class Sequential(Layer):
         (fused when ``fuse`` and anomaly detection is off)."""
         fuse = self.fuse and not debug.is_enabled()
         key = (tuple(map(id, self.layers)), fuse)
-        if getattr(self, "_plan_key", None) != key:
-            self._plan, self._plan_key = stages_of(self.layers, fuse=fuse), key
-        return self._plan
+        if getattr(self, "_stages_key", None) != key:
+            self._stages, self._stages_key = stages_of(self.layers, fuse=fuse), key
+        return self._stages
 
     def _forward(self, x, epilogue=None):
         self._no_epilogue(epilogue)
@@ -84,7 +91,7 @@ class Sequential(Layer):
         if check:
             debug.check_finite(x, "Sequential input")
         for stage in self.stages():
-            with nvtx.nvtx_range(f"{stage.name}.forward"):
+            with _range(stage, "forward"):
                 x = stage.forward(x)
             if check:
                 debug.check_finite(x, f"layer {stage.start} ({stage.name}) forward")
@@ -100,7 +107,7 @@ class Sequential(Layer):
             raise RuntimeError(f"{stages[-1].name}.backward called before forward "
                                f"(layer {stages[-1].start} of the Sequential)")
         for stage in reversed(stages):
-            with nvtx.nvtx_range(f"{stage.name}.backward"):
+            with _range(stage, "backward"):
                 dy = stage.backward(dy, input_grad or stage is not stages[0])
             where = f"layer {stage.start} ({stage.name})"
             if check and dy is not None:

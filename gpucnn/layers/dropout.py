@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .._utils import check_array
 from ..functional import dropout as F
-from .base import Layer
+from .base import Layer, builtin_pass
 
 __all__ = ["Dropout"]
 
@@ -27,6 +27,7 @@ class Dropout(Layer):
     def extra_repr(self):
         return f"p={self.p}"
 
+    @builtin_pass
     def forward(self, x, mask=None):
         """Apply dropout to a public ``x``; ``mask`` (0/1, the shape of x) replaces the random draw
         (for tests)."""

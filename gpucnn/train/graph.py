@@ -1,10 +1,11 @@
 """The GPU train step as one CUDA graph: how ``gpucnn train --device cuda`` replays its steps.
 
 On by default (``Trainer(cuda_graph=True)``; ``gpucnn train --no-cuda-graph``
-runs every step eagerly).  Verified on a GPU: lenet5 steps captured this way
-ran on an H200 and were measured against eager steps and PyTorch's graphed
-step in the device check ``bench/results/nvidia-h200-2026-12-04-run2/`` (and
-runs 3-4; figures in BENCHMARKS.md).
+runs every step eagerly).  Capture itself ran on an H200: lenet5 steps
+captured as graphs (then opt-in, without the check below) were compared with
+eager steps and measured in ``bench/results/nvidia-h200-2026-12-04-run2/``
+(and runs 3-4).  The two-capture check and the fallback described here have
+run only on the CPU stand-in, with the emulator running the kernels.
 
 After a few eager steps have allocated every buffer, one step -- gather,
 forward, loss, backward, optimizer -- is captured on a side stream

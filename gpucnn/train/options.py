@@ -4,8 +4,10 @@ What a run computes is its :class:`~gpucnn.train.TrainConfig` (stored in
 checkpoints); how it runs -- where, on how many threads, profiled or checked,
 replayed as CUDA graphs, over how many ranks, at which precision -- is a
 ``RunOptions``, built once (by ``gpucnn train`` from its flags, or by a
-caller of :func:`~gpucnn.train.train`) and handed to the loop and the
-trainer as it is.  Nothing in it changes the numbers of a run, except
+caller of :func:`~gpucnn.train.train`) and handed to the loop as it is;
+the loop applies it (device, threads, NVTX, anomaly detection, the
+communicator and its timeout) and gives the :class:`~gpucnn.train.Trainer`
+the one field a step reads, ``cuda_graph``.  Nothing in it changes the numbers of a run, except
 ``precision``, which accepts only ``"fp32"`` for now.
 """
 from __future__ import annotations

@@ -182,6 +182,8 @@ class Trainer:
             setattr(self, "_" + name, value)
             self.close()
             self._runner = None
+            self._graphs.clear()             # captured graphs point into the old buffers
+            self._eager_steps.clear()
         return property(lambda self: getattr(self, "_" + name), set_)
 
     model, loss, optimizer = _replace("model"), _replace("loss"), _replace("optimizer")
