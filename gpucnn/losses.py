@@ -19,6 +19,7 @@ from ._utils import check_array, check_integer_labels, shown_shape
 from .functional import loss as F
 from .functional.layout import from_internal, to_internal
 from .functional.workspace import Workspace
+from .layers.base import builtin_pass
 from .nvtx import ranged
 
 
@@ -83,6 +84,7 @@ class SoftmaxCrossEntropy:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"SoftmaxCrossEntropy: label {bad} out of range [0, {K}) for {K} classes")
 
+    @builtin_pass
     @ranged("SoftmaxCrossEntropy.forward")
     def forward(self, logits, labels):
         """The mean loss of ``logits (N, K)`` against ``labels (N,)``, a 0-d array."""
@@ -113,6 +115,7 @@ class SoftmaxCrossEntropy:
         """How many samples of the last forward were predicted right (a 0-d array)."""
         return None if self._saved is None else self._saved.correct
 
+    @builtin_pass
     @ranged("SoftmaxCrossEntropy.backward")
     def backward(self, scale=1.0):
         """dL/dlogits (N, K) of the last forward, times ``scale``."""
@@ -151,6 +154,7 @@ class MSE:
         if pred.dtype != target.dtype:
             raise TypeError(f"MSE: pred is {pred.dtype} but target is {target.dtype}; convert explicitly")
 
+    @builtin_pass
     @ranged("MSE.forward")
     def forward(self, pred, target):
         self._check(pred, target, False)
@@ -164,6 +168,7 @@ class MSE:
         loss, self._diff = F.mse_forward(pred, target, self._n)
         return loss
 
+    @builtin_pass
     @ranged("MSE.backward")
     def backward(self, scale=1.0):
         if self._diff is None:

@@ -222,3 +222,30 @@ def test_one_nvtx_range_per_pass_of_an_override(monkeypatch):
     net = L.Sequential(DoubleReLU())
     net.forward(np.ones((2, 3)))
     assert pushed == ["Sequential.forward", "DoubleReLU.forward"]
+
+
+class HalfXent(gpucnn.losses.SoftmaxCrossEntropy):
+    """A loss overriding its public passes: half the cross-entropy."""
+
+    def forward(self, logits, labels):
+        return super().forward(logits, labels) / 2
+
+    def backward(self, scale=1.0):
+        return super().backward(scale / 2)
+
+
+def test_a_loss_overriding_its_passes_is_what_the_train_step_runs():
+    from gpucnn.train.trainer import forward_backward
+    gpucnn.seed(5)
+    x = _x((1, 1, 28, 28, 6))[0].astype(np.float32)          # batch-last (C, H, W, N)
+    y = np.array([0, 1, 2, 3, 4, 5])
+    grads = []
+    for loss, scale in ((gpucnn.losses.SoftmaxCrossEntropy(), 0.5), (HalfXent(), 1.0)):
+        gpucnn.seed(5)
+        model = gpucnn.models.build("lenet5")
+        value, correct = forward_backward(model, loss, x, y, scale)
+        grads.append((float(value), int(correct), [g.copy() for g in model.gradients()]))
+    (v_full, c_full, g_full), (v_half, c_half, g_half) = grads
+    assert v_half == pytest.approx(v_full / 2, rel=1e-6) and c_half == c_full
+    for a, b in zip(g_half, g_full):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -42,8 +42,8 @@ from .. import losses
 from ..data.augment import augment_batch
 from ..data.batching import batch_indices, batch_start, shard_bounds
 from ..functional import _dispatch
-from ..functional.layout import to_internal
-from ..layers.base import run_backward, run_forward
+from ..functional.layout import from_internal, to_internal
+from ..layers.base import run_backward, run_forward, runs_batch_last
 from ..nvtx import nvtx_range
 from . import graph as graph_mod
 from . import workers
@@ -61,6 +61,8 @@ def forward_backward(model, loss, x, y, scale=1.0, slot=None):
     the train step calls the model's and the loss's batch-last passes.
     """
     out = run_forward(model, x)                                         # forward
+    if not runs_batch_last(loss):                                       # a loss of one's own: public passes
+        return _own_loss(model, loss, out, y, scale)
     if isinstance(loss, losses.MSE):                                    # loss
         value = loss._forward(out, losses.one_hot_internal(y, out.shape[0], out.dtype))
         correct = (out.argmax(axis=0) == y).sum()
@@ -71,6 +73,16 @@ def forward_backward(model, loss, x, y, scale=1.0, slot=None):
         value = loss._forward(out, y)
         correct = loss.correct
     run_backward(model, loss._backward(scale), input_grad=False)        # backward
+    return value, correct
+
+
+def _own_loss(model, loss, out, y, scale):
+    """The loss and backward of :func:`forward_backward` through a loss's own public ``forward`` /
+    ``backward`` (a subclass overriding them, or a loss of one's own): batch-first arrays, converted."""
+    target = losses.one_hot(y, out.shape[0], out.dtype) if isinstance(loss, losses.MSE) else y
+    value = loss.forward(from_internal(out), target)
+    correct = (out.argmax(axis=0) == y).sum()
+    run_backward(model, to_internal(loss.backward(scale)), input_grad=False)
     return value, correct
 
 
@@ -323,7 +335,8 @@ class Trainer:
     def _metric_ring(self, x, size):
         """Per-step device slots for the loss and the correct count (kernel path with softmax
         cross-entropy), so pending steps keep their own values and one read fetches them all."""
-        if not (isinstance(self.loss, losses.SoftmaxCrossEntropy) and _dispatch.use_kernels(x)):
+        if not (isinstance(self.loss, losses.SoftmaxCrossEntropy) and runs_batch_last(self.loss)
+                and _dispatch.use_kernels(x)):
             return None
         ring = self._ring
         if ring is None or ring[0].shape[0] < size or ring[0].dtype != x.dtype:
