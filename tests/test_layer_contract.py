@@ -249,3 +249,25 @@ def test_a_loss_overriding_its_passes_is_what_the_train_step_runs():
     assert v_half == pytest.approx(v_full / 2, rel=1e-6) and c_half == c_full
     for a, b in zip(g_half, g_full):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+class OwnLoss:
+    """A loss of one's own, from no gpucnn class: forward(pred, labels) and backward(scale)."""
+
+    def forward(self, pred, labels):
+        self.pred = pred
+        return (pred ** 2).sum() / (2 * pred.shape[0])
+
+    def backward(self, scale=1.0):
+        return scale * self.pred / self.pred.shape[0]
+
+
+def test_a_loss_of_ones_own_trains():
+    from gpucnn.train.trainer import forward_backward
+    gpucnn.seed(6)
+    model = L.Sequential(L.Flatten(), L.Dense(4, 3, dtype=F64))
+    x = _x((4, 5))                                        # batch-last (F, N)
+    value, correct = forward_backward(model, OwnLoss(), x, np.zeros(5, np.int64))
+    out = model.forward(x.T)
+    assert float(value) == pytest.approx(float((out ** 2).sum() / 10))
+    np.testing.assert_allclose(model[1].grads["b"], out.sum(axis=0) / 5, rtol=1e-12)

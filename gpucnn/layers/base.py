@@ -78,8 +78,8 @@ def _ranged_method(fn, what: str):
 
 
 def _owner(cls, name: str):
-    """The class in ``cls``'s MRO that defines ``name``."""
-    return next(k for k in cls.__mro__ if name in vars(k))
+    """The class in ``cls``'s MRO that defines ``name`` (None: none does)."""
+    return next((k for k in cls.__mro__ if name in vars(k)), None)
 
 
 def builtin_pass(fn):
@@ -91,7 +91,7 @@ def builtin_pass(fn):
 
 @functools.lru_cache(maxsize=None)
 def _class_runs_batch_last(cls, forward, backward) -> bool:
-    if _owner(cls, "_forward") is Layer or _owner(cls, "_backward") is Layer:
+    if _owner(cls, "_forward") in (None, Layer) or _owner(cls, "_backward") in (None, Layer):
         return False
     return getattr(forward, "_gpucnn_pass", False) and getattr(backward, "_gpucnn_pass", False)
 
