@@ -450,3 +450,21 @@ def test_kernels_clean_under_sanitizers(sanitize, cases, dtypes):
     result = cudasim.run_sanitized(["-c", code], sanitize, env=env, timeout=1200)
     assert result.returncode == 0 and "SANITIZED-OK" in result.stdout, (
         f"{sanitize} run failed (rc {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}")
+
+
+@pytest.mark.parametrize("batch", [64, 256, 1024])
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_weight_grad_partial_grid_grows_with_the_batch(layer, batch):
+    """The partial kernel's blocks are one warp each: slabs stay <= MAX_SLAB columns so that a large
+    batch brings more blocks (>= 3.5 warps per SM of an H200), not longer serial walks.  Before the
+    cap, lenet5's conv1 at batch 1024 ran 263 blocks of ~3,050 columns (2 warps per SM)."""
+    x_shape, w_shape, pad = {"conv1": ((1, 28, 28, batch), (6, 1, 5, 5), 2),
+                             "conv2": ((6, 14, 14, batch), (16, 6, 5, 5), 0)}[layer]
+    partial = conv.launch_shapes(x_shape, w_shape, 1, pad)["conv_backward_weight_partial"]
+    P = (x_shape[1] + 2 * pad - 4) * (x_shape[2] + 2 * pad - 4) * batch
+    assert conv.MIN_SLAB <= partial["slab"] <= conv.MAX_SLAB and partial["slab"] % 16 == 0
+    assert partial["slabs"] == -(-P // partial["slab"])
+    warps_per_sm = partial["blocks"] * partial["threads_per_block"] / 32 / 132
+    assert warps_per_sm >= 3.5, f"{layer} batch {batch}: {partial}"
+    if batch == 1024:
+        assert partial["slab"] == conv.MAX_SLAB and warps_per_sm > 7

@@ -38,8 +38,9 @@ Launch shapes (chosen from the shapes only, see :func:`launch_shapes`):
   phases of ceil(cols_phase / (4*TX)), ceil(C / 16))``, ``TX`` chosen the same way;
 * ``conv_backward_weight_partial``: block ``(8, 4)``, grid ``(ceil((K+1) / 32),
   ceil(O / 16), S)``, ``K = C*KH*KW``; the slab length is a multiple of 16 chosen
-  so that the grid has about :data:`TARGET_PARTIAL_BLOCKS` blocks (at least 64
-  columns per slab), ``S = ceil(P / slab)``;
+  so that the grid has about :data:`TARGET_PARTIAL_BLOCKS` blocks, between
+  :data:`MIN_SLAB` and :data:`MAX_SLAB` columns (so a large batch gives more
+  blocks, not longer slabs: each block is one warp), ``S = ceil(P / slab)``;
 * ``conv_backward_weight_reduce``: block ``(BX, BY)``, grid ``ceil(O*(K+1) / BX)``,
   ``BX`` the largest power of two <= 32 with at least :data:`MIN_BLOCKS` blocks
   (1 when none), ``BY`` the largest power of two <= min(S, 256 / BX).
@@ -65,6 +66,8 @@ __all__ = [
     "MAX_KERNEL",
     "MIN_BLOCKS",
     "TARGET_PARTIAL_BLOCKS",
+    "MIN_SLAB",
+    "MAX_SLAB",
     "conv_output_shape",
     "conv_forward",
     "conv_backward_input",
@@ -86,11 +89,16 @@ MAX_KERNEL = 31
 #: Blocks a launch should reach to give every SM of an H200 (132 SMs) work.
 MIN_BLOCKS = 132
 
-#: The weight-gradient partial kernel aims at about two blocks per SM.
-TARGET_PARTIAL_BLOCKS = 264
+#: The weight-gradient partial kernel aims at about four blocks (one warp each) per SM.
+TARGET_PARTIAL_BLOCKS = 528
 
-#: Smallest slab of the weight-gradient split (columns per partial block).
+#: Smallest and largest slab of the weight-gradient split (columns per partial block).  The cap
+#: keeps large batches from becoming a few long serial walks: at batch 1024 lenet5's conv1 slabs
+#: were ~3,000 columns for 2 warps per SM (Nsight Compute measured 3.1% achieved occupancy and
+#: 167 us, bench/results/nvidia-h200-2026-12-04-run2/ncu-conv.txt); capped, the grid grows with
+#: the batch instead.
 MIN_SLAB = 64
+MAX_SLAB = 512
 
 # Tile constants of the kernels (see their contract comments).
 _BM = 16                 # output rows (channels) per block, all kernels
@@ -258,8 +266,8 @@ def _weight_plan(g, slab, reduce_block):
     tiles = _cdiv(K1, _WG_BN) * _cdiv(O, _BM)
     if slab is None:
         want = _cdiv(TARGET_PARTIAL_BLOCKS, tiles)
-        slab = max(MIN_SLAB, _WG_SLICE * _cdiv(_cdiv(P, want), _WG_SLICE))
-        slab = max(slab, _WG_SLICE * _cdiv(_cdiv(P, _GRID_YZ_MAX), _WG_SLICE))
+        slab = min(MAX_SLAB, max(MIN_SLAB, _WG_SLICE * _cdiv(_cdiv(P, want), _WG_SLICE)))
+        slab = max(slab, _WG_SLICE * _cdiv(_cdiv(P, _GRID_YZ_MAX), _WG_SLICE))   # S fits the grid's z
     elif not isinstance(slab, (int, np.integer)) or slab < 1:
         raise ValueError(f"slab must be a positive int, got {slab!r}")
     slab = int(slab)
