@@ -165,13 +165,15 @@ __device__ __forceinline__ void conv_backward_input_impl(
             }
             tab[r] = e;
         }
-#pragma unroll 1
-        for (int m = 0; m < CI_BM; ++m) {
-            const int c = m0 + m;
-            for (int r = tid; r < ns * CI_BK; r += nthreads) {
-                const int wo = tab[r].w;
-                ws[r * CI_BM + m] = (c < C && wo >= 0) ? w[wo + c * KHW] : T(0);
-            }
+        // A thread's 16 loads of a row r are all issued before any of its stores.
+        for (int r = tid; r < ns * CI_BK; r += nthreads) {
+            const int wo = tab[r].w;
+            T wv[CI_BM];
+#pragma unroll
+            for (int m = 0; m < CI_BM; ++m)
+                wv[m] = (m0 + m < C && wo >= 0) ? w[wo + (m0 + m) * KHW] : T(0);
+#pragma unroll
+            for (int m = 0; m < CI_BM; ++m) ws[r * CI_BM + m] = wv[m];
         }
         __syncthreads();
 

@@ -147,11 +147,16 @@ __device__ __forceinline__ void conv_forward_impl(
             tab[r] = e;
         }
         // W chunk, transposed: ws[r*16 + m] = W[m0+m, kc0+r] (0 outside), coalesced along r.
-#pragma unroll 1
-        for (int m = 0; m < CF_BM; ++m) {
-            const int o = m0 + m;
-            for (int r = tid; r < ns * CF_BK; r += nthreads)
-                ws[r * CF_BM + m] = (o < O && r < kc) ? w[o * K + kc0 + r] : T(0);
+        // A thread's 16 loads of a row r are all issued before any of its stores (16
+        // independent loads in flight, not one load -> store -> branch per element).
+        for (int r = tid; r < ns * CF_BK; r += nthreads) {
+            const T* const wr = w + (m0 * K + kc0 + r);
+            const int mv = r < kc ? min(CF_BM, O - m0) : 0;   // rows of W that exist
+            T wv[CF_BM];
+#pragma unroll
+            for (int m = 0; m < CF_BM; ++m) wv[m] = m < mv ? wr[m * K] : T(0);
+#pragma unroll
+            for (int m = 0; m < CF_BM; ++m) ws[r * CF_BM + m] = wv[m];
         }
         __syncthreads();
 

@@ -254,6 +254,40 @@ def test_conv_kernels_meet_the_sass_bounds(conv_reports, filename):
             assert loop["ldg_per_ffma"] <= MAX_LDG_PER_FFMA, (kernel, loop)
 
 
+@pytest.mark.parametrize("filename", ["conv_forward.cu", "conv_backward_input.cu"])
+def test_weight_staging_keeps_16_loads_in_flight(conv_reports, filename):
+    """Issue 25, SIMT fix 1: the W chunk was staged load -> store -> branch, one L2 round trip per
+    element (80 serial round trips per block in lenet5's conv2 forward).  Each thread now issues
+    its 16 loads of a row before any store, without costing registers (float32: <= 80)."""
+    for kernel, f in conv_reports[filename].items():
+        staging = [lp for lp in f["staging_loops"] if lp["ldg"] >= 1]
+        assert staging, (kernel, f["staging_loops"])
+        assert min(lp["ldg_before_sts"] for lp in staging) >= 16, (kernel, staging)
+        if not kernel.endswith("_f64"):
+            assert f["registers"] <= 80, (kernel, f["registers"])
+
+
+def test_staging_loops_on_handwritten_sass():
+    """:func:`sass.staging_loops` counts the loads issued before a copy loop's first store."""
+    text = """
+        .section .text.k,"ax",@progbits
+        /*0000*/ MOV R1, c[0x0][0x28] ;
+    .L_x_0:
+        /*0010*/ LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/ STS [R6], R2 ;
+        /*0030*/ @P0 BRA `(.L_x_0) ;
+    .L_x_1:
+        /*0040*/ LDG.E R2, desc[UR4][R4.64] ;
+        /*0050*/ LDG.E R3, desc[UR4][R4.64+0x4] ;
+        /*0060*/ STS [R6], R2 ;
+        /*0070*/ STS [R6+0x4], R3 ;
+        /*0080*/ @P0 BRA `(.L_x_1) ;
+        /*0090*/ EXIT ;
+    """
+    loops = sass.staging_loops(sass.split_kernels(text)["k"])
+    assert [(lp["ldg_before_sts"], lp["ldg"]) for lp in loops] == [(1, 1), (2, 2)]
+
+
 LAYERS = [("lenet5-conv1", (1, 28, 28, 64), (6, 1, 5, 5), 2, False),
           ("lenet5-conv2", (6, 14, 14, 64), (16, 6, 5, 5), 0, True),
           ("zhang2016-conv1", (1, 28, 28, 64), (6, 1, 5, 5), 0, False),

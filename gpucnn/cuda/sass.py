@@ -358,6 +358,23 @@ def loop_figures(instructions: list[Instruction], fma_op: str = "FFMA") -> dict:
     return dict(loops[0], fma_op=fma_op, fma_loops=loops)
 
 
+def staging_loops(instructions: list[Instruction]) -> list[dict]:
+    """The innermost loops that copy global memory to shared memory without computing (no FFMA/DFMA,
+    some LDG and STS): per loop, ``ldg_before_sts`` -- the loads issued before the loop's first
+    store, i.e. how many loads one thread keeps in flight (1 means load -> store -> branch, one
+    memory latency per element) -- and ``ldg`` / ``instructions`` of the body."""
+    out = []
+    for lp in innermost_loops(instructions):
+        body = _body(instructions, lp)
+        bases = [i.base for i in body]
+        if "FFMA" in bases or "DFMA" in bases or "LDG" not in bases or "STS" not in bases:
+            continue
+        first_sts = bases.index("STS")
+        out.append({"ldg_before_sts": bases[:first_sts].count("LDG"), "ldg": bases.count("LDG"),
+                    "instructions": len(body), "loop_start": lp.start, "loop_end": lp.end})
+    return out
+
+
 def _fma_op(kernel: str) -> str:
     return "DFMA" if kernel.endswith("_f64") else "FFMA"
 
@@ -371,6 +388,7 @@ def _assemble(sass: str, log: str) -> dict[str, dict]:
         f.update({k: v for k, v in ptxas.get(kernel, {}).items() if k in f})
         f.update(loop_figures(kernels.get(kernel, []), _fma_op(kernel)))
         f["instructions"] = len(kernels.get(kernel, []))
+        f["staging_loops"] = staging_loops(kernels.get(kernel, []))
         out[kernel] = f
     return out
 
@@ -389,7 +407,8 @@ def report(filename: str, arch: str = DEFAULT_ARCH) -> dict[str, dict]:
     kernels), ``loop_ldg``, ``loop_lds``, ``instructions_per_ffma``, ``ldg_per_ffma`` (the
     ``loop_*`` keys are None for a kernel without an FMA loop), plus ``loop_sts``,
     ``loop_bar``, ``loop_start``/``loop_end`` (addresses), ``fma_op``, ``fma_loops`` (every
-    innermost FMA loop's figures) and ``instructions`` (the kernel's total).
+    innermost FMA loop's figures), ``staging_loops`` (:func:`staging_loops`) and ``instructions``
+    (the kernel's total).
     """
     cubin, log = compile_cubin(filename, arch)
     return _assemble(disassemble(cubin), log)
