@@ -28,7 +28,8 @@
 // slice its 64 threads stage the 32 x 16 A tile and the 16 x 32 B tile in
 // shared memory (8 elements each per thread, coalesced: consecutive threads
 // read consecutive addresses of the stored matrix; zero-filled past M, Nc,
-// K), then every thread accumulates its DG_TM x DG_TN = 4 x 4 outputs, rows
+// K), loaded into registers one slice ahead (the loads of slice kt + KS are
+// issued before slice kt is multiplied, and stored after it), then every thread accumulates its DG_TM x DG_TN = 4 x 4 outputs, rows
 // m0 + 4 ty + i and columns n0 + 4 tx + j (tx = tid & 7, ty = tid >> 3,
 // i, j < 4), in registers: per k, two 4-wide (16-byte for float) shared loads
 // for 16 FMAs.  The tile rows are padded to 36 elements (16-byte aligned rows;
@@ -82,57 +83,62 @@ __device__ __forceinline__ bool dg_past_rows(int M) { return dg_row_tile() > (M 
 // syncing helper below is called without explicit template arguments).
 template <bool A_KM, bool B_NK> struct DgLayout {};
 
-// Stage the k-slice starting at k0 of A (rows m0..m0+31) into As[kk][mm].
+// The k-slice starting at k0 of A (rows m0..m0+31), 8 elements per thread: loaded
+// into registers (dg_load_a), later stored into As[kk][mm] (dg_store_a), so that
+// the loads of the next slice are in flight while the current one is multiplied.
 //   A_KM == false: A stored (M, K): element (m, k) at A[m*K + k]
 //   A_KM == true:  A stored (K, M): element (m, k) at A[k*M + m]
+// Thread tid holds (A_KM false) kk = tid & 15, mm = (tid >> 4) + 4 r, or
+// (A_KM true) mm = tid & 31, kk = (tid >> 5) + 2 r, for r < 8: consecutive
+// threads read consecutive addresses of the stored matrix.
 template <typename T, bool A_KM>
-__device__ __forceinline__ void dg_stage_a(const T* __restrict__ A, T* As, int M, int K, int m0, int k0, int tid)
+__device__ __forceinline__ void dg_load_a(const T* __restrict__ A, T (&ra)[8], int M, int K, int m0, int k0, int tid)
 {
-    if (!A_KM) {
-        const int kk = tid & (DG_BK - 1);               // 16 consecutive k per row
-        const int k = k0 + kk;
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            const int mm = (tid >> 4) + 4 * r;
-            const int m = m0 + mm;
-            As[kk * DG_LDA + mm] = (m < M && k < K) ? A[m * K + k] : (T)0;
-        }
-    } else {
-        const int mm = tid & (DG_BM - 1);               // 32 consecutive m per row
-        const int m = m0 + mm;
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            const int kk = (tid >> 5) + 2 * r;
-            const int k = k0 + kk;
-            As[kk * DG_LDA + mm] = (m < M && k < K) ? A[k * M + m] : (T)0;
-        }
+    for (int r = 0; r < 8; ++r) {
+        const int kk = A_KM ? (tid >> 5) + 2 * r : tid & (DG_BK - 1);
+        const int mm = A_KM ? tid & (DG_BM - 1) : (tid >> 4) + 4 * r;
+        const int m = m0 + mm, k = k0 + kk;
+        ra[r] = (m < M && k < K) ? A[A_KM ? k * M + m : m * K + k] : (T)0;
     }
 }
 
-// Stage the k-slice starting at k0 of B (columns n0..n0+31) into Bs[kk][nn].
+template <typename T, bool A_KM>
+__device__ __forceinline__ void dg_store_a(T* As, const T (&ra)[8], int tid)
+{
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+        const int kk = A_KM ? (tid >> 5) + 2 * r : tid & (DG_BK - 1);
+        const int mm = A_KM ? tid & (DG_BM - 1) : (tid >> 4) + 4 * r;
+        As[kk * DG_LDA + mm] = ra[r];
+    }
+}
+
+// The same for B (columns n0..n0+31) into Bs[kk][nn]:
 //   B_NK == false: B stored (K, Nc): element (k, n) at B[k*Nc + n]
 //   B_NK == true:  B stored (Nc, K): element (k, n) at B[n*K + k]
+// Thread tid holds (B_NK false) nn = tid & 31, kk = (tid >> 5) + 2 r, or
+// (B_NK true) kk = tid & 15, nn = (tid >> 4) + 4 r.
 template <typename T, bool B_NK>
-__device__ __forceinline__ void dg_stage_b(const T* __restrict__ B, T* Bs, int Nc, int K, int n0, int k0, int tid)
+__device__ __forceinline__ void dg_load_b(const T* __restrict__ B, T (&rb)[8], int Nc, int K, int n0, int k0, int tid)
 {
-    if (!B_NK) {
-        const int nn = tid & (DG_BN - 1);
-        const int n = n0 + nn;
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            const int kk = (tid >> 5) + 2 * r;
-            const int k = k0 + kk;
-            Bs[kk * DG_LDB + nn] = (n < Nc && k < K) ? B[k * Nc + n] : (T)0;
-        }
-    } else {
-        const int kk = tid & (DG_BK - 1);
-        const int k = k0 + kk;
+    for (int r = 0; r < 8; ++r) {
+        const int kk = B_NK ? tid & (DG_BK - 1) : (tid >> 5) + 2 * r;
+        const int nn = B_NK ? (tid >> 4) + 4 * r : tid & (DG_BN - 1);
+        const int n = n0 + nn, k = k0 + kk;
+        rb[r] = (n < Nc && k < K) ? B[B_NK ? n * K + k : k * Nc + n] : (T)0;
+    }
+}
+
+template <typename T, bool B_NK>
+__device__ __forceinline__ void dg_store_b(T* Bs, const T (&rb)[8], int tid)
+{
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            const int nn = (tid >> 4) + 4 * r;
-            const int n = n0 + nn;
-            Bs[kk * DG_LDB + nn] = (n < Nc && k < K) ? B[n * K + k] : (T)0;
-        }
+    for (int r = 0; r < 8; ++r) {
+        const int kk = B_NK ? tid & (DG_BK - 1) : (tid >> 5) + 2 * r;
+        const int nn = B_NK ? (tid >> 4) + 4 * r : tid & (DG_BN - 1);
+        Bs[kk * DG_LDB + nn] = rb[r];
     }
 }
 
@@ -158,14 +164,23 @@ __device__ __forceinline__ void dg_mainloop(const T* __restrict__ A, const T* __
     for (int e = 0; e < DG_ACC; ++e) acc[e] = (T)0;
 
     const int nkt = (K + DG_BK - 1) / DG_BK;
+    T ra[8], rb[8];
+    if (g < nkt) {                                      // the group's first slice
+        dg_load_a<T, A_KM>(A, ra, M, K, m0, g * DG_BK, tid);
+        dg_load_b<T, B_NK>(B, rb, Nc, K, n0, g * DG_BK, tid);
+    }
     for (int base = 0; base < nkt; base += KS) {        // block-uniform trip count
         const int kt = base + g;
         const bool active = kt < nkt;
         if (active) {
-            dg_stage_a<T, A_KM>(A, As, M, K, m0, kt * DG_BK, tid);
-            dg_stage_b<T, B_NK>(B, Bs, Nc, K, n0, kt * DG_BK, tid);
+            dg_store_a<T, A_KM>(As, ra, tid);
+            dg_store_b<T, B_NK>(Bs, rb, tid);
         }
         __syncthreads();
+        if (kt + KS < nkt) {                            // prefetch the group's next slice
+            dg_load_a<T, A_KM>(A, ra, M, K, m0, (kt + KS) * DG_BK, tid);
+            dg_load_b<T, B_NK>(B, rb, Nc, K, n0, (kt + KS) * DG_BK, tid);
+        }
         if (active) {
 #pragma unroll
             for (int kk = 0; kk < DG_BK; ++kk) {

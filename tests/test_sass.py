@@ -267,6 +267,23 @@ def test_weight_staging_keeps_16_loads_in_flight(conv_reports, filename):
             assert f["registers"] <= 80, (kernel, f["registers"])
 
 
+@pytest.mark.parametrize("kernel", ["dense_forward", "gemm_nt", "gemm_tn"])
+def test_dense_main_loop_prefetches_the_next_slice(kernel):
+    """Issue 25, SIMT fix 5: the dense GEMM loop loaded a slice, waited, stored it and only then
+    multiplied.  Now the slice stored at the top of an iteration was loaded during the previous one:
+    in the main loop every STS comes before the first LDG, and the loads precede FFMAs they overlap."""
+    _tools_or_skip()
+    cubin, _ = sass.compile_cubin("dense.cu", "sm_90")
+    instructions = sass.split_kernels(sass.disassemble(cubin))[kernel]
+    loop = sass.loop_figures(instructions)
+    body = [i.base for i in instructions if loop["loop_start"] <= i.address <= loop["loop_end"]]
+    assert body.count("FFMA") == 256 and body.count("LDG") == 16 and body.count("STS") == 16, kernel
+    last_sts = len(body) - 1 - body[::-1].index("STS")
+    first_ldg = body.index("LDG")
+    assert last_sts < first_ldg, f"{kernel}: a store waits on this iteration's loads ({last_sts} >= {first_ldg})"
+    assert body[first_ldg:].count("FFMA") >= 128, kernel
+
+
 def test_staging_loops_on_handwritten_sass():
     """:func:`sass.staging_loops` counts the loads issued before a copy loop's first store."""
     text = """
