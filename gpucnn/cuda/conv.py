@@ -31,11 +31,14 @@ steps.
 
 Launch shapes (chosen from the shapes only, see :func:`launch_shapes`):
 
-* ``conv_forward``: block ``(TX, 4)``, grid ``(ceil(P / (4*TX)), ceil(O / 16))``
-  with ``P = OH*OW*N`` and ``TX`` the largest of 16, 8, 4, 2, 1 that still gives
-  at least :data:`MIN_BLOCKS` blocks (1 when none does);
-* ``conv_backward_input``: block ``(TX, 4)``, grid ``(sum over the SH*SW stride
-  phases of ceil(cols_phase / (4*TX)), ceil(C / 16))``, ``TX`` chosen the same way;
+* ``conv_forward``: block ``(TX, BM / 4)``, grid ``(ceil(P / (4*TX)), ceil(O / BM))``
+  with ``P = OH*OW*N``, ``BM`` = 8 rows per block when ``O <= 8`` (lenet5's 6
+  channels fill 6 of 8 rows, not 6 of 16), else 16, and ``TX`` the largest of
+  16, 8, 4, 2, 1 that still gives at least :data:`MIN_BLOCKS` blocks (1 when
+  none does);
+* ``conv_backward_input``: block ``(TX, BM / 4)``, grid ``(sum over the SH*SW stride
+  phases of ceil(cols_phase / (4*TX)), ceil(C / BM))``, ``BM`` from ``C`` and
+  ``TX`` chosen the same way;
 * ``conv_backward_weight_partial``: block ``(8, 4)``, grid ``(ceil((K+1) / 32),
   ceil(O / 16), S)``, ``K = C*KH*KW``; the slab length is a multiple of 16 chosen
   so that the grid has about :data:`TARGET_PARTIAL_BLOCKS` blocks, between
@@ -101,7 +104,8 @@ MIN_SLAB = 64
 MAX_SLAB = 512
 
 # Tile constants of the kernels (see their contract comments).
-_BM = 16                 # output rows (channels) per block, all kernels
+_BM = 16                 # output rows (channels) per block, all kernels ...
+_BM_SMALL = 8            # ... forward / backward-input: 8 when there are at most 8 (blockDim.y 2)
 _TP = 4                  # columns per thread, forward and backward-input
 _TX_CHOICES = (16, 8, 4, 2, 1)
 _WG_BN = 32              # weight-gradient columns (k) per block
@@ -236,22 +240,30 @@ def _phase_cols(H, Wd, N, SH, SW, PH, PW) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _rows(m: int) -> int:
+    """Rows (channels) per block of the forward / backward-input tiles: 8 for at most 8 rows
+    (a 6-channel layer would leave 10 of 16 rows empty), else 16; blockDim.y is rows / 4."""
+    return _BM_SMALL if m <= _BM_SMALL else _BM
+
+
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(g, tx):
     C, H, Wd, N, O, KH, KW, OH, OW, SH, SW, PH, PW = g
     P = OH * OW * N
-    m_tiles = _cdiv(O, _BM)
+    bm = _rows(O)
+    m_tiles = _cdiv(O, bm)
     tx = _pick_tx(lambda bp: _cdiv(P, bp), m_tiles, tx)
-    return (_cdiv(P, _TP * tx), m_tiles, 1), (tx, 4, 1)
+    return (_cdiv(P, _TP * tx), m_tiles, 1), (tx, bm // 4, 1)
 
 
 @functools.lru_cache(maxsize=1024)
 def _input_plan(g, tx):
     C, H, Wd, N, O, KH, KW, OH, OW, SH, SW, PH, PW = g
     cols = _phase_cols(H, Wd, N, SH, SW, PH, PW)
-    m_tiles = _cdiv(C, _BM)
+    bm = _rows(C)
+    m_tiles = _cdiv(C, bm)
     tx = _pick_tx(lambda bp: sum(_cdiv(c, bp) for c in cols), m_tiles, tx)
-    return (sum(_cdiv(c, _TP * tx) for c in cols), m_tiles, 1), (tx, 4, 1)
+    return (sum(_cdiv(c, _TP * tx) for c in cols), m_tiles, 1), (tx, bm // 4, 1)
 
 
 def _pow2_floor(v: int) -> int:
@@ -348,8 +360,8 @@ def conv_forward(x, W, b, stride, padding, act=None, *, y_out=None, z_out=None, 
     Returns:
         ``(y, z)``: (O, OH, OW, N) arrays; ``z`` is None unless written (with act None
         and write_z, z is a second copy of y).
-    Launches: ONE ``conv_forward[_f64]``, grid ``(ceil(OH*OW*N / (4*TX)), ceil(O / 16))``,
-    block ``(TX, 4)`` (see :func:`launch_shapes`).
+    Launches: ONE ``conv_forward[_f64]``, grid ``(ceil(OH*OW*N / (4*TX)), ceil(O / BM))``,
+    block ``(TX, BM / 4)``, BM = 8 when O <= 8, else 16 (see :func:`launch_shapes`).
     """
     func = "conv_forward"
     xp = get_array_module(x=x, W=W, b=b, y_out=y_out, z_out=z_out)
@@ -396,7 +408,8 @@ def conv_backward_input(dz, W, x_shape, stride, padding, *, out=None, tx=None):
     Returns:
         dx: (C, H, W, N); every element written (0 where no window reaches).
     Launches: ONE ``conv_backward_input[_f64]``, grid ``(sum over the SH*SW stride phases of
-    ceil(cols / (4*TX)), ceil(C / 16))``, block ``(TX, 4)`` (see :func:`launch_shapes`).
+    ceil(cols / (4*TX)), ceil(C / BM))``, block ``(TX, BM / 4)``, BM = 8 when C <= 8, else 16
+    (see :func:`launch_shapes`).
     """
     func = "conv_backward_input"
     xp = get_array_module(dz=dz, W=W, out=out)
