@@ -100,6 +100,29 @@ def test_bf16_matches_torch_on_every_kind_of_bit_pattern():
     assert np.isnan(got[nan]).all()
 
 
+@pytest.mark.parametrize("bits, host", [(7, precision.round_bf16), (10, precision.round_tf32)])
+def test_the_device_rounding_kernel_matches_the_host_bit_for_bit(backend, bits, host):
+    """kernels/precision.cu (what tf32/bf16 launch on CUDA), on the emulator: the host's bits exactly."""
+    if not backend.kernels:
+        pytest.skip("a kernel test")
+    from gpucnn.cuda import rounding
+
+    rng = np.random.default_rng(9)
+    words = np.concatenate([rng.integers(0, 2 ** 32, 4000, dtype=np.uint64).astype(np.uint32),
+                            np.array([c[0] for c in CASES] + [0x7F800001, 0xFF800001, 0x7FFFFFFF], np.uint32)])
+    x = words.view(np.float32).reshape(2, -1)
+    got = backend.get(rounding.round_mantissa(backend.put(x), bits))
+    want = host(x)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(_bits(got)[~nan], _bits(want)[~nan])
+    np.testing.assert_array_equal(_bits(got)[nan], _bits(want)[nan])
+    inplace = backend.put(x.copy())
+    assert rounding.round_mantissa(inplace, bits, out=inplace) is inplace
+    np.testing.assert_array_equal(_bits(backend.get(inplace)), _bits(got))
+    with pytest.raises(TypeError, match="float32 operands only"):
+        rounding.round_mantissa(backend.put(np.ones(3)), bits)
+
+
 def test_split_tf32_parts_are_tf32_and_sum_to_x_within_2_to_the_minus_21():
     rng = np.random.default_rng(3)
     x = rng.standard_normal(10000).astype(np.float32)
@@ -137,7 +160,7 @@ def _operand(a, mode):
 
 
 def _torch_conv(x, W, b, dz, stride, padding, mode):
-    """float64 torch: y, dx, dW from the rounded operands; db from the unrounded dz."""
+    """float64 torch: y, dx, dW from the rounded operands; db the sum of the rounded dz (the GEMM's ones row)."""
     torch = pytest.importorskip("torch")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))      # noqa: E731
     xt = t(_operand(x, mode).transpose(3, 0, 1, 2)).requires_grad_()
@@ -145,7 +168,7 @@ def _torch_conv(x, W, b, dz, stride, padding, mode):
     y = torch.nn.functional.conv2d(xt, Wt, t(b.astype(np.float64)), stride=stride, padding=padding)
     y.backward(t(_operand(dz, mode).transpose(3, 0, 1, 2)))
     return (y.detach().numpy().transpose(1, 2, 3, 0), xt.grad.numpy().transpose(1, 2, 3, 0), Wt.grad.numpy(),
-            dz.astype(np.float64).sum(axis=(1, 2, 3)))
+            _operand(dz, mode).sum(axis=(1, 2, 3)))
 
 
 def _close(got, want, what, rtol=1e-5):
@@ -189,6 +212,7 @@ def test_dense_in_each_mode_matches_float64_of_the_rounded_operands(backend, mod
     b = rng.standard_normal(13).astype(np.float32)
     dz = rng.standard_normal((13, 11)).astype(np.float32)
     xr, Wr, dzr = _operand(x, mode), _operand(W, mode), _operand(dz, mode)
+    # the dense bias gradient is fused with the activation's derivative, before any rounding: exact dz
     refs = {"y": Wr @ xr + b[:, None], "dx": Wr.T @ dzr, "dW": dzr @ xr.T, "db": dz.astype(np.float64).sum(1)}
     if backend.kernels and mode == "3xtf32":
         with precision.using(mode), pytest.raises(NotImplementedError, match="'3xtf32' has no CUDA kernels"):
@@ -284,3 +308,17 @@ def test_train_records_the_precision(tmp_path):
     assert result.metrics[-1]["precision"] == "bf16"
     assert gc.checkpoint.load_checkpoint(result.checkpoint).metrics["precision"] == "bf16"
     assert precision.current() == "fp32"
+
+
+def test_a_bf16_cuda_step_rounds_in_the_workspace_and_is_still_a_cuda_graph():
+    """On the CuPy stand-in: one rounding launch per GEMM operand, no allocation, no CuPy op, captured."""
+    from gpucnn.bench.static import graph_step, static_step
+
+    with precision.using("bf16"):
+        row = static_step("lenet5", 64, steps=3, repeats=1)
+        graph = graph_step("lenet5", 64, steps=3, repeats=1)
+    names = [k["name"] for k in row["kernels"]]
+    # 5 GEMM layers x (x, W before forward; dz, x before backward) + W again for the 4 that need dx
+    assert names.count("round_mantissa") == 24 and len(names) == 27 + 24
+    assert row["allocations"] == 0 and row["xp_ops"] == 0 and row["syncs"] == []
+    assert graph["captured"] and graph["launches"] == 0

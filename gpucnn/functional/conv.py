@@ -257,13 +257,10 @@ def conv2d_backward(dy, saved: Conv2dSaved, *, input_grad=True, dW_out=None, db_
     dz2 = dz.reshape(O, -1)
     Ho, Wo, N = saved.z_shape[1:]
     blocks = _chunks(Ho, Wo, N, K)
-    # fp32: the bias gradient is the GEMM's ones row; otherwise an FP32 sum, not a rounded product
-    rows = saved.cols if mode == "fp32" else saved.cols[:K]
-    dWbT = _weight_grad(rows, dz2, [_span(b, Wo, N) for b in blocks], mode)
+    # db is the GEMM's ones row: the sum of dz as the GEMM multiplies it (rounded in tf32/bf16), as the kernels
+    dWbT = _weight_grad(saved.cols, dz2, [_span(b, Wo, N) for b in blocks], mode)
     dW = _store(dWbT[:K].T, W.shape, dW_out)
-    db = None
-    if saved.has_bias:
-        db = _store(dWbT[K] if mode == "fp32" else dz2.sum(axis=1), (O,), db_out)
+    db = _store(dWbT[K], (O,), db_out) if saved.has_bias else None
     if not input_grad:
         return None, dW, db
     return _input_grad(dz2, saved, blocks, ws, mode), dW, db
@@ -352,20 +349,25 @@ def _store(value, shape, out):
 # --------------------------------------------------------------------------- #
 # the kernel path
 # --------------------------------------------------------------------------- #
-def _kernel_operand(a, mode):
+def _kernel_operand(a, mode, ws, role):
     """What the SIMT kernels multiply in ``mode``: the operand itself (fp32) or its tf32/bf16
-    rounding, so the kernels give a tensor core's numbers (FP32 accumulation) until tensor-core
-    kernels exist; 3xtf32 is refused rather than run as something else."""
+    rounding (one launch into the workspace buffer ``role``), so the kernels give a tensor core's
+    numbers (FP32 accumulation) until tensor-core kernels exist; 3xtf32 is refused rather than
+    run as something else."""
+    if mode == "fp32":
+        return a
     if mode == "3xtf32":
         raise NotImplementedError("precision '3xtf32' has no CUDA kernels yet (it needs the tensor-core "
                                   "kernels of issue 25); on CUDA use 'fp32' (the FP32 reference 3xtf32 "
                                   "approximates), 'tf32' or 'bf16', or run 3xtf32 on the CPU")
-    return precision.round_operand(a, mode)
+    from ..cuda import rounding
+
+    xp = backend.get_array_module(a)
+    return rounding.round_mantissa(a, precision.MANTISSA_BITS[mode], out=get(ws, role, a.shape, a.dtype, xp))
 
 
 def _forward_kernels(x, W, b, stride, padding, act, pool, ws, mode):
-    """The kernel path; every output is a buffer of ``ws`` (roles ``k.*``), so a step allocates nothing
-    (in fp32: the rounded operands of the other modes are new arrays)."""
+    """The kernel path; every output is a buffer of ``ws`` (roles ``k.*``), so a step allocates nothing."""
     from ..cuda import conv as kconv
 
     fuse_relu = act == "relu" and pool is not None
@@ -377,7 +379,8 @@ def _forward_kernels(x, W, b, stride, padding, act, pool, ws, mode):
     z_shape = (O, *conv_output_hw(x.shape, W.shape, stride, padding), N)
     y = get(ws, "k.y", z_shape, x.dtype, xp)
     z = get(ws, "k.z", z_shape, x.dtype, xp) if kernel_act == "relu" else None
-    y, z = kconv.conv_forward(_kernel_operand(x, mode), _kernel_operand(W, mode), b, stride, padding,
+    y, z = kconv.conv_forward(_kernel_operand(x, mode, ws, "k.rx"), _kernel_operand(W, mode, ws, "k.rW"), b,
+                              stride, padding,
                               act=kernel_act, y_out=y, z_out=z)
     act_saved = None
     if kernel_act == "relu":
@@ -407,14 +410,12 @@ def _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws, mode):
     if saved.has_bias:
         db = db_out if db_out is not None else get(ws, "k.db", (W.shape[0],), W.dtype, xp)
     need = kconv.conv_backward_weight_workspace_size(saved.x.shape, W.shape, saved.stride, saved.padding)
-    dz_op = _kernel_operand(dz, mode)
-    kconv.conv_backward_weight(_kernel_operand(saved.x, mode), dz_op, W.shape, saved.stride, saved.padding,
-                               dW_out=dW, db_out=db, has_bias=saved.has_bias,
+    dz_op = _kernel_operand(dz, mode, ws, "k.rdz")
+    kconv.conv_backward_weight(_kernel_operand(saved.x, mode, ws, "k.rx"), dz_op, W.shape, saved.stride,
+                               saved.padding, dW_out=dW, db_out=db, has_bias=saved.has_bias,
                                workspace=get(ws, "k.wgrad", (need,), W.dtype, xp))
-    if db is not None and mode != "fp32":
-        dz.sum(axis=(1, 2, 3), out=db)          # the bias gradient: an FP32 sum of the unrounded dz
     dx = None
     if input_grad:
-        dx = kconv.conv_backward_input(dz_op, _kernel_operand(W, mode), saved.x.shape, saved.stride,
+        dx = kconv.conv_backward_input(dz_op, _kernel_operand(W, mode, ws, "k.rW"), saved.x.shape, saved.stride,
                                        saved.padding, out=get(ws, "k.dx", saved.x.shape, dz.dtype, xp))
     return dx, dW, db

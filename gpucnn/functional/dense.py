@@ -47,7 +47,8 @@ def dense_forward(x, W, b, *, act=None, ws=None):
 
         xp = backend.get_array_module(x)
         shape = (W.shape[0], x.shape[1])
-        y, z = dense.dense_forward(_kernel_operand(x, mode), _kernel_operand(W, mode), b, act=act, y_out=get(ws, "k.y", shape, x.dtype, xp),
+        y, z = dense.dense_forward(_kernel_operand(x, mode, ws, "k.rx"), _kernel_operand(W, mode, ws, "k.rW"), b,
+                                   act=act, y_out=get(ws, "k.y", shape, x.dtype, xp),
                                    z_out=get(ws, "k.z", shape, x.dtype, xp) if act == "relu" else None)
         saved = z if act == "relu" else (y if act is not None else None)
         return y, DenseSaved(x, W, b is not None, act, saved)
@@ -92,10 +93,11 @@ def _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws, mode):
         db = db_out if db_out is not None else get(ws, "k.db", (W.shape[0],), W.dtype, xp)
     dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db, has_bias=saved.has_bias,
                                       dz_out=get(ws, "k.dz", dy.shape, dy.dtype, xp))
-    dz_op = _kernel_operand(dz, mode)           # db above is the FP32 sum of the unrounded dz
-    dW = dense.dense_weight_grad(dz_op, _kernel_operand(x, mode),
+    dz_op = _kernel_operand(dz, mode, ws, "k.rdz")   # db above is the FP32 sum of the unrounded dz
+    dW = dense.dense_weight_grad(dz_op, _kernel_operand(x, mode, ws, "k.rx"),
                                  out=dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp))
     dx = None
     if input_grad:
-        dx = dense.dense_input_grad(_kernel_operand(W, mode), dz_op, out=get(ws, "k.dx", x.shape, dy.dtype, xp))
+        dx = dense.dense_input_grad(_kernel_operand(W, mode, ws, "k.rW"), dz_op,
+                                    out=get(ws, "k.dx", x.shape, dy.dtype, xp))
     return dx, dW, db

@@ -107,8 +107,8 @@ class RunOptions:
     @contextlib.contextmanager
     def applied(self, say=None, prog: str = "gpucnn train", note: bool = True):
         """Apply the options that are process state for the run -- threads, NVTX, anomaly detection,
-        the precision of the GEMMs -- and put them back afterwards.  ``say(line)`` is told when NVTX has no implementation;
-        the threads' cap note goes to stderr as ``"<prog>: note: ..."`` when ``note``."""
+        the precision of the GEMMs -- and put them back afterwards.  ``say(line)`` is told when NVTX
+        has no implementation; the threads' cap note goes to stderr as ``"<prog>: note: ..."`` when ``note``."""
         with contextlib.ExitStack() as stack:
             if self.threads is not None:
                 before = threads_mod.get_num_threads()
