@@ -322,3 +322,31 @@ def test_a_bf16_cuda_step_rounds_in_the_workspace_and_is_still_a_cuda_graph():
     assert names.count("round_mantissa") == 24 and len(names) == 27 + 24
     assert row["allocations"] == 0 and row["xp_ops"] == 0 and row["syncs"] == []
     assert graph["captured"] and graph["launches"] == 0
+
+
+def test_forked_micro_batch_workers_run_the_mode_of_each_step():
+    """Workers forked during an fp32 step must run the next, bf16, step in bf16: the loss and the
+    updated parameters equal those of one thread (no workers), as for any thread count."""
+    from gpucnn import threads
+
+    ds = gc.data.load_dataset("mnist")
+    x = gc.data.normalize(ds.train_images[:64], "mnist")
+    y = ds.train_labels[:64]
+    grads = {}
+    before = threads.get_num_threads()
+    try:
+        for n in (1, 2):
+            threads.set_num_threads(n)
+            gc.seed(0)
+            model = gc.models.build("lenet5")
+            opt = gc.optim.SGD(model, lr=0.05, momentum=0.9)
+            trainer = gc.train.Trainer(model, gc.losses.SoftmaxCrossEntropy(), opt, batch_size=64)
+            trainer.step(x, y)                                  # fp32: the workers are forked here
+            with precision.using("bf16"):
+                loss = float(trainer.step(x, y)[0])
+            grads[n] = (loss, [np.array(v) for v in model.state_dict().values()])   # updated by the step
+    finally:
+        threads.set_num_threads(before)
+    assert grads[1][0] == grads[2][0]
+    for a, b in zip(grads[1][1], grads[2][1]):
+        np.testing.assert_array_equal(a, b)
