@@ -45,12 +45,21 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import models
+from . import precision as precision_mod
 from ._io import EXIT_BROKEN_PIPE, stdout_closed, stdout_gone  # noqa: F401 - EXIT_BROKEN_PIPE: exit statuses live here
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
 # -- argument types (argparse turns the ValueError/ArgumentTypeError into "argument --x: ...") --
+
+
+def _precision(s: str) -> str:
+    """A precision mode (fp16 is named as not implemented yet, not just as an invalid choice)."""
+    try:
+        return precision_mod.check_mode(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(s: str) -> int:
@@ -147,6 +156,10 @@ def _add_train(sub):
                    help="stop after this epoch, as if interrupted (continue later with --resume)")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (Nsight Systems)")
     p.add_argument("--debug", action="store_true", help="anomaly detection: name the first layer producing NaN/Inf")
+    p.add_argument("--precision", type=_precision, default="fp32", metavar="{" + ",".join(precision_mod.MODES) + "}",
+                   help="the arithmetic of the conv and dense GEMMs: fp32 (default, exact), tf32 or bf16 "
+                        "(operands rounded to nearest even, FP32 accumulation and master weights), 3xtf32 "
+                        "(split TF32, about FP32 accuracy; CPU only until tensor-core kernels exist)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="threads of the NumPy path, at most the cores this process may use (a larger N is "
@@ -351,7 +364,7 @@ def _run_options(args):
 
     return RunOptions(device=args.device, threads=args.threads, nvtx=args.nvtx, debug=args.debug,
                       cuda_graph=args.cuda_graph, distributed=(args.comm or "auto") if args.distributed else None,
-                      collective_timeout=args.collective_timeout)
+                      collective_timeout=args.collective_timeout, precision=args.precision)
 
 
 def _communicator(sp, options, args):

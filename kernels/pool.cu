@@ -131,17 +131,22 @@ extern "C" __global__ void pool_max_forward_f64(
 // summed in increasing i, then j, starting from 0 (so an element no window
 // chose, or that lies in no window, gets exactly 0).
 //
-// Thread mapping: ONE THREAD PER INPUT ELEMENT (a gather: no atomics).  The
-// flat thread index is the C-order flat index of dx[c, h, w, n] (n fastest:
-// coalesced).  The windows containing (h, w) are
-//   i in [ceil((h-KH+1)/SH), floor(h/SH)] intersected with [0, OH),
-//   j in [ceil((w-KW+1)/SW), floor(w/SW)] intersected with [0, OW);
-// the bounds and the tap the thread's element has in window (i_lo, j_lo) are
-// computed once per thread; inside the loops the expected tap steps by
-// -SH*KW per i and -SW per j (no division in the loops).
+// Thread mapping: ONE THREAD PER INPUT ELEMENT (a gather: no atomics), on a
+// 3-D grid that names the element without a division:
+//   h = blockIdx.z, w = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x
+//   (blockDim.x = 32: a warp covers 32 consecutive n, coalesced), and channels
+//   c = threadIdx.y, threadIdx.y + blockDim.y, ... (a loop when C > blockDim.y).
+// The windows containing (h, w) are
+//   i in [i_lo, i_hi], i_hi = min(h / SH, OH - 1), i_lo the least i >= 0 with
+//   i*SH + KH > h (found by stepping down from i_hi + 1: at most
+//   ceil(KH / SH) steps; none contain h when i_lo > i_hi), and j likewise;
+// so a thread divides twice (h / SH and w / SW, the same for the whole block),
+// once for all its channels.  The tap the element has in window (i_lo, j_lo)
+// is computed once; inside the loops the expected tap steps by -SH*KW per i
+// and -SW per j (no division in the loops).
 //
-// Launch shape: 1-D, block (B,1,1) for any B (the wrapper uses 256), grid
-//   (ceil(C*H*W*N / B), 1, 1).  No shared memory.
+// Launch shape: block (32, BY, 1) for any BY >= 1 (the wrapper uses
+//   min(C, 8)), grid (ceil(N / 32), W, H) (H, W <= 65535).  No shared memory.
 //
 // Preconditions: the forward geometry; tap as written by pool_max_forward
 //   (any other value just routes nothing); factor is read only when
@@ -153,38 +158,38 @@ __device__ __forceinline__ void pool_max_backward_impl(
     T* __restrict__ dx,
     int C, int H, int W, int N, int KH, int KW, int SH, int SW, int OH, int OW, int has_factor)
 {
-    const int total = C * H * W * N;
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= total) return;
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const int w = blockIdx.y;
+    const int h = blockIdx.z;
 
-    // t = ((c*H + h)*W + w)*N + n
-    const int n = t % N;
-    int r = t / N;
-    const int w = r % W;
-    r /= W;
-    const int h = r % H;
-    const int c = r / H;
-
-    const int i_lo = h - KH + 1 > 0 ? (h - KH + 1 + SH - 1) / SH : 0;
     const int i_hi = min(h / SH, OH - 1);               // inclusive
-    const int j_lo = w - KW + 1 > 0 ? (w - KW + 1 + SW - 1) / SW : 0;
+    int i_lo = i_hi + 1;
+    while (i_lo > 0 && (i_lo - 1) * SH + KH > h) --i_lo;
     const int j_hi = min(w / SW, OW - 1);               // inclusive
+    int j_lo = j_hi + 1;
+    while (j_lo > 0 && (j_lo - 1) * SW + KW > w) --j_lo;
+    const bool any = i_lo <= i_hi && j_lo <= j_hi;
+    const int want0 = (h - i_lo * SH) * KW + (w - j_lo * SW);   // the tap in window (i_lo, j_lo)
 
-    T acc = (T)0;
-    if (i_lo <= i_hi && j_lo <= j_hi) {
-        const int plane = c * OH * OW;
-        const int u0 = h - i_lo * SH;                   // row of (h, w) inside window i_lo
-        const int v0 = w - j_lo * SW;                   // column inside window j_lo
-        int want_row = u0 * KW + v0;                    // expected tap in window (i, j_lo)
-        for (int i = i_lo; i <= i_hi; ++i, want_row -= SH * KW) {
-            int o = ((plane + i * OW + j_lo) * N) + n;
-            int want = want_row;
-            for (int j = j_lo; j <= j_hi; ++j, want -= SW, o += N) {
-                if ((int)tap[o] == want) acc += has_factor ? dy[o] * factor[o] : dy[o];
+    const int in_plane = H * W * N, out_plane = OH * OW * N;
+    int t = threadIdx.y * in_plane + (h * W + w) * N + n;
+    int base = threadIdx.y * out_plane + j_lo * N + n;
+    for (int c = threadIdx.y; c < C; c += blockDim.y, t += blockDim.y * in_plane,
+                                     base += blockDim.y * out_plane) {
+        T acc = (T)0;
+        if (any) {
+            int want_row = want0;                       // expected tap in window (i, j_lo)
+            for (int i = i_lo; i <= i_hi; ++i, want_row -= SH * KW) {
+                int o = base + i * OW * N;
+                int want = want_row;
+                for (int j = j_lo; j <= j_hi; ++j, want -= SW, o += N) {
+                    if ((int)tap[o] == want) acc += has_factor ? dy[o] * factor[o] : dy[o];
+                }
             }
         }
+        dx[t] = acc;
     }
-    dx[t] = acc;
 }
 
 extern "C" __global__ void pool_max_backward(

@@ -1,6 +1,8 @@
 """gpucnn bench runs end to end on the CPU (timings themselves are never asserted)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -116,8 +118,45 @@ def test_threads_above_the_cores_are_capped_with_a_note(monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def lenet5_static(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "static.json"
-    assert bench.main(["--static", "--batch-sizes", "64", "--repeats", "2", "--json", str(out)]) == 0
-    return json.loads(out.read_text())
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert bench.main(["--static", "--batch-sizes", "64", "--repeats", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    result["printed"] = text.getvalue()
+    return result
+
+
+def test_static_predicted_time_of_conv1_forward_by_hand(lenet5_static):
+    """lenet5's conv1 forward at batch 64, worked by hand: 1 -> 6 channels, 5x5, 28x28 out (padding 2)."""
+    row = lenet5_static["steps"][0]
+    k = next(k for k in row["kernels"] if k["name"] == "conv_forward")
+    p = k["model"]
+    assert p["flops"] == 2 * 6 * 1 * 5 * 5 * 28 * 28 * 64 == 15_052_800
+    # x (1, 28, 28, 64), W (6, 1, 5, 5), b (6), y and z (6, 28, 28, 64), float32, each once
+    assert p["bytes"] == 4 * (28 * 28 * 64 + 150 + 6 + 2 * 6 * 28 * 28 * 64) == 2_609_776
+    assert tuple(k["grid"]) == (784, 1, 1) and tuple(k["block"]) == (16, 4, 1)
+    # 64-thread blocks: 32 resident per SM (the block limit), 132 x 32 >= 784: one wave, every lane busy
+    assert p["blocks"] == 784 and p["waves"] == 1 and p["lane_fill"] == 1.0
+    peak = 132 * 128 * 2 * 1.98e9                                    # 66.9 TFLOP/s
+    assert p["compute_us"] == pytest.approx(15_052_800 / peak * 1e6, rel=1e-12)   # 0.225 us
+    assert p["memory_us"] == pytest.approx(2_609_776 / 4.8e12 * 1e6, rel=1e-12)  # 0.544 us
+    assert p["predicted_us"] == pytest.approx(2_609_776 / 4.8e12 * 1e6 + 1.5, rel=1e-12)
+    total = row["predicted"]
+    assert total["launches"] == row["launches"] and total["unmodelled"] == 0
+    assert total["predicted_us"] == pytest.approx(sum(k["model"]["predicted_us"] for k in row["kernels"]))
+    assert total["launch_us"] == pytest.approx(1.5 * row["launches"])
+
+
+def test_static_prints_the_time_model_and_its_assumptions(lenet5_static):
+    text = lenet5_static["printed"]
+    for needle in ("132 SMs at 1.98 GHz", "FP32 SIMT peak 132 x 128 lanes x 2 FLOP/FMA = 66.9 TFLOP/s",
+                   "HBM 4.8 TB/s", "1.5 us launch cost per kernel", "predicted = max(FLOPs",
+                   "not modelled: latency chains"):
+        assert needle in text, needle
+    assert lenet5_static["assumptions"] and lenet5_static["machine"]["sms"] == 132
+    assert "predicted step total:" in text and "for 27 launches per step" in text
+    line = next(s for s in text.splitlines() if s.strip().startswith("conv_forward") and "2.04" in s)
+    assert line.split()[1:] == ["15.053", "2609.8", "784", "1", "0.22", "0.54", "1.50", "2.04"]
 
 
 def test_static_lenet5_step_is_within_the_launch_budget(lenet5_static):

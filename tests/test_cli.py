@@ -175,6 +175,10 @@ def test_nan_exit_status(tmp_path):
     (["train", "--optimizer", "adam", "--momentum", "0.9"], "momentum applies to sgd only"),
     (["train", "--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
     (["train", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["train", "--precision", "fp16"], "argument --precision: precision must be one of 'fp32', 'tf32', '3xtf32', "
+                                       "'bf16', got precision='fp16' (fp16 needs dynamic loss scaling, which is "
+                                       "not implemented yet)"),
+    (["train", "--precision", "FP32"], "argument --precision: precision must be one of"),
     (["train", "--resume", "/nonexistent/run"], "argument --resume: checkpoint not found: /nonexistent/run"),
     (["train", "--comm", "mpi"], "argument --comm: needs --distributed"),
     (["train", "--distributed", "--comm", "tcp"], "argument --comm: invalid choice: 'tcp'"),
@@ -256,6 +260,16 @@ def test_a_refused_run_leaves_no_run_directory(tmp_path, capsys, args, needle):
         assert code == 1
     assert needle in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_train_precision_flag_runs_the_mode_and_records_it(tmp_path, capsys):
+    import json
+
+    assert cli.main(["train", "--model", "seed002_c1", "--subset", "128", "--test-subset", "32", "--epochs", "1",
+                     "--precision", "bf16", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert "precision bf16;" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["precision"] for r in rows] == ["bf16"]
 
 
 def test_a_batch_larger_than_the_data_says_the_batch_used(tmp_path, capsys):

@@ -169,6 +169,7 @@ POOL = [
     (1, 5, 5, 4, (5, 5), (1, 1), "one window per plane"),
     (1, 6, 9, 2, (2, 3), (3, 1), "non-square kernel and stride"),
     (1, 8, 3, 7, (4, 1), (2, 3), "tall kernel"),
+    (11, 5, 6, 37, (3, 2), (2, 2), "backward: C > 8 channels loop in a thread, N over two warps"),
 ]
 POOL_IDS = [f"C{c}H{h}W{w}N{n}k{k[0]}x{k[1]}s{s[0]}x{s[1]}" for c, h, w, n, k, s, _ in POOL]
 
@@ -846,7 +847,7 @@ def test_step_launches_and_grids(fake):
     pool.max_pool_backward(y, tap, factor, x.shape, 2, 2)
     pool.max_pool_forward(x, 3, 2)
     assert fake.take() == [("pool_max_forward", (cdiv(6 * 14 * 14 * 64, 256), 1, 1), (256, 1, 1)),
-                           ("pool_max_backward", (cdiv(x.size, 256), 1, 1), (256, 1, 1)),
+                           ("pool_max_backward", (cdiv(64, 32), 28, 28), (32, 6, 1)),   # h, w from the grid
                            ("pool_max_forward", (cdiv(6 * 13 * 13 * 64, 256), 1, 1), (256, 1, 1))]
     # elementwise
     elementwise.act_backward(_z(16, 10, 10, 64), _z(16, 10, 10, 64), "tanh")

@@ -261,7 +261,7 @@ def test_a_reply_to_an_abandoned_step_is_not_taken_for_the_next(restore_threads)
     np.copyto(runner.x[..., :256], xi)
     runner.y[:256] = y
     for conn in runner.conns:
-        conn.send_bytes(workers._COMMAND.pack(runner._seq, 256, 1000.0, True))
+        conn.send_bytes(workers._COMMAND.pack(runner._seq, 256, 1000.0, True, 0))
     trainer._forward_backward(xi, y, 1.0)
     for (name, _, _), g, ref in zip(model.named_parameters(), model.gradients(), first):
         np.testing.assert_array_equal(g, ref, err_msg=name)
@@ -405,7 +405,7 @@ def test_a_worker_whose_parent_is_gone_mid_step_exits_quietly(restore_threads, c
     runner._seq += 1
     np.copyto(runner.x[..., :256], to_internal(x))
     runner.y[:256] = y
-    runner.conns[0].send_bytes(workers._COMMAND.pack(runner._seq, 256, 1.0, True))
+    runner.conns[0].send_bytes(workers._COMMAND.pack(runner._seq, 256, 1.0, True, 0))
     runner.conns[0].close()                                    # the parent "dies" while the worker works
     runner.procs[0].join(30)
     assert runner.procs[0].exitcode == 0

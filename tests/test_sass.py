@@ -10,6 +10,9 @@ the reason, when a tool is missing.
   static shared memory within 48 KiB, and in EVERY innermost loop holding FFMA
   of a float32 kernel at most 2.0 instructions and at most 0.25 global loads per
   FFMA; the grids of the four listed layers at batch 64 reach 132 blocks.
+* kernels/pool.cu's pool_max_backward: at most 2 integer divisions per thread
+  (each a MUFU.RCP sequence in SASS; it had 7 when every thread decomposed
+  its flat index), issue 25's SIMT fix 4.
 """
 from __future__ import annotations
 
@@ -327,3 +330,18 @@ def test_conv_grids_reach_132_blocks(name, x_shape, w_shape, pad, needs_dx):
         if kernel == "conv_backward_input" and not needs_dx:
             continue
         assert shape["blocks"] >= 132, (name, kernel, shape)
+
+
+def _integer_divisions(instructions) -> int:
+    """Integer divisions by a runtime value: each is one ``I2F.U32.RP`` + ``MUFU.RCP`` sequence on sm_90."""
+    return sum(i.opcode.startswith("MUFU.RCP") for i in instructions)
+
+
+def test_pool_max_backward_divides_at_most_twice_per_thread():
+    """h and w come from the grid, n from the block: only the window bounds divide (h / SH, w / SW)."""
+    _tools_or_skip()
+    cubin, _ = sass.compile_cubin("pool.cu", "sm_90")
+    kernels = sass.split_kernels(sass.disassemble(cubin))
+    for name in ("pool_max_backward", "pool_max_backward_f64"):
+        assert _integer_divisions(kernels[name]) == 2, name
+    assert _integer_divisions(kernels["pool_max_forward"]) == 3     # the proxy counts what it should

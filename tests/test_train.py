@@ -338,16 +338,19 @@ def test_resume_under_another_augmentation_scheme_says_it_is_not_bit_for_bit(mni
 
 
 def test_run_options_name_a_bad_precision_and_travel_as_one_object(tmp_path):
-    """How a run runs is one RunOptions; precision takes only "fp32" for now, and a shorthand beside
+    """How a run runs is one RunOptions; precision names the modes it takes, and a shorthand beside
     options= is refused rather than silently dropped."""
     from gpucnn.train.options import RunOptions
 
-    with pytest.raises(ValueError, match=r"precision must be one of 'fp32' for now, got precision='bf16'"):
-        RunOptions(precision="bf16")
+    with pytest.raises(ValueError, match=r"precision must be one of 'fp32', 'tf32', '3xtf32', 'bf16', "
+                                         r"got precision='fp64'"):
+        RunOptions(precision="fp64")
     with pytest.raises(ValueError, match=r"collective_timeout=5 needs distributed=True"):
         RunOptions(collective_timeout=5)
     with pytest.raises(ValueError, match=r"got debug beside it"):
         train(None, options=RunOptions(device="cpu"), debug=True, out_dir=tmp_path / "r")
+    with pytest.raises(ValueError, match=r"got precision beside it"):
+        train(None, options=RunOptions(device="cpu"), precision="bf16", out_dir=tmp_path / "r")
 
 
 def test_replacing_the_model_loss_or_optimizer_drops_what_was_made_for_the_old_ones():

@@ -55,6 +55,8 @@ class Event:
     grid: tuple | None = None
     block: tuple | None = None
     shared_mem: int = 0
+    #: a kernel's arguments as launched (arrays and NumPy scalars), for the time model
+    args: tuple = ()
 
 
 class Recorder:
@@ -793,7 +795,7 @@ class _RecordingFunction:
             return
         r = getattr(_state, "recorder", None)
         if r is not None and not r.paused:
-            r.events.append(Event("kernel", self.name, tuple(grid), tuple(block), int(shared_mem)))
+            r.events.append(Event("kernel", self.name, tuple(grid), tuple(block), int(shared_mem), tuple(args)))
         self.run(grid, block, args, shared_mem=shared_mem)
 
 

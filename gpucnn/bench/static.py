@@ -14,10 +14,13 @@ gather, forward, loss, backward, optimizer) -- runs on the CuPy stand-in
 * host cost: wall time of the step on the host with every kernel stubbed out
   (the Python work of the step: checks, launch preparation, argument tuples),
   per step and per launch -- median of several repetitions of ``steps`` steps;
-* host synchronisations inside the step (there should be none).
+* host synchronisations inside the step (there should be none);
+* per launch, a predicted GPU time from a static model (:mod:`gpucnn.bench.roofline`:
+  FLOPs, bytes, blocks, waves on an H200, launch cost; its assumptions are
+  printed), and the step's total.
 
-Everything is static or host-side: no GPU time is claimed.  The figures that
-need a GPU come from ``gpucnn bench --device cuda``.
+Everything is static or host-side: no GPU time is measured; the predictions are
+a model's.  The figures that need a GPU come from ``gpucnn bench --device cuda``.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from ..data.batching import epoch_permutation
 from ..data.dataset import normalize
 from ..random import seed as seed_all
 from ..train import MODEL_DEFAULTS, Trainer
-from . import standin
+from . import roofline, standin
 
 __all__ = ["STEP_LAUNCH_BUDGET", "static_step", "kernel_resources", "run_static"]
 
@@ -124,10 +127,17 @@ def static_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 2
         "host_us_per_launch": host_us / max(1, len(launches)),
         "launcher_us_per_launch": launcher,
         "kernels": [{"kind": e.kind, "name": e.name, "grid": e.grid, "block": e.block,
-                     "shared_mem": e.shared_mem} for e in launches],
+                     "shared_mem": e.shared_mem, "model": _model(e)} for e in launches],
         "allocations": sum(e.kind == "alloc" for e in step_events),
         "per_epoch": [e.name for e in per_epoch if e.kind not in ("sync", "alloc")],
     }
+
+
+def _model(event):
+    """The time model's figures for a gpucnn kernel launch (None for a CuPy operation)."""
+    if event.kind != "kernel":
+        return None
+    return roofline.predict(event.name, event.grid, event.block, roofline.launch_args(event.name, event.args))
 
 
 def _timed_launches(run, rec, repeats) -> float:
@@ -236,6 +246,7 @@ def _print_step(row, resources):
         print(f"  {name:28s} {grid:>16s} {block:>12s} {k['shared_mem']:>8d} {_fmt(f.get('registers')):>4s} "
               f"{_fmt(spill):>5s} {_fmt(f.get('smem')):>6s} {_fmt(f.get('instructions_per_ffma'), '.2f'):>9s} "
               f"{_fmt(f.get('ldg_per_ffma'), '.3f'):>7s}")
+    _print_prediction(row)
     if row["syncs"] or row["copies"]:
         print(f"  inside the step: syncs {row['syncs']}, copies {row['copies']}")
     if row["per_epoch"]:
@@ -251,6 +262,25 @@ def _print_step(row, resources):
                   "it runs eagerly")
 
 
+def _print_prediction(row):
+    """The time model's table for the step's launches, and its total."""
+    print(f"  predicted on an {roofline.H200['name']} (static model, assumptions above):")
+    print(f"  {'kernel':28s} {'MFLOP':>9s} {'KB moved':>9s} {'blocks':>7s} {'waves':>5s} {'compute':>8s} "
+          f"{'memory':>8s} {'launch':>6s} {'predicted':>9s}   (us)")
+    for k in row["kernels"]:
+        p = k["model"]
+        if p is None:
+            print(f"  {'cupy: ' + k['name']:28s} {'-':>9s} {'-':>9s} {'-':>7s} {'-':>5s} {'-':>8s} {'-':>8s} "
+                  f"{roofline.H200['launch_us']:6.2f} {roofline.H200['launch_us']:9.2f}")
+            continue
+        print(f"  {k['name']:28s} {p['flops'] / 1e6:9.3f} {p['bytes'] / 1e3:9.1f} {p['blocks']:7d} {p['waves']:5d} "
+              f"{p['compute_us']:8.2f} {p['memory_us']:8.2f} {p['launch_us']:6.2f} {p['predicted_us']:9.2f}")
+    t = row["predicted"]
+    print(f"  predicted step total: {t['predicted_us']:.1f} us for {t['launches']} launches per step "
+          f"({t['launch_us']:.1f} us of it launch cost; {t['flops'] / 1e9:.3f} GFLOP, {t['bytes'] / 1e6:.2f} MB)"
+          + (f"; {t['unmodelled']} CuPy operations counted at their launch cost only" if t["unmodelled"] else ""))
+
+
 def run_static(model_names, batches, *, optimizer="sgd", steps=20, repeats=5, arch="sm_90") -> dict:
     """Print the static table for every model and batch; returns ``{"steps": [...], "arch", "note"}``."""
     rows = [static_step(m, b, optimizer=optimizer, steps=steps, repeats=repeats)
@@ -261,7 +291,11 @@ def run_static(model_names, batches, *, optimizer="sgd", steps=20, repeats=5, ar
           f"(no GPU, kernels stubbed); kernel resources from NVRTC/ptxas for {arch}")
     if note:
         print(f"  ({note})")
+    print("time model (gpucnn/bench/roofline.py), assumptions:")
+    for line in roofline.assumptions():
+        print(f"  {line}")
     for row in rows:
+        row["predicted"] = roofline.step_totals(row["kernels"])
         row["graph"] = graph_step(row["model"], row["batch"], optimizer=optimizer, steps=steps, repeats=repeats)
         _print_step(row, resources)
         for k in row["kernels"]:
@@ -280,4 +314,5 @@ def run_static(model_names, batches, *, optimizer="sgd", steps=20, repeats=5, ar
                   f"{'within budget' if ok else 'OVER BUDGET'}.  Eager (--no-cuda-graph) "
                   f"{row['host_us_per_launch']:.1f} us/launch, of which the launcher "
                   f"{row['launcher_us_per_launch']:.1f}; as a CUDA graph {graph['host_us']:.0f} us/step")
-    return {"arch": arch, "note": note, "steps": rows}
+    return {"arch": arch, "note": note, "machine": roofline.H200, "assumptions": roofline.assumptions(),
+            "steps": rows}

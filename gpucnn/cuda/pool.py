@@ -26,6 +26,8 @@ __all__ = ["MAX_WINDOW", "pool_output_shape", "max_pool_forward", "max_pool_back
 
 #: Largest window (KH * KW) a uint8 tap can index.
 MAX_WINDOW = 256
+#: the largest input height or width of max_pool_backward (its grid's y and z limit)
+BACKWARD_MAX_HW = 65535
 
 
 def _geometry(func, x_shape, kernel, stride):
@@ -94,8 +96,8 @@ def max_pool_backward(dy, tap, factor, x_shape, kernel, stride, *, out=None):
     Returns:
         dx (C, H, W, N): for each input element, the sum of dy * factor over the
         windows whose tap chose it, in increasing window order; 0 elsewhere.
-    Launches: 1, ``pool_max_backward[_f64]``, one thread per input element:
-        grid (ceil(C*H*W*N / 256), 1, 1), block (256, 1, 1).
+    Launches: 1, ``pool_max_backward[_f64]``, one thread per input element (h, w from the grid,
+        so no thread divides to find its element): grid (ceil(N / 32), W, H), block (32, min(C, 8), 1).
     """
     func = "max_pool_backward"
     xp = _xp(dy=dy, tap=tap, factor=factor, out=out)
@@ -117,9 +119,12 @@ def max_pool_backward(dy, tap, factor, x_shape, kernel, stride, *, out=None):
     _same_shape(func, "tap", tap, shape, "the shape of dy")
     if factor is not None:
         _same_shape(func, "factor", factor, shape, "the shape of dy")
+    if max(H, W) > BACKWARD_MAX_HW:
+        raise ValueError(f"{func}: x_shape {x_shape}: H and W must be at most {BACKWARD_MAX_HW} (the kernel's "
+                         "grid has one block row per input row and column)")
     dx = _out(func, "out", out, xp, x_shape, dtype)
     loader.launch(_kernel("pool_max_backward", dtype),
                   (dy, tap, factor if factor is not None else dy, dx,
                    C, H, W, N, KH, KW, SH, SW, OH, OW, int(factor is not None)),
-                  n_threads=dx.size)
+                  grid=(loader.ceil_div(N, 32), W, H), block=(32, min(C, 8), 1))
     return dx

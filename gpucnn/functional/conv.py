@@ -44,6 +44,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
+from .. import precision
 from .. import threads
 from .._utils import output_size
 from . import _dispatch
@@ -114,9 +115,10 @@ def conv2d_forward(x, W, b, stride, padding, *, act=None, pool=None, ws=None):
     _check_fusion(act, pool)
     if x.shape[3] == 0:
         return _empty_batch_forward(x, W, b, stride, padding, act, pool)
+    mode = precision.current()
     if _dispatch.use_kernels(x, W, b):
-        return _forward_kernels(x, W, b, stride, padding, act, pool, ws)
-    cols, z = _conv_numpy(x, W, b, stride, padding, ws)
+        return _forward_kernels(x, W, b, stride, padding, act, pool, ws, mode)
+    cols, z = _conv_numpy(x, W, b, stride, padding, ws, mode)
     fuse_relu = act == "relu" and pool is not None
     if fuse_relu:
         y, pool_saved = max_pool2d_forward(z, *pool, relu=True, ws=ws)
@@ -197,7 +199,7 @@ def _col_block(cols, K6, a, chunk, Wo, N):
                     (kh * kw * P * item, kw * P * item, P * item, Wo * N * item, N * item, item))
 
 
-def _conv_numpy(x, W, b, stride, padding, ws):
+def _conv_numpy(x, W, b, stride, padding, ws, mode):
     C, H, Wd, N = x.shape
     O, _, kh, kw = W.shape
     K = C * kh * kw
@@ -220,7 +222,12 @@ def _conv_numpy(x, W, b, stride, padding, ws):
     def chunk(*block):
         a, e = _span(block, Wo, N)
         np.copyto(_col_block(cols, (C, kh, kw), a, block, Wo, N), _windows(xpad, (kh, kw), stride, block))
-        np.matmul(Wb, cols[:, a:e], out=z2[:, a:e])
+        if mode == "fp32":
+            np.matmul(Wb, cols[:, a:e], out=z2[:, a:e])
+            return
+        precision.matmul(Wb[:, :K], cols[:K, a:e], z2[:, a:e], mode)   # the bias: an FP32 epilogue
+        if b is not None:
+            z2[:, a:e] += Wb[:, K:]
 
     threads.run_each(chunk, _chunks(Ho, Wo, N, K))
     return cols, z
@@ -240,8 +247,9 @@ def conv2d_backward(dy, saved: Conv2dSaved, *, input_grad=True, dW_out=None, db_
     """
     if saved.z_shape[3] == 0:
         return _empty_batch_backward(saved, input_grad, dW_out, db_out)
+    mode = precision.current()
     if _dispatch.use_kernels(dy, saved.W):
-        return _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws)
+        return _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws, mode)
     dz = _pre_activation_grad(dy, saved, ws)
     W = saved.W
     O, C, kh, kw = W.shape
@@ -249,29 +257,32 @@ def conv2d_backward(dy, saved: Conv2dSaved, *, input_grad=True, dW_out=None, db_
     dz2 = dz.reshape(O, -1)
     Ho, Wo, N = saved.z_shape[1:]
     blocks = _chunks(Ho, Wo, N, K)
-    dWbT = _weight_grad(saved.cols, dz2, [_span(b, Wo, N) for b in blocks])
+    # db is the GEMM's ones row: the sum of dz as the GEMM multiplies it (rounded in tf32/bf16), as the kernels
+    dWbT = _weight_grad(saved.cols, dz2, [_span(b, Wo, N) for b in blocks], mode)
     dW = _store(dWbT[:K].T, W.shape, dW_out)
     db = _store(dWbT[K], (O,), db_out) if saved.has_bias else None
     if not input_grad:
         return None, dW, db
-    return _input_grad(dz2, saved, blocks, ws), dW, db
+    return _input_grad(dz2, saved, blocks, ws, mode), dW, db
 
 
-def _weight_grad(cols, dz2, spans):
+def _weight_grad(cols, dz2, spans, mode):
     """``[dW | db]^T = cols @ dz^T`` (K+1, O), summed chunk by chunk (``cols_c @ dz_c^T``: ~2x
     faster in BLAS than the whole product or the other orientation), in
     :data:`WEIGHT_GRAD_GROUPS` groups of consecutive chunks whose partial sums are added in
-    order: the groups are the threads' work, and the bits do not depend on the thread count."""
+    order: the groups are the threads' work, and the bits do not depend on the thread count.
+    Each product's operands are rounded for the precision ``mode``."""
     groups = threads.split(len(spans), parts=WEIGHT_GRAD_GROUPS)
 
     def group(g0, g1):
         acc = tmp = None
         for a, e in spans[g0:g1]:
             if acc is None:
-                acc = cols[:, a:e] @ dz2[:, a:e].T
+                acc = np.empty((cols.shape[0], dz2.shape[0]), dz2.dtype)
                 tmp = np.empty_like(acc)
+                precision.matmul(cols[:, a:e], dz2[:, a:e].T, acc, mode)
             else:
-                np.matmul(cols[:, a:e], dz2[:, a:e].T, out=tmp)
+                precision.matmul(cols[:, a:e], dz2[:, a:e].T, tmp, mode)
                 acc += tmp
         return acc
 
@@ -292,7 +303,7 @@ def _pre_activation_grad(dy, saved, ws):
     return g
 
 
-def _input_grad(dz2, saved, blocks, ws):
+def _input_grad(dz2, saved, blocks, ws, mode):
     """dL/dx: the adjoint of im2col applied to ``W^T dz`` (the seeds' full-padded rot180
     convolution, the GPU kernel's gather, in its scatter form, which is faster on a CPU)."""
     W, (ph, pw), (sh, sw) = saved.W, saved.padding, saved.stride
@@ -305,7 +316,7 @@ def _input_grad(dz2, saved, blocks, ws):
 
     def gemm(*block):
         a, e = _span(block, Wo, N)
-        np.matmul(W2t, dz2[:, a:e], out=dcols[:, a:e])
+        precision.matmul(W2t, dz2[:, a:e], dcols[:, a:e], mode)
 
     threads.run_each(gemm, blocks)
     dcols6 = dcols.reshape(C, kh, kw, Ho, Wo, N)
@@ -338,7 +349,24 @@ def _store(value, shape, out):
 # --------------------------------------------------------------------------- #
 # the kernel path
 # --------------------------------------------------------------------------- #
-def _forward_kernels(x, W, b, stride, padding, act, pool, ws):
+def _kernel_operand(a, mode, ws, role):
+    """What the SIMT kernels multiply in ``mode``: the operand itself (fp32) or its tf32/bf16
+    rounding (one launch into the workspace buffer ``role``), so the kernels give a tensor core's
+    numbers (FP32 accumulation) until tensor-core kernels exist; 3xtf32 is refused rather than
+    run as something else."""
+    if mode == "fp32":
+        return a
+    if mode == "3xtf32":
+        raise NotImplementedError("precision '3xtf32' has no CUDA kernels yet (it needs the tensor-core "
+                                  "kernels of issue 25); on CUDA use 'fp32' (the FP32 reference 3xtf32 "
+                                  "approximates), 'tf32' or 'bf16', or run 3xtf32 on the CPU")
+    from ..cuda import rounding
+
+    xp = backend.get_array_module(a)
+    return rounding.round_mantissa(a, precision.MANTISSA_BITS[mode], out=get(ws, role, a.shape, a.dtype, xp))
+
+
+def _forward_kernels(x, W, b, stride, padding, act, pool, ws, mode):
     """The kernel path; every output is a buffer of ``ws`` (roles ``k.*``), so a step allocates nothing."""
     from ..cuda import conv as kconv
 
@@ -351,7 +379,9 @@ def _forward_kernels(x, W, b, stride, padding, act, pool, ws):
     z_shape = (O, *conv_output_hw(x.shape, W.shape, stride, padding), N)
     y = get(ws, "k.y", z_shape, x.dtype, xp)
     z = get(ws, "k.z", z_shape, x.dtype, xp) if kernel_act == "relu" else None
-    y, z = kconv.conv_forward(x, W, b, stride, padding, act=kernel_act, y_out=y, z_out=z)
+    y, z = kconv.conv_forward(_kernel_operand(x, mode, ws, "k.rx"), _kernel_operand(W, mode, ws, "k.rW"), b,
+                              stride, padding,
+                              act=kernel_act, y_out=y, z_out=z)
     act_saved = None
     if kernel_act == "relu":
         act_saved = z
@@ -363,7 +393,7 @@ def _forward_kernels(x, W, b, stride, padding, act, pool, ws):
     return y, Conv2dSaved(x, W, None, stride, padding, b is not None, act, act_saved, pool_saved, z_shape)
 
 
-def _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws):
+def _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws, mode):
     from ..cuda import conv as kconv
     from ..cuda import elementwise
 
@@ -380,10 +410,12 @@ def _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws):
     if saved.has_bias:
         db = db_out if db_out is not None else get(ws, "k.db", (W.shape[0],), W.dtype, xp)
     need = kconv.conv_backward_weight_workspace_size(saved.x.shape, W.shape, saved.stride, saved.padding)
-    kconv.conv_backward_weight(saved.x, dz, W.shape, saved.stride, saved.padding, dW_out=dW, db_out=db,
-                               has_bias=saved.has_bias, workspace=get(ws, "k.wgrad", (need,), W.dtype, xp))
+    dz_op = _kernel_operand(dz, mode, ws, "k.rdz")
+    kconv.conv_backward_weight(_kernel_operand(saved.x, mode, ws, "k.rx"), dz_op, W.shape, saved.stride,
+                               saved.padding, dW_out=dW, db_out=db, has_bias=saved.has_bias,
+                               workspace=get(ws, "k.wgrad", (need,), W.dtype, xp))
     dx = None
     if input_grad:
-        dx = kconv.conv_backward_input(dz, W, saved.x.shape, saved.stride, saved.padding,
-                                       out=get(ws, "k.dx", saved.x.shape, dz.dtype, xp))
+        dx = kconv.conv_backward_input(dz_op, _kernel_operand(W, mode, ws, "k.rW"), saved.x.shape, saved.stride,
+                                       saved.padding, out=get(ws, "k.dx", saved.x.shape, dz.dtype, xp))
     return dx, dW, db

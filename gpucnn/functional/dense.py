@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import backend
+from .. import precision
 from .. import threads
 from . import _dispatch
 from .activation import FUSED_ACTIVATIONS, act_backward, act_forward
@@ -39,19 +40,22 @@ def dense_forward(x, W, b, *, act=None, ws=None):
     """``y = act(W @ x + b)`` for x (in, N), W (out, in), b (out,) or None; returns ``(y, saved)``."""
     if act is not None and act not in FUSED_ACTIVATIONS:
         raise ValueError(f"act must be None or one of {FUSED_ACTIVATIONS}, got act={act!r}")
+    mode = precision.current()
     if _dispatch.use_kernels(x, W, b):
         from ..cuda import dense
+        from .conv import _kernel_operand
 
         xp = backend.get_array_module(x)
         shape = (W.shape[0], x.shape[1])
-        y, z = dense.dense_forward(x, W, b, act=act, y_out=get(ws, "k.y", shape, x.dtype, xp),
+        y, z = dense.dense_forward(_kernel_operand(x, mode, ws, "k.rx"), _kernel_operand(W, mode, ws, "k.rW"), b,
+                                   act=act, y_out=get(ws, "k.y", shape, x.dtype, xp),
                                    z_out=get(ws, "k.z", shape, x.dtype, xp) if act == "relu" else None)
         saved = z if act == "relu" else (y if act is not None else None)
         return y, DenseSaved(x, W, b is not None, act, saved)
     xp = backend.get_array_module(x)
     threads.pin_blas()                    # BLAS on one thread: the same bits for any thread count
     z = get(ws, "z", (W.shape[0], x.shape[1]), x.dtype, xp)
-    xp.matmul(W, x, out=z)
+    precision.matmul(W, x, z, mode)
     if b is not None:
         z += b[:, None]
     y, act_saved = act_forward(act, z, get(ws, "act", z.shape, z.dtype, xp) if act else None)
@@ -62,24 +66,26 @@ def dense_backward(dy, saved: DenseSaved, *, input_grad=True, dW_out=None, db_ou
     """``(dx, dW, db)``; dW/db are written into ``dW_out``/``db_out`` when given (overwritten)."""
     W, x = saved.W, saved.x
     xp = backend.get_array_module(dy)
+    mode = precision.current()
     if _dispatch.use_kernels(dy, W):
-        return _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws)
+        return _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws, mode)
     dz = dy if saved.act is None else act_backward(saved.act, dy, saved.act_saved,
                                                    get(ws, "dz", dy.shape, dy.dtype, xp))
     dW = dW_out if dW_out is not None else xp.empty(W.shape, W.dtype)
-    xp.matmul(dz, x.T, out=dW)
+    precision.matmul(dz, x.T, dW, mode)
     db = None
     if saved.has_bias:
         db = db_out if db_out is not None else xp.empty((W.shape[0],), W.dtype)
         dz.sum(axis=1, out=db)
     dx = None
     if input_grad:
-        dx = xp.matmul(W.T, dz, out=get(ws, "dx", x.shape, dy.dtype, xp))
+        dx = precision.matmul(W.T, dz, get(ws, "dx", x.shape, dy.dtype, xp), mode)
     return dx, dW, db
 
 
-def _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws):
+def _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws, mode):
     from ..cuda import dense
+    from .conv import _kernel_operand
 
     W, x = saved.W, saved.x
     db = None
@@ -87,6 +93,11 @@ def _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws):
         db = db_out if db_out is not None else get(ws, "k.db", (W.shape[0],), W.dtype, xp)
     dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db, has_bias=saved.has_bias,
                                       dz_out=get(ws, "k.dz", dy.shape, dy.dtype, xp))
-    dW = dense.dense_weight_grad(dz, x, out=dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp))
-    dx = dense.dense_input_grad(W, dz, out=get(ws, "k.dx", x.shape, dy.dtype, xp)) if input_grad else None
+    dz_op = _kernel_operand(dz, mode, ws, "k.rdz")   # db above is the FP32 sum of the unrounded dz
+    dW = dense.dense_weight_grad(dz_op, _kernel_operand(x, mode, ws, "k.rx"),
+                                 out=dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp))
+    dx = None
+    if input_grad:
+        dx = dense.dense_input_grad(_kernel_operand(W, mode, ws, "k.rW"), dz_op,
+                                    out=get(ws, "k.dx", x.shape, dy.dtype, xp))
     return dx, dW, db

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import backend, checkpoint as ckpt_mod, losses, models, optim
+from .. import backend, checkpoint as ckpt_mod, losses, models, optim, precision
 from .. import random as grandom
 from .._utils import check_directory_path, inputs_for
 from . import parallel
@@ -267,7 +267,8 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
           stop_after: int | None = None, nvtx: bool = False, debug: bool = False,
           progress: bool = True, overwrite: bool = False,
           log: Callable[[str], None] | None = print, distributed=None, cuda_graph: bool = True,
-          collective_timeout: float | None = None, options: RunOptions | None = None) -> TrainResult:
+          collective_timeout: float | None = None, precision: str = "fp32",
+          options: RunOptions | None = None) -> TrainResult:
     """Train, evaluating and checkpointing every epoch.
 
     Args:
@@ -302,6 +303,11 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
             for every rank (default: the communicator's ``timeout``, 600 s
             unless set); a rank that has not arrived by then -- stopped, hung
             -- ends the job, named (:class:`gpucnn.distributed.CollectiveTimeout`).
+        precision: the arithmetic of the conv and dense GEMMs, one of
+            :data:`gpucnn.precision.MODES` (``"fp32"``, ``"tf32"``, ``"3xtf32"``,
+            ``"bf16"``): operands rounded as a tensor core rounds them, FP32
+            accumulation and master weights (:mod:`gpucnn.precision`); the
+            checkpoint's metrics row and ``metrics.jsonl`` note it.
         cuda_graph: on a GPU, replay each full-size step as one captured CUDA
             graph (:mod:`gpucnn.train.graph`): the same numbers as the eager
             step, far less host work; a step that fails the capture checks
@@ -309,7 +315,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
         options: all of how the run runs as one
             :class:`~gpucnn.train.options.RunOptions` (``gpucnn train`` passes
             one, with ``threads`` too); ``device``, ``nvtx``, ``debug``,
-            ``distributed``, ``cuda_graph`` and ``collective_timeout`` are
+            ``distributed``, ``cuda_graph``, ``collective_timeout`` and ``precision`` are
             shorthands for its fields and must be left out when it is given.
 
     Raises:
@@ -324,7 +330,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
     on a rank ends the whole job (``MPI_Abort``) with ``gpucnn: rank R: ...``.
     """
     options = RunOptions.resolve(options, device=device, nvtx=nvtx, debug=debug, distributed=distributed,
-                                 cuda_graph=cuda_graph, collective_timeout=collective_timeout)
+                                 cuda_graph=cuda_graph, collective_timeout=collective_timeout, precision=precision)
     say = log or (lambda s: None)
     t_start = time.perf_counter()
     opts = dict(model=model, loss=loss, data=data, data_dir=data_dir)
@@ -333,12 +339,14 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
         _check_stop_after(stop_after)
         _check_out_dir(out_dir)
         dev, why = backend.resolve_device(options.device)
+        options.check_device(dev)
         say(f"device: {dev}" + (f" ({backend.gpu_name()})" if dev == "cuda" else "") + f" [{why}]")
         run = _run(cfg, ckpt, dev, say, None, stop_after, progress, options,
                    lambda: RunDir(out_dir, model=cfg.model, resumed=ckpt, overwrite=overwrite, log=say), **opts)
         return run.result(time.perf_counter() - t_start)
     _check_stop_after(stop_after)
     dev, why = backend.resolve_device(options.device)
+    options.check_device(dev)
     comm = parallel.communicator(options.distributed, dev)
     say = say if comm.is_root else (lambda s: None)
 
@@ -435,7 +443,7 @@ class _Run:
         say(f"model: {cfg.model} ({self.model.num_parameters()} parameters), {cfg.optimizer} lr {cfg.lr:g}"
             + (f" momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" and cfg.momentum else "")
             + f" {cfg.lr_schedule} schedule, {_batch_phrase(cfg.batch_size, self.n)}, {cfg.epochs} "
-              f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
+              f"epoch{'s' if cfg.epochs != 1 else ''}, precision {precision.current()}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
                                cuda_graph=cuda_graph, augment=self._augment_spec())
@@ -525,7 +533,8 @@ class _Run:
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "test_loss": ev["loss"], "test_accuracy": ev["accuracy"], "lr": stats.lr_first,
                "lr_end": stats.lr_last, "images_per_sec": stats.seen / t_train if t_train > 0 else float("nan"),
-               "train_seconds": t_train, "seconds": time.perf_counter() - t_epoch, "device": dev}
+               "train_seconds": t_train, "seconds": time.perf_counter() - t_epoch, "device": dev,
+               "precision": precision.current()}
         if comm is not None:
             row["ranks"] = comm.size
             parallel.check_in_sync(comm, self.opt, epoch + 1)

@@ -8,7 +8,8 @@ caller of :func:`~gpucnn.train.train`) and handed to the loop as it is;
 the loop applies it (device, threads, NVTX, anomaly detection, the
 communicator and its timeout) and gives the :class:`~gpucnn.train.Trainer`
 the one field a step reads, ``cuda_graph``.  Nothing in it changes the numbers of a run, except
-``precision``, which accepts only ``"fp32"`` for now.
+``precision``: the arithmetic of every GEMM (:mod:`gpucnn.precision`), held for the run by
+:meth:`RunOptions.applied` and put back afterwards.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from dataclasses import dataclass
 from .. import debug as debug_mod
 from .. import distributed as dist
 from .. import nvtx as nvtx_mod
+from .. import precision as precision_mod
 from .. import threads as threads_mod
 
 __all__ = ["RunOptions", "PRECISIONS"]
 
-#: the precisions a run may ask for (the arithmetic of every layer and kernel)
-PRECISIONS = ("fp32",)
+#: the precisions a run may ask for (the operands of every GEMM; :mod:`gpucnn.precision`)
+PRECISIONS = precision_mod.MODES
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,12 @@ class RunOptions:
             :class:`~gpucnn.distributed.Communicator`.
         collective_timeout: with ``distributed``, seconds a collective waits
             for every rank (None: the communicator's).
-        precision: ``"fp32"`` (the only one for now).
+        precision: the GEMMs' arithmetic, one of :data:`PRECISIONS`: ``"fp32"``
+            (the default), ``"tf32"``, ``"3xtf32"`` or ``"bf16"`` (operands
+            rounded, FP32 accumulation and master weights; see
+            :mod:`gpucnn.precision`).  On CUDA, tf32 and bf16 round the
+            operands of today's SIMT kernels (a tensor core's numbers, not
+            its speed); 3xtf32 is CPU-only until tensor-core kernels exist.
     """
 
     device: str = "auto"
@@ -58,9 +65,7 @@ class RunOptions:
     precision: str = "fp32"
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))} for now, "
-                             f"got precision={self.precision!r}")
+        precision_mod.check_mode(self.precision)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got device={self.device!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
@@ -88,14 +93,22 @@ class RunOptions:
                              "beside it (set them in the RunOptions)")
         return options
 
+    def check_device(self, device: str) -> None:
+        """Refuse a precision ``device`` cannot run (3xtf32 on CUDA: no tensor-core kernels yet), before
+        anything is loaded."""
+        if device == "cuda" and self.precision == "3xtf32":
+            raise ValueError("precision='3xtf32' runs on the CPU only for now: it needs tensor-core kernels "
+                             "(issue 25), and running the FP32 SIMT kernels instead would not be 3xtf32; "
+                             "on cuda use 'fp32' (what 3xtf32 approximates), 'tf32' or 'bf16'")
+
     def replace(self, **changes) -> "RunOptions":
         return dataclasses.replace(self, **changes)
 
     @contextlib.contextmanager
     def applied(self, say=None, prog: str = "gpucnn train", note: bool = True):
-        """Apply the options that are process state for the run -- threads, NVTX, anomaly detection
-        -- and put them back afterwards.  ``say(line)`` is told when NVTX has no implementation;
-        the threads' cap note goes to stderr as ``"<prog>: note: ..."`` when ``note``."""
+        """Apply the options that are process state for the run -- threads, NVTX, anomaly detection,
+        the precision of the GEMMs -- and put them back afterwards.  ``say(line)`` is told when NVTX
+        has no implementation; the threads' cap note goes to stderr as ``"<prog>: note: ..."`` when ``note``."""
         with contextlib.ExitStack() as stack:
             if self.threads is not None:
                 before = threads_mod.get_num_threads()
@@ -105,4 +118,5 @@ class RunOptions:
                 say("note: --nvtx: no NVTX implementation importable (pip install nvtx, or CuPy); ranges are no-ops")
             if self.debug:
                 stack.enter_context(debug_mod.detect_anomaly())
+            stack.enter_context(precision_mod.using(self.precision))
             yield self

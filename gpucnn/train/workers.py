@@ -75,7 +75,7 @@ import weakref
 
 import numpy as np
 
-from .. import backend, debug, losses, threads
+from .. import backend, debug, losses, precision, threads
 from ..functional.workspace import Workspace
 from ..layers.base import Layer, compute_class
 
@@ -327,10 +327,11 @@ class MicroBatches:
 
 # -- forked worker processes -------------------------------------------------------------------------
 
-# The pipes carry bytes, not pickles: a command is (step, n, scale, training), a reply is the step
-# and an error (empty when the share ran): the exception's class name, then its message and the
-# worker's traceback.
-_COMMAND = struct.Struct("<qqd?")
+# The pipes carry bytes, not pickles: a command is (step, n, scale, training, precision mode: its
+# index in gpucnn.precision.MODES, so a worker forked earlier runs the parent's mode of now), a reply
+# is the step and an error (empty when the share ran): the exception's class name, then its message
+# and the worker's traceback.
+_COMMAND = struct.Struct("<qqd?B")
 _STEP = struct.Struct("<q")
 _STOP = b"stop"
 
@@ -413,9 +414,10 @@ class ForkedRunner:
                 return
             if msg == _STOP:
                 return
-            seq, n, scale, training = _COMMAND.unpack(msg)
+            seq, n, scale, training, mode = _COMMAND.unpack(msg)
             try:
-                self._run_share(rep, t, n, scale, training)
+                with precision.using(precision.MODES[mode]):
+                    self._run_share(rep, t, n, scale, training)
                 reply = _STEP.pack(seq)
             except BaseException as exc:
                 text = f"{type(exc).__name__}\x1f{exc}\x1f{traceback.format_exc()}"
@@ -432,7 +434,7 @@ class ForkedRunner:
         self.y[:n] = y
         training = bool(self.micro.model.training)
         self._seq += 1
-        command = _COMMAND.pack(self._seq, n, float(scale), training)
+        command = _COMMAND.pack(self._seq, n, float(scale), training, precision.MODES.index(precision.current()))
         for t, conn in enumerate(self.conns, start=1):
             self._io(t, conn.send_bytes, command)
         failure = None
