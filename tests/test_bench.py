@@ -134,8 +134,9 @@ def test_static_predicted_time_of_conv1_forward_by_hand(lenet5_static):
     assert p["flops"] == 2 * 6 * 1 * 5 * 5 * 28 * 28 * 64 == 15_052_800
     # x (1, 28, 28, 64), W (6, 1, 5, 5), b (6), y and z (6, 28, 28, 64), float32, each once
     assert p["bytes"] == 4 * (28 * 28 * 64 + 150 + 6 + 2 * 6 * 28 * 28 * 64) == 2_609_776
-    assert tuple(k["grid"]) == (784, 1, 1) and tuple(k["block"]) == (16, 4, 1)
-    # 64-thread blocks: 32 resident per SM (the block limit), 132 x 32 >= 784: one wave, every lane busy
+    assert tuple(k["grid"]) == (784, 1, 1) and tuple(k["block"]) == (16, 2, 1)   # 8-row tiles: 6 channels
+    # 32-thread blocks: 32 resident per SM (the block limit), 132 x 32 >= 784: one wave;
+    # 784 x 32 threads >= 132 x 128 lanes: every lane busy
     assert p["blocks"] == 784 and p["waves"] == 1 and p["lane_fill"] == 1.0
     peak = 132 * 128 * 2 * 1.98e9                                    # 66.9 TFLOP/s
     assert p["compute_us"] == pytest.approx(15_052_800 / peak * 1e6, rel=1e-12)   # 0.225 us
