@@ -314,6 +314,8 @@ def _cmd_train(args, parser):
     root = comm is None or comm.is_root
     if comm is not None:
         options = options.replace(distributed=comm)
+        if options.collective_timeout is not None:   # from the first collective on: the config's broadcast
+            comm.timeout = options.collective_timeout
 
     def usage(msg):  # exit 2 on every rank, printed by rank 0
         if root:

@@ -526,3 +526,28 @@ def test_threads_apply_to_the_run_and_are_put_back(tmp_path, monkeypatch, distri
         assert seen == [3] and threads.get_num_threads() == 1
     finally:
         threads.set_num_threads(before)
+
+
+def test_collective_timeout_covers_the_config_broadcast(tmp_path, monkeypatch):
+    """`--collective-timeout` applies from the first collective on: rank 0's configuration broadcast
+    (a rank 0 stuck reading its config used to be waited for under the default timeout)."""
+    from gpucnn.train import parallel
+
+    seen, make = [], parallel.communicator
+
+    def communicator(*args, **kwargs):
+        comm = make(*args, **kwargs)
+        broadcast = comm.broadcast
+
+        def recording(buf, root=0):
+            seen.append(comm.timeout)
+            return broadcast(buf, root)
+
+        comm.broadcast = recording
+        return comm
+
+    monkeypatch.setattr(parallel, "communicator", communicator)
+    assert cli.main(["train", "--model", "seed002_c1", "--subset", "128", "--test-subset", "64", "--epochs", "1",
+                     "--no-progress", "--device", "cpu", "--distributed", "--collective-timeout", "7",
+                     "--out", str(tmp_path / "run")]) == 0
+    assert seen and seen[0] == 7.0, seen
