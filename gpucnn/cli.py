@@ -97,6 +97,7 @@ _gamma = _float_in(0.0, 1.0, True, False, "in (0, 1]")
 
 def _add_train(sub):
     from .data import DATASETS
+    from .train.watch import DEFAULT_LOG_EVERY
 
     p = sub.add_parser(
         "train", help="train a model (default: LeNet-5 on MNIST)",
@@ -156,6 +157,15 @@ def _add_train(sub):
                    help="with --device cuda: run every step eagerly (by default, after a few eager steps the "
                         "trainer captures one full-size step as a CUDA graph, checks it against an eager step "
                         "bit for bit, and replays it)")
+    p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
+                   help="write TensorBoard event files live (default DIR: RUN_DIR/tb): losses, accuracy, "
+                        "learning rate, images/s, per-layer weight and gradient histograms and update ratios, "
+                        "the first conv's filters, feature maps, the confusion matrix, time per stage, the "
+                        "config. Needs tensorboardX (pip install \"gpucnn[tensorboard]\"); view with "
+                        "tensorboard --logdir DIR")
+    p.add_argument("--log-every", type=_nonneg_int, default=None, metavar="N",
+                   help="steps between per-layer statistics (RUN_DIR/layers.jsonl: weight, gradient and "
+                        "update norms) and per-step TensorBoard records (default: %d; 0: none)" % DEFAULT_LOG_EVERY)
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes of an MPI launch (mpiexec -n N gpucnn train "
                         "--distributed ...): --batch-size is the global batch, split over the ranks; rank 0 "
@@ -297,6 +307,13 @@ def _cmd_train(args, parser):
     if args.collective_timeout is not None and not args.distributed:
         sp.error("argument --collective-timeout: needs --distributed")
     options = _run_options(args)
+    if args.tensorboard is not None:
+        from .train.watch import TensorBoardMissing, require_tensorboard
+
+        try:
+            require_tensorboard()
+        except TensorBoardMissing as exc:
+            sp.error(f"argument --tensorboard: {exc}")
     comm = _communicator(sp, options, args) if args.distributed else None
     root = comm is None or comm.is_root
     if comm is not None:
@@ -351,7 +368,8 @@ def _run_options(args):
 
     return RunOptions(device=args.device, threads=args.threads, nvtx=args.nvtx, debug=args.debug,
                       cuda_graph=args.cuda_graph, distributed=(args.comm or "auto") if args.distributed else None,
-                      collective_timeout=args.collective_timeout)
+                      collective_timeout=args.collective_timeout, tensorboard=args.tensorboard,
+                      **({} if args.log_every is None else {"log_every": args.log_every}))
 
 
 def _communicator(sp, options, args):
