@@ -6,7 +6,7 @@ Commands::
     gpucnn evaluate  CHECKPOINT                 # accuracy, per-class accuracy, confusion matrix
     gpucnn predict   CHECKPOINT IMAGE [IMAGE...] # drawings, scans, MNIST-style: class + probabilities
     gpucnn export    CHECKPOINT --format onnx|safetensors --output FILE
-    gpucnn plot      DIR                         # DIR/curves.png and DIR/filters.png
+    gpucnn plot      DIR                         # DIR/curves.png, filters.png, features.png, confusion.png, gradflow.png
     gpucnn bench     ...                         # gpucnn/bench.py
 
 ``gpucnn train`` writes, in its run directory (``--out``, default
@@ -208,11 +208,19 @@ def _add_export(sub):
 
 
 def _add_plot(sub):
-    p = sub.add_parser("plot", help="PNG plots of a run: curves.png and filters.png",
-                       description="Write DIR/curves.png (loss and accuracy per epoch, from metrics.jsonl) "
-                                   "and DIR/filters.png (first conv layer's filters, from checkpoint.npz).")
+    p = sub.add_parser("plot", help="PNG plots of a run: curves, filters, feature maps, confusion matrix, "
+                                    "gradient flow",
+                       description="Write, in DIR: curves.png (loss and accuracy per epoch, from metrics.jsonl); "
+                                   "filters.png (the first conv layer's filters), features.png (every conv "
+                                   "stage's feature maps for a few test images) and confusion.png (the test "
+                                   "set), from checkpoint.npz; gradflow.png (RMS gradient per layer and update "
+                                   "ratios), from layers.jsonl. Works on runs without TensorBoard logs; what "
+                                   "a run lacks is said in one line per missing plot.")
     p.add_argument("dir", help="run directory")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write the PNGs (default: DIR)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory holding the dataset files, for features.png and confusion.png (else as "
+                        "gpucnn train looks for them)")
     p.set_defaults(func=_cmd_plot)
 
 
@@ -448,7 +456,7 @@ def _cmd_plot(args, parser):
 
     p = parser._gpucnn_sub["plot"]
     try:
-        written = plot_run(args.dir, args.out)
+        written = plot_run(args.dir, args.out, args.data_dir)
     except (FileNotFoundError, NotADirectoryError, NothingToPlot) as exc:
         p.error(f"argument dir: {exc}")
     except ck.CheckpointError as exc:

@@ -20,10 +20,10 @@ FEATURE_IMAGES = 4
 
 
 def _unit(a, axes):
-    """``a`` scaled to ``[0, 1]`` over ``axes`` (each tile its own range; a constant tile is 0.5)."""
+    """``a`` scaled to ``[0, 1]`` over ``axes`` (each tile its own range; a constant tile is 0: a dead channel is black)."""
     lo, hi = a.min(axis=axes, keepdims=True), a.max(axis=axes, keepdims=True)
     span = hi - lo
-    return np.where(span > 0, (a - lo) / np.where(span > 0, span, 1), 0.5).astype(np.float32)
+    return np.where(span > 0, (a - lo) / np.where(span > 0, span, 1), 0.0).astype(np.float32)
 
 
 def tile(tiles, cols: int) -> np.ndarray:

@@ -60,8 +60,8 @@ __all__ = ["Watch", "TensorBoardMissing", "require_tensorboard", "LAYERS_NAME", 
            "HIST_BINS", "read_layer_stats"]
 
 LAYERS_NAME = "layers.jsonl"
-#: steps between logged steps by default (measured cost: see the README, "Watching a run")
-DEFAULT_LOG_EVERY = 20
+#: steps between logged steps by default, as PyTorch Lightning's log_every_n_steps (its cost: the README, "Watching a run")
+DEFAULT_LOG_EVERY = 50
 #: buckets of each histogram
 HIST_BINS = 30
 _INSTALL = 'pip install "gpucnn[tensorboard]"'
