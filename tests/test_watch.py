@@ -54,8 +54,8 @@ def _scalars(acc, tag):
 def test_epoch_scalars_equal_metrics_jsonl(run, events):
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
-    for tag, key in (("train/loss", "train_loss"), ("train/accuracy", "train_accuracy"), ("test/loss", "test_loss"),
-                     ("test/accuracy", "test_accuracy"), ("lr", "lr"), ("images_per_sec", "images_per_sec")):
+    for tag, key in (("loss/train", "train_loss"), ("accuracy/train", "train_accuracy"), ("loss/test", "test_loss"),
+                     ("accuracy/test", "test_accuracy"), ("lr/epoch", "lr"), ("speed/images_per_sec", "images_per_sec")):
         got = _scalars(events, tag)
         assert [s for s, _ in got] == [4, 8], tag                      # the epoch's last global step
         np.testing.assert_allclose([v for _, v in got], [r[key] for r in rows], rtol=1e-6, err_msg=tag)
@@ -66,8 +66,8 @@ def test_per_step_records_equal_layers_jsonl(run, events):
     assert [r["step"] for r in stats] == LOGGED and [r["epoch"] for r in stats] == [1, 1, 2, 2]
     names = [n for n, _, _ in models.build("lenet5").named_parameters()]
     assert all(list(r["layers"]) == names for r in stats)
-    np.testing.assert_allclose([v for _, v in _scalars(events, "step/loss")], [r["loss"] for r in stats], rtol=1e-6)
-    assert [s for s, _ in _scalars(events, "step/loss")] == LOGGED
+    np.testing.assert_allclose([v for _, v in _scalars(events, "loss/step")], [r["loss"] for r in stats], rtol=1e-6)
+    assert [s for s, _ in _scalars(events, "loss/step")] == LOGGED
     for name in names:
         got = _scalars(events, f"update_ratio/{name}")
         assert [s for s, _ in got] == LOGGED
@@ -218,10 +218,11 @@ def test_a_real_tensorboard_serves_the_scalar_tags(run):
         while time.monotonic() < deadline:
             with urllib.request.urlopen(url + "/data/plugin/scalars/tags", timeout=10) as r:
                 tags = json.load(r)
-            if tags.get(".", {}).get("test/accuracy"):
+            if tags.get(".", {}).get("accuracy/test"):
                 break
             time.sleep(0.5)                                         # the first load of the logdir may still run
-        assert {"train/loss", "test/accuracy", "lr", "images_per_sec", "step/loss"} <= set(tags["."]), tags
+        assert {"loss/train", "loss/test", "accuracy/train", "accuracy/test", "lr/epoch", "speed/images_per_sec",
+                "loss/step", "lr/step"} <= set(tags["."]), tags
     finally:
         proc.terminate()
         try:

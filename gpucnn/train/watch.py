@@ -26,9 +26,10 @@ gradient-flow chart from it.
 The TensorBoard run (``RUN_DIR/tb`` unless given) holds, with every step
 axis the global step (epoch scalars at the epoch's last step):
 
-* scalars ``train/loss``, ``train/accuracy``, ``test/loss``,
-  ``test/accuracy``, ``lr``, ``images_per_sec`` (one per epoch, the values of
-  ``metrics.jsonl``), ``step/loss`` and ``step/lr`` (every logged step),
+* scalars ``accuracy/train``, ``accuracy/test``, ``loss/train``,
+  ``loss/test``, ``lr/epoch`` (the epoch's first), ``speed/images_per_sec``
+  (one per epoch, the values of ``metrics.jsonl``: :data:`EPOCH_SCALARS`),
+  ``loss/step`` and ``lr/step`` (every logged step),
   ``update_ratio/<param>``, and ``time/forward/<stage>`` /
   ``time/backward/<stage>`` (seconds, per epoch: the median of
   :class:`gpucnn.bench.timing.Timer`, the timer of ``gpucnn bench``, over a
@@ -57,13 +58,18 @@ from .. import backend, views
 from .. import random as grandom
 
 __all__ = ["Watch", "TensorBoardMissing", "require_tensorboard", "LAYERS_NAME", "DEFAULT_LOG_EVERY",
-           "HIST_BINS", "read_layer_stats"]
+           "HIST_BINS", "EPOCH_SCALARS", "read_layer_stats"]
 
 LAYERS_NAME = "layers.jsonl"
 #: steps between logged steps by default, as PyTorch Lightning's log_every_n_steps (its cost: the README, "Watching a run")
 DEFAULT_LOG_EVERY = 50
 #: buckets of each histogram
 HIST_BINS = 30
+#: the TensorBoard tag of each ``metrics.jsonl`` value, logged at every epoch's end (TensorBoard sorts its
+#: groups by name: accuracy and loss come first, train and test side by side)
+EPOCH_SCALARS = (("accuracy/train", "train_accuracy"), ("accuracy/test", "test_accuracy"),
+                 ("loss/train", "train_loss"), ("loss/test", "test_loss"), ("lr/epoch", "lr"),
+                 ("speed/images_per_sec", "images_per_sec"))
 _INSTALL = 'pip install "gpucnn[tensorboard]"'
 
 
@@ -223,8 +229,8 @@ class Watch:
                     h = v[3 + k * (3 + HIST_BINS):3 + (k + 1) * (3 + HIST_BINS)]
                     self._histogram(tag, h, size, sumsq, g)
         if hist and loss is not None:
-            self.writer.add_scalar("step/loss", loss, g)
-            self.writer.add_scalar("step/lr", lr, g)
+            self.writer.add_scalar("loss/step", loss, g)
+            self.writer.add_scalar("lr/step", lr, g)
         return {"epoch": epoch, "step": g, "lr": lr, "loss": loss, "layers": layers}
 
     def _histogram(self, tag, h, num, sumsq, step):
@@ -245,9 +251,7 @@ class Watch:
         if w is None:
             return
         g = row["epoch"] * self.spe
-        for tag, key in (("train/loss", "train_loss"), ("train/accuracy", "train_accuracy"),
-                         ("test/loss", "test_loss"), ("test/accuracy", "test_accuracy"), ("lr", "lr"),
-                         ("images_per_sec", "images_per_sec")):
+        for tag, key in EPOCH_SCALARS:
             w.add_scalar(tag, row[key], g)
         convs = views.conv_stages(self.model)
         if convs:
@@ -310,7 +314,7 @@ class Watch:
         self.writer.add_text("config", "```\n" + json.dumps(cfg, indent=2) + "\n```", 0)
         hp = {k: v for k, v in cfg.items() if isinstance(v, (bool, int, float, str))}
         hp.update({k: str(v) for k, v in cfg.items() if v is not None and k not in hp})
-        for summary in hparams(hp, {"test/accuracy": 0.0, "test/loss": 0.0}):
+        for summary in hparams(hp, {"accuracy/test": 0.0, "loss/test": 0.0}):
             self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
