@@ -122,8 +122,19 @@ def test_watching_changes_no_bits(run, tmp_path):
                 options=RunOptions(device="cpu", log_every=0))
     a, b = ck.load_checkpoint(run).params, ck.load_checkpoint(res.checkpoint).params
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "plain" / LAYERS_NAME).read_text() == ""       # --log-every 0: no rows
+    assert not (tmp_path / "plain" / LAYERS_NAME).exists()           # --log-every 0: no statistics
     assert not (tmp_path / "plain" / "tb").exists()
+
+
+def test_a_resumed_run_continues_layers_jsonl(run, tmp_path):
+    """Stopped after epoch 1, a row of the lost epoch 2 left behind, resumed: the rows of the uninterrupted run."""
+    out = tmp_path / "r"
+    assert cli.main(TRAIN + ["--out", str(out), "--stop-after", "1"]) == 0
+    assert [r["step"] for r in read_layer_stats(out)] == [2, 4]
+    with open(out / LAYERS_NAME, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"epoch": 2, "step": 6, "layers": {}}) + "\n")
+    assert cli.main(["train", "--resume", str(out), "--no-progress", "--device", "cpu", "--log-every", "2"]) == 0
+    assert read_layer_stats(out) == read_layer_stats(run)
 
 
 def test_statistics_are_read_back_only_at_the_trainer_syncs(monkeypatch, tmp_path):

@@ -48,6 +48,7 @@ puts back the random state, the buffers and the gradients, so a run with
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -152,12 +153,27 @@ class Watch:
     # -- layers.jsonl ------------------------------------------------------------------------
     def _open_layers(self, start_epoch):
         """``layers.jsonl`` for appending: emptied for a new run; a resumed run keeps its rows up to
-        ``start_epoch`` (the checkpoint's), as ``metrics.jsonl`` does."""
+        ``start_epoch`` (the checkpoint's), as ``metrics.jsonl`` does.  With ``log_every`` 0 and no rows
+        kept there is no file (None), so no stale one from an earlier run in the directory either."""
         p = self.path / LAYERS_NAME
         kept = [json.dumps(r) + "\n" for r in read_layer_stats(p) if r.get("epoch", 0) <= start_epoch] \
             if start_epoch and p.exists() else []
-        p.write_text("".join(kept), encoding="utf-8")
-        return open(p, "a", encoding="utf-8")
+        with self._writing():
+            if not self.every and not kept:
+                p.unlink(missing_ok=True)
+                return None
+            p.write_text("".join(kept), encoding="utf-8")
+            return open(p, "a", encoding="utf-8")
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """An OSError writing ``layers.jsonl`` as a :class:`~gpucnn.train.rundir.RunDirWriteError` naming it."""
+        from .rundir import RunDirWriteError
+
+        try:
+            yield
+        except OSError as exc:
+            raise RunDirWriteError(f"cannot write {self.path / LAYERS_NAME} ({exc.strerror or exc})") from exc
 
     # -- the step hooks (Trainer.run_steps) --------------------------------------------------
     def _logged(self, epoch: int, step: int) -> int | None:
@@ -209,8 +225,9 @@ class Watch:
             loss, lr = by_step.get((g - 1) % self.spe, (None, None))
             row = self._row(g, epoch, loss, lr, host[i * width:(i + 1) * width])
             lines.append(json.dumps(row) + "\n")
-        self._layers_file.write("".join(lines))
-        self._layers_file.flush()
+        with self._writing():
+            self._layers_file.write("".join(lines))
+            self._layers_file.flush()
 
     def _row(self, g, epoch, loss, lr, vec):
         """One ``layers.jsonl`` row from a logged step's vector (and its TensorBoard records)."""
@@ -319,7 +336,8 @@ class Watch:
 
     def close(self) -> None:
         """Close ``layers.jsonl`` and the event file (everything written is on disk)."""
-        self._layers_file.close()
+        if self._layers_file is not None:
+            self._layers_file.close()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
