@@ -165,6 +165,42 @@ def test_statistics_are_read_back_only_at_the_trainer_syncs(monkeypatch, tmp_pat
     assert [r["step"] for r in read_layer_stats(tmp_path)] == [2, 4, 6, 8, 10]
 
 
+@pytest.mark.parametrize("tensorboard", [None, True], ids=["layers.jsonl", "tensorboard"])
+def test_on_the_gpu_path_watching_adds_no_synchronisation(tensorboard, tmp_path, capsys):
+    """The CUDA path on the CuPy stand-in (gpucnn/bench/standin.py records every host synchronisation):
+    10 steps, a host read every 5, a logged step every 2.  The trainer alone waits for the device twice
+    (its two reads of the metric ring, at steps 5 and 10); watched, the statistics of the five logged steps
+    come back in one more copy at each of those two points, right after the trainer's, with no device work
+    between them: the host never waits anywhere else."""
+    import re
+
+    from gpucnn.bench import standin
+    from gpucnn.bench.static import _dataset, _trainer
+
+    def syncs(watched):
+        rec = standin.Recorder()
+        with standin.installed(rec) as cp:
+            trainer = _trainer("lenet5", 16, "sgd")
+            trainer.sync_every = 5
+            x, y, order, spe = _dataset(cp, 16, 10)
+            watch = Watch(tmp_path / str(watched), trainer.model, trainer.optimizer, steps_per_epoch=spe,
+                          log_every=2, tensorboard=tensorboard) if watched else None
+            rec.take()
+            try:
+                trainer.run_steps(x, y, order, 0, range(10), spe, watch=watch)
+            finally:
+                if watch is not None:
+                    watch.close()
+            events = rec.take()
+        return re.findall("S+", "".join("S" if e.kind == "sync" else "." for e in events))
+
+    (tmp_path / "True").mkdir()
+    assert syncs(False) == ["SS", "SS"]
+    assert syncs(True) == ["SSS", "SSS"]
+    assert [r["step"] for r in read_layer_stats(tmp_path / "True")] == [2, 4, 6, 8, 10]
+    capsys.readouterr()          # tensorboardX's notes on the stand-in's unwritten (garbage) memory
+
+
 def test_default_log_every_is_the_cli_default():
     args = cli.build_parser(["train"]).parse_args(["train"])
     assert args.log_every is None and RunOptions().log_every == DEFAULT_LOG_EVERY

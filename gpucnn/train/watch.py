@@ -6,10 +6,11 @@ Every ``log_every`` steps (global step ``g`` with ``g % log_every == 0``) the
 step: the parameters are copied on the device just before it), and with
 TensorBoard a histogram of the weights and of the gradients.  All of it is
 computed on the device with the array module of the parameters (NumPy or
-CuPy alike), into one small vector per logged step; nothing is read back
-then.  The vectors are read back when the trainer reads its losses anyway
-(:meth:`~gpucnn.train.Trainer.run_steps`, every ``sync_every`` steps), all
-of them in one copy: watching adds no host synchronisation.
+CuPy alike), into one row per logged step of a device buffer; nothing is
+read back then.  The rows are read back when the trainer reads its losses
+anyway (:meth:`~gpucnn.train.Trainer.run_steps`, every ``sync_every``
+steps), all of them in one copy with no device work queued before it:
+watching adds no point where the host waits for the device.
 
 ``layers.jsonl`` (in the run directory, written with or without
 TensorBoard) holds one JSON object per logged step::
@@ -137,7 +138,8 @@ class Watch:
         self.path = Path(path)
         self.classes = classes
         self.x_test = x_test
-        self._pending: list = []           # (global step, epoch, device vector) not read back yet
+        self._pending: list = []           # (global step, epoch) of the logged steps not read back yet
+        self._ring = None                  # their statistics, a row each, on the device
         self._snap = None
         self._names = [(name, type(layer).__name__, int(np.prod(shape)))
                        for g in optimizer.groups for name, layer, _, _, shape in g.entries]
@@ -205,7 +207,15 @@ class Watch:
                 if hist:
                     parts += [_histogram(xp, w, HIST_BINS), _histogram(xp, gr, HIST_BINS)]
         xp = backend.get_array_module(parts[0])
-        self._pending.append((g, epoch + 1, xp.concatenate(parts)))
+        vec = xp.concatenate(parts)
+        k = len(self._pending)
+        if self._ring is None or self._ring.shape[0] <= k or self._ring.shape[1] != vec.size:
+            ring = xp.empty((max(2 * k, 4), vec.size), np.float64)   # grows (rarely) at a step, never at a read
+            if self._ring is not None and self._ring.shape[1] == vec.size and k:
+                ring[:k] = self._ring[:k]
+            self._ring = ring
+        self._ring[k] = vec
+        self._pending.append((g, epoch + 1))
 
     def at_sync(self, pending_steps, values) -> None:
         """At a host read of the trainer: ``pending_steps`` (its :class:`~gpucnn.train.trainer.PendingStep`
@@ -213,17 +223,14 @@ class Watch:
         if not self._pending:
             return
         stats, self._pending = self._pending, []
-        xp = backend.get_array_module(stats[0][2])
-        host = backend.asnumpy(xp.concatenate([v for _, _, v in stats])) if len(stats) > 1 \
-            else backend.asnumpy(stats[0][2])
+        host = backend.asnumpy(self._ring[:len(stats)])      # one copy, no device work queued before it
         by_step = {}
         for p, v in zip(pending_steps, values):
             by_step[p.step] = (v, p.lr)
-        width = host.size // len(stats)
         lines = []
-        for i, (g, epoch, _) in enumerate(stats):
+        for i, (g, epoch) in enumerate(stats):
             loss, lr = by_step.get((g - 1) % self.spe, (None, None))
-            row = self._row(g, epoch, loss, lr, host[i * width:(i + 1) * width])
+            row = self._row(g, epoch, loss, lr, host[i])
             lines.append(json.dumps(row) + "\n")
         with self._writing():
             self._layers_file.write("".join(lines))
