@@ -15,8 +15,10 @@ atomically; see :mod:`gpucnn.checkpoint`), ``metrics.jsonl`` (one JSON object
 per epoch: ``epoch``, ``train_loss``, ``train_accuracy``, ``test_loss``,
 ``test_accuracy`` (fractions 0-1), ``lr`` (at the epoch's first step),
 ``lr_end``, ``images_per_sec`` (training throughput), ``train_seconds``,
-``seconds`` (the whole epoch: training, evaluation, checkpoint), ``device``)
-and ``config.json``.  The last line it prints is a one-line summary::
+``seconds`` (the whole epoch: training, evaluation, checkpoint), ``device``),
+``layers.jsonl`` (per-layer norms every ``--log-every`` steps) and
+``config.json``; with ``--tensorboard [DIR]`` TensorBoard event files
+(:mod:`gpucnn.train.watch`).  The last line it prints is a one-line summary::
 
     done: lenet5 on mnist, 3 epochs, test accuracy 99.11%, 7814 images/s (cpu), 28.1 s, checkpoint runs/lenet5-.../checkpoint.npz
 
@@ -102,8 +104,9 @@ def _add_train(sub):
     p = sub.add_parser(
         "train", help="train a model (default: LeNet-5 on MNIST)",
         description="Train a model, evaluating on the test set and checkpointing after every epoch. "
-                    "Writes DIR/checkpoint.npz, DIR/metrics.jsonl (one JSON object per epoch) and "
-                    "DIR/config.json; the last line printed is a one-line summary.")
+                    "Writes DIR/checkpoint.npz, DIR/metrics.jsonl (one JSON object per epoch), "
+                    "DIR/layers.jsonl (per-layer statistics every --log-every steps) and DIR/config.json "
+                    "(and DIR/tb with --tensorboard); the last line printed is a one-line summary.")
     # Defaults are None so that --resume can tell what was given; the real
     # defaults are TrainConfig's and shown in the help through `default=` text.
     p.add_argument("--model", choices=models.MODELS, default=None, help="network (default: lenet5)")
