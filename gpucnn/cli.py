@@ -6,7 +6,7 @@ Commands::
     gpucnn evaluate  CHECKPOINT                 # accuracy, per-class accuracy, confusion matrix
     gpucnn predict   CHECKPOINT IMAGE [IMAGE...] # drawings, scans, MNIST-style: class + probabilities
     gpucnn export    CHECKPOINT --format onnx|safetensors --output FILE
-    gpucnn plot      DIR                         # DIR/curves.png and DIR/filters.png
+    gpucnn plot      DIR                         # DIR/curves.png, filters.png, features.png, confusion.png, gradflow.png
     gpucnn bench     ...                         # gpucnn/bench.py
 
 ``gpucnn train`` writes, in its run directory (``--out``, default
@@ -15,8 +15,10 @@ atomically; see :mod:`gpucnn.checkpoint`), ``metrics.jsonl`` (one JSON object
 per epoch: ``epoch``, ``train_loss``, ``train_accuracy``, ``test_loss``,
 ``test_accuracy`` (fractions 0-1), ``lr`` (at the epoch's first step),
 ``lr_end``, ``images_per_sec`` (training throughput), ``train_seconds``,
-``seconds`` (the whole epoch: training, evaluation, checkpoint), ``device``)
-and ``config.json``.  The last line it prints is a one-line summary::
+``seconds`` (the whole epoch: training, evaluation, checkpoint), ``device``),
+``layers.jsonl`` (per-layer norms every ``--log-every`` steps) and
+``config.json``; with ``--tensorboard [DIR]`` TensorBoard event files
+(:mod:`gpucnn.train.watch`).  The last line it prints is a one-line summary::
 
     done: lenet5 on mnist, 3 epochs, test accuracy 99.11%, 7814 images/s (cpu), 28.1 s, checkpoint runs/lenet5-.../checkpoint.npz
 
@@ -106,12 +108,14 @@ _gamma = _float_in(0.0, 1.0, True, False, "in (0, 1]")
 
 def _add_train(sub):
     from .data import DATASETS
+    from .train.watch import DEFAULT_LOG_EVERY
 
     p = sub.add_parser(
         "train", help="train a model (default: LeNet-5 on MNIST)",
         description="Train a model, evaluating on the test set and checkpointing after every epoch. "
-                    "Writes DIR/checkpoint.npz, DIR/metrics.jsonl (one JSON object per epoch) and "
-                    "DIR/config.json; the last line printed is a one-line summary.")
+                    "Writes DIR/checkpoint.npz, DIR/metrics.jsonl (one JSON object per epoch), "
+                    "DIR/layers.jsonl (per-layer statistics every --log-every steps) and DIR/config.json "
+                    "(and DIR/tb with --tensorboard); the last line printed is a one-line summary.")
     # Defaults are None so that --resume can tell what was given; the real
     # defaults are TrainConfig's and shown in the help through `default=` text.
     p.add_argument("--model", choices=models.MODELS, default=None, help="network (default: lenet5)")
@@ -169,6 +173,15 @@ def _add_train(sub):
                    help="with --device cuda: run every step eagerly (by default, after a few eager steps the "
                         "trainer captures one full-size step as a CUDA graph, checks it against an eager step "
                         "bit for bit, and replays it)")
+    p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
+                   help="write TensorBoard event files live (default DIR: RUN_DIR/tb): losses, accuracy, "
+                        "learning rate, images/s, per-layer weight and gradient histograms and update ratios, "
+                        "the first conv's filters, feature maps, the confusion matrix, time per stage, the "
+                        "config. Needs tensorboardX (pip install \"gpucnn[tensorboard]\"); view with "
+                        "tensorboard --logdir DIR")
+    p.add_argument("--log-every", type=_nonneg_int, default=None, metavar="N",
+                   help="steps between per-layer statistics (RUN_DIR/layers.jsonl: weight, gradient and "
+                        "update norms) and per-step TensorBoard records (default: %d; 0: none)" % DEFAULT_LOG_EVERY)
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes of an MPI launch (mpiexec -n N gpucnn train "
                         "--distributed ...): --batch-size is the global batch, split over the ranks; rank 0 "
@@ -211,11 +224,19 @@ def _add_export(sub):
 
 
 def _add_plot(sub):
-    p = sub.add_parser("plot", help="PNG plots of a run: curves.png and filters.png",
-                       description="Write DIR/curves.png (loss and accuracy per epoch, from metrics.jsonl) "
-                                   "and DIR/filters.png (first conv layer's filters, from checkpoint.npz).")
+    p = sub.add_parser("plot", help="PNG plots of a run: curves, filters, feature maps, confusion matrix, "
+                                    "gradient flow",
+                       description="Write, in DIR: curves.png (loss and accuracy per epoch, from metrics.jsonl); "
+                                   "filters.png (the first conv layer's filters), features.png (every conv "
+                                   "stage's feature maps for a few test images) and confusion.png (the test "
+                                   "set), from checkpoint.npz; gradflow.png (RMS gradient per layer and update "
+                                   "ratios), from layers.jsonl. Works on runs without TensorBoard logs; what "
+                                   "a run lacks is said in one line per missing plot.")
     p.add_argument("dir", help="run directory")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write the PNGs (default: DIR)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory holding the dataset files, for features.png and confusion.png (else as "
+                        "gpucnn train looks for them)")
     p.set_defaults(func=_cmd_plot)
 
 
@@ -310,6 +331,13 @@ def _cmd_train(args, parser):
     if args.collective_timeout is not None and not args.distributed:
         sp.error("argument --collective-timeout: needs --distributed")
     options = _run_options(args)
+    if args.tensorboard is not None:
+        from .train.watch import TensorBoardMissing, require_tensorboard
+
+        try:
+            require_tensorboard()
+        except TensorBoardMissing as exc:
+            sp.error(f"argument --tensorboard: {exc}")
     comm = _communicator(sp, options, args) if args.distributed else None
     root = comm is None or comm.is_root
     if comm is not None:
@@ -366,7 +394,9 @@ def _run_options(args):
 
     return RunOptions(device=args.device, threads=args.threads, nvtx=args.nvtx, debug=args.debug,
                       cuda_graph=args.cuda_graph, distributed=(args.comm or "auto") if args.distributed else None,
-                      collective_timeout=args.collective_timeout, precision=args.precision)
+                      collective_timeout=args.collective_timeout, precision=args.precision,
+                      tensorboard=args.tensorboard,
+                      **({} if args.log_every is None else {"log_every": args.log_every}))
 
 
 def _communicator(sp, options, args):
@@ -445,7 +475,7 @@ def _cmd_plot(args, parser):
 
     p = parser._gpucnn_sub["plot"]
     try:
-        written = plot_run(args.dir, args.out)
+        written = plot_run(args.dir, args.out, args.data_dir)
     except (FileNotFoundError, NotADirectoryError, NothingToPlot) as exc:
         p.error(f"argument dir: {exc}")
     except ck.CheckpointError as exc:

@@ -1,7 +1,17 @@
 """Plots of a run directory (``gpucnn plot DIR``), with matplotlib's Agg backend.
 
 * ``curves.png``: train/test loss and accuracy per epoch, from ``metrics.jsonl``;
-* ``filters.png``: the first convolution layer's filters, from ``checkpoint.npz``.
+* ``filters.png``: the first convolution layer's filters, from ``checkpoint.npz``;
+* ``features.png``: every convolution stage's feature maps for the first
+  :data:`~gpucnn.views.FEATURE_IMAGES` test images, from the checkpoint;
+* ``confusion.png``: the confusion matrix of the checkpoint on the run's test
+  set (its ``test_subset``, as the run evaluated it);
+* ``gradflow.png``: the gradient flow per layer -- the RMS gradient of every
+  parameter at a few logged steps, and the update ratio ``||update|| / ||w||``
+  over the run -- from ``layers.jsonl`` (:mod:`gpucnn.train.watch`).
+
+A run written before ``layers.jsonl`` existed (or with ``--log-every 0``)
+gets every other plot; :func:`missing_plots` says what is left out and why.
 
 Each PNG is written atomically (a temporary file renamed over it): a full disk
 leaves the previous file, or none, never an empty or half-written one.
@@ -16,7 +26,8 @@ import numpy as np
 
 from ._io import atomic_open
 
-__all__ = ["plot_curves", "plot_filters", "plot_run", "missing_plots", "NothingToPlot"]
+__all__ = ["plot_curves", "plot_filters", "plot_features", "plot_confusion", "plot_gradient_flow", "plot_run",
+           "missing_plots", "NothingToPlot"]
 
 
 def _pyplot():
@@ -90,15 +101,76 @@ def plot_filters(params: dict, path: str | os.PathLike, title: str = "") -> Path
     return _save(fig, path)
 
 
+def plot_features(maps: list, path: str | os.PathLike, title: str = "") -> Path:
+    """The feature maps of :func:`gpucnn.views.feature_maps`, one panel per convolution stage."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(maps), 1, figsize=(12, 1.2 + 2.2 * len(maps)), squeeze=False)
+    for ax, (label, img) in zip(axes[:, 0], maps):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"stage {label}: a row per test image, a tile per channel", fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title or "feature maps")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(cm, path: str | os.PathLike, classes=None, title: str = "confusion matrix") -> Path:
+    """The confusion matrix ``cm`` (rows true, columns predicted) as :func:`gpucnn.views.confusion_figure` draws it."""
+    from .views import confusion_figure
+
+    return _save(confusion_figure(cm, classes, title), path)
+
+
+def plot_gradient_flow(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Left: the RMS gradient (``grad_norm / sqrt(size)``) of every parameter, in model order, at up to six
+    logged steps spread over the run (vanishing or exploding gradients show as a slope across the
+    layers).  Right: every parameter's update ratio ``||update|| / ||w||`` per logged step, log scale,
+    with the usual 1e-3 marked.  ``rows``: :func:`gpucnn.train.watch.read_layer_stats`."""
+    plt = _pyplot()
+    names = list(rows[0]["layers"])
+    picks = sorted({round(i * (len(rows) - 1) / 5) for i in range(6)}) if len(rows) > 1 else [0]
+    cmap = plt.get_cmap("viridis")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for n, i in enumerate(picks):
+        layers = rows[i]["layers"]
+        rms = [layers[k]["grad_norm"] / np.sqrt(max(layers[k]["size"], 1)) if k in layers else np.nan for k in names]
+        a1.plot(range(len(names)), rms, "o-", color=cmap(n / max(len(picks) - 1, 1)),
+                label=f"step {rows[i]['step']} (epoch {rows[i]['epoch']})")
+    a1.set_xticks(range(len(names)), [f"{k} ({rows[0]['layers'][k]['kind']})" for k in names], rotation=60,
+                  ha="right", fontsize=7)
+    a1.set_yscale("log")
+    a1.set_ylabel("RMS gradient")
+    a1.set_title("gradient flow (input side left)")
+    a1.legend(fontsize=7)
+    a1.grid(alpha=0.3)
+    steps = [r["step"] for r in rows]
+    for k in names:
+        a2.plot(steps, [r["layers"].get(k, {}).get("update_ratio", np.nan) for r in rows], label=k, lw=1)
+    a2.axhline(1e-3, color="grey", ls="--", lw=1)
+    a2.set_yscale("log")
+    a2.set_xlabel("step")
+    a2.set_ylabel("||update|| / ||w||")
+    a2.set_title("update ratio per parameter")
+    a2.legend(fontsize=6, ncol=2)
+    a2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 class NothingToPlot(ValueError):
     """The run directory holds no epochs to plot and no checkpoint."""
 
 
-def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write ``curves.png`` and ``filters.png`` for a run directory; returns the paths written.
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, data_dir=None) -> list[Path]:
+    """Write the PNGs of the module docstring for a run directory; returns the paths written.
 
-    ``curves.png`` needs at least one row in ``metrics.jsonl``, ``filters.png``
-    the checkpoint; what cannot be drawn is left out (see :func:`missing_plots`).
+    ``curves.png`` needs at least one row in ``metrics.jsonl``; ``filters.png``,
+    ``features.png`` and ``confusion.png`` the checkpoint (the last two also the
+    run's test set, looked for as ``gpucnn train`` does, ``data_dir`` first);
+    ``gradflow.png`` a ``layers.jsonl`` with rows.  What cannot be drawn is
+    left out (see :func:`missing_plots`).
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist, or holds neither file.
@@ -133,6 +205,52 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         written.append(plot_curves(rows, out / "curves.png", title=label))
     if ck is not None:
         written.append(plot_filters(ck.params, out / "filters.png"))
+        written += _checkpoint_views(cpath, ck, out, label, data_dir)
+    stats = _layer_rows(run)
+    if stats:
+        written.append(plot_gradient_flow(stats, out / "gradflow.png", title=label))
+    return written
+
+
+def _layer_rows(run: Path) -> list[dict]:
+    from .train.watch import LAYERS_NAME, read_layer_stats
+
+    return read_layer_stats(run / LAYERS_NAME) if (run / LAYERS_NAME).is_file() else []
+
+
+def _test_images(ck, data_dir):
+    """The run's test set ``(x, y, classes)`` on the CPU, cut as the run cut it; None when the dataset
+    cannot be found (:func:`missing_plots` says so)."""
+    from .data import DataError, load_dataset, normalize
+
+    try:
+        ds = load_dataset(ck.config.get("dataset", "mnist"), data_dir)
+    except (DataError, OSError):
+        return None
+    n = ck.config.get("test_subset") or len(ds.test_images)
+    return normalize(ds.test_images[:n], ds), ds.test_labels[:n].astype(np.int64), list(ds.classes)
+
+
+def _checkpoint_views(cpath, ck, out, label, data_dir) -> list[Path]:
+    """``features.png`` and ``confusion.png`` of the checkpoint on its test set."""
+    from . import checkpoint, models
+    from ._utils import inputs_for
+    from .train import confusion_matrix, evaluate
+    from .views import FEATURE_IMAGES, conv_stages, feature_maps
+
+    test = _test_images(ck, data_dir)
+    if test is None or ck.model not in models.MODELS:
+        return []
+    x, y, classes = test
+    model, _ = checkpoint.restore_model(cpath, device="cpu")
+    x = inputs_for(model, x)
+    written = []
+    if conv_stages(model):
+        written.append(plot_features(feature_maps(model, x[:FEATURE_IMAGES]), out / "features.png",
+                                     title=f"feature maps, {label}, epoch {ck.epoch}"))
+    res = evaluate(model, x, y, None, 1000, len(classes), return_predictions=True)
+    written.append(plot_confusion(confusion_matrix(y, res["predictions"], len(classes)), out / "confusion.png",
+                                  classes, title=f"{label}, epoch {ck.epoch}, test set"))
     return written
 
 
@@ -153,5 +271,10 @@ def missing_plots(run_dir: str | os.PathLike) -> list[str]:
         if empty:
             out.append(f"no curves.png: {mpath} holds no epochs")
     if not (run / checkpoint.CHECKPOINT_NAME).exists():
-        out.append(f"no filters.png: {run} has no {checkpoint.CHECKPOINT_NAME}")
+        out.append(f"no filters.png, features.png, confusion.png: {run} has no {checkpoint.CHECKPOINT_NAME}")
+    if not (run / "layers.jsonl").is_file():
+        out.append(f"no gradflow.png: {run} has no layers.jsonl (a run from before per-layer statistics, or "
+                   f"trained with --log-every 0)")
+    elif not _layer_rows(run):
+        out.append(f"no gradflow.png: {run / 'layers.jsonl'} holds no rows")
     return out

@@ -217,7 +217,8 @@ def test_a_failing_checkpoint_write_names_the_file_and_what_was_kept(tmp_path, m
             f"checkpoint {out / 'checkpoint.npz'} (epoch 1) is kept") in err
     monkeypatch.undo()
     assert ck.load_checkpoint(out).epoch == 1
-    assert sorted(os.listdir(out)) == sorted([rundir.LOCK_NAME, "checkpoint.npz", "config.json", "metrics.jsonl"])
+    assert sorted(os.listdir(out)) == sorted([rundir.LOCK_NAME, "checkpoint.npz", "config.json", "metrics.jsonl",
+                                              "layers.jsonl"])
 
 
 def test_a_failing_metrics_append_says_the_checkpoint_holds_the_row(mnist, tmp_path, monkeypatch):

@@ -45,6 +45,7 @@ from .options import RunOptions
 from .rundir import RunDir
 from .schedule import Schedule
 from .trainer import EpochStats, Trainer
+from .watch import Watch, require_tensorboard
 
 __all__ = ["train", "TrainResult", "make_optimizer", "TrainingInterrupted", "Terminated"]
 
@@ -333,6 +334,8 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
                                  cuda_graph=cuda_graph, collective_timeout=collective_timeout, precision=precision)
     say = log or (lambda s: None)
     t_start = time.perf_counter()
+    if options.tensorboard is not None:
+        require_tensorboard()              # before any data is loaded or directory made
     opts = dict(model=model, loss=loss, data=data, data_dir=data_dir)
     if not options.is_distributed:
         cfg, ckpt = _run_config(config, resume, say)
@@ -376,6 +379,8 @@ def _run(cfg, ckpt, dev, say, comm, stop_after, progress, options, make_rundir, 
         # none behind), and owned until the run ends
         run = _Run.prepare(cfg, ckpt, dev, say, comm, lambda: stack.enter_context(make_rundir()), metrics,
                            cuda_graph=options.cuda_graph, **opts)
+        if comm is None or comm.is_root:     # rank 0 alone writes the run directory
+            run.watch = stack.enter_context(contextlib.closing(run.make_watch(options)))
         run.epochs(stop_after, progress)
     return run
 
@@ -448,7 +453,18 @@ class _Run:
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
                                cuda_graph=cuda_graph, augment=self._augment_spec())
         self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
+        self.classes, self.watch = classes, None
         return self
+
+    def make_watch(self, options: RunOptions) -> Watch:
+        """The run's :class:`~gpucnn.train.watch.Watch`: ``layers.jsonl`` every ``options.log_every`` steps,
+        and the TensorBoard log when ``options.tensorboard`` asks for one."""
+        watch = Watch(self.rundir.path, self.model, self.opt, steps_per_epoch=self.steps,
+                      log_every=options.log_every, tensorboard=options.tensorboard, start_epoch=self.start_epoch,
+                      config=self.cfg, x_test=self.x_te, classes=self.classes, device=self.dev)
+        if watch.writer is not None:
+            self.say(f"tensorboard: writing to {watch.tb_dir} (tensorboard --logdir {watch.tb_dir})")
+        return watch
 
     def _augment_spec(self):
         spec = augment_spec(self.cfg)
@@ -527,7 +543,8 @@ class _Run:
         t_train = time.perf_counter() - t_epoch
         if comm is not None:  # the slowest rank sets the pace
             t_train = float(comm.allreduce_scalars([t_train], op="max")[0])
-        ev = self.trainer.evaluate(self.x_te, self.y_te, cfg.eval_batch_size)
+        confusion = self.watch is not None and self.watch.writer is not None and comm is None
+        ev = self.trainer.evaluate(self.x_te, self.y_te, cfg.eval_batch_size, return_predictions=confusion)
         self.train_images += stats.seen
         self.train_seconds += t_train
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
@@ -544,6 +561,9 @@ class _Run:
         row["seconds"] = time.perf_counter() - t_epoch  # include the checkpoint write
         self.metrics.append(row)
         self.rundir.append_metrics(row)
+        if self.watch is not None:
+            self.watch.epoch_end(row, ev.get("predictions"), backend.asnumpy(self.y_te) if confusion else None,
+                                 cfg.batch_size)
         if comm is not None:  # rank 0 has written the checkpoint and the metrics
             comm.barrier()
         self.epochs_run += 1
@@ -563,7 +583,7 @@ class _Run:
 
         try:
             return self.trainer.run_steps(self.x_tr, self.y_tr, order, epoch, range(self.steps), self.steps,
-                                          on_sync=on_sync)
+                                          on_sync=on_sync, watch=self.watch)
         except NonFiniteLossError as exc:
             hint = "" if "layer" in str(exc) else (". Try a smaller --lr, or --debug to find the first layer "
                                                    "producing NaN/Inf")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from .. import debug as debug_mod
@@ -22,6 +23,7 @@ from .. import distributed as dist
 from .. import nvtx as nvtx_mod
 from .. import precision as precision_mod
 from .. import threads as threads_mod
+from .watch import DEFAULT_LOG_EVERY
 
 __all__ = ["RunOptions", "PRECISIONS"]
 
@@ -53,6 +55,12 @@ class RunOptions:
             :mod:`gpucnn.precision`).  On CUDA, tf32 and bf16 round the
             operands of today's SIMT kernels (a tensor core's numbers, not
             its speed); 3xtf32 is CPU-only until tensor-core kernels exist.
+        log_every: steps between the per-layer statistics of ``layers.jsonl``
+            (and the per-step TensorBoard records); 0: none
+            (:mod:`gpucnn.train.watch`).
+        tensorboard: None (no TensorBoard log), True (``RUN_DIR/tb``) or a
+            directory: TensorBoard event files, written live (needs
+            tensorboardX: ``pip install "gpucnn[tensorboard]"``).
     """
 
     device: str = "auto"
@@ -63,6 +71,8 @@ class RunOptions:
     distributed: object = None
     collective_timeout: float | None = None
     precision: str = "fp32"
+    log_every: int = DEFAULT_LOG_EVERY
+    tensorboard: object = None
 
     def __post_init__(self):
         precision_mod.check_mode(self.precision)
@@ -71,6 +81,11 @@ class RunOptions:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got threads={self.threads!r}")
+        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 0:
+            raise ValueError(f"log_every must be a non-negative integer, got log_every={self.log_every!r}")
+        if self.tensorboard is not None and self.tensorboard is not True \
+                and not isinstance(self.tensorboard, (str, os.PathLike)):
+            raise ValueError(f"tensorboard must be None, True or a directory, got tensorboard={self.tensorboard!r}")
         if self.collective_timeout is not None:
             if not self.is_distributed:
                 raise ValueError(f"collective_timeout={self.collective_timeout!r} needs distributed=True "

@@ -6,6 +6,8 @@ the epoch's first step, ``lr_end``, ``images_per_sec``, ``train_seconds``,
 ``seconds``, ``device``); ``config.json`` the resolved
 :class:`~gpucnn.train.TrainConfig`; ``checkpoint.npz`` the state after the
 last complete epoch (see :mod:`gpucnn.checkpoint`), written atomically.
+The per-layer statistics ``layers.jsonl`` and the TensorBoard directory
+``tb/`` are :mod:`gpucnn.train.watch`'s.
 
 One run owns its directory while it lasts: it holds an exclusive ``flock`` on
 ``.gpucnn-run.lock`` there (the file records the owner's pid and host), which

@@ -407,11 +407,14 @@ class Trainer:
         return idx, min(self.batch_size, int(order.shape[0]) - step * self.batch_size)
 
     def run_steps(self, x, y, order, epoch: int, steps, steps_per_epoch: int, stats: EpochStats | None = None,
-                  on_sync=None) -> EpochStats:
+                  on_sync=None, watch=None) -> EpochStats:
         """Run ``steps`` (a range of step numbers) of epoch ``epoch`` over ``order``.
 
         ``on_sync(stats, n)`` is called after each host read, with ``n`` steps
-        newly counted.  Raises :class:`~gpucnn.train.NonFiniteLossError` (epoch
+        newly counted.  ``watch`` (a :class:`~gpucnn.train.watch.Watch`) is
+        told before and after every step (it queues device work, no read) and
+        at every host read (``watch.at_sync(pending, losses)``, where it reads
+        its statistics back).  Raises :class:`~gpucnn.train.NonFiniteLossError` (epoch
         and step 1-based) on a NaN/Inf loss, or when anomaly detection finds one.
         """
         stats = stats if stats is not None else EpochStats()
@@ -434,14 +437,20 @@ class Trainer:
             s = StepInputs(idx, n_global, hyper={dtype: table[i] for dtype, table in tables.items()},
                            slot=None if ring is None else (ring[0][len(pending)], ring[1][len(pending)]),
                            key=(epoch, starts[i]), aug_words=None if aug_rows is None else aug_rows[i])
+            if watch is not None:
+                watch.before_step(epoch, step)
             try:
                 value, correct = self._one_step(x, y, s, ring, aug_rows)
             except debug_mod.NonFiniteError as exc:  # anomaly detection named a layer
                 raise NonFiniteLossError(f"{exc} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
                                          f"(lr {lr:g})", epoch=epoch + 1, step=step + 1) from None
+            if watch is not None:
+                watch.after_step(epoch, step)
             pending.append(PendingStep(step, value, correct, int(idx.shape[0]), lr, n_global))
             if len(pending) >= self.sync_every or step == steps[-1]:
                 values, counts = self._read(pending, ring)
+                if watch is not None:
+                    watch.at_sync(pending, values)
                 if self.comm is None:
                     self._drain(pending, values, counts, stats, epoch, steps_per_epoch)
                 else:
@@ -493,14 +502,15 @@ class Trainer:
             stats.seen += p.n_global
             stats.steps += 1
 
-    def evaluate(self, x, y, batch_size: int = 1000) -> dict:
+    def evaluate(self, x, y, batch_size: int = 1000, return_predictions: bool = False) -> dict:
         """:func:`~gpucnn.train.evaluate` with this trainer's model and loss.
 
         Data-parallel: each rank evaluates its contiguous shard of ``x``; the
-        loss sums and correct counts are summed over the ranks.
+        loss sums and correct counts are summed over the ranks (and
+        ``return_predictions`` is ignored: each rank has only its shard's).
         """
         if self.comm is None:
-            return evaluate(self.model, x, y, self.loss, batch_size, self.num_classes)
+            return evaluate(self.model, x, y, self.loss, batch_size, self.num_classes, return_predictions)
         n = int(x.shape[0])
         start, stop = shard_bounds(n, self.comm.rank, self.comm.size)
         loss_sum, correct, _ = evaluate_sums(self.model, x[start:stop], y[start:stop], self.loss, batch_size,
