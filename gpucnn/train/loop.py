@@ -40,7 +40,7 @@ from . import parallel
 from ..data import load_arrays, load_dataset, normalize
 from ..data.augment import AUGMENT_SCHEME, FLIP_DATASETS
 from ..data.batching import SHUFFLE_SCHEME, epoch_permutation, shuffle_generator, steps_per_epoch
-from .config import NonFiniteLossError, TrainConfig, resume_config
+from .config import NonFiniteLossError, TrainConfig, folder_max_shift, resume_config
 from .options import RunOptions
 from .rundir import RunDir
 from .schedule import Schedule
@@ -75,14 +75,24 @@ def _progress_bar(progress: bool, total: int, desc: str):
                 mininterval=0.5, leave=False)
 
 
-def augment_spec(cfg: TrainConfig):
+def augment_spec(cfg: TrainConfig, data=None):
     """The trainer's augmentation for ``cfg`` (``Trainer(augment=...)``), as ``gpucnn train`` uses it:
-    shifts filled with the dataset's background, flips where they keep the class; None when
-    ``cfg.augment`` is off."""
+    shifts of up to ``cfg.max_shift`` pixels (an image folder's: :func:`folder_max_shift` of its
+    size), flips as ``cfg.flip`` says; None when ``cfg.augment`` is off.
+
+    The uncovered border is filled with the normalised value of a black pixel for one-channel data
+    (MNIST's background), and with 0 -- each channel's mean colour -- for colour data (``data``, the
+    loaded :class:`~gpucnn.data.Dataset`, says which; None: the dataset's spec)."""
     if not cfg.augment:
         return None
-    fill = float(normalize(np.zeros((1, 1, 1), np.uint8), cfg.dataset)[0, 0, 0, 0])
-    return {"seed": cfg.seed, "fill": fill, "flip": cfg.dataset in FLIP_DATASETS}
+    shape = data.in_shape if data is not None else (1, 28, 28)
+    if shape[0] == 1:
+        fill = float(normalize(np.zeros((1, 1, 1), np.uint8), data if data is not None else cfg.dataset)[0, 0, 0, 0])
+    else:
+        fill = 0.0
+    shift = cfg.max_shift if cfg.max_shift is not None else folder_max_shift(shape[1])
+    flip = cfg.flip if cfg.flip is not None else cfg.dataset in FLIP_DATASETS
+    return {"seed": cfg.seed, "fill": fill, "flip": bool(flip), "max_shift": int(shift)}
 
 
 @dataclass
@@ -402,6 +412,15 @@ def _shared_start(comm, config, resume, out_dir, overwrite, say):
     return TrainConfig(**plan["config"]), ckpt, rundir, plan["metrics"]
 
 
+def dataset_for(cfg, data_dir=None, say=None):
+    """The dataset ``cfg`` names; an image folder with its options (decoding progress on stderr)."""
+    if cfg.dataset != "folder":
+        return load_dataset(cfg.dataset, data_dir)
+    return load_dataset("folder", data_dir, image_size=cfg.image_size, channels=cfg.channels,
+                        val_split=cfg.val_split, seed=cfg.seed, skip_bad=cfg.skip_bad_images,
+                        log=say or (lambda m: None))
+
+
 class _Run:
     """The state of one :func:`train` call between preparation and the result."""
 
@@ -411,13 +430,16 @@ class _Run:
         refused on the way (a bad ``subset``, a missing dataset) leaves no empty directory behind."""
         self = cls()
         self.cfg, self.ckpt, self.dev, self.say, self.comm = cfg, ckpt, dev, say, comm
-        ds = data if data is not None else load_dataset(cfg.dataset, data_dir)
+        ds = data if data is not None else dataset_for(cfg, data_dir, say)
+        self.data = ds
         self.x_tr, self.y_tr, self.x_te, self.y_te, classes = load_arrays(
             cfg.dataset, data_dir, cfg.subset, cfg.test_subset, dev, ds)
+        self.classes = classes
         self.num_classes = len(classes)
         self.n = int(self.x_tr.shape[0])
         self.steps = steps_per_epoch(self.n, cfg.batch_size)
-        say(f"data: {cfg.dataset}, {self.n} training / {int(self.x_te.shape[0])} test images"
+        say(f"data: {cfg.dataset}, {self.n} training / {int(self.x_te.shape[0])} test images of "
+            f"{'x'.join(map(str, ds.in_shape))}, {self.num_classes} classes"
             + (f" (first {cfg.subset} training images)" if cfg.subset else "")
             + (f", from {ds.source}" if ds.source is not None else " (given in memory)"))
         self.model, self.loss = self._model_and_loss(model, loss)
@@ -443,9 +465,10 @@ class _Run:
         return self
 
     def _augment_spec(self):
-        spec = augment_spec(self.cfg)
+        spec = augment_spec(self.cfg, self.data)
         if spec is not None:
-            self.say(f"augment: random shifts of up to 2 pixels{' and left-right flips' if spec['flip'] else ''}")
+            self.say(f"augment: random shifts of up to {spec['max_shift']} pixel{'s' if spec['max_shift'] != 1 else ''}"
+                     f"{' and left-right flips' if spec['flip'] else ''}")
         return spec
 
     def _resume(self, ckpt):
@@ -475,7 +498,8 @@ class _Run:
         cfg, dev = self.cfg, self.dev
         if model is None:
             grandom.seed(cfg.seed)
-            model = models.build(cfg.model)
+            model = models.build(cfg.model, in_shape=self.data.in_shape, num_classes=self.num_classes)
+        model.classes, model.mean, model.std = tuple(self.classes), self.data.mean, self.data.std
         model.to(dev)
         if loss is None:
             loss = models.make_loss(cfg.model) if cfg.model in models.MODELS else losses.SoftmaxCrossEntropy()

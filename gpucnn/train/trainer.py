@@ -158,7 +158,7 @@ class Trainer:
             CPU, 50 on a GPU).
         comm: a :class:`~gpucnn.distributed.Communicator` for data-parallel
             training; None: this process alone.
-        augment: None, or ``{"seed": int, "fill": float, "flip": bool}``: every
+        augment: None, or ``{"seed": int, "fill": float, "flip": bool[, "max_shift": int (default 2)]}``: every
             training batch is shifted (and flipped) by
             :func:`gpucnn.data.augment.augment_batch`, keyed by ``(seed, epoch)``
             and each example's position in the epoch's order, so runs, resumed
@@ -270,10 +270,12 @@ class Trainer:
             if aug is None:
                 return gather_batch(x, y, idx, x_out=bufs[0], y_out=bufs[1])
             return gather_batch_augment(x, y, idx, aug_words, fill=aug["fill"], flip=bool(aug["flip"]),
+                                        max_shift=int(aug.get("max_shift", 2)),
                                         x_out=bufs[0], y_out=bufs[1])
         if aug is not None:
             epoch, start = key
-            xb = augment_batch(x[idx], (aug["seed"], epoch), fill=aug["fill"], flip=aug["flip"], start=start)
+            xb = augment_batch(x[idx], (aug["seed"], epoch), fill=aug["fill"], flip=aug["flip"], start=start,
+                               max_shift=int(aug.get("max_shift", 2)))
             return to_internal(xb), y[idx]
         return to_internal(x[idx]), y[idx]
 
