@@ -179,6 +179,10 @@ def predict(model, images, *, dataset: str | None = None, center: bool = True, i
         raise ValueError("no images given")
     if plain:
         shape = getattr(model, "in_shape", None)
+        trained_on = getattr(model, "dataset", None)
+        if trained_on is not None and trained_on != dataset:
+            raise ValueError(f"the model was trained on {trained_on!r}, not on {dataset!r}: its images are "
+                             f"prepared as {trained_on}'s")
         if shape is None or getattr(model, "mean", None) is None:
             raise ValueError(f"a model trained on {dataset!r} must carry in_shape, mean and std (load it "
                              f"with gpucnn.inference.load)")

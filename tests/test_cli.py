@@ -173,7 +173,7 @@ def test_nan_exit_status(tmp_path):
     (["train", "--lr", "abc"], "argument --lr: must be a positive number, got 'abc'"),
     (["train", "--momentum", "1.5"], "argument --momentum: must be in [0, 1), got '1.5'"),
     (["train", "--optimizer", "adam", "--momentum", "0.9"], "momentum applies to sgd only"),
-    (["train", "--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
+    (["train", "--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
     (["train", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["train", "--resume", "/nonexistent/run"], "argument --resume: checkpoint not found: /nonexistent/run"),
     (["train", "--comm", "mpi"], "argument --comm: needs --distributed"),

@@ -41,7 +41,7 @@ Checksums
     repository) and un-gzipped ones are verified by their content, for MNIST
     and Fashion-MNIST alike.
 """
-from . import batching, dataset, fetch, idx, lookup, specs
+from . import batching, cifar, dataset, fetch, folder, idx, lookup, specs
 from .batching import batch_indices, epoch_permutation, shard_bounds, steps_per_epoch
 from .dataset import Dataset, channel_affine, load_arrays, load_dataset, normalize
 from .fetch import DownloadError, download
@@ -54,5 +54,5 @@ __all__ = [
     "canonical_name", "channel_affine",
     "get_spec", "read_idx", "locate", "cache_dir", "download", "load_dataset", "normalize", "load_arrays",
     "epoch_permutation", "steps_per_epoch", "batch_indices", "shard_bounds",
-    "batching", "dataset", "fetch", "idx", "lookup", "specs",
+    "batching", "cifar", "dataset", "fetch", "folder", "idx", "lookup", "specs",
 ]
