@@ -441,7 +441,7 @@ def test_data_line_names_the_copy_used(capsys, tmp_path):
     assert cli.main(["train", "--subset", "64", "--test-subset", "64", "--epochs", "1", "--no-progress",
                      "--out", str(tmp_path / "run")]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data: "))
-    assert "data: mnist, 64 training / 64 test images (first 64 training images), from " in line
+    assert "data: mnist, 64 training / 64 test images of 1x28x28, 10 classes (first 64 training images), from " in line
     assert Path(line.rsplit(", from ", 1)[1]).is_dir()
 
 

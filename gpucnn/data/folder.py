@@ -94,7 +94,7 @@ def _classes_of(root: Path, what: str) -> dict[str, list[Path]]:
     if empty:
         raise FolderError(f"{root}: class folder{'s' if len(empty) > 1 else ''} "
                           f"{', '.join(repr(str(root / n)) for n in empty)} hold{'' if len(empty) > 1 else 's'} "
-                          f"no images ({', '.join(SUFFIXES)}); remove it or add images")
+                          f"no images ({', '.join(SUFFIXES)}); remove {'them' if len(empty) > 1 else 'it'} or add images")
     return out
 
 
