@@ -20,7 +20,7 @@ import numpy as np
 from .. import backend
 from ..random import check_start, hash_uniform
 
-__all__ = ["augment_batch", "FLIP_DATASETS", "AUGMENT_SCHEME"]
+__all__ = ["augment_batch", "augment_uint8_batch", "FLIP_DATASETS", "AUGMENT_SCHEME"]
 
 #: Datasets whose images may be mirrored left-right without changing their class.
 FLIP_DATASETS = ("fashion-mnist",)
@@ -64,3 +64,24 @@ def augment_batch(x, key, *, fill, max_shift: int = 2, flip: bool = False, start
         mirror = backend.to_device(np.flatnonzero(backend.asnumpy(draws[2]) < 0.5), backend.device_of(x))
         out[mirror] = out[mirror][..., ::-1]
     return out
+
+
+def augment_uint8_batch(images, idx, key, *, mean, std, fill, max_shift: int = 2, flip: bool = False,
+                        start: int = 0):
+    """Samples ``idx`` of a uint8 dataset, normalised per channel, then shifted (and flipped): the
+    NumPy path of the device kernel ``gather_batch_augment_u8`` (:mod:`gpucnn.cuda.batch`), the
+    same float32 bits -- :func:`gpucnn.data.normalize` (``float32(p) * scale[c] - shift[c]``, each op
+    rounded) then :func:`augment_batch` (which only moves values and writes ``fill``).
+
+    Args:
+        images: (Ntotal, C, H, W) uint8 (NumPy or CuPy).
+        idx: (N,) integer indices.
+        key, fill, max_shift, flip, start: as :func:`augment_batch`.
+        mean, std: per channel (or one number), of pixel / 255.
+    """
+    from .dataset import normalize
+
+    xp = backend.get_array_module(images)
+    x = backend.asnumpy(images[idx]) if xp is not np else images[idx]
+    x = backend.to_device(normalize(x, mean=mean, std=std), backend.device_of(images))
+    return augment_batch(x, key, fill=fill, max_shift=max_shift, flip=flip, start=start)
