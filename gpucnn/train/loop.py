@@ -412,6 +412,26 @@ def _shared_start(comm, config, resume, out_dir, overwrite, say):
     return TrainConfig(**plan["config"]), ckpt, rundir, plan["metrics"]
 
 
+#: The most bytes of raw training images kept on a GPU (beyond it, the float32 set is used as before).
+DEVICE_DATA_MAX_BYTES = 4 << 30
+
+
+def _raw_train_images(ds, cfg, dev):
+    """The uint8 training images ``(N, C, H, W)`` on the GPU, when they fit and the run is on one
+    (else None): each batch is then gathered, augmented and normalised there by one kernel
+    (``gather_batch_augment_u8``), from a quarter of the float32 set's memory.
+    ``GPUCNN_DEVICE_DATA=0`` keeps the float32 set instead."""
+    import os
+
+    if dev != "cuda" or os.environ.get("GPUCNN_DEVICE_DATA", "1") == "0" or ds.mean is None:
+        return None
+    x = ds.train_images[:cfg.subset] if cfg.subset else ds.train_images
+    x = np.ascontiguousarray(x[:, None] if x.ndim == 3 else x, dtype=np.uint8)
+    if x.nbytes > DEVICE_DATA_MAX_BYTES:
+        return None
+    return backend.to_device(x, dev)
+
+
 def dataset_for(cfg, data_dir=None, say=None):
     """The dataset ``cfg`` names; an image folder with its options (decoding progress on stderr)."""
     if cfg.dataset != "folder":
@@ -433,7 +453,12 @@ class _Run:
         ds = data if data is not None else dataset_for(cfg, data_dir, say)
         self.data = ds
         self.x_tr, self.y_tr, self.x_te, self.y_te, classes = load_arrays(
-            cfg.dataset, data_dir, cfg.subset, cfg.test_subset, dev, ds)
+            cfg.dataset, data_dir, cfg.subset, cfg.test_subset, "cpu" if dev == "cuda" else dev, ds)
+        self.raw_train = _raw_train_images(ds, cfg, dev)
+        if dev == "cuda":     # the float training set goes up only when the raw bytes do not
+            self._host_x_tr = self.x_tr
+            self.x_tr = self.raw_train if self.raw_train is not None else backend.to_device(self.x_tr, dev)
+            self.y_tr, self.x_te, self.y_te = (backend.to_device(a, dev) for a in (self.y_tr, self.x_te, self.y_te))
         self.classes = classes
         self.num_classes = len(classes)
         self.n = int(self.x_tr.shape[0])
@@ -460,7 +485,8 @@ class _Run:
               f"epoch{'s' if cfg.epochs != 1 else ''}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
-                               cuda_graph=cuda_graph, augment=self._augment_spec())
+                               cuda_graph=cuda_graph, augment=self._augment_spec(),
+                               normalize=(ds.mean, ds.std) if self.raw_train is not None else None)
         self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
         return self
 
@@ -492,7 +518,12 @@ class _Run:
 
     def _inputs_to_model_dtype(self):
         """Images follow a floating model's dtype (float64 models; float32 data stay as they are)."""
-        self.x_tr, self.x_te = inputs_for(self.model, self.x_tr), inputs_for(self.model, self.x_te)
+        if self.raw_train is not None and np.dtype(getattr(self.model, "dtype", None) or np.float32) != np.float32:
+            # the uint8 kernel makes float32 batches: a float64 model trains from the float set
+            self.raw_train, self.x_tr = None, backend.to_device(self._host_x_tr, self.dev)
+        if self.raw_train is None:
+            self.x_tr = inputs_for(self.model, self.x_tr)
+        self.x_te = inputs_for(self.model, self.x_te)
 
     def _model_and_loss(self, model, loss):
         cfg, dev = self.cfg, self.dev
