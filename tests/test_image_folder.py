@@ -265,3 +265,13 @@ def test_cli_folder_flags_are_checked(tmp_path, capsys):
     assert "image_size apply to image folders" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         gc.cli.main(["evaluate", str(tmp_path / "nope")])
+
+
+def test_a_class_left_without_training_images_by_skipping_is_an_error(tmp_path):
+    d = tmp_path / "f"
+    save(d / "train" / "cat" / "0.png", np.zeros((4, 4), np.uint8))
+    (d / "train" / "dog").mkdir(parents=True)
+    (d / "train" / "dog" / "0.png").write_bytes(b"broken")
+    save(d / "test" / "cat" / "0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(fo.FolderError, match=r"class \['dog'\] has no usable training image"):
+        fo.load_folder(d, skip_bad=True, progress=False, log=lambda m: None)

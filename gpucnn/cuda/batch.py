@@ -6,6 +6,10 @@ normalised dataset (Ntotal, C, H, W) (any (Ntotal, ...) works) on the device,
 labels (Ntotal,) int32 or int64, idx (N,) int32 or int64 (e.g. a slice of the
 epoch's permutation); int64 arrays are read as int32 word pairs (no copy).
 
+:func:`gather_batch_augment_u8` takes the raw uint8 dataset instead and
+normalises each pixel per channel on the way (the float32 batch the float
+dataset would give, bit for bit).
+
 An index outside [0, Ntotal) does not read out of bounds: its column of x is
 NaN and its label -1 (so the step's loss is NaN; nothing syncs to raise).  An
 int64 label outside [0, 2**31) becomes -1 (invalid for the loss kernels).

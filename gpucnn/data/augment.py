@@ -1,10 +1,14 @@
 """Training-time augmentation: random translations (and horizontal flips), on the data's device.
 
 For every image of a batch, a shift ``(dy, dx)`` with each in
-``[-max_shift, max_shift]`` (default 2 pixels), the uncovered border filled
-with the dataset's background (``normalize(0)``); with ``flip=True`` (for
-datasets where a mirror image is still the same class, e.g. Fashion-MNIST --
-not digits) half the images are mirrored left-right.  The draws come from
+``[-max_shift, max_shift]`` (default 2 pixels; a crop with padding), the
+uncovered border filled with ``fill`` (``gpucnn train``: the normalised black
+of a gray dataset, ``normalize(0)``, and 0 -- the mean colour -- for colour
+ones); with ``flip=True`` (for datasets where a mirror image is still the same
+class, e.g. Fashion-MNIST, CIFAR-10 -- not digits) half the images are
+mirrored left-right.  :func:`augment_uint8_batch` does the same to samples of
+a uint8 dataset after normalising them per channel (the device kernel's
+NumPy twin).  The draws come from
 :func:`gpucnn.random.hash_uniform` keyed by ``(seed, epoch)``, each image's
 three (dy, dx, mirror) at the counters ``3 p, 3 p + 1, 3 p + 2`` of its
 position ``p`` in the epoch's order: the image at position ``p`` is shifted

@@ -343,12 +343,10 @@ def _build_cache(d, classes, train, test, options, header_path, data_path, progr
     keep = [(y, r, p in {q for q, _ in train}) for (p, y), r in zip(items, decoded) if not isinstance(r, Exception)]
     tr = [(y, r) for y, r, is_tr in keep if is_tr]
     te = [(y, r) for y, r, is_tr in keep if not is_tr]
-    for what, split in (("training", tr), ("test", te)):
-        missing = sorted(set(range(len(classes))) - {y for y, _ in split})
-        if missing and what == "training":
-            raise FolderError(f"{d}: class{'es' if len(missing) > 1 else ''} "
-                              f"{[classes[i] for i in missing]} {'have' if len(missing) > 1 else 'has'} no "
-                              f"usable training image")
+    missing = sorted(set(range(len(classes))) - {y for y, _ in tr})
+    if missing:     # every file of a class was bad and skipped
+        raise FolderError(f"{d}: class{'es' if len(missing) > 1 else ''} {[classes[i] for i in missing]} "
+                          f"{'have' if len(missing) > 1 else 'has'} no usable training image")
     images = np.stack([r for _, r in tr + te]) if tr + te else np.zeros((0, channels, size, size), np.uint8)
     train_px = images[:len(tr)].astype(np.float64) / 255.0
     mean = train_px.mean(axis=(0, 2, 3))
