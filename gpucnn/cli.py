@@ -416,7 +416,7 @@ def _cmd_evaluate(args, parser):
     from .data import DataError, load_arrays
     from .inference import inputs_for
     from .train import TrainConfig, confusion_matrix, evaluate
-    from .train.loop import dataset_for
+    from .train.datasource import dataset_for
 
     p = parser._gpucnn_sub["evaluate"]
     device = _device_or_error(p, args.device)

@@ -314,6 +314,20 @@ def _read_header(header_path: Path, data_path: Path):
         return None
 
 
+def _channel_stats(images: np.ndarray, chunk: int = 2048):
+    """Per-channel mean and std of ``images / 255`` (N, C, H, W), in float64 chunks (never a float
+    copy of the whole set); a constant channel gets std 1e-3, so it still normalises."""
+    c = images.shape[1]
+    s1, s2 = np.zeros(c), np.zeros(c)
+    for i in range(0, len(images), chunk):
+        b = images[i:i + chunk].astype(np.float64) / 255.0
+        s1 += b.sum(axis=(0, 2, 3))
+        s2 += (b * b).sum(axis=(0, 2, 3))
+    n = max(1, len(images) * images.shape[2] * images.shape[3])
+    mean = s1 / n
+    return mean, np.maximum(np.sqrt(np.maximum(s2 / n - mean * mean, 0.0)), 1e-3)
+
+
 def _build_cache(d, classes, train, test, options, header_path, data_path, progress, workers, say):
     probes = _parallel(_probe, [p for p, _ in train + test], False, "", workers)
     bad = {p: r for (p, _), r in zip(train + test, probes) if isinstance(r, str)}
@@ -348,9 +362,7 @@ def _build_cache(d, classes, train, test, options, header_path, data_path, progr
         raise FolderError(f"{d}: class{'es' if len(missing) > 1 else ''} {[classes[i] for i in missing]} "
                           f"{'have' if len(missing) > 1 else 'has'} no usable training image")
     images = np.stack([r for _, r in tr + te]) if tr + te else np.zeros((0, channels, size, size), np.uint8)
-    train_px = images[:len(tr)].astype(np.float64) / 255.0
-    mean = train_px.mean(axis=(0, 2, 3))
-    std = np.maximum(train_px.std(axis=(0, 2, 3)), 1e-3)   # a constant channel still normalises
+    mean, std = _channel_stats(images[:len(tr)])
     header = {"version": CACHE_VERSION, "folder": str(d), "shape": [channels, size, size], "train": len(tr),
               "test": len(te), "classes": list(classes), "labels": [int(y) for y, _ in tr + te],
               "mean": mean.tolist(), "std": std.tolist(), "skipped": len(bad), "options": options}
