@@ -382,6 +382,11 @@ def run(args) -> int:
         return EXIT_USAGE
     classes = getattr(model, "classes", None) or data.DATASETS[dataset].classes
     loss = getattr(model, "loss_name", None) or models.loss_name(ckpt.model)
+    if plain and (invert != "auto" or not center):
+        _say("error", f"argument --invert/--no-center: MNIST framing only; {ckpt.path} was trained on {dataset!r}, "
+                      f"whose images are resized and centre-cropped to {'x'.join(map(str, model.in_shape))} as in "
+                      f"training")
+        return EXIT_USAGE
 
     arrays, errors = [], []
     with warnings.catch_warnings(record=True) as caught:

@@ -275,3 +275,12 @@ def test_a_class_left_without_training_images_by_skipping_is_an_error(tmp_path):
     save(d / "test" / "cat" / "0.png", np.zeros((4, 4), np.uint8))
     with pytest.raises(fo.FolderError, match=r"class \['dog'\] has no usable training image"):
         fo.load_folder(d, skip_bad=True, progress=False, log=lambda m: None)
+
+
+def test_predict_refuses_mnist_framing_flags_for_a_folder_run(tmp_path, capsys):
+    d = colour_folder(tmp_path / "f", n_train=2, n_test=1)
+    assert gc.cli.main(["train", "--data-dir", str(d), "--epochs", "1", "--batch-size", "4", "--out",
+                        str(tmp_path / "run"), "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert gc.cli.main(["predict", str(tmp_path / "run"), str(d / "test" / "cat" / "0.png"), "--invert", "yes"]) == 2
+    assert "MNIST framing only" in capsys.readouterr().err
