@@ -173,6 +173,7 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer=None, *, model_nam
         "optimizer": opt_meta,
         "rng": rng or {},
         "metrics": metrics or {},
+        "data": data_meta(model),
     })
     meta["sha256"] = _digest(meta, arrays)
     payload = dict(arrays)
@@ -180,6 +181,42 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer=None, *, model_nam
     with atomic_open(path) as f:
         np.savez(f, **payload)
     return path
+
+
+def data_meta(model) -> dict:
+    """What a checkpoint records of the data ``model`` takes: ``in_shape``, ``num_classes`` (set by
+    :func:`gpucnn.models.build`) and, once trained, ``classes``, ``mean`` and ``std`` (per channel);
+    only the attributes the model has."""
+    out = {}
+    for key in ("in_shape", "num_classes", "classes", "mean", "std"):
+        value = getattr(model, key, None)
+        if value is not None:
+            out[key] = list(value) if isinstance(value, (tuple, list)) else value
+    return out
+
+
+#: What a checkpoint without a ``data`` record (written before gpucnn knew other shapes) was trained on.
+LEGACY_DATA = {"in_shape": [1, 28, 28], "num_classes": 10}
+
+
+def checkpoint_data(path, meta: dict) -> dict:
+    """The checkpoint's data record (``LEGACY_DATA`` for an old one), its shape and class count checked."""
+    data = meta.get("data") or dict(LEGACY_DATA)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: malformed checkpoint metadata: 'data' must be a JSON object, got "
+                              f"{short_repr(data)}")
+    data = {**LEGACY_DATA, **data}
+    shape, k = data["in_shape"], data["num_classes"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)) \
+            or not (isinstance(k, int) and k >= 2):
+        raise CheckpointError(f"{path}: malformed checkpoint metadata: data.in_shape must be [C, H, W] and "
+                              f"data.num_classes an integer >= 2, got {short_repr(shape)} and {short_repr(k)}")
+    classes = data.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != k
+                                or not all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{path}: malformed checkpoint metadata: data.classes must be {k} class names, "
+                              f"got {short_repr(classes)}")
+    return data
 
 
 def estimated_size(model, optimizer=None) -> int:
@@ -469,7 +506,12 @@ def restore_model(path, device: str = "cpu"):
             f"{path}: checkpoint is of model {name!r}, not one of {', '.join(models.MODELS)}; "
             f"build the network yourself and use gpucnn.checkpoint.load_into")
     declared = {k[len("param/"):]: v for k, v in _declared_tensors(path, meta).items() if k.startswith("param/")}
-    model = models.build(name, dtype=_model_dtype(path, declared))
+    data = checkpoint_data(path, meta)
+    model = models.build(name, dtype=_model_dtype(path, declared), in_shape=data["in_shape"],
+                         num_classes=data["num_classes"])
+    for key in ("classes", "mean", "std"):
+        if data.get(key) is not None:
+            setattr(model, key, tuple(data[key]))
     problems = _fit_problems(declared, model.state_dict())
     if problems:
         raise CheckpointError(f"{path}: checkpoint of model {name!r} does not fit that model's architecture: "

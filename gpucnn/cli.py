@@ -107,7 +107,7 @@ _momentum = _float_in(0.0, 1.0, False, True, "in [0, 1)")
 _gamma = _float_in(0.0, 1.0, True, False, "in (0, 1]")
 
 def _add_train(sub):
-    from .data import DATASETS
+    from .data import DATASET_NAMES
     from .train.watch import DEFAULT_LOG_EVERY
 
     p = sub.add_parser(
@@ -119,7 +119,26 @@ def _add_train(sub):
     # Defaults are None so that --resume can tell what was given; the real
     # defaults are TrainConfig's and shown in the help through `default=` text.
     p.add_argument("--model", choices=models.MODELS, default=None, help="network (default: lenet5)")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="dataset (default: mnist)")
+    p.add_argument("--dataset", choices=DATASET_NAMES, default=None,
+                   help="dataset (default: folder when --data-dir is an image folder, else mnist); cifar10 is "
+                        "downloaded into the cache; folder: your own images in --data-dir")
+    p.add_argument("--image-size", type=_positive_int, default=None, metavar="PIXELS",
+                   help="image folders: resize (aspect kept) and centre-crop to PIXELS x PIXELS (default: the "
+                        "most common size in the folder)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="image folders: 1 (gray) or 3 (RGB) (default: 1 when every image is gray, else 3)")
+    p.add_argument("--val-split", type=_float_in(0, 1, True, True, "a fraction"), default=None, metavar="FRACTION",
+                   help="image folders without train/ and test/: hold out FRACTION of every class for testing "
+                        "(fixed by --seed)")
+    p.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="image folders: leave out the files that cannot be decoded (named, and counted) instead "
+                        "of stopping")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --augment, mirror half the images left-right (default: per dataset; on for "
+                        "fashion-mnist and cifar10)")
+    p.add_argument("--max-shift", type=_nonneg_int, default=None, metavar="PIXELS",
+                   help="with --augment, the largest random shift (crop with padding) per axis (default: per "
+                        "dataset: 2 for MNIST, 4 for cifar10, 1/14 of an image folder's side)")
     p.add_argument("--data-dir", default=None,
                    help="directory holding the dataset files (else $GPUCNN_DATA, the copy shipped "
                         "with gpucnn for MNIST, the cache ~/.cache/gpucnn, or a download)")
@@ -296,6 +315,11 @@ def _train_config(args, sp):
 
     # every TrainConfig field has a flag whose default is None: None means "not given"
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    if "dataset" not in given and args.resume is None and args.data_dir is not None:
+        from .data.folder import is_image_folder
+
+        if is_image_folder(args.data_dir):     # the layout says it: DIR/train/<class>/ or DIR/<class>/
+            given["dataset"] = "folder"
     try:
         if args.resume is not None:
             config = resume_config(ck.load_checkpoint(args.resume).config, given, flags=True)
@@ -434,15 +458,33 @@ def _load_model(p, path, device):
 def _cmd_evaluate(args, parser):
     import numpy as np
 
-    from .data import load_arrays
+    from .data import DataError, load_arrays
     from .inference import inputs_for
-    from .train import confusion_matrix, evaluate
+    from .train import TrainConfig, confusion_matrix, evaluate
+    from .train.datasource import dataset_for
 
     p = parser._gpucnn_sub["evaluate"]
     device = _device_or_error(p, args.device)
     model, ckpt = _load_model(p, args.checkpoint, device)
     dataset = ckpt.config.get("dataset", "mnist")
-    x_tr, y_tr, x_te, y_te, classes = load_arrays(dataset, args.data_dir, device=device)
+    try:
+        cfg = TrainConfig.from_dict(ckpt.config) if ckpt.config else TrainConfig()
+        if dataset == "folder" and args.data_dir is None:
+            p.error(f"argument --data-dir: {ckpt.path} was trained on an image folder; name it with --data-dir")
+        ds = dataset_for(cfg, args.data_dir, lambda m: print(m, file=sys.stderr))
+    except (DataError, FileNotFoundError) as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    if ds.in_shape != tuple(model.in_shape) or len(ds.classes) != model.num_classes:
+        _err(f"{args.data_dir or dataset}: images of {'x'.join(map(str, ds.in_shape))} in {len(ds.classes)} classes, "
+             f"but {ckpt.path} takes {'x'.join(map(str, model.in_shape))} in {model.num_classes} classes")
+        return EXIT_FAILURE
+    if getattr(model, "classes", None) and list(model.classes) != list(ds.classes):
+        _err(f"{args.data_dir or dataset}: classes {ds.classes} differ from the checkpoint's {list(model.classes)}")
+        return EXIT_FAILURE
+    if getattr(model, "mean", None) is not None and dataset == "folder":
+        ds.mean, ds.std = tuple(model.mean), tuple(model.std)   # the statistics it was trained with
+    x_tr, y_tr, x_te, y_te, classes = load_arrays(dataset, args.data_dir, device=device, data=ds)
     x, y = (x_te, y_te) if args.split == "test" else (x_tr, y_tr)
     x = inputs_for(model, x)    # the images follow the model's dtype (float64 checkpoints)
     k = len(classes)

@@ -162,8 +162,9 @@ def predict(model, images, *, dataset: str | None = None, center: bool = True, i
         raise ValueError(f"invert must be auto, yes or no, got invert={invert!r}")
     if dataset is None:
         dataset = getattr(model, "dataset", None) or "mnist"
-    if dataset not in data.DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {', '.join(sorted(data.DATASETS))}")
+    plain = dataset in ("cifar10", "folder")
+    if not plain and dataset not in data.DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {', '.join(data.DATASET_NAMES)}")
     if loss_name is None:
         loss_name = getattr(model, "loss_name", None)
     if loss_name is None:
@@ -176,15 +177,54 @@ def predict(model, images, *, dataset: str | None = None, center: bool = True, i
     items, names = _as_list(images)
     if not items:
         raise ValueError("no images given")
-    arrays = np.stack([preprocess(im, dataset=dataset, invert=invert, center=center, name=nm)
-                       for im, nm in zip(items, names)])
-    probs = predict_images(model, arrays, dataset, loss_name, batch_size=int(batch_size))
+    if plain:
+        shape = getattr(model, "in_shape", None)
+        trained_on = getattr(model, "dataset", None)
+        if trained_on is not None and trained_on != dataset:
+            raise ValueError(f"the model was trained on {trained_on!r}, not on {dataset!r}: its images are "
+                             f"prepared as {trained_on}'s")
+        if shape is None or getattr(model, "mean", None) is None:
+            raise ValueError(f"a model trained on {dataset!r} must carry in_shape, mean and std (load it "
+                             f"with gpucnn.inference.load)")
+        arrays = np.stack([prepare_plain(im, shape, nm) for im, nm in zip(items, names)])
+    else:
+        arrays = np.stack([preprocess(im, dataset=dataset, invert=invert, center=center, name=nm)
+                           for im, nm in zip(items, names)])
+    probs = predict_images(model, arrays, dataset, loss_name, batch_size=int(batch_size),
+                           stats=(model.mean, model.std) if plain else None)
     if not return_classes:
         return probs
-    classes = data.DATASETS[dataset].classes
+    classes = getattr(model, "classes", None) or data.DATASETS[dataset].classes
     if probs.shape[1] != len(classes):
         raise ValueError(f"the model has {probs.shape[1]} outputs but {dataset} has {len(classes)} classes")
     return probs, [classes[int(c)] for c in probs.argmax(axis=1)]
+
+
+def prepare_plain(image, in_shape, name: str) -> np.ndarray:
+    """One image for a model trained on CIFAR-10 or an image folder: uint8 ``in_shape`` ``(C, H, W)``,
+    prepared as its training images were (:func:`gpucnn.data.folder.fit`: resized with the aspect
+    ratio kept, centre-cropped, converted to gray or RGB) -- no MNIST framing or inversion."""
+    from PIL import Image
+
+    from .data.folder import fit
+    from .images import _open
+
+    c, h, w = (int(v) for v in in_shape)
+    if isinstance(image, (str, os.PathLike)):
+        im = _open(image)
+    elif isinstance(image, Image.Image):
+        im = image
+    elif isinstance(image, np.ndarray):
+        a = np.asarray(image)
+        if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+            raise ValueError(f"{name}: expected a uint8 array (H, W) or (H, W, 3|4), got {a.dtype} {a.shape}")
+        im = Image.fromarray(a)
+    else:
+        raise TypeError(f"{name}: expected an image file path, a PIL image or a uint8 array, got "
+                        f"{type(image).__name__}")
+    if h != w:
+        raise ValueError(f"{name}: the model takes {h}x{w} images; only square inputs are prepared here")
+    return fit(im, h, c)
 
 
 # -- the model: probabilities ---------------------------------------------------------------------------------
@@ -214,17 +254,20 @@ def _modules(model):
 
 
 def predict_images(model, images: np.ndarray, dataset: str = "mnist", loss_name: str = "softmax_cross_entropy",
-                   device: str | None = None, batch_size: int = 256) -> np.ndarray:
-    """``(N, 28, 28)`` uint8 images (already preprocessed) -> ``(N, K)`` class probabilities (NumPy).
+                   device: str | None = None, batch_size: int = 256, stats=None) -> np.ndarray:
+    """``(N, 28, 28)`` or ``(N, C, H, W)`` uint8 images (already preprocessed) -> ``(N, K)`` class
+    probabilities (NumPy).
 
-    Normalised with ``dataset``'s statistics and converted to the model's
+    Normalised with ``dataset``'s statistics (``stats``: ``(mean, std)`` per channel instead) and converted to the model's
     parameter dtype (:func:`inputs_for`), run in eval mode (every layer's
     training flag is restored afterwards), in batches of ``batch_size``, on
     ``device`` (default: where the model's parameters are).
     """
     from . import data
 
-    x = inputs_for(model, data.normalize(np.asarray(images, dtype=np.uint8), dataset))
+    u8 = np.asarray(images, dtype=np.uint8)
+    x = inputs_for(model, data.normalize(u8, dataset) if stats is None else
+                   data.normalize(u8, mean=stats[0], std=stats[1]))
     if device is None:
         device = getattr(model, "device", "cpu")
         device = device if device in backend.DEVICES else "cpu"
@@ -296,10 +339,12 @@ def _save_inputs(directory: str, paths, arrays) -> None:
     out.mkdir(parents=True, exist_ok=True)
     used = set()
     for path, a in zip(paths, arrays):
-        stem = Path(path).stem or "image"
-        target, k = out / f"{stem}_28x28.png", 2
+        if a.ndim == 3:     # (C, H, W): gray or RGB as Pillow takes it
+            a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+        stem, size = Path(path).stem or "image", f"{a.shape[0]}x{a.shape[1]}"
+        target, k = out / f"{stem}_{size}.png", 2
         while target in used:
-            target, k = out / f"{stem}_28x28-{k}.png", k + 1
+            target, k = out / f"{stem}_{size}-{k}.png", k + 1
         used.add(target)
         with atomic_open(target) as f:      # a full disk leaves no empty or half-written PNG
             Image.fromarray(a).save(f, format="PNG")
@@ -326,19 +371,30 @@ def run(args) -> int:
         _say("error", f"argument checkpoint: {exc}")
         return EXIT_USAGE
     dataset = ckpt.config.get("dataset", "mnist")
-    if dataset not in data.DATASETS:
+    plain = dataset in ("cifar10", "folder")
+    if not plain and dataset not in data.DATASETS:
         _say("error", f"argument checkpoint: {ckpt.path}: trained on an unknown dataset {dataset!r} "
-                      f"(known: {', '.join(sorted(data.DATASETS))})")
+                      f"(known: {', '.join(data.DATASET_NAMES)})")
         return EXIT_USAGE
-    classes = data.DATASETS[dataset].classes
+    if plain and getattr(model, "mean", None) is None:
+        _say("error", f"argument checkpoint: {ckpt.path}: trained on {dataset!r} but records no data "
+                      f"statistics (data.mean / data.std)")
+        return EXIT_USAGE
+    classes = getattr(model, "classes", None) or data.DATASETS[dataset].classes
     loss = getattr(model, "loss_name", None) or models.loss_name(ckpt.model)
+    if plain and (invert != "auto" or not center):
+        _say("error", f"argument --invert/--no-center: MNIST framing only; {ckpt.path} was trained on {dataset!r}, "
+                      f"whose images are resized and centre-cropped to {'x'.join(map(str, model.in_shape))} as in "
+                      f"training")
+        return EXIT_USAGE
 
     arrays, errors = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for path in args.images:
             try:
-                arrays.append(preprocess(path, dataset=dataset, invert=invert, center=center, name=str(path)))
+                arrays.append(prepare_plain(path, model.in_shape, str(path)) if plain else
+                              preprocess(path, dataset=dataset, invert=invert, center=center, name=str(path)))
             except FileNotFoundError as exc:
                 errors.append(f"argument IMAGE: {exc}")
             except (ValueError, TypeError) as exc:
@@ -356,7 +412,8 @@ def run(args) -> int:
         except OSError as exc:
             _say("error", f"argument --save-input: cannot write to {args.save_input}: {exc}")
             return EXIT_FAILURE
-    probs = predict_images(model, np.stack(arrays), dataset, loss, device)
+    probs = predict_images(model, np.stack(arrays), dataset, loss, device,
+                           stats=(model.mean, model.std) if plain else None)
     for path, pr in zip(args.images, probs):
         print(format_prediction(str(path), pr, classes))
     sys.stdout.flush()

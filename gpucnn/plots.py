@@ -79,15 +79,32 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, title: str = "") -
 
 
 def plot_filters(params: dict, path: str | os.PathLike, title: str = "") -> Path:
-    """Every (output, input) channel pair of the first 4-D weight, one grayscale tile each."""
+    """The first 4-D weight: one grayscale tile per (output, input) channel pair, or, when it takes
+    3 input channels (RGB), one colour tile per output filter (red, green, blue = its three input
+    slices, mapped from [-max|W|, max|W|] to [0, 1], so mid-gray is zero)."""
     plt = _pyplot()
     name = next((k for k, v in params.items() if np.ndim(v) == 4), None)
     if name is None:
         raise ValueError("no convolution weights (4-D parameter) in the checkpoint")
     W = np.asarray(params[name], dtype=np.float64)
     O, C = W.shape[:2]
-    fig, axes = plt.subplots(C, O, figsize=(1.3 * O, 1.3 * C + 0.6), squeeze=False)
     lim = float(np.abs(W).max()) or 1.0
+    if C == 3:
+        cols = min(O, 16)
+        rows = -(-O // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.1 * rows + 0.6), squeeze=False)
+        for i, ax in enumerate(axes.ravel()):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i < O:
+                ax.imshow((W[i].transpose(1, 2, 0) + lim) / (2 * lim), interpolation="nearest")
+                ax.set_title(str(i), fontsize=8)
+            else:
+                ax.axis("off")
+        fig.suptitle(title or f"first conv layer filters in colour ({name}, {O}x{C}x{W.shape[2]}x{W.shape[3]})")
+        fig.tight_layout()
+        return _save(fig, path)
+    fig, axes = plt.subplots(C, O, figsize=(1.3 * O, 1.3 * C + 0.6), squeeze=False)
     for c in range(C):
         for o in range(O):
             ax = axes[c][o]

@@ -4,7 +4,9 @@
 // Entry points: gather_batch (float32 images) and gather_batch_f64 (float64);
 // gather_batch_augment / gather_batch_augment_f64 (the same gather with the
 // training-time shift and mirror folded in: see its contract further down);
-// each one template body instantiated twice; T below is float or double.  No
+// gather_batch_augment_u8 (uint8 images, normalised per channel on the way:
+// see its contract at the end); each one template body instantiated; T below
+// is float or double, S the images' type (T, or unsigned char).  No
 // #includes.  Host wrapper: gpucnn/cuda/batch.py.
 //
 //   x[f, n] = images[idx_n, f]     f = the flat (c, h, w) index, F = C*H*W
@@ -155,6 +157,23 @@ extern "C" __global__ void gather_batch_f64(
 // Launch shape, layouts and preconditions: as gather_batch, plus
 //   F = C*H*W, max_shift >= 0, flip in {0, 1}.
 
+// One source pixel as the batch's value: a float image's element as it is; a
+// uint8 image's normalised with its channel's affine map (gather_batch_augment_u8).
+template <typename T>
+__device__ __forceinline__ T gb_pixel(const T* __restrict__ images, int off, int c,
+                                      const float* __restrict__ scale, const float* __restrict__ shift)
+{
+    return images[off];
+}
+
+__device__ __forceinline__ float gb_pixel(const unsigned char* __restrict__ images, int off, int c,
+                                          const float* __restrict__ scale, const float* __restrict__ shift)
+{
+    // (float)p * scale[c], rounded, then - shift[c], rounded: __f*_rn are never contracted into an
+    // FMA, so this is NumPy's x.astype(float32) * scale - shift (gpucnn.data.normalize) bit for bit
+    return __fadd_rn(__fmul_rn((float)images[off], scale[c]), -shift[c]);
+}
+
 __device__ __forceinline__ unsigned long long gb_mix(unsigned long long key, unsigned long long counter)
 {
     unsigned long long z = counter * 0x9E3779B97F4A7C15ULL + key;
@@ -166,12 +185,13 @@ __device__ __forceinline__ unsigned long long gb_mix(unsigned long long key, uns
     return z;
 }
 
-template <typename T>
+template <typename T, typename S>
 __device__ __forceinline__ void gather_batch_augment_impl(
-    const T* __restrict__ images, const int* __restrict__ labels, int label_words,
+    const S* __restrict__ images, const int* __restrict__ labels, int label_words,
     const int* __restrict__ idx, int idx_words, const int* __restrict__ key_words,
     T* __restrict__ x, int* __restrict__ y, int Ntotal, int C, int H, int W, int N,
-    int max_shift, int flip, T fill, T* tile, int* s_src, int* s_dy, int* s_dx, int* s_mirror)
+    int max_shift, int flip, T fill, const float* __restrict__ scale, const float* __restrict__ shift,
+    T* tile, int* s_src, int* s_dy, int* s_dx, int* s_mirror)
 {
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
@@ -217,7 +237,8 @@ __device__ __forceinline__ void gather_batch_augment_impl(
             if (src >= 0) {
                 const int sh = h - s_dy[nn];
                 const int sw = (s_mirror[nn] ? W - 1 - w : w) - s_dx[nn];
-                value = (sh >= 0 && sh < H && sw >= 0 && sw < W) ? images[src * F + c * HW + sh * W + sw] : fill;
+                value = (sh >= 0 && sh < H && sw >= 0 && sw < W)
+                      ? gb_pixel(images, src * F + c * HW + sh * W + sw, c, scale, shift) : fill;
             }
         }
         tile[nn * (GB_TILE + 1) + tx] = value;
@@ -254,7 +275,7 @@ extern "C" __global__ void gather_batch_augment(
     __shared__ int s_dx[GB_TILE];
     __shared__ int s_mirror[GB_TILE];
     gather_batch_augment_impl(images, labels, label_words, idx, idx_words, key_words, x, y, Ntotal, C, H, W, N,
-                              max_shift, flip, fill, tile, s_src, s_dy, s_dx, s_mirror);
+                              max_shift, flip, fill, nullptr, nullptr, tile, s_src, s_dy, s_dx, s_mirror);
 }
 
 extern "C" __global__ void gather_batch_augment_f64(
@@ -269,5 +290,45 @@ extern "C" __global__ void gather_batch_augment_f64(
     __shared__ int s_dx[GB_TILE];
     __shared__ int s_mirror[GB_TILE];
     gather_batch_augment_impl(images, labels, label_words, idx, idx_words, key_words, x, y, Ntotal, C, H, W, N,
-                              max_shift, flip, fill, tile, s_src, s_dy, s_dx, s_mirror);
+                              max_shift, flip, fill, nullptr, nullptr, tile, s_src, s_dy, s_dx, s_mirror);
+}
+
+
+// ---------------------------------------------------------------------------
+// gather_batch_augment_u8: gather_batch_augment on a uint8 dataset, the batch
+// normalised per channel on the way -- so the device holds the training set
+// as its raw bytes (a quarter of float32's memory) and one launch still makes
+// the float32 batch.
+//
+//   x[c, h, w, n] = (float)P * scale[c] - shift[c]   (each op rounded to float32,
+//                                                     in that order, no FMA)
+//                   where P = images[s_n, c, h - dy_n, w' - dx_n] is in bounds,
+//                   fill otherwise
+// with s_n, dy_n, dx_n, mirror_n, w' and y[n] exactly as gather_batch_augment
+// (max_shift = 0 and flip = 0 is a plain normalising gather).  scale and
+// shift are (C,) float32 in device memory: scale[c] = float32(1 / (255
+// std[c])), shift[c] = float32(mean[c] / std[c]) (gpucnn.data.channel_affine),
+// so x is, bit for bit, to_internal(augment_batch(normalize(images[idx],
+// mean=mean, std=std), key, fill=fill, max_shift, flip, start)) -- the NumPy
+// path.  Normalising a pixel does not depend on where it moves, so normalising
+// after the shift is the same as before it.  An invalid index makes x[:, n]
+// NaN and y[n] = -1.
+// Thread mapping, launch shape and preconditions: as gather_batch_augment;
+//   layouts as it, with images (Ntotal, C, H, W) unsigned char and x float.
+//   scale and shift hold C floats each.
+
+extern "C" __global__ void gather_batch_augment_u8(
+    const unsigned char* __restrict__ images, const int* __restrict__ labels, int label_words,
+    const int* __restrict__ idx, int idx_words, const int* __restrict__ key_words,
+    const float* __restrict__ scale, const float* __restrict__ shift,
+    float* __restrict__ x, int* __restrict__ y, int Ntotal, int C, int H, int W, int N,
+    int max_shift, int flip, float fill)
+{
+    __shared__ float tile[GB_TILE * (GB_TILE + 1)];
+    __shared__ int s_src[GB_TILE];
+    __shared__ int s_dy[GB_TILE];
+    __shared__ int s_dx[GB_TILE];
+    __shared__ int s_mirror[GB_TILE];
+    gather_batch_augment_impl(images, labels, label_words, idx, idx_words, key_words, x, y, Ntotal, C, H, W, N,
+                              max_shift, flip, fill, scale, shift, tile, s_src, s_dy, s_dx, s_mirror);
 }

@@ -173,7 +173,7 @@ def test_nan_exit_status(tmp_path):
     (["train", "--lr", "abc"], "argument --lr: must be a positive number, got 'abc'"),
     (["train", "--momentum", "1.5"], "argument --momentum: must be in [0, 1), got '1.5'"),
     (["train", "--optimizer", "adam", "--momentum", "0.9"], "momentum applies to sgd only"),
-    (["train", "--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
+    (["train", "--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
     (["train", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["train", "--precision", "fp16"], "argument --precision: precision must be one of 'fp32', 'tf32', '3xtf32', "
                                        "'bf16', got precision='fp16' (fp16 needs dynamic loss scaling, which is "
@@ -455,7 +455,7 @@ def test_data_line_names_the_copy_used(capsys, tmp_path):
     assert cli.main(["train", "--subset", "64", "--test-subset", "64", "--epochs", "1", "--no-progress",
                      "--out", str(tmp_path / "run")]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data: "))
-    assert "data: mnist, 64 training / 64 test images (first 64 training images), from " in line
+    assert "data: mnist, 64 training / 64 test images of 1x28x28, 10 classes (first 64 training images), from " in line
     assert Path(line.rsplit(", from ", 1)[1]).is_dir()
 
 

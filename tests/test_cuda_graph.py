@@ -13,6 +13,7 @@ cannot check is CUDA's own capture (that needs a GPU: tests/test_gpu.py).
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -292,3 +293,47 @@ def test_the_stand_in_refuses_a_sync_inside_a_capture():
         with pytest.raises(RuntimeError, match="synchronize"):
             stream.end_capture()
         assert not stream.is_capturing()
+
+
+def test_train_keeps_a_uint8_training_set_on_the_device(tmp_path, monkeypatch):
+    """`train` on a GPU keeps the raw uint8 training set on the device and makes every batch with
+    gather_batch_augment_u8 (captured in the CUDA graph too); the run is, bit for bit, the run on
+    the float32 set normalised up front (GPUCNN_DEVICE_DATA=0)."""
+    from gpucnn.cuda import loader
+    from gpucnn.data import Dataset
+    from gpucnn.train import TrainConfig, train
+
+    skip_without_emulator()
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 256, (24, 3, 12, 12), dtype=np.uint8)
+    labels = rng.integers(0, 3, 24)
+    # 4 full steps: 2 eager warm-ups, a captured step and a validating one (the graph path too)
+    ds = Dataset(name="folder", classes=["a", "b", "c"], train_images=raw[:20], train_labels=labels[:20],
+                 test_images=raw[20:], test_labels=labels[20:], mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))
+    cfg = TrainConfig(model="lenet5", dataset="folder", epochs=1, batch_size=5, augment=True, flip=True)
+
+    def run(device_data):
+        monkeypatch.setenv("GPUCNN_DEVICE_DATA", device_data)
+        launched = []
+        real = loader.launch
+        monkeypatch.setattr(loader, "launch", lambda k, *a, **kw: (launched.append(k), real(k, *a, **kw)))
+        gc.seed(0)
+        net = gc.layers.Sequential(gc.layers.Conv2D(3, 2, 3), gc.layers.ReLU(), gc.layers.Flatten(),
+                                   gc.layers.Dense(2 * 10 * 10, 3))      # small: the emulator runs every thread
+        with standin.installed(standin.Recorder(), builder=emulator_builder):
+            train(cfg, model=net, data=ds, device="cuda", out_dir=tmp_path / device_data, progress=False,
+                        log=None)
+        monkeypatch.setattr(loader, "launch", real)
+        return [k for k in launched if k.startswith("gather")]
+
+    raw_gathers = run("1")
+    float_gathers = run("0")
+    assert set(raw_gathers) == {"gather_batch_augment_u8"} and set(float_gathers) == {"gather_batch_augment"}
+    a = [json.loads(line) for line in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert a[0][key] == b[0][key], key
+    wa = gc.checkpoint.load_checkpoint(tmp_path / "1").params
+    wb = gc.checkpoint.load_checkpoint(tmp_path / "0").params
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)

@@ -547,9 +547,10 @@ def test_specs():
 
 def test_unknown_dataset_lists_known():
     with pytest.raises(ValueError) as exc_info:
-        data.load_dataset("cifar10")
-    assert "'cifar10'" in str(exc_info.value)
-    assert "mnist" in str(exc_info.value) and "fashion-mnist" in str(exc_info.value)
+        data.load_dataset("imagenet")
+    assert "'imagenet'" in str(exc_info.value)
+    for name in ("mnist", "fashion-mnist", "cifar10", "folder"):
+        assert name in str(exc_info.value)
     with pytest.raises(ValueError):
         data.locate("nope")
     assert data.locate("MNIST") == data.locate("mnist")  # names are case-insensitive

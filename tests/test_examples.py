@@ -30,3 +30,18 @@ def test_custom_network_example_trains(tmp_path):
                                              "--out", str(tmp_path / "c")])
     assert res.epochs_run == 1 and (tmp_path / "c" / "checkpoint.npz").is_file()
     assert res.test_accuracy > 0.5
+
+
+def test_idx_to_png_folder_writes_the_same_pixels(tmp_path, monkeypatch):
+    import numpy as np
+
+    import gpucnn as gc
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = _run_example("idx_to_png_folder.py", ["--train", "30", "--test", "10", "--out", str(tmp_path / "png")])
+    folder = gc.data.folder.load_folder(out, progress=False, log=lambda m: None)
+    mnist = gc.data.load_dataset("mnist")
+    assert folder.in_shape == (1, 28, 28) and folder.classes == [str(d) for d in range(10)]
+    order = np.argsort(mnist.train_labels[:30], kind="stable")     # the folder lists class by class
+    np.testing.assert_array_equal(folder.train_images[:, 0], mnist.train_images[:30][order])
+    np.testing.assert_array_equal(folder.train_labels, mnist.train_labels[:30][order])

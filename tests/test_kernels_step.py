@@ -739,6 +739,47 @@ def test_gather_batch_augment(sample, m, flip, dtype, device):
         np.testing.assert_array_equal(device.get(y), labels[idx].astype(np.int32))
 
 
+@pytest.mark.parametrize("sample,m,flip", [((3, 5, 6), 2, True), ((1, 4, 4), 0, False), ((3, 3, 3), 4, False)],
+                         ids=str)
+def test_gather_batch_augment_u8(sample, m, flip, device):
+    """The uint8 variant: gathered, shifted, flipped and normalised per channel in one launch, bit for
+    bit the NumPy path (augment_uint8_batch: normalize, then augment_batch) and a per-pixel loop."""
+    from gpucnn.data import channel_affine
+    from gpucnn.data.augment import augment_uint8_batch
+    from gpucnn.functional.layout import to_internal
+
+    rng = rng_for("gather_augment_u8", sample, m, flip)
+    Ntotal, C = 30, sample[0]
+    images = rng.integers(0, 256, (Ntotal,) + sample, dtype=np.uint8)
+    labels = rng.integers(0, 10, Ntotal).astype(np.int64)
+    mean, std = rng.uniform(0.2, 0.6, C), rng.uniform(0.15, 0.4, C)
+    scale, shift = channel_affine(mean, std, C)
+    fill = -0.25
+    for N, start in ((1, 0), (33, 2**32 + 3)):
+        key = (7, N)
+        idx = rng.integers(0, Ntotal, N)
+        x, y = batch.gather_batch_augment_u8(device.put(images), device.put(labels), device.put(idx),
+                                             device.put(batch.augment_key_words(key, start)), device.put(scale),
+                                             device.put(shift), fill=fill, max_shift=m, flip=flip,
+                                             x_out=garbage(device, sample + (N,), F32),
+                                             y_out=garbage(device, (N,), np.int32))
+        x = device.get(x)
+        want = augment_uint8_batch(images, idx, key, mean=mean, std=std, fill=fill, max_shift=m, flip=flip,
+                                   start=start)
+        np.testing.assert_array_equal(x, to_internal(want))
+        normed = images.astype(F32) * scale[:, None, None] - shift[:, None, None]   # float32, op by op
+        np.testing.assert_array_equal(x, _augment_reference(normed, idx, key, start, F32(fill), m, flip))
+        np.testing.assert_array_equal(device.get(y), labels[idx].astype(np.int32))
+    put = device.put
+    words = put(batch.augment_key_words((0, 0)))
+    with pytest.raises(TypeError, match="images must be uint8, got float32"):
+        batch.gather_batch_augment_u8(put(images.astype(F32)), put(labels), put(idx), words, put(scale), put(shift),
+                                      fill=0.0)
+    with pytest.raises(ValueError, match=rf"scale must be a \({C},\) float32 array"):
+        batch.gather_batch_augment_u8(put(images), put(labels), put(idx), words, put(scale.astype(np.float64)),
+                                      put(shift), fill=0.0)
+
+
 def test_gather_batch_augment_invalid_indices_and_bad_arguments(device):
     images = np.arange(5 * 6, dtype=F32).reshape(5, 1, 2, 3)
     labels = np.arange(5, dtype=np.int32)
@@ -899,8 +940,10 @@ def test_kernel_files_registered():
                 "loss.cu": {"xent_forward", "xent_mean", "xent_backward"},
                 "optim.cu": {"sgd_update", "adam_update"},
                 "batch.cu": {"gather_batch", "gather_batch_augment"}}
+    float32_only = {"batch.cu": {"gather_batch_augment_u8"}}   # uint8 in, float32 out: no float64 twin
     for filename, names in expected.items():
-        assert set(loader.KERNEL_FILES[filename]) == names | {n + "_f64" for n in names}
+        assert set(loader.KERNEL_FILES[filename]) == (names | {n + "_f64" for n in names}
+                                                      | float32_only.get(filename, set()))
         for name in loader.KERNEL_FILES[filename]:
             params = loader.kernel_signature(name)
             want = F64 if name.endswith("_f64") else F32

@@ -293,3 +293,39 @@ def test_optimizer_kernel_path_is_taken(backend, monkeypatch):
         net = _small_net()
         make(net.to("cuda") if backend.name == "cupy" else net).step()
     assert calls == ["sgd_update", "adam_update"]
+
+
+@pytest.mark.parametrize("augment", [None, {"seed": 3, "fill": 0.0, "flip": True, "max_shift": 1}],
+                         ids=["plain", "augmented"])
+def test_uint8_dataset_trains_as_the_float_one_bit_for_bit(backend, augment, monkeypatch):
+    """A uint8 training set with Trainer(normalize=(mean, std)) -- on the kernel backends gathered,
+    augmented and normalised per channel by gather_batch_augment_u8 -- trains exactly as the float32
+    set normalised up front (gc.data.normalize) does."""
+    rng = np.random.default_rng(8)
+    raw = rng.integers(0, 256, (23, 2, 9, 6), dtype=np.uint8)
+    y = rng.integers(0, 4, 23)
+    order = rng.permutation(23)
+    mean, std = (0.3, 0.6), (0.2, 0.25)
+    launched = []
+    real_launch = loader.launch
+    monkeypatch.setattr(loader, "launch", lambda kernel, *a, **k: (launched.append(kernel), real_launch(kernel, *a, **k)))
+
+    def run(x, normalize):
+        net = _small_net(np.float32)
+        net = net.to("cuda") if backend.name == "cupy" else net
+        trainer = gc.train.Trainer(net, losses.SoftmaxCrossEntropy(check_labels=False), optim.SGD(net, lr=0.05),
+                                   batch_size=5, augment=augment, normalize=normalize, sync_every=1)
+        seen = []
+        trainer.run_steps(backend.put(x), backend.put(y), backend.put(order), 0, range(5), 5,
+                          on_sync=lambda st, n: seen.append((st.loss_sum, st.correct)))
+        return seen, {k: np.asarray(backend.get(v)) for k, v in net.state_dict().items()}
+
+    floats = gc.data.normalize(raw, mean=mean, std=std)
+    want = run(floats, None)
+    launched.clear()
+    got = run(raw, (mean, std))
+    assert got[0] == want[0]
+    for name, value in want[1].items():
+        np.testing.assert_array_equal(got[1][name], value, err_msg=name)
+    if backend.name != "numpy":
+        assert [k for k in launched if k.startswith("gather")] == ["gather_batch_augment_u8"] * 5

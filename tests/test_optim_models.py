@@ -154,11 +154,14 @@ PARAM_COUNTS = {
     "seed002_c1": 8806,
     "seed002_c2": 3898,
     "resnet_mini": 147066,
+    # resnet_cifar: stem 64*1*9 + BN 128; blocks 64->64 (2 convs + 2 BN), 64->128 and 128->256 with
+    # 1x1 projections + BN; dense 256*10 + 10
+    "resnet_cifar": 1226442,
 }
 LOSS_NAMES = {
     "lenet5": "softmax_cross_entropy", "seed001": "softmax_cross_entropy", "zhang2016": "mse",
     "seed002_c1": "softmax_cross_entropy", "seed002_c2": "softmax_cross_entropy",
-    "resnet_mini": "softmax_cross_entropy",
+    "resnet_mini": "softmax_cross_entropy", "resnet_cifar": "softmax_cross_entropy",
 }
 MODEL_IDS = [pytest.param(n, id=n) for n in models.MODELS]
 

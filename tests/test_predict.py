@@ -479,7 +479,9 @@ def test_predict_arguments_validated(trained, digits):
     d = digits[0][0]
     with pytest.raises(ValueError, match="invert must be auto, yes or no"):
         inference.predict(model, d, invert="maybe")
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        inference.predict(model, d, dataset="imagenet")
+    with pytest.raises(ValueError, match="trained on 'mnist', not on 'cifar10'"):
         inference.predict(model, d, dataset="cifar10")
     with pytest.raises(TypeError, match="integer pixel values 0..255"):
         inference.predict(model, d.astype(np.float32) / 255)

@@ -6,6 +6,10 @@ normalised dataset (Ntotal, C, H, W) (any (Ntotal, ...) works) on the device,
 labels (Ntotal,) int32 or int64, idx (N,) int32 or int64 (e.g. a slice of the
 epoch's permutation); int64 arrays are read as int32 word pairs (no copy).
 
+:func:`gather_batch_augment_u8` takes the raw uint8 dataset instead and
+normalises each pixel per channel on the way (the float32 batch the float
+dataset would give, bit for bit).
+
 An index outside [0, Ntotal) does not read out of bounds: its column of x is
 NaN and its label -1 (so the step's loss is NaN; nothing syncs to raise).  An
 int64 label outside [0, 2**31) becomes -1 (invalid for the loss kernels).
@@ -19,7 +23,7 @@ from . import loader
 from .elementwise import _contiguous, _dtype, _kernel, _out, _positive, _same_shape, _words, _xp
 
 __all__ = ["GATHER_TILE", "GATHER_BLOCK", "gather_launch", "gather_batch", "gather_batch_augment",
-           "augment_key_words"]
+           "gather_batch_augment_u8", "augment_key_words"]
 
 #: (features, samples) of one block's tile, and the block.
 GATHER_TILE = 32
@@ -32,8 +36,13 @@ def gather_launch(features: int, N: int):
 
 
 def _checked(func, images, labels, idx):
-    """The checks both gathers share: ``(dtype, Ntotal, sample shape, label words, idx words, N)``."""
-    dtype = _dtype(func, images=images)
+    """The checks every gather shares: ``(dtype, Ntotal, sample shape, label words, idx words, N)``."""
+    if func.endswith("_u8"):
+        if getattr(images, "dtype", None) != np.dtype(np.uint8):
+            raise TypeError(f"{func}: images must be uint8, got {getattr(images, 'dtype', type(images).__name__)}")
+        dtype = np.dtype(np.float32)
+    else:
+        dtype = _dtype(func, images=images)
     if images.ndim < 2:
         raise ValueError(f"{func}: images must be (Ntotal, C, H, W) (at least 2-D), got shape {tuple(images.shape)}")
     _positive(func, "images", images.shape)
@@ -110,6 +119,19 @@ def gather_batch_augment(images, labels, idx, key_words, *, fill, max_shift: int
     dtype, Ntotal, sample, (label_words, lw), (idx_words, iw), N = _checked(func, images, labels, idx)
     if images.ndim != 4:
         raise ValueError(f"{func}: images must be (Ntotal, C, H, W), got shape {tuple(images.shape)}")
+    _augment_args(func, key_words, max_shift, flip, fill)
+    C, H, W = sample
+    x = _out(func, "x_out", x_out, xp, sample + (N,), dtype)
+    y = _out(func, "y_out", y_out, xp, (N,), np.int32)
+    grid, block = gather_launch(C * H * W, N)
+    loader.launch(_kernel(func, dtype), (images, label_words, lw, idx_words, iw, key_words, x, y, Ntotal,
+                                         C, H, W, N, int(max_shift), int(bool(flip)), dtype.type(fill)),
+                  grid=grid, block=block)
+    return x, y
+
+
+def _augment_args(func, key_words, max_shift, flip, fill):
+    """The checks of the augmenting gathers' own arguments."""
     if getattr(key_words, "dtype", None) != np.dtype(np.int32) or tuple(key_words.shape) != (4,):
         raise ValueError(f"{func}: key_words must be a (4,) int32 array (augment_key_words(key, start)), got "
                          f"{getattr(key_words, 'dtype', type(key_words).__name__)} "
@@ -121,11 +143,44 @@ def gather_batch_augment(images, labels, idx, key_words, *, fill, max_shift: int
         raise TypeError(f"{func}: flip must be a bool, got flip={flip!r}")
     if isinstance(fill, bool) or not isinstance(fill, (int, float, np.floating, np.integer)):
         raise TypeError(f"{func}: fill must be a number, got fill={fill!r}")
+
+
+def gather_batch_augment_u8(images, labels, idx, key_words, scale, shift, *, fill, max_shift: int = 2,
+                            flip: bool = False, x_out=None, y_out=None):
+    """:func:`gather_batch_augment` on a uint8 dataset, normalised per channel on the way.
+
+    ``x`` is, bit for bit, ``to_internal(augment_batch(normalize(images[idx], mean=mean,
+    std=std), key, fill=fill, max_shift=max_shift, flip=flip, start=start))`` where
+    ``scale, shift = channel_affine(mean, std, C)`` (:func:`gpucnn.data.channel_affine`):
+    each in-bounds pixel becomes ``float32(p) * scale[c] - shift[c]``, rounded after each op.
+
+    Args:
+        images: (Ntotal, C, H, W) uint8, C-contiguous (the raw training set on the device).
+        labels, idx, key_words, fill, max_shift, flip, x_out, y_out: as :func:`gather_batch_augment`
+            (``max_shift=0, flip=False``: a plain normalising gather).
+        scale, shift: (C,) float32 on the device.
+    Returns:
+        (x, y): x (C, H, W, N) float32, y (N,) int32.
+    Launches: 1, ``gather_batch_augment_u8``, the grid and block of :func:`gather_batch`.
+    """
+    func = "gather_batch_augment_u8"
+    xp = _xp(images=images, labels=labels, idx=idx, key_words=key_words, scale=scale, shift=shift,
+             x_out=x_out, y_out=y_out)
+    dtype, Ntotal, sample, (label_words, lw), (idx_words, iw), N = _checked(func, images, labels, idx)
+    if images.ndim != 4:
+        raise ValueError(f"{func}: images must be (Ntotal, C, H, W), got shape {tuple(images.shape)}")
+    _augment_args(func, key_words, max_shift, flip, fill)
     C, H, W = sample
+    for name, a in (("scale", scale), ("shift", shift)):
+        if getattr(a, "dtype", None) != np.dtype(np.float32) or tuple(a.shape) != (C,):
+            raise ValueError(f"{func}: {name} must be a ({C},) float32 array (one per channel, "
+                             f"gpucnn.data.channel_affine), got {getattr(a, 'dtype', type(a).__name__)} "
+                             f"{tuple(getattr(a, 'shape', ()))}")
+    _contiguous(func, scale=scale, shift=shift)
     x = _out(func, "x_out", x_out, xp, sample + (N,), dtype)
     y = _out(func, "y_out", y_out, xp, (N,), np.int32)
     grid, block = gather_launch(C * H * W, N)
-    loader.launch(_kernel(func, dtype), (images, label_words, lw, idx_words, iw, key_words, x, y, Ntotal,
-                                         C, H, W, N, int(max_shift), int(bool(flip)), dtype.type(fill)),
+    loader.launch(func, (images, label_words, lw, idx_words, iw, key_words, scale, shift, x, y, Ntotal,
+                         C, H, W, N, int(max_shift), int(bool(flip)), np.float32(fill)),
                   grid=grid, block=block)
     return x, y

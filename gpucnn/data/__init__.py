@@ -1,4 +1,5 @@
-"""Datasets: MNIST / Fashion-MNIST by name, verified, normalised and batched.
+"""Datasets: MNIST / Fashion-MNIST / CIFAR-10 by name, or a folder of one's own images; verified,
+normalised and batched.  :mod:`.folder` reads image folders, :mod:`.cifar` CIFAR-10's binary archive.
 
 One module per job: :mod:`.idx` (the IDX format and checksums), :mod:`.specs`
 (what each dataset's files are), :mod:`.lookup` (where they are looked up),
@@ -40,17 +41,18 @@ Checksums
     repository) and un-gzipped ones are verified by their content, for MNIST
     and Fashion-MNIST alike.
 """
-from . import batching, dataset, fetch, idx, lookup, specs
+from . import batching, cifar, dataset, fetch, folder, idx, lookup, specs
 from .batching import batch_indices, epoch_permutation, shard_bounds, steps_per_epoch
-from .dataset import Dataset, load_arrays, load_dataset, normalize
+from .dataset import Dataset, channel_affine, load_arrays, load_dataset, normalize
 from .fetch import DownloadError, download
 from .idx import DataError, read_idx
 from .lookup import ENV_VAR, DataDirError, cache_dir, locate
-from .specs import DATASETS, DatasetSpec, FileSpec, get_spec
+from .specs import DATASET_NAMES, DATASETS, DatasetSpec, FileSpec, canonical_name, get_spec
 
 __all__ = [
-    "DataError", "DataDirError", "DownloadError", "FileSpec", "DatasetSpec", "Dataset", "DATASETS", "ENV_VAR",
+    "DataError", "DataDirError", "DownloadError", "FileSpec", "DatasetSpec", "Dataset", "DATASETS", "DATASET_NAMES", "ENV_VAR",
+    "canonical_name", "channel_affine",
     "get_spec", "read_idx", "locate", "cache_dir", "download", "load_dataset", "normalize", "load_arrays",
     "epoch_permutation", "steps_per_epoch", "batch_indices", "shard_bounds",
-    "batching", "dataset", "fetch", "idx", "lookup", "specs",
+    "batching", "cifar", "dataset", "fetch", "folder", "idx", "lookup", "specs",
 ]

@@ -1,10 +1,14 @@
 """Training-time augmentation: random translations (and horizontal flips), on the data's device.
 
 For every image of a batch, a shift ``(dy, dx)`` with each in
-``[-max_shift, max_shift]`` (default 2 pixels), the uncovered border filled
-with the dataset's background (``normalize(0)``); with ``flip=True`` (for
-datasets where a mirror image is still the same class, e.g. Fashion-MNIST --
-not digits) half the images are mirrored left-right.  The draws come from
+``[-max_shift, max_shift]`` (default 2 pixels; a crop with padding), the
+uncovered border filled with ``fill`` (``gpucnn train``: the normalised black
+of a gray dataset, ``normalize(0)``, and 0 -- the mean colour -- for colour
+ones); with ``flip=True`` (for datasets where a mirror image is still the same
+class, e.g. Fashion-MNIST, CIFAR-10 -- not digits) half the images are
+mirrored left-right.  :func:`augment_uint8_batch` does the same to samples of
+a uint8 dataset after normalising them per channel (the device kernel's
+NumPy twin).  The draws come from
 :func:`gpucnn.random.hash_uniform` keyed by ``(seed, epoch)``, each image's
 three (dy, dx, mirror) at the counters ``3 p, 3 p + 1, 3 p + 2`` of its
 position ``p`` in the epoch's order: the image at position ``p`` is shifted
@@ -20,7 +24,7 @@ import numpy as np
 from .. import backend
 from ..random import check_start, hash_uniform
 
-__all__ = ["augment_batch", "FLIP_DATASETS", "AUGMENT_SCHEME"]
+__all__ = ["augment_batch", "augment_uint8_batch", "FLIP_DATASETS", "AUGMENT_SCHEME"]
 
 #: Datasets whose images may be mirrored left-right without changing their class.
 FLIP_DATASETS = ("fashion-mnist",)
@@ -64,3 +68,24 @@ def augment_batch(x, key, *, fill, max_shift: int = 2, flip: bool = False, start
         mirror = backend.to_device(np.flatnonzero(backend.asnumpy(draws[2]) < 0.5), backend.device_of(x))
         out[mirror] = out[mirror][..., ::-1]
     return out
+
+
+def augment_uint8_batch(images, idx, key, *, mean, std, fill, max_shift: int = 2, flip: bool = False,
+                        start: int = 0):
+    """Samples ``idx`` of a uint8 dataset, normalised per channel, then shifted (and flipped): the
+    NumPy path of the device kernel ``gather_batch_augment_u8`` (:mod:`gpucnn.cuda.batch`), the
+    same float32 bits -- :func:`gpucnn.data.normalize` (``float32(p) * scale[c] - shift[c]``, each op
+    rounded) then :func:`augment_batch` (which only moves values and writes ``fill``).
+
+    Args:
+        images: (Ntotal, C, H, W) uint8 (NumPy or CuPy).
+        idx: (N,) integer indices.
+        key, fill, max_shift, flip, start: as :func:`augment_batch`.
+        mean, std: per channel (or one number), of pixel / 255.
+    """
+    from .dataset import normalize
+
+    xp = backend.get_array_module(images)
+    x = backend.asnumpy(images[idx]) if xp is not np else images[idx]
+    x = backend.to_device(normalize(x, mean=mean, std=std), backend.device_of(images))
+    return augment_batch(x, key, fill=fill, max_shift=max_shift, flip=flip, start=start)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .specs import DatasetSpec, FileSpec, get_spec
+from .specs import DatasetSpec, FileSpec, canonical_name, get_spec
 
 __all__ = ["ENV_VAR", "PACKAGE_DATA", "DataDirError", "cache_dir", "find_file", "has_all", "candidates", "locate"]
 
@@ -19,7 +19,8 @@ def cache_dir(name: str | None = None) -> Path:
     """The per-user cache directory (``$XDG_CACHE_HOME/gpucnn`` or ``~/.cache/gpucnn``).
 
     Args:
-        name: Dataset name; when given the dataset's sub-directory is returned.
+        name: Dataset name; when given the dataset's sub-directory is returned
+            (``folder``: where decoded image folders are cached).
 
     Returns:
         The directory (not created).
@@ -27,7 +28,7 @@ def cache_dir(name: str | None = None) -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     root = base / "gpucnn"
-    return root / get_spec(name).name if name is not None else root
+    return root / canonical_name(name) if name is not None else root
 
 
 def find_file(directory: Path, f: FileSpec) -> Path | None:

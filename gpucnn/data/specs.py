@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["FileSpec", "DatasetSpec", "DATASETS", "ROLES", "get_spec",
+__all__ = ["FileSpec", "DatasetSpec", "DATASETS", "DATASET_NAMES", "ROLES", "get_spec", "canonical_name",
            "MNIST_MEAN", "MNIST_STD", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD"]
 
 
@@ -188,6 +188,23 @@ _FASHION = DatasetSpec(
 
 #: Known datasets by name.
 DATASETS: dict[str, DatasetSpec] = {_MNIST.name: _MNIST, _FASHION.name: _FASHION}
+
+#: Every dataset ``gpucnn train --dataset`` knows: the IDX ones above, CIFAR-10 (:mod:`.cifar`) and
+#: an image folder of one's own (:mod:`.folder`).
+DATASET_NAMES = (*sorted(DATASETS), "cifar10", "folder")
+
+
+def canonical_name(name: str) -> str:
+    """A dataset name (case-insensitive, ``_`` = ``-``; ``cifar-10`` = ``cifar10``) as in
+    :data:`DATASET_NAMES`, or a ValueError listing them."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a str, got {type(name).__name__} {name!r}")
+    key = name.strip().lower().replace("_", "-")
+    key = "cifar10" if key == "cifar-10" else key
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+    return key
+
 
 def get_spec(name: str | DatasetSpec) -> DatasetSpec:
     """Resolve a dataset name (case-insensitive, ``_`` = ``-``) to its spec."""

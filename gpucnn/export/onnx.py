@@ -346,7 +346,7 @@ def _convert_layers(g: _Graph, model, shape: tuple) -> tuple:
     return _convert_sequence(g, model.layers, "", INPUT_NAME, OUTPUT_NAME, shape)
 
 
-def build_onnx(model, *, opset: int = DEFAULT_OPSET, input_shape=(1, 28, 28), model_name: str | None = None):
+def build_onnx(model, *, opset: int = DEFAULT_OPSET, input_shape=None, model_name: str | None = None):
     """Build (and check) the ONNX model of a gpucnn network, without writing it.
 
     Args:
@@ -355,7 +355,9 @@ def build_onnx(model, *, opset: int = DEFAULT_OPSET, input_shape=(1, 28, 28), mo
             throughout); float32 ones are copied unchanged.
         opset: ONNX opset, 13..21 (default 17); the IR version is the one
             released with it (:data:`IR_VERSION_FOR_OPSET`: 8 for opset 17).
-        input_shape: one sample's shape, without the batch axis (default (1, 28, 28)).
+        input_shape: one sample's shape ``(C, H, W)``, without the batch axis, static in the
+            graph (the batch axis is symbolic); default: the model's ``in_shape`` (set by
+            :func:`gpucnn.models.build` and restored from checkpoints), else (1, 28, 28).
         model_name: the graph's name and the ``gpucnn_model`` metadata entry
             (default ``model.name``, or ``"gpucnn"``).
 
@@ -369,6 +371,8 @@ def build_onnx(model, *, opset: int = DEFAULT_OPSET, input_shape=(1, 28, 28), mo
         TypeError, ValueError: bad arguments.
     """
     onnx = _require_onnx()
+    if input_shape is None:
+        input_shape = getattr(model, "in_shape", None) or (1, 28, 28)
     shape = _check_args(model, opset, input_shape)
     name = model_name if model_name is not None else (getattr(model, "name", None) or "gpucnn")
     g = _Graph(onnx)
@@ -390,7 +394,7 @@ def build_onnx(model, *, opset: int = DEFAULT_OPSET, input_shape=(1, 28, 28), mo
     return proto
 
 
-def to_onnx(model, path, *, opset: int = DEFAULT_OPSET, input_shape=(1, 28, 28), model_name: str | None = None):
+def to_onnx(model, path, *, opset: int = DEFAULT_OPSET, input_shape=None, model_name: str | None = None):
     """Export ``model`` to the ONNX file ``path`` (written atomically).
 
     Args:

@@ -223,7 +223,7 @@ class GraphedStep(FixedInputs):
     """
 
     def __init__(self, trainer, x, y, n: int, idx_dtype, augmented: bool = False):
-        super().__init__(trainer, n, x.dtype, idx_dtype, augmented)
+        super().__init__(trainer, n, trainer.batch_dtype(x), idx_dtype, augmented)
         self.trainer, self.dataset = trainer, (x, y)
         self.graph = None
         self.buffers = None

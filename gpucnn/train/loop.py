@@ -37,10 +37,11 @@ from .. import backend, checkpoint as ckpt_mod, losses, models, optim, precision
 from .. import random as grandom
 from .._utils import check_directory_path, inputs_for
 from . import parallel
-from ..data import load_arrays, load_dataset, normalize
-from ..data.augment import AUGMENT_SCHEME, FLIP_DATASETS
+from ..data import load_arrays
+from ..data.augment import AUGMENT_SCHEME
 from ..data.batching import SHUFFLE_SCHEME, epoch_permutation, shuffle_generator, steps_per_epoch
 from .config import NonFiniteLossError, TrainConfig, resume_config
+from .datasource import augment_spec, dataset_for, raw_train_images  # noqa: F401 (augment_spec: gpucnn.bench)
 from .options import RunOptions
 from .rundir import RunDir
 from .schedule import Schedule
@@ -74,16 +75,6 @@ def _progress_bar(progress: bool, total: int, desc: str):
         return _NoBar()
     return tqdm(total=total, desc=desc, unit="batch", disable=None, file=sys.stderr, dynamic_ncols=True,
                 mininterval=0.5, leave=False)
-
-
-def augment_spec(cfg: TrainConfig):
-    """The trainer's augmentation for ``cfg`` (``Trainer(augment=...)``), as ``gpucnn train`` uses it:
-    shifts filled with the dataset's background, flips where they keep the class; None when
-    ``cfg.augment`` is off."""
-    if not cfg.augment:
-        return None
-    fill = float(normalize(np.zeros((1, 1, 1), np.uint8), cfg.dataset)[0, 0, 0, 0])
-    return {"seed": cfg.seed, "fill": fill, "flip": cfg.dataset in FLIP_DATASETS}
 
 
 @dataclass
@@ -424,13 +415,21 @@ class _Run:
         refused on the way (a bad ``subset``, a missing dataset) leaves no empty directory behind."""
         self = cls()
         self.cfg, self.ckpt, self.dev, self.say, self.comm = cfg, ckpt, dev, say, comm
-        ds = data if data is not None else load_dataset(cfg.dataset, data_dir)
+        ds = data if data is not None else dataset_for(cfg, data_dir, say)
+        self.data = ds
         self.x_tr, self.y_tr, self.x_te, self.y_te, classes = load_arrays(
-            cfg.dataset, data_dir, cfg.subset, cfg.test_subset, dev, ds)
+            cfg.dataset, data_dir, cfg.subset, cfg.test_subset, "cpu" if dev == "cuda" else dev, ds)
+        self.raw_train = raw_train_images(ds, cfg, dev)
+        if dev == "cuda":     # the float training set goes up only when the raw bytes do not
+            self._host_x_tr = self.x_tr
+            self.x_tr = self.raw_train if self.raw_train is not None else backend.to_device(self.x_tr, dev)
+            self.y_tr, self.x_te, self.y_te = (backend.to_device(a, dev) for a in (self.y_tr, self.x_te, self.y_te))
+        self.classes = classes
         self.num_classes = len(classes)
         self.n = int(self.x_tr.shape[0])
         self.steps = steps_per_epoch(self.n, cfg.batch_size)
-        say(f"data: {cfg.dataset}, {self.n} training / {int(self.x_te.shape[0])} test images"
+        say(f"data: {cfg.dataset}, {self.n} training / {int(self.x_te.shape[0])} test images of "
+            f"{'x'.join(map(str, ds.in_shape))}, {self.num_classes} classes"
             + (f" (first {cfg.subset} training images)" if cfg.subset else "")
             + (f", from {ds.source}" if ds.source is not None else " (given in memory)"))
         self.model, self.loss = self._model_and_loss(model, loss)
@@ -451,7 +450,8 @@ class _Run:
               f"epoch{'s' if cfg.epochs != 1 else ''}, precision {precision.current()}; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
-                               cuda_graph=cuda_graph, augment=self._augment_spec())
+                               cuda_graph=cuda_graph, augment=self._augment_spec(),
+                               normalize=(ds.mean, ds.std) if self.raw_train is not None else None)
         self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
         self.classes, self.watch = classes, None
         return self
@@ -467,9 +467,10 @@ class _Run:
         return watch
 
     def _augment_spec(self):
-        spec = augment_spec(self.cfg)
+        spec = augment_spec(self.cfg, self.data)
         if spec is not None:
-            self.say(f"augment: random shifts of up to 2 pixels{' and left-right flips' if spec['flip'] else ''}")
+            self.say(f"augment: random shifts of up to {spec['max_shift']} pixel{'s' if spec['max_shift'] != 1 else ''}"
+                     f"{' and left-right flips' if spec['flip'] else ''}")
         return spec
 
     def _resume(self, ckpt):
@@ -493,13 +494,19 @@ class _Run:
 
     def _inputs_to_model_dtype(self):
         """Images follow a floating model's dtype (float64 models; float32 data stay as they are)."""
-        self.x_tr, self.x_te = inputs_for(self.model, self.x_tr), inputs_for(self.model, self.x_te)
+        if self.raw_train is not None and np.dtype(getattr(self.model, "dtype", None) or np.float32) != np.float32:
+            # the uint8 kernel makes float32 batches: a float64 model trains from the float set
+            self.raw_train, self.x_tr = None, backend.to_device(self._host_x_tr, self.dev)
+        if self.raw_train is None:
+            self.x_tr = inputs_for(self.model, self.x_tr)
+        self.x_te = inputs_for(self.model, self.x_te)
 
     def _model_and_loss(self, model, loss):
         cfg, dev = self.cfg, self.dev
         if model is None:
             grandom.seed(cfg.seed)
-            model = models.build(cfg.model)
+            model = models.build(cfg.model, in_shape=self.data.in_shape, num_classes=self.num_classes)
+        model.classes, model.mean, model.std = tuple(self.classes), self.data.mean, self.data.std
         model.to(dev)
         if loss is None:
             loss = models.make_loss(cfg.model) if cfg.model in models.MODELS else losses.SoftmaxCrossEntropy()

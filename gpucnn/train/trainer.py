@@ -158,7 +158,11 @@ class Trainer:
             CPU, 50 on a GPU).
         comm: a :class:`~gpucnn.distributed.Communicator` for data-parallel
             training; None: this process alone.
-        augment: None, or ``{"seed": int, "fill": float, "flip": bool}``: every
+        normalize: ``(mean, std)`` per channel, for a uint8 dataset ``x`` (the raw training set kept
+            on the device): each batch is normalised as :func:`gpucnn.data.normalize` does, in the
+            same kernel that gathers and augments it (``gather_batch_augment_u8``), or on the
+            NumPy path by :func:`gpucnn.data.augment.augment_uint8_batch` -- the same bits.
+        augment: None, or ``{"seed": int, "fill": float, "flip": bool[, "max_shift": int (default 2)]}``: every
             training batch is shifted (and flipped) by
             :func:`gpucnn.data.augment.augment_batch`, keyed by ``(seed, epoch)``
             and each example's position in the epoch's order, so runs, resumed
@@ -172,7 +176,8 @@ class Trainer:
     """
 
     def __init__(self, model, loss, optimizer, *, batch_size: int, schedule=None, num_classes: int = 10,
-                 sync_every: int | None = None, comm=None, cuda_graph: bool = True, augment=None):
+                 sync_every: int | None = None, comm=None, cuda_graph: bool = True, augment=None,
+                 normalize=None):
         self._model, self._loss, self._optimizer = model, loss, optimizer
         self._runner = None              # forward, loss and backward: picked at the first step (_passes)
         self.comm = comm
@@ -184,6 +189,8 @@ class Trainer:
         self._batch_buffers: dict = {}
         self._ring = None
         self.augment = augment
+        self.normalize = None if normalize is None else (tuple(normalize[0]), tuple(normalize[1]))
+        self._affine = {}     # (device, C) -> (scale, shift) on the device, for uint8 datasets
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict = {}          # (id(x), id(y), n) -> GraphedStep, or None: eager
         self._eager_steps: dict = {}     # the same key -> eager steps run (capture waits for WARMUP_STEPS)
@@ -239,8 +246,53 @@ class Trainer:
 
     @staticmethod
     def _gather_kernel(x, y) -> bool:
-        """Whether batches of the dataset ``(x, y)`` are gathered by a kernel (``gather_batch[_augment]``)."""
-        return _dispatch.use_kernels(x) and x.dtype.kind == "f" and x.flags.c_contiguous and y.dtype.kind == "i"
+        """Whether batches of the dataset ``(x, y)`` are gathered by a kernel (``gather_batch[_augment]``,
+        ``gather_batch_augment_u8`` for a uint8 dataset)."""
+        return (_dispatch.use_kernels(x) and (x.dtype.kind == "f" or (x.dtype == np.uint8 and x.ndim == 4))
+                and x.flags.c_contiguous and y.dtype.kind == "i")
+
+    @staticmethod
+    def batch_dtype(x):
+        """The dtype of the batches of dataset ``x``: its own, float32 for a uint8 dataset."""
+        return np.dtype(np.float32) if x.dtype == np.uint8 else x.dtype
+
+    def _gather_u8(self, x, y, idx, key, aug_words):
+        """:meth:`_gather` of a uint8 dataset: normalised (and augmented) on the way."""
+        if self.normalize is None:
+            raise ValueError("a uint8 dataset needs the Trainer's normalize=(mean, std) to make its batches")
+        mean, std = self.normalize
+        aug = self.augment if key is not None else None
+        if self._gather_kernel(x, y) and (aug is None or aug_words is not None):
+            from ..cuda.batch import augment_key_words, gather_batch_augment_u8
+            from ..data import channel_affine
+
+            xp, C, n = backend.get_array_module(x), int(x.shape[1]), int(idx.shape[0])
+            dev = backend.device_of(x)
+            if (dev, C) not in self._affine:
+                self._affine[(dev, C)] = tuple(backend.to_device(a, dev) for a in channel_affine(mean, std, C))
+                self._affine[(dev, "nokey")] = backend.to_device(augment_key_words((0, 0)), dev)
+            scale, shift = self._affine[(dev, C)]
+            bkey = (n, np.dtype(np.float32), tuple(x.shape[1:]))
+            bufs = self._batch_buffers.get(bkey)
+            if bufs is None:
+                bufs = self._batch_buffers[bkey] = (xp.empty(tuple(x.shape[1:]) + (n,), np.float32),
+                                                   xp.empty((n,), np.int32))
+            if aug is None:     # no shift, no flip: the key is never read
+                return gather_batch_augment_u8(x, y, idx, self._affine[(dev, "nokey")], scale, shift, fill=0.0,
+                                               max_shift=0, flip=False, x_out=bufs[0], y_out=bufs[1])
+            return gather_batch_augment_u8(x, y, idx, aug_words, scale, shift, fill=aug["fill"],
+                                           flip=bool(aug["flip"]), max_shift=int(aug.get("max_shift", 2)),
+                                           x_out=bufs[0], y_out=bufs[1])
+        from ..data import normalize as normalize_images
+        from ..data.augment import augment_uint8_batch
+
+        if aug is not None:
+            epoch, start = key
+            xb = augment_uint8_batch(x, idx, (aug["seed"], epoch), mean=mean, std=std, fill=aug["fill"],
+                                     flip=aug["flip"], start=start, max_shift=int(aug.get("max_shift", 2)))
+            return to_internal(xb), y[idx]
+        xb = backend.to_device(normalize_images(backend.asnumpy(x[idx]), mean=mean, std=std), backend.device_of(x))
+        return to_internal(xb), y[idx]
 
     def _gather(self, x, y, idx, key=None, aug_words=None):
         """Examples ``idx`` of the dataset ``(x, y)`` as a batch-last batch and its labels.
@@ -255,6 +307,8 @@ class Trainer:
         order) shifted by :func:`~gpucnn.data.augment.augment_batch` first --
         the same bits either way.
         """
+        if x.dtype == np.uint8:
+            return self._gather_u8(x, y, idx, key, aug_words)
         aug = self.augment if key is not None else None
         # aug_words exists only where _augment_rows found the augmented gather kernel usable
         if self._gather_kernel(x, y) and (aug is None or aug_words is not None):
@@ -270,10 +324,12 @@ class Trainer:
             if aug is None:
                 return gather_batch(x, y, idx, x_out=bufs[0], y_out=bufs[1])
             return gather_batch_augment(x, y, idx, aug_words, fill=aug["fill"], flip=bool(aug["flip"]),
+                                        max_shift=int(aug.get("max_shift", 2)),
                                         x_out=bufs[0], y_out=bufs[1])
         if aug is not None:
             epoch, start = key
-            xb = augment_batch(x[idx], (aug["seed"], epoch), fill=aug["fill"], flip=aug["flip"], start=start)
+            xb = augment_batch(x[idx], (aug["seed"], epoch), fill=aug["fill"], flip=aug["flip"], start=start,
+                               max_shift=int(aug.get("max_shift", 2)))
             return to_internal(xb), y[idx]
         return to_internal(x[idx]), y[idx]
 
@@ -339,9 +395,10 @@ class Trainer:
                 and _dispatch.use_kernels(x)):
             return None
         ring = self._ring
-        if ring is None or ring[0].shape[0] < size or ring[0].dtype != x.dtype:
+        dtype = self.batch_dtype(x)
+        if ring is None or ring[0].shape[0] < size or ring[0].dtype != dtype:
             xp = backend.get_array_module(x)
-            ring = self._ring = (xp.empty((size, 1), x.dtype), xp.empty((size, 1), np.int32))
+            ring = self._ring = (xp.empty((size, 1), dtype), xp.empty((size, 1), np.int32))
         return ring
 
     def _hyper_rows(self, epoch, steps):
