@@ -516,15 +516,16 @@ def _cmd_plot(args, parser):
     from .plots import NothingToPlot, missing_plots, plot_run
 
     p = parser._gpucnn_sub["plot"]
+    notes = []
     try:
-        written = plot_run(args.dir, args.out, args.data_dir)
+        written = plot_run(args.dir, args.out, args.data_dir, notes)
     except (FileNotFoundError, NotADirectoryError, NothingToPlot) as exc:
         p.error(f"argument dir: {exc}")
     except ck.CheckpointError as exc:
         p.error(f"argument dir: {exc}")
     except ValueError as exc:     # --out is a file
         p.error(f"argument --out: {exc}")
-    for note in missing_plots(args.dir):
+    for note in missing_plots(args.dir) + notes:
         print(f"gpucnn plot: note: {note}", file=sys.stderr)
     for w in written:
         print(f"wrote {w}")

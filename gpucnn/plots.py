@@ -180,14 +180,17 @@ class NothingToPlot(ValueError):
     """The run directory holds no epochs to plot and no checkpoint."""
 
 
-def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, data_dir=None) -> list[Path]:
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, data_dir=None,
+             notes: list | None = None) -> list[Path]:
     """Write the PNGs of the module docstring for a run directory; returns the paths written.
 
     ``curves.png`` needs at least one row in ``metrics.jsonl``; ``filters.png``,
     ``features.png`` and ``confusion.png`` the checkpoint (the last two also the
     run's test set, looked for as ``gpucnn train`` does, ``data_dir`` first);
     ``gradflow.png`` a ``layers.jsonl`` with rows.  What cannot be drawn is
-    left out (see :func:`missing_plots`).
+    left out (see :func:`missing_plots`); ``notes``, a list, gets one line for
+    each view of the checkpoint left out here (its test set not found, a model
+    that is not a built-in).
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist, or holds neither file.
@@ -222,7 +225,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         written.append(plot_curves(rows, out / "curves.png", title=label))
     if ck is not None:
         written.append(plot_filters(ck.params, out / "filters.png"))
-        written += _checkpoint_views(cpath, ck, out, label, data_dir)
+        written += _checkpoint_views(cpath, ck, out, label, data_dir, [] if notes is None else notes)
     stats = _layer_rows(run)
     if stats:
         written.append(plot_gradient_flow(stats, out / "gradflow.png", title=label))
@@ -235,28 +238,35 @@ def _layer_rows(run: Path) -> list[dict]:
     return read_layer_stats(run / LAYERS_NAME) if (run / LAYERS_NAME).is_file() else []
 
 
-def _test_images(ck, data_dir):
-    """The run's test set ``(x, y, classes)`` on the CPU, cut as the run cut it; None when the dataset
-    cannot be found (:func:`missing_plots` says so)."""
+def _test_images(ck, data_dir, notes):
+    """The run's test set ``(x, y, classes)`` on the CPU, cut as the run cut it; None, with a line in
+    ``notes`` saying why, when the dataset cannot be found."""
     from .data import DataError, load_dataset, normalize
 
+    name = ck.config.get("dataset", "mnist")
     try:
-        ds = load_dataset(ck.config.get("dataset", "mnist"), data_dir)
-    except (DataError, OSError):
+        ds = load_dataset(name, data_dir)
+    except (DataError, OSError) as exc:
+        notes.append(f"no features.png, confusion.png: the run's test set ({name}) was not found: {exc} "
+                     f"(--data-dir names where it is)")
         return None
     n = ck.config.get("test_subset") or len(ds.test_images)
     return normalize(ds.test_images[:n], ds), ds.test_labels[:n].astype(np.int64), list(ds.classes)
 
 
-def _checkpoint_views(cpath, ck, out, label, data_dir) -> list[Path]:
+def _checkpoint_views(cpath, ck, out, label, data_dir, notes) -> list[Path]:
     """``features.png`` and ``confusion.png`` of the checkpoint on its test set."""
     from . import checkpoint, models
     from ._utils import inputs_for
     from .train import confusion_matrix, evaluate
     from .views import FEATURE_IMAGES, conv_stages, feature_maps
 
-    test = _test_images(ck, data_dir)
-    if test is None or ck.model not in models.MODELS:
+    if ck.model not in models.MODELS:
+        notes.append(f"no features.png, confusion.png: model {ck.model!r} is not one gpucnn can rebuild "
+                     f"({', '.join(models.MODELS)})")
+        return []
+    test = _test_images(ck, data_dir, notes)
+    if test is None:
         return []
     x, y, classes = test
     model, _ = checkpoint.restore_model(cpath, device="cpu")

@@ -249,6 +249,20 @@ def test_plot_on_an_old_run_says_what_is_missing(run, tmp_path, capsys):
                                     f"before per-layer statistics, or trained with --log-every 0)"]
 
 
+def test_plot_says_when_the_test_set_is_not_found(run, tmp_path, capsys):
+    """features.png and confusion.png need the run's test set: a --data-dir without it is said, not
+    silently skipped."""
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "p"), "--data-dir", str(empty)]) == 0
+    out = capsys.readouterr()
+    assert [line.split()[-1] for line in out.out.splitlines()] == [
+        str(tmp_path / "p" / n) for n in ("curves.png", "filters.png", "gradflow.png")]
+    (note,) = out.err.splitlines()
+    assert note.startswith("gpucnn plot: note: no features.png, confusion.png: the run's test set (mnist) "
+                           "was not found: ") and str(empty) in note and note.endswith("(--data-dir names where it is)")
+
+
 def test_a_real_tensorboard_serves_the_scalar_tags(run):
     proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run / "tb"),
                              "--host", "127.0.0.1", "--port", "0"],
