@@ -559,7 +559,7 @@ def main(argv=None) -> int:
             warnings.showwarning = _warning_printer(warnings.showwarning)
             return int(args.func(args, parser) or 0)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during training (gpucnn.train.Terminated)
-        from .train.loop import TrainingInterrupted, stopped_by
+        from .train.stops import TrainingInterrupted, stopped_by
 
         signum = getattr(exc, "signum", signal.SIGINT)
         _err(exc.describe() if isinstance(exc, TrainingInterrupted) else stopped_by(signum))

@@ -381,10 +381,10 @@ def test_a_worker_sent_sigterm_dies_and_is_replaced_under_gpucnn_trains_handler(
     """The OOM daemons (earlyoom, systemd-oomd) send SIGTERM first.  Under ``gpucnn train``'s
     SIGTERM handler (stop like Ctrl-C), inherited at the fork, the worker raised instead of dying
     and the run ended in a traceback; a worker must die of it and be replaced, the same bits."""
-    from gpucnn.train import loop
+    from gpucnn.train import stops
 
     reference = _train_with_deaths(tmp_path / "deaths", 0)
-    with loop._sigterm_stops_like_ctrl_c(), pytest.warns(RuntimeWarning, match="killed by SIGTERM"):
+    with stops.sigterm_stops_like_ctrl_c(), pytest.warns(RuntimeWarning, match="killed by SIGTERM"):
         got = _train_with_deaths(tmp_path / "deaths", 1, signum=signal.SIGTERM)
     assert got[0] == reference[0]
     for key, value in reference[1].items():

@@ -24,7 +24,6 @@ import contextlib
 import math
 import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from .datasource import augment_spec, dataset_for, raw_train_images  # noqa: F40
 from .options import RunOptions
 from .rundir import RunDir
 from .schedule import Schedule
+from .stops import Terminated, TrainingInterrupted, sigterm_stops_like_ctrl_c, stopped_by  # noqa: F401 (re-exported)
 from .trainer import EpochStats, Trainer
 from .watch import Watch, require_tensorboard
 
@@ -199,61 +199,6 @@ def _cosine_note(cfg, old_epochs: int, done: int) -> str:
             f"same run as {cfg.epochs} epochs from the start")
 
 
-def stopped_by(signum: int) -> str:
-    """``"interrupted"`` (Ctrl-C, SIGINT) or ``"stopped by SIGTERM"``: how a stop is said."""
-    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during :func:`train` (``timeout``, Slurm, systemd, ``docker stop``): the run stops as on Ctrl-C."""
-
-    signum = signal.SIGTERM
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during :func:`train`: which epoch was cut short and what the run directory holds.
-
-    ``saved_epoch`` is the epoch of the checkpoint at ``checkpoint`` (0: none
-    was written yet, nothing to resume); ``signum`` the signal that stopped it
-    (``signal.SIGINT`` for Ctrl-C, ``signal.SIGTERM``).
-    """
-
-    def __init__(self, epoch: int, saved_epoch: int, checkpoint, signum: int = signal.SIGINT):
-        super().__init__(f"interrupted during epoch {epoch}")
-        self.epoch, self.saved_epoch, self.checkpoint = epoch, saved_epoch, Path(checkpoint)
-        self.signum = signum
-
-    def describe(self) -> str:
-        what = stopped_by(self.signum)
-        if self.saved_epoch == 0:
-            return (f"{what} during epoch {self.epoch}, before any checkpoint was written: "
-                    "there is nothing to resume")
-        return (f"{what} during epoch {self.epoch}; {self.checkpoint} (after epoch {self.saved_epoch}) is "
-                f"kept: continue with gpucnn train --resume {self.checkpoint.parent}")
-
-
-@contextlib.contextmanager
-def _sigterm_stops_like_ctrl_c():
-    """While training, SIGTERM raises :class:`Terminated` in the main thread, as SIGINT raises
-    KeyboardInterrupt, so the run stops the same way.  Only where SIGTERM has its default action
-    (nobody else handles or ignores it) and in the main thread; a second SIGTERM ends the process
-    at once; the previous action comes back afterwards."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated(stopped_by(signum))
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None,
           device: str = "auto", data_dir=None, out_dir=None, resume=None,
           stop_after: int | None = None, nvtx: bool = False, debug: bool = False,
@@ -364,7 +309,7 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
 def _run(cfg, ckpt, dev, say, comm, stop_after, progress, options, make_rundir, *, metrics=None,
          **opts) -> "_Run":
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_sigterm_stops_like_ctrl_c())
+        stack.enter_context(sigterm_stops_like_ctrl_c())
         stack.enter_context(options.applied(say, note=comm is None or comm.is_root))
         # the directory is claimed once the data and the model are there (a refused run leaves
         # none behind), and owned until the run ends
