@@ -246,7 +246,7 @@ def _test_images(ck, data_dir, notes):
     name = ck.config.get("dataset", "mnist")
     try:
         ds = load_dataset(name, data_dir)
-    except (DataError, OSError) as exc:
+    except (DataError, OSError, ValueError) as exc:    # ValueError: a folder run, and no data_dir given
         notes.append(f"no features.png, confusion.png: the run's test set ({name}) was not found: {exc} "
                      f"(--data-dir names where it is)")
         return None

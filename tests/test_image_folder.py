@@ -6,7 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+
+Image = pytest.importorskip("PIL.Image", reason="image folders need Pillow (a dependency of gpucnn; absent on the bare GPU box)")
 
 import gpucnn as gc
 import gpucnn.cli
@@ -252,8 +253,14 @@ def test_train_evaluate_predict_export_plot_on_a_colour_folder(tmp_path, capsys)
     assert dims[0].dim_param and [x.dim_value for x in dims[1:]] == [3, 12, 12]
 
     pytest.importorskip("matplotlib")
+    capsys.readouterr()
     assert gc.cli.main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "filters.png").is_file()
+    assert not (tmp_path / "plots" / "features.png").exists()     # the folder is needed for those, and said
+    assert "no features.png, confusion.png: the run's test set (folder) was not found: " in capsys.readouterr().err
+    assert gc.cli.main(["plot", str(run), "--out", str(tmp_path / "plots"), "--data-dir", str(d)]) == 0
+    for name in ("features.png", "confusion.png"):
+        assert Image.open(tmp_path / "plots" / name).mode in ("RGB", "RGBA"), name
 
 
 def test_cli_folder_flags_are_checked(tmp_path, capsys):
