@@ -25,18 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from ._io import atomic_open
+from .views import pyplot as _pyplot
 
 __all__ = ["plot_curves", "plot_filters", "plot_features", "plot_confusion", "plot_gradient_flow", "plot_run",
            "missing_plots", "NothingToPlot"]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig, path) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import backend
 
-__all__ = ["tile", "filter_grid", "conv_stages", "feature_maps", "confusion_rgb", "confusion_figure",
+__all__ = ["tile", "filter_grid", "conv_stages", "feature_maps", "confusion_rgb", "confusion_figure", "pyplot",
            "FEATURE_IMAGES"]
 
 #: how many test images the feature maps show (the first ones of the test set: the same every epoch)
@@ -85,12 +85,20 @@ def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no window): the one way gpucnn draws."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def confusion_figure(cm, classes=None, title: str = "confusion matrix"):
     """A matplotlib figure of the confusion matrix ``cm`` (rows: true class, columns: predicted), each
     row shaded by its fraction of the class, the counts written in."""
-    from .plots import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(cm, dtype=np.int64)
     k = cm.shape[0]
     names = [str(c) for c in (classes if classes is not None else range(k))]
@@ -114,12 +122,10 @@ def confusion_figure(cm, classes=None, title: str = "confusion matrix"):
 
 def confusion_rgb(cm, classes=None, title: str = "confusion matrix") -> np.ndarray:
     """:func:`confusion_figure` rendered to an ``(H, W, 3)`` image in ``[0, 1]``."""
-    from .plots import _pyplot
-
     fig = confusion_figure(cm, classes, title)
     try:
         fig.canvas.draw()
         rgba = np.asarray(fig.canvas.buffer_rgba())
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return rgba[..., :3].astype(np.float32) / 255.0

@@ -40,7 +40,7 @@ from .. import backend, models
 from ..train import workers
 from .accuracy import time_to_accuracy
 from .steps import check_step, kernel_rows, layer_rows, step_pair
-from .timing import Timer, TorchTimer
+from ..timing import Timer, TorchTimer
 from .twin import torch_graphed, torch_twin, try_import_torch
 
 __all__ = ["main", "run", "add_arguments", "environment", "time_to_accuracy", "torch_twin", "Timer"]

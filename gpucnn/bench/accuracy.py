@@ -7,7 +7,7 @@ from ..data.batching import epoch_permutation, steps_per_epoch
 from ..random import seed as _seed
 from ..train import Schedule, TrainConfig, Trainer, evaluate, make_optimizer
 from ..train.loop import augment_spec
-from .timing import Timer
+from ..timing import Timer
 
 __all__ = ["time_to_accuracy"]
 

@@ -3,8 +3,9 @@ normalised and batched.  :mod:`.folder` reads image folders, :mod:`.cifar` CIFAR
 
 One module per job: :mod:`.idx` (the IDX format and checksums), :mod:`.specs`
 (what each dataset's files are), :mod:`.lookup` (where they are looked up),
-:mod:`.fetch` (downloading from the mirrors), :mod:`.dataset` (loading and
-normalising) and :mod:`.batching` (the per-epoch order and its minibatches).
+:mod:`.fetch` (downloading from the mirrors), :mod:`.load` (loading by name),
+:mod:`.dataset` (the loaded :class:`Dataset` and normalising) and
+:mod:`.batching` (the per-epoch order and its minibatches).
 
 Reading
     :func:`read_idx` parses one IDX file (the format of MNIST and Fashion-MNIST),
@@ -41,9 +42,10 @@ Checksums
     repository) and un-gzipped ones are verified by their content, for MNIST
     and Fashion-MNIST alike.
 """
-from . import batching, cifar, dataset, fetch, folder, idx, lookup, specs
+from . import batching, cifar, dataset, fetch, folder, idx, load, lookup, specs
 from .batching import batch_indices, epoch_permutation, shard_bounds, steps_per_epoch
-from .dataset import Dataset, channel_affine, load_arrays, load_dataset, normalize
+from .dataset import Dataset, channel_affine, normalize
+from .load import load_arrays, load_dataset
 from .fetch import DownloadError, download
 from .idx import DataError, read_idx
 from .lookup import ENV_VAR, DataDirError, cache_dir, locate
@@ -54,5 +56,5 @@ __all__ = [
     "canonical_name", "channel_affine",
     "get_spec", "read_idx", "locate", "cache_dir", "download", "load_dataset", "normalize", "load_arrays",
     "epoch_permutation", "steps_per_epoch", "batch_indices", "shard_bounds",
-    "batching", "cifar", "dataset", "fetch", "folder", "idx", "lookup", "specs",
+    "batching", "cifar", "dataset", "fetch", "folder", "idx", "load", "lookup", "specs",
 ]

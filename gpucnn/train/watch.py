@@ -33,7 +33,7 @@ axis the global step (epoch scalars at the epoch's last step):
   ``loss/step`` and ``lr/step`` (every logged step),
   ``update_ratio/<param>``, and ``time/forward/<stage>`` /
   ``time/backward/<stage>`` (seconds, per epoch: the median of
-  :class:`gpucnn.bench.timing.Timer`, the timer of ``gpucnn bench``, over a
+  :class:`gpucnn.timing.Timer`, the timer of ``gpucnn bench``, over a
   batch of test images);
 * histograms ``weights/<param>`` and ``grads/<param>``;
 * images ``filters`` (the first convolution's filters, in colour on RGB
@@ -299,9 +299,9 @@ class Watch:
 
     def stage_times(self, x, warmup: int = 1, repeats: int = 3) -> list[tuple[str, float, float]]:
         """``[(stage label, forward s, backward s)]``: every stage of the model timed as ``gpucnn bench``
-        times it (:class:`~gpucnn.bench.timing.Timer`, the median of ``repeats``), in train mode, on ``x``.
+        times it (:class:`~gpucnn.timing.Timer`, the median of ``repeats``), in train mode, on ``x``.
         The random state, the buffers (running statistics) and the gradients are put back afterwards."""
-        from ..bench.timing import Timer
+        from ..timing import Timer
         from ..functional.layout import to_internal
 
         model = self.model

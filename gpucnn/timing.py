@@ -1,10 +1,11 @@
-"""Timing: medians of repeated runs after a warm-up (CPU clock, or CUDA events on a GPU)."""
+"""Timing, for `gpucnn bench` and the stage times of a watched run: medians of repeated runs after a
+warm-up (CPU clock, or CUDA events on a GPU)."""
 from __future__ import annotations
 
 import statistics
 import time
 
-from .. import backend
+from . import backend
 
 __all__ = ["Timer", "TorchTimer"]
 
