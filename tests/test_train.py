@@ -362,3 +362,18 @@ def test_replacing_the_model_loss_or_optimizer_drops_what_was_made_for_the_old_o
         trainer._graphs[(1, 2, 8)], trainer._eager_steps[(1, 2, 8)] = object(), 2
         setattr(trainer, attr, value)
         assert getattr(trainer, attr) is value and not trainer._graphs and not trainer._eager_steps
+
+
+def test_fashion_mnist_recipe_is_flips_without_shifts():
+    """The per-dataset recipe measured on Fashion-MNIST (train/config.py): flips, no shifts; MNIST keeps
+    its 2-pixel shifts and no flips; the run's augment line says what it does, nothing more."""
+    from gpucnn.train.config import TrainConfig
+    from gpucnn.train.loop import augment_phrase
+
+    fm = TrainConfig(model="lenet5", dataset="fashion-mnist").resolved()
+    assert (fm.augment, fm.flip, fm.max_shift) == (True, True, 0)
+    mn = TrainConfig(model="lenet5", dataset="mnist").resolved()
+    assert (mn.augment, mn.flip, mn.max_shift) == (True, False, 2)
+    assert augment_phrase({"max_shift": 0, "flip": True}) == "left-right flips"
+    assert augment_phrase({"max_shift": 1, "flip": False}) == "random shifts of up to 1 pixel"
+    assert augment_phrase({"max_shift": 4, "flip": True}) == "random shifts of up to 4 pixels and left-right flips"

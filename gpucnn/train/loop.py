@@ -160,6 +160,14 @@ def _check_rng(ckpt) -> None:
                                                f"state: {exc}") from None
 
 
+def augment_phrase(spec) -> str:
+    """What an augmentation spec does, as the run's ``augment:`` line says it."""
+    shift = spec["max_shift"]
+    parts = ([f"random shifts of up to {shift} pixel{'s' if shift != 1 else ''}"] if shift else []) + \
+        (["left-right flips"] if spec["flip"] else [])
+    return " and ".join(parts) or "nothing (no shifts, no flips)"
+
+
 def _batch_phrase(batch_size: int, n: int) -> str:
     """``"batch 64"``, or the batch really used when ``batch_size`` is more than the ``n`` training images
     (then every epoch is one step over all of them, as a DataLoader does)."""
@@ -414,8 +422,7 @@ class _Run:
     def _augment_spec(self):
         spec = augment_spec(self.cfg, self.data)
         if spec is not None:
-            self.say(f"augment: random shifts of up to {spec['max_shift']} pixel{'s' if spec['max_shift'] != 1 else ''}"
-                     f"{' and left-right flips' if spec['flip'] else ''}")
+            self.say(f"augment: {augment_phrase(spec)}")
         return spec
 
     def _resume(self, ckpt):
