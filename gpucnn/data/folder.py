@@ -354,7 +354,8 @@ def _build_cache(d, classes, train, test, options, header_path, data_path, progr
                               f"--skip-bad-images to train without {'them' if len(bad) > 1 else 'it'}")
         say(f"skipped {len(bad)} bad image file{'s' if len(bad) > 1 else ''} (--skip-bad-images):\n  "
             f"{listed}{more}")
-    keep = [(y, r, p in {q for q, _ in train}) for (p, y), r in zip(items, decoded) if not isinstance(r, Exception)]
+    train_paths = {q for q, _ in train}
+    keep = [(y, r, p in train_paths) for (p, y), r in zip(items, decoded) if not isinstance(r, Exception)]
     tr = [(y, r) for y, r, is_tr in keep if is_tr]
     te = [(y, r) for y, r, is_tr in keep if not is_tr]
     missing = sorted(set(range(len(classes))) - {y for y, _ in tr})
