@@ -98,3 +98,17 @@ def check_lenet5_on_a_batch_of_zero(cp, array_type):
     dx = model.backward(cp.zeros((0, 10), cp.float32))
     assert dx.shape == (0, 1, 28, 28) and isinstance(dx, array_type)
     assert all(not bool(g.any()) for g in model.gradients())
+
+
+# --------------------------------------------------------------------------- #
+# dataset tests
+# --------------------------------------------------------------------------- #
+def isolate_data_env(tmp_path, monkeypatch) -> None:
+    """No GPUCNN_DATA, a private cache dir under ``tmp_path``, and no proxies for 127.0.0.1 (the
+    download tests' local servers): what every dataset test runs under."""
+    monkeypatch.delenv("GPUCNN_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import isolate_data_env
 
 import gpucnn as gc
 import gpucnn.cli
@@ -19,12 +20,7 @@ from gpucnn.data import DataError, DownloadError, cifar
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
-    monkeypatch.delenv("GPUCNN_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    isolate_data_env(tmp_path, monkeypatch)
 
 
 def fake_records(n, seed):

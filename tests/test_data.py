@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import isolate_data_env
 pytest.importorskip("hypothesis", reason="property-based tests need hypothesis (pip install -e '.[dev]')")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -34,12 +35,7 @@ ROLES = ("train_images", "train_labels", "test_images", "test_labels")
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     """No GPUCNN_DATA, a private cache dir, and no proxies for 127.0.0.1."""
-    monkeypatch.delenv("GPUCNN_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    isolate_data_env(tmp_path, monkeypatch)
 
 
 @pytest.fixture
