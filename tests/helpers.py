@@ -12,6 +12,10 @@ part of the suite.
 """
 from __future__ import annotations
 
+import contextlib
+import http.server
+import threading
+
 import numpy as np
 
 # --------------------------------------------------------------------------- #
@@ -112,3 +116,22 @@ def isolate_data_env(tmp_path, monkeypatch) -> None:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@contextlib.contextmanager
+def local_http_server(handler):
+    """A ``ThreadingHTTPServer`` on 127.0.0.1 (a free port) serving ``handler`` from a thread, for the
+    download tests (never the internet): ``srv.base`` is its URL, ``srv.routes`` a dict and
+    ``srv.requests`` a list for the handler to use; shut down and joined on exit."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    srv.routes, srv.requests = {}, []
+    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)

@@ -6,12 +6,11 @@ import hashlib
 import http.server
 import io
 import tarfile
-import threading
 import time
 
 import numpy as np
 import pytest
-from helpers import isolate_data_env
+from helpers import isolate_data_env, local_http_server
 
 import gpucnn as gc
 import gpucnn.cli
@@ -74,15 +73,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.routes = {}
-    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with local_http_server(_Handler) as srv:
+        yield srv
 
 
 def test_digest_pinned_is_the_published_one():

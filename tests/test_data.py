@@ -8,14 +8,13 @@ import gzip
 import http.server
 import re
 import shutil
-import threading
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import isolate_data_env
+from helpers import isolate_data_env, local_http_server
 pytest.importorskip("hypothesis", reason="property-based tests need hypothesis (pip install -e '.[dev]')")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -417,19 +416,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.routes = {}
-    srv.requests = []
-    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with local_http_server(_Handler) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 def serve(srv, prefix, files: dict[str, bytes], short_by: int = 0):
