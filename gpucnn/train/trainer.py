@@ -190,7 +190,7 @@ class Trainer:
         self._ring = None
         self.augment = augment
         self.normalize = None if normalize is None else (tuple(normalize[0]), tuple(normalize[1]))
-        self._affine = {}     # (device, C) -> (scale, shift) on the device, for uint8 datasets
+        self._affine = {}     # (device, C) -> (scale, shift, no-augment key words) on the device, for uint8 datasets
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict = {}          # (id(x), id(y), n) -> GraphedStep, or None: eager
         self._eager_steps: dict = {}     # the same key -> eager steps run (capture waits for WARMUP_STEPS)
@@ -268,17 +268,17 @@ class Trainer:
 
             xp, C, n = backend.get_array_module(x), int(x.shape[1]), int(idx.shape[0])
             dev = backend.device_of(x)
-            if (dev, C) not in self._affine:
-                self._affine[(dev, C)] = tuple(backend.to_device(a, dev) for a in channel_affine(mean, std, C))
-                self._affine[(dev, "nokey")] = backend.to_device(augment_key_words((0, 0)), dev)
-            scale, shift = self._affine[(dev, C)]
+            if (dev, C) not in self._affine:     # (scale, shift, the key words of an unaugmented gather)
+                self._affine[(dev, C)] = tuple(backend.to_device(a, dev) for a in channel_affine(mean, std, C)) \
+                    + (backend.to_device(augment_key_words((0, 0)), dev),)
+            scale, shift, nokey = self._affine[(dev, C)]
             bkey = (n, np.dtype(np.float32), tuple(x.shape[1:]))
             bufs = self._batch_buffers.get(bkey)
             if bufs is None:
                 bufs = self._batch_buffers[bkey] = (xp.empty(tuple(x.shape[1:]) + (n,), np.float32),
                                                    xp.empty((n,), np.int32))
             if aug is None:     # no shift, no flip: the key is never read
-                return gather_batch_augment_u8(x, y, idx, self._affine[(dev, "nokey")], scale, shift, fill=0.0,
+                return gather_batch_augment_u8(x, y, idx, nokey, scale, shift, fill=0.0,
                                                max_shift=0, flip=False, x_out=bufs[0], y_out=bufs[1])
             return gather_batch_augment_u8(x, y, idx, aug_words, scale, shift, fill=aug["fill"],
                                            flip=bool(aug["flip"]), max_shift=int(aug.get("max_shift", 2)),
