@@ -100,27 +100,36 @@ def test_bf16_matches_torch_on_every_kind_of_bit_pattern():
     assert np.isnan(got[nan]).all()
 
 
-@pytest.mark.parametrize("bits, host", [(7, precision.round_bf16), (10, precision.round_tf32)])
-def test_the_device_rounding_kernel_matches_the_host_bit_for_bit(backend, bits, host):
-    """kernels/precision.cu (what tf32/bf16 launch on CUDA), on the emulator: the host's bits exactly."""
+@pytest.mark.parametrize("mode, host", [("bf16", precision.round_bf16), ("tf32", precision.round_tf32),
+                                        ("fp16", lambda a: a.astype(np.float16).astype(np.float32))])
+def test_the_tensor_core_kernels_round_as_the_host_bit_for_bit(backend, mode, host):
+    """kernels/rounding.cuh, as the tensor-core GEMMs apply it while staging (an identity GEMM,
+    y = x * 1 with one k: the product and the FP32 sum are exact), against the host's rounding;
+    fp16 against NumPy's float16 cast (round to nearest even, overflow to Inf, subnormals)."""
     if not backend.kernels:
         pytest.skip("a kernel test")
-    from gpucnn.cuda import rounding
+    from gpucnn.cuda import gemm_tc
 
     rng = np.random.default_rng(9)
-    words = np.concatenate([rng.integers(0, 2 ** 32, 4000, dtype=np.uint64).astype(np.uint32),
+    words = np.concatenate([rng.integers(0, 2 ** 32, 3000, dtype=np.uint64).astype(np.uint32),
                             np.array([c[0] for c in CASES] + [0x7F800001, 0xFF800001, 0x7FFFFFFF], np.uint32)])
-    x = words.view(np.float32).reshape(2, -1)
-    got = backend.get(rounding.round_mantissa(backend.put(x), bits))
-    want = host(x)
+    if mode == "fp16":           # also the binary16 edges: 65504, the tie at 65520, 2^-24, 2^-25, ...
+        edges = np.array([65504, 65519.99, 65520, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14,
+                          2.0 ** -14 - 2.0 ** -25, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11], np.float32)
+        words = np.concatenate([words, edges.view(np.uint32), (-edges).view(np.uint32),
+                                (rng.standard_normal(2000) * 2.0 ** rng.integers(-30, 20, 2000)).astype(
+                                    np.float32).view(np.uint32)])
+    x = words.view(np.float32)[None, :].copy()
+    with np.errstate(over="ignore"):
+        want = host(x)
+    got = backend.get(gemm_tc.dense_forward(backend.put(x), backend.put(np.ones((1, 1), np.float32)), None,
+                                            mode=mode)[0])
     nan = np.isnan(want)
-    np.testing.assert_array_equal(_bits(got)[~nan], _bits(want)[~nan])
-    np.testing.assert_array_equal(_bits(got)[nan], _bits(want)[nan])
-    inplace = backend.put(x.copy())
-    assert rounding.round_mantissa(inplace, bits, out=inplace) is inplace
-    np.testing.assert_array_equal(_bits(backend.get(inplace)), _bits(got))
-    with pytest.raises(TypeError, match="float32 operands only"):
-        rounding.round_mantissa(backend.put(np.ones(3)), bits)
+    zero = want == 0                        # 0 + (-0 * 1) is +0: the sign of a zero is the GEMM's
+    np.testing.assert_array_equal(_bits(got)[~nan & ~zero], _bits(want)[~nan & ~zero])
+    assert np.isnan(got[nan]).all() and (got[zero] == 0).all()
+    with pytest.raises(TypeError, match="multiplies float32 arrays"):
+        gemm_tc.dense_forward(backend.put(np.ones((1, 3))), backend.put(np.ones((1, 1))), None, mode=mode)
 
 
 def test_split_tf32_parts_are_tf32_and_sum_to_x_within_2_to_the_minus_21():
@@ -190,10 +199,6 @@ def test_conv_in_each_mode_matches_float64_of_the_rounded_operands(backend, mode
         y32, s32 = conv2d_forward(backend.put(x), backend.put(W), backend.put(b), stride, padding)
     dz = rng.standard_normal(y32.shape).astype(np.float32)
     y_ref, dx_ref, dW_ref, db_ref = _torch_conv(x, W, b, dz, stride, padding, mode)
-    if backend.kernels and mode == "3xtf32":
-        with precision.using(mode), pytest.raises(NotImplementedError, match="'3xtf32' has no CUDA kernels"):
-            conv2d_forward(backend.put(x), backend.put(W), backend.put(b), stride, padding)
-        return
     with precision.using(mode):
         y, saved = conv2d_forward(backend.put(x), backend.put(W), backend.put(b), stride, padding)
         dx, dW, db = conv2d_backward(backend.put(dz), saved)
@@ -214,10 +219,6 @@ def test_dense_in_each_mode_matches_float64_of_the_rounded_operands(backend, mod
     xr, Wr, dzr = _operand(x, mode), _operand(W, mode), _operand(dz, mode)
     # the dense bias gradient is fused with the activation's derivative, before any rounding: exact dz
     refs = {"y": Wr @ xr + b[:, None], "dx": Wr.T @ dzr, "dW": dzr @ xr.T, "db": dz.astype(np.float64).sum(1)}
-    if backend.kernels and mode == "3xtf32":
-        with precision.using(mode), pytest.raises(NotImplementedError, match="'3xtf32' has no CUDA kernels"):
-            dense_forward(backend.put(x), backend.put(W), backend.put(b))
-        return
     with precision.using(mode):
         y, saved = dense_forward(backend.put(x), backend.put(W), backend.put(b))
         dx, dW, db = dense_backward(backend.put(dz), saved)
@@ -266,7 +267,7 @@ def test_fp32_mode_rounds_nothing_and_gives_the_same_bits(monkeypatch):
 
 
 # -- the option, end to end -------------------------------------------------------------------
-def test_run_options_take_the_modes_and_refuse_3xtf32_on_cuda():
+def test_run_options_take_the_modes_on_every_device():
     from gpucnn.train.options import PRECISIONS, RunOptions
 
     assert PRECISIONS == ("fp32", "tf32", "3xtf32", "bf16")
@@ -274,9 +275,8 @@ def test_run_options_take_the_modes_and_refuse_3xtf32_on_cuda():
         assert RunOptions(precision=mode).precision == mode
     with pytest.raises(ValueError, match=r"precision must be one of .*got precision='fp8'"):
         RunOptions(precision="fp8")
-    with pytest.raises(ValueError, match="3xtf32' runs on the CPU only"):
-        RunOptions(precision="3xtf32").check_device("cuda")
-    RunOptions(precision="bf16").check_device("cuda")
+    for mode in PRECISIONS:                   # no GPU here: nothing to refuse (sm_80+ is checked on one)
+        RunOptions(precision=mode).check_device("cuda")
     with RunOptions(precision="bf16").applied():
         assert precision.current() == "bf16"
     assert precision.current() == "fp32"
@@ -310,16 +310,23 @@ def test_train_records_the_precision(tmp_path):
     assert precision.current() == "fp32"
 
 
-def test_a_bf16_cuda_step_rounds_in_the_workspace_and_is_still_a_cuda_graph():
-    """On the CuPy stand-in: one rounding launch per GEMM operand, no allocation, no CuPy op, captured."""
+@pytest.mark.parametrize("mode", ["tf32", "3xtf32", "bf16"])
+def test_a_tensor_core_cuda_step_has_the_fp32_launch_count_and_is_still_a_cuda_graph(mode):
+    """On the CuPy stand-in: every GEMM of lenet5 runs on the tensor-core kernels, which round as they
+    load (no extra launch), with no allocation, no CuPy op and no sync: the step is captured."""
     from gpucnn.bench.static import graph_step, static_step
 
-    with precision.using("bf16"):
+    fp32 = [k["name"] for k in static_step("lenet5", 64, steps=3, repeats=1)["kernels"]]
+    with precision.using(mode):
         row = static_step("lenet5", 64, steps=3, repeats=1)
         graph = graph_step("lenet5", 64, steps=3, repeats=1)
     names = [k["name"] for k in row["kernels"]]
-    # 5 GEMM layers x (x, W before forward; dz, x before backward) + W again for the 4 that need dx
-    assert names.count("round_mantissa") == 24 and len(names) == 27 + 24
+    tc = [n for n in names if n.startswith("gemm_tc_")]
+    assert len(names) == len(fp32), (names, fp32)
+    # 2 conv layers x (forward, backward-weight) + 1 backward-input, 3 dense x (forward, dW) + 3 dx
+    assert len(tc) == 5 + 9 and all(n.startswith(f"gemm_tc_{mode}_") for n in tc), tc
+    assert not {"conv_forward", "conv_backward_input", "conv_backward_weight_partial", "dense_forward",
+                "gemm_nt", "gemm_tn"} & set(names), names
     assert row["allocations"] == 0 and row["xp_ops"] == 0 and row["syncs"] == []
     assert graph["captured"] and graph["launches"] == 0
 

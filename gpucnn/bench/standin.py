@@ -261,6 +261,7 @@ def _adopt(host: np.ndarray) -> DeviceArray:
 
 class _Device:
     id = 0
+    compute_capability = "90"          # as cupy.cuda.Device: a string, the H200 the stand-in models
 
     def __init__(self, device=0):
         pass

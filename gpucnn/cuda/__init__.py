@@ -10,8 +10,8 @@
   uint8 taps, optionally fused with a ReLU), :mod:`.dense` (GEMMs with bias and
   activation epilogues), :mod:`.elementwise` (activation derivatives),
   :mod:`.loss` (fused softmax cross-entropy), :mod:`.optim` (SGD and Adam over
-  flat buffers), :mod:`.batch` (the batch gather), :mod:`.rounding` (the
-  tf32/bf16 operand rounding of :mod:`gpucnn.precision`).
+  flat buffers), :mod:`.batch` (the batch gather), :mod:`.gemm_tc` (the
+  tensor-core GEMMs of the precision modes of :mod:`gpucnn.precision`).
 * :mod:`.sass` compiles a kernel file for sm_90 with NVRTC and reads the SASS
   of its inner loops (no GPU needed; ``gpucnn bench --static`` prints it).
 
@@ -20,7 +20,7 @@ gpucnn.layers or gpucnn.functional.  Importing this package needs no CuPy;
 calling a kernel with the default builder and no CuPy raises
 :class:`~gpucnn.cuda.loader.CudaUnavailableError`.
 """
-from . import batch, conv, dense, elementwise, loader, loss, optim, pool, rounding
+from . import batch, conv, dense, elementwise, gemm_tc, loader, loss, optim, pool
 from .loader import (
     CudaUnavailableError,
     KernelLaunchError,
@@ -30,6 +30,6 @@ from .loader import (
 )
 
 __all__ = [
-    "batch", "conv", "dense", "elementwise", "loader", "loss", "optim", "pool", "rounding",
+    "batch", "conv", "dense", "elementwise", "gemm_tc", "loader", "loss", "optim", "pool",
     "CudaUnavailableError", "KernelLaunchError", "set_module_builder", "use_module_builder", "warmup",
 ]

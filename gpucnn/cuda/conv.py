@@ -77,6 +77,7 @@ __all__ = [
     "conv_backward_weight",
     "conv_backward_weight_workspace_size",
     "launch_shapes",
+    "reduce_plan",
 ]
 
 #: Dtypes the kernels implement, and the suffix of their entry points.
@@ -287,6 +288,14 @@ def _weight_plan(g, slab, reduce_block):
     if S > _GRID_YZ_MAX:
         raise ValueError(f"slab={slab} splits {P} columns into {S} slabs; at most {_GRID_YZ_MAX}")
     E = O * K1
+    partial = ((_cdiv(K1, _WG_BN), _cdiv(O, _BM), S), _WG_BLOCK + (1,))
+    return slab, S, S * E, partial, reduce_plan(E, S, reduce_block)
+
+
+def reduce_plan(E: int, S: int, reduce_block=None):
+    """``(grid, block)`` of ``conv_backward_weight_reduce`` summing ``S`` slabs of ``E`` elements:
+    BX the largest power of two <= 32 with at least :data:`MIN_BLOCKS` blocks (1 when none), BY
+    the largest power of two <= min(S, 256 / BX); or the given ``reduce_block`` (BX, BY)."""
     if reduce_block is None:
         bx = 32
         while bx > 1 and _cdiv(E, bx) < MIN_BLOCKS:
@@ -297,9 +306,7 @@ def _weight_plan(g, slab, reduce_block):
         if bx < 1 or by < 1 or by & (by - 1) or bx * by > _RED_MAX:
             raise ValueError(f"reduce_block must be (BX, BY) with BY a power of two and BX*BY <= "
                              f"{_RED_MAX}, got {reduce_block!r}")
-    partial = ((_cdiv(K1, _WG_BN), _cdiv(O, _BM), S), _WG_BLOCK + (1,))
-    reduce = ((_cdiv(E, bx), 1, 1), (bx, by, 1))
-    return slab, S, S * E, partial, reduce
+    return (_cdiv(E, bx), 1, 1), (bx, by, 1)
 
 
 def _g_from(func, x_shape, w_shape, stride, padding):

@@ -349,39 +349,25 @@ def _store(value, shape, out):
 # --------------------------------------------------------------------------- #
 # the kernel path
 # --------------------------------------------------------------------------- #
-def _kernel_operand(a, mode, ws, role):
-    """What the SIMT kernels multiply in ``mode``: the operand itself (fp32) or its tf32/bf16
-    rounding (one launch into the workspace buffer ``role``), so the kernels give a tensor core's
-    numbers (FP32 accumulation) until tensor-core kernels exist; 3xtf32 is refused rather than
-    run as something else."""
-    if mode == "fp32":
-        return a
-    if mode == "3xtf32":
-        raise NotImplementedError("precision '3xtf32' has no CUDA kernels yet (it needs the tensor-core "
-                                  "kernels of issue 25); on CUDA use 'fp32' (the FP32 reference 3xtf32 "
-                                  "approximates), 'tf32' or 'bf16', or run 3xtf32 on the CPU")
-    from ..cuda import rounding
-
-    xp = backend.get_array_module(a)
-    return rounding.round_mantissa(a, precision.MANTISSA_BITS[mode], out=get(ws, role, a.shape, a.dtype, xp))
-
-
 def _forward_kernels(x, W, b, stride, padding, act, pool, ws, mode):
-    """The kernel path; every output is a buffer of ``ws`` (roles ``k.*``), so a step allocates nothing."""
+    """The kernel path; every output is a buffer of ``ws`` (roles ``k.*``), so a step allocates nothing.
+    fp32 runs the SIMT kernels (gpucnn/cuda/conv.py); every other mode the tensor-core GEMMs
+    (gpucnn/cuda/gemm_tc.py), which round the operands as they load them."""
     from ..cuda import conv as kconv
+    from ..cuda import gemm_tc
 
     fuse_relu = act == "relu" and pool is not None
     kernel_act = None if fuse_relu else act
     xp = backend.get_array_module(x)
-    C, H, Wd, N = x.shape
-    O, _, kh, kw = W.shape
-    (sh, sw), (ph, pw) = stride, padding
+    N = x.shape[3]
+    O = W.shape[0]
     z_shape = (O, *conv_output_hw(x.shape, W.shape, stride, padding), N)
     y = get(ws, "k.y", z_shape, x.dtype, xp)
     z = get(ws, "k.z", z_shape, x.dtype, xp) if kernel_act == "relu" else None
-    y, z = kconv.conv_forward(_kernel_operand(x, mode, ws, "k.rx"), _kernel_operand(W, mode, ws, "k.rW"), b,
-                              stride, padding,
-                              act=kernel_act, y_out=y, z_out=z)
+    if mode == "fp32":
+        y, z = kconv.conv_forward(x, W, b, stride, padding, act=kernel_act, y_out=y, z_out=z)
+    else:
+        y, z = gemm_tc.conv_forward(x, W, b, stride, padding, act=kernel_act, mode=mode, y_out=y, z_out=z)
     act_saved = None
     if kernel_act == "relu":
         act_saved = z
@@ -396,6 +382,7 @@ def _forward_kernels(x, W, b, stride, padding, act, pool, ws, mode):
 def _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws, mode):
     from ..cuda import conv as kconv
     from ..cuda import elementwise
+    from ..cuda import gemm_tc
 
     dz = dy
     if saved.pool_saved is not None:
@@ -404,18 +391,21 @@ def _backward_kernels(dy, saved, input_grad, dW_out, db_out, ws, mode):
     if saved.act is not None and saved.act_saved is not None:
         dz = elementwise.act_backward(dz, saved.act_saved, saved.act,
                                       out=get(ws, "k.act.dz", dz.shape, dz.dtype, xp))
-    W = saved.W
+    W, x = saved.W, saved.x
     dW = dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp)
     db = None
     if saved.has_bias:
         db = db_out if db_out is not None else get(ws, "k.db", (W.shape[0],), W.dtype, xp)
-    need = kconv.conv_backward_weight_workspace_size(saved.x.shape, W.shape, saved.stride, saved.padding)
-    dz_op = _kernel_operand(dz, mode, ws, "k.rdz")
-    kconv.conv_backward_weight(_kernel_operand(saved.x, mode, ws, "k.rx"), dz_op, W.shape, saved.stride,
-                               saved.padding, dW_out=dW, db_out=db, has_bias=saved.has_bias,
-                               workspace=get(ws, "k.wgrad", (need,), W.dtype, xp))
-    dx = None
-    if input_grad:
-        dx = kconv.conv_backward_input(dz_op, _kernel_operand(W, mode, ws, "k.rW"), saved.x.shape, saved.stride,
-                                       saved.padding, out=get(ws, "k.dx", saved.x.shape, dz.dtype, xp))
+    geometry = (saved.stride, saved.padding)
+    dx_out = get(ws, "k.dx", x.shape, dz.dtype, xp) if input_grad else None
+    if mode == "fp32":
+        need = kconv.conv_backward_weight_workspace_size(x.shape, W.shape, *geometry)
+        kconv.conv_backward_weight(x, dz, W.shape, *geometry, dW_out=dW, db_out=db, has_bias=saved.has_bias,
+                                   workspace=get(ws, "k.wgrad", (need,), W.dtype, xp))
+        dx = kconv.conv_backward_input(dz, W, x.shape, *geometry, out=dx_out) if input_grad else None
+        return dx, dW, db
+    need = gemm_tc.conv_backward_weight_workspace_size(x.shape, W.shape, *geometry)
+    gemm_tc.conv_backward_weight(x, dz, W.shape, *geometry, mode=mode, dW_out=dW, db_out=db,
+                                 has_bias=saved.has_bias, workspace=get(ws, "k.wgrad", (need,), W.dtype, xp))
+    dx = gemm_tc.conv_backward_input(dz, W, x.shape, *geometry, mode=mode, out=dx_out) if input_grad else None
     return dx, dW, db

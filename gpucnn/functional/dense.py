@@ -42,14 +42,16 @@ def dense_forward(x, W, b, *, act=None, ws=None):
         raise ValueError(f"act must be None or one of {FUSED_ACTIVATIONS}, got act={act!r}")
     mode = precision.current()
     if _dispatch.use_kernels(x, W, b):
-        from ..cuda import dense
-        from .conv import _kernel_operand
+        from ..cuda import dense, gemm_tc
 
         xp = backend.get_array_module(x)
         shape = (W.shape[0], x.shape[1])
-        y, z = dense.dense_forward(_kernel_operand(x, mode, ws, "k.rx"), _kernel_operand(W, mode, ws, "k.rW"), b,
-                                   act=act, y_out=get(ws, "k.y", shape, x.dtype, xp),
-                                   z_out=get(ws, "k.z", shape, x.dtype, xp) if act == "relu" else None)
+        outs = dict(y_out=get(ws, "k.y", shape, x.dtype, xp),
+                    z_out=get(ws, "k.z", shape, x.dtype, xp) if act == "relu" else None)
+        if mode == "fp32":
+            y, z = dense.dense_forward(x, W, b, act=act, **outs)
+        else:
+            y, z = gemm_tc.dense_forward(x, W, b, act=act, mode=mode, **outs)
         saved = z if act == "relu" else (y if act is not None else None)
         return y, DenseSaved(x, W, b is not None, act, saved)
     xp = backend.get_array_module(x)
@@ -84,8 +86,9 @@ def dense_backward(dy, saved: DenseSaved, *, input_grad=True, dW_out=None, db_ou
 
 
 def _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws, mode):
-    from ..cuda import dense
-    from .conv import _kernel_operand
+    """fp32: the SIMT GEMMs (gpucnn/cuda/dense.py); other modes: the tensor-core GEMMs.  db is
+    the FP32 sum of the unrounded dz in every mode (dense_backward_act), as on the NumPy path."""
+    from ..cuda import dense, gemm_tc
 
     W, x = saved.W, saved.x
     db = None
@@ -93,11 +96,14 @@ def _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws, mode):
         db = db_out if db_out is not None else get(ws, "k.db", (W.shape[0],), W.dtype, xp)
     dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db, has_bias=saved.has_bias,
                                       dz_out=get(ws, "k.dz", dy.shape, dy.dtype, xp))
-    dz_op = _kernel_operand(dz, mode, ws, "k.rdz")   # db above is the FP32 sum of the unrounded dz
-    dW = dense.dense_weight_grad(dz_op, _kernel_operand(x, mode, ws, "k.rx"),
-                                 out=dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp))
-    dx = None
-    if input_grad:
-        dx = dense.dense_input_grad(_kernel_operand(W, mode, ws, "k.rW"), dz_op,
-                                    out=get(ws, "k.dx", x.shape, dy.dtype, xp))
+    dW = dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp)
+    dx = get(ws, "k.dx", x.shape, dy.dtype, xp) if input_grad else None
+    if mode == "fp32":
+        dense.dense_weight_grad(dz, x, out=dW)
+        if input_grad:
+            dense.dense_input_grad(W, dz, out=dx)
+    else:
+        gemm_tc.dense_weight_grad(dz, x, mode=mode, out=dW)
+        if input_grad:
+            gemm_tc.dense_input_grad(W, dz, mode=mode, out=dx)
     return dx, dW, db

@@ -52,9 +52,8 @@ class RunOptions:
         precision: the GEMMs' arithmetic, one of :data:`PRECISIONS`: ``"fp32"``
             (the default), ``"tf32"``, ``"3xtf32"`` or ``"bf16"`` (operands
             rounded, FP32 accumulation and master weights; see
-            :mod:`gpucnn.precision`).  On CUDA, tf32 and bf16 round the
-            operands of today's SIMT kernels (a tensor core's numbers, not
-            its speed); 3xtf32 is CPU-only until tensor-core kernels exist.
+            :mod:`gpucnn.precision`).  On CUDA every mode but fp32 runs the
+            tensor-core GEMMs (gpucnn/cuda/gemm_tc.py; sm_80 or later).
         log_every: steps between the per-layer statistics of ``layers.jsonl``
             (and the per-step TensorBoard records); 0: none
             (:mod:`gpucnn.train.watch`).
@@ -109,12 +108,12 @@ class RunOptions:
         return options
 
     def check_device(self, device: str) -> None:
-        """Refuse a precision ``device`` cannot run (3xtf32 on CUDA: no tensor-core kernels yet), before
-        anything is loaded."""
-        if device == "cuda" and self.precision == "3xtf32":
-            raise ValueError("precision='3xtf32' runs on the CPU only for now: it needs tensor-core kernels "
-                             "(issue 25), and running the FP32 SIMT kernels instead would not be 3xtf32; "
-                             "on cuda use 'fp32' (what 3xtf32 approximates), 'tf32' or 'bf16'")
+        """Refuse a precision ``device`` cannot run, before anything is loaded: on CUDA the modes
+        other than fp32 need tensor cores with mma.sync (sm_80 or later)."""
+        if device == "cuda" and self.precision != "fp32":
+            from ..cuda import gemm_tc
+
+            gemm_tc.require_tensor_cores("--precision", self.precision)
 
     def replace(self, **changes) -> "RunOptions":
         return dataclasses.replace(self, **changes)

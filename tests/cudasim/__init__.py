@@ -102,7 +102,7 @@ CTYPES = {
     "unsigned short": np.uint16, "uint16_t": np.uint16, "char": np.int8, "signed char": np.int8,
     "int8_t": np.int8, "unsigned char": np.uint8, "uint8_t": np.uint8, "bool": np.bool_, "void": None,
 }
-SYNC_RE = re.compile(r"\b(__syncthreads|__syncwarp|__shfl\w*_sync)\b")
+SYNC_RE = re.compile(r"\b(__syncthreads|__syncwarp|__shfl\w*_sync|mma_sync_\w+)\b")
 
 
 class CudaSimError(RuntimeError):
@@ -196,7 +196,7 @@ def _scan(source: str):
         changed = False
         for _, name, _, body in funcs:
             if name not in syncing and (SYNC_RE.search(body) or
-                                        any(re.search(rf"\b{s}\s*\(", body) for s in syncing)):
+                                        any(re.search(rf"\b{s}\s*(?:<[^;{{}}()]*>)?\s*\(", body) for s in syncing)):
                 syncing.add(name)
                 changed = True
     kernels = {}

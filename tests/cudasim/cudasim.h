@@ -91,8 +91,14 @@ struct Warp {
   Barrier bar;
   int size;
   uint64_t slot[32];
+  // mma.sync exchange: each lane's A and B registers, its call number and the instruction's name
+  unsigned mma_a[32][4], mma_b[32][2];
+  long mma_seq[32];
+  const char* mma_name[32];
   explicit Warp(int n) : bar(n), size(n) {}
 };
+
+inline float cudasim_bitcast_f(unsigned u) { float f; memcpy(&f, &u, sizeof f); return f; }
 
 inline thread_local Barrier* tl_block_bar = nullptr;
 inline thread_local Warp* tl_warp = nullptr;
@@ -233,6 +239,87 @@ T shfl(T v, int src) {
   w->bar.arrive_and_wait();
   memcpy(&v, &bits, sizeof(T));
   return v;
+}
+
+// ---- mma.sync (kernels/mma.cuh) ---------------------------------------------
+// The warp-level tensor-core instructions, by the PTX ISA's fragment layouts
+// (g = lane >> 2, t = lane & 3; see kernels/mma.cuh): every lane deposits its A
+// and B registers, the warp meets, every lane rebuilds A (16 x K) and B (K x 8)
+// from all 32 lanes and computes its own four D elements as fmaf over k in
+// increasing order.  A .tf32 register's low 13 bits are ignored (truncated), as
+// the tensor core does; 16-bit elements are exact in float.  All 32 lanes must
+// make the same call (same instruction, same call number): a lane that exited
+// or diverged is reported, not waited for.
+inline thread_local long tl_mma_calls = 0;
+
+inline float half_bits_to_float(unsigned h, bool bf16) {
+  h &= 0xffffu;
+  if (bf16) return cudasim_bitcast_f(h << 16);
+  const unsigned sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0x1fu) return cudasim_bitcast_f(sign | 0x7f800000u | (m << 13));
+  if (e == 0) return (sign ? -1.0f : 1.0f) * ldexpf(float(m), -24);
+  return cudasim_bitcast_f(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+enum class MmaType { tf32, bf16, f16 };
+
+inline void mma_sync(const char* name, MmaType type, float* d, const unsigned* a, const unsigned* b) {
+  Warp* w = tl_warp;
+  if (!w) need_threads(name);
+  if (w->size != 32)
+    throw std::logic_error(std::string(name) + " needs a full warp of 32 threads; this warp has " +
+                           std::to_string(w->size));
+  const int lane = tl_lane;
+  const long seq = ++tl_mma_calls;
+  memcpy(w->mma_a[lane], a, sizeof w->mma_a[lane]);
+  memcpy(w->mma_b[lane], b, sizeof w->mma_b[lane]);
+  w->mma_seq[lane] = seq;
+  w->mma_name[lane] = name;
+  w->bar.arrive_and_wait();
+  std::string err;
+  for (int l = 0; l < 32 && err.empty(); ++l)
+    if (w->mma_seq[l] != seq || w->mma_name[l] != name)
+      err = std::string(name) + ": lane " + std::to_string(l) + " did not make this call (call " +
+            std::to_string(seq) + " of lane " + std::to_string(lane) + "): .aligned needs the whole warp converged";
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int i = 0; i < 4; ++i) {
+      if (type == MmaType::tf32) {
+        A[g + 8 * (i & 1)][t + 4 * (i >= 2)] = cudasim_bitcast_f(w->mma_a[l][i] & ~0x1fffu);
+      } else {
+        for (int h = 0; h < 2; ++h)
+          A[g + 8 * (i & 1)][2 * t + 8 * (i >= 2) + h] = half_bits_to_float(w->mma_a[l][i] >> (16 * h), type == MmaType::bf16);
+      }
+    }
+    for (int i = 0; i < 2; ++i) {
+      if (type == MmaType::tf32) {
+        B[t + 4 * i][g] = cudasim_bitcast_f(w->mma_b[l][i] & ~0x1fffu);
+      } else {
+        for (int h = 0; h < 2; ++h)
+          B[2 * t + 8 * i + h][g] = half_bits_to_float(w->mma_b[l][i] >> (16 * h), type == MmaType::bf16);
+      }
+    }
+  }
+  w->bar.arrive_and_wait();  // every lane has read the registers: the next call may overwrite them
+  if (!err.empty()) throw std::logic_error(err);
+  const int g = lane >> 2, t = lane & 3, k_end = type == MmaType::tf32 ? 8 : 16;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i >= 2), c = 2 * t + (i & 1);
+    float acc = d[i];
+    for (int k = 0; k < k_end; ++k) acc = fmaf(A[r][k], B[k][c], acc);
+    d[i] = acc;
+  }
+}
+
+inline void mma_sync_m16n8k8_tf32(float* d, const unsigned* a, const unsigned* b) {
+  mma_sync("mma.sync.m16n8k8.tf32", MmaType::tf32, d, a, b);
+}
+inline void mma_sync_m16n8k16_bf16(float* d, const unsigned* a, const unsigned* b) {
+  mma_sync("mma.sync.m16n8k16.bf16", MmaType::bf16, d, a, b);
+}
+inline void mma_sync_m16n8k16_f16(float* d, const unsigned* a, const unsigned* b) {
+  mma_sync("mma.sync.m16n8k16.f16", MmaType::f16, d, a, b);
 }
 
 }  // namespace cudasim
