@@ -85,6 +85,7 @@
 #define TC_THREADS 128
 #define TC_BK 32
 #define TC_PAD 4
+#define TC_NO_COL (-0x40000000)   // an im2col row offset no tap brings back inside
 
 #define OP_STRIDED 0
 #define OP_IM2COL 1
@@ -101,47 +102,30 @@ struct ConvGeom {
     int C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW;
 };
 
-__device__ __forceinline__ float im2col_at(const float* __restrict__ x, int tap, int col, const ConvGeom& g)
+// A tap (c*KH + u)*KW + v of a kernel window (c is o for the gather and the weights by tap);
+// tap_of divides twice, tap_next steps to the next tap without dividing.
+struct Tap {
+    int c, u, v;
+};
+
+__device__ __forceinline__ Tap tap_of(int tap, const ConvGeom& g)
 {
-    const int n = col % g.N, r = col / g.N, ow = r % g.OW, oh = r / g.OW;
-    const int v = tap % g.KW, r2 = tap / g.KW, u = r2 % g.KH, c = r2 / g.KH;
-    const int h = oh * g.SH - g.PH + u, w = ow * g.SW - g.PW + v;
-    if (h < 0 || h >= g.H || w < 0 || w >= g.W) return 0.0f;
-    return x[((c * g.H + h) * g.W + w) * g.N + n];
+    const int r = tap / g.KW;
+    return Tap{r / g.KH, r % g.KH, tap - r * g.KW};
 }
 
-__device__ __forceinline__ float gather_at(const float* __restrict__ dz, int q, int tap, const ConvGeom& g)
+__device__ __forceinline__ int floor_div(int a, int b)
 {
-    const int n = q % g.N, r = q / g.N, w = r % g.W, h = r / g.W;
-    const int v = tap % g.KW, r2 = tap / g.KW, u = r2 % g.KH, o = r2 / g.KH;
-    const int hh = h + g.PH - u, ww = w + g.PW - v;
-    if (hh < 0 || ww < 0 || hh % g.SH != 0 || ww % g.SW != 0) return 0.0f;
-    const int i = hh / g.SH, j = ww / g.SW;
-    if (i >= g.OH || j >= g.OW) return 0.0f;
-    return dz[((o * g.OH + i) * g.OW + j) * g.N + n];
+    const int q = a / b;
+    return q - (a % b != 0 && a < 0);
 }
 
-// Element (i, j) of an operand of rows x cols (0 past it), by kind (the contract above).
-template <int KIND>
-__device__ __forceinline__ float operand_at(const float* __restrict__ p, int s0, int s1, int i, int j,
-                                            int rows, int cols, const ConvGeom& g)
+__device__ __forceinline__ void tap_next(Tap& t, const ConvGeom& g)
 {
-    if (i >= rows || j >= cols) return 0.0f;
-    if (KIND == OP_STRIDED) return p[i * s0 + j * s1];
-    if (KIND == OP_IM2COL) return im2col_at(p, j, i, g);
-    if (KIND == OP_IM2COL_T) return i == g.C * g.KH * g.KW ? 1.0f : im2col_at(p, i, j, g);
-    if (KIND == OP_GATHER) return gather_at(p, i, j, g);
-    const int v = i % g.KW, r = i / g.KW, u = r % g.KH, o = r / g.KH;     // OP_WTAP
-    return p[((o * g.C + j) * g.KH + u) * g.KW + v];
-}
-
-// Whether a thread's staging slots run along the operand's rows (m of P, n of Q -- the
-// contiguous index of IM2COL / GATHER / WTAP, and of STRIDED with s0 == 1 for P) or along k.
-template <int KIND, bool IS_P>
-__device__ __forceinline__ bool rows_fast(int s0)
-{
-    if (KIND == OP_STRIDED) return IS_P ? s0 == 1 : s0 != 1;
-    return KIND == OP_IM2COL || KIND == OP_GATHER || KIND == OP_WTAP;
+    if (++t.v == g.KW) {
+        t.v = 0;
+        if (++t.u == g.KH) { t.u = 0; ++t.c; }
+    }
 }
 
 // One 32-bit shared-memory word from one (tf32) or two (16-bit: k, k+1) elements.
@@ -161,18 +145,155 @@ __device__ __forceinline__ void mma(float d[4], const unsigned int a[4], const u
     else mma_tf32_m16n8k8(d, a, b);
 }
 
-// The s-th staging slot of thread tid in a ROWS x WORDS tile -> (row, word).  Along the rows a
-// thread keeps one row for every slot (ROWS divides the 128 threads, or 128 divides ROWS), so
-// whatever the operand derives from its row (im2col's column decomposition) is computed once.
-template <int ROWS, int WORDS>
-__device__ __forceinline__ void slot(int tid, int s, bool row_fast, int& row, int& word)
+// Staging a ROWS x WORDS tile with 128 threads (ROWS and WORDS divide 128).  Along the rows, a
+// thread keeps row tid % ROWS and takes words tid / ROWS + s * (128 / ROWS); along k, it keeps
+// word tid % WORDS and takes rows tid / WORDS + s * (128 / WORDS).  So whatever an operand
+// derives from the fixed index (an im2col column, a gather position) is computed once per
+// kernel or once per stage, not per element.
+// STRIDED operands are passed as (stride along the tile's rows, stride along k): P (m, k) as
+// (s0, s1), Q (k, n) as (s1, s0); they stage along whichever is contiguous.
+template <int KIND>
+__device__ __forceinline__ bool rows_fast(int row_stride)
 {
-    if (row_fast) {
-        if (TC_THREADS % ROWS == 0) { row = tid % ROWS; word = tid / ROWS + s * (TC_THREADS / ROWS); }
-        else { const int idx = tid + s * TC_THREADS; row = idx % ROWS; word = idx / ROWS; }
-    } else {
-        const int idx = tid + s * TC_THREADS;
-        row = idx / WORDS; word = idx % WORDS;
+    if (KIND == OP_STRIDED) return row_stride == 1;
+    return KIND == OP_IM2COL || KIND == OP_GATHER || KIND == OP_WTAP;
+}
+
+// The fixed part of one thread's staging of one operand (set up once per kernel).
+struct Fixed {
+    int row;          // the fixed row (rows-fast) or the fixed word (k-fast)
+    int first;        // the first word (rows-fast) or the first row (k-fast) of slot 0
+    bool ok;          // the fixed row lies inside the matrix (rows-fast)
+    int h0, w0, n;    // IM2COL: oh*SH - PH, ow*SW - PW, n of the column;  GATHER: h + PH, w + PW, n
+};
+
+template <int KIND, int ROWS, int WORDS>
+__device__ __forceinline__ void fixed_part(Fixed& f, int tid, bool row_fast, int base, int nrows,
+                                           const ConvGeom& g)
+{
+    f.row = row_fast ? tid % ROWS : tid % WORDS;
+    f.first = row_fast ? tid / ROWS : tid / WORDS;
+    f.ok = base + f.row < nrows;
+    f.h0 = f.w0 = f.n = 0;
+    const int m = base + f.row;
+    if (KIND == OP_IM2COL) {                       // m = (oh*OW + ow)*N + n
+        const int q = m / g.N, ow = q % g.OW;
+        f.n = m - q * g.N;
+        f.h0 = (q / g.OW) * g.SH - g.PH;
+        f.w0 = ow * g.SW - g.PW;
+    } else if (KIND == OP_GATHER) {                // m = (h*W + w)*N + n
+        const int q = m / g.N, w = q % g.W;
+        f.n = m - q * g.N;
+        f.h0 = q / g.W + g.PH;
+        f.w0 = w + g.PW;
+    }
+}
+
+// Load slot s's EPW elements of an operand into r (the contract's operand kinds).  k0: the
+// stage's first k; k_end: the slab's end; tab: IM2COL_T's per-block tap table.
+template <int KIND, int ROWS, int WORDS, int EPW, int SLOTS>
+__device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float* __restrict__ p, int s0, int s1,
+                                             bool row_fast, const Fixed& f, int base, int nrows, int k0,
+                                             int k_end, const int2* tab, const ConvGeom& g)
+{
+    if (KIND == OP_STRIDED) {                          // p[i*s0 + j*s1]; base = the block's first row
+#pragma unroll
+        for (int s = 0; s < SLOTS; ++s)
+#pragma unroll
+            for (int e = 0; e < EPW; ++e) {
+                const int i = base + (row_fast ? f.row : f.first + s * (TC_THREADS / WORDS));
+                const int k = k0 + EPW * (row_fast ? f.first + s * (TC_THREADS / ROWS) : f.row) + e;
+                r[s][e] = (i < nrows && k < k_end) ? p[i * s0 + k * s1] : 0.0f;
+            }
+    } else if (KIND == OP_IM2COL) {                    // rows fast: one column per thread
+        Tap t = tap_of(k0 + EPW * f.first, g);
+#pragma unroll
+        for (int s = 0; s < SLOTS; ++s)
+#pragma unroll
+            for (int e = 0; e < EPW; ++e) {
+                const int k = k0 + EPW * (f.first + s * (TC_THREADS / ROWS)) + e;
+                const int h = f.h0 + t.u, w = f.w0 + t.v;
+                float v = 0.0f;
+                if (f.ok && k < k_end && (unsigned)h < (unsigned)g.H && (unsigned)w < (unsigned)g.W)
+                    v = p[((t.c * g.H + h) * g.W + w) * g.N + f.n];
+                r[s][e] = v;
+                const int skip = e + 1 < EPW ? 1 : EPW * (TC_THREADS / ROWS) - (EPW - 1);
+#pragma unroll
+                for (int q = 0; q < skip; ++q) tap_next(t, g);
+            }
+    } else if (KIND == OP_GATHER) {                    // rows fast: one position (h, w, n) per thread
+        // dz row i = (h + PH - u) / SH when that divides: carried along the taps as the quotient
+        // and remainder of floor division (iu, ru) and (jv, rv), so no tap divides.
+        Tap t = tap_of(k0 + EPW * f.first, g);
+        int iu = floor_div(f.h0 - t.u, g.SH), jv = floor_div(f.w0 - t.v, g.SW);
+        int ru = f.h0 - t.u - iu * g.SH, rv = f.w0 - t.v - jv * g.SW;
+        const int iu0 = floor_div(f.h0, g.SH), jv0 = floor_div(f.w0, g.SW);
+        const int ru0 = f.h0 - iu0 * g.SH, rv0 = f.w0 - jv0 * g.SW;
+#pragma unroll
+        for (int s = 0; s < SLOTS; ++s)
+#pragma unroll
+            for (int e = 0; e < EPW; ++e) {
+                const int k = k0 + EPW * (f.first + s * (TC_THREADS / ROWS)) + e;
+                float v = 0.0f;
+                if (f.ok && k < k_end && (ru | rv) == 0 && (unsigned)iu < (unsigned)g.OH &&
+                    (unsigned)jv < (unsigned)g.OW)
+                    v = p[((t.c * g.OH + iu) * g.OW + jv) * g.N + f.n];
+                r[s][e] = v;
+                const int skip = e + 1 < EPW ? 1 : EPW * (TC_THREADS / ROWS) - (EPW - 1);
+#pragma unroll
+                for (int q = 0; q < skip; ++q) {               // the next tap: v + 1, or u + 1, or o + 1
+                    if (++t.v == g.KW) {
+                        t.v = 0;
+                        jv = jv0;
+                        rv = rv0;
+                        if (++t.u == g.KH) {
+                            t.u = 0;
+                            ++t.c;
+                            iu = iu0;
+                            ru = ru0;
+                        } else if (--ru < 0) {
+                            ru += g.SH;
+                            --iu;
+                        }
+                    } else if (--rv < 0) {
+                        rv += g.SW;
+                        --jv;
+                    }
+                }
+            }
+    } else if (KIND == OP_WTAP) {                      // Q rows fast: one input channel c per thread
+        const int kk = g.KH * g.KW;
+#pragma unroll
+        for (int s = 0; s < SLOTS; ++s)
+#pragma unroll
+            for (int e = 0; e < EPW; ++e) {
+                const int k = k0 + EPW * (f.first + s * (TC_THREADS / ROWS)) + e;
+                const int o = k / kk;
+                r[s][e] = (f.ok && k < k_end) ? p[(o * g.C + base + f.row) * kk + (k - o * kk)] : 0.0f;
+            }
+    } else {                                           // OP_IM2COL_T, k fast: the column per stage
+        int h0[EPW], w0[EPW], off[EPW];           // h0 = TC_NO_COL past the slab: nothing loads
+#pragma unroll
+        for (int e = 0; e < EPW; ++e) {
+            const int col = k0 + EPW * f.row + e;
+            const int q = col / g.N, ow = q % g.OW, oh = q / g.OW;
+            h0[e] = col < k_end ? oh * g.SH - g.PH : TC_NO_COL;
+            w0[e] = ow * g.SW - g.PW;
+            off[e] = (h0[e] * g.W + w0[e]) * g.N + (col - q * g.N);
+        }
+#pragma unroll
+        for (int s = 0; s < SLOTS; ++s) {
+            const int2 t = tab[f.first + s * (TC_THREADS / WORDS)];   // (tap offset, u << 16 | v)
+            const int u = t.y >> 16, v = t.y & 0xffff;
+#pragma unroll
+            for (int e = 0; e < EPW; ++e) {
+                float x = 0.0f;
+                if (t.y == -1) x = h0[e] != TC_NO_COL ? 1.0f : 0.0f;           // the ones row
+                else if (t.y >= 0 && (unsigned)(h0[e] + u) < (unsigned)g.H && (unsigned)(w0[e] + v) < (unsigned)g.W)
+                    x = p[t.x + off[e]];
+                r[s][e] = x;
+            }
+        }
     }
 }
 
@@ -195,13 +316,26 @@ __device__ __forceinline__ void gemm_tc(
 
     __shared__ unsigned int Ps[SPLIT][BM][LD];   // P tile, m-major: word w holds k = EPW*w (+1)
     __shared__ unsigned int Qs[SPLIT][BN][LD];   // Q tile, n-major
+    __shared__ int2 tab[P_KIND == OP_IM2COL_T ? BM : 1];   // IM2COL_T: the block's taps
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int wm = (warp % WARPS_M) * 16 * FM, wn = (warp / WARPS_M) * 8 * FN;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int k_begin = blockIdx.z * k_slab, k_end = min(K, k_begin + k_slab);
-    const bool p_row_fast = rows_fast<P_KIND, true>(p_s0), q_row_fast = rows_fast<Q_KIND, false>(q_s0);
+    const bool p_rows = rows_fast<P_KIND>(p_s0), q_rows = rows_fast<Q_KIND>(q_s1);
+    Fixed fp, fq;
+    fixed_part<P_KIND, BM, WORDS>(fp, tid, p_rows, m0, M, g);
+    fixed_part<Q_KIND, BN, WORDS>(fq, tid, q_rows, n0, Nn, g);
+    if (P_KIND == OP_IM2COL_T) {
+        if (tid < BM) {                                // (tap offset in x, u << 16 | v); -1: ones; -2: none
+            const int tap = m0 + tid, kc = g.C * g.KH * g.KW;
+            const Tap t = tap_of(tap, g);
+            tab[tid] = tap < kc ? make_int2(((t.c * g.H + t.u) * g.W + t.v) * g.N, (t.u << 16) | t.v)
+                                : make_int2(0, tap == kc ? -1 : -2);
+        }
+        __syncthreads();
+    }
 
     float pr[P_SLOTS][EPW], qr[Q_SLOTS][EPW];    // the next stage, in flight
     float acc[FM][FN][4];
@@ -213,36 +347,22 @@ __device__ __forceinline__ void gemm_tc(
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
     auto load = [&](int k0) {
-#pragma unroll
-        for (int s = 0; s < P_SLOTS; ++s) {
-            int row, word;
-            slot<BM, WORDS>(tid, s, p_row_fast, row, word);
-#pragma unroll
-            for (int e = 0; e < EPW; ++e)
-                pr[s][e] = operand_at<P_KIND>(P, p_s0, p_s1, m0 + row, k0 + EPW * word + e, M, k_end, g);
-        }
-#pragma unroll
-        for (int s = 0; s < Q_SLOTS; ++s) {
-            int col, word;
-            slot<BN, WORDS>(tid, s, q_row_fast, col, word);
-#pragma unroll
-            for (int e = 0; e < EPW; ++e)
-                qr[s][e] = operand_at<Q_KIND>(Q, q_s0, q_s1, k0 + EPW * word + e, n0 + col, k_end, Nn, g);
-        }
+        load_operand<P_KIND, BM, WORDS, EPW, P_SLOTS>(pr, P, p_s0, p_s1, p_rows, fp, m0, M, k0, k_end, tab, g);
+        load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, q_rows, fq, n0, Nn, k0, k_end, tab, g);
     };
     auto store = [&]() {
 #pragma unroll
         for (int s = 0; s < P_SLOTS; ++s) {
-            int row, word;
-            slot<BM, WORDS>(tid, s, p_row_fast, row, word);
+            const int row = p_rows ? fp.row : fp.first + s * (TC_THREADS / WORDS);
+            const int word = p_rows ? fp.first + s * (TC_THREADS / BM) : fp.row;
             const unsigned int hi = to_word<MODE>(pr[s][0], pr[s][EPW - 1]);
             Ps[0][row][word] = hi;
             if (SPLIT == 2) Ps[SPLIT - 1][row][word] = tf32_bits(pr[s][0] - __uint_as_float(hi));
         }
 #pragma unroll
         for (int s = 0; s < Q_SLOTS; ++s) {
-            int col, word;
-            slot<BN, WORDS>(tid, s, q_row_fast, col, word);
+            const int col = q_rows ? fq.row : fq.first + s * (TC_THREADS / WORDS);
+            const int word = q_rows ? fq.first + s * (TC_THREADS / BN) : fq.row;
             const unsigned int hi = to_word<MODE>(qr[s][0], qr[s][EPW - 1]);
             Qs[0][col][word] = hi;
             if (SPLIT == 2) Qs[SPLIT - 1][col][word] = tf32_bits(qr[s][0] - __uint_as_float(hi));

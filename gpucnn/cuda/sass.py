@@ -376,6 +376,10 @@ def staging_loops(instructions: list[Instruction]) -> list[dict]:
 
 
 def _fma_op(kernel: str) -> str:
+    """The multiply-add a kernel's hot loop is made of: HMMA (tensor cores) for the gemm_tc_*
+    entry points, DFMA for the _f64 ones, else FFMA."""
+    if kernel.startswith("gemm_tc_"):
+        return "HMMA"
     return "DFMA" if kernel.endswith("_f64") else "FFMA"
 
 
