@@ -57,7 +57,7 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def _precision(s: str) -> str:
-    """A precision mode (fp16 is named as not implemented yet, not just as an invalid choice)."""
+    """A precision mode (a bad one is answered with the list of modes)."""
     try:
         return precision_mod.check_mode(s)
     except ValueError as exc:

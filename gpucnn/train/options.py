@@ -50,11 +50,12 @@ class RunOptions:
         collective_timeout: with ``distributed``, seconds a collective waits
             for every rank (None: the communicator's).
         precision: the GEMMs' arithmetic, one of :data:`PRECISIONS`: ``"fp32"``
-            (the default), ``"tf32"``, ``"3xtf32"`` or ``"bf16"`` (operands
-            rounded, FP32 accumulation and master weights; see
-            :mod:`gpucnn.precision`).  On CUDA, tf32 and bf16 round the
+            (the default), ``"tf32"``, ``"3xtf32"``, ``"bf16"`` or ``"fp16"``
+            (operands rounded, FP32 accumulation and master weights; see
+            :mod:`gpucnn.precision`); fp16 runs with dynamic loss scaling
+            (:class:`~gpucnn.train.LossScaler`).  On CUDA, tf32 and bf16 round the
             operands of today's SIMT kernels (a tensor core's numbers, not
-            its speed); 3xtf32 is CPU-only until tensor-core kernels exist.
+            its speed); 3xtf32 and fp16 are CPU-only until tensor-core kernels exist.
         log_every: steps between the per-layer statistics of ``layers.jsonl``
             (and the per-step TensorBoard records); 0: none
             (:mod:`gpucnn.train.watch`).
@@ -109,12 +110,17 @@ class RunOptions:
         return options
 
     def check_device(self, device: str) -> None:
-        """Refuse a precision ``device`` cannot run (3xtf32 on CUDA: no tensor-core kernels yet), before
-        anything is loaded."""
+        """Refuse a precision ``device`` cannot run (3xtf32 and fp16 on CUDA: no tensor-core kernels
+        yet), before anything is loaded."""
         if device == "cuda" and self.precision == "3xtf32":
             raise ValueError("precision='3xtf32' runs on the CPU only for now: it needs tensor-core kernels "
                              "(issue 25), and running the FP32 SIMT kernels instead would not be 3xtf32; "
                              "on cuda use 'fp32' (what 3xtf32 approximates), 'tf32' or 'bf16'")
+        if device == "cuda" and self.precision == "fp16":
+            raise ValueError("precision='fp16' runs on the CPU only for now: its GEMM operands are rounded to "
+                             "fp16 on CUDA by the tensor-core kernels (issue 25), which do not exist yet; "
+                             "on cuda use 'bf16' "
+                             "(mixed precision without loss scaling), 'tf32' or 'fp32'")
 
     def replace(self, **changes) -> "RunOptions":
         return dataclasses.replace(self, **changes)
