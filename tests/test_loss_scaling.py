@@ -490,3 +490,34 @@ def test_gpucnn_train_precision_fp16_scales_and_reports_it(tmp_path, capsys):
                      "--precision", "bf16", "--no-progress", "--out", str(tmp_path / "bf16")]) == 0
     row = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text())
     assert "loss_scale" not in row and "loss scale" not in capsys.readouterr().out
+
+
+# -- watching a run whose steps are skipped ------------------------------------------------------
+def test_the_watch_histograms_of_a_skipped_steps_gradients_do_not_break():
+    """A skipped step's gradients hold Inf/NaN; a logged step's histogram of them must still be one
+    (it used to cast NaN to a negative bucket index, and bincount refused it)."""
+    from gpucnn.train.watch import HIST_BINS, _histogram
+
+    v = np.array([1.0, -2.0, np.inf, np.nan, 3.0, -np.inf], np.float32)
+    h = _histogram(np, v, HIST_BINS)
+    assert h[3:].min() >= 0 and h[3:].sum() == v.size
+    finite = np.array([0.5, -1.0, 2.0, 2.0], np.float32)          # finite values: the buckets as before
+    want = np.minimum(((finite - finite.min()) * (HIST_BINS / 3.0)).astype(np.int32), HIST_BINS - 1)
+    np.testing.assert_array_equal(_histogram(np, finite, HIST_BINS)[3:], np.bincount(want, minlength=HIST_BINS))
+
+
+def test_a_watched_fp16_run_logs_its_skipped_steps(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboardX")
+    from gpucnn.train import RunOptions, TrainConfig, loop, read_metrics, train  # noqa: F401
+    from gpucnn.train.watch import read_layer_stats  # noqa: F401
+
+    monkeypatch.setattr(loop, "LossScaler", lambda: LossScaler(init_scale=2.0 ** 24, growth_interval=3))
+    cfg = TrainConfig(model="seed002_c1", epochs=1, batch_size=32, subset=128, test_subset=32, seed=3)
+    result = train(cfg, out_dir=tmp_path / "w", progress=False, log=None,
+                   options=RunOptions(device="cpu", precision="fp16", log_every=1, tensorboard=True))
+    skipped = result.metrics[-1]["skipped_steps"]
+    rows = [json.loads(line) for line in (tmp_path / "w" / "layers.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and skipped >= 1
+    quiet = [r for r in rows if all(layer["update_norm"] == 0 for layer in r["layers"].values())]
+    assert len(quiet) == skipped                                    # a skipped step updates nothing ...
+    assert all(not np.isfinite(r["layers"]["0.W"]["grad_norm"]) for r in quiet)   # ... its gradients overflowed

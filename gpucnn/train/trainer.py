@@ -64,6 +64,21 @@ def forward_backward(model, loss, x, y, scale=1.0, slot=None, loss_scaler=None):
     folds the scale into ``scale``).  The one place the train step calls the model's and the
     loss's batch-last passes.
     """
+    with _quiet_overflow():
+        return _one_batch(model, loss, x, y, scale, slot, loss_scaler)
+
+
+def _quiet_overflow():
+    """An fp16 step runs with NumPy's overflow and invalid-value warnings off: a scaled gradient that
+    overflows is what loss scaling detects (the step is skipped and counted), and an overflowing
+    forward gives a non-finite loss, which stops the run with its own message."""
+    if precision.current() in precision.LOSS_SCALED:
+        return np.errstate(over="ignore", invalid="ignore")
+    return contextlib.nullcontext()
+
+
+def _one_batch(model, loss, x, y, scale, slot, loss_scaler):
+    """:func:`forward_backward`'s forward, loss and backward, top to bottom."""
     out = run_forward(model, x)                                         # forward
     if not runs_batch_last(loss):                                       # a loss of one's own: public passes
         return _own_loss(model, loss, out, y, scale, loss_scaler)
@@ -79,17 +94,8 @@ def forward_backward(model, loss, x, y, scale=1.0, slot=None, loss_scaler=None):
     dy = loss._backward(scale)
     if loss_scaler is not None:
         dy = loss_scaler.scale_gradient(dy)
-    with _quiet_overflow():
-        run_backward(model, dy, input_grad=False)                       # backward
+    run_backward(model, dy, input_grad=False)                           # backward
     return value, correct
-
-
-def _quiet_overflow():
-    """In fp16 a scaled gradient may overflow: loss scaling finds the Inf/NaN it makes and skips the
-    step, so NumPy is not to warn about it (the forward, whose overflow stops the run, still warns)."""
-    if precision.current() in precision.LOSS_SCALED:
-        return np.errstate(over="ignore", invalid="ignore")
-    return contextlib.nullcontext()
 
 
 def _own_loss(model, loss, out, y, scale, loss_scaler=None):
@@ -101,8 +107,7 @@ def _own_loss(model, loss, out, y, scale, loss_scaler=None):
     dy = to_internal(loss.backward(scale))
     if loss_scaler is not None:
         dy = loss_scaler.scale_gradient(dy)
-    with _quiet_overflow():
-        run_backward(model, dy, input_grad=False)
+    run_backward(model, dy, input_grad=False)
     return value, correct
 
 
@@ -276,9 +281,10 @@ class Trainer:
         scaler = self.loss_scaler
         if scaler is None:
             return self._passes(x).forward_backward(x, y, scale, slot)
-        if scaler.on_host:                   # a power of two: scale * S / N is exact
-            return self._passes(x).forward_backward(x, y, scale * scaler.scale, slot)
-        return self._passes(x).forward_backward(x, y, scale, slot, loss_scaler=scaler)
+        with _quiet_overflow():              # the micro-batches' gradients are summed here
+            if scaler.on_host:               # a power of two: scale * S / N is exact
+                return self._passes(x).forward_backward(x, y, scale * scaler.scale, slot)
+            return self._passes(x).forward_backward(x, y, scale, slot, loss_scaler=scaler)
 
     def _update(self, hyper=None) -> None:
         """The optimizer step; with a loss scaler, the gradients unscaled and checked first, the step
