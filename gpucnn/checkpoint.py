@@ -8,9 +8,11 @@ Layout of ``checkpoint.npz`` (read with ``np.load(path, allow_pickle=False)``):
     :func:`gpucnn.models.build`, or ``null`` for a custom network), ``epoch``,
     ``config`` (the training configuration), ``tensors`` (every array's name,
     shape and dtype, validated on load), ``optimizer`` (type, hyper-parameters,
-    step count; its slots are tensors), ``rng`` (gpucnn's generator state and
-    the data-shuffling generator's state), ``metrics`` (the epoch's metrics),
-    and ``sha256``.
+    step count; its slots are tensors), ``loss_scaler`` (an fp16 run's loss
+    scale, its counters and rule, :meth:`gpucnn.train.LossScaler.state_dict`;
+    ``null`` otherwise), ``rng`` (gpucnn's generator state and the
+    data-shuffling generator's state), ``metrics`` (the epoch's metrics), and
+    ``sha256``.
 ``param/<name>``
     One array per model parameter (``model.state_dict()`` names: ``0.W``, ...).
 ``optim/<name>/<slot>``
@@ -84,6 +86,7 @@ class Checkpoint:
         epoch: epochs completed when it was written.
         params: ``{name: array}`` for ``Sequential.load_state_dict``.
         optimizer: ``Optimizer.state_dict()``-shaped dict, or ``None``.
+        loss_scaler: ``LossScaler.state_dict()`` of an fp16 run, or ``None``.
         config: the training configuration (a dict).
         rng: saved random states (``{"gpucnn": ..., "shuffle": ...}``).
         metrics: the metrics of the epoch it was written after.
@@ -96,6 +99,7 @@ class Checkpoint:
     params: dict
     optimizer: dict | None
     config: dict = field(default_factory=dict)
+    loss_scaler: dict | None = None
     rng: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
@@ -141,13 +145,15 @@ def _to_jsonable(obj):
 
 def save_checkpoint(path: str | os.PathLike, model, optimizer=None, *, model_name: str | None = None,
                     epoch: int = 0, config: dict | None = None, rng: dict | None = None,
-                    metrics: dict | None = None) -> Path:
+                    metrics: dict | None = None, loss_scaler=None) -> Path:
     """Write ``model`` (and ``optimizer``) to ``path`` atomically; returns the path.
 
     Args:
         path: the ``.npz`` file (or a directory: ``<dir>/checkpoint.npz``).
         model: a :class:`~gpucnn.layers.Sequential` (on any device).
         optimizer: a :class:`~gpucnn.optim.Optimizer` or ``None``.
+        loss_scaler: a :class:`~gpucnn.train.LossScaler` (fp16) or ``None``: its state goes into
+            the metadata (JSON numbers: the scale is a power of two, exact).
         model_name: name for :func:`gpucnn.models.build`; defaults to ``model.name``.
         epoch, config, rng, metrics: JSON-serialisable metadata.
     """
@@ -171,6 +177,7 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer=None, *, model_nam
         "config": config or {},
         "tensors": {k: {"shape": list(v.shape), "dtype": v.dtype.str} for k, v in sorted(arrays.items())},
         "optimizer": opt_meta,
+        "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
         "rng": rng or {},
         "metrics": metrics or {},
         "data": data_meta(model),
@@ -390,6 +397,9 @@ def _parse_meta(path, raw: np.ndarray) -> dict:
         raise CheckpointError(
             f"{path}: checkpoint format version {meta.get('version')!r} is not supported "
             f"(this gpucnn reads version {FORMAT_VERSION})")
+    if meta.get("loss_scaler") is not None and not isinstance(meta["loss_scaler"], dict):
+        raise CheckpointError(f"{path}: malformed checkpoint metadata: 'loss_scaler' must be a JSON object or "
+                              f"null, got {short_repr(meta['loss_scaler'])}")
     for key in ("config", "rng", "metrics"):
         if not isinstance(meta.get(key, {}), dict):
             raise CheckpointError(f"{path}: malformed checkpoint metadata: {key!r} must be a JSON object, "
@@ -457,16 +467,19 @@ def _checkpoint(path, meta: dict, files: dict) -> "Checkpoint":
         optimizer = {"type": o["type"], "hyper": o["hyper"], "step_count": o["step_count"], "slots": slots}
     return Checkpoint(path=path, model=meta.get("model"), epoch=int(meta.get("epoch", 0)), params=params,
                       optimizer=optimizer, config=meta.get("config") or {}, rng=meta.get("rng") or {},
-                      metrics=meta.get("metrics") or {}, meta=meta)
+                      metrics=meta.get("metrics") or {}, meta=meta, loss_scaler=meta.get("loss_scaler"))
 
 
-def load_into(ckpt: Checkpoint, model, optimizer=None) -> None:
-    """Load a checkpoint's parameters (and optimizer state) into existing objects.
+def load_into(ckpt: Checkpoint, model, optimizer=None, loss_scaler=None) -> None:
+    """Load a checkpoint's parameters (and optimizer state, and loss scale) into existing objects.
+
+    ``loss_scaler``: a :class:`~gpucnn.train.LossScaler` to restore from the checkpoint's, when it
+    has one (a checkpoint of a run that did not scale has none; the scaler is then left as it is).
 
     Raises:
         CheckpointError: the architecture differs (the message lists every
-            missing/unexpected tensor and shape mismatch) or the optimizer
-            type differs.
+            missing/unexpected tensor and shape mismatch), the optimizer
+            type differs, or the loss scaler's state is malformed.
     """
     try:
         model.load_state_dict(ckpt.params, strict=True)
@@ -482,6 +495,11 @@ def load_into(ckpt: Checkpoint, model, optimizer=None) -> None:
             optimizer.load_state_dict(ckpt.optimizer)
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{ckpt.path}: optimizer state does not fit: {exc}") from None
+    if loss_scaler is not None and ckpt.loss_scaler is not None:
+        try:
+            loss_scaler.load_state_dict(ckpt.loss_scaler)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{ckpt.path}: loss scaler state does not fit: {exc}") from None
 
 
 def restore_model(path, device: str = "cpu"):

@@ -57,7 +57,7 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def _precision(s: str) -> str:
-    """A precision mode (fp16 is named as not implemented yet, not just as an invalid choice)."""
+    """A precision mode (a bad one is answered with the list of modes)."""
     try:
         return precision_mod.check_mode(s)
     except ValueError as exc:
@@ -182,7 +182,10 @@ def _add_train(sub):
     p.add_argument("--precision", type=_precision, default="fp32", metavar="{" + ",".join(precision_mod.MODES) + "}",
                    help="the arithmetic of the conv and dense GEMMs: fp32 (default, exact), tf32 or bf16 "
                         "(operands rounded to nearest even, FP32 accumulation and master weights), 3xtf32 "
-                        "(split TF32, about FP32 accuracy; CPU only until tensor-core kernels exist)")
+                        "(split TF32, about FP32 accuracy), fp16 (operands rounded to IEEE half, with dynamic "
+                        "loss scaling: an overflowing step is skipped and the scale halved; the scale and the "
+                        "skipped steps are in every epoch's metrics); on CUDA every mode but fp32 runs the "
+                        "tensor-core kernels (sm_80 or later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="threads of the NumPy path, at most the cores this process may use (a larger N is "

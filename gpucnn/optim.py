@@ -18,6 +18,14 @@ new learning rate: :meth:`Optimizer.step` writes it from ``lr`` (a tiny
 host-to-device copy), or takes ``hyper=`` rows the caller uploaded for many
 steps at once (:meth:`Optimizer.hyper_table`; :class:`~gpucnn.train.Trainer`
 does this once per epoch, so its steps never wait on the host).
+
+A step can be skipped by a flag on the device (``step(skip=...)``, what
+:class:`~gpucnn.train.LossScaler` passes when fp16 gradients overflowed): the
+kernels read it and change nothing, so the host never has to look.  A
+skipped step still counts in ``step_count`` -- it numbers the train steps,
+whose hyper rows the trainer uploads before it knows which were skipped -- so
+Adam's bias correction counts skipped steps too (unlike PyTorch, whose
+``GradScaler`` does not call a skipped ``optimizer.step()``).
 """
 from __future__ import annotations
 
@@ -65,13 +73,18 @@ class Optimizer:
             slots[key] = xp.zeros_like(self.groups[gi].params)
         return slots[key]
 
-    def step(self, hyper=None):
+    def step(self, hyper=None, skip=None):
         """One update of every parameter with the gradients in ``grads``.
 
         Args:
             hyper: only for groups on the kernel path: ``{dtype: device row}``
                 holding :meth:`hyper_values` for this step (rows of an uploaded
                 :meth:`hyper_table`); None writes them from ``lr`` now.
+            skip: None, or an int32 array on the groups' device (a
+                :class:`~gpucnn.train.LossScaler`'s flag): when its element 0
+                is nonzero, every parameter and slot stays as it is, bit for
+                bit (the kernels read the flag themselves; nothing waits for
+                the device).  ``step_count`` advances either way.
         """
         self.step_count += 1
         for gi, group in enumerate(self.groups):
@@ -83,9 +96,19 @@ class Optimizer:
                     from .cuda.optim import write_hyper
 
                     write_hyper(row, self.hyper_values(self.lr, self.step_count))
-                self._update_kernel(gi, group.params, group.grads, row)
+                if skip is None:
+                    self._update_kernel(gi, group.params, group.grads, row)
+                else:
+                    self._update_kernel(gi, group.params, group.grads, row, skip=skip)
+            elif skip is not None and skip[0]:         # a NumPy flag: read for free
+                for key in self._slot_keys():           # the slots the kernel path makes before it skips
+                    self._slot(gi, key)
             else:
                 self._update(gi, group.params, group.grads)
+
+    def _slot_keys(self) -> tuple:
+        """The slots an update uses (made, as zeros, at the first step: skipped or not)."""
+        return self.SLOTS
 
     def _hyper_array(self, gi):
         if self._hyper[gi] is None:
@@ -107,7 +130,7 @@ class Optimizer:
     def _update(self, gi, p, g):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _update_kernel(self, gi, p, g, hyper):  # pragma: no cover - abstract
+    def _update_kernel(self, gi, p, g, hyper, skip=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
     @property
@@ -208,14 +231,17 @@ class SGD(Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
 
     @ranged("SGD.step")
-    def step(self, hyper=None):
-        super().step(hyper)
+    def step(self, hyper=None, skip=None):
+        super().step(hyper, skip)
 
-    def _update_kernel(self, gi, p, g, hyper):
+    def _slot_keys(self):
+        return ("momentum",) if self.momentum else ()
+
+    def _update_kernel(self, gi, p, g, hyper, skip=None):
         from .cuda.optim import sgd_update
 
         v = self._slot(gi, "momentum") if self.momentum else None
-        sgd_update(p, g, v, hyper, self.momentum, self.weight_decay, self.nesterov)
+        sgd_update(p, g, v, hyper, self.momentum, self.weight_decay, self.nesterov, skip=skip)
 
     def _update(self, gi, p, g):
         t = p.dtype.type
@@ -259,19 +285,19 @@ class Adam(Optimizer):
     HYPER_SIZE = 2
 
     @ranged("Adam.step")
-    def step(self, hyper=None):
-        super().step(hyper)
+    def step(self, hyper=None, skip=None):
+        super().step(hyper, skip)
 
     def hyper_values(self, lr, step):
         from .cuda.optim import adam_hyper
 
         return adam_hyper(lr, self.betas, step)
 
-    def _update_kernel(self, gi, p, g, hyper):
+    def _update_kernel(self, gi, p, g, hyper, skip=None):
         from .cuda.optim import adam_update
 
         adam_update(p, g, self._slot(gi, "m"), self._slot(gi, "v"), hyper, self.betas, self.eps,
-                    self.weight_decay)
+                    self.weight_decay, skip=skip)
 
     def _update(self, gi, p, g):
         t = p.dtype.type

@@ -4,7 +4,12 @@
 //
 // Entry points: sgd_update / adam_update (float32) and sgd_update_f64 /
 // adam_update_f64 (float64); one template body each, instantiated twice; T
-// below is float or double.  No #includes.  Host wrappers: gpucnn/cuda/optim.py.
+// below is float or double.  sgd_update_skip / adam_update_skip (float32: the
+// fp16 mode's loss scaling, kernels/amp.cu) take one more argument, the
+// device flag `skip`: when skip[0] != 0 (the step's gradients overflowed)
+// every thread returns before reading anything else, so the parameters and
+// slots stay as they were, bit for bit.  No #includes.  Host wrappers:
+// gpucnn/cuda/optim.py.
 //
 // The arithmetic is EXACTLY that of gpucnn/optim.py on NumPy arrays, operation
 // by operation and in the same order, each operation rounded to T: every
@@ -27,7 +32,8 @@
 // Layouts: p, g, v, m: n elements each, C-contiguous (flat buffers).
 // Preconditions: 0 < n < 2^31; p, g, m, v pairwise distinct, except that a
 //   slot the kernel does not touch (v of SGD with mu == 0) may be any T array
-//   (e.g. p itself).
+//   (e.g. p itself); skip (the _skip entries) holds at least one int, and no
+//   kernel of the same step writes it while this one runs.
 
 #if defined(__CUDASIM__)
 // The CPU emulator (g++, ISO C++ mode: no FMA contraction) has plain IEEE ops.
@@ -81,10 +87,12 @@ template <> struct Om<double> {
 // ---------------------------------------------------------------------------
 template <typename T>
 __device__ __forceinline__ void sgd_update_impl(T* __restrict__ p, const T* __restrict__ g, T* v,
-                                                const T* __restrict__ hyper, int n, T mu, T wd, int nesterov)
+                                                const T* __restrict__ hyper, int n, T mu, T wd, int nesterov,
+                                                const int* __restrict__ skip)
 {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n) return;
+    if (skip != nullptr && skip[0] != 0) return;
     const T lr = hyper[0];
     const T pp = p[t];
     T gg = g[t];
@@ -100,14 +108,21 @@ __device__ __forceinline__ void sgd_update_impl(T* __restrict__ p, const T* __re
 extern "C" __global__ void sgd_update(float* __restrict__ p, const float* __restrict__ g, float* v,
                                       const float* __restrict__ hyper, int n, float mu, float wd, int nesterov)
 {
-    sgd_update_impl(p, g, v, hyper, n, mu, wd, nesterov);
+    sgd_update_impl(p, g, v, hyper, n, mu, wd, nesterov, nullptr);
 }
 
 extern "C" __global__ void sgd_update_f64(double* __restrict__ p, const double* __restrict__ g, double* v,
                                           const double* __restrict__ hyper, int n, double mu, double wd,
                                           int nesterov)
 {
-    sgd_update_impl(p, g, v, hyper, n, mu, wd, nesterov);
+    sgd_update_impl(p, g, v, hyper, n, mu, wd, nesterov, nullptr);
+}
+
+extern "C" __global__ void sgd_update_skip(float* __restrict__ p, const float* __restrict__ g, float* v,
+                                           const float* __restrict__ hyper, int n, float mu, float wd,
+                                           int nesterov, const int* __restrict__ skip)
+{
+    sgd_update_impl(p, g, v, hyper, n, mu, wd, nesterov, skip);
 }
 
 // ---------------------------------------------------------------------------
@@ -126,10 +141,12 @@ extern "C" __global__ void sgd_update_f64(double* __restrict__ p, const double* 
 template <typename T>
 __device__ __forceinline__ void adam_update_impl(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
                                                  T* __restrict__ v, const T* __restrict__ hyper, int n,
-                                                 T b1, T omb1, T b2, T omb2, T eps, T wd)
+                                                 T b1, T omb1, T b2, T omb2, T eps, T wd,
+                                                 const int* __restrict__ skip)
 {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n) return;
+    if (skip != nullptr && skip[0] != 0) return;
     const T step = hyper[0];
     const T c2 = hyper[1];
     const T pp = p[t];
@@ -147,7 +164,7 @@ extern "C" __global__ void adam_update(float* __restrict__ p, const float* __res
                                        float* __restrict__ v, const float* __restrict__ hyper, int n,
                                        float b1, float omb1, float b2, float omb2, float eps, float wd)
 {
-    adam_update_impl(p, g, m, v, hyper, n, b1, omb1, b2, omb2, eps, wd);
+    adam_update_impl(p, g, m, v, hyper, n, b1, omb1, b2, omb2, eps, wd, nullptr);
 }
 
 extern "C" __global__ void adam_update_f64(double* __restrict__ p, const double* __restrict__ g,
@@ -155,5 +172,14 @@ extern "C" __global__ void adam_update_f64(double* __restrict__ p, const double*
                                            const double* __restrict__ hyper, int n,
                                            double b1, double omb1, double b2, double omb2, double eps, double wd)
 {
-    adam_update_impl(p, g, m, v, hyper, n, b1, omb1, b2, omb2, eps, wd);
+    adam_update_impl(p, g, m, v, hyper, n, b1, omb1, b2, omb2, eps, wd, nullptr);
+}
+
+extern "C" __global__ void adam_update_skip(float* __restrict__ p, const float* __restrict__ g,
+                                            float* __restrict__ m, float* __restrict__ v,
+                                            const float* __restrict__ hyper, int n,
+                                            float b1, float omb1, float b2, float omb2, float eps, float wd,
+                                            const int* __restrict__ skip)
+{
+    adam_update_impl(p, g, m, v, hyper, n, b1, omb1, b2, omb2, eps, wd, skip);
 }

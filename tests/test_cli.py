@@ -175,9 +175,8 @@ def test_nan_exit_status(tmp_path):
     (["train", "--optimizer", "adam", "--momentum", "0.9"], "momentum applies to sgd only"),
     (["train", "--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
     (["train", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-    (["train", "--precision", "fp16"], "argument --precision: precision must be one of 'fp32', 'tf32', '3xtf32', "
-                                       "'bf16', got precision='fp16' (fp16 needs dynamic loss scaling, which is "
-                                       "not implemented yet)"),
+    (["train", "--precision", "fp8"], "argument --precision: precision must be one of 'fp32', 'tf32', '3xtf32', "
+                                      "'bf16', 'fp16', got precision='fp8'"),
     (["train", "--precision", "FP32"], "argument --precision: precision must be one of"),
     (["train", "--resume", "/nonexistent/run"], "argument --resume: checkpoint not found: /nonexistent/run"),
     (["train", "--comm", "mpi"], "argument --comm: needs --distributed"),

@@ -940,7 +940,9 @@ def test_kernel_files_registered():
                 "loss.cu": {"xent_forward", "xent_mean", "xent_backward"},
                 "optim.cu": {"sgd_update", "adam_update"},
                 "batch.cu": {"gather_batch", "gather_batch_augment"}}
-    float32_only = {"batch.cu": {"gather_batch_augment_u8"}}   # uint8 in, float32 out: no float64 twin
+    float32_only = {"batch.cu": {"gather_batch_augment_u8"},   # uint8 in, float32 out: no float64 twin
+                    "optim.cu": {"sgd_update_skip", "adam_update_skip"}}   # fp16's loss scaling: float32
+    assert set(loader.KERNEL_FILES["amp.cu"]) == {"amp_scale", "amp_unscale_check", "amp_update"}
     for filename, names in expected.items():
         assert set(loader.KERNEL_FILES[filename]) == (names | {n + "_f64" for n in names}
                                                       | float32_only.get(filename, set()))

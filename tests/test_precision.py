@@ -2,7 +2,8 @@
 
 References: hand-computed float32 bit patterns (ties to even, carries into the
 exponent, subnormals, NaN, Inf), an arithmetic round-to-nearest-even on the
-significand (``np.frexp`` + ``np.rint``) and torch's bfloat16 cast; the conv
+significand (``np.frexp`` + ``np.rint``; for fp16 also on its subnormal grid
+and its overflow threshold) and torch's bfloat16 and float16 casts; the conv
 and dense GEMMs against float64 torch computed from the rounded operands, on
 the NumPy path and on the unchanged kernels (emulator) with the operands
 rounded before launch.
@@ -142,12 +143,90 @@ def test_split_tf32_parts_are_tf32_and_sum_to_x_within_2_to_the_minus_21():
     assert err.max() <= 2.0 ** -21 and np.abs(lo).max() > 0
 
 
-def test_rounding_refuses_float64_and_fp16_is_named_as_not_implemented():
-    with pytest.raises(TypeError, match="float32 operands, got dtype float64"):
-        precision.round_bf16(np.ones(3))
-    with pytest.raises(ValueError, match=r"one of 'fp32', 'tf32', '3xtf32', 'bf16', got precision='fp16' "
-                                         r"\(fp16 needs dynamic loss scaling, which is not implemented yet\)"):
-        precision.check_mode("fp16")
+def test_rounding_refuses_float64_and_names_the_modes():
+    for rnd in (precision.round_bf16, precision.round_fp16):
+        with pytest.raises(TypeError, match="float32 operands, got dtype float64"):
+            rnd(np.ones(3))
+    with pytest.raises(ValueError, match=r"one of 'fp32', 'tf32', '3xtf32', 'bf16', 'fp16', got precision='fp8'$"):
+        precision.check_mode("fp8")
+    assert precision.check_mode("fp16") == "fp16"
+
+
+# -- fp16 ---------------------------------------------------------------------------------------
+# (float32 input, its fp16 rounding), worked out by hand: fp16 keeps 11 significant bits from 2^-14
+# up (ulp 2^-10 at 1), below that multiples of 2^-24, and its largest finite is 65504 = (2 - 2^-10) 2^15
+FP16_CASES = [
+    (1.0, 1.0),
+    (1 + 2 ** -11, 1.0),                         # a tie above 1, kept lsb even: down
+    (1 + 3 * 2 ** -11, 1 + 2 ** -9),             # a tie with an odd kept lsb: up to even
+    (1 + 2 ** -11 + 2 ** -23, 1 + 2 ** -10),     # just above the tie: up
+    (1 + 2 ** -11 - 2 ** -23, 1.0),              # just below the tie: down
+    (2 - 2 ** -12, 2.0),                         # a carry out of the mantissa into the exponent
+    (-(1 + 3 * 2 ** -11), -(1 + 2 ** -9)),       # negative: by magnitude
+    (65504.0, 65504.0),                          # the largest finite
+    (65519.99, 65504.0),                         # below the tie at 65520 = 65504 + ulp/2: down
+    (65520.0, np.inf),                           # the tie, odd lsb: up, past the largest finite: Inf
+    (-65520.0, -np.inf),
+    (1e30, np.inf),
+    (2.0 ** -14, 2.0 ** -14),                    # the smallest normal
+    (2.0 ** -14 - 2 ** -25, 2.0 ** -14),         # a tie on the subnormal grid just below it, odd: up
+    (2.0 ** -24, 2.0 ** -24),                    # the smallest subnormal
+    (2.0 ** -25, 0.0),                           # half of it: a tie, to even (0)
+    (2.0 ** -25 + 2 ** -40, 2.0 ** -24),         # just above that tie: up
+    (3 * 2.0 ** -26, 2.0 ** -24),                # 0.75 of it: up
+    (3 * 2.0 ** -25, 2 * 2.0 ** -24),            # 1.5 of it: a tie, odd: up to 2
+    (5 * 2.0 ** -25, 2 * 2.0 ** -24),            # 2.5 of it: a tie, even: down to 2
+    (1e-10, 0.0),
+    (-(2.0 ** -25), -0.0),                       # a negative tie to zero keeps the sign
+    (-0.0, -0.0),
+    (np.inf, np.inf),
+    (-np.inf, -np.inf),
+]
+
+
+@pytest.mark.parametrize("value, want", FP16_CASES, ids=[repr(c[0]) for c in FP16_CASES])
+def test_fp16_rounding_hand_computed(value, want):
+    got = precision.round_fp16(np.array([value], np.float32))
+    assert got.dtype == np.float32
+    assert _bits(got)[0] == _bits(np.float32(want)), f"fp16({value!r}) = {got[0]!r}, want {want!r}"
+
+
+def _fp16_reference(x):
+    """Round to nearest even onto fp16's values by arithmetic in float64: 11 significant bits for
+    normals, multiples of 2^-24 below 2^-14, Inf from 65520 up (the midpoint past 65504)."""
+    x = x.astype(np.float64)
+    m, e = np.frexp(x)
+    e = np.maximum(e, -13)                                # below 2^-14: the fixed subnormal quantum 2^-24
+    r = np.rint(x * 2.0 ** (11 - e)) * 2.0 ** (e - 11)
+    return np.where(np.abs(x) >= 65520.0, np.copysign(np.inf, x), r).astype(np.float32)
+
+
+def test_fp16_matches_arithmetic_rounding_and_torch_on_every_kind_of_bit_pattern():
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 2 ** 32, 200000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    # and the interesting range densely: fp16's subnormals, normals and overflow, with exact ties
+    ties = ((rng.integers(1 << 10, 1 << 11, 4000) * 2 + 1) * 2.0 ** rng.integers(-35, 6, 4000)).astype(np.float32)
+    x = np.concatenate([x, (rng.standard_normal(50000) * 10.0 ** rng.integers(-9, 6, 50000)).astype(np.float32),
+                        ties, -ties])
+    got = precision.round_fp16(x)
+    nan = np.isnan(x)
+    assert np.isnan(got[nan]).all() and not np.isnan(got[~nan]).any()
+    np.testing.assert_array_equal(_bits(got)[~nan], _bits(_fp16_reference(x[~nan])))
+    np.testing.assert_array_equal(_bits(precision.round_fp16(got)), _bits(got))         # idempotent
+    out = np.empty_like(x)
+    assert precision.round_fp16(x, out=out) is out
+    np.testing.assert_array_equal(_bits(out), _bits(got))
+    torch = pytest.importorskip("torch")
+    want = torch.from_numpy(x.copy()).to(torch.float16).float().numpy()
+    np.testing.assert_array_equal(_bits(got)[~nan], _bits(want)[~nan])
+
+
+def test_fp16_rounding_warns_nothing_on_overflow():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isinf(precision.round_fp16(np.array([1e6, -7e4], np.float32))).all()
 
 
 def test_using_is_scoped_and_restored():
@@ -166,6 +245,11 @@ def test_using_is_scoped_and_restored():
 def _operand(a, mode):
     """float64 of the operand a tensor core multiplies (3xtf32: the FP32 value it approximates)."""
     return np.asarray(a if mode in ("fp32", "3xtf32") else precision.round_operand(a, mode), np.float64)
+
+
+def _skip_fp16_kernels(backend, mode):
+    if backend.kernels and mode == "fp16":
+        pytest.skip("fp16 GEMMs on CUDA wait for the tensor-core kernels (RunOptions refuses fp16 on cuda)")
 
 
 def _torch_conv(x, W, b, dz, stride, padding, mode):
@@ -188,8 +272,9 @@ def _close(got, want, what, rtol=1e-5):
     return err / scale
 
 
-@pytest.mark.parametrize("mode", ["tf32", "bf16", "3xtf32"])
+@pytest.mark.parametrize("mode", ["tf32", "bf16", "3xtf32", "fp16"])
 def test_conv_in_each_mode_matches_float64_of_the_rounded_operands(backend, mode):
+    _skip_fp16_kernels(backend, mode)
     rng = np.random.default_rng(4)
     C, O, H, N, k, stride, padding = 3, 5, 9, 7, 3, (2, 1), (1, 0)
     x = rng.standard_normal((C, H, H + 1, N)).astype(np.float32)
@@ -209,8 +294,9 @@ def test_conv_in_each_mode_matches_float64_of_the_rounded_operands(backend, mode
         assert np.abs(backend.get(y32) - y_ref).max() > 100 * 1e-6 * np.abs(y_ref).max()
 
 
-@pytest.mark.parametrize("mode", ["tf32", "bf16", "3xtf32"])
+@pytest.mark.parametrize("mode", ["tf32", "bf16", "3xtf32", "fp16"])
 def test_dense_in_each_mode_matches_float64_of_the_rounded_operands(backend, mode):
+    _skip_fp16_kernels(backend, mode)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((37, 11)).astype(np.float32)
     W = rng.standard_normal((13, 37)).astype(np.float32)
@@ -270,7 +356,7 @@ def test_fp32_mode_rounds_nothing_and_gives_the_same_bits(monkeypatch):
 def test_run_options_take_the_modes_on_every_device():
     from gpucnn.train.options import PRECISIONS, RunOptions
 
-    assert PRECISIONS == ("fp32", "tf32", "3xtf32", "bf16")
+    assert PRECISIONS == ("fp32", "tf32", "3xtf32", "bf16", "fp16")
     for mode in PRECISIONS:
         assert RunOptions(precision=mode).precision == mode
     with pytest.raises(ValueError, match=r"precision must be one of .*got precision='fp8'"):

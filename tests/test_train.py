@@ -342,7 +342,7 @@ def test_run_options_name_a_bad_precision_and_travel_as_one_object(tmp_path):
     options= is refused rather than silently dropped."""
     from gpucnn.train.options import RunOptions
 
-    with pytest.raises(ValueError, match=r"precision must be one of 'fp32', 'tf32', '3xtf32', 'bf16', "
+    with pytest.raises(ValueError, match=r"precision must be one of 'fp32', 'tf32', '3xtf32', 'bf16', 'fp16', "
                                          r"got precision='fp64'"):
         RunOptions(precision="fp64")
     with pytest.raises(ValueError, match=r"collective_timeout=5 needs distributed=True"):

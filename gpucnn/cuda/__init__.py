@@ -11,7 +11,8 @@
   activation epilogues), :mod:`.elementwise` (activation derivatives),
   :mod:`.loss` (fused softmax cross-entropy), :mod:`.optim` (SGD and Adam over
   flat buffers), :mod:`.batch` (the batch gather), :mod:`.gemm_tc` (the
-  tensor-core GEMMs of the precision modes of :mod:`gpucnn.precision`).
+  tensor-core GEMMs of the precision modes of :mod:`gpucnn.precision`),
+  :mod:`.amp` (fp16's dynamic loss scaling, :class:`gpucnn.train.LossScaler`).
 * :mod:`.sass` compiles a kernel file for sm_90 with NVRTC and reads the SASS
   of its inner loops (no GPU needed; ``gpucnn bench --static`` prints it).
 
@@ -20,7 +21,7 @@ gpucnn.layers or gpucnn.functional.  Importing this package needs no CuPy;
 calling a kernel with the default builder and no CuPy raises
 :class:`~gpucnn.cuda.loader.CudaUnavailableError`.
 """
-from . import batch, conv, dense, elementwise, gemm_tc, loader, loss, optim, pool
+from . import amp, batch, conv, dense, elementwise, gemm_tc, loader, loss, optim, pool
 from .loader import (
     CudaUnavailableError,
     KernelLaunchError,
@@ -30,6 +31,6 @@ from .loader import (
 )
 
 __all__ = [
-    "batch", "conv", "dense", "elementwise", "gemm_tc", "loader", "loss", "optim", "pool",
+    "amp", "batch", "conv", "dense", "elementwise", "gemm_tc", "loader", "loss", "optim", "pool",
     "CudaUnavailableError", "KernelLaunchError", "set_module_builder", "use_module_builder", "warmup",
 ]

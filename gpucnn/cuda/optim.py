@@ -18,6 +18,9 @@ with a new learning rate); the host writes it before each step with
 
 The other hyper-parameters (momentum, Nesterov, weight decay, betas, eps) are
 kernel scalars, rounded to the dtype as NumPy's ``t(...)`` does.
+
+``skip=`` (float32 only): the loss scaler's device flag (:mod:`gpucnn.cuda.amp`);
+the ``*_skip`` entry points leave every element as it is when ``skip[0] != 0``.
 """
 from __future__ import annotations
 
@@ -86,7 +89,16 @@ def _check_common(func, p, g, hyper, size, slots):
     return dtype
 
 
-def sgd_update(p, g, v, hyper, momentum, weight_decay, nesterov):
+def _skip_flag(func, skip, dtype):
+    """``skip`` checked: an int32 array of at least one element, with float32 buffers."""
+    if getattr(skip, "dtype", None) != np.int32 or skip.ndim != 1 or skip.shape[0] < 1:
+        raise TypeError(f"{func}: skip must be a 1-D int32 device array (the loss scaler's flag), got "
+                        f"{getattr(skip, 'dtype', type(skip).__name__)} {tuple(getattr(skip, 'shape', ()))}")
+    if dtype != np.float32:
+        raise TypeError(f"{func}: skip= runs on float32 buffers only (fp16 mode's master weights), got {dtype}")
+
+
+def sgd_update(p, g, v, hyper, momentum, weight_decay, nesterov, skip=None):
     """One SGD step in place: ``p`` (and the momentum buffer ``v``) updated.
 
     Args:
@@ -96,9 +108,11 @@ def sgd_update(p, g, v, hyper, momentum, weight_decay, nesterov):
             when ``momentum == 0``.
         hyper: device array of p's dtype, ``hyper[0] = lr`` (:func:`write_hyper`).
         momentum: mu in [0, 1); weight_decay: >= 0; nesterov: bool (needs mu > 0).
+        skip: None, or an int32 device array whose element 0, when nonzero, makes the step
+            change nothing (float32 only; the loss scaler's overflow flag).
     Returns:
         p.
-    Launches: 1, ``sgd_update[_f64]``, one thread per element:
+    Launches: 1, ``sgd_update[_f64]`` (``sgd_update_skip`` with ``skip``), one thread per element:
         grid (ceil(p.size / 256), 1, 1), block (256, 1, 1).
     """
     func = "sgd_update"
@@ -109,15 +123,18 @@ def sgd_update(p, g, v, hyper, momentum, weight_decay, nesterov):
     slot = v if mu != 0 else None
     if mu != 0 and v is None:
         raise ValueError(f"{func}: momentum={momentum!r} needs the momentum buffer v")
-    _xp(p=p, g=g, v=slot, hyper=hyper)
+    _xp(p=p, g=g, v=slot, hyper=hyper, skip=skip)
     dtype = _check_common(func, p, g, hyper, SGD_HYPER_SIZE, {"v": slot})
-    loader.launch(_kernel(func, dtype), (p, g, slot if slot is not None else p, hyper, p.size, mu, wd,
-                                         int(bool(nesterov))),
-                  n_threads=p.size)
+    args = (p, g, slot if slot is not None else p, hyper, p.size, mu, wd, int(bool(nesterov)))
+    if skip is None:
+        loader.launch(_kernel(func, dtype), args, n_threads=p.size)
+    else:
+        _skip_flag(func, skip, dtype)
+        loader.launch("sgd_update_skip", args + (skip,), n_threads=p.size)
     return p
 
 
-def adam_update(p, g, m, v, hyper, betas, eps, weight_decay):
+def adam_update(p, g, m, v, hyper, betas, eps, weight_decay, skip=None):
     """One Adam step in place: ``p``, ``m`` and ``v`` updated.
 
     Args:
@@ -126,9 +143,10 @@ def adam_update(p, g, m, v, hyper, betas, eps, weight_decay):
         hyper: device array of p's dtype, ``(lr / (1 - b1**t), 1 / (1 - b2**t))``
             (:func:`adam_hyper` + :func:`write_hyper`).
         betas: (b1, b2); eps > 0; weight_decay >= 0 (L2 added to the gradient).
+        skip: as for :func:`sgd_update`.
     Returns:
         p.
-    Launches: 1, ``adam_update[_f64]``, one thread per element:
+    Launches: 1, ``adam_update[_f64]`` (``adam_update_skip`` with ``skip``), one thread per element:
         grid (ceil(p.size / 256), 1, 1), block (256, 1, 1).
     """
     func = "adam_update"
@@ -141,10 +159,14 @@ def adam_update(p, g, m, v, hyper, betas, eps, weight_decay):
     wd = _number(func, "weight_decay", weight_decay)
     if m is None or v is None:
         raise ValueError(f"{func}: needs both moment buffers m and v")
-    _xp(p=p, g=g, m=m, v=v, hyper=hyper)
+    _xp(p=p, g=g, m=m, v=v, hyper=hyper, skip=skip)
     dtype = _check_common(func, p, g, hyper, ADAM_HYPER_SIZE, {"m": m, "v": v})
     if len({id(p), id(g), id(m), id(v)}) < 4:
         raise ValueError(f"{func}: p, g, m and v must be four distinct buffers")
-    loader.launch(_kernel(func, dtype), (p, g, m, v, hyper, p.size, b1, 1 - b1, b2, 1 - b2, eps, wd),
-                  n_threads=p.size)
+    args = (p, g, m, v, hyper, p.size, b1, 1 - b1, b2, 1 - b2, eps, wd)
+    if skip is None:
+        loader.launch(_kernel(func, dtype), args, n_threads=p.size)
+    else:
+        _skip_flag(func, skip, dtype)
+        loader.launch("adam_update_skip", args + (skip,), n_threads=p.size)
     return p

@@ -11,6 +11,7 @@ One module per job:
 * :mod:`.schedule` -- learning-rate schedules;
 * :mod:`.trainer` -- :class:`Trainer`: one train step and one epoch loop,
   shared by ``gpucnn train``, ``gpucnn bench`` and the tests;
+* :mod:`.scaler` -- :class:`LossScaler`, the dynamic loss scaling of fp16;
 * :mod:`.evaluation` -- evaluation and the confusion matrix;
 * :mod:`.rundir` -- the run directory (config, metrics, checkpoint);
 * :mod:`.loop` -- :func:`train`, a whole run;
@@ -51,7 +52,7 @@ With them LeNet-5 reaches 99.04% / 99.19% / 99.18% MNIST test accuracy after
 The sigmoid networks get their own SGD defaults (:data:`MODEL_DEFAULTS`):
 3 epochs give zhang2016 97.65%, seed002_c1 98.23%, seed002_c2 98.37%.
 """
-from . import config, evaluation, loop, options, parallel, rundir, schedule, trainer
+from . import config, evaluation, loop, options, parallel, rundir, scaler, schedule, trainer
 from .config import (MODEL_DEFAULTS, OPTIMIZER_DEFAULTS, SCHEDULES, NonFiniteLossError, ResumeConflictError,
                      TrainConfig, resume_config)
 from .evaluation import confusion_matrix, evaluate, evaluate_sums
@@ -59,6 +60,7 @@ from .loop import Terminated, TrainingInterrupted, TrainResult, make_optimizer, 
 from .options import RunOptions
 from .rundir import (METRICS_NAME, MetricsWarning, RunDir, RunDirInUse, RunDirWriteError, default_out_dir,
                      read_metrics)
+from .scaler import LossScaler
 from .schedule import Schedule, learning_rate
 from .trainer import EpochStats, Trainer
 
@@ -67,5 +69,5 @@ __all__ = [
     "MODEL_DEFAULTS", "SCHEDULES", "train", "evaluate", "evaluate_sums", "confusion_matrix", "learning_rate", "Schedule",
     "Trainer", "EpochStats", "RunDir", "default_out_dir", "read_metrics", "resume_config", "make_optimizer",
     "METRICS_NAME", "TrainingInterrupted", "Terminated", "RunDirInUse", "RunDirWriteError", "MetricsWarning",
-    "RunOptions",
+    "RunOptions", "LossScaler",
 ]

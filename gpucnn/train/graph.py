@@ -40,7 +40,7 @@ runs on (:class:`GraphedStep`):
    :class:`cupy.cuda.Graph` exposes no list of its nodes to compare, so the
    two captures are compared by what they do: both are replayed on the second
    step's inputs from one snapshot of the parameters, gradients, optimizer
-   slots and buffers, and must leave the same bits -- a step whose launches
+   slots, buffers and loss-scaler state (fp16), and must leave the same bits -- a step whose launches
    change from step to step (a scalar that counts steps, a buffer that moves)
    is refused;
 3. the snapshot is then restored, the second step run eagerly, and the
@@ -118,12 +118,14 @@ def _restore_host_state(trainer, state) -> bool:
 
 def _state_arrays(trainer, fixed):
     """Every device array a step leaves behind: parameters, gradients, optimizer slots, buffers,
-    the loss and the correct count."""
+    the loss scaler's state, the loss and the correct count."""
     opt = trainer.optimizer
     arrays = [a for g in opt.groups for a in (g.params, g.grads)]
     arrays += [flat for slots in opt.slots for flat in slots.values()]
     arrays += [layer.buffers[k] for _, layer, k in trainer.model.named_buffers()
                if not isinstance(layer.buffers[k], np.ndarray)]
+    if trainer.loss_scaler is not None:                  # the loss scale and its counters
+        arrays += trainer.loss_scaler.arrays()
     return arrays + [fixed.loss, fixed.correct]
 
 
@@ -156,7 +158,7 @@ class FixedInputs:
         """The step on the fixed buffers: gather, forward, loss, backward, optimizer."""
         xb, yb = trainer._gather(x, y, self.idx, (0, 0) if self.aug is not None else None, self.aug)
         trainer._forward_backward(xb, yb, 1.0, (self.loss, self.correct))
-        trainer.optimizer.step(self.hyper)
+        trainer._update(self.hyper)
 
     def copy_in(self, idx, hyper, aug, stream) -> None:
         if idx.shape != self.idx.shape or idx.dtype != self.idx.dtype:

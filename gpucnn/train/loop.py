@@ -43,6 +43,7 @@ from .config import NonFiniteLossError, TrainConfig, resume_config
 from .datasource import augment_spec, dataset_for, raw_train_images  # noqa: F401 (augment_spec: gpucnn.bench)
 from .options import RunOptions
 from .rundir import RunDir
+from .scaler import LossScaler
 from .schedule import Schedule
 from .stops import Terminated, TrainingInterrupted, sigterm_stops_like_ctrl_c, stopped_by  # noqa: F401 (re-exported)
 from .trainer import EpochStats, Trainer
@@ -250,9 +251,12 @@ def train(config: TrainConfig | None = None, *, model=None, loss=None, data=None
             -- ends the job, named (:class:`gpucnn.distributed.CollectiveTimeout`).
         precision: the arithmetic of the conv and dense GEMMs, one of
             :data:`gpucnn.precision.MODES` (``"fp32"``, ``"tf32"``, ``"3xtf32"``,
-            ``"bf16"``): operands rounded as a tensor core rounds them, FP32
+            ``"bf16"``, ``"fp16"``): operands rounded as a tensor core rounds them, FP32
             accumulation and master weights (:mod:`gpucnn.precision`); the
-            checkpoint's metrics row and ``metrics.jsonl`` note it.
+            checkpoint's metrics row and ``metrics.jsonl`` note it.  fp16 trains
+            with dynamic loss scaling (:class:`~gpucnn.train.LossScaler`, defaults):
+            every metrics row gives the loss scale and the steps skipped so far,
+            and the checkpoint keeps the scaler's state, so a resume goes on bit for bit.
         cuda_graph: on a GPU, replay each full-size step as one captured CUDA
             graph (:mod:`gpucnn.train.graph`): the same numbers as the eager
             step, far less host work; a step that fails the capture checks
@@ -390,6 +394,7 @@ class _Run:
         self.rundir = make_rundir()
         self.opt = make_optimizer(cfg, self.model)
         self.rundir.check_space(self.model, self.opt)   # before any training, not after an epoch
+        self.scaler = LossScaler() if precision.current() in precision.LOSS_SCALED else None
         self.start_epoch = 0
         if ckpt is not None:
             self._resume(ckpt)
@@ -400,11 +405,14 @@ class _Run:
         say(f"model: {cfg.model} ({self.model.num_parameters()} parameters), {cfg.optimizer} lr {cfg.lr:g}"
             + (f" momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" and cfg.momentum else "")
             + f" {cfg.lr_schedule} schedule, {_batch_phrase(cfg.batch_size, self.n)}, {cfg.epochs} "
-              f"epoch{'s' if cfg.epochs != 1 else ''}, precision {precision.current()}; writing to {self.rundir.path}")
+              f"epoch{'s' if cfg.epochs != 1 else ''}, precision {precision.current()}"
+            + (f" with dynamic loss scaling (scale {self.scaler.scale:g})" if self.scaler is not None else "")
+            + f"; writing to {self.rundir.path}")
         self.trainer = Trainer(self.model, self.loss, self.opt, batch_size=cfg.batch_size,
                                schedule=Schedule(cfg, self.steps), num_classes=self.num_classes, comm=comm,
                                cuda_graph=cuda_graph, augment=self._augment_spec(),
-                               normalize=(ds.mean, ds.std) if self.raw_train is not None else None)
+                               normalize=(ds.mean, ds.std) if self.raw_train is not None else None,
+                               loss_scaler=self.scaler)
         self.epochs_run, self.train_images, self.train_seconds = 0, 0, 0.0
         self.classes, self.watch = classes, None
         return self
@@ -429,11 +437,20 @@ class _Run:
         """Load the checkpoint (rank 0 when distributed, then broadcast to the other ranks)."""
         comm = self.comm
         if comm is None or comm.is_root:
-            ckpt_mod.load_into(ckpt, self.model, self.opt)
+            ckpt_mod.load_into(ckpt, self.model, self.opt, self.scaler)
+        elif self.scaler is not None and ckpt.loss_scaler is not None:   # rank 0's, shared with the plan
+            self.scaler.load_state_dict(ckpt.loss_scaler)
         if comm is not None:
             meta = parallel.resume_meta(ckpt) if comm.is_root else None
             meta = comm.broadcast_json(meta and {"slots": meta["slots"], "step_count": meta["step_count"]})
             parallel.broadcast_state(comm, self.opt, meta["slots"], meta["step_count"])
+        scaler_state = ckpt.loss_scaler
+        if self.scaler is not None and scaler_state is None:
+            self.say(f"note: {ckpt.path} holds no loss scale (its run did not use fp16): the loss scale starts "
+                     f"at {self.scaler.scale:g}")
+        elif self.scaler is None and scaler_state is not None:
+            self.say(f"note: {ckpt.path} holds an fp16 run's loss scale, which precision {precision.current()} "
+                     "does not use")
         self.start_epoch = ckpt.epoch
         grandom.set_state(ckpt.rng["gpucnn"])   # checked by _check_rng
         self.say(f"resumed from {ckpt.path} after epoch {ckpt.epoch}")
@@ -485,7 +502,9 @@ class _Run:
             self.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc "
                      f"{100 * row['train_accuracy']:.2f}%, test loss {row['test_loss']:.4f} acc "
                      f"{100 * row['test_accuracy']:.2f}%, {row['images_per_sec']:.0f} images/s, "
-                     f"{row['seconds']:.1f} s")
+                     f"{row['seconds']:.1f} s"
+                     + (f", loss scale {row['loss_scale']:g} ({row['skipped_steps']} step"
+                        f"{'s' if row['skipped_steps'] != 1 else ''} skipped so far)" if "loss_scale" in row else ""))
             if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
                 self.say(f"stopping after epoch {epoch + 1} as asked; continue with --resume {self.rundir.path}")
                 break
@@ -511,12 +530,15 @@ class _Run:
                "lr_end": stats.lr_last, "images_per_sec": stats.seen / t_train if t_train > 0 else float("nan"),
                "train_seconds": t_train, "seconds": time.perf_counter() - t_epoch, "device": dev,
                "precision": precision.current()}
+        if self.scaler is not None:     # a host read, at the epoch's end only
+            row["loss_scale"], row["skipped_steps"] = self.scaler.scale, self.scaler.skipped_steps
         if comm is not None:
             row["ranks"] = comm.size
             parallel.check_in_sync(comm, self.opt, epoch + 1)
         rng = {"gpucnn": grandom.get_state(), "shuffle": shuffle_generator(cfg.seed, epoch + 1).bit_generator.state,
                "shuffle_scheme": SHUFFLE_SCHEME, "augment_scheme": AUGMENT_SCHEME}
-        self.rundir.save_epoch(self.model, self.opt, config=cfg, epoch=epoch + 1, rng=rng, row=row)
+        self.rundir.save_epoch(self.model, self.opt, config=cfg, epoch=epoch + 1, rng=rng, row=row,
+                               loss_scaler=self.scaler)
         row["seconds"] = time.perf_counter() - t_epoch  # include the checkpoint write
         self.metrics.append(row)
         self.rundir.append_metrics(row)

@@ -50,10 +50,11 @@ class RunOptions:
         collective_timeout: with ``distributed``, seconds a collective waits
             for every rank (None: the communicator's).
         precision: the GEMMs' arithmetic, one of :data:`PRECISIONS`: ``"fp32"``
-            (the default), ``"tf32"``, ``"3xtf32"`` or ``"bf16"`` (operands
-            rounded, FP32 accumulation and master weights; see
-            :mod:`gpucnn.precision`).  On CUDA every mode but fp32 runs the
-            tensor-core GEMMs (gpucnn/cuda/gemm_tc.py; sm_80 or later).
+            (the default), ``"tf32"``, ``"3xtf32"``, ``"bf16"`` or ``"fp16"``
+            (operands rounded, FP32 accumulation and master weights; see
+            :mod:`gpucnn.precision`); fp16 runs with dynamic loss scaling
+            (:class:`~gpucnn.train.LossScaler`).  On CUDA every mode but fp32
+            runs the tensor-core GEMMs (gpucnn/cuda/gemm_tc.py; sm_80 or later).
         log_every: steps between the per-layer statistics of ``layers.jsonl``
             (and the per-step TensorBoard records); 0: none
             (:mod:`gpucnn.train.watch`).

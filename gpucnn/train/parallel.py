@@ -82,7 +82,7 @@ def resume_meta(ckpt) -> dict | None:
     slots = (ckpt.optimizer or {}).get("slots", {})
     return {"path": str(ckpt.path), "model": ckpt.model, "epoch": ckpt.epoch, "config": ckpt.config,
             "rng": ckpt.rng, "slots": sorted({k.rsplit("/", 1)[1] for k in slots}),
-            "step_count": int((ckpt.optimizer or {}).get("step_count", 0))}
+            "step_count": int((ckpt.optimizer or {}).get("step_count", 0)), "loss_scaler": ckpt.loss_scaler}
 
 
 def resume_point(meta: dict | None):
@@ -90,7 +90,8 @@ def resume_point(meta: dict | None):
     if meta is None:
         return None
     return ckpt_mod.Checkpoint(path=Path(meta["path"]), model=meta["model"], epoch=int(meta["epoch"]),
-                               params={}, optimizer=None, config=meta["config"], rng=meta["rng"])
+                               params={}, optimizer=None, config=meta["config"], rng=meta["rng"],
+                               loss_scaler=meta.get("loss_scaler"))
 
 
 def broadcast_state(comm, optimizer, slot_keys=(), step_count: int = 0) -> None:

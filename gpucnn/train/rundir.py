@@ -338,15 +338,16 @@ class RunDir:
         with self._writing(self.path / CONFIG_NAME, kept):
             _write_text(self.path / CONFIG_NAME, json.dumps(asdict(config), indent=2) + "\n")
 
-    def save_epoch(self, model, optimizer, *, config, epoch: int, rng: dict, row: dict) -> Path:
-        """Write the checkpoint after ``epoch`` (atomically), once :meth:`check_space` finds room for it."""
+    def save_epoch(self, model, optimizer, *, config, epoch: int, rng: dict, row: dict, loss_scaler=None) -> Path:
+        """Write the checkpoint after ``epoch`` (atomically), once :meth:`check_space` finds room for it;
+        ``loss_scaler``: an fp16 run's :class:`~gpucnn.train.LossScaler`, saved with it."""
         if not self.writer:
             self.last_good, self.saved_epoch = self.checkpoint, epoch
             return self.checkpoint
         self.check_space(model, optimizer)
         with self._writing(self.checkpoint, self.kept(self.saved_epoch or None) + self._resume_hint()):
             ckpt_mod.save_checkpoint(self.checkpoint, model, optimizer, model_name=config.model, epoch=epoch,
-                                     config=asdict(config), rng=rng, metrics=row)
+                                     config=asdict(config), rng=rng, metrics=row, loss_scaler=loss_scaler)
         self.last_good, self.saved_epoch = self.checkpoint, epoch
         self._checkpoint_bytes = self.checkpoint.stat().st_size
         return self.checkpoint

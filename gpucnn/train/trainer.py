@@ -31,6 +31,7 @@ every rank sees the same metrics and stops at the same NaN/Inf step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ import numpy as np
 
 from .. import backend
 from .. import debug as debug_mod
-from .. import losses
+from .. import losses, precision
 from ..data.augment import augment_batch
 from ..data.batching import batch_indices, batch_start, shard_bounds
 from ..functional import _dispatch
@@ -53,16 +54,34 @@ from .evaluation import evaluate, evaluate_sums, loss_targets
 __all__ = ["Trainer", "EpochStats", "forward_backward"]
 
 
-def forward_backward(model, loss, x, y, scale=1.0, slot=None):
+def forward_backward(model, loss, x, y, scale=1.0, slot=None, loss_scaler=None):
     """Forward, loss and backward of one batch-last batch in one pass; ``(loss, correct)`` as 0-d arrays.
 
     The gradients written (overwritten) are those of ``scale`` times the batch-mean loss;
-    ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into.  The one place
-    the train step calls the model's and the loss's batch-last passes.
+    ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into;
+    ``loss_scaler``: a :class:`~gpucnn.train.LossScaler` whose scale, held on the device,
+    multiplies the loss's gradient before the backward pass (a GPU step; on NumPy the trainer
+    folds the scale into ``scale``).  The one place the train step calls the model's and the
+    loss's batch-last passes.
     """
+    with _quiet_overflow():
+        return _one_batch(model, loss, x, y, scale, slot, loss_scaler)
+
+
+def _quiet_overflow():
+    """An fp16 step runs with NumPy's overflow and invalid-value warnings off: a scaled gradient that
+    overflows is what loss scaling detects (the step is skipped and counted), and an overflowing
+    forward gives a non-finite loss, which stops the run with its own message."""
+    if precision.current() in precision.LOSS_SCALED:
+        return np.errstate(over="ignore", invalid="ignore")
+    return contextlib.nullcontext()
+
+
+def _one_batch(model, loss, x, y, scale, slot, loss_scaler):
+    """:func:`forward_backward`'s forward, loss and backward, top to bottom."""
     out = run_forward(model, x)                                         # forward
     if not runs_batch_last(loss):                                       # a loss of one's own: public passes
-        return _own_loss(model, loss, out, y, scale)
+        return _own_loss(model, loss, out, y, scale, loss_scaler)
     if isinstance(loss, losses.MSE):                                    # loss
         value = loss._forward(out, losses.one_hot_internal(y, out.shape[0], out.dtype))
         correct = (out.argmax(axis=0) == y).sum()
@@ -72,17 +91,23 @@ def forward_backward(model, loss, x, y, scale=1.0, slot=None):
     else:
         value = loss._forward(out, y)
         correct = loss.correct
-    run_backward(model, loss._backward(scale), input_grad=False)        # backward
+    dy = loss._backward(scale)
+    if loss_scaler is not None:
+        dy = loss_scaler.scale_gradient(dy)
+    run_backward(model, dy, input_grad=False)                           # backward
     return value, correct
 
 
-def _own_loss(model, loss, out, y, scale):
+def _own_loss(model, loss, out, y, scale, loss_scaler=None):
     """The loss and backward of :func:`forward_backward` through a loss's own public ``forward`` /
     ``backward`` (a subclass overriding them, or a loss of one's own): batch-first arrays, converted."""
     target = losses.one_hot(y, out.shape[0], out.dtype) if isinstance(loss, losses.MSE) else y
     value = loss.forward(from_internal(out), target)
     correct = (out.argmax(axis=0) == y).sum()
-    run_backward(model, to_internal(loss.backward(scale)), input_grad=False)
+    dy = to_internal(loss.backward(scale))
+    if loss_scaler is not None:
+        dy = loss_scaler.scale_gradient(dy)
+    run_backward(model, dy, input_grad=False)
     return value, correct
 
 
@@ -92,8 +117,8 @@ class _OnePass:
     def __init__(self, model, loss):
         self.model, self.loss = model, loss
 
-    def forward_backward(self, x, y, scale, slot=None):
-        return forward_backward(self.model, self.loss, x, y, scale, slot)
+    def forward_backward(self, x, y, scale, slot=None, loss_scaler=None):
+        return forward_backward(self.model, self.loss, x, y, scale, slot, loss_scaler)
 
     def close(self) -> None:
         pass
@@ -173,12 +198,19 @@ class Trainer:
             Default True; a step that fails those checks runs eagerly after a
             one-line warning; steps that are never captured run eagerly
             without one (see :meth:`why_eager`).
+        loss_scaler: None, or a :class:`~gpucnn.train.LossScaler`: dynamic loss scaling,
+            what fp16 needs (:func:`~gpucnn.train.train` makes one for ``precision="fp16"``
+            and for no other mode).  Every step then back-propagates the scaled loss,
+            unscales and checks the gradients, and skips the update when one is Inf or NaN.
     """
 
     def __init__(self, model, loss, optimizer, *, batch_size: int, schedule=None, num_classes: int = 10,
                  sync_every: int | None = None, comm=None, cuda_graph: bool = True, augment=None,
-                 normalize=None):
+                 normalize=None, loss_scaler=None):
         self._model, self._loss, self._optimizer = model, loss, optimizer
+        self.loss_scaler = loss_scaler
+        if loss_scaler is not None:
+            loss_scaler.bind(optimizer)
         self._runner = None              # forward, loss and backward: picked at the first step (_passes)
         self.comm = comm
         self.batch_size = int(batch_size)
@@ -203,6 +235,8 @@ class Trainer:
             self._runner = None
             self._graphs.clear()             # captured graphs point into the old buffers
             self._eager_steps.clear()
+            if name == "optimizer" and self.loss_scaler is not None:
+                self.loss_scaler.bind(value)   # it scales the new optimizer's gradients
         return property(lambda self: getattr(self, "_" + name), set_)
 
     model, loss, optimizer = _replace("model"), _replace("loss"), _replace("optimizer")
@@ -231,18 +265,37 @@ class Trainer:
         ``(loss, correct)`` as 0-d device arrays."""
         with nvtx_range("train_step"):
             value, correct = self._forward_backward(to_internal(xb), yb, 1.0)
-            self.optimizer.step()
+            self._update()
         return value, correct
 
     def _forward_backward(self, x, y, scale, slot=None):
         """Forward, loss and backward on a batch-last batch; ``(loss, correct)``, both 0-d arrays.
 
-        The gradients written are those of ``scale`` times the batch-mean loss.
+        The gradients written are those of ``scale`` times the batch-mean loss, times the loss
+        scale with a :class:`~gpucnn.train.LossScaler` (on NumPy folded into ``scale``: the host
+        reads it for free; on a GPU multiplied into the loss's gradient on the device).
         ``slot``: ``(loss_out, correct_out)`` for the loss's kernel path to write into.
         On NumPy a batch of a model whose layers never mix samples runs as
         micro-batches in forked workers or on threads (:mod:`gpucnn.train.workers`).
         """
-        return self._passes(x).forward_backward(x, y, scale, slot)
+        scaler = self.loss_scaler
+        if scaler is None:
+            return self._passes(x).forward_backward(x, y, scale, slot)
+        with _quiet_overflow():              # the micro-batches' gradients are summed here
+            if scaler.on_host:               # a power of two: scale * S / N is exact
+                return self._passes(x).forward_backward(x, y, scale * scaler.scale, slot)
+            return self._passes(x).forward_backward(x, y, scale, slot, loss_scaler=scaler)
+
+    def _update(self, hyper=None) -> None:
+        """The optimizer step; with a loss scaler, the gradients unscaled and checked first, the step
+        skipped on the device when one is Inf or NaN, and the scale updated after it."""
+        scaler = self.loss_scaler
+        if scaler is None:
+            self.optimizer.step(hyper)
+            return
+        skip = scaler.unscale_(self.optimizer)
+        self.optimizer.step(hyper, skip=skip)
+        scaler.update()
 
     @staticmethod
     def _gather_kernel(x, y) -> bool:
@@ -429,7 +482,7 @@ class Trainer:
             with nvtx_range("allreduce_grads"):
                 for group in self.optimizer.groups:
                     self.comm.allreduce_sum(group.grads)
-            self.optimizer.step(hyper)
+            self._update(hyper)          # after the sum: every rank skips the same steps
         return value, correct
 
     def _one_step(self, x, y, s: StepInputs, ring, aug_rows):
@@ -452,7 +505,7 @@ class Trainer:
             return self.step_shard(xb, yb, s.n_global, s.hyper, s.slot)   # the same, gradients summed over ranks
         with nvtx_range("train_step"):
             value, correct = self._forward_backward(xb, yb, 1.0, s.slot)  # forward, loss, backward
-            self.optimizer.step(s.hyper)                                  # update
+            self._update(s.hyper)                                         # update
         return value, correct
 
     def _rank_world(self):

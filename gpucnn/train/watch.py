@@ -106,11 +106,16 @@ def read_layer_stats(path) -> list[dict]:
 
 def _histogram(xp, v, bins: int):
     """``[min, max, sum, count_0 .. count_{bins-1}]`` of ``v`` (float64, on ``v``'s device): equal buckets
-    from min to max, computed without a host read."""
+    from min to max, computed without a host read.  A non-finite ``v`` (the gradients of an fp16 step
+    whose loss scale overflowed, which the step skipped) gives a non-finite min, max or sum and puts
+    what cannot be placed in the first bucket, rather than a bucket index out of range."""
     mn, mx = v.min(), v.max()
-    span = mx - mn
-    scale = (span > 0) * (bins / xp.where(span > 0, span, 1))
-    idx = xp.minimum(((v - mn) * scale).astype(np.int32), bins - 1)
+    with np.errstate(invalid="ignore"):                 # inf - inf: NaN, placed in bucket 0 below
+        span = mx - mn
+        ok = (span > 0) & (span < np.inf)
+        scale = ok * (bins / xp.where(ok, span, 1))
+        pos = (v - mn) * scale
+    idx = xp.minimum(xp.where(pos > 0, pos, 0), bins - 1).astype(np.int32)   # NaN -> 0, before the cast
     counts = xp.bincount(idx.ravel(), minlength=bins)
     return xp.concatenate([xp.stack([mn, mx, v.sum()]).astype(np.float64), counts.astype(np.float64)])
 
@@ -259,7 +264,7 @@ class Watch:
 
     def _histogram(self, tag, h, num, sumsq, step):
         mn, mx, total, counts = float(h[0]), float(h[1]), float(h[2]), h[3:]
-        if mx > mn:
+        if mx > mn and np.isfinite(mx - mn):
             limits = (mn + (mx - mn) * np.arange(1, HIST_BINS + 1) / HIST_BINS).tolist()
             counts = counts.tolist()
         else:   # every value the same: one bucket
