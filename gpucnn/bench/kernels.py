@@ -654,8 +654,12 @@ def result(rows, *, model, batches, modes, env, method, measured) -> dict:
 # --------------------------------------------------------------------------- the command
 
 
+def _print(line: str = "") -> None:
+    print(line, flush=True)     # each table as it is made: a run stopped by a timeout keeps the ones done
+
+
 def run(model: str, batches, modes, *, warmup: int, repeats: int, torch, env: dict, static: bool = False,
-        log=print) -> tuple[int, dict]:
+        log=_print) -> tuple[int, dict]:
     """Print the tables (each as soon as it is measured); returns ``(exit status, JSON)``.
 
     ``static``: on the CuPy stand-in, predictions only (no GPU); else on the GPU, with PyTorch's
