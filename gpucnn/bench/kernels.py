@@ -214,7 +214,7 @@ class Gemm:
 def check_model(name: str) -> str | None:
     """Why ``--kernels`` cannot take model ``name`` (None: it can): its layers must be a flat list."""
     model = models.build(name)
-    nested = [type(l).__name__ for l in model.layers if hasattr(l, "layers")]
+    nested = [type(l).__name__ for l in model.layers if isinstance(l, (layers.Sequential, layers.Residual))]
     if nested:
         return (f"--kernels takes a model of plain layers; {name} has {', '.join(sorted(set(nested)))} blocks "
                 f"(use lenet5, zhang2016, seed001, seed002_c1 or seed002_c2)")
@@ -492,8 +492,9 @@ def _gemm_rows(g: Gemm, batch: int, mode: str, data: dict, device: str, clock, r
             try:
                 ref = reference.run(g, batch, op, mode, data)
                 row["torch_us"], row["torch_method"] = ref["us"], ref["method"]
-                row["check"] = max(_rel_err(m, r) for m, r in zip(mine[op], ref["outputs"]) if r is not None)
-                row["mismatch"] = row["check"] > TOLERANCE[mode]
+                errors = [_rel_err(m, r) for m, r in zip(mine[op], ref["outputs"]) if r is not None]
+                row["check"] = max(errors) if errors else None
+                row["mismatch"] = bool(errors) and row["check"] > TOLERANCE[mode]
             except Exception as exc:
                 row["torch_method"] = f"failed ({type(exc).__name__}: {_shorten(exc, 200)})"
         if clock is not None:
