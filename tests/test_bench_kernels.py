@@ -36,14 +36,14 @@ class FakeClock:
 
 
 class FakeReference:
-    """PyTorch's side, injected: ``us`` per row, no outputs (no check)."""
+    """PyTorch's side, injected: ``us`` per row; ``outputs`` (default none: no check)."""
 
-    def __init__(self, us):
-        self.us = us
+    def __init__(self, us, outputs=(None,)):
+        self.us, self.outputs = us, list(outputs)
         self.restored = False
 
     def run(self, g, batch, op, mode, data):
-        return {"us": self.us, "method": "graph", "outputs": [None]}
+        return {"us": self.us, "method": "graph", "outputs": self.outputs}
 
     def restore(self):
         self.restored = True
@@ -245,6 +245,20 @@ def test_a_call_that_cannot_be_captured_is_timed_eagerly_and_says_why(monkeypatc
         seconds, method = kernels.GraphClock(warmup=1, repeats=2, calls=3).gpucnn(allocates)
     assert seconds >= 0 and method.startswith("eager (graph capture failed: RuntimeError: the call allocated 16 bytes")
     assert len(calls) == 1 + 1 + (1 + 2) * 3     # warm-up, the capture (refused at once), 3 timed x 3 calls
+
+
+@pytest.mark.parametrize("value", [1.0, np.nan], ids=["off", "nan"])
+def test_outputs_unlike_pytorchs_are_a_mismatch_and_fail_the_run(value, monkeypatch):
+    """The stand-in's stubbed kernels leave zeros; a PyTorch side of ones (or NaN) is far off."""
+    monkeypatch.setattr(kernels, "Timer", CpuTimer)
+    monkeypatch.setattr(kernels, "TorchReference", lambda torch, clock: FakeReference(3.0, [np.float32(value)]))
+    lines = []
+    with standin.installed(standin.Recorder()):
+        status, result = kernels.run("seed002_c1", [2], ["fp32"], warmup=0, repeats=1, torch=object(),
+                                     env={"gpu": "NVIDIA H200"}, log=lines.append)
+    assert status == 1 and all(r["mismatch"] for r in result["rows"])
+    assert sum(line.endswith(" MISMATCH") for line in lines) == len(result["rows"]) == 6
+    assert lines[-1].startswith("\n6 rows failed or do not match PyTorch: conv1 fwd (batch 2, fp32), ")
 
 
 # -- on the emulator, against PyTorch on the CPU ---------------------------------------------------
