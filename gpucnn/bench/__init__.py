@@ -2,7 +2,8 @@
 
 Modules: :mod:`.timing` (medians, CUDA events), :mod:`.twin` (the PyTorch
 twin of a model), :mod:`.steps` (step, layer and kernel tables),
-:mod:`.accuracy` (time to accuracy).
+:mod:`.kernels` (``--kernels``: each GEMM of a train step per precision mode,
+predicted and measured beside cuDNN), :mod:`.accuracy` (time to accuracy).
 
 Both sides are measured in the same run, on the same device, batch and
 optimizer (SGD with momentum), after a correctness check of the step and a
@@ -23,6 +24,8 @@ Usage::
     gpucnn bench --device cpu --batch-sizes 64
     gpucnn bench --static --model all --batch-sizes 64 256 --json static.json   # no GPU needed
     gpucnn bench --device cuda --batch-sizes 64 256 1024 --model lenet5
+    gpucnn bench --device cuda --kernels --precision fp32,tf32,bf16 --json kernels.json
+    gpucnn bench --static --kernels                 # the same rows' predictions, no GPU needed
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backend, models
+from .. import backend, models, precision
 from ..train import workers
 from .accuracy import time_to_accuracy
 from .steps import check_step, kernel_rows, layer_rows, step_pair
@@ -89,7 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lenet5", choices=(*models.MODELS, "all"),
                    help="the model (\"all\": every model, with --static only)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64], metavar="N")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="(default: 64; with --kernels: 64 1024)")
     p.add_argument("--repeats", type=int, default=30, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
@@ -104,6 +108,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "registers, spills, shared memory and SASS loop figures for sm_90), the launch count "
                         "and the host microseconds per step and per launch, kernels stubbed")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="--static: the optimizer")
+    p.add_argument("--kernels", action="store_true",
+                   help="instead: each GEMM kernel of a train step (conv forward, backward-input, backward-weight; "
+                        "dense forward, backward-input, backward-weight) per --precision mode: shapes, predicted "
+                        "us, measured us (CUDA graph replays, CUDA events) beside PyTorch + cuDNN on the same "
+                        "shapes, and the ratio; needs --device cuda, or --static for the predictions alone")
+    p.add_argument("--precision", default=None, metavar="MODES",
+                   help="--kernels: comma-separated precision modes, or 'all' (default: all, "
+                        f"{','.join(precision.MODES)})")
     p.add_argument("--time-to-accuracy", type=float, metavar="ACC", default=None,
                    help="instead: time lenet5 training until MNIST test accuracy >= ACC (e.g. 0.99)")
     p.add_argument("--seeds", type=int, default=5, help="seeds for --time-to-accuracy (mean reported)")
@@ -124,6 +136,40 @@ def _json_path_problem(path) -> str | None:
     return None
 
 
+def _resolve_defaults(args) -> None:
+    """Fill in the defaults that depend on other options (the batch sizes, the precision modes)."""
+    from .kernels import DEFAULT_BATCHES
+
+    if args.batch_sizes is None:
+        args.batch_sizes = list(DEFAULT_BATCHES) if getattr(args, "kernels", False) else [64]
+
+
+def _check_kernels(args):
+    """An error message for bad ``--kernels`` / ``--precision`` arguments, or None."""
+    from . import kernels
+
+    if not args.kernels:
+        return "--precision goes with --kernels" if args.precision is not None else None
+    try:
+        args.precisions = kernels.parse_precisions(args.precision or "all")
+    except ValueError as exc:
+        return str(exc)
+    if args.time_to_accuracy is not None:
+        return "--kernels and --time-to-accuracy are separate runs: give one"
+    if args.model == "all":
+        return "--kernels takes one model, not --model all"
+    problem = kernels.check_model(args.model)
+    if problem or args.static:
+        return problem
+    if args.device == "cpu":
+        return ("--kernels times CUDA kernels: use --device cuda, or --static --kernels for the predictions "
+                "without a GPU")
+    if not backend.cuda_available():
+        return (f"--kernels needs a CUDA GPU: {backend.cuda_unavailable_reason()}; "
+                "`gpucnn bench --static --kernels` prints the predictions without one")
+    return None
+
+
 def _check_args(args):
     """An error message for bad arguments, or None."""
     for b in args.batch_sizes:
@@ -141,6 +187,9 @@ def _check_args(args):
         return "--model all goes with --static only"
     if args.json and _json_path_problem(args.json):
         return _json_path_problem(args.json)
+    problem = _check_kernels(args)
+    if problem:
+        return problem
     if args.static:
         return None
     if args.device == "cuda" and not backend.cuda_available():
@@ -243,10 +292,19 @@ def _layer_table(args, batch, device, torch, timer, ttimer, results):
 
 def run(args) -> int:
     """Run ``gpucnn bench`` with parsed arguments; returns the exit status."""
+    _resolve_defaults(args)
     problem = _check_args(args)
     if problem:
         print(f"gpucnn bench: {problem}", file=sys.stderr)
         return 2
+    if args.kernels and args.static:
+        from . import kernels
+
+        status, result = kernels.run(args.model, args.batch_sizes, args.precisions, warmup=args.warmup,
+                                     repeats=args.repeats, torch=None, env={"device": "stand-in (no GPU)"},
+                                     static=True)
+        _write_json(args.json, result)
+        return status
     if args.static:
         from .static import run_static
 
@@ -265,6 +323,13 @@ def run(args) -> int:
     print("gpucnn bench  " + "  ".join(f"{k}={v}" for k, v in env.items()))
     if args.time_to_accuracy is not None:
         return _run_time_to_accuracy(args, device, env)
+    if args.kernels:
+        from . import kernels
+
+        status, result = kernels.run(args.model, args.batch_sizes, args.precisions, warmup=args.warmup,
+                                     repeats=args.repeats, torch=torch, env=env)
+        _write_json(args.json, result)
+        return status
     print("ratio = PyTorch time / gpucnn time (> 1 means gpucnn is faster)")
     results = {"env": env, "model": args.model, "steps": [], "layers": [], "kernels": []}
     for batch in args.batch_sizes:
