@@ -12,7 +12,7 @@
 //
 // gemm: conv_fwd (P IM2COL, Q STRIDED), conv_dgrad (P GATHER, Q WTAP),
 // conv_wgrad (P IM2COL_T, Q STRIDED), dense (both STRIDED; the geometry
-// arguments are unused); tile: n8, n16, n64 (below).
+// arguments are unused); tile: n8, n64 (below).
 //
 // ---------------------------------------------------------------------------
 // Formula.  For m < M, n < Nn, with k over [k0, k1) = the block's K slab:
@@ -58,8 +58,11 @@
 // warp owns FM x FN tiles of 16 x 8 (mma.cuh's m16n8 shapes), block tile
 // BM = 16*FM*WARPS_M rows (m) by BN = 8*FN*WARPS_N columns (n):
 //   n8   4 x 1 warps, 2 x 1 tiles: BM 128, BN 8   (<= 8 outputs)
-//   n16  4 x 1 warps, 2 x 2 tiles: BM 128, BN 16
 //   n64  2 x 2 warps, 2 x 4 tiles: BM 64,  BN 64
+// (an n16 tile, BM 128 x BN 16, was dropped: its staging costs 83 instructions
+// per HMMA in tf32 conv forward against n64's 44, so at 9-16 outputs n64's
+// wasted tensor-core columns cost less than n16's staging; and each entry
+// point adds seconds of NVRTC time to a module)
 // K advances in stages of 32: each stage's P (BM x 32) and Q (32 x BN) tiles
 // are loaded from global memory into registers one stage ahead (the loads of
 // stage s+1 are in flight while stage s multiplies), then rounded into

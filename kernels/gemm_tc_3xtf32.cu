@@ -16,16 +16,6 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_conv_fwd
                                           act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_conv_fwd_n16(
-    const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
-    float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
-    int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
-    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
-{
-    gemm_tc<MODE_3XTF32, OP_IM2COL, OP_STRIDED, 4, 1, 2, 2>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
-                                          act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
-}
-
 extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_conv_fwd_n64(
     const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
     float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
@@ -43,16 +33,6 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_conv_dgr
     int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
 {
     gemm_tc<MODE_3XTF32, OP_GATHER, OP_WTAP, 4, 1, 2, 1>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
-                                          act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
-}
-
-extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_conv_dgrad_n16(
-    const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
-    float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
-    int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
-    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
-{
-    gemm_tc<MODE_3XTF32, OP_GATHER, OP_WTAP, 4, 1, 2, 2>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
                                           act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
 }
 
@@ -76,16 +56,6 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_conv_wgr
                                           act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_conv_wgrad_n16(
-    const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
-    float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
-    int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
-    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
-{
-    gemm_tc<MODE_3XTF32, OP_IM2COL_T, OP_STRIDED, 4, 1, 2, 2>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
-                                          act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
-}
-
 extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_conv_wgrad_n64(
     const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
     float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
@@ -103,16 +73,6 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_dense_n8
     int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
 {
     gemm_tc<MODE_3XTF32, OP_STRIDED, OP_STRIDED, 4, 1, 2, 1>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
-                                          act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
-}
-
-extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_3xtf32_dense_n16(
-    const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
-    float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
-    int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
-    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
-{
-    gemm_tc<MODE_3XTF32, OP_STRIDED, OP_STRIDED, 4, 1, 2, 2>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
                                           act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
 }
 

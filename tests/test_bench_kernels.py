@@ -21,7 +21,7 @@ from gpucnn.bench.static import static_step
 from gpucnn.functional.workspace import Workspace
 from gpucnn.timing import Timer
 
-REFUSAL = "precision '3xtf32' has no CUDA kernels yet"
+REFUSAL = "precision '3xtf32' has no CUDA kernels yet (planted)"
 
 
 class FakeClock:
@@ -97,7 +97,18 @@ def test_totals_need_every_row_of_the_step():
     assert t["torch_us"] is None and t["ratio"] is None and t["gpucnn_us"] == 8.0
 
 
-def test_a_refused_mode_gives_refused_rows_not_a_crash():
+def test_a_refused_mode_gives_refused_rows_not_a_crash(monkeypatch):
+    """Every mode has kernels today: a refusal (NotImplementedError) is planted for 3xtf32."""
+    from gpucnn.cuda import gemm_tc
+
+    real = gemm_tc.check_device
+
+    def refuse(func, mode, *arrays):
+        if mode == "3xtf32":
+            raise NotImplementedError(REFUSAL)
+        return real(func, mode, *arrays)
+
+    monkeypatch.setattr(gemm_tc, "check_device", refuse)
     rows = _collect(modes=("3xtf32", "bf16"), clock=FakeClock(1e-6), reference=FakeReference(2.0))
     refused = [r for r in rows if r["precision"] == "3xtf32"]
     assert len(refused) == 15 and all(REFUSAL in r["refused"] for r in refused)
@@ -129,9 +140,10 @@ def test_the_input_gradient_is_what_input_grad_adds():
     kinds = {key: [launch["kernel"] for launch in r["launches"]] for key, r in rows.items()}
     assert kinds["fp32", "conv2 bwd-input"] == ["conv_backward_input"]
     assert kinds["fp32", "conv2 bwd-weight"] == ["conv_backward_weight_partial", "conv_backward_weight_reduce"]
-    assert kinds["tf32", "conv2 bwd-input"] == ["round_mantissa", "conv_backward_input"]   # W rounded
-    assert kinds["tf32", "conv2 bwd-weight"] == ["round_mantissa"] * 2 + kinds["fp32", "conv2 bwd-weight"]
-    assert kinds["tf32", "dense1 fwd"] == ["round_mantissa", "round_mantissa", "dense_forward"]
+    # tf32: the tensor-core GEMMs, which round as they load (the weight gradient keeps the reduce)
+    assert kinds["tf32", "conv2 bwd-input"] == ["gemm_tc_tf32_conv_dgrad_n8"]
+    assert kinds["tf32", "conv2 bwd-weight"] == ["gemm_tc_tf32_conv_wgrad_n64", "conv_backward_weight_reduce"]
+    assert kinds["tf32", "dense1 fwd"] == ["gemm_tc_tf32_dense_n64"]
     assert kinds["fp32", "dense1 bwd-input"] == ["gemm_tn"]
     assert kinds["fp32", "dense1 bwd-weight"] == ["dense_backward_act", "gemm_nt"]
 
@@ -172,7 +184,8 @@ def test_static_kernels_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--static", "--kernels", "--precision", "fp16"], "precision must be one of 'fp32', 'tf32', '3xtf32', 'bf16'"),
+    (["--static", "--kernels", "--precision", "fp8"],
+     "precision must be one of 'fp32', 'tf32', '3xtf32', 'bf16', 'fp16'"),
     (["--static", "--kernels", "--precision", ","], "--precision needs a comma-separated list"),
     (["--static", "--precision", "fp32"], "--precision goes with --kernels"),
     (["--static", "--kernels", "--model", "resnet_mini"], "--kernels takes a model of plain layers; resnet_mini"),
@@ -203,7 +216,7 @@ def test_kernels_parse_in_the_cli():
     with pytest.raises(SystemExit) as info:
         cli.main(["bench", "--kernels", "--precision", "fp32,bf16", "--batch-sizes", "64", "1024", "--help"])
     assert info.value.code == 0
-    assert kernels.parse_precisions("all") == ["fp32", "tf32", "3xtf32", "bf16"]
+    assert kernels.parse_precisions("all") == ["fp32", "tf32", "3xtf32", "bf16", "fp16"]
     assert kernels.parse_precisions(" bf16, fp32,bf16") == ["bf16", "fp32"]
 
 
@@ -227,7 +240,7 @@ def test_every_row_is_captured_as_a_graph_and_torch_missing_leaves_its_columns_e
                                      torch=None, env={"gpu": "stand-in"}, log=lines.append)
     assert status == 0
     measured = [r for r in result["rows"] if not r["refused"]]
-    assert len(measured) == 45 and all(r["gpucnn_method"] == "graph" and r["gpucnn_us"] > 0 for r in measured)
+    assert len(measured) == 60 and all(r["gpucnn_method"] == "graph" and r["gpucnn_us"] > 0 for r in measured)
     assert all(r["torch_us"] is None and r["ratio"] is None for r in result["rows"])
     assert "  PyTorch is not available: the cuDNN, ratio and check columns show '-'" in lines
     assert any(line.startswith("  (the predictions are an H200's") for line in lines)

@@ -3,8 +3,7 @@
 Each GEMM kind -- conv forward, backward-input, backward-weight (split-K), and the
 dense layer's three products -- runs on the unchanged kernels (the CPU emulator,
 or a GPU), in every mode, on shapes that leave every tile partial: channels
-that are 1, 6, 13 and 37 (the n8, n16 and n64 tiles, and more than one block of
-n), columns that are not multiples of a block, reductions that are not
+that are 1, 6, 13 and 37 (the n8 and n64 tiles, and more than one block of n), columns that are not multiples of a block, reductions that are not
 multiples of the 32-wide stage, strides and paddings, a weight gradient split
 into several slabs.  The reference is float64 of the operands as the mode
 rounds them (gpucnn.precision: the NumPy path's own rounding), so an operand
@@ -60,11 +59,11 @@ def _conv_ref(x, W, b, dz, stride, padding):
     return (y.detach().numpy().transpose(1, 2, 3, 0), xt.grad.numpy().transpose(1, 2, 3, 0), Wt.grad.numpy())
 
 
-# (C, O, H, W, N, k, stride, padding): n8 / n16 / n64 tiles on both sides, partial tiles everywhere
+# (C, O, H, W, N, k, stride, padding): n8 / n64 tiles on both sides, partial tiles everywhere
 CONV_SHAPES = [
     (1, 6, 9, 8, 5, 5, (1, 1), (0, 0)),       # lenet5's conv1: one input channel, 6 outputs (n8)
-    (6, 13, 7, 9, 3, 3, (2, 1), (1, 0)),      # n16 forward, n8 backward-input, a stride-2 gather
-    (13, 37, 6, 5, 2, 3, (1, 2), (1, 1)),     # n64 forward (one partial block of n), n16 backward
+    (6, 13, 7, 9, 3, 3, (2, 1), (1, 0)),      # n64 forward (13 of 64), n8 backward-input, a stride-2 gather
+    (13, 37, 6, 5, 2, 3, (1, 2), (1, 1)),     # n64 forward (one partial block of n), n64 backward
     (37, 6, 5, 5, 3, 2, (2, 2), (0, 1)),      # n8 forward with a 148-long reduction, n64 backward
 ]
 
@@ -150,7 +149,7 @@ def test_refusals_name_the_bad_value(kernels):
 
 
 def test_tiles_follow_the_output_channels():
-    assert [gemm_tc.tile_for(n) for n in (1, 6, 8, 9, 16, 17, 120)] == ["n8"] * 3 + ["n16"] * 2 + ["n64"] * 2
+    assert [gemm_tc.tile_for(n) for n in (1, 6, 8, 9, 16, 17, 120)] == ["n8"] * 3 + ["n64"] * 4
     assert gemm_tc.kernel_name("fp16", "conv_fwd", 6) == "gemm_tc_f16_conv_fwd_n8"
 
 

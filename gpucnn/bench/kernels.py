@@ -14,9 +14,9 @@ row per GEMM-like pass of every Conv2D and Dense layer, in this order:
 * ``bwd-weight`` -- dL/dW and dL/db: the backward call with ``input_grad=False``.
 
 Every gpucnn call runs inside ``with gpucnn.precision.using(mode):``, so a row
-times whatever kernels the mode dispatches to (on CUDA today: the SIMT kernels,
-after one rounding launch per operand in tf32 and bf16); a mode gpucnn refuses
-on CUDA gives rows that say ``refused: <reason>``.
+times whatever kernels the mode dispatches to (on CUDA: the SIMT kernels in
+fp32, the tensor-core GEMMs of gpucnn/cuda/gemm_tc.py in every other mode); a
+mode gpucnn refuses on CUDA gives rows that say ``refused: <reason>``.
 
 The columns:
 
@@ -69,14 +69,16 @@ CALLS_PER_GRAPH = 10
 #: the passes of each layer, in the order the table prints them
 OPS = ("fwd", "bwd-input", "bwd-weight")
 #: ``check`` above this (max |gpucnn - PyTorch| / max |PyTorch|) is a MISMATCH: operands rounded
-#: to TF32 (2^-11) or bfloat16 (2^-8, and PyTorch's bfloat16 outputs) leave ~1e-3 / ~1e-2
-TOLERANCE = {"fp32": 1e-3, "3xtf32": 1e-3, "tf32": 1e-2, "bf16": 5e-2}
+#: to TF32 (2^-11) or bfloat16 (2^-8, and PyTorch's bfloat16 outputs) leave ~1e-3 / ~1e-2; fp16
+#: (2^-11, and PyTorch's float16 outputs) as TF32
+TOLERANCE = {"fp32": 1e-3, "3xtf32": 1e-3, "tf32": 1e-2, "bf16": 5e-2, "fp16": 1e-2}
 #: PyTorch's settings for each gpucnn mode: (operand dtype, TF32 allowed, in words)
 TORCH_MODES = {
     "fp32": ("float32", False, "float32, TF32 off (cudnn.allow_tf32 = cuda.matmul.allow_tf32 = False)"),
     "tf32": ("float32", True, "float32, TF32 on (cudnn.allow_tf32 = cuda.matmul.allow_tf32 = True)"),
     "3xtf32": ("float32", False, "float32, TF32 off: cuDNN has no 3xTF32, an FP32-accuracy mode"),
     "bf16": ("bfloat16", False, "bfloat16 operands and outputs, FP32 accumulation"),
+    "fp16": ("float16", False, "float16 operands and outputs, FP32 accumulation (no loss scale: one GEMM)"),
 }
 
 

@@ -27,7 +27,7 @@ The backward-weight GEMM sums its columns in slabs (one partial result per
 slab, the bias as the "ones" row) that ``conv_backward_weight_reduce`` of
 ``kernels/conv_backward_weight.cu`` adds in a fixed order, as the FP32 path
 does.  Tile: ``n8`` when ``Nn <= 8`` (lenet5's 6 channels fill 6 of 8
-columns), ``n16`` when ``Nn <= 16``, else ``n64`` (:func:`tile_for`).
+columns), else ``n64`` (:func:`tile_for`).
 
 Launches per call: ONE, except conv backward-weight (TWO: the GEMM and the
 reduce).  float32 arrays only (the modes round float32 operands).
@@ -52,7 +52,7 @@ __all__ = ["MODES", "TILES", "tile_for", "wgrad_slab", "kernel_name", "conv_forw
 MODES = {"tf32": "tf32", "3xtf32": "3xtf32", "bf16": "bf16", "fp16": "f16"}
 
 #: tile name -> (BM rows of m, BN columns of n) per block of 128 threads
-TILES = {"n8": (128, 8), "n16": (128, 16), "n64": (64, 64)}
+TILES = {"n8": (128, 8), "n64": (64, 64)}
 
 THREADS = 128
 BK = 32                       # k per stage: a slab is a multiple of it
@@ -67,8 +67,8 @@ _OP_NOTHING = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)   # the geometry of a dens
 
 
 def tile_for(nn: int) -> str:
-    """The tile for ``nn`` output channels (columns n): n8, n16 or n64."""
-    return "n8" if nn <= 8 else ("n16" if nn <= 16 else "n64")
+    """The tile for ``nn`` output channels (columns n): n8 (at most 8) or n64."""
+    return "n8" if nn <= 8 else "n64"
 
 
 def kernel_name(mode: str, gemm: str, nn: int) -> str:

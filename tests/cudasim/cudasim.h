@@ -93,8 +93,8 @@ struct Warp {
   uint64_t slot[32];
   // mma.sync exchange: each lane's A and B registers, its call number and the instruction's name
   unsigned mma_a[32][4], mma_b[32][2];
-  long mma_seq[32];
-  const char* mma_name[32];
+  long mma_seq[32] = {};             // 0: no call yet (a lane's first call is 1)
+  const char* mma_name[32] = {};
   explicit Warp(int n) : bar(n), size(n) {}
 };
 

@@ -16,7 +16,9 @@
 #   env        nvidia-smi, versions (Python, NumPy, CuPy, CUDA, driver, PyTorch, cuDNN),
 #              tool paths, and a trivial RawKernel smoke test (compile, launch, read back)
 #   kernels    every gpucnn kernel against the NumPy path on odd shapes: the cupy legs
-#              of tests/test_kernels_conv.py, tests/test_kernels_step.py, tests/test_functional.py
+#              of tests/test_kernels_conv.py, tests/test_kernels_step.py, tests/test_functional.py,
+#              tests/test_kernels_tc.py and tests/test_precision.py (the tensor-core GEMMs in each
+#              mode), after compiling the four tensor-core modules in parallel
 #   gpu-tests  python3 -m pytest -m gpu --timeout=60 (everything else marked gpu)
 #   bench      gpucnn bench --device cuda, batch 64/256/1024: gpucnn eager, its train loop (eager)
 #              and its CUDA graph against PyTorch eager (FP32 and its TF32 default)
@@ -158,7 +160,8 @@ print(f"gpucnn kernels compiled: {len(loader.warmup())}")
 EOF
 }
 
-PARITY=(tests/test_kernels_conv.py tests/test_kernels_step.py tests/test_functional.py)
+PARITY=(tests/test_kernels_conv.py tests/test_kernels_step.py tests/test_functional.py tests/test_kernels_tc.py
+        tests/test_precision.py)
 SANITIZER_CASES=()
 while IFS= read -r line; do
     case "$line" in ''|'#'*) ;; *) SANITIZER_CASES+=("$line") ;; esac
@@ -179,6 +182,15 @@ gpucnn_bench() {  # gpucnn bench; --rehearse: the arguments parse (argparse stop
 }
 
 step_kernels() {
+    # the four tensor-core modules take NVRTC ~15-20 s each: compile them side by side first
+    # (into CuPy's on-disk cache, which the tests and bench-kernels then hit)
+    if [ "$REHEARSE" != 1 ]; then
+        local f
+        for f in gemm_tc_tf32.cu gemm_tc_3xtf32.cu gemm_tc_bf16.cu gemm_tc_f16.cu; do
+            tmo "$PY" -c "from gpucnn.cuda import loader; loader.get_module('$f')" &
+        done
+        wait
+    fi
     pytest_gpu --timeout=60 --maxfail=10 --junitxml="$OUT_DIR/logs/kernels.xml" "${PARITY[@]}"
 }
 
@@ -193,7 +205,7 @@ step_bench() {
 }
 
 step_bench_kernels() {
-    gpucnn_bench --device cuda --kernels --batch-sizes 64 1024 --precision fp32,tf32,bf16,3xtf32 \
+    gpucnn_bench --device cuda --kernels --batch-sizes 64 1024 --precision fp32,tf32,bf16,3xtf32,fp16 \
         --repeats 10 --warmup 3 --json "$OUT_DIR/bench-kernels.json"
 }
 
@@ -209,13 +221,14 @@ gpucnn.seed(0)
 model = models.build("lenet5", device="cuda")
 opt, loss = optim.SGD(model, lr=0.05, momentum=0.9), losses.SoftmaxCrossEntropy(check_labels=False)
 tr = gpucnn.train.Trainer(model, loss, opt, batch_size=1024)
+gpucnn.precision.using(sys.argv[2] if len(sys.argv) > 2 else "fp32").__enter__()
 rng = np.random.default_rng(0)
 x = cp.asarray(rng.standard_normal((1024, 1, 28, 28)).astype(np.float32))
 y = cp.asarray(rng.integers(0, 10, 1024))
 for _ in range(int(sys.argv[1])):
     tr.step(x, y)
 cp.cuda.Device().synchronize()
-print("lenet5 steps at batch 1024 done")
+print("lenet5 steps at batch 1024 done, precision", gpucnn.precision.current())
 '
 
 step_ncu() {
@@ -227,8 +240,14 @@ step_ncu() {
         --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
         "$PY" -c "$NCU_STEPS_PY" 2 > "$OUT_DIR/ncu-conv.txt" 2>&1
     local rc=$?
+    # then the tensor-core conv GEMMs of a bf16 step (5: conv1/conv2 forward and weight gradient,
+    # conv2 input gradient), appended, in what is left of the cap (its own rc is only reported)
+    echo "=== bf16: the tensor-core conv GEMMs of one lenet5 step at batch 1024" >> "$OUT_DIR/ncu-conv.txt"
+    timeout -k 5 20 "$ncu" --clock-control none -k regex:gemm_tc_.*conv --launch-skip 5 --launch-count 5 \
+        --section SpeedOfLight --section LaunchStats --section Occupancy \
+        "$PY" -c "$NCU_STEPS_PY" 2 bf16 >> "$OUT_DIR/ncu-conv.txt" 2>&1 || echo "(bf16 ncu: rc $?)"
     grep -q ERR_NVGPUCTRPERM "$OUT_DIR/ncu-conv.txt" && { SKIP="no access to the performance counters"; return 0; }
-    grep -E "conv_|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
+    grep -E "conv_|gemm_tc_|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
         "$OUT_DIR/ncu-conv.txt" | head -n 80
     return $rc
 }
