@@ -148,6 +148,25 @@ def test_static_predicted_time_of_conv1_forward_by_hand(lenet5_static):
     assert total["launch_us"] == pytest.approx(1.5 * row["launches"])
 
 
+def test_predicted_time_of_a_tensor_core_gemm_by_hand():
+    """conv2's forward at batch 1024 in bf16 on the tensor cores: 16 x 150 x (10*10*1024) MACs,
+    the dense bf16 peak of 132 SMs x 4096 FLOP per clock x 1.98 GHz over the SMs the grid fills."""
+    from gpucnn.bench import roofline
+
+    M, Nn, K = 10 * 10 * 1024, 16, 6 * 5 * 5
+    args = {"arrays": {"P": 4 * 6 * 14 * 14 * 1024, "Q": 4 * 16 * 150, "bias": 64, "out": 4 * M * Nn,
+                       "zout": 4 * M * Nn},
+            "scalars": {"M": M, "Nn": Nn, "K": K}}
+    p = roofline.predict("gemm_tc_bf16_conv_fwd_n64", (1600, 1, 1), (128, 1, 1), args)
+    assert p["flops"] == 2 * M * Nn * K
+    assert p["lane_fill"] == 1.0 and p["compute_us"] == pytest.approx(
+        2 * M * Nn * K / (132 * 4096 * 1.98e9) * 1e6, rel=1e-12)
+    assert roofline.peak_tc_tflops("3xtf32") == pytest.approx(roofline.peak_tc_tflops("tf32") / 3)
+    small = roofline.predict("gemm_tc_tf32_conv_fwd_n64", (33, 1, 1), (128, 1, 1), args)   # 33 of 132 SMs
+    assert small["lane_fill"] == pytest.approx(0.25) and small["compute_us"] == pytest.approx(
+        2 * M * Nn * K / (132 * 2048 * 1.98e9 * 0.25) * 1e6, rel=1e-12)
+
+
 def test_static_prints_the_time_model_and_its_assumptions(lenet5_static):
     text = lenet5_static["printed"]
     for needle in ("132 SMs at 1.98 GHz", "FP32 SIMT peak 132 x 128 lanes x 2 FLOP/FMA = 66.9 TFLOP/s",

@@ -50,12 +50,26 @@ H200 = {
     "launch_us": 1.5,
     "max_threads_per_sm": 2048,
     "max_blocks_per_sm": 32,
+    # dense tensor-core FLOP per clock per SM (mma.sync, FP32 accumulation; Hopper's wgmma is not used)
+    "tc_flop_per_clock_sm": {"tf32": 2048, "bf16": 4096, "f16": 4096},
 }
 
 
 def peak_fp32_tflops(machine=H200) -> float:
     """SMs x FP32 lanes x 2 FLOPs per FMA x clock, in TFLOP/s (66.9 for the H200)."""
     return machine["sms"] * machine["fp32_lanes_per_sm"] * 2 * machine["clock_ghz"] / 1e3
+
+
+def peak_tc_tflops(tag: str, machine=H200) -> float:
+    """Dense tensor-core TFLOP/s of mode tag ``tf32``/``bf16``/``f16`` (3xtf32: tf32's over three
+    products): SMs x FLOP per clock per SM x clock."""
+    per_clock = machine["tc_flop_per_clock_sm"]["tf32" if tag == "3xtf32" else tag]
+    return machine["sms"] * per_clock * machine["clock_ghz"] / 1e3 / (3 if tag == "3xtf32" else 1)
+
+
+def _tc_tag(kernel: str) -> str | None:
+    """The mode tag of a tensor-core GEMM entry point (gemm_tc_<tag>_...), else None."""
+    return kernel.split("_")[2] if kernel.startswith("gemm_tc_") else None
 
 
 def assumptions(machine=H200) -> list[str]:
@@ -68,7 +82,10 @@ def assumptions(machine=H200) -> list[str]:
         "predicted = max(FLOPs / (peak x lanes the grid fills), bytes / HBM) + launch; bytes = each array "
         "argument once; waves = blocks / (SMs x resident blocks, by threads "
         f"<= {m['max_threads_per_sm']} and blocks <= {m['max_blocks_per_sm']} per SM)",
-        "not modelled: latency chains, issue limits, registers/shared memory, L2 reuse: a floor, not a measurement",
+        "tensor-core GEMMs (gemm_tc_*): FLOPs / (dense mma.sync peak x the SMs the grid fills); peaks "
+        + ", ".join(f"{t} {peak_tc_tflops(t, m):.0f}" for t in ("tf32", "3xtf32", "bf16", "f16")) + " TFLOP/s",
+        "not modelled: latency chains, issue limits (the tensor-core kernels' operand staging: see their "
+        "SASS per HMMA), registers/shared memory, L2 reuse: a floor, not a measurement",
     ]
 
 
@@ -104,6 +121,8 @@ def _flops(kernel: str, arrays: dict, s: dict) -> int:
         return s["C"] * s["OH"] * s["OW"] * s["N"] * s["KH"] * s["KW"]
     if base.startswith("gather_batch"):
         return arrays["x"] // 4
+    if base.startswith("gemm_tc_"):            # D (M x Nn) over K: every multiply-add the GEMM runs
+        return 2 * s["M"] * s["Nn"] * s["K"]
     return max(arrays.values(), default=0) // 4
 
 
@@ -122,9 +141,14 @@ def predict(kernel: str, grid, block, args: dict, machine=H200) -> dict:
     blocks, threads = math.prod(grid), math.prod(block)
     per_sm = max(1, min(m["max_blocks_per_sm"], m["max_threads_per_sm"] // threads))
     waves = math.ceil(blocks / (m["sms"] * per_sm))
-    lanes = m["sms"] * m["fp32_lanes_per_sm"]
-    fill = min(1.0, min(blocks, m["sms"] * per_sm) * threads / lanes)
-    compute_us = flops / (peak_fp32_tflops(m) * 1e6 * fill)
+    tag = _tc_tag(kernel)
+    if tag:                                    # a block keeps one SM's four tensor cores busy
+        fill = min(1.0, blocks / m["sms"])
+        compute_us = flops / (peak_tc_tflops(tag, m) * 1e6 * fill)
+    else:
+        lanes = m["sms"] * m["fp32_lanes_per_sm"]
+        fill = min(1.0, min(blocks, m["sms"] * per_sm) * threads / lanes)
+        compute_us = flops / (peak_fp32_tflops(m) * 1e6 * fill)
     memory_us = nbytes / (m["hbm_tb_s"] * 1e6)
     return {"flops": flops, "bytes": nbytes, "blocks": blocks, "waves": waves, "lane_fill": fill,
             "compute_us": compute_us, "memory_us": memory_us, "launch_us": m["launch_us"],
