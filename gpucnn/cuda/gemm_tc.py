@@ -38,11 +38,11 @@ import functools
 
 import numpy as np
 
-from .._utils import output_size
-from .._utils import pair as _pair
 from ..backend import get_array_module
 from . import loader
-from .conv import ACTIVATIONS, MAX_KERNEL, reduce_plan
+from .conv import ACTIVATIONS, reduce_plan
+from .conv import _geometry as _conv_geometry
+from .conv import _shape4
 
 __all__ = ["MODES", "TILES", "tile_for", "wgrad_slab", "kernel_name", "conv_forward", "conv_backward_input",
            "conv_backward_weight", "conv_backward_weight_workspace_size", "dense_forward", "dense_weight_grad",
@@ -80,8 +80,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
-def _grid(M: int, Nn: int, S: int = 1, tile: str | None = None) -> tuple[int, int, int]:
-    bm, bn = TILES[tile or tile_for(Nn)]
+def _grid(M: int, Nn: int, S: int = 1) -> tuple[int, int, int]:
+    bm, bn = TILES[tile_for(Nn)]
     return (_cdiv(M, bm), _cdiv(Nn, bn), S)
 
 
@@ -98,7 +98,7 @@ def check_device(func: str, mode: str, *arrays) -> None:
         if a is not None and a.size > _INT32_MAX:
             raise ValueError(f"{func}: an array of {a.size} elements is past the kernels' int32 offsets")
     if get_array_module(*[a for a in arrays if a is not None]) is not np:   # NumPy: the CPU emulator
-        require_tensor_cores(func, mode)
+        _check_capability(func, mode)
 
 
 def require_tensor_cores(func: str, mode: str) -> None:
@@ -106,8 +106,12 @@ def require_tensor_cores(func: str, mode: str) -> None:
     nothing to check when CuPy sees no device."""
     from .. import backend
 
-    if backend.cupy is None or not backend.cuda_available():
-        return
+    if backend.cupy is not None and backend.cuda_available():
+        _check_capability(func, mode)
+
+
+def _check_capability(func: str, mode: str) -> None:
+    """The current device's check (cached per device: this runs on every eager GEMM launch)."""
     major, minor = _capability()
     if major < 8:
         raise RuntimeError(f"{func}: precision {mode!r} needs tensor cores with mma.sync (sm_80 or later); "
@@ -129,19 +133,9 @@ def _capability() -> tuple[int, int]:
 
 
 def _geometry(func, x_shape, w_shape, stride, padding):
-    C, H, Wd, N = (int(s) for s in x_shape)
-    O, Cw, KH, KW = (int(s) for s in w_shape)
-    SH, SW = _pair(stride, "stride", 1)
-    PH, PW = _pair(padding, "padding", 0)
-    if C != Cw:
-        raise ValueError(f"{func}: the input has {C} channels (x shape {tuple(x_shape)}, CHWN) but the "
-                         f"weights expect {Cw} (W shape {tuple(w_shape)}, OIHW)")
-    if KH > MAX_KERNEL or KW > MAX_KERNEL:
-        raise ValueError(f"{func}: kernel {KH}x{KW} is larger than the kernels support ({MAX_KERNEL}x{MAX_KERNEL})")
-    OH, OW = output_size(H, KH, SH, PH), output_size(Wd, KW, SW, PW)
-    if OH < 1 or OW < 1:
-        raise ValueError(f"{func}: kernel {KH}x{KW} does not fit the input {H}x{Wd} with padding {(PH, PW)}")
-    return C, H, Wd, N, O, KH, KW, OH, OW, SH, SW, PH, PW
+    """``(C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW)``: the SIMT wrappers' checks of the shapes."""
+    return _conv_geometry(func, _shape4(func, "x_shape", x_shape), _shape4(func, "w_shape", w_shape),
+                          stride, padding)
 
 
 def _out(func, name, a, shape, xp):
@@ -232,7 +226,8 @@ def conv_backward_input(dz, W, x_shape, stride, padding, *, mode, out=None):
 def wgrad_slab(P: int, K1: int, O: int) -> tuple[int, int]:
     """``(slab, S)`` of the backward-weight split: columns per slab (a multiple of 32, at least
     :data:`WGRAD_MIN_SLAB`) so that the grid has about :data:`WGRAD_TARGET_BLOCKS` blocks."""
-    tiles = _grid(K1, O)[0] * _grid(K1, O)[1]
+    gx, gy, _ = _grid(K1, O)
+    tiles = gx * gy
     want = max(1, WGRAD_TARGET_BLOCKS // tiles)
     slab = max(WGRAD_MIN_SLAB, BK * _cdiv(_cdiv(P, want), BK))
     slab = max(slab, BK * _cdiv(_cdiv(P, _GRID_YZ_MAX), BK))
