@@ -1,7 +1,8 @@
 """One activation header for the kernels: kernels/activation.cuh, expanded in place by sources.py.
 
 * conv_forward.cu, dense.cu, elementwise.cu and pool.cu ``#include
-  "activation.cuh"``, and no ``kernels/*.cu`` holds a copy of the activation
+  "activation.cuh"``, the tensor-core modules get it through gemm_tc.cuh (their
+  fused epilogue), and no ``kernels/*.cu`` holds a copy of the activation
   maths (its tell-tale expressions, found in the header itself, are found in
   no kernel file);
 * :func:`gpucnn.cuda.sources.read_source` expands the include: every line of
@@ -24,6 +25,9 @@ from gpucnn.cuda import loader, sources
 
 HEADER = "activation.cuh"
 INCLUDERS = ("conv_forward.cu", "dense.cu", "elementwise.cu", "pool.cu")
+#: The tensor-core modules: their epilogue applies the activation, through kernels/gemm_tc.cuh.
+VIA_GEMM_TC = ("gemm_tc_3xtf32.cu", "gemm_tc_bf16.cu", "gemm_tc_f16.cu", "gemm_tc_tf32.cu")
+USERS = set(INCLUDERS) | set(VIA_GEMM_TC)
 
 #: Expressions of the activation rules: only kernels/activation.cuh may hold them.
 TELLTALES = {
@@ -70,14 +74,22 @@ def test_activation_kernels_include_the_shared_header(filename):
 
 
 def test_only_the_activation_kernels_include_it():
-    including = {f for f in loader.KERNEL_FILES if sources.included_headers(f)}
-    assert including == set(INCLUDERS)
+    including = {f for f in loader.KERNEL_FILES if HEADER in sources.included_headers(f)}
+    assert including == USERS
 
 
-@pytest.mark.parametrize("filename", INCLUDERS)
+@pytest.mark.parametrize("filename", VIA_GEMM_TC)
+def test_the_tensor_core_modules_get_it_through_their_one_core(filename):
+    assert re.findall(r'^#include "([^"]+)"', _raw(filename), re.M) == ["gemm_tc.cuh"]
+    assert re.search(rf'^#include "{re.escape(HEADER)}"', _raw("gemm_tc.cuh"), re.M)
+
+
+@pytest.mark.parametrize("filename", sorted(USERS))
 def test_every_expanded_line_sits_under_the_line_directive_of_its_file(filename):
-    """Compiler errors name kernels/<file>(<line>): check the mapping for every line."""
-    files = {name: _raw(name).splitlines() for name in (filename, HEADER)}
+    """Compiler errors name kernels/<file>(<line>): check the mapping for every line, nested
+    headers included."""
+    names = (filename, *sources.included_headers(filename))
+    files = {name: _raw(name).splitlines() for name in names}
     where, number, checked = None, 0, 0
     for line in sources.read_source(filename).splitlines():
         m = re.fullmatch(r'#line (\d+) "kernels/([^"]+)"', line)
@@ -89,7 +101,8 @@ def test_every_expanded_line_sits_under_the_line_directive_of_its_file(filename)
                                                  f"the expanded text has {line!r} there"
         number += 1
         checked += 1
-    assert checked == sum(len(lines) for lines in files.values()) - 1   # all but the #include line
+    includes = sum(1 for lines in files.values() for line in lines if re.match(r'#include "', line))
+    assert checked == sum(len(lines) for lines in files.values()) - includes   # all but the #include lines
 
 
 def test_expansion_refuses_what_is_not_a_kernel_header(tmp_path):
@@ -142,7 +155,7 @@ def test_a_header_edit_changes_the_code_of_every_kernel_that_includes_it(kernel_
     after = compiled()
     changed = {f for f in loader.KERNEL_FILES if before[f] != after[f]}
     assert changed == {f for f in loader.KERNEL_FILES if HEADER in sources.included_headers(f)}
-    assert changed == set(INCLUDERS)
+    assert changed == USERS
 
 
 @pytest.mark.cudasim
