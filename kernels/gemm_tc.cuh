@@ -49,7 +49,7 @@
 // Rounding (rounding.cuh): operands are rounded while they are staged into
 // shared memory -- tf32: tf32_bits (nearest even); 3xtf32: hi = tf32(e),
 // lo = tf32(e - hi) and D += lo_P hi_Q + hi_P lo_Q + hi_P hi_Q per k step
-// (lo*lo, ~2^-22 relative, dropped); bf16: bf16_bits; fp16: f16_bits (the
+// (lo*lo, ~2^-22 relative, dropped); bf16: bf16x2_bits; fp16: f16x2_bits (the
 // caller scales the loss so dz stays in range).  Bias, activation and every
 // sum are FP32.  The NumPy reference (gpucnn.precision.matmul) rounds
 // identically; sums may differ in order (the tensor core's internal order).
@@ -135,8 +135,8 @@ __device__ __forceinline__ void tap_next(Tap& t, const ConvGeom& g)
 template <int MODE>
 __device__ __forceinline__ unsigned int to_word(float e0, float e1)
 {
-    if (MODE == MODE_BF16) return pack2(bf16_bits(e0), bf16_bits(e1));
-    if (MODE == MODE_F16) return pack2(f16_bits(e0), f16_bits(e1));
+    if (MODE == MODE_BF16) return bf16x2_bits(e0, e1);
+    if (MODE == MODE_F16) return f16x2_bits(e0, e1);
     return tf32_bits(e0);
 }
 

@@ -1,8 +1,8 @@
 // Operand rounding of the precision modes (gpucnn/precision.py), on the bits of
-// a float32, in one place: used by precision.cu (the element-wise rounding
-// kernel) and gemm_tc.cu (the tensor-core GEMMs round while they stage their
-// operands).  Device code only, integer arithmetic only, so the CPU emulator
-// (tests/cudasim) runs the very same code as the GPU.
+// a float32, in one place: the tensor-core GEMMs (gemm_tc.cuh) round while they
+// stage their operands.  Device code; the functions below are integer
+// arithmetic, the reference the CPU emulator (tests/cudasim) runs, except the
+// two packed conversions at the end, which the GPU does in one instruction.
 //
 //   round_mantissa_bits(u, drop) -- the float32 bits u rounded to (23 - drop)
 //     explicit mantissa bits, round to nearest, ties to even: add
@@ -22,6 +22,17 @@
 //     a quiet NaN of the same sign carrying the high payload bits.
 //   pack2(lo, hi) -- two 16-bit values in one 32-bit register, lo in bits
 //     0-15: the element with the smaller k index of an mma.sync fragment pair.
+//   bf16x2_bits(lo, hi), f16x2_bits(lo, hi) -- pack2 of bf16_bits / f16_bits of
+//     the two.  On the GPU one cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 (sm_80+),
+//     the same round to nearest, ties to even, with the same overflow to Inf
+//     and subnormal grid (no .ftz: -ftz=true does not reach inline PTX; a
+//     float32 subnormal is far below half of binary16's smallest subnormal and
+//     rounds to 0 either way); a NaN becomes a quiet NaN of which the payload
+//     may differ (the product is NaN either way).  That is 1 instruction where
+//     the integer code takes ~14 (bf16) and ~30 (f16) per pair, in the
+//     tensor-core kernels' staging, which limits them.  Under the emulator
+//     (__CUDASIM__) the integer code above; tests/test_precision.py checks the
+//     two bit for bit on edge values wherever it runs (the GPU included).
 #ifndef GPUCNN_ROUNDING_CUH
 #define GPUCNN_ROUNDING_CUH
 
@@ -70,6 +81,28 @@ __device__ __forceinline__ unsigned int f16_bits(float x)
 __device__ __forceinline__ unsigned int pack2(unsigned int lo, unsigned int hi)
 {
     return (lo & 0xffffu) | (hi << 16);
+}
+
+__device__ __forceinline__ unsigned int bf16x2_bits(float lo, float hi)
+{
+#if defined(__CUDASIM__)
+    return pack2(bf16_bits(lo), bf16_bits(hi));
+#else
+    unsigned int d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));   // hi -> bits 16-31
+    return d;
+#endif
+}
+
+__device__ __forceinline__ unsigned int f16x2_bits(float lo, float hi)
+{
+#if defined(__CUDASIM__)
+    return pack2(f16_bits(lo), f16_bits(hi));
+#else
+    unsigned int d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));    // hi -> bits 16-31
+    return d;
+#endif
 }
 
 #endif  // GPUCNN_ROUNDING_CUH

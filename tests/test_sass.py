@@ -13,10 +13,17 @@ the reason, when a tool is missing.
 * kernels/pool.cu's pool_max_backward: at most 2 integer divisions per thread
   (each a MUFU.RCP sequence in SASS; it had 7 when every thread decomposed
   its flat index), issue 25's SIMT fix 4.
+* The tensor-core GEMMs (kernels/gemm_tc_<mode>.cu): every entry point's hot
+  loop is made of the mode's HMMA (m16n8k8 TF32; m16n8k16 BF16 / F16), as
+  many per stage as its tile's fragments, with no spills and no stack, and at
+  most a bounded number of instructions per HMMA (operand staging, which
+  dominates these kernels: 621 per HMMA in the n8 forward before the index
+  maths left the loop, 153 after).
 """
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -345,3 +352,52 @@ def test_pool_max_backward_divides_at_most_twice_per_thread():
     for name in ("pool_max_backward", "pool_max_backward_f64"):
         assert _integer_divisions(kernels[name]) == 2, name
     assert _integer_divisions(kernels["pool_max_forward"]) == 3     # the proxy counts what it should
+
+
+# ---------------------------------------------------------------------------
+# The tensor-core GEMMs
+# ---------------------------------------------------------------------------
+
+#: mode tag -> (the HMMA opcode its mma.sync becomes on sm_90, k of one HMMA, HMMAs per product)
+TC_HMMA = {"tf32": ("HMMA.1688.F32.TF32", 8, 1), "3xtf32": ("HMMA.1688.F32.TF32", 8, 3),
+           "bf16": ("HMMA.16816.F32.BF16", 16, 1), "f16": ("HMMA.16816.F32", 16, 1)}
+TC_GEMMS = ("conv_fwd", "conv_dgrad", "conv_wgrad", "dense")
+#: Main-loop instructions per 16x8x8 multiply-add (an m16n8k16 HMMA counts as two), per tile:
+#: NVRTC 13 gives at most 265 (n8, the backward-input gather) and 72 (n64); the bound leaves
+#: room for another compiler's scheduling, not for the index maths coming back into the loop.
+TC_MAX_INSTRUCTIONS_PER_K8 = {"n8": 300, "n64": 85}
+TC_MAX_REGISTERS = 168          # 128 threads a block: at most 3 blocks per SM at 168
+
+
+@pytest.fixture(scope="module")
+def tc_reports():
+    """The four modules compiled at once (NVRTC releases the GIL; ~20 s each on a CI core)."""
+    _tools_or_skip()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        reports = pool.map(lambda tag: sass.report(f"gemm_tc_{tag}.cu", "sm_90"), TC_HMMA)
+        return dict(zip(TC_HMMA, reports))
+
+
+@pytest.mark.parametrize("tag", sorted(TC_HMMA))
+def test_tensor_core_gemms_run_their_mode_hmma_in_the_hot_loop(tc_reports, tag):
+    from gpucnn.cuda import gemm_tc, loader
+    figures = tc_reports[tag]
+    names = {f"gemm_tc_{tag}_{gemm}_{tile}" for gemm in TC_GEMMS for tile in gemm_tc.TILES}
+    assert set(figures) == names == set(loader.KERNEL_FILES[f"gemm_tc_{tag}.cu"])
+    opcode, k, per_product = TC_HMMA[tag]
+    print()
+    print(sass.format_report(figures))
+    for kernel, f in figures.items():
+        assert f["fma_op"] == "HMMA", kernel
+        assert f["spill_stores"] == 0 and f["spill_loads"] == 0 and f["stack"] == 0, (kernel, f)
+        assert f["smem"] <= SMEM_BUDGET and f["registers"] <= TC_MAX_REGISTERS, (kernel, f)
+        assert len(f["fma_loops"]) == 1, (kernel, f["fma_loops"])        # one main loop, nothing else
+        # One stage (BK = 32) per iteration: per warp (BM / WARPS_M) x (BN / WARPS_N) outputs, i.e.
+        # tile rows x columns / 4 warps, in 16 x 8 fragments, each BK / k HMMAs deep.
+        tile = kernel.rsplit("_", 1)[1]
+        bm, bn = gemm_tc.TILES[tile]
+        fragments = bm * bn // (gemm_tc.THREADS // 32) // (16 * 8)
+        assert f["loop_ffma"] == fragments * (gemm_tc.BK // k) * per_product, (kernel, f["loop_ffma"])
+        per_k8 = f["loop_instructions"] / (f["loop_ffma"] * k // 8)
+        assert per_k8 <= TC_MAX_INSTRUCTIONS_PER_K8[tile], (kernel, round(per_k8, 1))
+        assert f["fma_opcodes"] == [opcode], (kernel, f["fma_opcodes"])   # the mode's, and no other

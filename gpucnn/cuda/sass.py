@@ -326,6 +326,7 @@ def _figures(body, fma_op):
     return {
         "loop_instructions": len(body),
         "loop_ffma": n_fma,
+        "fma_opcodes": sorted({i.opcode for i in body if i.base == fma_op}),
         "loop_ldg": n_ldg,
         "loop_lds": count(lambda i: i.base == "LDS"),
         "loop_sts": count(lambda i: i.base == "STS"),
@@ -337,7 +338,7 @@ def _figures(body, fma_op):
 
 _NO_LOOP = {"loop_instructions": None, "loop_ffma": None, "loop_ldg": None, "loop_lds": None,
             "loop_sts": None, "loop_bar": None, "instructions_per_ffma": None, "ldg_per_ffma": None,
-            "loop_start": None, "loop_end": None, "fma_op": None, "fma_loops": []}
+            "loop_start": None, "loop_end": None, "fma_op": None, "fma_opcodes": [], "fma_loops": []}
 
 
 def loop_figures(instructions: list[Instruction], fma_op: str = "FFMA") -> dict:
@@ -410,7 +411,8 @@ def report(filename: str, arch: str = DEFAULT_ARCH) -> dict[str, dict]:
     static shared memory), ``loop_instructions``, ``loop_ffma`` (FFMA, or DFMA for ``_f64``
     kernels), ``loop_ldg``, ``loop_lds``, ``instructions_per_ffma``, ``ldg_per_ffma`` (the
     ``loop_*`` keys are None for a kernel without an FMA loop), plus ``loop_sts``,
-    ``loop_bar``, ``loop_start``/``loop_end`` (addresses), ``fma_op``, ``fma_loops`` (every
+    ``loop_bar``, ``loop_start``/``loop_end`` (addresses), ``fma_op``, ``fma_opcodes`` (the
+    loop's distinct ``fma_op`` opcodes with their suffixes, e.g. ``HMMA.16816.F32.BF16``), ``fma_loops`` (every
     innermost FMA loop's figures), ``staging_loops`` (:func:`staging_loops`) and ``instructions``
     (the kernel's total).
     """
