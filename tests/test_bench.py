@@ -165,6 +165,17 @@ def test_predicted_time_of_a_tensor_core_gemm_by_hand():
     small = roofline.predict("gemm_tc_tf32_conv_fwd_n64", (33, 1, 1), (128, 1, 1), args)   # 33 of 132 SMs
     assert small["lane_fill"] == pytest.approx(0.25) and small["compute_us"] == pytest.approx(
         2 * M * Nn * K / (132 * 2048 * 1.98e9 * 0.25) * 1e6, rel=1e-12)
+    # The issue floor from the main loop's SASS: 57.9 instructions per m16n8k16 HMMA (2048 MACs);
+    # 1600 blocks x 4 warps fill all 528 schedulers; 3xtf32's HMMA does a third of tf32's 1024.
+    assert p["issue_us"] is None                                             # no SASS figures given
+    q = roofline.predict("gemm_tc_bf16_conv_fwd_n64", (1600, 1, 1), (128, 1, 1), args,
+                         loop={"instructions_per_ffma": 57.9})
+    issue = M * Nn * K / 2048 * 57.9 / (528 * 1.98e9) * 1e6                # 1.35 us, 6.6 x the compute
+    assert q["issue_us"] == pytest.approx(issue, rel=1e-12) and issue > 6 * p["compute_us"]
+    assert q["predicted_us"] == pytest.approx(issue + 1.5, rel=1e-12)
+    few = roofline.predict("gemm_tc_3xtf32_conv_fwd_n64", (33, 1, 1), (128, 1, 1), args,
+                           loop={"instructions_per_ffma": 44.0})
+    assert few["issue_us"] == pytest.approx(M * Nn * K / (1024 / 3) * 44.0 / (33 * 4 * 1.98e9) * 1e6, rel=1e-12)
 
 
 def test_static_prints_the_time_model_and_its_assumptions(lenet5_static):
@@ -176,7 +187,12 @@ def test_static_prints_the_time_model_and_its_assumptions(lenet5_static):
     assert lenet5_static["assumptions"] and lenet5_static["machine"]["sms"] == 132
     assert "predicted step total:" in text and "for 27 launches per step" in text
     line = next(s for s in text.splitlines() if s.strip().startswith("conv_forward") and "2.04" in s)
-    assert line.split()[1:] == ["15.053", "2609.8", "784", "1", "0.22", "0.54", "1.50", "2.04"]
+    # the issue floor, when the SASS was read: 7,526,400 MACs / 32 per FFMA x ~1.66 instructions per
+    # FFMA over 528 schedulers (784 one-warp blocks, 4 schedulers on each of 132 SMs) at 1.98 GHz
+    cols = line.split()[1:]
+    assert cols[:6] + cols[7:] == ["15.053", "2609.8", "784", "1", "0.22", "0.54", "1.50", "2.04"]
+    if cols[6] != "-":
+        assert float(cols[6]) == pytest.approx(7_526_400 / 32 * 1.66 / (528 * 1980), abs=0.02)   # 0.37 us
 
 
 def test_static_lenet5_step_is_within_the_launch_budget(lenet5_static):

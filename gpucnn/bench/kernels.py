@@ -56,7 +56,7 @@ from ..functional.workspace import Workspace
 from ..layers.base import run_forward
 from ..random import seed
 from ..timing import Timer, TorchTimer
-from . import roofline
+from . import roofline, static
 
 __all__ = ["DEFAULT_BATCHES", "CALLS_PER_GRAPH", "TOLERANCE", "TORCH_MODES", "OPS", "Launch", "recorded_launches",
            "gemm_layers", "collect", "GraphClock", "TorchReference", "ratio", "totals", "format_table",
@@ -118,10 +118,12 @@ class Launch:
 
         loader.launch(self.kernel, self.args, **self.kwargs)
 
-    def describe(self) -> dict:
-        """The JSON form, with the time model's figures (``model``: None when it cannot say)."""
+    def describe(self, loops: dict) -> dict:
+        """The JSON form, with the time model's figures (``model``: None when it cannot say; ``loops``:
+        :func:`gpucnn.bench.static.kernel_resources`, for its issue floor where the SASS was read)."""
         try:
-            model = roofline.predict(self.kernel, self.grid, self.block, roofline.launch_args(self.kernel, self.args))
+            model = roofline.predict(self.kernel, self.grid, self.block, roofline.launch_args(self.kernel, self.args),
+                                     loop=loops.get(self.kernel))
         except Exception:            # a kernel the model does not know: no prediction, not a crash
             model = None
         return {"kernel": self.kernel, "grid": list(self.grid), "block": list(self.block),
@@ -487,7 +489,8 @@ def _gemm_rows(g: Gemm, batch: int, mode: str, data: dict, device: str, clock, r
     for op, row in rows.items():
         if op not in mine:
             continue
-        row["launches"] = [launch.describe() for launch in launches[op]]
+        loops, _ = static.kernel_resources({launch.kernel for launch in launches[op]})
+        row["launches"] = [launch.describe(loops) for launch in launches[op]]
         figures = [launch["model"] for launch in row["launches"]]
         if figures and all(f is not None for f in figures):
             row["predicted_us"] = sum(f["predicted_us"] for f in figures)

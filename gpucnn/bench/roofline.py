@@ -5,7 +5,8 @@ the arguments, named by the kernel's signature), :func:`predict` gives::
 
     compute_us   = flops / (peak FP32 SIMT rate x the fraction of the GPU's FP32 lanes the grid can fill)
     memory_us    = bytes / HBM bandwidth
-    predicted_us = max(compute_us, memory_us) + launch_us
+    issue_us     = the main loop's warp instructions / (warp schedulers the grid fills x clock)
+    predicted_us = max(compute_us, memory_us, issue_us) + launch_us
 
 with the machine's figures in :data:`H200` (printed by :func:`assumptions`):
 
@@ -26,10 +27,18 @@ with the machine's figures in :data:`H200` (printed by :func:`assumptions`):
   (132 x 128), at most 1 -- a grid of 2 blocks of 64 threads gets 2 x 64 lanes.
 * ``launch_us``: the cost of one kernel inside a replayed CUDA graph (the gap
   between dependent kernels: drain, launch, ramp), the same for every kernel.
+* ``issue_us`` (when the kernel's sm_90 SASS is at hand, ``loop``):
+  the useful multiply-adds over those of one warp instruction of its hot loop
+  (FFMA / DFMA 32; HMMA m16n8k8 tf32 1024, m16n8k16 bf16/f16 2048, a third
+  of tf32's for 3xtf32's three products), times the loop's instructions per
+  such instruction, issued at one warp instruction per clock by each of the
+  4 schedulers of an SM -- at most one per warp, so a grid of few small
+  blocks fills few.  This is what limits the tensor-core GEMMs, whose
+  staging takes 36-453 instructions per HMMA.  Still a floor: empty tile
+  rows and columns, the prologue and epilogue, and stalls are not counted.
 
 It is a roofline with a launch floor: no latency chains (a serial L2 round
-trip per load, issue 25's fix 1), no instruction-issue limit, no tail effects
-inside a wave.  Real kernels take longer; the model shows where a step's time
+trip per load, issue 25's fix 1), no tail effects inside a wave.  Real kernels take longer; the model shows where a step's time
 can go at best and what a change could save, before a GPU run.
 """
 from __future__ import annotations
@@ -50,6 +59,7 @@ H200 = {
     "launch_us": 1.5,
     "max_threads_per_sm": 2048,
     "max_blocks_per_sm": 32,
+    "schedulers_per_sm": 4,
     # dense tensor-core FLOP per clock per SM (mma.sync, FP32 accumulation; Hopper's wgmma is not used)
     "tc_flop_per_clock_sm": {"tf32": 2048, "bf16": 4096, "f16": 4096},
 }
@@ -79,13 +89,16 @@ def assumptions(machine=H200) -> list[str]:
         f"{m['name']}: {m['sms']} SMs at {m['clock_ghz']:g} GHz, FP32 SIMT peak {m['sms']} x "
         f"{m['fp32_lanes_per_sm']} lanes x 2 FLOP/FMA = {peak_fp32_tflops(m):.1f} TFLOP/s, HBM "
         f"{m['hbm_tb_s']:g} TB/s, {m['launch_us']:g} us launch cost per kernel in a replayed CUDA graph",
-        "predicted = max(FLOPs / (peak x lanes the grid fills), bytes / HBM) + launch; bytes = each array "
+        "predicted = max(FLOPs / (peak x lanes the grid fills), bytes / HBM, issue) + launch; bytes = each array "
         "argument once; waves = blocks / (SMs x resident blocks, by threads "
         f"<= {m['max_threads_per_sm']} and blocks <= {m['max_blocks_per_sm']} per SM)",
         "tensor-core GEMMs (gemm_tc_*): FLOPs / (dense mma.sync peak x the SMs the grid fills); peaks "
         + ", ".join(f"{t} {peak_tc_tflops(t, m):.0f}" for t in ("tf32", "3xtf32", "bf16", "f16")) + " TFLOP/s",
-        "not modelled: latency chains, issue limits (the tensor-core kernels' operand staging: see their "
-        "SASS per HMMA), registers/shared memory, L2 reuse: a floor, not a measurement",
+        "issue = the useful multiply-adds / those of one FFMA (32) or HMMA (tf32 1024, bf16/f16 2048, 3xtf32 "
+        f"1024/3) x the hot loop's SASS instructions per FFMA/HMMA, at 1 per clock per warp scheduler "
+        f"({m['schedulers_per_sm']} per SM, one per warp); '-' where no SASS was read",
+        "not modelled: latency chains, stalls, empty tile rows, registers/shared memory, L2 reuse: "
+        "a floor, not a measurement",
     ]
 
 
@@ -133,8 +146,9 @@ def _bytes(kernel: str, arrays: dict, s: dict) -> int:
     return sum(arrays.values())
 
 
-def predict(kernel: str, grid, block, args: dict, machine=H200) -> dict:
-    """The model's figures for one launch of ``kernel`` (``args`` from :func:`launch_args`)."""
+def predict(kernel: str, grid, block, args: dict, machine=H200, loop: dict | None = None) -> dict:
+    """The model's figures for one launch of ``kernel`` (``args`` from :func:`launch_args`); ``loop``:
+    the kernel's figures from :func:`gpucnn.cuda.sass.report` for the issue floor (None: no issue term)."""
     m = machine
     arrays, s = args["arrays"], args["scalars"]
     flops, nbytes = _flops(kernel, arrays, s), _bytes(kernel, arrays, s)
@@ -150,9 +164,30 @@ def predict(kernel: str, grid, block, args: dict, machine=H200) -> dict:
         fill = min(1.0, min(blocks, m["sms"] * per_sm) * threads / lanes)
         compute_us = flops / (peak_fp32_tflops(m) * 1e6 * fill)
     memory_us = nbytes / (m["hbm_tb_s"] * 1e6)
+    warps = blocks * math.ceil(threads / 32)
+    issue_us = _issue_us(kernel, flops, warps, loop, m)
     return {"flops": flops, "bytes": nbytes, "blocks": blocks, "waves": waves, "lane_fill": fill,
-            "compute_us": compute_us, "memory_us": memory_us, "launch_us": m["launch_us"],
-            "predicted_us": max(compute_us, memory_us) + m["launch_us"]}
+            "compute_us": compute_us, "memory_us": memory_us, "issue_us": issue_us, "launch_us": m["launch_us"],
+            "predicted_us": max(compute_us, memory_us, issue_us or 0.0) + m["launch_us"]}
+
+
+def _macs_per_instruction(kernel: str) -> float:
+    """Multiply-adds of one warp instruction of ``kernel``'s hot loop (FFMA/DFMA or its mode's HMMA)."""
+    tag = _tc_tag(kernel)
+    if tag is None:
+        return 32.0
+    k = 8 if tag in ("tf32", "3xtf32") else 16
+    return 16 * 8 * k / (3 if tag == "3xtf32" else 1)
+
+
+def _issue_us(kernel: str, flops: int, warps: int, loop: dict | None, m) -> float | None:
+    """The issue floor: the hot loop's warp instructions over the schedulers the grid fills."""
+    per_op = (loop or {}).get("instructions_per_ffma")
+    if not per_op:
+        return None
+    warp_instructions = flops / 2 / _macs_per_instruction(kernel) * per_op
+    schedulers = min(m["sms"] * m["schedulers_per_sm"], warps)
+    return warp_instructions / (schedulers * m["clock_ghz"] * 1e3)
 
 
 def step_totals(kernels, machine=H200) -> dict:

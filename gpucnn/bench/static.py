@@ -115,6 +115,7 @@ def static_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 2
         raise RuntimeError(f"{name} batch {batch}: steps differ in their launches ({sorted(sizes)}); "
                            "the step is not static")
     launches = [e for e in step_events if e.kind in ("kernel", "xp")]
+    loops, _ = kernel_resources({e.name for e in launches if e.kind == "kernel"})
     host_us = statistics.median(times) * 1e6
     return {
         "model": name, "batch": batch, "optimizer": optimizer,
@@ -127,17 +128,19 @@ def static_step(name: str, batch: int, *, optimizer: str = "sgd", steps: int = 2
         "host_us_per_launch": host_us / max(1, len(launches)),
         "launcher_us_per_launch": launcher,
         "kernels": [{"kind": e.kind, "name": e.name, "grid": e.grid, "block": e.block,
-                     "shared_mem": e.shared_mem, "model": _model(e)} for e in launches],
+                     "shared_mem": e.shared_mem, "model": _model(e, loops)} for e in launches],
         "allocations": sum(e.kind == "alloc" for e in step_events),
         "per_epoch": [e.name for e in per_epoch if e.kind not in ("sync", "alloc")],
     }
 
 
-def _model(event):
-    """The time model's figures for a gpucnn kernel launch (None for a CuPy operation)."""
+def _model(event, loops):
+    """The time model's figures for a gpucnn kernel launch (None for a CuPy operation); ``loops``:
+    :func:`kernel_resources`, for the issue floor."""
     if event.kind != "kernel":
         return None
-    return roofline.predict(event.name, event.grid, event.block, roofline.launch_args(event.name, event.args))
+    return roofline.predict(event.name, event.grid, event.block, roofline.launch_args(event.name, event.args),
+                            loop=loops.get(event.name))
 
 
 def _timed_launches(run, rec, repeats) -> float:
@@ -266,15 +269,16 @@ def _print_prediction(row):
     """The time model's table for the step's launches, and its total."""
     print(f"  predicted on an {roofline.H200['name']} (static model, assumptions above):")
     print(f"  {'kernel':28s} {'MFLOP':>9s} {'KB moved':>9s} {'blocks':>7s} {'waves':>5s} {'compute':>8s} "
-          f"{'memory':>8s} {'launch':>6s} {'predicted':>9s}   (us)")
+          f"{'memory':>8s} {'issue':>8s} {'launch':>6s} {'predicted':>9s}   (us)")
     for k in row["kernels"]:
         p = k["model"]
         if p is None:
             print(f"  {'cupy: ' + k['name']:28s} {'-':>9s} {'-':>9s} {'-':>7s} {'-':>5s} {'-':>8s} {'-':>8s} "
-                  f"{roofline.H200['launch_us']:6.2f} {roofline.H200['launch_us']:9.2f}")
+                  f"{'-':>8s} {roofline.H200['launch_us']:6.2f} {roofline.H200['launch_us']:9.2f}")
             continue
         print(f"  {k['name']:28s} {p['flops'] / 1e6:9.3f} {p['bytes'] / 1e3:9.1f} {p['blocks']:7d} {p['waves']:5d} "
-              f"{p['compute_us']:8.2f} {p['memory_us']:8.2f} {p['launch_us']:6.2f} {p['predicted_us']:9.2f}")
+              f"{p['compute_us']:8.2f} {p['memory_us']:8.2f} {_fmt(p['issue_us'], '8.2f'):>8s} {p['launch_us']:6.2f} "
+              f"{p['predicted_us']:9.2f}")
     t = row["predicted"]
     print(f"  predicted step total: {t['predicted_us']:.1f} us for {t['launches']} launches per step "
           f"({t['launch_us']:.1f} us of it launch cost; {t['flops'] / 1e9:.3f} GFLOP, {t['bytes'] / 1e6:.2f} MB)"
