@@ -157,6 +157,23 @@ def test_dense_backward_launch_shape():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_xent_forward_backward_launches_and_bounds(dtype):
+    """1000 samples: one block of 1024 threads (within the kernel's __launch_bounds__); split: + xent_mean."""
+    from backends import RecordingBuilder
+    from gpucnn.cuda import loader
+
+    logits, labels = np.zeros((10, 1000), dtype), np.zeros(1000, np.int32)
+    rec = RecordingBuilder()
+    with loader.use_module_builder(rec):
+        loss.xent_forward_backward(logits, labels, 0.5)
+        loss.xent_forward_backward(logits, labels, 0.5, fused_max_rows=1)
+    name = loss._kernel("xent_forward_backward", dtype)
+    assert rec.take() == [(name, (1, 1, 1), (1024, 1, 1)), (name, (4, 1, 1), (256, 1, 1)),
+                          (loss._kernel("xent_mean", dtype), (1, 1, 1), (32, 1, 1))]
+    assert loader.kernel_launch_bounds(name) == 1024
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N, path", [(37, {}), (1, {}), (70, {"fused_max_rows": 16, "block": 32})],
                          ids=["N37", "N1", "split"])
 def test_xent_forward_backward_bits_equal_the_two_passes(N, path, dtype, device):
