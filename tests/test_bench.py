@@ -174,7 +174,7 @@ def test_static_prints_the_time_model_and_its_assumptions(lenet5_static):
                    "not modelled: latency chains"):
         assert needle in text, needle
     assert lenet5_static["assumptions"] and lenet5_static["machine"]["sms"] == 132
-    assert "predicted step total:" in text and "for 20 launches per step" in text     # 27 before issue 25 fix 7 (the folds)
+    assert "predicted step total:" in text and "for 20 launches per step" in text   # 27 before issue 25's fix 7
     line = next(s for s in text.splitlines() if s.strip().startswith("conv_forward") and "2.04" in s)
     assert line.split()[1:] == ["15.053", "2609.8", "784", "1", "0.22", "0.54", "1.50", "2.04"]
 

@@ -493,7 +493,8 @@ def _gemm_rows(g: Gemm, batch: int, mode: str, data: dict, device: str, clock, r
                 launches["bwd-input"], mine["bwd-input"] = [], _host(out[0])
                 fused["bwd-input"] = (launches["both"], launches["bwd-weight"])
                 timed["bwd-input"] = (_in_mode(mode, lambda: both(saved)), timed["bwd-weight"])
-                rows["bwd-input"]["fused"] = (f"dx in bwd-weight's launches ({', '.join(l.kernel for l in launches['both'])}): "
+                kinds = ", ".join(launch.kernel for launch in launches["both"])
+                rows["bwd-input"]["fused"] = (f"dx in bwd-weight's launches ({kinds}): "
                                               "the input_grad=True call less the input_grad=False one")
             else:
                 rows["bwd-input"]["failed"] = ("could not tell the input gradient's launches apart: the backward "
