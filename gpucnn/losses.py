@@ -105,6 +105,21 @@ class SoftmaxCrossEntropy:
                                                             loss_out=loss_out, correct_out=correct_out)
         return loss
 
+    def _forward_backward(self, logits, labels, scale=1.0, *, loss_out=None, correct_out=None):
+        """:meth:`_forward` then :meth:`_backward` (``scale``): ``(loss, dlogits (K, N))``, the train
+        step's pass.  On a GPU one kernel pass writes both (the same bits as the two); a subclass
+        that redefines ``_forward`` or ``_backward`` gets its own two, in that order."""
+        cls = type(self)
+        if cls._forward is not SoftmaxCrossEntropy._forward or cls._backward is not SoftmaxCrossEntropy._backward:
+            outs = {k: v for k, v in (("loss_out", loss_out), ("correct_out", correct_out)) if v is not None}
+            return self._forward(logits, labels, **outs), self._backward(scale)
+        check_array(logits, "logits", 2, "SoftmaxCrossEntropy", internal=True)
+        K, N = logits.shape
+        self._check(logits, labels, N, K, f"{(N, K)}")
+        loss, self._saved, dlogits = F.softmax_cross_entropy_forward_backward(
+            logits, labels, scale, ws=self.workspace, loss_out=loss_out, correct_out=correct_out)
+        return loss, dlogits
+
     @property
     def probs(self):
         """Softmax probabilities (N, K) of the last forward (None before one)."""

@@ -4,8 +4,9 @@
 // the int32 label words are those of kernels/softmax_xent.cu; only the layout
 // (classes outer, batch inner) and the thread mapping differ.
 //
-// Entry points: xent_forward / xent_mean / xent_backward (float32) and the
-// same names with _f64 (float64); one template body each, instantiated twice;
+// Entry points: xent_forward / xent_forward_backward / xent_mean /
+// xent_backward (float32) and the same names with _f64 (float64); one template
+// body each, instantiated twice;
 // T below is float or double.  No #includes.  Host wrappers: gpucnn/cuda/loss.py.
 //
 // Math, per sample n (column n of the logits z):
@@ -43,6 +44,9 @@
 //   * split: xent_forward with grid ceil(N/B) > 1 (writes probs, row_loss,
 //     row_correct), then xent_mean with grid 1, block 32.  2 launches.
 //   * backward: xent_backward, grid (ceil(N/B), K), one thread per element.
+//   * forward + backward (the train step): xent_forward_backward in place of
+//     xent_forward (the same grid and block, fused or split), which also
+//     writes dlogits: 1 launch (N <= fused_max_rows) or 2 (+ xent_mean).
 
 // Largest block of xent_forward and xent_backward (the wrappers launch up to
 // 1024 threads).  Declared with __launch_bounds__: a block of more than 256
@@ -114,12 +118,18 @@ __device__ __forceinline__ void xent_warp_reduce(const T* row_loss, const int* r
 //   correct (1,) int32.
 // Preconditions: N >= 1, K >= 1, label_words in {1, 2}, N <= 2^30 and
 //   gridDim.x * B <= 2^30, every array < 2^31 elements, no aliasing.
+//
+// xent_forward_backward / xent_forward_backward_f64: the same, and in pass 3
+// also dlogits[k, n] = (p - [k == y_n]) * coef (NaN column for an invalid
+// label), xent_backward's expression on the very p it stores: the same bits
+// as xent_forward then xent_backward.  Extra layout: dlogits (K, N) T, not
+// aliasing probs; coef = scale / N (host, double rounded to T).
 // ---------------------------------------------------------------------------
-template <typename T>
+template <bool GRAD, typename T>
 __device__ __forceinline__ void xent_forward_impl(
     const T* __restrict__ logits, const int* __restrict__ labels, int label_words,
     T* __restrict__ probs, T* row_loss, int* row_correct, T* __restrict__ loss, int* __restrict__ correct,
-    int K, int N)
+    T* __restrict__ dlogits, T coef, int K, int N)
 {
     const int stride = gridDim.x * blockDim.x;
     for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += stride) {
@@ -143,8 +153,13 @@ __device__ __forceinline__ void xent_forward_impl(
         T loss_n = XeMath<T>::nan();
         for (int k = 0, o = 0; k < K; ++k, o += N) {
             const T logp = (z[o] - m) - log_sum;
-            p[o] = XeMath<T>::ex(logp);
+            const T pk = XeMath<T>::ex(logp);
+            p[o] = pk;
             if (k == y) loss_n = -logp;
+            if (GRAD) {                                 // xent_backward_impl's expression
+                const T onehot = k == y ? (T)1 : (T)0;
+                dlogits[o + n] = y < 0 ? XeMath<T>::nan() : (pk - onehot) * coef;
+            }
         }
         row_loss[n] = loss_n;
         row_correct[n] = (y >= 0 && m == m && arg == y) ? 1 : 0;
@@ -161,7 +176,8 @@ extern "C" __global__ void __launch_bounds__(XE_MAX_BLOCK) xent_forward(
     float* __restrict__ probs, float* row_loss, int* row_correct, float* __restrict__ loss, int* __restrict__ correct,
     int K, int N)
 {
-    xent_forward_impl(logits, labels, label_words, probs, row_loss, row_correct, loss, correct, K, N);
+    xent_forward_impl<false>(logits, labels, label_words, probs, row_loss, row_correct, loss, correct,
+                             (float*)nullptr, 0.0f, K, N);
 }
 
 extern "C" __global__ void __launch_bounds__(XE_MAX_BLOCK) xent_forward_f64(
@@ -169,7 +185,26 @@ extern "C" __global__ void __launch_bounds__(XE_MAX_BLOCK) xent_forward_f64(
     double* __restrict__ probs, double* row_loss, int* row_correct, double* __restrict__ loss,
     int* __restrict__ correct, int K, int N)
 {
-    xent_forward_impl(logits, labels, label_words, probs, row_loss, row_correct, loss, correct, K, N);
+    xent_forward_impl<false>(logits, labels, label_words, probs, row_loss, row_correct, loss, correct,
+                             (double*)nullptr, 0.0, K, N);
+}
+
+extern "C" __global__ void __launch_bounds__(XE_MAX_BLOCK) xent_forward_backward(
+    const float* __restrict__ logits, const int* __restrict__ labels, int label_words,
+    float* __restrict__ probs, float* row_loss, int* row_correct, float* __restrict__ loss, int* __restrict__ correct,
+    float* __restrict__ dlogits, int K, int N, float coef)
+{
+    xent_forward_impl<true>(logits, labels, label_words, probs, row_loss, row_correct, loss, correct,
+                            dlogits, coef, K, N);
+}
+
+extern "C" __global__ void __launch_bounds__(XE_MAX_BLOCK) xent_forward_backward_f64(
+    const double* __restrict__ logits, const int* __restrict__ labels, int label_words,
+    double* __restrict__ probs, double* row_loss, int* row_correct, double* __restrict__ loss,
+    int* __restrict__ correct, double* __restrict__ dlogits, int K, int N, double coef)
+{
+    xent_forward_impl<true>(logits, labels, label_words, probs, row_loss, row_correct, loss, correct,
+                            dlogits, coef, K, N);
 }
 
 // ---------------------------------------------------------------------------

@@ -67,8 +67,14 @@ def test_ratio_is_cudnn_over_gpucnn():
 def test_table_with_injected_timings():
     rows = _collect(clock=FakeClock(4e-6), reference=FakeReference(6.0))
     assert [r["label"] for r in rows[:3]] == ["conv1 fwd", "conv1 bwd-input", "conv1 bwd-weight"]
-    assert len(rows) == 15 and all(r["gpucnn_us"] == pytest.approx(4.0) and r["torch_us"] == 6.0 for r in rows)
-    assert all(r["ratio"] == pytest.approx(1.5) and r["check"] is None and not r["mismatch"] for r in rows)
+    # fp32 dense: dx comes from the bwd-weight launch (dense_backward), its time the difference: 4 - 4
+    fused = [r for r in rows if r["fused"]]
+    assert [r["label"] for r in fused] == [f"dense{i} bwd-input" for i in (1, 2, 3)]
+    assert all(r["gpucnn_us"] == 0.0 and r["ratio"] is None and r["launches"] == [] for r in fused)
+    rows_alone = [r for r in rows if not r["fused"]]
+    assert len(rows) == 15 and all(r["gpucnn_us"] == pytest.approx(4.0) and r["torch_us"] == 6.0 for r in rows_alone)
+    assert all(r["ratio"] == pytest.approx(1.5) for r in rows_alone)
+    assert all(r["check"] is None and not r["mismatch"] for r in rows)
     lines = kernels.format_table(rows, "lenet5", 8, "fp32", torch_settings=kernels.TORCH_MODES["fp32"][2])
     assert lines[0] == ("[lenet5 GEMM kernels, batch 8, precision fp32; PyTorch: float32, TF32 off "
                         "(cudnn.allow_tf32 = cuda.matmul.allow_tf32 = False)]")
@@ -79,11 +85,13 @@ def test_table_with_injected_timings():
     assert conv1[9:] == ["4.00", "6.00", "1.50x"]
     assert lines[3].startswith("  conv1 bwd-input *")          # the first layer's dx: not in a step
     dense = next(line for line in lines if line.startswith("  dense1 bwd-weight")).split()
-    assert dense[2:6] == ["400", "->", "120", "2"]              # dense_backward_act (db) + gemm_nt
+    assert dense[2:6] == ["400", "->", "120", "1"]              # dense_backward: dW, db (and dx) in one launch
+    assert any(line.startswith("  dense1 bwd-input: fused: dx in bwd-weight's launches (dense_backward)")
+               for line in lines)
     total = next(line for line in lines if line.startswith("  GEMMs of a train step")).split()
     t = kernels.totals(rows)
     assert t["rows"] == 14 and total[5:7] == ["(14", "rows)"]
-    assert total[9:] == [f"{14 * 4.0:.2f}", f"{14 * 6.0:.2f}", "1.50x"]
+    assert total[9:] == [f"{11 * 4.0:.2f}", f"{14 * 6.0:.2f}", f"{14 * 6.0 / (11 * 4.0):.2f}x"]
     assert t["predicted_us"] == pytest.approx(sum(r["predicted_us"] for r in rows if r["label"] != "conv1 bwd-input"))
     assert any("* not run in a train step" in line for line in lines)
 
@@ -144,8 +152,10 @@ def test_the_input_gradient_is_what_input_grad_adds():
     assert kinds["tf32", "conv2 bwd-input"] == ["gemm_tc_tf32_conv_dgrad_n8"]
     assert kinds["tf32", "conv2 bwd-weight"] == ["gemm_tc_tf32_conv_wgrad_n64", "conv_backward_weight_reduce"]
     assert kinds["tf32", "dense1 fwd"] == ["gemm_tc_tf32_dense_n64"]
-    assert kinds["fp32", "dense1 bwd-input"] == ["gemm_tn"]
-    assert kinds["fp32", "dense1 bwd-weight"] == ["dense_backward_act", "gemm_nt"]
+    # fp32 dense: one launch for dW, db and dx; the input gradient has none of its own
+    assert kinds["fp32", "dense1 bwd-input"] == [] and rows["fp32", "dense1 bwd-input"]["fused"]
+    assert kinds["fp32", "dense1 bwd-weight"] == ["dense_backward"]
+    assert rows["fp32", "dense1 bwd-input"]["predicted_us"] > 0          # the dx blocks' share
 
 
 def test_predictions_come_from_the_launch_records_static_uses():
@@ -240,7 +250,9 @@ def test_every_row_is_captured_as_a_graph_and_torch_missing_leaves_its_columns_e
                                      torch=None, env={"gpu": "stand-in"}, log=lines.append)
     assert status == 0
     measured = [r for r in result["rows"] if not r["refused"]]
-    assert len(measured) == 60 and all(r["gpucnn_method"] == "graph" and r["gpucnn_us"] > 0 for r in measured)
+    assert len(measured) == 60 and all(r["gpucnn_method"] == "graph" and r["gpucnn_us"] is not None
+                                       for r in measured)
+    assert all(r["gpucnn_us"] > 0 for r in measured if not r["fused"])   # a fused row's is a difference
     assert all(r["torch_us"] is None and r["ratio"] is None for r in result["rows"])
     assert "  PyTorch is not available: the cuDNN, ratio and check columns show '-'" in lines
     assert any(line.startswith("  (the predictions are an H200's") for line in lines)

@@ -935,9 +935,9 @@ def test_float64_runs_the_f64_twins_and_scalars_are_typed(fake):
 
 def test_kernel_files_registered():
     expected = {"pool.cu": {"pool_max_forward", "pool_max_backward"},
-                "dense.cu": {"dense_forward", "dense_backward_act", "gemm_nt", "gemm_tn"},
+                "dense.cu": {"dense_forward", "dense_backward", "dense_backward_act", "gemm_nt", "gemm_tn"},
                 "elementwise.cu": {"act_backward"},
-                "loss.cu": {"xent_forward", "xent_mean", "xent_backward"},
+                "loss.cu": {"xent_forward", "xent_forward_backward", "xent_mean", "xent_backward"},
                 "optim.cu": {"sgd_update", "adam_update"},
                 "batch.cu": {"gather_batch", "gather_batch_augment"}}
     float32_only = {"batch.cu": {"gather_batch_augment_u8"},   # uint8 in, float32 out: no float64 twin

@@ -303,6 +303,27 @@ def test_dense_main_loop_prefetches_the_next_slice(kernel):
     assert body[first_ldg:].count("FFMA") >= 128, kernel
 
 
+def test_fused_dense_backward_keeps_the_prefetching_gemm_loop_in_both_roles():
+    """Issue 25, SIMT fix 7: dense_backward (dW, dx and db of a layer in one launch) runs the GEMM core
+    twice, dz computed from dy and saved as it is staged.  Both roles keep fix 5's prefetch (every STS
+    of an iteration before its first LDG, all 256 FFMA of the slice after it), with no spill, no stack
+    and at most 64 registers (4 blocks of 256 threads per SM).  The loops' static instruction counts
+    include every activation's branch of the staging (the 8 further FFMA: tanh's 1 - s * s)."""
+    _tools_or_skip()
+    cubin, _ = sass.compile_cubin("dense.cu", "sm_90")
+    instructions = sass.split_kernels(sass.disassemble(cubin))["dense_backward"]
+    f = sass.report("dense.cu", "sm_90")["dense_backward"]
+    assert f["spill_stores"] == f["spill_loads"] == f["stack"] == 0 and f["registers"] <= 64, f
+    gemm_loops = [lp for lp in f["fma_loops"] if lp["loop_ffma"] >= 256]
+    assert len(gemm_loops) == 2, f["fma_loops"]                      # the dW role and the dx role
+    for lp in gemm_loops:
+        body = [i.base for i in instructions if lp["loop_start"] <= i.address <= lp["loop_end"]]
+        assert body.count("STS") == 16 and body.count("BAR") == 2, lp
+        last_sts, first_ldg = len(body) - 1 - body[::-1].index("STS"), body.index("LDG")
+        assert last_sts < first_ldg and body[first_ldg:].count("FFMA") >= 256, lp
+        assert lp["instructions_per_ffma"] < 3.5, lp
+
+
 def test_staging_loops_on_handwritten_sass():
     """:func:`sass.staging_loops` counts the loads issued before a copy loop's first store."""
     text = """

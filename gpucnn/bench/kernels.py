@@ -10,7 +10,11 @@ row per GEMM-like pass of every Conv2D and Dense layer, in this order:
   ``dense_backward`` with ``input_grad=True`` makes *beyond* the same call with
   ``input_grad=False``, recorded at gpucnn's kernel loader and replayed alone
   (an operand both gradients use, like the rounded ``dz`` in tf32, goes with
-  ``bwd-weight``);
+  ``bwd-weight``).  Where the two calls make the same kernels and dx comes
+  from more blocks of them (fp32 dense: ``dense_backward`` computes dW, db and
+  dx in one launch), the row has no launch of its own: it says ``fused``, and
+  its predicted and measured times are the input_grad=True call's less the
+  input_grad=False call's;
 * ``bwd-weight`` -- dL/dW and dL/db: the backward call with ``input_grad=False``.
 
 Every gpucnn call runs inside ``with gpucnn.precision.using(mode):``, so a row
@@ -153,6 +157,11 @@ def recorded_launches():
         yield out
     finally:
         loader.launch = real
+
+
+def _same_kernels(more, base):
+    """Whether two calls launch the same kernels in the same order (grids may differ)."""
+    return bool(more) and [l.kernel for l in more] == [l.kernel for l in base]
 
 
 def _extra(more, base):
@@ -410,7 +419,8 @@ def _new_row(g: Gemm, batch: int, mode: str, op: str) -> dict:
             "in_train_step": op != "bwd-input" or g.input_grad_in_step,
             "launches": [], "predicted_us": None, "gpucnn_us": None, "gpucnn_method": None,
             "torch_us": None, "torch_method": None, "torch_settings": TORCH_MODES[mode][2] if mode in TORCH_MODES
-            else None, "ratio": None, "check": None, "mismatch": False, "refused": None, "failed": None}
+            else None, "ratio": None, "check": None, "mismatch": False, "refused": None, "failed": None,
+            "fused": None}
 
 
 def _calls(g: Gemm, x, W, b, dz, ws):
@@ -459,7 +469,7 @@ def _gemm_rows(g: Gemm, batch: int, mode: str, data: dict, device: str, clock, r
     b = g.layer.params.get("b")
     dz = backend.to_device(data["dz"], device)
     forward, weight_only, both = _calls(g, x, W, b, dz, Workspace())
-    launches, mine, timed = {}, {}, {}
+    launches, mine, timed, fused = {}, {}, {}, {}
     timed["fwd"] = _in_mode(mode, forward)
     with recorded_launches() as launches["fwd"]:
         out = _attempt(timed["fwd"], rows["fwd"])
@@ -481,6 +491,13 @@ def _gemm_rows(g: Gemm, batch: int, mode: str, data: dict, device: str, clock, r
             if extra:
                 launches["bwd-input"], mine["bwd-input"] = extra, _host(out[0])
                 timed["bwd-input"] = lambda: [launch.replay() for launch in extra]
+            elif _same_kernels(launches["both"], launches["bwd-weight"]):   # dx blocks in the same launches
+                launches["bwd-input"], mine["bwd-input"] = [], _host(out[0])
+                fused["bwd-input"] = (launches["both"], launches["bwd-weight"])
+                timed["bwd-input"] = (_in_mode(mode, lambda: both(saved)), timed["bwd-weight"])
+                kinds = ", ".join(launch.kernel for launch in launches["both"])
+                rows["bwd-input"]["fused"] = (f"dx in bwd-weight's launches ({kinds}): "
+                                              "the input_grad=True call less the input_grad=False one")
             else:
                 rows["bwd-input"]["failed"] = ("could not tell the input gradient's launches apart: the backward "
                                                "with input_grad=True does not make those without it plus others")
@@ -492,7 +509,11 @@ def _gemm_rows(g: Gemm, batch: int, mode: str, data: dict, device: str, clock, r
         loops, _ = static.kernel_resources({launch.kernel for launch in launches[op]})
         row["launches"] = [launch.describe(loops) for launch in launches[op]]
         figures = [launch["model"] for launch in row["launches"]]
-        if figures and all(f is not None for f in figures):
+        if op in fused:                                  # the difference of two calls' launches
+            more, base = ([launch.describe()["model"] for launch in calls] for calls in fused[op])
+            if all(f is not None for f in more + base):
+                row["predicted_us"] = sum(f["predicted_us"] for f in more) - sum(f["predicted_us"] for f in base)
+        elif figures and all(f is not None for f in figures):
             row["predicted_us"] = sum(f["predicted_us"] for f in figures)
         if reference is not None:                        # correctness first, then PyTorch's time
             try:
@@ -505,7 +526,11 @@ def _gemm_rows(g: Gemm, batch: int, mode: str, data: dict, device: str, clock, r
                 row["torch_method"] = f"failed ({type(exc).__name__}: {_shorten(exc, 200)})"
         if clock is not None:
             try:
-                seconds, row["gpucnn_method"] = clock.gpucnn(timed[op])
+                if op in fused:
+                    (more, row["gpucnn_method"]), (base, _) = (clock.gpucnn(fn) for fn in timed[op])
+                    seconds = more - base
+                else:
+                    seconds, row["gpucnn_method"] = clock.gpucnn(timed[op])
                 row["gpucnn_us"] = seconds * 1e6
             except NotImplementedError as exc:
                 row["refused"] = str(exc)
@@ -610,6 +635,8 @@ def format_table(rows, model: str, batch: int, mode: str, *, torch_settings: str
                                            r["ratio"], check))
         if r["failed"]:
             notes.append(f"{r['label']}: failed: {r['failed']}")
+        if r["fused"]:
+            notes.append(f"{r['label']}: fused: {r['fused']}")
         for side, key in (("gpucnn", "gpucnn_method"), ("PyTorch", "torch_method")):
             if r[key] and r[key] != "graph":
                 notes.append(f"{r['label']}: {side} timed {r[key]}" if r[key].startswith("eager")
@@ -631,7 +658,8 @@ def method_lines(calls: int, warmup: int, repeats: int, measured: bool) -> list[
         "gpucnn: the public functional ops (gpucnn.functional.conv / dense) inside precision.using(mode), so a "
         "row runs the kernels its mode dispatches to; activations and pooling left out on both sides",
         "bwd-input: the launches a backward with input_grad=True adds to the same call without it (recorded at "
-        "gpucnn's kernel loader, replayed alone); bwd-weight: dW and db, the call with input_grad=False",
+        "gpucnn's kernel loader, replayed alone; fused: no launch of its own, the difference of the two calls); "
+        "bwd-weight: dW and db, the call with input_grad=False",
         "predicted: roofline.predict of each launch of the row, summed (an H200's figures: a floor, not a measurement)",
     ]
     if measured:

@@ -130,6 +130,8 @@ def _flops(kernel: str, arrays: dict, s: dict) -> int:
         return 2 * s["Fout"] * s["Fin"] * s["N"]
     if base in ("gemm_nt", "gemm_tn"):
         return 2 * s["M"] * s["Nc"] * s["K"]
+    if base == "dense_backward":                # dW, and dx when input_grad (dz and db: not counted)
+        return 2 * s["Fout"] * s["Fin"] * s["N"] * (1 + (s["input_grad"] != 0))
     if base == "pool_max_forward":
         return s["C"] * s["OH"] * s["OW"] * s["N"] * s["KH"] * s["KW"]
     if base.startswith("gather_batch"):
@@ -143,6 +145,9 @@ def _bytes(kernel: str, arrays: dict, s: dict) -> int:
     if kernel.startswith("gather_batch"):            # indexes the whole dataset, copies N rows
         rows = arrays["x"] + arrays.get("y", 0)
         return 2 * rows + 4 * s["N"]
+    if kernel.removesuffix("_f64") == "dense_backward":   # the dummies of what it does not read or write
+        unused = {"saved": s["act"] == 0, "dx": s["input_grad"] == 0, "db": s["has_bias"] == 0}
+        return sum(v for k, v in arrays.items() if not unused.get(k))
     return sum(arrays.values())
 
 

@@ -2,7 +2,11 @@
 
 Layout: x is (Fin, N), W (Fout, Fin), b (Fout,), y / z / dy / dz (Fout, N).
 Forward ``y = act(W @ x + b)``; backward ``dz = dy * act'(saved)``,
-``db = sum_n dz``, ``dW = dz @ x^T``, ``dx = W^T @ dz``.
+``db = sum_n dz``, ``dW = dz @ x^T``, ``dx = W^T @ dz``, all of it in one launch
+(:func:`dense_backward`: dz is computed while the GEMMs stage it, never stored).
+The unfused sequence (:func:`dense_backward_act`, :func:`dense_weight_grad`,
+:func:`dense_input_grad`) stays: the tensor-core modes use the first, and the
+fused kernel is tested bit for bit against the three.
 
 The three products run on one shared-memory tiled GEMM kernel core: 32 x 32
 output tiles per block, K in slices of 16, 4 x 4 outputs per thread in
@@ -21,7 +25,7 @@ from . import loader
 from .elementwise import _contiguous, _dtype, _kernel, _ndim, _out, _positive, _same_shape, _xp, act_code
 
 __all__ = ["GEMM_TILE", "GEMM_MAX_K_GROUPS", "gemm_k_groups", "gemm_launch", "reduce_block",
-           "dense_forward", "dense_backward_act", "dense_weight_grad", "dense_input_grad"]
+           "dense_forward", "dense_backward", "dense_backward_act", "dense_weight_grad", "dense_input_grad"]
 
 #: Output tile (rows, columns) of one GEMM block; K is consumed 16 at a time.
 GEMM_TILE = (32, 32)
@@ -122,6 +126,87 @@ def dense_forward(x, W, b, act=None, *, y_out=None, z_out=None, write_z=None, k_
                    Fout, Fin, N, code, int(b is not None), int(write_z)),
                   grid=grid, block=block)
     return y, z
+
+
+def dense_backward(dy, saved, act, x, W, *, dW_out=None, dx_out=None, db_out=None, has_bias=True,
+                   input_grad=True, k_groups=None, red_block=None):
+    """``dz = dy * act'(saved)``, ``dW = dz @ x^T``, ``db = sum_n dz`` and ``dx = W^T @ dz`` in ONE launch.
+
+    The same bits as :func:`dense_backward_act` (block ``red_block``) followed by
+    :func:`dense_weight_grad` and :func:`dense_input_grad` (see kernels/dense.cu,
+    ``dense_backward``); dz itself is not written.
+
+    Args:
+        dy: (Fout, N) float32 or float64, C-contiguous.
+        saved: same shape: z for "relu", y for "sigmoid" / "tanh"; ignored (may
+            be None) for act None.
+        act: None, "relu", "sigmoid" or "tanh".
+        x: (Fin, N), the forward input; W: (Fout, Fin); the dtype of dy.
+        dW_out, dx_out, db_out: optional outputs (Fout, Fin), (Fin, N), (Fout,).
+        has_bias: False: no db (returned as None).  input_grad: False: no dx
+            (returned as None) and no dx blocks.
+        k_groups: ``(ks_w, ks_x)`` overriding :func:`gemm_k_groups` of the two
+            products (tests); red_block: the db reduction's virtual block
+            (default :func:`reduce_block` (N)).
+    Returns:
+        (dx, dW, db).
+    Launches: 1, ``dense_backward[_f64]``, grid (TW + TX + Fout', 1, 1) with TW = ceil(Fout/32) *
+        ceil(Fin/32) dW tiles, TX = ceil(Fin/32) * ceil(N/32) dx tiles (0 without input_grad) and
+        Fout' = Fout db rows (0 without bias); block (64, max(ks_w, ks_x), 1).
+    """
+    func = "dense_backward"
+    code = act_code(func, act)
+    if code and saved is None:
+        raise ValueError(f"{func}: act={act!r} needs saved (z for relu, y for sigmoid/tanh)")
+    saved_arr = saved if code else None
+    if db_out is not None and not has_bias:
+        raise ValueError(f"{func}: db_out given but has_bias is False")
+    if dx_out is not None and not input_grad:
+        raise ValueError(f"{func}: dx_out given but input_grad is False")
+    xp = _xp(dy=dy, saved=saved_arr, x=x, W=W, dW_out=dW_out, dx_out=dx_out, db_out=db_out)
+    dtype = _dtype(func, dy=dy, saved=saved_arr, x=x, W=W)
+    Fout, N = _mat(func, "dy", dy, "(Fout, N)")
+    Fin, Nx = _mat(func, "x", x, "(Fin, N)")
+    if Nx != N:
+        raise ValueError(f"{func}: dy has shape {(Fout, N)} and x {(Fin, Nx)}: the batch sizes differ")
+    if tuple(W.shape) != (Fout, Fin):
+        raise ValueError(f"{func}: W has shape {tuple(W.shape)}, expected (Fout, Fin) = {(Fout, Fin)} "
+                         f"from dy {(Fout, N)} and x {(Fin, N)}")
+    _contiguous(func, W=W)
+    if saved_arr is not None:
+        _same_shape(func, "saved", saved_arr, (Fout, N), "the shape of dy")
+        _contiguous(func, saved=saved_arr)
+    ks_w, ks_x = ((gemm_k_groups(Fout, Fin, N), gemm_k_groups(Fin, N, Fout)) if k_groups is None
+                  else (int(k_groups[0]), int(k_groups[1])))
+    for name, ks in (("ks_w", ks_w), ("ks_x", ks_x)):
+        if not 1 <= ks <= GEMM_MAX_K_GROUPS:
+            raise ValueError(f"{func}: {name} must be in 1..{GEMM_MAX_K_GROUPS}, got {name}={ks}")
+    red = reduce_block(N) if red_block is None else int(red_block)
+    if red < 32 or red > REDUCE_MAX_BLOCK or red & (red - 1):
+        raise ValueError(f"{func}: red_block must be a power of two in [32, {REDUCE_MAX_BLOCK}], got {red}")
+    largest = loader.INT32_MAX - GEMM_TILE[0]
+    if max(Fout, Fin, N) > largest:
+        raise ValueError(f"{func}: Fout={Fout}, Fin={Fin}, N={N}: the kernel takes at most {largest} "
+                         "(its tile indices are int32)")
+    tiles_w = loader.ceil_div(Fout, GEMM_TILE[0]) * loader.ceil_div(Fin, GEMM_TILE[1])
+    tiles_x = loader.ceil_div(Fin, GEMM_TILE[0]) * loader.ceil_div(N, GEMM_TILE[1]) if input_grad else 0
+    blocks = tiles_w + tiles_x + (Fout if has_bias else 0)
+    if blocks > loader.INT32_MAX:
+        raise ValueError(f"{func}: {blocks} blocks for Fout={Fout}, Fin={Fin}, N={N}; "
+                         f"the kernel's 1-D grid takes at most {loader.INT32_MAX}")
+    dW = _out(func, "dW_out", dW_out, xp, (Fout, Fin), dtype)
+    dx = _out(func, "dx_out", dx_out, xp, (Fin, N), dtype) if input_grad else None
+    db = _out(func, "db_out", db_out, xp, (Fout,), dtype) if has_bias else None
+    outs = [a for a in (dW, dx, db) if a is not None]
+    for a in outs:
+        if any(a is b for b in (dy, saved_arr, x, W)) or sum(a is b for b in outs) > 1:
+            raise ValueError(f"{func}: the outputs may not alias the inputs or each other")
+    loader.launch(_kernel(func, dtype),
+                  (dy, saved_arr if saved_arr is not None else dy, x, W, dW,
+                   dx if dx is not None else dW, db if db is not None else dW,
+                   Fout, Fin, N, code, int(bool(has_bias)), int(bool(input_grad)), ks_w, ks_x, red),
+                  grid=(blocks, 1, 1), block=(GEMM_GROUP_THREADS, max(ks_w, ks_x if input_grad else 1), 1))
+    return dx, dW, db
 
 
 def dense_backward_act(dy, saved, act, *, dz_out=None, db_out=None, has_bias=True, block=None):

@@ -10,6 +10,10 @@ The forward pass also counts ``correct``, the samples whose first-max argmax
 equals the label (a NaN logit counts as wrong): the train loop's accuracy with
 no extra launch.  The mean and the count are reduced in an order fixed by N
 alone, so the one-launch and two-launch forward paths give the same bits.
+
+:func:`xent_forward_backward` is the train step's pass: the forward that also
+writes the gradient (the bits of :func:`xent_forward` then
+:func:`xent_backward`), one launch fewer.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 from . import loader
 from .elementwise import _contiguous, _dtype, _kernel, _ndim, _out, _positive, _same_shape, _words, _xp
 
-__all__ = ["XENT_BLOCK", "XENT_FUSED_MAX_ROWS", "xent_forward", "xent_backward"]
+__all__ = ["XENT_BLOCK", "XENT_FUSED_MAX_ROWS", "xent_forward", "xent_forward_backward", "xent_backward"]
 
 #: Threads per block of the multi-block forward and of the backward.
 XENT_BLOCK = 256
@@ -69,10 +73,44 @@ def xent_forward(logits, labels, *, loss_out=None, probs_out=None, correct_out=N
         grid (max(2, ceil(N/block)), 1, 1), block (block, 1, 1), then ``xent_mean[_f64]``
         grid (1,1,1), block (32,1,1).
     """
-    func = "xent_forward"
+    loss, probs, correct, _ = _forward("xent_forward", logits, labels, None, None, loss_out, probs_out,
+                                       correct_out, row_loss_out, row_correct_out, fused_max_rows, block)
+    return loss, probs, correct
+
+
+def xent_forward_backward(logits, labels, scale=1.0, *, dlogits_out=None, loss_out=None, probs_out=None,
+                          correct_out=None, row_loss_out=None, row_correct_out=None, fused_max_rows=None,
+                          block=None):
+    """:func:`xent_forward` and :func:`xent_backward` (``scale``) in one pass: the train step's.
+
+    Args:
+        as :func:`xent_forward`, plus ``scale`` (a host number, as :func:`xent_backward`'s) and
+        ``dlogits_out``: optional output (K, N) of the logits' dtype (not probs).
+    Returns:
+        (loss, probs, correct, dlogits): the bits of :func:`xent_forward` then
+        :func:`xent_backward` on its probs.
+    Launches: as :func:`xent_forward`, with ``xent_forward_backward[_f64]`` in place of
+        ``xent_forward[_f64]``: 1 up to ``fused_max_rows`` samples, else 2 (+ ``xent_mean``).
+    """
+    return _forward("xent_forward_backward", logits, labels, scale, dlogits_out, loss_out, probs_out,
+                    correct_out, row_loss_out, row_correct_out, fused_max_rows, block)
+
+
+def _host_scale(func, scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{func}: scale must be a host number, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _forward(func, logits, labels, scale, dlogits_out, loss_out, probs_out, correct_out, row_loss_out,
+             row_correct_out, fused_max_rows, block):
+    """The launches of xent_forward (``scale`` None) or xent_forward_backward."""
     xp = _xp(logits=logits, labels=labels, loss_out=loss_out, probs_out=probs_out, correct_out=correct_out,
-             row_loss_out=row_loss_out, row_correct_out=row_correct_out)
+             row_loss_out=row_loss_out, row_correct_out=row_correct_out, dlogits_out=dlogits_out)
     dtype, K, N, words, nwords = _check(func, "logits", logits, labels)
+    grad = scale is not None
+    if grad:
+        scale = _host_scale(func, scale)
     fused_max_rows = XENT_FUSED_MAX_ROWS if fused_max_rows is None else int(fused_max_rows)
     block = XENT_BLOCK if block is None else int(block)
     if block % 32 or not 32 <= block <= 1024:
@@ -82,7 +120,15 @@ def xent_forward(logits, labels, *, loss_out=None, probs_out=None, correct_out=N
     correct = _out(func, "correct_out", correct_out, xp, (1,), np.int32)
     row_loss = _out(func, "row_loss_out", row_loss_out, xp, (N,), dtype)
     row_correct = _out(func, "row_correct_out", row_correct_out, xp, (N,), np.int32)
-    args = (logits, words, nwords, probs, row_loss, row_correct, loss, correct, K, N)
+    args = (logits, words, nwords, probs, row_loss, row_correct, loss, correct)
+    dlogits = None
+    if grad:
+        dlogits = _out(func, "dlogits_out", dlogits_out, xp, (K, N), dtype)
+        if dlogits is probs or dlogits is logits:
+            raise ValueError(f"{func}: dlogits_out may not alias probs_out or logits")
+        args += (dlogits, K, N, scale / N)
+    else:
+        args += (K, N)
     if N <= fused_max_rows:
         loader.launch(_kernel(func, dtype), args, n_blocks=1, block=min(1024, loader.ceil_div(N, 32) * 32))
     else:
@@ -90,7 +136,7 @@ def xent_forward(logits, labels, *, loss_out=None, probs_out=None, correct_out=N
         loader.launch(_kernel(func, dtype), args, n_blocks=n_blocks, block=block)
         loader.launch(_kernel("xent_mean", dtype), (row_loss, row_correct, loss, correct, N),
                       n_blocks=1, block=32)
-    return loss, probs, correct
+    return loss, probs, correct, dlogits
 
 
 def xent_backward(probs, labels, scale=1.0, *, out=None, block=None):
@@ -110,12 +156,11 @@ def xent_backward(probs, labels, scale=1.0, *, out=None, block=None):
     func = "xent_backward"
     xp = _xp(probs=probs, labels=labels, out=out)
     dtype, K, N, words, nwords = _check(func, "probs", probs, labels)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{func}: scale must be a host number, got {type(scale).__name__}")
+    scale = _host_scale(func, scale)
     block = XENT_BLOCK if block is None else int(block)
     if not 1 <= block <= 1024:
         raise ValueError(f"{func}: block must be in [1, 1024], got {block}")
     dlogits = _out(func, "out", out, xp, (K, N), dtype)
-    loader.launch(_kernel(func, dtype), (probs, words, nwords, dlogits, K, N, float(scale) / N),
+    loader.launch(_kernel(func, dtype), (probs, words, nwords, dlogits, K, N, scale / N),
                   grid=(loader.ceil_div(N, block), K, 1), block=block)
     return dlogits

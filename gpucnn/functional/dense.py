@@ -10,7 +10,9 @@ its W stored transposed), ``dz = dy * act'(z)`` for the fused activation.
 NumPy: the products are BLAS GEMMs written into the layer's workspace and
 into the gradient buffers in place.  CUDA: the tiled GEMM kernels of
 ``kernels/dense.cu`` (:mod:`gpucnn.cuda.dense`), bias and activation in the
-epilogue, the activation's derivative and the bias gradient in one launch.
+forward's epilogue; the backward in one launch (fp32 and float64: the
+activation's derivative computed inside both GEMMs, the bias gradient beside
+them), or the derivative and bias gradient, then the tensor-core GEMMs.
 """
 from __future__ import annotations
 
@@ -86,24 +88,24 @@ def dense_backward(dy, saved: DenseSaved, *, input_grad=True, dW_out=None, db_ou
 
 
 def _backward_kernels(dy, saved, input_grad, dW_out, db_out, xp, ws, mode):
-    """fp32: the SIMT GEMMs (gpucnn/cuda/dense.py); other modes: the tensor-core GEMMs.  db is
-    the FP32 sum of the unrounded dz in every mode (dense_backward_act), as on the NumPy path."""
+    """fp32: ONE launch, dz computed inside the dW / dx GEMMs and db beside them
+    (gpucnn/cuda/dense.py ``dense_backward``); other modes: dense_backward_act, then the
+    tensor-core GEMMs.  db is the FP32 sum of the unrounded dz in every mode, in the same
+    order, as on the NumPy path."""
     from ..cuda import dense, gemm_tc
 
     W, x = saved.W, saved.x
     db = None
     if saved.has_bias:
         db = db_out if db_out is not None else get(ws, "k.db", (W.shape[0],), W.dtype, xp)
-    dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db, has_bias=saved.has_bias,
-                                      dz_out=get(ws, "k.dz", dy.shape, dy.dtype, xp))
     dW = dW_out if dW_out is not None else get(ws, "k.dW", W.shape, W.dtype, xp)
     dx = get(ws, "k.dx", x.shape, dy.dtype, xp) if input_grad else None
     if mode == "fp32":
-        dense.dense_weight_grad(dz, x, out=dW)
-        if input_grad:
-            dense.dense_input_grad(W, dz, out=dx)
-    else:
-        gemm_tc.dense_weight_grad(dz, x, mode=mode, out=dW)
-        if input_grad:
-            gemm_tc.dense_input_grad(W, dz, mode=mode, out=dx)
+        return dense.dense_backward(dy, saved.act_saved, saved.act, x, W, dW_out=dW, dx_out=dx, db_out=db,
+                                    has_bias=saved.has_bias, input_grad=input_grad)
+    dz, db = dense.dense_backward_act(dy, saved.act_saved, saved.act, db_out=db, has_bias=saved.has_bias,
+                                      dz_out=get(ws, "k.dz", dy.shape, dy.dtype, xp))
+    gemm_tc.dense_weight_grad(dz, x, mode=mode, out=dW)
+    if input_grad:
+        gemm_tc.dense_input_grad(W, dz, mode=mode, out=dx)
     return dx, dW, db

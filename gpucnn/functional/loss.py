@@ -6,7 +6,9 @@
   whose first-max prediction equals the label (a row holding a NaN counts as
   wrong): the train loop's accuracy for free.  On CuPy arrays it runs the
   fused kernels of ``kernels/loss.cu`` (:mod:`gpucnn.cuda.loss`: one launch
-  forward up to 1024 samples, two above, one backward, no host sync).
+  forward up to 1024 samples, two above, one backward, no host sync);
+  :func:`softmax_cross_entropy_forward_backward`, the train step's, writes the
+  gradient in the forward's launch (the same bits as the two passes).
 * squared error — the seeds' Euclidean loss ``1/2 ||y - a||^2`` summed over
   outputs, averaged over the batch: ``dL/da = (a - y) / N`` (one ``xp`` path,
   any layout: ``batch_size`` says N).
@@ -26,6 +28,7 @@ from . import _dispatch
 from .workspace import get
 
 __all__ = ["SoftmaxXentSaved", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
+           "softmax_cross_entropy_forward_backward",
            "mse_forward", "mse_backward", "LABEL_DTYPES"]
 
 #: Label dtypes the kernels read directly (int64 as pairs of int32 words).
@@ -74,11 +77,37 @@ def softmax_cross_entropy_forward(logits, labels, *, ws=None, loss_out=None, cor
     return loss, SoftmaxXentSaved(xp.exp(log_p), labels, xp.asarray(correct))
 
 
+def softmax_cross_entropy_forward_backward(logits, labels, scale=1.0, *, ws=None, loss_out=None,
+                                           correct_out=None):
+    """:func:`softmax_cross_entropy_forward` then :func:`softmax_cross_entropy_backward` (``scale``):
+    ``(loss, saved, dlogits)``, the same values and bits.  On the kernel path, with a host
+    ``scale``, one pass (``xent_forward_backward``: the launches of the forward alone)."""
+    K, N = logits.shape
+    if N and K and _host_number(scale) and _dispatch.use_kernels(logits):
+        from ..cuda import loss as kloss
+
+        if labels.dtype not in LABEL_DTYPES:
+            labels = labels.astype(np.int64)
+        xp = backend.get_array_module(logits)
+        loss, probs, correct, dlogits = kloss.xent_forward_backward(
+            logits, labels, scale, loss_out=loss_out, correct_out=correct_out,
+            dlogits_out=get(ws, "k.dlogits", (K, N), logits.dtype, xp),
+            probs_out=get(ws, "k.probs", (K, N), logits.dtype, xp),
+            row_loss_out=get(ws, "k.row_loss", (N,), logits.dtype, xp),
+            row_correct_out=get(ws, "k.row_correct", (N,), np.int32, xp))
+        return loss.reshape(()), SoftmaxXentSaved(probs, labels, correct.reshape(())), dlogits
+    loss, saved = softmax_cross_entropy_forward(logits, labels, ws=ws, loss_out=loss_out, correct_out=correct_out)
+    return loss, saved, softmax_cross_entropy_backward(saved, scale, ws=ws)
+
+
+def _host_number(scale) -> bool:
+    return not isinstance(scale, bool) and isinstance(scale, (int, float, np.integer, np.floating))
+
+
 def softmax_cross_entropy_backward(saved: SoftmaxXentSaved, scale=1.0, *, ws=None):
     """``(p - onehot(y)) * scale / N`` as (K, N)."""
     probs, labels = saved.probs, saved.labels
-    host_scale = not isinstance(scale, bool) and isinstance(scale, (int, float, np.integer, np.floating))
-    if probs.size and host_scale and _dispatch.use_kernels(probs):
+    if probs.size and _host_number(scale) and _dispatch.use_kernels(probs):
         from ..cuda import loss as kloss
 
         return kloss.xent_backward(probs, labels, scale,

@@ -82,17 +82,15 @@ def _one_batch(model, loss, x, y, scale, slot, loss_scaler):
     out = run_forward(model, x)                                         # forward
     if not runs_batch_last(loss):                                       # a loss of one's own: public passes
         return _own_loss(model, loss, out, y, scale, loss_scaler)
-    if isinstance(loss, losses.MSE):                                    # loss
+    if isinstance(loss, losses.MSE):                                    # loss and its gradient
         value = loss._forward(out, losses.one_hot_internal(y, out.shape[0], out.dtype))
         correct = (out.argmax(axis=0) == y).sum()
-    elif slot is not None:
-        value = loss._forward(out, y, loss_out=slot[0], correct_out=slot[1])
+        dy = loss._backward(scale)
+    else:                                                               # cross-entropy: one pass
+        loss_out, correct_out = slot if slot is not None else (None, None)
+        value, dy = loss._forward_backward(out, y, scale, loss_out=loss_out, correct_out=correct_out)
         correct = loss.correct
-    else:
-        value = loss._forward(out, y)
-        correct = loss.correct
-    dy = loss._backward(scale)
-    if loss_scaler is not None:
+    if loss_scaler is not None:                                         # a device scale: dy *= S
         dy = loss_scaler.scale_gradient(dy)
     run_backward(model, dy, input_grad=False)                           # backward
     return value, correct
