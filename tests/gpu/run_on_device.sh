@@ -18,7 +18,8 @@
 #   kernels    every gpucnn kernel against the NumPy path on odd shapes: the cupy legs
 #              of tests/test_kernels_conv.py, tests/test_kernels_step.py, tests/test_functional.py,
 #              tests/test_kernels_tc.py and tests/test_precision.py (the tensor-core GEMMs in each
-#              mode), after compiling the four tensor-core modules in parallel
+#              mode) and tests/test_folds.py (the fused loss and dense backward against the
+#              unfused kernels), after compiling the four tensor-core modules in parallel
 #   gpu-tests  python3 -m pytest -m gpu --timeout=60 (everything else marked gpu)
 #   bench      gpucnn bench --device cuda, batch 64/256/1024: gpucnn eager, its train loop (eager)
 #              and its CUDA graph against PyTorch eager (FP32 and its TF32 default)
@@ -161,7 +162,7 @@ EOF
 }
 
 PARITY=(tests/test_kernels_conv.py tests/test_kernels_step.py tests/test_functional.py tests/test_kernels_tc.py
-        tests/test_precision.py)
+        tests/test_precision.py tests/test_folds.py)
 SANITIZER_CASES=()
 while IFS= read -r line; do
     case "$line" in ''|'#'*) ;; *) SANITIZER_CASES+=("$line") ;; esac
