@@ -506,11 +506,12 @@ def _gemm_rows(g: Gemm, batch: int, mode: str, data: dict, device: str, clock, r
     for op, row in rows.items():
         if op not in mine:
             continue
-        loops, _ = static.kernel_resources({launch.kernel for launch in launches[op]})
+        every = list(launches[op]) + [launch for calls in fused.get(op, ()) for launch in calls]
+        loops, _ = static.kernel_resources({launch.kernel for launch in every})
         row["launches"] = [launch.describe(loops) for launch in launches[op]]
         figures = [launch["model"] for launch in row["launches"]]
         if op in fused:                                  # the difference of two calls' launches
-            more, base = ([launch.describe()["model"] for launch in calls] for calls in fused[op])
+            more, base = ([launch.describe(loops)["model"] for launch in calls] for calls in fused[op])
             if all(f is not None for f in more + base):
                 row["predicted_us"] = sum(f["predicted_us"] for f in more) - sum(f["predicted_us"] for f in base)
         elif figures and all(f is not None for f in figures):
