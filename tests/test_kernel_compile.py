@@ -54,9 +54,12 @@ shows them).
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -110,13 +113,68 @@ def compile_nvrtc(filename: str, options: tuple[str, ...]) -> tuple[bool, str]:
 parse_ptxas = sass.parse_ptxas
 
 
+def ptxas_options(arch: str) -> tuple[str, ...]:
+    """The CuPy 14 tuple with ptxas's resource report (-v) into the program log."""
+    return cupy_options("cupy14", arch) + ("--ptxas-options=-v",)
+
+
+def compile_nvcc(filename: str, arch: str) -> tuple[list[str], int, str]:
+    """kernels/<filename> through the toolkit's nvcc with ptxas -v: (command, return code, output)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, filename)
+        with open(source, "w", encoding="utf-8") as f:
+            f.write(loader.read_source(filename))
+        cmd = [shutil.which("nvcc"), "-cubin", f"-arch=sm_{arch}", CUPY_STD["cupy14"], "-ftz=true", "-Xptxas", "-v",
+               "-o", os.path.join(tmp, "out.cubin"), source]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        return cmd, proc.returncode, proc.stdout + proc.stderr
+
+
+# Every compile of this module, started at once: NVRTC and nvcc run outside the GIL, and a
+# tensor-core module takes ~12 s per compile on one core, 8 compiles each (2 CuPy tuples and the
+# ptxas report for 2 archs, and nvcc's report for 2).  Each test waits for its own result.
+_POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+_FUTURES: dict = {}
+
+
+def _ahead(key, fn, *args):
+    if key not in _FUTURES:
+        _FUTURES[key] = _POOL.submit(fn, *args)
+    return _FUTURES[key]
+
+
+def _nvrtc_ahead(filename, options):
+    return _ahead(("nvrtc", filename, options), compile_nvrtc, filename, options)
+
+
+def _nvcc_ahead(filename, arch):
+    return _ahead(("nvcc", filename, arch), compile_nvcc, filename, arch)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_ahead():
+    """Slowest first: the tensor-core modules' compiles are queued before the rest."""
+    files = sorted(loader.KERNEL_FILES, key=lambda f: (not f.startswith("gemm_tc"), f))
+    for filename in files:
+        for arch in ARCHS:
+            for cupy in sorted(CUPY_STD):
+                _nvrtc_ahead(filename, cupy_options(cupy, arch))
+            _nvrtc_ahead(filename, ptxas_options(arch))
+            if shutil.which("nvcc"):
+                _nvcc_ahead(filename, arch)
+    yield
+    for future in _FUTURES.values():
+        future.cancel()
+    _FUTURES.clear()
+
+
 @pytest.mark.parametrize("cupy", sorted(CUPY_STD))
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("filename", sorted(loader.KERNEL_FILES))
 def test_compiles_like_cupy(filename, arch, cupy):
     """The exact option tuple cupy.RawModule hands NVRTC (a cubin), for CuPy 13.x and 14.x."""
     options = cupy_options(cupy, arch)
-    ok, log = compile_nvrtc(filename, options)
+    ok, log = _nvrtc_ahead(filename, options).result()
     assert ok, f"NVRTC failed on kernels/{filename} with {options}:\n{log}"
     assert "warning" not in log.lower(), f"NVRTC warnings for kernels/{filename} with {options}:\n{log}"
 
@@ -147,26 +205,20 @@ def check_ptxas_report(filename: str, what: str, log: str) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("filename", sorted(loader.KERNEL_FILES))
 def test_ptxas_report(filename, arch):
-    options = cupy_options("cupy14", arch) + ("--ptxas-options=-v",)
-    ok, log = compile_nvrtc(filename, options)
+    options = ptxas_options(arch)
+    ok, log = _nvrtc_ahead(filename, options).result()
     assert ok, f"NVRTC failed on kernels/{filename} with {options}:\n{log}"
     check_ptxas_report(filename, f"NVRTC sm_{arch}", log)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("filename", sorted(loader.KERNEL_FILES))
-def test_ptxas_report_nvcc(filename, arch, tmp_path):
+def test_ptxas_report_nvcc(filename, arch):
     """The same checks on the ptxas of the CUDA toolkit on PATH (its release may differ from NVRTC's)."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
+    if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not on PATH")
-    source = tmp_path / filename
-    source.write_text(loader.read_source(filename), encoding="utf-8")
-    cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", CUPY_STD["cupy14"], "-ftz=true", "-Xptxas", "-v",
-           "-o", str(tmp_path / "out.cubin"), str(source)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log}"
+    cmd, returncode, log = _nvcc_ahead(filename, arch).result()
+    assert returncode == 0, f"{' '.join(cmd)} failed:\n{log}"
     check_ptxas_report(filename, f"nvcc sm_{arch}", log)
 
 
