@@ -89,6 +89,8 @@
 #define TC_BK 32
 #define TC_PAD 4
 #define TC_NO_COL (-0x40000000)   // an im2col row offset no tap brings back inside
+#define TC_TAB 512                  // k entries of the per-block tap table (a multiple of TC_BK)
+#define TC_RES 0x10000              // the gather's stride remainder, scaled past any row (below)
 
 #define OP_STRIDED 0
 #define OP_IM2COL 1
@@ -106,7 +108,7 @@ struct ConvGeom {
 };
 
 // A tap (c*KH + u)*KW + v of a kernel window (c is o for the gather and the weights by tap);
-// tap_of divides twice, tap_next steps to the next tap without dividing.
+// tap_of divides twice (only where a table is built, never per staged element).
 struct Tap {
     int c, u, v;
 };
@@ -117,19 +119,6 @@ __device__ __forceinline__ Tap tap_of(int tap, const ConvGeom& g)
     return Tap{r / g.KH, r % g.KH, tap - r * g.KW};
 }
 
-__device__ __forceinline__ int floor_div(int a, int b)
-{
-    const int q = a / b;
-    return q - (a % b != 0 && a < 0);
-}
-
-__device__ __forceinline__ void tap_next(Tap& t, const ConvGeom& g)
-{
-    if (++t.v == g.KW) {
-        t.v = 0;
-        if (++t.u == g.KH) { t.u = 0; ++t.c; }
-    }
-}
 
 // One 32-bit shared-memory word from one (tf32) or two (16-bit: k, k+1) elements.
 template <int MODE>
@@ -162,14 +151,34 @@ __device__ __forceinline__ bool rows_fast(int row_stride)
     return KIND == OP_IM2COL || KIND == OP_GATHER || KIND == OP_WTAP;
 }
 
+// The operand kinds that stage through the per-block tap table (ktab below).
+template <int KIND>
+__device__ __forceinline__ constexpr bool tabled()
+{
+    return KIND == OP_IM2COL || KIND == OP_GATHER || KIND == OP_WTAP;
+}
+
 // The fixed part of one thread's staging of one operand (set up once per kernel).
 struct Fixed {
     int row;          // the fixed row (rows-fast) or the fixed word (k-fast)
     int first;        // the first word (rows-fast) or the first row (k-fast) of slot 0
     bool ok;          // the fixed row lies inside the matrix (rows-fast)
-    int h0, w0, n;    // IM2COL: oh*SH - PH, ow*SW - PW, n of the column;  GATHER: h + PH, w + PW, n
+    int h0, w0;       // IM2COL, GATHER: added to a tap's (du, dv), an element is inside iff the sums
+                      // are in [0, H) x [0, W) (IM2COL) or [0, OH) x [0, OW) (GATHER); TC_NO_COL
+                      // when the row lies past the matrix
+    int off;          // IM2COL, GATHER: added to a tap's offset, the element's; WTAP: c*KH*KW
+    unsigned int lim; // WTAP: a tap's weight offset loads when below it (0 past the matrix)
 };
 
+// IM2COL: row m = (oh*OW + ow)*N + n, element x[c, h0 + u, w0 + v, n] with h0 = oh*SH - PH,
+//   w0 = ow*SW - PW: off = (h0*W + w0)*N + n, and the tap's offset ((c*H + u)*W + v)*N.
+// GATHER: row m = (h*W + w)*N + n; with h + PH = SH*hq + hr (0 <= hr < SH) and a tap's
+//   u = SH*au + bu (0 <= bu < SH), h + PH - u = SH*(hq - au) + (hr - bu): it divides exactly iff
+//   bu == hr, and then i = hq - au.  So h0 = hq - hr*TC_RES, the tap's du = bu*TC_RES - au, and
+//   h0 + du = (hq - au) + (bu - hr)*TC_RES lies in [0, OH) iff the element exists (|bu - hr| >= 1
+//   puts it at least TC_RES - KH above, or below 0: the host's limits keep every extent and KH
+//   below TC_RES / 4).  Likewise w0, dv.  off = (hq*OW + wq)*N + n, the tap's (o*OH*OW - au*OW -
+//   av)*N: their sum is dz[o, i, j, n]'s.  Stride 1: hr = bu = 0, the plain full-padding gather.
 template <int KIND, int ROWS, int WORDS>
 __device__ __forceinline__ void fixed_part(Fixed& f, int tid, bool row_fast, int base, int nrows,
                                            const ConvGeom& g)
@@ -177,27 +186,61 @@ __device__ __forceinline__ void fixed_part(Fixed& f, int tid, bool row_fast, int
     f.row = row_fast ? tid % ROWS : tid % WORDS;
     f.first = row_fast ? tid / ROWS : tid / WORDS;
     f.ok = base + f.row < nrows;
-    f.h0 = f.w0 = f.n = 0;
+    f.h0 = f.w0 = f.off = 0;
+    f.lim = 0u;
     const int m = base + f.row;
     if (KIND == OP_IM2COL) {                       // m = (oh*OW + ow)*N + n
         const int q = m / g.N, ow = q % g.OW;
-        f.n = m - q * g.N;
-        f.h0 = (q / g.OW) * g.SH - g.PH;
-        f.w0 = ow * g.SW - g.PW;
+        const int h0 = (q / g.OW) * g.SH - g.PH, w0 = ow * g.SW - g.PW;
+        f.h0 = f.ok ? h0 : TC_NO_COL;
+        f.w0 = w0;
+        f.off = f.ok ? (h0 * g.W + w0) * g.N + (m - q * g.N) : 0;
     } else if (KIND == OP_GATHER) {                // m = (h*W + w)*N + n
-        const int q = m / g.N, w = q % g.W;
-        f.n = m - q * g.N;
-        f.h0 = q / g.W + g.PH;
-        f.w0 = w + g.PW;
+        const int q = m / g.N, hp = q / g.W + g.PH, wp = q % g.W + g.PW;
+        const int hq = hp / g.SH, wq = wp / g.SW;
+        f.h0 = f.ok ? hq - (hp - hq * g.SH) * TC_RES : TC_NO_COL;
+        f.w0 = wq - (wp - wq * g.SW) * TC_RES;
+        f.off = f.ok ? (hq * g.OW + wq) * g.N + (m - q * g.N) : 0;
+    } else if (KIND == OP_WTAP) {                  // m = c
+        f.off = f.ok ? m * g.KH * g.KW : 0;
+        f.lim = f.ok ? 0x7fffffffu : 0u;
+    }
+}
+
+// The tap table of the k range [c0, c1) of a slab (c1 - c0 <= TC_TAB), built by the whole block:
+// entry k - c0 = (x or dz offset, du, dv, weight offset) of tap k (fixed_part says what each
+// means): IM2COL (((c*H + u)*W + v)*N, u, v, -); GATHER ((o*OH*OW - au*OW - av)*N, bu*TC_RES -
+// au, bv*TC_RES - av, o*C*KH*KW + u*KW + v), the weight offset for Q = WTAP.  Entries from c1
+// to the end of c1's stage: (0, TC_NO_COL, TC_NO_COL, -1), inside nothing (zeros).
+template <int KIND>
+__device__ __forceinline__ void build_taps(int4* ktab, int c0, int c1, const ConvGeom& g)
+{
+    const int n = min(TC_TAB, (c1 - c0 + TC_BK - 1) / TC_BK * TC_BK);
+    for (int i = threadIdx.x; i < n; i += TC_THREADS) {
+        const int k = c0 + i;
+        int4 e = make_int4(0, TC_NO_COL, TC_NO_COL, -1);
+        if (k < c1) {
+            const Tap t = tap_of(k, g);
+            if (KIND == OP_IM2COL) {
+                e = make_int4(((t.c * g.H + t.u) * g.W + t.v) * g.N, t.u, t.v, -1);
+            } else {
+                const int au = t.u / g.SH, av = t.v / g.SW, bu = t.u - au * g.SH, bv = t.v - av * g.SW;
+                e = make_int4(((t.c * g.OH - au) * g.OW - av) * g.N, bu * TC_RES - au, bv * TC_RES - av,
+                              (t.c * g.C * g.KH + t.u) * g.KW + t.v);
+            }
+        }
+        ktab[i] = e;
     }
 }
 
 // Load slot s's EPW elements of an operand into r (the contract's operand kinds).  k0: the
-// stage's first k; k_end: the slab's end; tab: IM2COL_T's per-block tap table.
+// stage's first k; kt = k0 - c0, its entry in the tap table ktab; k_end: the slab's end; tab:
+// IM2COL_T's per-block tap table.
 template <int KIND, int ROWS, int WORDS, int EPW, int SLOTS>
 __device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float* __restrict__ p, int s0, int s1,
                                              bool row_fast, const Fixed& f, int base, int nrows, int k0,
-                                             int k_end, const int2* tab, const ConvGeom& g)
+                                             int k_end, const int2* tab, const int4* ktab, int kt,
+                                             const ConvGeom& g)
 {
     if (KIND == OP_STRIDED) {                          // p[i*s0 + j*s1]; base = the block's first row
 #pragma unroll
@@ -208,71 +251,29 @@ __device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float
                 const int k = k0 + EPW * (row_fast ? f.first + s * (TC_THREADS / ROWS) : f.row) + e;
                 r[s][e] = (i < nrows && k < k_end) ? p[i * s0 + k * s1] : 0.0f;
             }
-    } else if (KIND == OP_IM2COL) {                    // rows fast: one column per thread
-        Tap t = tap_of(k0 + EPW * f.first, g);
+    } else if (KIND == OP_IM2COL || KIND == OP_GATHER) {   // rows fast: one column / position per thread
+        // Per element: one broadcast table read, two unsigned compares, one load.
+        const unsigned int lh = KIND == OP_IM2COL ? g.H : g.OH, lw = KIND == OP_IM2COL ? g.W : g.OW;
+        const float* const pf = p + f.off;
+        const int4* const te = ktab + kt + EPW * f.first;
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s)
 #pragma unroll
             for (int e = 0; e < EPW; ++e) {
-                const int k = k0 + EPW * (f.first + s * (TC_THREADS / ROWS)) + e;
-                const int h = f.h0 + t.u, w = f.w0 + t.v;
-                float v = 0.0f;
-                if (f.ok && k < k_end && (unsigned)h < (unsigned)g.H && (unsigned)w < (unsigned)g.W)
-                    v = p[((t.c * g.H + h) * g.W + w) * g.N + f.n];
-                r[s][e] = v;
-                const int skip = e + 1 < EPW ? 1 : EPW * (TC_THREADS / ROWS) - (EPW - 1);
-#pragma unroll
-                for (int q = 0; q < skip; ++q) tap_next(t, g);
-            }
-    } else if (KIND == OP_GATHER) {                    // rows fast: one position (h, w, n) per thread
-        // dz row i = (h + PH - u) / SH when that divides: carried along the taps as the quotient
-        // and remainder of floor division (iu, ru) and (jv, rv), so no tap divides.
-        Tap t = tap_of(k0 + EPW * f.first, g);
-        int iu = floor_div(f.h0 - t.u, g.SH), jv = floor_div(f.w0 - t.v, g.SW);
-        int ru = f.h0 - t.u - iu * g.SH, rv = f.w0 - t.v - jv * g.SW;
-        const int iu0 = floor_div(f.h0, g.SH), jv0 = floor_div(f.w0, g.SW);
-        const int ru0 = f.h0 - iu0 * g.SH, rv0 = f.w0 - jv0 * g.SW;
-#pragma unroll
-        for (int s = 0; s < SLOTS; ++s)
-#pragma unroll
-            for (int e = 0; e < EPW; ++e) {
-                const int k = k0 + EPW * (f.first + s * (TC_THREADS / ROWS)) + e;
-                float v = 0.0f;
-                if (f.ok && k < k_end && (ru | rv) == 0 && (unsigned)iu < (unsigned)g.OH &&
-                    (unsigned)jv < (unsigned)g.OW)
-                    v = p[((t.c * g.OH + iu) * g.OW + jv) * g.N + f.n];
-                r[s][e] = v;
-                const int skip = e + 1 < EPW ? 1 : EPW * (TC_THREADS / ROWS) - (EPW - 1);
-#pragma unroll
-                for (int q = 0; q < skip; ++q) {               // the next tap: v + 1, or u + 1, or o + 1
-                    if (++t.v == g.KW) {
-                        t.v = 0;
-                        jv = jv0;
-                        rv = rv0;
-                        if (++t.u == g.KH) {
-                            t.u = 0;
-                            ++t.c;
-                            iu = iu0;
-                            ru = ru0;
-                        } else if (--ru < 0) {
-                            ru += g.SH;
-                            --iu;
-                        }
-                    } else if (--rv < 0) {
-                        rv += g.SW;
-                        --jv;
-                    }
-                }
+                const int4 t = te[EPW * s * (TC_THREADS / ROWS) + e];
+                const bool in = (unsigned int)f.h0 + (unsigned int)t.y < lh &&
+                                (unsigned int)f.w0 + (unsigned int)t.z < lw;
+                r[s][e] = in ? pf[t.x] : 0.0f;
             }
     } else if (KIND == OP_WTAP) {                      // Q rows fast: one input channel c per thread
-        const int kk = g.KH * g.KW;
+        const float* const pf = p + f.off;
+        const int4* const te = ktab + kt + EPW * f.first;
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s)
 #pragma unroll
             for (int e = 0; e < EPW; ++e) {
-                const int k = k0 + EPW * (f.first + s * (TC_THREADS / ROWS)) + e;
-                const int o = k / kk;
-                r[s][e] = (f.ok && k < k_end) ? p[(o * g.C + base + f.row) * kk + (k - o * kk)] : 0.0f;
+                const int w = te[EPW * s * (TC_THREADS / ROWS) + e].w;
+                r[s][e] = (unsigned int)w < f.lim ? pf[w] : 0.0f;
             }
     } else {                                           // OP_IM2COL_T, k fast: the column per stage
         int h0[EPW], w0[EPW], off[EPW];           // h0 = TC_NO_COL past the slab: nothing loads
@@ -320,6 +321,8 @@ __device__ __forceinline__ void gemm_tc(
     __shared__ unsigned int Ps[SPLIT][BM][LD];   // P tile, m-major: word w holds k = EPW*w (+1)
     __shared__ unsigned int Qs[SPLIT][BN][LD];   // Q tile, n-major
     __shared__ int2 tab[P_KIND == OP_IM2COL_T ? BM : 1];   // IM2COL_T: the block's taps
+    constexpr bool TABLED = tabled<P_KIND>() || tabled<Q_KIND>();
+    __shared__ int4 ktab[TABLED ? TC_TAB : 1];              // IM2COL, GATHER, WTAP: a chunk's taps
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
@@ -349,9 +352,11 @@ __device__ __forceinline__ void gemm_tc(
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    auto load = [&](int k0) {
-        load_operand<P_KIND, BM, WORDS, EPW, P_SLOTS>(pr, P, p_s0, p_s1, p_rows, fp, m0, M, k0, k_end, tab, g);
-        load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, q_rows, fq, n0, Nn, k0, k_end, tab, g);
+    auto load = [&](int k0, int kt) {
+        load_operand<P_KIND, BM, WORDS, EPW, P_SLOTS>(pr, P, p_s0, p_s1, p_rows, fp, m0, M, k0, k_end, tab, ktab,
+                                                      kt, g);
+        load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, q_rows, fq, n0, Nn, k0, k_end, tab, ktab,
+                                                      kt, g);
     };
     auto store = [&]() {
 #pragma unroll
@@ -372,43 +377,54 @@ __device__ __forceinline__ void gemm_tc(
         }
     };
 
-    if (k_begin < k_end) load(k_begin);
-    for (int k0 = k_begin; k0 < k_end; k0 += TC_BK) {
-        store();
-        __syncthreads();
-        if (k0 + TC_BK < k_end) load(k0 + TC_BK);
-#pragma unroll
-        for (int kk = 0; kk < WORDS; kk += KSTEP / EPW) {       // kk: word offset of this mma's k step
-            unsigned int a[SPLIT][FM][4], b[SPLIT][FN][2];
-#pragma unroll
-            for (int sp = 0; sp < SPLIT; ++sp) {
-#pragma unroll
-                for (int i = 0; i < FM; ++i) {
-                    const int r = wm + 16 * i + gid;
-                    a[sp][i][0] = Ps[sp][r][kk + tig];
-                    a[sp][i][1] = Ps[sp][r + 8][kk + tig];
-                    a[sp][i][2] = Ps[sp][r][kk + tig + 4];
-                    a[sp][i][3] = Ps[sp][r + 8][kk + tig + 4];
-                }
-#pragma unroll
-                for (int j = 0; j < FN; ++j) {
-                    const int c = wn + 8 * j + gid;
-                    b[sp][j][0] = Qs[sp][c][kk + tig];
-                    b[sp][j][1] = Qs[sp][c][kk + tig + 4];
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < FM; ++i)
-#pragma unroll
-                for (int j = 0; j < FN; ++j) {
-                    if (SPLIT == 2) {                            // the small terms first
-                        mma<MODE>(acc[i][j], a[SPLIT - 1][i], b[0][j]);
-                        mma<MODE>(acc[i][j], a[0][i], b[SPLIT - 1][j]);
-                    }
-                    mma<MODE>(acc[i][j], a[0][i], b[0][j]);
-                }
+    // The slab in chunks of TC_TAB k (one chunk without a tap table): a tabled GEMM builds the
+    // chunk's table first (the previous chunk's loads all ended before the loop's last barrier),
+    // so the load of a chunk's first stage is the one not overlapped with a multiply.
+    const int chunk = TABLED ? TC_TAB : k_end - k_begin;
+    for (int c0 = k_begin; c0 < k_end; c0 += chunk) {
+        const int c1 = min(k_end, c0 + chunk);
+        if (TABLED) {
+            build_taps<P_KIND == OP_GATHER ? OP_GATHER : OP_IM2COL>(ktab, c0, c1, g);
+            __syncthreads();
         }
-        __syncthreads();
+        load(c0, 0);
+        for (int k0 = c0; k0 < c1; k0 += TC_BK) {
+            store();
+            __syncthreads();
+            if (k0 + TC_BK < c1) load(k0 + TC_BK, k0 + TC_BK - c0);
+#pragma unroll
+            for (int kk = 0; kk < WORDS; kk += KSTEP / EPW) {       // kk: word offset of this mma's k step
+                unsigned int a[SPLIT][FM][4], b[SPLIT][FN][2];
+#pragma unroll
+                for (int sp = 0; sp < SPLIT; ++sp) {
+#pragma unroll
+                    for (int i = 0; i < FM; ++i) {
+                        const int r = wm + 16 * i + gid;
+                        a[sp][i][0] = Ps[sp][r][kk + tig];
+                        a[sp][i][1] = Ps[sp][r + 8][kk + tig];
+                        a[sp][i][2] = Ps[sp][r][kk + tig + 4];
+                        a[sp][i][3] = Ps[sp][r + 8][kk + tig + 4];
+                    }
+#pragma unroll
+                    for (int j = 0; j < FN; ++j) {
+                        const int c = wn + 8 * j + gid;
+                        b[sp][j][0] = Qs[sp][c][kk + tig];
+                        b[sp][j][1] = Qs[sp][c][kk + tig + 4];
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < FM; ++i)
+#pragma unroll
+                    for (int j = 0; j < FN; ++j) {
+                        if (SPLIT == 2) {                            // the small terms first
+                            mma<MODE>(acc[i][j], a[SPLIT - 1][i], b[0][j]);
+                            mma<MODE>(acc[i][j], a[0][i], b[SPLIT - 1][j]);
+                        }
+                        mma<MODE>(acc[i][j], a[0][i], b[0][j]);
+                    }
+            }
+            __syncthreads();
+        }
     }
 
     float* const o = out + blockIdx.z * out_z;
