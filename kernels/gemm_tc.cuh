@@ -89,8 +89,8 @@
 #define TC_BK 32
 #define TC_PAD 4
 #define TC_NO_COL (-0x40000000)   // an im2col row offset no tap brings back inside
-#define TC_TAB 512                  // k entries of the per-block tap table (a multiple of TC_BK)
-#define TC_RES 0x10000              // the gather's stride remainder, scaled past any row (below)
+#define TC_TAB 512                  // k entries of the per-block tap tables (a multiple of TC_BK)
+#define TC_MAX_WINDOW 31            // KH + KW at most: a tap's mask has bits KW + u and v (below)
 
 #define OP_STRIDED 0
 #define OP_IM2COL 1
@@ -151,34 +151,42 @@ __device__ __forceinline__ bool rows_fast(int row_stride)
     return KIND == OP_IM2COL || KIND == OP_GATHER || KIND == OP_WTAP;
 }
 
-// The operand kinds that stage through the per-block tap table (ktab below).
-template <int KIND>
-__device__ __forceinline__ constexpr bool tabled()
-{
-    return KIND == OP_IM2COL || KIND == OP_GATHER || KIND == OP_WTAP;
-}
-
 // The fixed part of one thread's staging of one operand (set up once per kernel).
 struct Fixed {
     int row;          // the fixed row (rows-fast) or the fixed word (k-fast)
     int first;        // the first word (rows-fast) or the first row (k-fast) of slot 0
     bool ok;          // the fixed row lies inside the matrix (rows-fast)
-    int h0, w0;       // IM2COL, GATHER: added to a tap's (du, dv), an element is inside iff the sums
-                      // are in [0, H) x [0, W) (IM2COL) or [0, OH) x [0, OW) (GATHER); TC_NO_COL
-                      // when the row lies past the matrix
+    unsigned int out; // IM2COL, GATHER: the window taps whose element lies outside (below)
     int off;          // IM2COL, GATHER: added to a tap's offset, the element's; WTAP: c*KH*KW
     unsigned int lim; // WTAP: a tap's weight offset loads when below it (0 past the matrix)
 };
 
-// IM2COL: row m = (oh*OW + ow)*N + n, element x[c, h0 + u, w0 + v, n] with h0 = oh*SH - PH,
-//   w0 = ow*SW - PW: off = (h0*W + w0)*N + n, and the tap's offset ((c*H + u)*W + v)*N.
-// GATHER: row m = (h*W + w)*N + n; with h + PH = SH*hq + hr (0 <= hr < SH) and a tap's
-//   u = SH*au + bu (0 <= bu < SH), h + PH - u = SH*(hq - au) + (hr - bu): it divides exactly iff
-//   bu == hr, and then i = hq - au.  So h0 = hq - hr*TC_RES, the tap's du = bu*TC_RES - au, and
-//   h0 + du = (hq - au) + (bu - hr)*TC_RES lies in [0, OH) iff the element exists (|bu - hr| >= 1
-//   puts it at least TC_RES - KH above, or below 0: the host's limits keep every extent and KH
-//   below TC_RES / 4).  Likewise w0, dv.  off = (hq*OW + wq)*N + n, the tap's (o*OH*OW - au*OW -
-//   av)*N: their sum is dz[o, i, j, n]'s.  Stride 1: hr = bu = 0, the plain full-padding gather.
+// A window tap (u, v) as a mask: bit KW + u and bit v (KH + KW <= 31, the host checks, so bit 31 is
+// never one of them).  A thread's "out" is the complement of the union of the masks of the rows u
+// and the columns v its element exists for, so tap (u, v) is inside iff (out & mask) == 0: ONE
+// instruction per staged element, whatever the stride.  A row past the matrix: out = ~0u.
+//   IM2COL: row m = (oh*OW + ow)*N + n, element x[c, h0 + u, w0 + v, n] (h0 = oh*SH - PH,
+//     w0 = ow*SW - PW): u is in iff 0 <= h0 + u < H; off = (h0*W + w0)*N + n, and the tap's
+//     offset ((c*H + u)*W + v)*N.
+//   GATHER: row m = (h*W + w)*N + n, with h + PH = SH*hq + hr (0 <= hr < SH) and u = SH*au + bu
+//     (0 <= bu < SH): h + PH - u = SH*(hq - au) + (hr - bu) divides exactly iff bu == hr, and
+//     then i = hq - au, so u is in iff u = hr + SH*j with 0 <= hq - j < OH; likewise v.
+//     off = (hq*OW + wq)*N + n and the tap's offset (o*OH*OW - au*OW - av)*N: their sum is
+//     dz[o, i, j, n]'s.
+__device__ __forceinline__ unsigned int window_bits(int lo, int hi)   // bits [max(lo, 0), hi)
+{
+    lo = max(lo, 0);
+    return hi > lo ? (1u << hi) - (1u << lo) : 0u;
+}
+
+__device__ __forceinline__ unsigned int strided_bits(int r, int q, int step, int taps, int len)
+{                                                  // bits r + step*j, j >= 0, < taps, with 0 <= q - j < len
+    unsigned int bits = 0u;
+    for (int j = 0, u = r; u < taps; ++j, u += step)
+        if ((unsigned int)(q - j) < (unsigned int)len) bits |= 1u << u;
+    return bits;
+}
+
 template <int KIND, int ROWS, int WORDS>
 __device__ __forceinline__ void fixed_part(Fixed& f, int tid, bool row_fast, int base, int nrows,
                                            const ConvGeom& g)
@@ -186,61 +194,75 @@ __device__ __forceinline__ void fixed_part(Fixed& f, int tid, bool row_fast, int
     f.row = row_fast ? tid % ROWS : tid % WORDS;
     f.first = row_fast ? tid / ROWS : tid / WORDS;
     f.ok = base + f.row < nrows;
-    f.h0 = f.w0 = f.off = 0;
+    f.out = ~0u;
+    f.off = 0;
     f.lim = 0u;
     const int m = base + f.row;
-    if (KIND == OP_IM2COL) {                       // m = (oh*OW + ow)*N + n
+    if (KIND == OP_IM2COL && f.ok) {               // m = (oh*OW + ow)*N + n
         const int q = m / g.N, ow = q % g.OW;
         const int h0 = (q / g.OW) * g.SH - g.PH, w0 = ow * g.SW - g.PW;
-        f.h0 = f.ok ? h0 : TC_NO_COL;
-        f.w0 = w0;
-        f.off = f.ok ? (h0 * g.W + w0) * g.N + (m - q * g.N) : 0;
-    } else if (KIND == OP_GATHER) {                // m = (h*W + w)*N + n
+        f.out = ~(window_bits(-h0, min(g.KH, g.H - h0)) << g.KW | window_bits(-w0, min(g.KW, g.W - w0)));
+        f.off = (h0 * g.W + w0) * g.N + (m - q * g.N);
+    } else if (KIND == OP_GATHER && f.ok) {        // m = (h*W + w)*N + n
         const int q = m / g.N, hp = q / g.W + g.PH, wp = q % g.W + g.PW;
         const int hq = hp / g.SH, wq = wp / g.SW;
-        f.h0 = f.ok ? hq - (hp - hq * g.SH) * TC_RES : TC_NO_COL;
-        f.w0 = wq - (wp - wq * g.SW) * TC_RES;
-        f.off = f.ok ? (hq * g.OW + wq) * g.N + (m - q * g.N) : 0;
-    } else if (KIND == OP_WTAP) {                  // m = c
-        f.off = f.ok ? m * g.KH * g.KW : 0;
-        f.lim = f.ok ? 0x7fffffffu : 0u;
+        f.out = ~(strided_bits(hp - hq * g.SH, hq, g.SH, g.KH, g.OH) << g.KW |
+                  strided_bits(wp - wq * g.SW, wq, g.SW, g.KW, g.OW));
+        f.off = (hq * g.OW + wq) * g.N + (m - q * g.N);
+    } else if (KIND == OP_WTAP && f.ok) {          // m = c
+        f.off = m * g.KH * g.KW;
+        f.lim = 0x7fffffffu;
     }
 }
 
-// The tap table of the k range [c0, c1) of a slab (c1 - c0 <= TC_TAB), built by the whole block:
-// entry k - c0 = (x or dz offset, du, dv, weight offset) of tap k (fixed_part says what each
-// means): IM2COL (((c*H + u)*W + v)*N, u, v, -); GATHER ((o*OH*OW - au*OW - av)*N, bu*TC_RES -
-// au, bv*TC_RES - av, o*C*KH*KW + u*KW + v), the weight offset for Q = WTAP.  Entries from c1
-// to the end of c1's stage: (0, TC_NO_COL, TC_NO_COL, -1), inside nothing (zeros).
-template <int KIND>
-__device__ __forceinline__ void build_taps(int4* ktab, int c0, int c1, const ConvGeom& g)
+// The tap tables of the k range [c0, c1) of a slab (c1 - c0 <= TC_TAB), built by the whole block.
+// ktab[k - c0] = (offset, mask) of tap k (fixed_part says what each is): IM2COL tap (c, u, v),
+// GATHER tap (o, u, v).  wtab[k - c0] (Q = WTAP): W[o, c, u, v]'s offset less c*KH*KW,
+// o*C*KH*KW + u*KW + v.  Entries from c1 to the end of c1's stage: (0, 1 << 31) and -1: nothing
+// loads (zeros).
+template <int P_KIND, int Q_KIND>
+__device__ __forceinline__ void build_taps(int2* ktab, int* wtab, int c0, int c1, const ConvGeom& g)
 {
     const int n = min(TC_TAB, (c1 - c0 + TC_BK - 1) / TC_BK * TC_BK);
     for (int i = threadIdx.x; i < n; i += TC_THREADS) {
         const int k = c0 + i;
-        int4 e = make_int4(0, TC_NO_COL, TC_NO_COL, -1);
+        int2 e = make_int2(0, (int)0x80000000u);
+        int w = -1;
         if (k < c1) {
             const Tap t = tap_of(k, g);
-            if (KIND == OP_IM2COL) {
-                e = make_int4(((t.c * g.H + t.u) * g.W + t.v) * g.N, t.u, t.v, -1);
+            const int mask = (1 << (g.KW + t.u)) | (1 << t.v);
+            if (P_KIND == OP_IM2COL) {
+                e = make_int2(((t.c * g.H + t.u) * g.W + t.v) * g.N, mask);
             } else {
-                const int au = t.u / g.SH, av = t.v / g.SW, bu = t.u - au * g.SH, bv = t.v - av * g.SW;
-                e = make_int4(((t.c * g.OH - au) * g.OW - av) * g.N, bu * TC_RES - au, bv * TC_RES - av,
-                              (t.c * g.C * g.KH + t.u) * g.KW + t.v);
+                const int au = t.u / g.SH, av = t.v / g.SW;
+                e = make_int2(((t.c * g.OH - au) * g.OW - av) * g.N, mask);
             }
+            w = (t.c * g.C * g.KH + t.u) * g.KW + t.v;
         }
         ktab[i] = e;
+        if (Q_KIND == OP_WTAP) wtab[i] = w;
     }
 }
 
+// p itself, but a value the compiler cannot take apart: a thread's base pointer p + off then stays
+// in two registers and an element's address is one IMAD.WIDE of its table offset (left alone,
+// NVRTC rebuilds p + off + t from the parameter bank for every element: ~4 instructions).
+__device__ __forceinline__ const float* opaque(const float* p)
+{
+#ifndef __CUDASIM__
+    asm("mov.b64 %0, %0;" : "+l"(p));
+#endif
+    return p;
+}
+
 // Load slot s's EPW elements of an operand into r (the contract's operand kinds).  k0: the
-// stage's first k; kt = k0 - c0, its entry in the tap table ktab; k_end: the slab's end; tab:
-// IM2COL_T's per-block tap table.
+// stage's first k; kt = k0 - c0, its entry in the tap tables ktab / wtab; k_end: the slab's end;
+// tab: IM2COL_T's per-block tap table.
 template <int KIND, int ROWS, int WORDS, int EPW, int SLOTS>
 __device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float* __restrict__ p, int s0, int s1,
                                              bool row_fast, const Fixed& f, int base, int nrows, int k0,
-                                             int k_end, const int2* tab, const int4* ktab, int kt,
-                                             const ConvGeom& g)
+                                             int k_end, const int2* tab, const int2* ktab, const int* wtab,
+                                             int kt, const ConvGeom& g)
 {
     if (KIND == OP_STRIDED) {                          // p[i*s0 + j*s1]; base = the block's first row
 #pragma unroll
@@ -252,28 +274,25 @@ __device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float
                 r[s][e] = (i < nrows && k < k_end) ? p[i * s0 + k * s1] : 0.0f;
             }
     } else if (KIND == OP_IM2COL || KIND == OP_GATHER) {   // rows fast: one column / position per thread
-        // Per element: one broadcast table read, two unsigned compares, one load.
-        const unsigned int lh = KIND == OP_IM2COL ? g.H : g.OH, lw = KIND == OP_IM2COL ? g.W : g.OW;
-        const float* const pf = p + f.off;
-        const int4* const te = ktab + kt + EPW * f.first;
+        // Per element: one broadcast table read, one mask test, one load.
+        const float* const pf = opaque(p + f.off);
+        const int2* const te = ktab + kt + EPW * f.first;
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s)
 #pragma unroll
             for (int e = 0; e < EPW; ++e) {
-                const int4 t = te[EPW * s * (TC_THREADS / ROWS) + e];
-                const bool in = (unsigned int)f.h0 + (unsigned int)t.y < lh &&
-                                (unsigned int)f.w0 + (unsigned int)t.z < lw;
-                r[s][e] = in ? pf[t.x] : 0.0f;
+                const int2 t = te[EPW * s * (TC_THREADS / ROWS) + e];
+                r[s][e] = (f.out & (unsigned int)t.y) == 0u ? __ldg(pf + t.x) : 0.0f;
             }
     } else if (KIND == OP_WTAP) {                      // Q rows fast: one input channel c per thread
-        const float* const pf = p + f.off;
-        const int4* const te = ktab + kt + EPW * f.first;
+        const float* const pf = opaque(p + f.off);
+        const int* const te = wtab + kt + EPW * f.first;
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s)
 #pragma unroll
             for (int e = 0; e < EPW; ++e) {
-                const int w = te[EPW * s * (TC_THREADS / ROWS) + e].w;
-                r[s][e] = (unsigned int)w < f.lim ? pf[w] : 0.0f;
+                const int w = te[EPW * s * (TC_THREADS / ROWS) + e];
+                r[s][e] = (unsigned int)w < f.lim ? __ldg(pf + w) : 0.0f;
             }
     } else {                                           // OP_IM2COL_T, k fast: the column per stage
         int h0[EPW], w0[EPW], off[EPW];           // h0 = TC_NO_COL past the slab: nothing loads
@@ -321,8 +340,9 @@ __device__ __forceinline__ void gemm_tc(
     __shared__ unsigned int Ps[SPLIT][BM][LD];   // P tile, m-major: word w holds k = EPW*w (+1)
     __shared__ unsigned int Qs[SPLIT][BN][LD];   // Q tile, n-major
     __shared__ int2 tab[P_KIND == OP_IM2COL_T ? BM : 1];   // IM2COL_T: the block's taps
-    constexpr bool TABLED = tabled<P_KIND>() || tabled<Q_KIND>();
-    __shared__ int4 ktab[TABLED ? TC_TAB : 1];              // IM2COL, GATHER, WTAP: a chunk's taps
+    constexpr bool TABLED = P_KIND == OP_IM2COL || P_KIND == OP_GATHER;   // Q = WTAP only with GATHER
+    __shared__ int2 ktab[TABLED ? TC_TAB : 1];              // IM2COL, GATHER: a chunk's taps
+    __shared__ int wtab[Q_KIND == OP_WTAP ? TC_TAB : 1];    // WTAP: a chunk's weight offsets
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
@@ -353,10 +373,10 @@ __device__ __forceinline__ void gemm_tc(
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
     auto load = [&](int k0, int kt) {
-        load_operand<P_KIND, BM, WORDS, EPW, P_SLOTS>(pr, P, p_s0, p_s1, p_rows, fp, m0, M, k0, k_end, tab, ktab,
-                                                      kt, g);
-        load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, q_rows, fq, n0, Nn, k0, k_end, tab, ktab,
-                                                      kt, g);
+        load_operand<P_KIND, BM, WORDS, EPW, P_SLOTS>(pr, P, p_s0, p_s1, p_rows, fp, m0, M, k0, k_end, tab,
+                                                      ktab, wtab, kt, g);
+        load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, q_rows, fq, n0, Nn, k0, k_end, tab,
+                                                      ktab, wtab, kt, g);
     };
     auto store = [&]() {
 #pragma unroll
@@ -384,7 +404,7 @@ __device__ __forceinline__ void gemm_tc(
     for (int c0 = k_begin; c0 < k_end; c0 += chunk) {
         const int c1 = min(k_end, c0 + chunk);
         if (TABLED) {
-            build_taps<P_KIND == OP_GATHER ? OP_GATHER : OP_IM2COL>(ktab, c0, c1, g);
+            build_taps<P_KIND, Q_KIND>(ktab, wtab, c0, c1, g);
             __syncthreads();
         }
         load(c0, 0);
