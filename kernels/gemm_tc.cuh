@@ -397,16 +397,8 @@ __device__ __forceinline__ void gemm_tc(
         }
     };
 
-    // The slab in chunks of TC_TAB k (one chunk without a tap table): a tabled GEMM builds the
-    // chunk's table first (the previous chunk's loads all ended before the loop's last barrier),
-    // so the load of a chunk's first stage is the one not overlapped with a multiply.
-    const int chunk = TABLED ? TC_TAB : k_end - k_begin;
-    for (int c0 = k_begin; c0 < k_end; c0 += chunk) {
-        const int c1 = min(k_end, c0 + chunk);
-        if (TABLED) {
-            build_taps<P_KIND, Q_KIND>(ktab, wtab, c0, c1, g);
-            __syncthreads();
-        }
+    // The stages of [c0, c1), each stage's loads in flight while the previous one multiplies.
+    auto stages = [&](int c0, int c1) {
         load(c0, 0);
         for (int k0 = c0; k0 < c1; k0 += TC_BK) {
             store();
@@ -445,6 +437,19 @@ __device__ __forceinline__ void gemm_tc(
             }
             __syncthreads();
         }
+    };
+    // A tabled GEMM runs its slab in chunks of TC_TAB k, building each chunk's tables first (the
+    // previous chunk's loads all ended before its last barrier); a chunk's first load is the one
+    // not overlapped with a multiply.
+    if (TABLED) {
+        for (int c0 = k_begin; c0 < k_end; c0 += TC_TAB) {
+            const int c1 = min(k_end, c0 + TC_TAB);
+            build_taps<P_KIND, Q_KIND>(ktab, wtab, c0, c1, g);
+            __syncthreads();
+            stages(c0, c1);
+        }
+    } else if (k_begin < k_end) {
+        stages(k_begin, k_end);
     }
 
     float* const o = out + blockIdx.z * out_z;
