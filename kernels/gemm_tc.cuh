@@ -59,10 +59,10 @@
 // BM = 16*FM*WARPS_M rows (m) by BN = 8*FN*WARPS_N columns (n):
 //   n8   4 x 1 warps, 2 x 1 tiles: BM 128, BN 8   (<= 8 outputs)
 //   n64  2 x 2 warps, 2 x 4 tiles: BM 64,  BN 64
-// (an n16 tile, BM 128 x BN 16, was dropped: its staging costs 83 instructions
-// per HMMA in tf32 conv forward against n64's 44, so at 9-16 outputs n64's
-// wasted tensor-core columns cost less than n16's staging; and each entry
-// point adds seconds of NVRTC time to a module)
+// (an n16 tile, BM 128 x BN 16, was dropped: its staging cost 83 instructions
+// per HMMA in tf32 conv forward against n64's 44, before the tap tables, so at
+// 9-16 outputs n64's wasted tensor-core columns cost less than n16's staging;
+// and each entry point adds seconds of NVRTC time to a module)
 // K advances in stages of 32: each stage's P (BM x 32) and Q (32 x BN) tiles
 // are loaded from global memory into registers one stage ahead (the loads of
 // stage s+1 are in flight while stage s multiplies), then rounded into
@@ -71,12 +71,31 @@
 // thread's staging elements run along m for operands contiguous in m (IM2COL,
 // GATHER, STRIDED with s0 == 1) and along k otherwise, so loads coalesce.
 //
+// Tap tables (IM2COL, GATHER, WTAP): a block runs its slab in chunks of
+// TC_TAB = 512 k (lenet5's reductions, at most 400, are one chunk) and first
+// builds the chunk's tables in shared memory, one entry per k: ktab[k - c0] =
+// (the tap's part of the element offset, the tap's bits KW + u and v) and, for
+// WTAP, wtab[k - c0] = W[o, c, u, v]'s offset less c*KH*KW.  A thread's fixed
+// row (an im2col column, a gather position, a channel c) gives the other part
+// of the offset and "out", the complement of the window rows u and columns v
+// its element exists for (padding; for the gather also the stride: u counts
+// only when SH divides h + PH - u).  So a staged element is one broadcast
+// shared-memory read, one AND ((out & bits) == 0: inside) and one load of
+// base + offset; k past the slab carries bit 31 (never a window bit), a row
+// past the matrix out = ~0: zeros.  IM2COL_T keeps its own table of the
+// block's BM taps (m), built once.
+//
 // Launch shape: block (128, 1, 1); grid (ceil(M / BM), ceil(Nn / BN), S),
 // S = ceil(K / k_slab) (1 without split-K); k_slab a positive multiple of 32.
 // Static shared memory (words): (BM + BN) * 36 (tf32), twice that (3xtf32),
-// (BM + BN) * 20 (bf16, fp16): at most 39,168 bytes.
+// (BM + BN) * 20 (bf16, fp16), plus the tap tables: 1,024 (conv_fwd: ktab),
+// 1,536 (conv_dgrad: ktab, wtab), 2 * BM (conv_wgrad): at most 45,312 bytes
+// (3xtf32 conv_dgrad n8), under the 48 KiB of static shared memory.
 // Preconditions (checked by gpucnn/cuda/gemm_tc.py): sm_80 or later; every
-// index and offset fits int32; out / zout alias no input.  Deterministic: a
+// index and offset fits int32, for conv forward and backward-input also the
+// offsets of x and dz widened by the padding and the window (a thread's and a
+// tap's parts are formed apart); KH + KW <= 31 (TC_MAX_WINDOW) for conv
+// forward and backward-input; out / zout alias no input.  Deterministic: a
 // launch's sums depend on the shapes only.
 // ---------------------------------------------------------------------------
 #ifndef GPUCNN_GEMM_TC_CUH

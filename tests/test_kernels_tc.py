@@ -172,6 +172,18 @@ def test_refusals_name_the_bad_value(kernels):
                                     mode="bf16")
 
 
+def test_the_host_limits_are_the_kernels():
+    """gemm_tc.py's launch constants and limits are the #defines of kernels/gemm_tc.cuh."""
+    import re
+
+    from gpucnn.cuda import sources
+
+    text = (sources.kernel_dir() / "gemm_tc.cuh").read_text(encoding="utf-8")
+    defines = dict(re.findall(r"^#define (TC_\w+) (\d+)", text, re.M))
+    assert (int(defines["TC_THREADS"]), int(defines["TC_BK"]), int(defines["TC_MAX_WINDOW"])) == (
+        gemm_tc.THREADS, gemm_tc.BK, gemm_tc.MAX_WINDOW)
+
+
 def test_tiles_follow_the_output_channels():
     assert [gemm_tc.tile_for(n) for n in (1, 6, 8, 9, 16, 17, 120)] == ["n8"] * 3 + ["n64"] * 4
     assert gemm_tc.kernel_name("fp16", "conv_fwd", 6) == "gemm_tc_f16_conv_fwd_n8"
