@@ -39,6 +39,8 @@
 //               full-padding convolution with the rotated kernel, as a gather;
 //               q = (h*W + w)*N + n, tap = (o*KH + u)*KW + v
 //   OP_WTAP     Q[tap, c]: W[o, c, u, v], tap = (o*KH + u)*KW + v
+//               (a column c past Nn holds column Nn - 1: only output columns
+//               nobody stores read it)
 //
 // The GEMMs of gpucnn (C, H, W, N, O, KH, ... the conv geometry):
 //   conv forward     P = x  (IM2COL)   Q = W (STRIDED s0 1, s1 K)  M = OH*OW*N, Nn = O
@@ -177,7 +179,6 @@ struct Fixed {
     bool ok;          // the fixed row lies inside the matrix (rows-fast)
     unsigned int out; // IM2COL, GATHER: the window taps whose element lies outside (below)
     int off;          // IM2COL, GATHER: added to a tap's offset, the element's; WTAP: c*KH*KW
-    unsigned int lim; // WTAP: a tap's weight offset loads when below it (0 past the matrix)
 };
 
 // A window tap (u, v) as a mask: bit KW + u and bit v (KH + KW <= 31, the host checks, so bit 31 is
@@ -215,7 +216,6 @@ __device__ __forceinline__ void fixed_part(Fixed& f, int tid, bool row_fast, int
     f.ok = base + f.row < nrows;
     f.out = ~0u;
     f.off = 0;
-    f.lim = 0u;
     const int m = base + f.row;
     if (KIND == OP_IM2COL && f.ok) {               // m = (oh*OW + ow)*N + n
         const int q = m / g.N, ow = q % g.OW;
@@ -228,9 +228,8 @@ __device__ __forceinline__ void fixed_part(Fixed& f, int tid, bool row_fast, int
         f.out = ~(strided_bits(hp - hq * g.SH, hq, g.SH, g.KH, g.OH) << g.KW |
                   strided_bits(wp - wq * g.SW, wq, g.SW, g.KW, g.OW));
         f.off = (hq * g.OW + wq) * g.N + (m - q * g.N);
-    } else if (KIND == OP_WTAP && f.ok) {          // m = c
-        f.off = m * g.KH * g.KW;
-        f.lim = 0x7fffffffu;
+    } else if (KIND == OP_WTAP) {                  // m = c; a channel past the matrix loads channel
+        f.off = min(m, nrows - 1) * g.KH * g.KW;   // nrows - 1 into output columns nobody stores
     }
 }
 
@@ -243,7 +242,10 @@ template <int P_KIND, int Q_KIND>
 __device__ __forceinline__ void build_taps(int2* ktab, int* wtab, int c0, int c1, const ConvGeom& g)
 {
     const int n = min(TC_TAB, (c1 - c0 + TC_BK - 1) / TC_BK * TC_BK);
-    for (int i = threadIdx.x; i < n; i += TC_THREADS) {
+#pragma unroll
+    for (int j = 0; j < TC_TAB / TC_THREADS; ++j) {   // unrolled: no loop of its own inside the chunk loop
+        const int i = threadIdx.x + j * TC_THREADS;
+        if (i >= n) break;
         const int k = c0 + i;
         int2 e = make_int2(0, (int)0x80000000u);
         int w = -1;
@@ -311,7 +313,7 @@ __device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float
 #pragma unroll
             for (int e = 0; e < EPW; ++e) {
                 const int w = te[EPW * s * (TC_THREADS / ROWS) + e];
-                r[s][e] = (unsigned int)w < f.lim ? __ldg(pf + w) : 0.0f;
+                r[s][e] = w >= 0 ? __ldg(pf + w) : 0.0f;
             }
     } else {                                           // OP_IM2COL_T, k fast: the column per stage
         int h0[EPW], w0[EPW], off[EPW];           // h0 = TC_NO_COL past the slab: nothing loads
