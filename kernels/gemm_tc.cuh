@@ -39,6 +39,8 @@
 //               full-padding convolution with the rotated kernel, as a gather;
 //               q = (h*W + w)*N + n, tap = (o*KH + u)*KW + v
 //   OP_WTAP     Q[tap, c]: W[o, c, u, v], tap = (o*KH + u)*KW + v
+//               (a column c past Nn holds column Nn - 1: only output columns
+//               nobody stores read it)
 //
 // The GEMMs of gpucnn (C, H, W, N, O, KH, ... the conv geometry):
 //   conv forward     P = x  (IM2COL)   Q = W (STRIDED s0 1, s1 K)  M = OH*OW*N, Nn = O
@@ -59,10 +61,10 @@
 // BM = 16*FM*WARPS_M rows (m) by BN = 8*FN*WARPS_N columns (n):
 //   n8   4 x 1 warps, 2 x 1 tiles: BM 128, BN 8   (<= 8 outputs)
 //   n64  2 x 2 warps, 2 x 4 tiles: BM 64,  BN 64
-// (an n16 tile, BM 128 x BN 16, was dropped: its staging costs 83 instructions
-// per HMMA in tf32 conv forward against n64's 44, so at 9-16 outputs n64's
-// wasted tensor-core columns cost less than n16's staging; and each entry
-// point adds seconds of NVRTC time to a module)
+// (an n16 tile, BM 128 x BN 16, was dropped: its staging cost 83 instructions
+// per HMMA in tf32 conv forward against n64's 44, before the tap tables, so at
+// 9-16 outputs n64's wasted tensor-core columns cost less than n16's staging;
+// and each entry point adds seconds of NVRTC time to a module)
 // K advances in stages of 32: each stage's P (BM x 32) and Q (32 x BN) tiles
 // are loaded from global memory into registers one stage ahead (the loads of
 // stage s+1 are in flight while stage s multiplies), then rounded into
@@ -71,12 +73,31 @@
 // thread's staging elements run along m for operands contiguous in m (IM2COL,
 // GATHER, STRIDED with s0 == 1) and along k otherwise, so loads coalesce.
 //
+// Tap tables (IM2COL, GATHER, WTAP): a block runs its slab in chunks of
+// TC_TAB = 512 k (lenet5's reductions, at most 400, are one chunk) and first
+// builds the chunk's tables in shared memory, one entry per k: ktab[k - c0] =
+// (the tap's part of the element offset, the tap's bits KW + u and v) and, for
+// WTAP, wtab[k - c0] = W[o, c, u, v]'s offset less c*KH*KW.  A thread's fixed
+// row (an im2col column, a gather position, a channel c) gives the other part
+// of the offset and "out", the complement of the window rows u and columns v
+// its element exists for (padding; for the gather also the stride: u counts
+// only when SH divides h + PH - u).  So a staged element is one broadcast
+// shared-memory read, one AND ((out & bits) == 0: inside) and one load of
+// base + offset; k past the slab carries bit 31 (never a window bit), a row
+// past the matrix out = ~0: zeros.  IM2COL_T keeps its own table of the
+// block's BM taps (m), built once.
+//
 // Launch shape: block (128, 1, 1); grid (ceil(M / BM), ceil(Nn / BN), S),
 // S = ceil(K / k_slab) (1 without split-K); k_slab a positive multiple of 32.
 // Static shared memory (words): (BM + BN) * 36 (tf32), twice that (3xtf32),
-// (BM + BN) * 20 (bf16, fp16): at most 39,168 bytes.
+// (BM + BN) * 20 (bf16, fp16), plus the tap tables: 1,024 (conv_fwd: ktab),
+// 1,536 (conv_dgrad: ktab, wtab), 2 * BM (conv_wgrad): at most 45,312 bytes
+// (3xtf32 conv_dgrad n8), under the 48 KiB of static shared memory.
 // Preconditions (checked by gpucnn/cuda/gemm_tc.py): sm_80 or later; every
-// index and offset fits int32; out / zout alias no input.  Deterministic: a
+// index and offset fits int32, for conv forward and backward-input also the
+// offsets of x and dz widened by the padding and the window (a thread's and a
+// tap's parts are formed apart); KH + KW <= 31 (TC_MAX_WINDOW) for conv
+// forward and backward-input; out / zout alias no input.  Deterministic: a
 // launch's sums depend on the shapes only.
 // ---------------------------------------------------------------------------
 #ifndef GPUCNN_GEMM_TC_CUH
@@ -89,6 +110,8 @@
 #define TC_BK 32
 #define TC_PAD 4
 #define TC_NO_COL (-0x40000000)   // an im2col row offset no tap brings back inside
+#define TC_TAB 512                  // k entries of the per-block tap tables (a multiple of TC_BK)
+#define TC_MAX_WINDOW 31            // KH + KW at most: a tap's mask has bits KW + u and v (below)
 
 #define OP_STRIDED 0
 #define OP_IM2COL 1
@@ -106,7 +129,7 @@ struct ConvGeom {
 };
 
 // A tap (c*KH + u)*KW + v of a kernel window (c is o for the gather and the weights by tap);
-// tap_of divides twice, tap_next steps to the next tap without dividing.
+// tap_of divides twice (only where a table is built, never per staged element).
 struct Tap {
     int c, u, v;
 };
@@ -117,19 +140,6 @@ __device__ __forceinline__ Tap tap_of(int tap, const ConvGeom& g)
     return Tap{r / g.KH, r % g.KH, tap - r * g.KW};
 }
 
-__device__ __forceinline__ int floor_div(int a, int b)
-{
-    const int q = a / b;
-    return q - (a % b != 0 && a < 0);
-}
-
-__device__ __forceinline__ void tap_next(Tap& t, const ConvGeom& g)
-{
-    if (++t.v == g.KW) {
-        t.v = 0;
-        if (++t.u == g.KH) { t.u = 0; ++t.c; }
-    }
-}
 
 // One 32-bit shared-memory word from one (tf32) or two (16-bit: k, k+1) elements.
 template <int MODE>
@@ -167,8 +177,35 @@ struct Fixed {
     int row;          // the fixed row (rows-fast) or the fixed word (k-fast)
     int first;        // the first word (rows-fast) or the first row (k-fast) of slot 0
     bool ok;          // the fixed row lies inside the matrix (rows-fast)
-    int h0, w0, n;    // IM2COL: oh*SH - PH, ow*SW - PW, n of the column;  GATHER: h + PH, w + PW, n
+    unsigned int out; // IM2COL, GATHER: the window taps whose element lies outside (below)
+    int off;          // IM2COL, GATHER: added to a tap's offset, the element's; WTAP: c*KH*KW
 };
+
+// A window tap (u, v) as a mask: bit KW + u and bit v (KH + KW <= 31, the host checks, so bit 31 is
+// never one of them).  A thread's "out" is the complement of the union of the masks of the rows u
+// and the columns v its element exists for, so tap (u, v) is inside iff (out & mask) == 0: ONE
+// instruction per staged element, whatever the stride.  A row past the matrix: out = ~0u.
+//   IM2COL: row m = (oh*OW + ow)*N + n, element x[c, h0 + u, w0 + v, n] (h0 = oh*SH - PH,
+//     w0 = ow*SW - PW): u is in iff 0 <= h0 + u < H; off = (h0*W + w0)*N + n, and the tap's
+//     offset ((c*H + u)*W + v)*N.
+//   GATHER: row m = (h*W + w)*N + n, with h + PH = SH*hq + hr (0 <= hr < SH) and u = SH*au + bu
+//     (0 <= bu < SH): h + PH - u = SH*(hq - au) + (hr - bu) divides exactly iff bu == hr, and
+//     then i = hq - au, so u is in iff u = hr + SH*j with 0 <= hq - j < OH; likewise v.
+//     off = (hq*OW + wq)*N + n and the tap's offset (o*OH*OW - au*OW - av)*N: their sum is
+//     dz[o, i, j, n]'s.
+__device__ __forceinline__ unsigned int window_bits(int lo, int hi)   // bits [max(lo, 0), hi)
+{
+    lo = max(lo, 0);
+    return hi > lo ? (1u << hi) - (1u << lo) : 0u;
+}
+
+__device__ __forceinline__ unsigned int strided_bits(int r, int q, int step, int taps, int len)
+{                                                  // bits r + step*j, j >= 0, < taps, with 0 <= q - j < len
+    unsigned int bits = 0u;
+    for (int j = 0, u = r; u < taps; ++j, u += step)
+        if ((unsigned int)(q - j) < (unsigned int)len) bits |= 1u << u;
+    return bits;
+}
 
 template <int KIND, int ROWS, int WORDS>
 __device__ __forceinline__ void fixed_part(Fixed& f, int tid, bool row_fast, int base, int nrows,
@@ -177,27 +214,76 @@ __device__ __forceinline__ void fixed_part(Fixed& f, int tid, bool row_fast, int
     f.row = row_fast ? tid % ROWS : tid % WORDS;
     f.first = row_fast ? tid / ROWS : tid / WORDS;
     f.ok = base + f.row < nrows;
-    f.h0 = f.w0 = f.n = 0;
+    f.out = ~0u;
+    f.off = 0;
     const int m = base + f.row;
-    if (KIND == OP_IM2COL) {                       // m = (oh*OW + ow)*N + n
+    if (KIND == OP_IM2COL && f.ok) {               // m = (oh*OW + ow)*N + n
         const int q = m / g.N, ow = q % g.OW;
-        f.n = m - q * g.N;
-        f.h0 = (q / g.OW) * g.SH - g.PH;
-        f.w0 = ow * g.SW - g.PW;
-    } else if (KIND == OP_GATHER) {                // m = (h*W + w)*N + n
-        const int q = m / g.N, w = q % g.W;
-        f.n = m - q * g.N;
-        f.h0 = q / g.W + g.PH;
-        f.w0 = w + g.PW;
+        const int h0 = (q / g.OW) * g.SH - g.PH, w0 = ow * g.SW - g.PW;
+        f.out = ~(window_bits(-h0, min(g.KH, g.H - h0)) << g.KW | window_bits(-w0, min(g.KW, g.W - w0)));
+        f.off = (h0 * g.W + w0) * g.N + (m - q * g.N);
+    } else if (KIND == OP_GATHER && f.ok) {        // m = (h*W + w)*N + n
+        const int q = m / g.N, hp = q / g.W + g.PH, wp = q % g.W + g.PW;
+        const int hq = hp / g.SH, wq = wp / g.SW;
+        f.out = ~(strided_bits(hp - hq * g.SH, hq, g.SH, g.KH, g.OH) << g.KW |
+                  strided_bits(wp - wq * g.SW, wq, g.SW, g.KW, g.OW));
+        f.off = (hq * g.OW + wq) * g.N + (m - q * g.N);
+    } else if (KIND == OP_WTAP) {                  // m = c; a channel past the matrix loads channel
+        f.off = min(m, nrows - 1) * g.KH * g.KW;   // nrows - 1 into output columns nobody stores
     }
 }
 
+// The tap tables of the k range [c0, c1) of a slab (c1 - c0 <= TC_TAB), built by the whole block.
+// ktab[k - c0] = (offset, mask) of tap k (fixed_part says what each is): IM2COL tap (c, u, v),
+// GATHER tap (o, u, v).  wtab[k - c0] (Q = WTAP): W[o, c, u, v]'s offset less c*KH*KW,
+// o*C*KH*KW + u*KW + v.  Entries from c1 to the end of c1's stage: (0, 1 << 31) and -1: nothing
+// loads (zeros).
+template <int P_KIND, int Q_KIND>
+__device__ __forceinline__ void build_taps(int2* ktab, int* wtab, int c0, int c1, const ConvGeom& g)
+{
+    const int n = min(TC_TAB, (c1 - c0 + TC_BK - 1) / TC_BK * TC_BK);
+#pragma unroll
+    for (int j = 0; j < TC_TAB / TC_THREADS; ++j) {   // unrolled: no loop of its own inside the chunk loop
+        const int i = threadIdx.x + j * TC_THREADS;
+        if (i >= n) break;
+        const int k = c0 + i;
+        int2 e = make_int2(0, (int)0x80000000u);
+        int w = -1;
+        if (k < c1) {
+            const Tap t = tap_of(k, g);
+            const int mask = (1 << (g.KW + t.u)) | (1 << t.v);
+            if (P_KIND == OP_IM2COL) {
+                e = make_int2(((t.c * g.H + t.u) * g.W + t.v) * g.N, mask);
+            } else {
+                const int au = t.u / g.SH, av = t.v / g.SW;
+                e = make_int2(((t.c * g.OH - au) * g.OW - av) * g.N, mask);
+            }
+            w = (t.c * g.C * g.KH + t.u) * g.KW + t.v;
+        }
+        ktab[i] = e;
+        if (Q_KIND == OP_WTAP) wtab[i] = w;
+    }
+}
+
+// p itself, but a value the compiler cannot take apart: a thread's base pointer p + off then stays
+// in two registers and an element's address is one IMAD.WIDE of its table offset (left alone,
+// NVRTC rebuilds p + off + t from the parameter bank for every element: ~4 instructions).
+__device__ __forceinline__ const float* opaque(const float* p)
+{
+#ifndef __CUDASIM__
+    asm("mov.b64 %0, %0;" : "+l"(p));
+#endif
+    return p;
+}
+
 // Load slot s's EPW elements of an operand into r (the contract's operand kinds).  k0: the
-// stage's first k; k_end: the slab's end; tab: IM2COL_T's per-block tap table.
+// stage's first k; kt = k0 - c0, its entry in the tap tables ktab / wtab; k_end: the slab's end;
+// tab: IM2COL_T's per-block tap table.
 template <int KIND, int ROWS, int WORDS, int EPW, int SLOTS>
 __device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float* __restrict__ p, int s0, int s1,
                                              bool row_fast, const Fixed& f, int base, int nrows, int k0,
-                                             int k_end, const int2* tab, const ConvGeom& g)
+                                             int k_end, const int2* tab, const int2* ktab, const int* wtab,
+                                             int kt, const ConvGeom& g)
 {
     if (KIND == OP_STRIDED) {                          // p[i*s0 + j*s1]; base = the block's first row
 #pragma unroll
@@ -208,71 +294,26 @@ __device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float
                 const int k = k0 + EPW * (row_fast ? f.first + s * (TC_THREADS / ROWS) : f.row) + e;
                 r[s][e] = (i < nrows && k < k_end) ? p[i * s0 + k * s1] : 0.0f;
             }
-    } else if (KIND == OP_IM2COL) {                    // rows fast: one column per thread
-        Tap t = tap_of(k0 + EPW * f.first, g);
+    } else if (KIND == OP_IM2COL || KIND == OP_GATHER) {   // rows fast: one column / position per thread
+        // Per element: one broadcast table read, one mask test, one load.
+        const float* const pf = opaque(p + f.off);
+        const int2* const te = ktab + kt + EPW * f.first;
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s)
 #pragma unroll
             for (int e = 0; e < EPW; ++e) {
-                const int k = k0 + EPW * (f.first + s * (TC_THREADS / ROWS)) + e;
-                const int h = f.h0 + t.u, w = f.w0 + t.v;
-                float v = 0.0f;
-                if (f.ok && k < k_end && (unsigned)h < (unsigned)g.H && (unsigned)w < (unsigned)g.W)
-                    v = p[((t.c * g.H + h) * g.W + w) * g.N + f.n];
-                r[s][e] = v;
-                const int skip = e + 1 < EPW ? 1 : EPW * (TC_THREADS / ROWS) - (EPW - 1);
-#pragma unroll
-                for (int q = 0; q < skip; ++q) tap_next(t, g);
-            }
-    } else if (KIND == OP_GATHER) {                    // rows fast: one position (h, w, n) per thread
-        // dz row i = (h + PH - u) / SH when that divides: carried along the taps as the quotient
-        // and remainder of floor division (iu, ru) and (jv, rv), so no tap divides.
-        Tap t = tap_of(k0 + EPW * f.first, g);
-        int iu = floor_div(f.h0 - t.u, g.SH), jv = floor_div(f.w0 - t.v, g.SW);
-        int ru = f.h0 - t.u - iu * g.SH, rv = f.w0 - t.v - jv * g.SW;
-        const int iu0 = floor_div(f.h0, g.SH), jv0 = floor_div(f.w0, g.SW);
-        const int ru0 = f.h0 - iu0 * g.SH, rv0 = f.w0 - jv0 * g.SW;
-#pragma unroll
-        for (int s = 0; s < SLOTS; ++s)
-#pragma unroll
-            for (int e = 0; e < EPW; ++e) {
-                const int k = k0 + EPW * (f.first + s * (TC_THREADS / ROWS)) + e;
-                float v = 0.0f;
-                if (f.ok && k < k_end && (ru | rv) == 0 && (unsigned)iu < (unsigned)g.OH &&
-                    (unsigned)jv < (unsigned)g.OW)
-                    v = p[((t.c * g.OH + iu) * g.OW + jv) * g.N + f.n];
-                r[s][e] = v;
-                const int skip = e + 1 < EPW ? 1 : EPW * (TC_THREADS / ROWS) - (EPW - 1);
-#pragma unroll
-                for (int q = 0; q < skip; ++q) {               // the next tap: v + 1, or u + 1, or o + 1
-                    if (++t.v == g.KW) {
-                        t.v = 0;
-                        jv = jv0;
-                        rv = rv0;
-                        if (++t.u == g.KH) {
-                            t.u = 0;
-                            ++t.c;
-                            iu = iu0;
-                            ru = ru0;
-                        } else if (--ru < 0) {
-                            ru += g.SH;
-                            --iu;
-                        }
-                    } else if (--rv < 0) {
-                        rv += g.SW;
-                        --jv;
-                    }
-                }
+                const int2 t = te[EPW * s * (TC_THREADS / ROWS) + e];
+                r[s][e] = (f.out & (unsigned int)t.y) == 0u ? __ldg(pf + t.x) : 0.0f;
             }
     } else if (KIND == OP_WTAP) {                      // Q rows fast: one input channel c per thread
-        const int kk = g.KH * g.KW;
+        const float* const pf = opaque(p + f.off);
+        const int* const te = wtab + kt + EPW * f.first;
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s)
 #pragma unroll
             for (int e = 0; e < EPW; ++e) {
-                const int k = k0 + EPW * (f.first + s * (TC_THREADS / ROWS)) + e;
-                const int o = k / kk;
-                r[s][e] = (f.ok && k < k_end) ? p[(o * g.C + base + f.row) * kk + (k - o * kk)] : 0.0f;
+                const int w = te[EPW * s * (TC_THREADS / ROWS) + e];
+                r[s][e] = w >= 0 ? __ldg(pf + w) : 0.0f;
             }
     } else {                                           // OP_IM2COL_T, k fast: the column per stage
         int h0[EPW], w0[EPW], off[EPW];           // h0 = TC_NO_COL past the slab: nothing loads
@@ -320,6 +361,9 @@ __device__ __forceinline__ void gemm_tc(
     __shared__ unsigned int Ps[SPLIT][BM][LD];   // P tile, m-major: word w holds k = EPW*w (+1)
     __shared__ unsigned int Qs[SPLIT][BN][LD];   // Q tile, n-major
     __shared__ int2 tab[P_KIND == OP_IM2COL_T ? BM : 1];   // IM2COL_T: the block's taps
+    constexpr bool TABLED = P_KIND == OP_IM2COL || P_KIND == OP_GATHER;   // Q = WTAP only with GATHER
+    __shared__ int2 ktab[TABLED ? TC_TAB : 1];              // IM2COL, GATHER: a chunk's taps
+    __shared__ int wtab[Q_KIND == OP_WTAP ? TC_TAB : 1];    // WTAP: a chunk's weight offsets
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
@@ -349,9 +393,11 @@ __device__ __forceinline__ void gemm_tc(
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    auto load = [&](int k0) {
-        load_operand<P_KIND, BM, WORDS, EPW, P_SLOTS>(pr, P, p_s0, p_s1, p_rows, fp, m0, M, k0, k_end, tab, g);
-        load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, q_rows, fq, n0, Nn, k0, k_end, tab, g);
+    auto load = [&](int k0, int kt) {
+        load_operand<P_KIND, BM, WORDS, EPW, P_SLOTS>(pr, P, p_s0, p_s1, p_rows, fp, m0, M, k0, k_end, tab,
+                                                      ktab, wtab, kt, g);
+        load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, q_rows, fq, n0, Nn, k0, k_end, tab,
+                                                      ktab, wtab, kt, g);
     };
     auto store = [&]() {
 #pragma unroll
@@ -372,43 +418,59 @@ __device__ __forceinline__ void gemm_tc(
         }
     };
 
-    if (k_begin < k_end) load(k_begin);
-    for (int k0 = k_begin; k0 < k_end; k0 += TC_BK) {
-        store();
-        __syncthreads();
-        if (k0 + TC_BK < k_end) load(k0 + TC_BK);
+    // The stages of [c0, c1), each stage's loads in flight while the previous one multiplies.
+    auto stages = [&](int c0, int c1) {
+        load(c0, 0);
+        for (int k0 = c0; k0 < c1; k0 += TC_BK) {
+            store();
+            __syncthreads();
+            if (k0 + TC_BK < c1) load(k0 + TC_BK, k0 + TC_BK - c0);
 #pragma unroll
-        for (int kk = 0; kk < WORDS; kk += KSTEP / EPW) {       // kk: word offset of this mma's k step
-            unsigned int a[SPLIT][FM][4], b[SPLIT][FN][2];
+            for (int kk = 0; kk < WORDS; kk += KSTEP / EPW) {       // kk: word offset of this mma's k step
+                unsigned int a[SPLIT][FM][4], b[SPLIT][FN][2];
 #pragma unroll
-            for (int sp = 0; sp < SPLIT; ++sp) {
+                for (int sp = 0; sp < SPLIT; ++sp) {
 #pragma unroll
-                for (int i = 0; i < FM; ++i) {
-                    const int r = wm + 16 * i + gid;
-                    a[sp][i][0] = Ps[sp][r][kk + tig];
-                    a[sp][i][1] = Ps[sp][r + 8][kk + tig];
-                    a[sp][i][2] = Ps[sp][r][kk + tig + 4];
-                    a[sp][i][3] = Ps[sp][r + 8][kk + tig + 4];
-                }
-#pragma unroll
-                for (int j = 0; j < FN; ++j) {
-                    const int c = wn + 8 * j + gid;
-                    b[sp][j][0] = Qs[sp][c][kk + tig];
-                    b[sp][j][1] = Qs[sp][c][kk + tig + 4];
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < FM; ++i)
-#pragma unroll
-                for (int j = 0; j < FN; ++j) {
-                    if (SPLIT == 2) {                            // the small terms first
-                        mma<MODE>(acc[i][j], a[SPLIT - 1][i], b[0][j]);
-                        mma<MODE>(acc[i][j], a[0][i], b[SPLIT - 1][j]);
+                    for (int i = 0; i < FM; ++i) {
+                        const int r = wm + 16 * i + gid;
+                        a[sp][i][0] = Ps[sp][r][kk + tig];
+                        a[sp][i][1] = Ps[sp][r + 8][kk + tig];
+                        a[sp][i][2] = Ps[sp][r][kk + tig + 4];
+                        a[sp][i][3] = Ps[sp][r + 8][kk + tig + 4];
                     }
-                    mma<MODE>(acc[i][j], a[0][i], b[0][j]);
+#pragma unroll
+                    for (int j = 0; j < FN; ++j) {
+                        const int c = wn + 8 * j + gid;
+                        b[sp][j][0] = Qs[sp][c][kk + tig];
+                        b[sp][j][1] = Qs[sp][c][kk + tig + 4];
+                    }
                 }
+#pragma unroll
+                for (int i = 0; i < FM; ++i)
+#pragma unroll
+                    for (int j = 0; j < FN; ++j) {
+                        if (SPLIT == 2) {                            // the small terms first
+                            mma<MODE>(acc[i][j], a[SPLIT - 1][i], b[0][j]);
+                            mma<MODE>(acc[i][j], a[0][i], b[SPLIT - 1][j]);
+                        }
+                        mma<MODE>(acc[i][j], a[0][i], b[0][j]);
+                    }
+            }
+            __syncthreads();
         }
-        __syncthreads();
+    };
+    // A tabled GEMM runs its slab in chunks of TC_TAB k, building each chunk's tables first (the
+    // previous chunk's loads all ended before its last barrier); a chunk's first load is the one
+    // not overlapped with a multiply.
+    if (TABLED) {
+        for (int c0 = k_begin; c0 < k_end; c0 += TC_TAB) {
+            const int c1 = min(k_end, c0 + TC_TAB);
+            build_taps<P_KIND, Q_KIND>(ktab, wtab, c0, c1, g);
+            __syncthreads();
+            stages(c0, c1);
+        }
+    } else if (k_begin < k_end) {
+        stages(k_begin, k_end);
     }
 
     float* const o = out + blockIdx.z * out_z;

@@ -91,6 +91,24 @@ def test_conv_gemms(kernels, mode, shape):
     _close(kernels.get(db), _rounded(dz, mode).sum(axis=(1, 2, 3)), "db (the ones row)", mode)
 
 
+def test_the_widest_window_the_tap_mask_holds_and_more_than_one_table_chunk(kernels):
+    """KH + KW = 31 (a tap's bits KW + u and v reach bit 30 of the mask; bit 31 marks a k past the
+    slab), with strides and padding; and reductions over two chunks of the tap table (K > 512)."""
+    for C, O, H, Wd, N, kh, kw, stride, padding in [(2, 3, 17, 18, 2, 15, 16, (1, 2), (1, 2)),
+                                                   (60, 6, 5, 4, 2, 3, 3, (1, 1), (1, 1)),
+                                                   (4, 64, 7, 7, 2, 3, 3, (2, 2), (1, 1))]:
+        rng = np.random.default_rng(C + kh)
+        x = rng.standard_normal((C, H, Wd, N)).astype(np.float32)
+        W = rng.standard_normal((O, C, kh, kw)).astype(np.float32)
+        y, _ = gemm_tc.conv_forward(kernels.put(x), kernels.put(W), None, stride, padding, mode="tf32")
+        dz = rng.standard_normal(y.shape).astype(np.float32)
+        y_ref, dx_ref, _ = _conv_ref(_rounded(x, "tf32"), _rounded(W, "tf32"), None, _rounded(dz, "tf32"),
+                                     stride, padding)
+        _close(kernels.get(y), y_ref, f"y {kh}x{kw}", "tf32")
+        dx = gemm_tc.conv_backward_input(kernels.put(dz), kernels.put(W), x.shape, stride, padding, mode="tf32")
+        _close(kernels.get(dx), dx_ref, f"dx {kh}x{kw}", "tf32")
+
+
 def test_the_weight_gradient_splits_into_slabs_and_sums_them_all(kernels):
     """A column count that gives several slabs (and a last, short one): every slab is summed."""
     C, O, H, N, k = 2, 6, 12, 9, 3
@@ -146,6 +164,24 @@ def test_refusals_name_the_bad_value(kernels):
     with pytest.raises(ValueError, match="dz has shape"):
         gemm_tc.conv_backward_input(kernels.put(np.ones((5, 6, 6, 3), np.float32)), W, (3, 8, 8, 4), 1, 0,
                                     mode="tf32")
+    big = kernels.put(np.ones((1, 1, 16, 16), np.float32))          # KH + KW = 32: past the tap mask
+    with pytest.raises(ValueError, match=r"KH \+ KW must be at most 31; got a 16x16 kernel"):
+        gemm_tc.conv_forward(kernels.put(np.ones((1, 20, 20, 1), np.float32)), big, None, 1, 0, mode="tf32")
+    with pytest.raises(ValueError, match=r"KH \+ KW must be at most 31; got a 16x16 kernel"):
+        gemm_tc.conv_backward_input(kernels.put(np.ones((1, 5, 5, 1), np.float32)), big, (1, 20, 20, 1), 1, 0,
+                                    mode="bf16")
+
+
+def test_the_host_limits_are_the_kernels():
+    """gemm_tc.py's launch constants and limits are the #defines of kernels/gemm_tc.cuh."""
+    import re
+
+    from gpucnn.cuda import sources
+
+    text = (sources.kernel_dir() / "gemm_tc.cuh").read_text(encoding="utf-8")
+    defines = dict(re.findall(r"^#define (TC_\w+) (\d+)", text, re.M))
+    assert (int(defines["TC_THREADS"]), int(defines["TC_BK"]), int(defines["TC_MAX_WINDOW"])) == (
+        gemm_tc.THREADS, gemm_tc.BK, gemm_tc.MAX_WINDOW)
 
 
 def test_tiles_follow_the_output_channels():

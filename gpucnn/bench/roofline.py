@@ -34,7 +34,7 @@ with the machine's figures in :data:`H200` (printed by :func:`assumptions`):
   such instruction, issued at one warp instruction per clock by each of the
   4 schedulers of an SM -- at most one per warp, so a grid of few small
   blocks fills few.  This is what limits the tensor-core GEMMs, whose
-  staging takes 36-453 instructions per HMMA.  Still a floor: empty tile
+  staging takes 10-211 instructions per HMMA.  Still a floor: empty tile
   rows and columns, the prologue and epilogue, and stalls are not counted.
 
 It is a roofline with a launch floor: no latency chains (a serial L2 round

@@ -64,6 +64,9 @@ _GRID_YZ_MAX = 65535
 _INT32_MAX = 2**31 - 1
 _FLAGS_BIAS, _FLAGS_Z = 1, 2
 _OP_NOTHING = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)   # the geometry of a dense GEMM (unused)
+#: KH + KW at most for conv forward and backward-input: a window tap is two bits of a 32-bit mask
+#: (kernels/gemm_tc.cuh, TC_MAX_WINDOW)
+MAX_WINDOW = 31
 
 
 def tile_for(nn: int) -> str:
@@ -138,6 +141,21 @@ def _geometry(func, x_shape, w_shape, stride, padding):
                           stride, padding)
 
 
+def _check_taps(func, g) -> None:
+    """Refuse what the tap tables of conv forward and backward-input cannot hold: a window with
+    KH + KW > :data:`MAX_WINDOW`, or offsets into x or dz, padding and window overhang included,
+    past int32 (a thread's and a tap's part of an offset are formed apart)."""
+    C, H, Wd, N, O, KH, KW, OH, OW, SH, SW, PH, PW = g
+    if KH + KW > MAX_WINDOW:
+        raise ValueError(f"{func}: the tensor-core kernels hold a window tap as bits of a 32-bit mask, so "
+                         f"KH + KW must be at most {MAX_WINDOW}; got a {KH}x{KW} kernel. Use precision 'fp32'")
+    reach = max(C * (H + 2 * PH + KH) * (Wd + 2 * PW + KW), O * (OH + KH) * (OW + KW)) * N
+    if reach > _INT32_MAX:
+        raise ValueError(f"{func}: x (C={C}, H={H}, W={Wd}, N={N}) or dz (O={O}, OH={OH}, OW={OW}) with the "
+                         f"padding and the {KH}x{KW} window's overhang spans {reach} elements, past the "
+                         "kernels' int32 offsets")
+
+
 def _out(func, name, a, shape, xp):
     if a is None:
         return xp.empty(shape, dtype=np.float32)
@@ -188,6 +206,7 @@ def conv_forward(x, W, b, stride, padding, act=None, *, mode, y_out=None, z_out=
         raise ValueError(f"{func}: act must be None, 'relu', 'sigmoid' or 'tanh', got {act!r}")
     g = _geometry(func, x.shape, W.shape, stride, padding)
     C, H, Wd, N, O, KH, KW, OH, OW = g[:9]
+    _check_taps(func, g)
     if b is not None and tuple(b.shape) != (O,):
         raise ValueError(f"{func}: bias b must have shape ({O},) for W of shape {tuple(W.shape)}, got {tuple(b.shape)}")
     _contiguous(func, x=x, W=W, b=b)
@@ -215,6 +234,7 @@ def conv_backward_input(dz, W, x_shape, stride, padding, *, mode, out=None):
     C, H, Wd, N, O, KH, KW, OH, OW = g[:9]
     if tuple(dz.shape) != (O, OH, OW, N):
         raise ValueError(f"{func}: dz has shape {tuple(dz.shape)}, expected {(O, OH, OW, N)}")
+    _check_taps(func, g)
     _contiguous(func, dz=dz, W=W)
     dx = _out(func, "out", out, (C, H, Wd, N), xp)
     M, K = H * Wd * N, O * KH * KW
