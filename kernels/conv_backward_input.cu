@@ -5,7 +5,8 @@
 // (float64), the same template instantiated twice; T below is float or double.
 // Host wrapper: gpucnn/cuda/conv.py (conv_backward_input).  Compiled at run time
 // by gpucnn/cuda/loader.py (CuPy RawModule / NVRTC) and, in the tests, run
-// unchanged on the CPU by tests/cudasim.  No #includes.
+// unchanged on the CPU by tests/cudasim.  Includes opaque.cuh (gpucnn/cuda/sources.py
+// expands it in place).
 //
 // ---------------------------------------------------------------------------
 // Formula (seed 003: dx = conv(padded(dL/dZ) dilated by the stride, rot180 K),
@@ -62,6 +63,8 @@
 //   OH, OW >= 1 as above; SH, SW >= 1; PH, PW >= 0; 1 <= KH, KW <= 31; every
 //   array and offset fits int32; dx aliases neither dz nor W.
 // ---------------------------------------------------------------------------
+
+#include "opaque.cuh"   // opaque(p): each column's gather base stays in registers
 
 #define CI_BM 16          // input channels per block (GEMM rows), at most: 16 or 8
 #define CI_TM 4           // rows per thread
@@ -124,7 +127,8 @@ __device__ __forceinline__ void conv_backward_input_impl(
     const int qh0 = (hf + PH - rh) / SH, qw0 = (wf + PW - rw) / SW;   // exact divisions
     const int p0 = tile * BP;
 
-    // The gather columns of this thread, p0 + tx + TX*j: decomposed once.
+    // The gather columns of this thread, p0 + tx + TX*j: decomposed once.  zb[j] = dz + the
+    // column's offset, kept in registers (opaque.cuh): an element is zb[j][tab offset].
     int cb[CI_TP];
     unsigned cmh[CI_TP], cmw[CI_TP];
 #pragma unroll
@@ -142,6 +146,10 @@ __device__ __forceinline__ void conv_backward_input_impl(
             cmw[j] = conv_bwi_bad_bits(qw - OW + 1, min(KWp, qw + 1));
         }
     }
+
+    const T* zb[CI_TP];
+#pragma unroll
+    for (int j = 0; j < CI_TP; ++j) zb[j] = opaque(dz + cb[j]);
 
     T acc[CI_TM][CI_TP];
 #pragma unroll
@@ -190,7 +198,7 @@ __device__ __forceinline__ void conv_backward_input_impl(
 #pragma unroll
             for (int j = 0; j < CI_TP; ++j) {
                 T v = T(0);
-                if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = dz[cb[j] + e.x];
+                if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = __ldg(zb[j] + e.x);
                 reg[rr][j] = v;
             }
         }
@@ -208,7 +216,7 @@ __device__ __forceinline__ void conv_backward_input_impl(
 #pragma unroll
                 for (int j = 0; j < CI_TP; ++j) {
                     T v = T(0);
-                    if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = dz[cb[j] + e.x];
+                    if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = __ldg(zb[j] + e.x);
                     reg[rr][j] = v;
                 }
             }

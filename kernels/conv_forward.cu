@@ -6,7 +6,7 @@
 // gpucnn/cuda/conv.py (conv_forward).  Compiled at run time by
 // gpucnn/cuda/loader.py (CuPy RawModule / NVRTC) and, in the tests, run
 // unchanged on the CPU by tests/cudasim.  Includes activation.cuh (the act
-// codes; gpucnn/cuda/sources.py expands it in place).
+// codes) and opaque.cuh (gpucnn/cuda/sources.py expands both in place).
 //
 // ---------------------------------------------------------------------------
 // Formula (the seeds' cross-correlation; W is the seeds' rot180(k)):
@@ -69,6 +69,7 @@
 // ---------------------------------------------------------------------------
 
 #include "activation.cuh"   // activation(z, act): the epilogue's act
+#include "opaque.cuh"       // opaque(p): each column's gather base stays in registers
 
 #define CF_BM 16          // output channels per block (GEMM rows), at most: 16 or 8
 #define CF_TM 4           // rows per thread
@@ -106,7 +107,8 @@ __device__ __forceinline__ void conv_forward_impl(
     const int p0 = blockIdx.x * (TX * CF_TP);
     const int m0 = blockIdx.y * BM;
 
-    // The gather columns of this thread, p0 + tx + TX*j: decomposed once.
+    // The gather columns of this thread, p0 + tx + TX*j: decomposed once.  xb[j] = x + the
+    // column's offset, kept in registers (opaque.cuh): an element is xb[j][tab offset].
     int cb[CF_TP];
     unsigned cmh[CF_TP], cmw[CF_TP];
 #pragma unroll
@@ -124,6 +126,10 @@ __device__ __forceinline__ void conv_forward_impl(
             cmw[j] = conv_fwd_bad_bits(-iw0, min(KW, W - iw0));
         }
     }
+
+    const T* xb[CF_TP];
+#pragma unroll
+    for (int j = 0; j < CF_TP; ++j) xb[j] = opaque(x + cb[j]);
 
     T acc[CF_TM][CF_TP];
 #pragma unroll
@@ -173,7 +179,7 @@ __device__ __forceinline__ void conv_forward_impl(
 #pragma unroll
             for (int j = 0; j < CF_TP; ++j) {
                 T v = T(0);
-                if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = x[cb[j] + e.x];
+                if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = __ldg(xb[j] + (unsigned)e.x);
                 reg[rr][j] = v;
             }
         }
@@ -192,7 +198,7 @@ __device__ __forceinline__ void conv_forward_impl(
 #pragma unroll
                 for (int j = 0; j < CF_TP; ++j) {
                     T v = T(0);
-                    if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = x[cb[j] + e.x];
+                    if (((cmh[j] & (unsigned)e.y) | (cmw[j] & (unsigned)e.z)) == 0u) v = __ldg(xb[j] + (unsigned)e.x);
                     reg[rr][j] = v;
                 }
             }

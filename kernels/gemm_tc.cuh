@@ -105,6 +105,7 @@
 #include "rounding.cuh"
 #include "mma.cuh"
 #include "activation.cuh"
+#include "opaque.cuh"   // opaque(p): a thread's gather base stays in registers
 
 #define TC_THREADS 128
 #define TC_BK 32
@@ -263,17 +264,6 @@ __device__ __forceinline__ void build_taps(int2* ktab, int* wtab, int c0, int c1
         ktab[i] = e;
         if (Q_KIND == OP_WTAP) wtab[i] = w;
     }
-}
-
-// p itself, but a value the compiler cannot take apart: a thread's base pointer p + off then stays
-// in two registers and an element's address is one IMAD.WIDE of its table offset (left alone,
-// NVRTC rebuilds p + off + t from the parameter bank for every element: ~4 instructions).
-__device__ __forceinline__ const float* opaque(const float* p)
-{
-#ifndef __CUDASIM__
-    asm("mov.b64 %0, %0;" : "+l"(p));
-#endif
-    return p;
 }
 
 // Load slot s's EPW elements of an operand into r (the contract's operand kinds).  k0: the

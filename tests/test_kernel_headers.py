@@ -69,7 +69,7 @@ def test_no_kernel_keeps_its_own_copy_of_the_activation_maths(filename):
 def test_activation_kernels_include_the_shared_header(filename):
     assert re.search(rf'^#include "{re.escape(HEADER)}"', _raw(filename), re.M), \
         f'kernels/{filename} does not #include "{HEADER}"'
-    assert sources.included_headers(filename) == (HEADER,)
+    assert HEADER in sources.included_headers(filename)
     assert not re.search(r"^[ \t]*#[ \t]*include\b", sources.read_source(filename), re.M)
 
 

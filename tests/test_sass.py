@@ -8,8 +8,8 @@ the reason, when a tool is missing.
   no tools needed) and on tiny synthetic kernels with known loops.
 * The convolution kernels (kernels/conv_*.cu) for sm_90: no spills, no stack,
   static shared memory within 48 KiB, and in EVERY innermost loop holding FFMA
-  of a float32 kernel at most 2.0 instructions and at most 0.25 global loads per
-  FFMA; the grids of the four listed layers at batch 64 reach 132 blocks.
+  of a float32 kernel at most 0.25 global loads per FFMA and a per-kernel bound on
+  instructions per FFMA (FFMA_BOUNDS, issue 25's fix 6); the grids of the four listed layers at batch 64 reach 132 blocks.
 * kernels/pool.cu's pool_max_backward: at most 2 integer divisions per thread
   (each a MUFU.RCP sequence in SASS; it had 7 when every thread decomposed
   its flat index), issue 25's SIMT fix 4.
@@ -30,8 +30,14 @@ import pytest
 from gpucnn.cuda import conv, sass
 
 CONV_FILES = ("conv_forward.cu", "conv_backward_input.cu", "conv_backward_weight.cu")
-MAX_INSTRUCTIONS_PER_FFMA = 2.0
-MAX_INSTRUCTIONS_PER_FFMA_8ROW = 2.25
+#: Instructions per FFMA in each float32 kernel's FMA loops: (16-row tile, 8-row tile) for the
+#: forward and backward-input kernels, one loop for the weight gradient.  NVRTC 13 for sm_90 gives
+#: 405/256, 516/256 (forward), 411/256, 268/128 (backward-input) and 451/256: the bounds leave
+#: ~2% for other compilers and fail the per-element LDC.64 + IADD3 of a gather base rebuilt from
+#: the parameter bank (kernels/opaque.cuh), which cost 425/256, 552/256, 428/256 and 278/128.
+#: Issue 25's fix 6: 1.66 in the forward's 16-row loop when it was filed.
+FFMA_BOUNDS = {"conv_forward": (1.63, 2.10), "conv_backward_input": (1.65, 2.14),
+               "conv_backward_weight_partial": (1.80,)}
 MAX_LDG_PER_FFMA = 0.25
 SMEM_BUDGET = 48 * 1024
 
@@ -262,12 +268,14 @@ def test_conv_kernels_meet_the_sass_bounds(conv_reports, filename):
         assert len(f["fma_loops"]) == (2 if two_tiles else 1), (kernel, f["fma_loops"])
         if kernel.endswith("_f64"):
             continue                                        # the bounds are for float32
-        per_ffma = [loop["instructions_per_ffma"] for loop in f["fma_loops"]]
-        # The 16-row tile's loop meets the bound; the forward's 8-row loop gathers 8 rows per
-        # thread and may take up to MAX_INSTRUCTIONS_PER_FFMA_8ROW -- at 6 channels still 0.65x
-        # the instructions per useful FMA of a 16-row tile, 10 of whose rows would be zeros.
-        assert min(per_ffma) <= MAX_INSTRUCTIONS_PER_FFMA, (kernel, per_ffma)
-        assert max(per_ffma) <= MAX_INSTRUCTIONS_PER_FFMA_8ROW, (kernel, per_ffma)
+        # The 16-row tile's loop is the cheaper; the 8-row loop gathers twice the rows per thread
+        # per FMA -- at 6 channels still ~0.7x the instructions per useful FMA of a 16-row tile,
+        # 10 of whose rows would be zeros.
+        per_ffma = sorted(loop["instructions_per_ffma"] for loop in f["fma_loops"])
+        bounds = FFMA_BOUNDS[kernel]
+        assert len(per_ffma) == len(bounds), (kernel, per_ffma)
+        for got, bound in zip(per_ffma, bounds):
+            assert got <= bound, (kernel, per_ffma, bounds)
         for loop in f["fma_loops"]:
             assert loop["ldg_per_ffma"] <= MAX_LDG_PER_FFMA, (kernel, loop)
 
@@ -277,13 +285,16 @@ def test_weight_staging_keeps_loads_in_flight(conv_reports, filename):
     """Issue 25, SIMT fix 1: the W chunk was staged load -> store -> branch, one L2 round trip per
     element (80 serial round trips per block in lenet5's conv2 forward).  Each thread now issues a
     row's loads (16, or 8 for 8-row tiles) before its stores: at least 8 in flight in every staging
-    loop, registers within what the kernels had (float32: <= 88, as measured by ncu in run 2)."""
+    loop, and registers bounded: float32 <= 96 (88 as ncu measured in run 2; conv_forward's four
+    gather base pointers, kernels/opaque.cuh, took it from 80 to 96 -- 10 blocks of 64 threads per
+    SM by registers instead of 12, where shared memory allows 13: enough warps for a loop of 16
+    independent FMA chains per thread, whose issue slots fix 6 cut by 5%)."""
     for kernel, f in conv_reports[filename].items():
         staging = [lp for lp in f["staging_loops"] if lp["ldg"] >= 1]
         assert len(staging) == 2, (kernel, f["staging_loops"])      # 16-row and 8-row tiles
         assert min(lp["ldg_before_sts"] for lp in staging) >= 8, (kernel, staging)
         if not kernel.endswith("_f64"):
-            assert f["registers"] <= 88, (kernel, f["registers"])
+            assert f["registers"] <= 96, (kernel, f["registers"])
 
 
 @pytest.mark.parametrize("kernel", ["dense_forward", "gemm_nt", "gemm_tn"])
