@@ -247,11 +247,6 @@ def _operand(a, mode):
     return np.asarray(a if mode in ("fp32", "3xtf32") else precision.round_operand(a, mode), np.float64)
 
 
-def _skip_fp16_kernels(backend, mode):
-    if backend.kernels and mode == "fp16":
-        pytest.skip("fp16 GEMMs on CUDA wait for the tensor-core kernels (RunOptions refuses fp16 on cuda)")
-
-
 def _torch_conv(x, W, b, dz, stride, padding, mode):
     """float64 torch: y, dx, dW from the rounded operands; db the sum of the rounded dz (the GEMM's ones row)."""
     torch = pytest.importorskip("torch")
@@ -274,7 +269,6 @@ def _close(got, want, what, rtol=1e-5):
 
 @pytest.mark.parametrize("mode", ["tf32", "bf16", "3xtf32", "fp16"])
 def test_conv_in_each_mode_matches_float64_of_the_rounded_operands(backend, mode):
-    _skip_fp16_kernels(backend, mode)
     rng = np.random.default_rng(4)
     C, O, H, N, k, stride, padding = 3, 5, 9, 7, 3, (2, 1), (1, 0)
     x = rng.standard_normal((C, H, H + 1, N)).astype(np.float32)
@@ -296,7 +290,6 @@ def test_conv_in_each_mode_matches_float64_of_the_rounded_operands(backend, mode
 
 @pytest.mark.parametrize("mode", ["tf32", "bf16", "3xtf32", "fp16"])
 def test_dense_in_each_mode_matches_float64_of_the_rounded_operands(backend, mode):
-    _skip_fp16_kernels(backend, mode)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((37, 11)).astype(np.float32)
     W = rng.standard_normal((13, 37)).astype(np.float32)
