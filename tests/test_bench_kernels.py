@@ -156,6 +156,18 @@ def test_the_input_gradient_is_what_input_grad_adds():
     assert kinds["fp32", "dense1 bwd-input"] == [] and rows["fp32", "dense1 bwd-input"]["fused"]
     assert kinds["fp32", "dense1 bwd-weight"] == ["dense_backward"]
     assert rows["fp32", "dense1 bwd-input"]["predicted_us"] > 0          # the dx blocks' share
+    assert "below 0" not in rows["fp32", "dense1 bwd-input"]["fused"]
+
+
+def test_a_fused_row_predicted_below_zero_says_why():
+    """At batch 1024 dense3's dx blocks fill more SMs than dW's alone, so the model predicts the launch
+    with dx faster than without: the difference is negative, and the row's note says what it means."""
+    rows = {r["label"]: r for r in _collect(batches=(1024,))}
+    dx = rows["dense3 bwd-input"]
+    assert dx["predicted_us"] < 0 and "predicted below 0" in dx["fused"]
+    assert dx["predicted_us"] + rows["dense3 bwd-weight"]["predicted_us"] > 0
+    lines = kernels.format_table(list(rows.values()), "lenet5", 1024, "fp32")
+    assert any(line.startswith("  dense3 bwd-input: fused:") and "below 0" in line for line in lines)
 
 
 def test_predictions_come_from_the_launch_records_static_uses():

@@ -514,6 +514,9 @@ def _gemm_rows(g: Gemm, batch: int, mode: str, data: dict, device: str, clock, r
             more, base = ([launch.describe(loops)["model"] for launch in calls] for calls in fused[op])
             if all(f is not None for f in more + base):
                 row["predicted_us"] = sum(f["predicted_us"] for f in more) - sum(f["predicted_us"] for f in base)
+                if row["predicted_us"] < 0:
+                    row["fused"] += ("; predicted below 0: the dx blocks widen the launch's grid, which the model "
+                                     "spreads the same work over; only the two rows' sum is a launch's")
         elif figures and all(f is not None for f in figures):
             row["predicted_us"] = sum(f["predicted_us"] for f in figures)
         if reference is not None:                        # correctness first, then PyTorch's time
