@@ -84,8 +84,12 @@
 // only when SH divides h + PH - u).  So a staged element is one broadcast
 // shared-memory read, one AND ((out & bits) == 0: inside) and one load of
 // base + offset; k past the slab carries bit 31 (never a window bit), a row
-// past the matrix out = ~0: zeros.  IM2COL_T keeps its own table of the
-// block's BM taps (m), built once.
+// past the matrix out = ~0: zeros.  IM2COL_T is the same element with the
+// roles turned: its table holds the block's BM taps (m), (offset, bits),
+// built once; a stage's k are the im2col columns, each decomposed once per
+// stage into its base pointer and "out" (a column past the slab: ~0).  Its
+// ones row (and any row past it) has bit 31, so it loads nothing: the thread
+// that stores that row's word overwrites it with 1 (0 past the slab).
 //
 // Launch shape: block (128, 1, 1); grid (ceil(M / BM), ceil(Nn / BN), S),
 // S = ceil(K / k_slab) (1 without split-K); k_slab a positive multiple of 32.
@@ -94,10 +98,10 @@
 // 1,536 (conv_dgrad: ktab, wtab), 2 * BM (conv_wgrad): at most 45,312 bytes
 // (3xtf32 conv_dgrad n8), under the 48 KiB of static shared memory.
 // Preconditions (checked by gpucnn/cuda/gemm_tc.py): sm_80 or later; every
-// index and offset fits int32, for conv forward and backward-input also the
-// offsets of x and dz widened by the padding and the window (a thread's and a
-// tap's parts are formed apart); KH + KW <= 31 (TC_MAX_WINDOW) for conv
-// forward and backward-input; out / zout alias no input.  Deterministic: a
+// index and offset fits int32, for the conv GEMMs also the offsets of x and
+// dz widened by the padding and the window (a thread's and a tap's parts are
+// formed apart); KH + KW <= 31 (TC_MAX_WINDOW) for the conv GEMMs; out / zout
+// alias no input.  Deterministic: a
 // launch's sums depend on the shapes only.
 // ---------------------------------------------------------------------------
 #ifndef GPUCNN_GEMM_TC_CUH
@@ -110,7 +114,6 @@
 #define TC_THREADS 128
 #define TC_BK 32
 #define TC_PAD 4
-#define TC_NO_COL (-0x40000000)   // an im2col row offset no tap brings back inside
 #define TC_TAB 512                  // k entries of the per-block tap tables (a multiple of TC_BK)
 #define TC_MAX_WINDOW 31            // KH + KW at most: a tap's mask has bits KW + u and v (below)
 
@@ -306,29 +309,39 @@ __device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float
                 r[s][e] = w >= 0 ? __ldg(pf + w) : 0.0f;
             }
     } else {                                           // OP_IM2COL_T, k fast: the column per stage
-        int h0[EPW], w0[EPW], off[EPW];           // h0 = TC_NO_COL past the slab: nothing loads
+        // Per stage: each of the thread's EPW columns decomposed once (its "out" mask and base pointer,
+        // as IM2COL's per thread); per element: one broadcast table read, one mask test, one load.
+        // A column past the slab: out = ~0u, zeros.  The ones row loads nothing (bit 31): the store
+        // writes it (ones_word).
+        unsigned int out[EPW];
+        const float* pc[EPW];
 #pragma unroll
         for (int e = 0; e < EPW; ++e) {
             const int col = k0 + EPW * f.row + e;
-            const int q = col / g.N, ow = q % g.OW, oh = q / g.OW;
-            h0[e] = col < k_end ? oh * g.SH - g.PH : TC_NO_COL;
-            w0[e] = ow * g.SW - g.PW;
-            off[e] = (h0[e] * g.W + w0[e]) * g.N + (col - q * g.N);
+            const int q = col / g.N, ow = q % g.OW;
+            const int h0 = (q / g.OW) * g.SH - g.PH, w0 = ow * g.SW - g.PW;
+            out[e] = col < k_end ? ~(window_bits(-h0, min(g.KH, g.H - h0)) << g.KW |
+                                     window_bits(-w0, min(g.KW, g.W - w0)))
+                                 : ~0u;
+            pc[e] = opaque(p + (col < k_end ? (h0 * g.W + w0) * g.N + (col - q * g.N) : 0));
         }
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s) {
-            const int2 t = tab[f.first + s * (TC_THREADS / WORDS)];   // (tap offset, u << 16 | v)
-            const int u = t.y >> 16, v = t.y & 0xffff;
+            const int2 t = tab[f.first + s * (TC_THREADS / WORDS)];   // (tap offset, tap mask)
 #pragma unroll
-            for (int e = 0; e < EPW; ++e) {
-                float x = 0.0f;
-                if (t.y == -1) x = h0[e] != TC_NO_COL ? 1.0f : 0.0f;           // the ones row
-                else if (t.y >= 0 && (unsigned)(h0[e] + u) < (unsigned)g.H && (unsigned)(w0[e] + v) < (unsigned)g.W)
-                    x = p[t.x + off[e]];
-                r[s][e] = x;
-            }
+            for (int e = 0; e < EPW; ++e)
+                r[s][e] = (out[e] & (unsigned int)t.y) == 0u ? __ldg(pc[e] + t.x) : 0.0f;
         }
     }
+}
+
+// IM2COL_T's ones row (the bias's row of the weight gradient, tap C*KH*KW) as one shared-memory word of
+// the stage whose first k is k0: 1 for each of its columns inside the slab, 0 past it.
+template <int MODE, int EPW>
+__device__ __forceinline__ unsigned int ones_word(int k0, int word, int k_end)
+{
+    const int col = k0 + EPW * word;
+    return to_word<MODE>(col < k_end ? 1.0f : 0.0f, col + EPW - 1 < k_end ? 1.0f : 0.0f);
 }
 
 template <int MODE, int P_KIND, int Q_KIND, int WARPS_M, int WARPS_N, int FM, int FN>
@@ -364,13 +377,19 @@ __device__ __forceinline__ void gemm_tc(
     Fixed fp, fq;
     fixed_part<P_KIND, BM, WORDS>(fp, tid, p_rows, m0, M, g);
     fixed_part<Q_KIND, BN, WORDS>(fq, tid, q_rows, n0, Nn, g);
+    // IM2COL_T: the block's taps, (offset in x, mask bits KW + u and v); the ones row and the rows past
+    // it (0, bit 31): nothing loads.  ones_row: the ones row's row in the tile if this thread stores it.
+    int ones_row = -1;
     if (P_KIND == OP_IM2COL_T) {
-        if (tid < BM) {                                // (tap offset in x, u << 16 | v); -1: ones; -2: none
-            const int tap = m0 + tid, kc = g.C * g.KH * g.KW;
+        const int kc = g.C * g.KH * g.KW;
+        if (tid < BM) {
+            const int tap = m0 + tid;
             const Tap t = tap_of(tap, g);
-            tab[tid] = tap < kc ? make_int2(((t.c * g.H + t.u) * g.W + t.v) * g.N, (t.u << 16) | t.v)
-                                : make_int2(0, tap == kc ? -1 : -2);
+            tab[tid] = tap < kc ? make_int2(((t.c * g.H + t.u) * g.W + t.v) * g.N, (1 << (g.KW + t.u)) | (1 << t.v))
+                                : make_int2(0, (int)0x80000000u);
         }
+        const int r1 = kc - m0;
+        if (r1 >= 0 && r1 < BM && r1 >= fp.first && (r1 - fp.first) % (TC_THREADS / WORDS) == 0) ones_row = r1;
         __syncthreads();
     }
 
@@ -389,7 +408,7 @@ __device__ __forceinline__ void gemm_tc(
         load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, q_rows, fq, n0, Nn, k0, k_end, tab,
                                                       ktab, wtab, kt, g);
     };
-    auto store = [&]() {
+    auto store = [&](int k0) {
 #pragma unroll
         for (int s = 0; s < P_SLOTS; ++s) {
             const int row = p_rows ? fp.row : fp.first + s * (TC_THREADS / WORDS);
@@ -397,6 +416,10 @@ __device__ __forceinline__ void gemm_tc(
             const unsigned int hi = to_word<MODE>(pr[s][0], pr[s][EPW - 1]);
             Ps[0][row][word] = hi;
             if (SPLIT == 2) Ps[SPLIT - 1][row][word] = tf32_bits(pr[s][0] - __uint_as_float(hi));
+        }
+        if (P_KIND == OP_IM2COL_T && ones_row >= 0) {   // after this thread's own store of that word
+            Ps[0][ones_row][fp.row] = ones_word<MODE, EPW>(k0, fp.row, k_end);
+            if (SPLIT == 2) Ps[SPLIT - 1][ones_row][fp.row] = 0u;
         }
 #pragma unroll
         for (int s = 0; s < Q_SLOTS; ++s) {
@@ -412,7 +435,7 @@ __device__ __forceinline__ void gemm_tc(
     auto stages = [&](int c0, int c1) {
         load(c0, 0);
         for (int k0 = c0; k0 < c1; k0 += TC_BK) {
-            store();
+            store(k0);
             __syncthreads();
             if (k0 + TC_BK < c1) load(k0 + TC_BK, k0 + TC_BK - c0);
 #pragma unroll

@@ -93,7 +93,8 @@ def test_conv_gemms(kernels, mode, shape):
 
 def test_the_widest_window_the_tap_mask_holds_and_more_than_one_table_chunk(kernels):
     """KH + KW = 31 (a tap's bits KW + u and v reach bit 30 of the mask; bit 31 marks a k past the
-    slab), with strides and padding; and reductions over two chunks of the tap table (K > 512)."""
+    slab, and the weight gradient's ones row), with strides and padding; and reductions over two
+    chunks of the tap table (K > 512), whose weight gradient spans several row blocks."""
     for C, O, H, Wd, N, kh, kw, stride, padding in [(2, 3, 17, 18, 2, 15, 16, (1, 2), (1, 2)),
                                                    (60, 6, 5, 4, 2, 3, 3, (1, 1), (1, 1)),
                                                    (4, 64, 7, 7, 2, 3, 3, (2, 2), (1, 1))]:
@@ -102,11 +103,32 @@ def test_the_widest_window_the_tap_mask_holds_and_more_than_one_table_chunk(kern
         W = rng.standard_normal((O, C, kh, kw)).astype(np.float32)
         y, _ = gemm_tc.conv_forward(kernels.put(x), kernels.put(W), None, stride, padding, mode="tf32")
         dz = rng.standard_normal(y.shape).astype(np.float32)
-        y_ref, dx_ref, _ = _conv_ref(_rounded(x, "tf32"), _rounded(W, "tf32"), None, _rounded(dz, "tf32"),
-                                     stride, padding)
+        y_ref, dx_ref, dW_ref = _conv_ref(_rounded(x, "tf32"), _rounded(W, "tf32"), None, _rounded(dz, "tf32"),
+                                          stride, padding)
         _close(kernels.get(y), y_ref, f"y {kh}x{kw}", "tf32")
         dx = gemm_tc.conv_backward_input(kernels.put(dz), kernels.put(W), x.shape, stride, padding, mode="tf32")
         _close(kernels.get(dx), dx_ref, f"dx {kh}x{kw}", "tf32")
+        dW, db = gemm_tc.conv_backward_weight(kernels.put(x), kernels.put(dz), W.shape, stride, padding,
+                                              mode="tf32")
+        _close(kernels.get(dW), dW_ref, f"dW {kh}x{kw}", "tf32")
+        _close(kernels.get(db), _rounded(dz, "tf32").sum(axis=(1, 2, 3)), f"db {kh}x{kw}", "tf32")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("C, O, k", [(7, 13, 3), (127, 6, 1)], ids=["n64-K63", "n8-K127"])
+def test_the_bias_ones_row_as_a_tiles_last_row(kernels, mode, C, O, k):
+    """K = C*k*k = BM - 1: the weight gradient's ones row (db) is the last row of its tile, stored by
+    the threads of the last row slot (kernels/gemm_tc.cuh, ones_row)."""
+    from gpucnn.cuda.gemm_tc import TILES
+    assert C * k * k + 1 == TILES["n64" if O > 8 else "n8"][0]
+    rng = np.random.default_rng(C + O)
+    x = rng.standard_normal((C, 6, 6, 3)).astype(np.float32)
+    dz = rng.standard_normal((O, 6, 6, 3)).astype(np.float32)
+    pad = (k // 2, k // 2)
+    dW, db = gemm_tc.conv_backward_weight(kernels.put(x), kernels.put(dz), (O, C, k, k), 1, pad, mode=mode)
+    _, _, dW_ref = _conv_ref(_rounded(x, mode), np.zeros((O, C, k, k)), None, _rounded(dz, mode), 1, pad)
+    _close(kernels.get(dW), dW_ref, "dW", mode)
+    _close(kernels.get(db), _rounded(dz, mode).sum(axis=(1, 2, 3)), "db", mode)
 
 
 def test_the_weight_gradient_splits_into_slabs_and_sums_them_all(kernels):
@@ -170,6 +192,10 @@ def test_refusals_name_the_bad_value(kernels):
     with pytest.raises(ValueError, match=r"KH \+ KW must be at most 31; got a 16x16 kernel"):
         gemm_tc.conv_backward_input(kernels.put(np.ones((1, 5, 5, 1), np.float32)), big, (1, 20, 20, 1), 1, 0,
                                     mode="bf16")
+    with pytest.raises(ValueError, match=r"conv_backward_weight: .*KH \+ KW must be at most 31; got a 16x16"):
+        gemm_tc.conv_backward_weight(kernels.put(np.ones((1, 20, 20, 1), np.float32)),
+                                     kernels.put(np.ones((1, 5, 5, 1), np.float32)), (1, 1, 16, 16), 1, 0,
+                                     mode="tf32")
 
 
 def test_the_host_limits_are_the_kernels():

@@ -64,7 +64,8 @@ _GRID_YZ_MAX = 65535
 _INT32_MAX = 2**31 - 1
 _FLAGS_BIAS, _FLAGS_Z = 1, 2
 _OP_NOTHING = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)   # the geometry of a dense GEMM (unused)
-#: KH + KW at most for conv forward and backward-input: a window tap is two bits of a 32-bit mask
+#: KH + KW at most for the conv GEMMs (forward, backward-input, backward-weight): a window tap is two
+#: bits of a 32-bit mask
 #: (kernels/gemm_tc.cuh, TC_MAX_WINDOW)
 MAX_WINDOW = 31
 
@@ -142,7 +143,7 @@ def _geometry(func, x_shape, w_shape, stride, padding):
 
 
 def _check_taps(func, g) -> None:
-    """Refuse what the tap tables of conv forward and backward-input cannot hold: a window with
+    """Refuse what the conv GEMMs' tap tables and masks cannot hold: a window with
     KH + KW > :data:`MAX_WINDOW`, or offsets into x or dz, padding and window overhang included,
     past int32 (a thread's and a tap's part of an offset are formed apart)."""
     C, H, Wd, N, O, KH, KW, OH, OW, SH, SW, PH, PW = g
@@ -277,6 +278,7 @@ def conv_backward_weight(x, dz, w_shape, stride, padding, *, mode, dW_out=None, 
     C, H, Wd, N, O, KH, KW, OH, OW = g[:9]
     if tuple(dz.shape) != (O, OH, OW, N):
         raise ValueError(f"{func}: dz has shape {tuple(dz.shape)}, expected {(O, OH, OW, N)}")
+    _check_taps(func, g)
     _contiguous(func, x=x, dz=dz)
     if not has_bias and db_out is not None:
         raise ValueError(f"{func}: db_out given but has_bias is false")
