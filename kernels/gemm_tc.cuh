@@ -10,9 +10,10 @@
 //       out_z, p_s0, p_s1, q_s0, q_s1, act, flags, C, H, W, N, O, KH, KW, OH,
 //       OW, SH, SW, PH, PW)
 //
-// gemm: conv_fwd (P IM2COL, Q STRIDED), conv_dgrad (P GATHER, Q WTAP),
-// conv_wgrad (P IM2COL_T, Q STRIDED), dense (both STRIDED; the geometry
-// arguments are unused); tile: n8, n64 (below).
+// gemm: conv_fwd (P IM2COL, Q STRIDED_K), conv_dgrad (P GATHER, Q WTAP),
+// conv_wgrad (P IM2COL_T, Q STRIDED_K), dense_fwd (P STRIDED, Q STRIDED_K),
+// dense_wgrad (both STRIDED_K), dense_dgrad (both STRIDED) -- the dense
+// GEMMs leave the geometry arguments unused; tile: n8, n64 (below).
 //
 // ---------------------------------------------------------------------------
 // Formula.  For m < M, n < Nn, with k over [k0, k1) = the block's K slab:
@@ -29,7 +30,8 @@
 // the contiguous one.  P and Q are read through an operand kind, element
 // (i, j) for P (m, k) and for Q (k, n), 0 past the matrix:
 //
-//   OP_STRIDED  p[i*s0 + j*s1]
+//   OP_STRIDED  p[i*s0 + j*s1], staged along the tile's rows (for s0 == 1)
+//   OP_STRIDED_K the same element, staged along k (for s1 == 1 in P, s0 in Q)
 //   OP_IM2COL   P[col, tap]: x[c, oh*SH-PH+u, ow*SW-PW+v, n] (0 in the zero
 //               padding), col = (oh*OW + ow)*N + n, tap = (c*KH + u)*KW + v
 //   OP_IM2COL_T P[tap, col]: the same element, and 1 for tap = C*KH*KW (the
@@ -43,10 +45,12 @@
 //               nobody stores read it)
 //
 // The GEMMs of gpucnn (C, H, W, N, O, KH, ... the conv geometry):
-//   conv forward     P = x  (IM2COL)   Q = W (STRIDED s0 1, s1 K)  M = OH*OW*N, Nn = O
+//   conv forward     P = x  (IM2COL)   Q = W (STRIDED_K s0 1, s1 K)  M = OH*OW*N, Nn = O
 //   conv bwd-input   P = dz (GATHER)   Q = W (WTAP)           M = H*W*N,   Nn = C
-//   conv bwd-weight  P = x  (IM2COL_T) Q = dz (STRIDED 1, OH*OW*N)  M = K+1,  Nn = O, split-K
-//   dense forward    P = x^T, Q = W^T;  dW: P = x, Q = dz^T;  dx: P = dz^T, Q = W
+//   conv bwd-weight  P = x  (IM2COL_T) Q = dz (STRIDED_K 1, OH*OW*N)  M = K+1,  Nn = O, split-K
+//   dense forward    P = x^T (STRIDED), Q = W^T (STRIDED_K);  dW: P = x, Q = dz^T (both
+//                    STRIDED_K);  dx: P = dz^T, Q = W (both STRIDED)
+// A STRIDED kind's orientation changes only which loads coalesce, never the result.
 //
 // Rounding (rounding.cuh): operands are rounded while they are staged into
 // shared memory -- tf32: tf32_bits (nearest even); 3xtf32: hi = tf32(e),
@@ -122,6 +126,7 @@
 #define OP_IM2COL_T 2
 #define OP_GATHER 3
 #define OP_WTAP 4
+#define OP_STRIDED_K 5
 
 #define MODE_TF32 0
 #define MODE_3XTF32 1
@@ -168,12 +173,12 @@ __device__ __forceinline__ void mma(float d[4], const unsigned int a[4], const u
 // derives from the fixed index (an im2col column, a gather position) is computed once per
 // kernel or once per stage, not per element.
 // STRIDED operands are passed as (stride along the tile's rows, stride along k): P (m, k) as
-// (s0, s1), Q (k, n) as (s1, s0); they stage along whichever is contiguous.
+// (s0, s1), Q (k, n) as (s1, s0); STRIDED stages along the rows, STRIDED_K along k, chosen at
+// compile time per entry point so that the main loop holds one staging path, not two.
 template <int KIND>
-__device__ __forceinline__ bool rows_fast(int row_stride)
+__device__ __forceinline__ constexpr bool rows_fast()
 {
-    if (KIND == OP_STRIDED) return row_stride == 1;
-    return KIND == OP_IM2COL || KIND == OP_GATHER || KIND == OP_WTAP;
+    return KIND == OP_STRIDED || KIND == OP_IM2COL || KIND == OP_GATHER || KIND == OP_WTAP;
 }
 
 // The fixed part of one thread's staging of one operand (set up once per kernel).
@@ -274,11 +279,12 @@ __device__ __forceinline__ void build_taps(int2* ktab, int* wtab, int c0, int c1
 // tab: IM2COL_T's per-block tap table.
 template <int KIND, int ROWS, int WORDS, int EPW, int SLOTS>
 __device__ __forceinline__ void load_operand(float (&r)[SLOTS][EPW], const float* __restrict__ p, int s0, int s1,
-                                             bool row_fast, const Fixed& f, int base, int nrows, int k0,
+                                             const Fixed& f, int base, int nrows, int k0,
                                              int k_end, const int2* tab, const int2* ktab, const int* wtab,
                                              int kt, const ConvGeom& g)
 {
-    if (KIND == OP_STRIDED) {                          // p[i*s0 + j*s1]; base = the block's first row
+    constexpr bool row_fast = rows_fast<KIND>();
+    if (KIND == OP_STRIDED || KIND == OP_STRIDED_K) {  // p[i*s0 + j*s1]; base = the block's first row
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s)
 #pragma unroll
@@ -373,7 +379,7 @@ __device__ __forceinline__ void gemm_tc(
     const int wm = (warp % WARPS_M) * 16 * FM, wn = (warp / WARPS_M) * 8 * FN;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int k_begin = blockIdx.z * k_slab, k_end = min(K, k_begin + k_slab);
-    const bool p_rows = rows_fast<P_KIND>(p_s0), q_rows = rows_fast<Q_KIND>(q_s1);
+    constexpr bool p_rows = rows_fast<P_KIND>(), q_rows = rows_fast<Q_KIND>();
     Fixed fp, fq;
     fixed_part<P_KIND, BM, WORDS>(fp, tid, p_rows, m0, M, g);
     fixed_part<Q_KIND, BN, WORDS>(fq, tid, q_rows, n0, Nn, g);
@@ -403,9 +409,9 @@ __device__ __forceinline__ void gemm_tc(
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
     auto load = [&](int k0, int kt) {
-        load_operand<P_KIND, BM, WORDS, EPW, P_SLOTS>(pr, P, p_s0, p_s1, p_rows, fp, m0, M, k0, k_end, tab,
+        load_operand<P_KIND, BM, WORDS, EPW, P_SLOTS>(pr, P, p_s0, p_s1, fp, m0, M, k0, k_end, tab,
                                                       ktab, wtab, kt, g);
-        load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, q_rows, fq, n0, Nn, k0, k_end, tab,
+        load_operand<Q_KIND, BN, WORDS, EPW, Q_SLOTS>(qr, Q, q_s1, q_s0, fq, n0, Nn, k0, k_end, tab,
                                                       ktab, wtab, kt, g);
     };
     auto store = [&](int k0) {

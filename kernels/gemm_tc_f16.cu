@@ -12,7 +12,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_conv_fwd_n8
     int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
     int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
 {
-    gemm_tc<MODE_F16, OP_IM2COL, OP_STRIDED, 4, 1, 2, 1>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
+    gemm_tc<MODE_F16, OP_IM2COL, OP_STRIDED_K, 4, 1, 2, 1>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
                                           act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
 }
 
@@ -22,7 +22,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_conv_fwd_n6
     int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
     int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
 {
-    gemm_tc<MODE_F16, OP_IM2COL, OP_STRIDED, 2, 2, 2, 4>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
+    gemm_tc<MODE_F16, OP_IM2COL, OP_STRIDED_K, 2, 2, 2, 4>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
                                           act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
 }
 
@@ -52,7 +52,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_conv_wgrad_
     int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
     int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
 {
-    gemm_tc<MODE_F16, OP_IM2COL_T, OP_STRIDED, 4, 1, 2, 1>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
+    gemm_tc<MODE_F16, OP_IM2COL_T, OP_STRIDED_K, 4, 1, 2, 1>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
                                           act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
 }
 
@@ -62,11 +62,51 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_conv_wgrad_
     int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
     int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
 {
-    gemm_tc<MODE_F16, OP_IM2COL_T, OP_STRIDED, 2, 2, 2, 4>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
+    gemm_tc<MODE_F16, OP_IM2COL_T, OP_STRIDED_K, 2, 2, 2, 4>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
                                           act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_dense_n8(
+extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_dense_fwd_n8(
+    const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
+    float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
+    int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
+    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
+{
+    gemm_tc<MODE_F16, OP_STRIDED, OP_STRIDED_K, 4, 1, 2, 1>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
+                                          act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_dense_fwd_n64(
+    const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
+    float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
+    int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
+    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
+{
+    gemm_tc<MODE_F16, OP_STRIDED, OP_STRIDED_K, 2, 2, 2, 4>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
+                                          act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_dense_wgrad_n8(
+    const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
+    float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
+    int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
+    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
+{
+    gemm_tc<MODE_F16, OP_STRIDED_K, OP_STRIDED_K, 4, 1, 2, 1>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
+                                          act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_dense_wgrad_n64(
+    const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
+    float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
+    int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
+    int C, int H, int W, int N, int O, int KH, int KW, int OH, int OW, int SH, int SW, int PH, int PW)
+{
+    gemm_tc<MODE_F16, OP_STRIDED_K, OP_STRIDED_K, 2, 2, 2, 4>(P, Q, bias, out, zout, M, Nn, K, k_slab, ldo, out_z, p_s0, p_s1, q_s0, q_s1,
+                                          act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_dense_dgrad_n8(
     const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
     float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
     int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,
@@ -76,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_dense_n8(
                                           act, flags, ConvGeom{C, H, W, N, O, KH, KW, OH, OW, SH, SW, PH, PW});
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_dense_n64(
+extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_f16_dense_dgrad_n64(
     const float* __restrict__ P, const float* __restrict__ Q, const float* __restrict__ bias,
     float* __restrict__ out, float* __restrict__ zout, int M, int Nn, int K, int k_slab, int ldo, int out_z,
     int p_s0, int p_s1, int q_s0, int q_s1, int act, int flags,

@@ -151,7 +151,7 @@ def test_the_input_gradient_is_what_input_grad_adds():
     # tf32: the tensor-core GEMMs, which round as they load (the weight gradient keeps the reduce)
     assert kinds["tf32", "conv2 bwd-input"] == ["gemm_tc_tf32_conv_dgrad_n8"]
     assert kinds["tf32", "conv2 bwd-weight"] == ["gemm_tc_tf32_conv_wgrad_n64", "conv_backward_weight_reduce"]
-    assert kinds["tf32", "dense1 fwd"] == ["gemm_tc_tf32_dense_n64"]
+    assert kinds["tf32", "dense1 fwd"] == ["gemm_tc_tf32_dense_fwd_n64"]
     # fp32 dense: one launch for dW, db and dx; the input gradient has none of its own
     assert kinds["fp32", "dense1 bwd-input"] == [] and rows["fp32", "dense1 bwd-input"]["fused"]
     assert kinds["fp32", "dense1 bwd-weight"] == ["dense_backward"]

@@ -393,16 +393,18 @@ def test_pool_max_backward_divides_at_most_twice_per_thread():
 #: mode tag -> (the HMMA opcode its mma.sync becomes on sm_90, k of one HMMA, HMMAs per product)
 TC_HMMA = {"tf32": ("HMMA.1688.F32.TF32", 8, 1), "3xtf32": ("HMMA.1688.F32.TF32", 8, 3),
            "bf16": ("HMMA.16816.F32.BF16", 16, 1), "f16": ("HMMA.16816.F32", 16, 1)}
-TC_GEMMS = ("conv_fwd", "conv_dgrad", "conv_wgrad", "dense")
+TC_GEMMS = ("conv_fwd", "conv_dgrad", "conv_wgrad", "dense_fwd", "dense_wgrad", "dense_dgrad")
 #: Main-loop instructions per 16x8x8 multiply-add (an m16n8k16 HMMA counts as two), per GEMM and
 #: tile, the most of the four modes under NVRTC 13 (tf32 each time) plus ~15%: room for another
 #: compiler's scheduling, not for the index maths coming back into the loop.  The conv GEMMs stage
-#: through tap tables and masks: forward 73 at n8, 28 at n64 (153 and 44 before), backward-input 66
-#: and 17 (265, 72), backward-weight 81 and 31 (144, 38: a bounds test per element and a divide per
-#: column and stage); dense (152, 38) does not.
-TC_MAX_INSTRUCTIONS_PER_K8 = {("conv_fwd", "n8"): 84, ("conv_dgrad", "n8"): 76, ("conv_wgrad", "n8"): 93,
-                              ("dense", "n8"): 175, ("conv_fwd", "n64"): 32, ("conv_dgrad", "n64"): 20,
-                              ("conv_wgrad", "n64"): 36, ("dense", "n64"): 44}
+#: through tap tables and masks: forward 66 at n8, 21 at n64 (153 and 44 before), backward-input 66
+#: and 17 (265, 72), backward-weight 79 and 23 (144, 38).  A strided operand's orientation is fixed
+#: per entry point (STRIDED / STRIDED_K), so the loop holds one staging path: the dense GEMMs take
+#: 77-83 and 19-20, where one entry point with a run-time choice compiled both (152 and 38).
+TC_MAX_INSTRUCTIONS_PER_K8 = {("conv_fwd", "n8"): 76, ("conv_dgrad", "n8"): 76, ("conv_wgrad", "n8"): 91,
+                              ("dense_fwd", "n8"): 94, ("dense_wgrad", "n8"): 89, ("dense_dgrad", "n8"): 95,
+                              ("conv_fwd", "n64"): 24, ("conv_dgrad", "n64"): 20, ("conv_wgrad", "n64"): 26,
+                              ("dense_fwd", "n64"): 22, ("dense_wgrad", "n64"): 22, ("dense_dgrad", "n64"): 23}
 TC_MAX_REGISTERS = 168          # 128 threads a block: at most 3 blocks per SM at 168
 
 

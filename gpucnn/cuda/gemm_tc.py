@@ -314,7 +314,7 @@ def _mat(func, name, a):
 def dense_forward(x, W, b, act=None, *, mode, y_out=None, z_out=None, write_z=None):
     """``y = act(W @ x + b)`` (and ``z``) for x (Fin, N), W (Fout, Fin), in ``mode``.
 
-    ONE launch of ``gemm_tc_<mode>_dense_<tile>``, grid (ceil(N / BM), ceil(Fout / BN)).
+    ONE launch of ``gemm_tc_<mode>_dense_fwd_<tile>``, grid (ceil(N / BM), ceil(Fout / BN)).
     """
     func = "dense_forward"
     check_device(func, mode, x, W, b)
@@ -333,13 +333,14 @@ def dense_forward(x, W, b, act=None, *, mode, y_out=None, z_out=None, write_z=No
     y = _out(func, "y_out", y_out, (Fout, N), xp)
     z = _out(func, "z_out", z_out, (Fout, N), xp) if write_z else None
     flags = (_FLAGS_BIAS if b is not None else 0) | (_FLAGS_Z if write_z else 0)
-    _launch(mode, "dense", x, W, W if b is None else b, y, y if z is None else z, N, Fout, Fin, _k_all(Fin), N, 0,
+    _launch(mode, "dense_fwd", x, W, W if b is None else b, y, y if z is None else z, N, Fout, Fin, _k_all(Fin), N, 0,
             (1, N), (1, Fin), ACTIVATIONS[act], flags, _OP_NOTHING)
     return y, z
 
 
 def dense_weight_grad(dz, x, *, mode, out=None):
-    """``dW = dz @ x^T`` (Fout, Fin) in ``mode``: ONE launch, grid (ceil(Fin / BM), ceil(Fout / BN))."""
+    """``dW = dz @ x^T`` (Fout, Fin) in ``mode``: ONE launch of ``gemm_tc_<mode>_dense_wgrad_<tile>``,
+    grid (ceil(Fin / BM), ceil(Fout / BN))."""
     func = "dense_weight_grad"
     check_device(func, mode, dz, x)
     xp = get_array_module(dz, x)
@@ -349,12 +350,13 @@ def dense_weight_grad(dz, x, *, mode, out=None):
         raise ValueError(f"{func}: dz has shape {(Fout, N)} and x {(Fin, Nx)}: the batch sizes differ")
     _contiguous(func, dz=dz, x=x)
     dW = _out(func, "out", out, (Fout, Fin), xp)
-    _launch(mode, "dense", x, dz, dz, dW, dW, Fin, Fout, N, _k_all(N), Fin, 0, (N, 1), (1, N), 0, 0, _OP_NOTHING)
+    _launch(mode, "dense_wgrad", x, dz, dz, dW, dW, Fin, Fout, N, _k_all(N), Fin, 0, (N, 1), (1, N), 0, 0, _OP_NOTHING)
     return dW
 
 
 def dense_input_grad(W, dz, *, mode, out=None):
-    """``dx = W^T @ dz`` (Fin, N) in ``mode``: ONE launch, grid (ceil(N / BM), ceil(Fin / BN))."""
+    """``dx = W^T @ dz`` (Fin, N) in ``mode``: ONE launch of ``gemm_tc_<mode>_dense_dgrad_<tile>``,
+    grid (ceil(N / BM), ceil(Fin / BN))."""
     func = "dense_input_grad"
     check_device(func, mode, W, dz)
     xp = get_array_module(W, dz)
@@ -364,5 +366,6 @@ def dense_input_grad(W, dz, *, mode, out=None):
         raise ValueError(f"{func}: W has shape {(Fout, Fin)} and dz {(Fo, N)}: the output features differ")
     _contiguous(func, W=W, dz=dz)
     dx = _out(func, "out", out, (Fin, N), xp)
-    _launch(mode, "dense", dz, W, W, dx, dx, N, Fin, Fout, _k_all(Fout), N, 0, (1, N), (Fin, 1), 0, 0, _OP_NOTHING)
+    _launch(mode, "dense_dgrad", dz, W, W, dx, dx, N, Fin, Fout, _k_all(Fout), N, 0, (1, N), (Fin, 1), 0, 0,
+            _OP_NOTHING)
     return dx
