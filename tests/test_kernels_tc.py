@@ -165,6 +165,40 @@ def test_dense_gemms(kernels, mode, fout, fin, n):
            "dx", mode)
 
 
+def test_each_strided_operand_is_staged_along_its_unit_stride(kernels, monkeypatch):
+    """STRIDED operands are staged along the tile's rows, STRIDED_K along k, fixed per entry point
+    (kernels/gemm_tc.cuh).  A swap leaves every result the same and only uncoalesces the loads, so
+    the host's strides are checked against the kinds each entry point compiles: stride 1 along the
+    staged axis, for every GEMM of the six."""
+    import re
+
+    from gpucnn.cuda import sources
+    text = (sources.kernel_dir() / "gemm_tc_tf32.cu").read_text(encoding="utf-8")
+    kinds = dict(((g, (pk, qk)) for g, pk, qk in re.findall(
+        r"gemm_tc_tf32_(\w+?)_n8\(.*?gemm_tc<MODE_TF32, (OP_\w+), (OP_\w+),", text, re.S)))
+    assert len(kinds) == 6, kinds
+    calls = {}
+    monkeypatch.setattr(gemm_tc, "_launch", lambda mode, gemm, *args, **kw: calls.setdefault(gemm, args))
+    x = kernels.put(np.ones((3, 9, 8, 5), np.float32))
+    W = kernels.put(np.ones((7, 3, 3, 3), np.float32))
+    dz = kernels.put(np.ones((7, 7, 6, 5), np.float32))
+    gemm_tc.conv_forward(x, W, None, 1, 0, mode="tf32")
+    gemm_tc.conv_backward_input(dz, W, (3, 9, 8, 5), 1, 0, mode="tf32")
+    gemm_tc.conv_backward_weight(x, dz, (7, 3, 3, 3), 1, 0, mode="tf32")
+    xd, Wd, dzd = (kernels.put(np.ones(s, np.float32)) for s in ((11, 5), (7, 11), (7, 5)))
+    gemm_tc.dense_forward(xd, Wd, None, mode="tf32")
+    gemm_tc.dense_weight_grad(dzd, xd, mode="tf32")
+    gemm_tc.dense_input_grad(Wd, dzd, mode="tf32")
+    assert set(calls) == set(kinds)
+    staged = {"OP_STRIDED": 0, "OP_STRIDED_K": 1}      # P (m, k): p[m*s0 + k*s1]; Q (k, n): q[k*s0 + n*s1]
+    for gemm, args in calls.items():
+        (ps, qs), (pk, qk) = args[11:13], kinds[gemm]
+        if pk in staged:
+            assert ps[staged[pk]] == 1, (gemm, pk, ps)
+        if qk in staged:
+            assert qs[1 - staged[qk]] == 1, (gemm, qk, qs)
+
+
 def test_outputs_are_written_into_the_given_buffers_and_nowhere_else(kernels):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 8, 8, 4)).astype(np.float32)
