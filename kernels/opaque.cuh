@@ -6,7 +6,8 @@
 // read from a shared-memory table.  Left alone, NVRTC folds p + off + t into one
 // sum and rebuilds it from the parameter bank for every element (an LDC.64 of p,
 // an IADD3 of off + t, an IMAD.WIDE: 3 instructions); behind opaque the base
-// stays in two registers and an element's address is one IMAD.WIDE of t.  The
+// stays in two registers and an element's address is one IMAD.WIDE of t (or an
+// LEA pair, the compiler's choice beside FFMA-bound loops).  The
 // `mov` is an identity: the bits, and the emulator's result, are unchanged.
 #ifndef GPUCNN_OPAQUE_CUH
 #define GPUCNN_OPAQUE_CUH
